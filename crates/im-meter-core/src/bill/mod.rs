@@ -1,0 +1,1 @@
+//! Bill: subscriptions and monthly usage → charges in exact decimal money.
