@@ -1,5 +1,21 @@
 //! Aggregate: validated usage events → per app and billing month usage.
+//!
+//! - [`unique`]: HLL++ unique-user sketches (MAU, DAU).
+//! - [`pcc`]: sample instants and the PCC timeline of an app-month.
+//! - [`connections`]: each connection's lifecycle (duplicates, reordering, idle close).
+//! - [`app_month`]: the mergeable, serializable aggregate of one app-month.
+//! - [`meter`]: applies events, closes months.
+//! - [`usage`]: the figures reported and priced.
 
+pub mod app_month;
+pub mod connections;
+pub mod meter;
+pub mod pcc;
+pub mod unique;
 mod usage;
 
+pub use app_month::{AppMonthAggregate, CodecError, ExactCounts};
+pub use meter::{ClosedMonth, Meter, MeterSettings, Outcome};
+pub use pcc::{SampleGrid, SampleIntervalError};
+pub use unique::{Precision, PrecisionError, UniqueUsers};
 pub use usage::MonthlyUsage;

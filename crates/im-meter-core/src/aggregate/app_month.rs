@@ -1,0 +1,199 @@
+//! The usage aggregate of one app in one billing month, and its versioned encoding.
+//!
+//! [`AppMonthAggregate`] holds MAU and per-day DAU sketches, the PCC timeline and the
+//! group-count peak. Aggregates of disjoint event sets (e.g. two Kafka partitions) merge
+//! into the aggregate of their union: HLL union, instant-wise sums, max. The encoding is
+//! what a worker checkpoints: a magic, a format version and a checksum around a postcard
+//! payload, canonical (equal aggregates encode to equal bytes).
+
+use std::collections::BTreeMap;
+
+use rustc_hash::FxHashSet;
+use serde::{Deserialize, Serialize};
+
+use super::pcc::PccTimeline;
+use super::unique::{Precision, PrecisionMismatch, UniqueUsers};
+use super::usage::MonthlyUsage;
+use crate::ingest::UserKey;
+use crate::plan::AppId;
+use crate::time::{Day, Month};
+
+/// Usage of one app in one month, as mergeable partial state.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AppMonthAggregate {
+    mau: UniqueUsers,
+    /// Day of the month → that day's unique users.
+    dau: BTreeMap<u8, UniqueUsers>,
+    pcc: PccTimeline,
+    group_count_peak: u64,
+    /// Exact user sets, kept only when auditing the sketches (`replay --exact`).
+    #[serde(skip)]
+    exact: Option<Box<ExactUsers>>,
+}
+
+/// Exact MAU and DAU sets, the reference the sketches are audited against.
+#[derive(Clone, Debug, Default)]
+struct ExactUsers {
+    mau: FxHashSet<u64>,
+    dau: BTreeMap<u8, FxHashSet<u64>>,
+}
+
+/// Exactly counted unique users of an app-month, from an audit run.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct ExactCounts {
+    /// Exact MAU.
+    pub mau: u64,
+    /// Exact users of the busiest day.
+    pub dau_peak: u64,
+}
+
+impl AppMonthAggregate {
+    /// An empty aggregate; `exact` also keeps exact user sets for auditing.
+    pub fn new(precision: Precision, exact: bool) -> Self {
+        AppMonthAggregate {
+            mau: UniqueUsers::new(precision),
+            dau: BTreeMap::new(),
+            pcc: PccTimeline::new(),
+            group_count_peak: 0,
+            exact: exact.then(Box::default),
+        }
+    }
+
+    /// A successful login of `user` on `day`.
+    #[inline]
+    pub fn record_login(&mut self, day: Day, user: UserKey) {
+        let precision = self.mau.precision();
+        self.mau.insert(user);
+        let d = day.number() as u8;
+        self.dau
+            .entry(d)
+            .or_insert_with(|| UniqueUsers::new(precision))
+            .insert(user);
+        if let Some(exact) = self.exact.as_deref_mut() {
+            exact.mau.insert(user.0);
+            exact.dau.entry(d).or_default().insert(user.0);
+        }
+    }
+
+    /// A `group_stats` sample.
+    pub fn record_group_count(&mut self, group_count: u64) {
+        self.group_count_peak = self.group_count_peak.max(group_count);
+    }
+
+    /// The PCC timeline, to count connections into.
+    pub fn pcc_mut(&mut self) -> &mut PccTimeline {
+        &mut self.pcc
+    }
+
+    /// The PCC timeline.
+    pub fn pcc(&self) -> &PccTimeline {
+        &self.pcc
+    }
+
+    /// Adds the usage of `other`, an aggregate of other events of the same app-month.
+    pub fn merge(&mut self, other: &AppMonthAggregate) -> Result<(), PrecisionMismatch> {
+        self.mau.merge(&other.mau)?;
+        for (&d, sketch) in &other.dau {
+            match self.dau.get_mut(&d) {
+                Some(mine) => mine.merge(sketch)?,
+                None => {
+                    self.dau.insert(d, sketch.clone());
+                }
+            }
+        }
+        self.pcc.merge(&other.pcc);
+        self.group_count_peak = self.group_count_peak.max(other.group_count_peak);
+        if let (Some(mine), Some(theirs)) = (self.exact.as_deref_mut(), other.exact.as_deref()) {
+            mine.mau.extend(&theirs.mau);
+            for (&d, users) in &theirs.dau {
+                mine.dau.entry(d).or_default().extend(users);
+            }
+        }
+        Ok(())
+    }
+
+    /// The month's figures. `grid` turns the PCC peak's sample index into an instant.
+    pub fn usage(
+        &mut self,
+        app_id: AppId,
+        month: Month,
+        grid: super::pcc::SampleGrid,
+    ) -> MonthlyUsage {
+        let (pcc, peak_index) = self.pcc.peak();
+        MonthlyUsage {
+            app_id,
+            month,
+            mau: self.mau.estimate(),
+            dau_peak: self
+                .dau
+                .values_mut()
+                .map(UniqueUsers::estimate)
+                .max()
+                .unwrap_or(0),
+            pcc,
+            pcc_at: peak_index.map(|i| grid.instant(i)),
+            group_count_peak: self.group_count_peak,
+        }
+    }
+
+    /// Exact counts, when the aggregate was built for an audit.
+    pub fn exact_counts(&self) -> Option<ExactCounts> {
+        self.exact.as_deref().map(|e| ExactCounts {
+            mau: e.mau.len() as u64,
+            dau_peak: e.dau.values().map(|s| s.len() as u64).max().unwrap_or(0),
+        })
+    }
+
+    /// Encodes the aggregate (flushing the sketches first, so equal aggregates give
+    /// equal bytes).
+    pub fn encode(&mut self) -> Vec<u8> {
+        self.mau.flush();
+        self.dau.values_mut().for_each(UniqueUsers::flush);
+        let payload = postcard::to_allocvec(&*self).expect("in-memory aggregates always serialize");
+        let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
+        out.extend_from_slice(MAGIC);
+        out.push(FORMAT_VERSION);
+        out.extend_from_slice(&xxhash_rust::xxh3::xxh3_64(&payload).to_le_bytes());
+        out.extend_from_slice(&payload);
+        out
+    }
+
+    /// Decodes an encoded aggregate, checking magic, version and checksum.
+    pub fn decode(bytes: &[u8]) -> Result<Self, CodecError> {
+        if bytes.len() < HEADER_LEN || &bytes[..4] != MAGIC {
+            return Err(CodecError::NotAnAggregate);
+        }
+        if bytes[4] != FORMAT_VERSION {
+            return Err(CodecError::UnknownVersion(bytes[4]));
+        }
+        let (checksum, payload) = bytes[5..].split_at(8);
+        let expected = u64::from_le_bytes(
+            checksum
+                .try_into()
+                .map_err(|_| CodecError::NotAnAggregate)?,
+        );
+        if xxhash_rust::xxh3::xxh3_64(payload) != expected {
+            return Err(CodecError::Corrupt("checksum mismatch".into()));
+        }
+        postcard::from_bytes(payload).map_err(|e| CodecError::Corrupt(e.to_string()))
+    }
+}
+
+const MAGIC: &[u8; 4] = b"IMAM";
+/// Version 1: postcard of `AppMonthAggregate` with hyperloglogplus 0.4.1 sketches.
+const FORMAT_VERSION: u8 = 1;
+const HEADER_LEN: usize = 4 + 1 + 8;
+
+/// Why bytes could not be decoded into an aggregate.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CodecError {
+    /// The bytes do not start like an encoded aggregate.
+    #[error("not an encoded app-month aggregate")]
+    NotAnAggregate,
+    /// Written by a newer (or unknown) format version.
+    #[error("unknown aggregate format version {0}")]
+    UnknownVersion(u8),
+    /// The payload is damaged.
+    #[error("corrupt aggregate: {0}")]
+    Corrupt(String),
+}

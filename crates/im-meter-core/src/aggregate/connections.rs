@@ -1,0 +1,313 @@
+//! The lifecycle of each persistent connection: connect, heartbeats, disconnect.
+//!
+//! A connection is counted for PCC once both its ends are known (`Closed` carries the
+//! interval to the meter), or, while it is still open, by the meter when a month closes.
+//! Everything here is idempotent and tolerant of order (SPEC §2.1): a retried `connect` or
+//! `disconnect` changes nothing, a `disconnect` may arrive before its `connect`, and a
+//! connection that already counted is remembered (as a tombstone) so late retries of its
+//! events stay harmless. When two `connect`s (or `disconnect`s) of one open connection
+//! disagree on the time, the earliest wins, which keeps the result independent of order.
+
+use rustc_hash::FxHashMap;
+
+use crate::ingest::ConnKey;
+use crate::plan::AppId;
+use crate::time::Timestamp;
+
+/// What is known about one connection.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+enum Conn {
+    /// Not yet counted: at least one of its events was seen.
+    Pending {
+        connected: Option<Timestamp>,
+        disconnected: Option<Timestamp>,
+        last_seen: Timestamp,
+    },
+    /// Counted over an interval ending at `until`; kept only to absorb retries.
+    Counted { until: Timestamp },
+}
+
+/// A connection's span `[from, until)`, ready to be counted.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct Interval {
+    /// The app.
+    pub app_id: AppId,
+    /// Connect time.
+    pub from: Timestamp,
+    /// Disconnect time (or last-seen time for an idle-closed connection).
+    pub until: Timestamp,
+}
+
+/// The effect of one connection event.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum ConnEffect {
+    /// Nothing changed that counts: the event repeats one already known.
+    Duplicate,
+    /// Recorded; nothing to count yet.
+    Recorded,
+    /// The connection is now complete and must be counted over this interval.
+    Closed(Interval),
+}
+
+/// Every connection of the apps one meter owns.
+#[derive(Clone, Debug, Default)]
+pub struct ConnectionTable {
+    conns: FxHashMap<(AppId, ConnKey), Conn>,
+}
+
+impl ConnectionTable {
+    /// Number of connections known (open, pending or remembered).
+    pub fn len(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// Whether no connection is known.
+    pub fn is_empty(&self) -> bool {
+        self.conns.is_empty()
+    }
+
+    /// A `connect` event.
+    pub fn connect(&mut self, app_id: AppId, conn: ConnKey, ts: Timestamp) -> ConnEffect {
+        let entry = self.conns.entry((app_id, conn)).or_insert(Conn::Pending {
+            connected: None,
+            disconnected: None,
+            last_seen: ts,
+        });
+        match entry {
+            Conn::Counted { .. } => ConnEffect::Duplicate,
+            Conn::Pending {
+                connected: Some(t0),
+                last_seen,
+                ..
+            } => {
+                *t0 = (*t0).min(ts);
+                *last_seen = (*last_seen).max(ts);
+                ConnEffect::Duplicate
+            }
+            Conn::Pending {
+                connected: None,
+                disconnected: Some(t1),
+                ..
+            } => {
+                let interval = Interval {
+                    app_id,
+                    from: ts,
+                    until: *t1,
+                };
+                *entry = Conn::Counted { until: *t1 };
+                ConnEffect::Closed(interval)
+            }
+            Conn::Pending {
+                connected: connected @ None,
+                disconnected: None,
+                last_seen,
+            } => {
+                *connected = Some(ts);
+                *last_seen = (*last_seen).max(ts);
+                ConnEffect::Recorded
+            }
+        }
+    }
+
+    /// A `disconnect` event.
+    pub fn disconnect(&mut self, app_id: AppId, conn: ConnKey, ts: Timestamp) -> ConnEffect {
+        let entry = self.conns.entry((app_id, conn)).or_insert(Conn::Pending {
+            connected: None,
+            disconnected: None,
+            last_seen: ts,
+        });
+        match entry {
+            Conn::Counted { .. } => ConnEffect::Duplicate,
+            Conn::Pending {
+                connected: Some(t0),
+                ..
+            } => {
+                let interval = Interval {
+                    app_id,
+                    from: *t0,
+                    until: ts,
+                };
+                *entry = Conn::Counted { until: ts };
+                ConnEffect::Closed(interval)
+            }
+            Conn::Pending {
+                connected: None,
+                disconnected: Some(t1),
+                ..
+            } => {
+                *t1 = (*t1).min(ts);
+                ConnEffect::Duplicate
+            }
+            Conn::Pending {
+                connected: None,
+                disconnected: disconnected @ None,
+                last_seen,
+            } => {
+                *disconnected = Some(ts);
+                *last_seen = (*last_seen).max(ts);
+                ConnEffect::Recorded
+            }
+        }
+    }
+
+    /// A `heartbeat` event: the connection was alive at `ts`.
+    pub fn heartbeat(&mut self, app_id: AppId, conn: ConnKey, ts: Timestamp) -> ConnEffect {
+        match self.conns.get_mut(&(app_id, conn)) {
+            Some(Conn::Counted { .. }) => ConnEffect::Duplicate,
+            Some(Conn::Pending { last_seen, .. }) => {
+                *last_seen = (*last_seen).max(ts);
+                ConnEffect::Recorded
+            }
+            None => {
+                // Remembered so that a `connect` arriving later still knows it was alive.
+                self.conns.insert(
+                    (app_id, conn),
+                    Conn::Pending {
+                        connected: None,
+                        disconnected: None,
+                        last_seen: ts,
+                    },
+                );
+                ConnEffect::Recorded
+            }
+        }
+    }
+
+    /// Connections that are open (connected, no disconnect yet): `(app, connect time)`.
+    pub fn open(&self) -> impl Iterator<Item = (AppId, Timestamp)> + '_ {
+        self.conns
+            .iter()
+            .filter_map(|(&(app_id, _), conn)| match conn {
+                Conn::Pending {
+                    connected: Some(t0),
+                    disconnected: None,
+                    ..
+                } => Some((app_id, *t0)),
+                _ => None,
+            })
+    }
+
+    /// Closes, at their last-seen time, open connections silent for at least `timeout`
+    /// as of `now` (a gateway died and their disconnects were lost).
+    pub fn expire_idle(&mut self, now: Timestamp, timeout_ms: i64) -> Vec<Interval> {
+        let mut closed = Vec::new();
+        for (&(app_id, _), conn) in self.conns.iter_mut() {
+            if let Conn::Pending {
+                connected: Some(t0),
+                disconnected: None,
+                last_seen,
+            } = *conn
+            {
+                if last_seen.millis().saturating_add(timeout_ms) <= now.millis() {
+                    closed.push(Interval {
+                        app_id,
+                        from: t0,
+                        until: last_seen,
+                    });
+                    *conn = Conn::Counted { until: last_seen };
+                }
+            }
+        }
+        // Map order is arbitrary; callers get a stable order.
+        closed.sort_by_key(|i| (i.app_id, i.from, i.until));
+        closed
+    }
+
+    /// Forgets what can no longer matter once every event before `cutoff` is late:
+    /// tombstones of connections that ended before it, and disconnects or heartbeats
+    /// before it whose `connect` never came (that `connect` would be late too).
+    pub fn forget_before(&mut self, cutoff: Timestamp) {
+        self.conns.retain(|_, conn| match *conn {
+            Conn::Counted { until } => until >= cutoff,
+            Conn::Pending {
+                connected: None,
+                last_seen,
+                ..
+            } => last_seen >= cutoff,
+            Conn::Pending {
+                connected: Some(_), ..
+            } => true,
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const APP: AppId = 7;
+
+    fn key(s: &str) -> ConnKey {
+        ConnKey::of(s)
+    }
+
+    #[test]
+    fn in_order_retried_and_reversed_events_give_one_interval() {
+        let mut t = ConnectionTable::default();
+        assert_eq!(
+            t.connect(APP, key("a"), Timestamp(10)),
+            ConnEffect::Recorded
+        );
+        assert_eq!(
+            t.connect(APP, key("a"), Timestamp(10)),
+            ConnEffect::Duplicate
+        );
+        let closed = ConnEffect::Closed(Interval {
+            app_id: APP,
+            from: Timestamp(10),
+            until: Timestamp(50),
+        });
+        assert_eq!(t.disconnect(APP, key("a"), Timestamp(50)), closed);
+        assert_eq!(
+            t.disconnect(APP, key("a"), Timestamp(50)),
+            ConnEffect::Duplicate
+        );
+        assert_eq!(
+            t.connect(APP, key("a"), Timestamp(10)),
+            ConnEffect::Duplicate
+        );
+
+        // Disconnect first.
+        assert_eq!(
+            t.disconnect(APP, key("b"), Timestamp(50)),
+            ConnEffect::Recorded
+        );
+        assert_eq!(
+            t.disconnect(APP, key("b"), Timestamp(50)),
+            ConnEffect::Duplicate
+        );
+        let closed_b = ConnEffect::Closed(Interval {
+            app_id: APP,
+            from: Timestamp(10),
+            until: Timestamp(50),
+        });
+        assert_eq!(t.connect(APP, key("b"), Timestamp(10)), closed_b);
+        assert_eq!(t.open().count(), 0);
+    }
+
+    #[test]
+    fn idle_connections_close_at_their_last_sign_of_life() {
+        let mut t = ConnectionTable::default();
+        t.connect(APP, key("a"), Timestamp(0));
+        t.heartbeat(APP, key("a"), Timestamp(1_000));
+        t.connect(APP, key("b"), Timestamp(0));
+        t.heartbeat(APP, key("b"), Timestamp(9_000));
+        let closed = t.expire_idle(Timestamp(10_000), 5_000);
+        assert_eq!(
+            closed,
+            vec![Interval {
+                app_id: APP,
+                from: Timestamp(0),
+                until: Timestamp(1_000)
+            }]
+        );
+        assert_eq!(t.open().collect::<Vec<_>>(), vec![(APP, Timestamp(0))]);
+        // A heartbeat after the idle close is a late retry: ignored.
+        assert_eq!(
+            t.heartbeat(APP, key("a"), Timestamp(11_000)),
+            ConnEffect::Duplicate
+        );
+        t.forget_before(Timestamp(5_000));
+        assert_eq!(t.len(), 1);
+    }
+}

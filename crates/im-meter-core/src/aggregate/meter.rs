@@ -1,0 +1,249 @@
+//! The meter: applies validated usage events to per app-month aggregates and closes months.
+//!
+//! One [`Meter`] owns the state of one slice of the input (all of it in `replay`, one
+//! Kafka partition in the worker). It is synchronous and takes all time from the events:
+//! its watermark is the largest event time it has seen. Closing a month counts the
+//! connections still open into it and hands its aggregates out; events for a closed month
+//! are refused as late.
+
+use std::time::Duration;
+
+use rustc_hash::FxHashMap;
+
+use super::app_month::AppMonthAggregate;
+use super::connections::{ConnEffect, ConnectionTable, Interval};
+use super::pcc::{MonthSamples, SampleGrid};
+use super::unique::Precision;
+use crate::ingest::{Action, UsageEvent};
+use crate::plan::AppId;
+use crate::time::{BillingTz, DayCache, Month, Timestamp};
+
+/// How usage is measured.
+#[derive(Clone, Debug)]
+pub struct MeterSettings {
+    /// The billing time zone: months and days are calendar periods in it.
+    pub tz: BillingTz,
+    /// HLL++ precision of the MAU and DAU sketches.
+    pub precision: Precision,
+    /// The PCC sample instants.
+    pub grid: SampleGrid,
+    /// Open connections silent this long are closed at their last-seen time (`None`: off).
+    pub idle_timeout: Option<Duration>,
+    /// Also count users exactly, to audit the sketches (memory grows with users).
+    pub exact: bool,
+}
+
+impl Default for MeterSettings {
+    fn default() -> Self {
+        MeterSettings {
+            tz: BillingTz::default(),
+            precision: Precision::default(),
+            grid: SampleGrid::new(Duration::from_secs(60)).expect("60 s divides an hour"),
+            idle_timeout: None,
+            exact: false,
+        }
+    }
+}
+
+/// What applying one event did.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The event was counted (or recorded for counting).
+    Accepted,
+    /// The event repeats one already counted and changed nothing.
+    Duplicate,
+    /// The event's month is closed: it was not applied.
+    Late,
+}
+
+/// The closed aggregates of one month, by app.
+pub type ClosedMonth = Vec<(AppId, AppMonthAggregate)>;
+
+/// Per app-month usage state of one slice of the input.
+#[derive(Debug)]
+pub struct Meter {
+    settings: MeterSettings,
+    months: FxHashMap<(AppId, Month), AppMonthAggregate>,
+    connections: ConnectionTable,
+    days: DayCache,
+    month_samples: FxHashMap<Month, MonthSamples>,
+    closed_through: Option<Month>,
+    watermark: Option<Timestamp>,
+}
+
+impl Meter {
+    /// An empty meter.
+    pub fn new(settings: MeterSettings) -> Self {
+        Meter {
+            days: DayCache::new(settings.tz),
+            settings,
+            months: FxHashMap::default(),
+            connections: ConnectionTable::default(),
+            month_samples: FxHashMap::default(),
+            closed_through: None,
+            watermark: None,
+        }
+    }
+
+    /// The settings in force.
+    pub fn settings(&self) -> &MeterSettings {
+        &self.settings
+    }
+
+    /// The largest event time applied so far.
+    pub fn watermark(&self) -> Option<Timestamp> {
+        self.watermark
+    }
+
+    /// The latest closed month.
+    pub fn closed_through(&self) -> Option<Month> {
+        self.closed_through
+    }
+
+    /// Number of app-months held.
+    pub fn app_months(&self) -> usize {
+        self.months.len()
+    }
+
+    /// Number of connections tracked.
+    pub fn connections(&self) -> usize {
+        self.connections.len()
+    }
+
+    /// The aggregate of an app-month, if any event touched it.
+    pub fn aggregate(&self, app_id: AppId, month: Month) -> Option<&AppMonthAggregate> {
+        self.months.get(&(app_id, month))
+    }
+
+    fn is_closed(&self, month: Month) -> bool {
+        self.closed_through.is_some_and(|c| month <= c)
+    }
+
+    /// The billing month of an instant.
+    pub fn month_of(&mut self, ts: Timestamp) -> Month {
+        self.days.day_of(ts).month()
+    }
+
+    /// Applies one event.
+    pub fn apply(&mut self, event: &UsageEvent) -> Outcome {
+        let day = self.days.day_of(event.ts);
+        let month = day.month();
+        if self.is_closed(month) {
+            return Outcome::Late;
+        }
+        self.watermark = self.watermark.max(Some(event.ts));
+        let (app_id, ts) = (event.app_id, event.ts);
+        let effect = match event.action {
+            Action::Connect { conn, .. } => self.connections.connect(app_id, conn, ts),
+            Action::Disconnect { conn } => self.connections.disconnect(app_id, conn, ts),
+            Action::Heartbeat { conn } => self.connections.heartbeat(app_id, conn, ts),
+            Action::Login { .. } | Action::Logout { .. } | Action::GroupStats { .. } => {
+                ConnEffect::Recorded
+            }
+        };
+        // Every accepted event makes its app-month known, even when it counts nothing.
+        let precision = self.settings.precision;
+        let exact = self.settings.exact;
+        let aggregate = self
+            .months
+            .entry((app_id, month))
+            .or_insert_with(|| AppMonthAggregate::new(precision, exact));
+        match event.action {
+            Action::Login { user, ok: true } => aggregate.record_login(day, user),
+            Action::GroupStats { group_count } => aggregate.record_group_count(group_count),
+            _ => {}
+        }
+        match effect {
+            ConnEffect::Duplicate => Outcome::Duplicate,
+            ConnEffect::Recorded => Outcome::Accepted,
+            ConnEffect::Closed(interval) => {
+                self.count_interval(interval);
+                Outcome::Accepted
+            }
+        }
+    }
+
+    fn samples(&mut self, month: Month) -> MonthSamples {
+        let (tz, grid) = (self.settings.tz, self.settings.grid);
+        *self.month_samples.entry(month).or_insert_with(|| {
+            MonthSamples::new(grid, tz.start_of_month(month), tz.end_of_month(month))
+        })
+    }
+
+    fn aggregate_mut(&mut self, app_id: AppId, month: Month) -> &mut AppMonthAggregate {
+        let (precision, exact) = (self.settings.precision, self.settings.exact);
+        self.months
+            .entry((app_id, month))
+            .or_insert_with(|| AppMonthAggregate::new(precision, exact))
+    }
+
+    /// Counts a complete connection into every open month it overlaps.
+    fn count_interval(&mut self, interval: Interval) {
+        if interval.until <= interval.from {
+            return;
+        }
+        let grid = self.settings.grid;
+        let (from, until) = (
+            grid.first_at_or_after(interval.from),
+            grid.first_at_or_after(interval.until),
+        );
+        let last = self.month_of(interval.until);
+        let mut month = self.month_of(interval.from);
+        while month <= last {
+            if !self.is_closed(month) {
+                let samples = self.samples(month);
+                if from < samples.end && until > samples.first {
+                    self.aggregate_mut(interval.app_id, month)
+                        .pcc_mut()
+                        .add_connection(samples, from, Some(until));
+                }
+            }
+            month = month.next();
+        }
+    }
+
+    /// Closes idle connections (when an idle timeout is set) as of the watermark.
+    fn expire_idle(&mut self) {
+        let (Some(timeout), Some(now)) = (self.settings.idle_timeout, self.watermark) else {
+            return;
+        };
+        let timeout_ms = i64::try_from(timeout.as_millis()).unwrap_or(i64::MAX);
+        for interval in self.connections.expire_idle(now, timeout_ms) {
+            self.count_interval(interval);
+        }
+    }
+
+    /// Closes `month` (and drops any earlier month not closed yet): counts the connections
+    /// still open into it and returns its aggregates, sorted by app. Later events dated in
+    /// it or before are late. Closing a month at or before the last closed one returns
+    /// nothing.
+    pub fn close_month(&mut self, month: Month) -> ClosedMonth {
+        if self.is_closed(month) {
+            return Vec::new();
+        }
+        self.expire_idle();
+        let samples = self.samples(month);
+        let grid = self.settings.grid;
+        let open: Vec<(AppId, Timestamp)> = self.connections.open().collect();
+        for (app_id, from) in open {
+            let from = grid.first_at_or_after(from);
+            if from < samples.end {
+                self.aggregate_mut(app_id, month)
+                    .pcc_mut()
+                    .add_connection(samples, from, None);
+            }
+        }
+        let mut closed: ClosedMonth = self
+            .months
+            .extract_if(|&(_, m), _| m <= month)
+            .filter(|((_, m), _)| *m == month)
+            .map(|((app_id, _), aggregate)| (app_id, aggregate))
+            .collect();
+        closed.sort_by_key(|(app_id, _)| *app_id);
+        self.closed_through = Some(month);
+        let cutoff = self.settings.tz.end_of_month(month);
+        self.connections.forget_before(cutoff);
+        self.month_samples.retain(|&m, _| m > month);
+        closed
+    }
+}
