@@ -6,6 +6,7 @@
 //! connections still open into it and hands its aggregates out; events for a closed month
 //! are refused as late.
 
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use rustc_hash::FxHashMap;
@@ -69,6 +70,8 @@ pub struct Meter {
     month_samples: FxHashMap<Month, MonthSamples>,
     closed_through: Option<Month>,
     watermark: Option<Timestamp>,
+    /// Months holding at least one applied event.
+    active_months: BTreeSet<Month>,
 }
 
 impl Meter {
@@ -82,6 +85,7 @@ impl Meter {
             month_samples: FxHashMap::default(),
             closed_through: None,
             watermark: None,
+            active_months: BTreeSet::new(),
         }
     }
 
@@ -98,6 +102,16 @@ impl Meter {
     /// The latest closed month.
     pub fn closed_through(&self) -> Option<Month> {
         self.closed_through
+    }
+
+    /// Months holding at least one applied (accepted or duplicate) event.
+    pub fn active_months(&self) -> &BTreeSet<Month> {
+        &self.active_months
+    }
+
+    /// Apps with state in a month not yet closed, in ascending order.
+    pub fn apps(&self) -> BTreeSet<AppId> {
+        self.months.keys().map(|&(app_id, _)| app_id).collect()
     }
 
     /// Number of app-months held.
@@ -132,6 +146,9 @@ impl Meter {
             return Outcome::Late;
         }
         self.watermark = self.watermark.max(Some(event.ts));
+        if self.active_months.last() != Some(&month) {
+            self.active_months.insert(month);
+        }
         let (app_id, ts) = (event.app_id, event.ts);
         let effect = match event.action {
             Action::Connect { conn, .. } => self.connections.connect(app_id, conn, ts),

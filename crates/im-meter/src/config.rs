@@ -1,0 +1,425 @@
+//! Configuration: one TOML file, every field overridable by an environment variable.
+//!
+//! Layering, in one place: built-in defaults → the TOML file → `IM_METER__<SECTION>__<FIELD>`
+//! variables. Unknown sections and fields are errors (a typo must not silently fall back to a
+//! default), and [`Config::load`] reports *every* invalid value with its field path before
+//! anything starts.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use im_meter_core::aggregate::{MeterSettings, Precision, SampleGrid};
+use im_meter_core::bill::PriceBook;
+use im_meter_core::time::{BillingTz, Timestamp};
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+
+/// The prefix of configuration environment variables.
+pub const ENV_PREFIX: &str = "IM_METER__";
+
+/// The configuration file as written: every field has a default.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FileConfig {
+    /// `[kafka]`
+    pub kafka: KafkaSection,
+    /// `[topics]`
+    pub topics: TopicsSection,
+    /// `[billing]`
+    pub billing: BillingSection,
+    /// `[metering]`
+    pub metering: MeteringSection,
+    /// `[http]`
+    pub http: HttpSection,
+}
+
+impl Default for FileConfig {
+    fn default() -> Self {
+        FileConfig {
+            kafka: KafkaSection { brokers: "127.0.0.1:9092".into(), group_id: "im-meter".into() },
+            topics: TopicsSection {
+                events: "im.sdk-events".into(),
+                subscriptions: "im.subscriptions".into(),
+                dead_letters: "im.meter.dead-letters".into(),
+                changelog: "im.meter.changelog".into(),
+                charges: "im.billing.charges".into(),
+                alerts: "im.billing.alerts".into(),
+            },
+            billing: BillingSection {
+                timezone: "+08:00".into(),
+                allowed_lateness: "1h".into(),
+                pcc_promotion_end: String::new(),
+                av_call_price: String::new(),
+            },
+            metering: MeteringSection {
+                hll_precision: i64::from(Precision::default().get()),
+                sample_interval: "60s".into(),
+                connection_idle_timeout: "off".into(),
+            },
+            http: HttpSection { listen: "127.0.0.1:9464".into() },
+        }
+    }
+}
+
+/// `[kafka]`: where the broker is and which consumer group the workers share.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaSection {
+    /// Bootstrap servers, comma separated.
+    pub brokers: String,
+    /// The consumer group every worker joins.
+    pub group_id: String,
+}
+
+/// `[topics]`: names of the topics read and written.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopicsSection {
+    /// SDK events in.
+    pub events: String,
+    /// Subscription events in.
+    pub subscriptions: String,
+    /// Refused records out.
+    pub dead_letters: String,
+    /// Compacted state changelog.
+    pub changelog: String,
+    /// Charges out.
+    pub charges: String,
+    /// Quota alerts out.
+    pub alerts: String,
+}
+
+/// `[billing]`: the calendar and the price book.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BillingSection {
+    /// Billing time zone: a fixed offset (`+08:00`) or an IANA name.
+    pub timezone: String,
+    /// How long after a month's end its events are still accepted (`1h`, `30m`).
+    pub allowed_lateness: String,
+    /// End of the PCC promotion (RFC 3339); empty = open-ended.
+    pub pcc_promotion_end: String,
+    /// Price of audio/video calls outside trials; empty = unpriced.
+    pub av_call_price: String,
+}
+
+/// `[metering]`: how usage is measured.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MeteringSection {
+    /// HLL++ precision, 10–18.
+    pub hll_precision: i64,
+    /// PCC sample interval; must divide an hour.
+    pub sample_interval: String,
+    /// Close connections silent this long (`30m`), or `off`.
+    pub connection_idle_timeout: String,
+}
+
+/// `[http]`: the operator endpoints.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSection {
+    /// Listen address of `/metrics`, `/healthz`, `/readyz` and `/v1/...`.
+    pub listen: String,
+}
+
+/// A validated configuration, in the types the program uses.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file form (names of brokers, topics, group).
+    pub file: FileConfig,
+    /// How the meter measures.
+    pub meter: MeterSettings,
+    /// Prices that vary by date or deal.
+    pub prices: PriceBook,
+    /// Allowed lateness after a month's end.
+    pub allowed_lateness: Duration,
+    /// HTTP listen address.
+    pub listen: SocketAddr,
+}
+
+/// Every problem found in a configuration, each naming its field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<String>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "invalid configuration:")?;
+        for problem in &self.0 {
+            writeln!(f, "  - {problem}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+impl Config {
+    /// Loads defaults, then `path` (if any), then `IM_METER__*` variables from `env`, and
+    /// validates the result.
+    pub fn load(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigErrors> {
+        let one = |msg: String| ConfigErrors(vec![msg]);
+        let mut tree = toml::Value::try_from(FileConfig::default()).map_err(|e| one(e.to_string()))?;
+        if let Some(path) = path {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| one(format!("cannot read config file {}: {e}", path.display())))?;
+            let file: toml::Value = toml::from_str(&text)
+                .map_err(|e| one(format!("{}: {}", path.display(), e.message())))?;
+            overlay(&mut tree, file);
+        }
+        apply_env(&mut tree, env)?;
+        let file: FileConfig = serde_path_to_error::deserialize(tree).map_err(|e| {
+            let path = e.path().to_string();
+            one(format!("{path}: {}", e.into_inner().message()))
+        })?;
+        file.validate()
+    }
+}
+
+/// Replaces in `base` every value `top` sets (tables recursively).
+fn overlay(base: &mut toml::Value, top: toml::Value) {
+    match (base, top) {
+        (toml::Value::Table(base), toml::Value::Table(top)) => {
+            for (key, value) in top {
+                match base.get_mut(&key) {
+                    Some(existing) => overlay(existing, value),
+                    None => {
+                        base.insert(key, value);
+                    }
+                }
+            }
+        }
+        (base, top) => *base = top,
+    }
+}
+
+/// Applies `IM_METER__SECTION__FIELD=value` variables. A value is read as the type of the
+/// field it replaces (so `IM_METER__KAFKA__GROUP_ID=123` stays a string).
+fn apply_env(tree: &mut toml::Value, env: impl IntoIterator<Item = (String, String)>) -> Result<(), ConfigErrors> {
+    let mut problems = Vec::new();
+    let vars: BTreeMap<String, String> = env.into_iter().filter(|(k, _)| k.starts_with(ENV_PREFIX)).collect();
+    for (name, raw) in vars {
+        let path: Vec<String> = name[ENV_PREFIX.len()..].split("__").map(str::to_ascii_lowercase).collect();
+        let [section, field] = path.as_slice() else {
+            problems.push(format!("{name}: expected IM_METER__<SECTION>__<FIELD>"));
+            continue;
+        };
+        let Some(slot) = tree.get_mut(section.as_str()).and_then(|s| s.get_mut(field.as_str())) else {
+            problems.push(format!("{name}: there is no field {section}.{field}"));
+            continue;
+        };
+        let value = match slot {
+            toml::Value::Integer(_) => raw.trim().parse().map(toml::Value::Integer).ok(),
+            toml::Value::Boolean(_) => raw.trim().parse().map(toml::Value::Boolean).ok(),
+            _ => Some(toml::Value::String(raw.clone())),
+        };
+        match value {
+            Some(v) => *slot = v,
+            None => problems.push(format!("{section}.{field} (from {name}): {raw:?} is not a valid {}", slot.type_str())),
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(ConfigErrors(problems))
+    }
+}
+
+fn duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text.trim()).map_err(|e| format!("{text:?} is not a duration like 90s, 30m or 1h ({e})"))
+}
+
+fn topic_name(name: &str) -> Result<(), String> {
+    let legal = !name.is_empty()
+        && name.len() <= 249
+        && name != "."
+        && name != ".."
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    legal.then_some(()).ok_or_else(|| format!("{name:?} is not a legal Kafka topic name"))
+}
+
+impl FileConfig {
+    /// Checks every field and converts to the program's types, reporting all problems.
+    pub fn validate(self) -> Result<Config, ConfigErrors> {
+        let mut problems = Vec::new();
+        let mut check = |field: &str, result: Result<(), String>| {
+            if let Err(e) = result {
+                problems.push(format!("{field}: {e}"));
+            }
+        };
+        let mut tz = BillingTz::default();
+        check("billing.timezone", self.billing.timezone.parse().map(|t| tz = t).map_err(|e| format!("{e}")));
+        let mut allowed_lateness = Duration::ZERO;
+        check("billing.allowed_lateness", duration(&self.billing.allowed_lateness).map(|d| allowed_lateness = d));
+        let mut prices = PriceBook::default();
+        if !self.billing.pcc_promotion_end.trim().is_empty() {
+            check(
+                "billing.pcc_promotion_end",
+                Timestamp::parse_rfc3339(self.billing.pcc_promotion_end.trim())
+                    .map(|t| prices.pcc_promotion_end = Some(t))
+                    .map_err(|e| e.to_string()),
+            );
+        }
+        if !self.billing.av_call_price.trim().is_empty() {
+            check(
+                "billing.av_call_price",
+                self.billing
+                    .av_call_price
+                    .trim()
+                    .parse::<Decimal>()
+                    .ok()
+                    .filter(|p| !p.is_sign_negative())
+                    .map(|p| prices.av_call_price = Some(p))
+                    .ok_or_else(|| format!("{:?} is not a non-negative decimal price", self.billing.av_call_price)),
+            );
+        }
+        let mut meter = MeterSettings { tz, ..MeterSettings::default() };
+        check(
+            "metering.hll_precision",
+            Precision::new(self.metering.hll_precision).map(|p| meter.precision = p).map_err(|e| e.to_string()),
+        );
+        check(
+            "metering.sample_interval",
+            duration(&self.metering.sample_interval)
+                .and_then(|d| SampleGrid::new(d).map_err(|e| e.to_string()))
+                .map(|g| meter.grid = g),
+        );
+        let idle = self.metering.connection_idle_timeout.trim();
+        if !idle.eq_ignore_ascii_case("off") && !idle.is_empty() {
+            check(
+                "metering.connection_idle_timeout",
+                duration(idle).and_then(|d| {
+                    (!d.is_zero()).then(|| meter.idle_timeout = Some(d)).ok_or_else(|| "must be positive or \"off\"".into())
+                }),
+            );
+        }
+        check(
+            "kafka.brokers",
+            (!self.kafka.brokers.trim().is_empty()).then_some(()).ok_or_else(|| "must name at least one broker".into()),
+        );
+        check(
+            "kafka.group_id",
+            (!self.kafka.group_id.trim().is_empty()).then_some(()).ok_or_else(|| "must not be empty".into()),
+        );
+        let t = &self.topics;
+        for (field, name) in [
+            ("topics.events", &t.events),
+            ("topics.subscriptions", &t.subscriptions),
+            ("topics.dead_letters", &t.dead_letters),
+            ("topics.changelog", &t.changelog),
+            ("topics.charges", &t.charges),
+            ("topics.alerts", &t.alerts),
+        ] {
+            check(field, topic_name(name));
+        }
+        let mut listen = SocketAddr::from(([127, 0, 0, 1], 9464));
+        check(
+            "http.listen",
+            self.http.listen.parse().map(|a| listen = a).map_err(|_| format!("{:?} is not an address like 127.0.0.1:9464", self.http.listen)),
+        );
+        if problems.is_empty() {
+            Ok(Config { file: self, meter, prices, allowed_lateness, listen })
+        } else {
+            Err(ConfigErrors(problems))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn defaults_are_the_documented_ones() {
+        let c = Config::load(None, env(&[])).unwrap();
+        assert_eq!(c.file.kafka.brokers, "127.0.0.1:9092");
+        assert_eq!(c.file.topics.changelog, "im.meter.changelog");
+        assert_eq!(c.meter.tz.to_string(), "+08:00");
+        assert_eq!(c.allowed_lateness, Duration::from_secs(3600));
+        assert_eq!(c.listen.to_string(), "127.0.0.1:9464");
+        assert_eq!(c.meter.precision.get(), 14);
+        assert!(c.meter.idle_timeout.is_none());
+    }
+
+    #[test]
+    fn env_overrides_file_and_keeps_field_types() {
+        let dir = std::env::temp_dir().join(format!("im-meter-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("c.toml");
+        std::fs::write(&path, "[kafka]\nbrokers = \"file:9092\"\n[metering]\nhll_precision = 12\n").unwrap();
+        let c = Config::load(
+            Some(&path),
+            env(&[
+                ("IM_METER__KAFKA__BROKERS", "env:9092"),
+                ("IM_METER__KAFKA__GROUP_ID", "123"),
+                ("IM_METER__METERING__HLL_PRECISION", "16"),
+                ("IM_METER__BILLING__TIMEZONE", "Asia/Shanghai"),
+                ("OTHER", "ignored"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.file.kafka.brokers, "env:9092");
+        assert_eq!(c.file.kafka.group_id, "123");
+        assert_eq!(c.meter.precision.get(), 16);
+        assert_eq!(c.meter.tz.to_string(), "Asia/Shanghai");
+    }
+
+    #[test]
+    fn every_bad_field_is_named() {
+        let err = Config::load(
+            None,
+            env(&[
+                ("IM_METER__BILLING__TIMEZONE", "Mars/Base"),
+                ("IM_METER__BILLING__ALLOWED_LATENESS", "soon"),
+                ("IM_METER__METERING__HLL_PRECISION", "22"),
+                ("IM_METER__METERING__SAMPLE_INTERVAL", "7s"),
+                ("IM_METER__TOPICS__CHARGES", "bad topic"),
+                ("IM_METER__HTTP__LISTEN", "nowhere"),
+            ]),
+        )
+        .unwrap_err();
+        let text = err.to_string();
+        for field in [
+            "billing.timezone",
+            "billing.allowed_lateness",
+            "metering.hll_precision",
+            "metering.sample_interval",
+            "topics.charges",
+            "http.listen",
+        ] {
+            assert!(text.contains(field), "{field} missing from {text}");
+        }
+        let err = Config::load(None, env(&[("IM_METER__KAFKA__BROKER", "x")])).unwrap_err();
+        assert!(err.to_string().contains("kafka.broker"), "{err}");
+        let err = Config::load(None, env(&[("IM_METER__METERING__HLL_PRECISION", "many")])).unwrap_err();
+        assert!(err.to_string().contains("metering.hll_precision"), "{err}");
+    }
+
+    #[test]
+    fn unknown_file_fields_are_refused_with_their_path() {
+        let dir = std::env::temp_dir().join(format!("im-meter-config-bad-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("c.toml");
+        std::fs::write(&path, "[billing]\ntimezon = \"+08:00\"\n").unwrap();
+        let err = Config::load(Some(&path), env(&[])).unwrap_err();
+        assert!(err.to_string().contains("billing"), "{err}");
+        assert!(err.to_string().contains("timezon"), "{err}");
+    }
+
+    #[test]
+    fn the_example_config_in_deploy_loads() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/im-meter.toml");
+        let c = Config::load(Some(&path), env(&[])).unwrap();
+        assert_eq!(c.file.topics.events, "im.sdk-events");
+    }
+}

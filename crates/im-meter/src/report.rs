@@ -1,0 +1,174 @@
+//! Printing a replay's result: the JSON document of SPEC §5, or readable tables.
+
+use std::io::Write;
+
+use im_meter_core::aggregate::MonthlyUsage;
+use im_meter_core::bill::Charge;
+use im_meter_core::plan::AppId;
+use im_meter_core::time::BillingTz;
+use rust_decimal::Decimal;
+use serde::Serialize;
+
+use crate::replay::{AuditRow, ReplayReport};
+
+/// A usage item of the JSON output.
+#[derive(Debug, Serialize)]
+struct UsageItem {
+    app_id: AppId,
+    month: String,
+    mau: u64,
+    dau_peak: u64,
+    pcc: u64,
+    /// The first instant of the PCC peak, RFC 3339 in the billing zone.
+    pcc_at: Option<String>,
+    group_count_peak: u64,
+}
+
+impl UsageItem {
+    fn new(u: &MonthlyUsage, tz: &BillingTz) -> Self {
+        UsageItem {
+            app_id: u.app_id,
+            month: u.month.to_string(),
+            mau: u.mau,
+            dau_peak: u.dau_peak,
+            pcc: u.pcc,
+            pcc_at: u.pcc_at.map(|t| t.to_rfc3339(tz)),
+            group_count_peak: u.group_count_peak,
+        }
+    }
+}
+
+/// An audit item (`--exact`): the sketch against the exact count.
+#[derive(Debug, Serialize)]
+struct AuditItem {
+    app_id: AppId,
+    month: String,
+    mau: u64,
+    mau_exact: u64,
+    /// (estimate − exact) / exact; 0 when both are 0.
+    mau_error: f64,
+    dau_peak: u64,
+    dau_peak_exact: u64,
+    dau_peak_error: f64,
+}
+
+fn relative_error(estimate: u64, exact: u64) -> f64 {
+    if exact == 0 {
+        if estimate == 0 {
+            0.0
+        } else {
+            f64::INFINITY
+        }
+    } else {
+        (estimate as f64 - exact as f64) / exact as f64
+    }
+}
+
+impl From<&AuditRow> for AuditItem {
+    fn from(r: &AuditRow) -> Self {
+        AuditItem {
+            app_id: r.app_id,
+            month: r.month.to_string(),
+            mau: r.mau,
+            mau_exact: r.mau_exact,
+            mau_error: relative_error(r.mau, r.mau_exact),
+            dau_peak: r.dau_peak,
+            dau_peak_exact: r.dau_peak_exact,
+            dau_peak_error: relative_error(r.dau_peak, r.dau_peak_exact),
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct JsonReport<'a> {
+    usage: Vec<UsageItem>,
+    charges: &'a [Charge],
+    rejected: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    audit: Option<Vec<AuditItem>>,
+}
+
+/// Writes the single JSON object `{"usage":[...],"charges":[...],"rejected":N}` (plus
+/// `"audit"` with `--exact`).
+pub fn write_json(out: &mut impl Write, report: &ReplayReport, tz: &BillingTz) -> anyhow::Result<()> {
+    let doc = JsonReport {
+        usage: report.usage.iter().map(|u| UsageItem::new(u, tz)).collect(),
+        charges: &report.charges,
+        rejected: report.rejected_total(),
+        audit: report.audit.as_ref().map(|rows| rows.iter().map(AuditItem::from).collect()),
+    };
+    serde_json::to_writer(&mut *out, &doc)?;
+    writeln!(out)?;
+    Ok(())
+}
+
+/// Writes the usage table, then the charges of each app with totals.
+pub fn write_tables(out: &mut impl Write, report: &ReplayReport, tz: &BillingTz) -> anyhow::Result<()> {
+    writeln!(out, "Usage")?;
+    writeln!(
+        out,
+        "{:>12}  {:7}  {:>10}  {:>10}  {:>8}  {:25}  {:>12}",
+        "APP", "MONTH", "MAU", "DAU PEAK", "PCC", "PCC AT", "GROUPS PEAK"
+    )?;
+    for u in &report.usage {
+        let at = u.pcc_at.map(|t| t.to_rfc3339(tz)).unwrap_or_else(|| "-".into());
+        writeln!(
+            out,
+            "{:>12}  {:7}  {:>10}  {:>10}  {:>8}  {:25}  {:>12}",
+            u.app_id, u.month, u.mau, u.dau_peak, u.pcc, at, u.group_count_peak
+        )?;
+    }
+
+    writeln!(out, "\nCharges (USD)")?;
+    let mut grand_total = Decimal::ZERO;
+    let mut rest = report.charges.as_slice();
+    while let Some(first) = rest.first() {
+        let n = rest.iter().take_while(|c| c.app_id == first.app_id && c.month == first.month).count();
+        let (group, tail) = rest.split_at(n);
+        rest = tail;
+        writeln!(out, "  app {} · {} · {} mode, plan {}", first.app_id, first.month, first.billing_mode, first.plan)?;
+        let mut total = Decimal::ZERO;
+        for c in group {
+            writeln!(
+                out,
+                "    {:14} {:>10} × {:>8} = {:>10}   {}",
+                c.item.id(),
+                c.quantity.to_string(),
+                c.unit_price.to_string(),
+                c.amount.to_string(),
+                c.description
+            )?;
+            total += c.amount;
+        }
+        writeln!(out, "    {:14} {:>34}", "total", total.to_string())?;
+        grand_total += total;
+    }
+    writeln!(out, "  {:16} {:>34}", "all apps", grand_total.to_string())?;
+
+    if let Some(rows) = &report.audit {
+        writeln!(out, "\nSketch audit (estimate vs exact)")?;
+        writeln!(out, "{:>12}  {:7}  {:>10}  {:>10}  {:>8}  {:>10}  {:>10}  {:>8}", "APP", "MONTH", "MAU", "EXACT", "ERROR", "DAU PEAK", "EXACT", "ERROR")?;
+        for r in rows {
+            let item = AuditItem::from(r);
+            writeln!(
+                out,
+                "{:>12}  {:7}  {:>10}  {:>10}  {:>7.3}%  {:>10}  {:>10}  {:>7.3}%",
+                r.app_id,
+                r.month,
+                r.mau,
+                r.mau_exact,
+                item.mau_error * 100.0,
+                r.dau_peak,
+                r.dau_peak_exact,
+                item.dau_peak_error * 100.0
+            )?;
+        }
+    }
+
+    let rejected = report.rejected_total();
+    if rejected > 0 {
+        let reasons: Vec<String> = report.rejected.iter().map(|(r, n)| format!("{r}: {n}")).collect();
+        writeln!(out, "\nRejected lines: {rejected} ({})", reasons.join(", "))?;
+    }
+    Ok(())
+}
