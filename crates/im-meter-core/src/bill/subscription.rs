@@ -147,6 +147,12 @@ impl Subscriptions {
         self.plan_at(app, Timestamp(self.tz.end_of_month(month).0 - 1))
     }
 
+    /// The billing mode of `month`: that of the plan in force at its end (a migration filed
+    /// during the month leaves it original); `None` if the app was created after the month.
+    pub fn billing_mode_of_month(&self, app: AppId, month: Month) -> Option<BillingMode> {
+        self.plan_at_month_end(app, month).map(Plan::mode)
+    }
+
     /// When the app's migration to the current mode takes (or took) effect, if it migrated.
     pub fn migration_effective(&self, app: AppId) -> Option<Timestamp> {
         self.apps.get(&app).and_then(|b| b.migration_effective)
@@ -167,8 +173,11 @@ impl Subscriptions {
 
     /// Checks `ev` against every subscription rule and, if it passes, applies it.
     ///
-    /// Events must come in timestamp order per app. An exact repeat of an applied event (a
-    /// producer's retry) is accepted and changes nothing. A rejected event changes nothing.
+    /// Events must come in timestamp order per app (equal instants are applied in arrival
+    /// order); one dated before the app's latest applied event is rejected, since rules such
+    /// as "never while a trial runs" were checked against the later state. An exact repeat of
+    /// an applied event (a producer's retry) is accepted and changes nothing. A rejected event
+    /// changes nothing.
     pub fn apply(&mut self, ev: &SubscriptionEvent) -> Result<(), Rejection> {
         let key = (ev.ts, ev.change.clone());
         if self
@@ -597,6 +606,14 @@ pub(crate) mod tests {
         assert_eq!(subs.plan_at(1, effective), Some(Plan::Standard));
         let nov: Month = "2026-11".parse().unwrap();
         assert_eq!(subs.plan_at_month_end(1, nov), Some(Plan::Pro));
+        assert_eq!(
+            subs.billing_mode_of_month(1, nov),
+            Some(BillingMode::Original)
+        );
+        assert_eq!(
+            subs.billing_mode_of_month(1, nov.next()),
+            Some(BillingMode::Current)
+        );
         // Until then the app is original: current-mode changes refused, original ones allowed.
         rejected(
             &mut subs,
