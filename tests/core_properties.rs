@@ -1,1 +1,342 @@
-//! Property tests of the core (filled in below).
+//! Property tests of the core against exact models: sketches vs hash sets, PCC vs a
+//! brute-force sweep, merges vs aggregating the union, encodings round-tripping, and
+//! order-independence.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use im_meter_core::aggregate::{
+    AppMonthAggregate, Meter, MeterSettings, Precision, SampleGrid, UniqueUsers,
+};
+use im_meter_core::ingest::{Action, ConnKey, UsageEvent, UserKey};
+use im_meter_core::time::{BillingTz, Month, Timestamp};
+use proptest::prelude::*;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+
+const APP: u64 = 1_400_000_001;
+
+fn nov() -> Month {
+    "2026-11".parse().unwrap()
+}
+
+fn user(n: u64) -> UserKey {
+    UserKey::of(&format!("user-{n}"))
+}
+
+/// Five standard errors: a correct sketch fails this about once in 1.7 million runs.
+fn bound(precision: Precision) -> f64 {
+    5.0 * precision.standard_error()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    #[test]
+    fn mau_is_exact_up_to_a_thousand_users(users in proptest::collection::vec(0u64..5_000, 0..1_000)) {
+        let mut sketch = UniqueUsers::new(Precision::default());
+        for &u in &users {
+            sketch.insert(user(u));
+        }
+        let exact = users.iter().collect::<HashSet<_>>().len() as u64;
+        prop_assert_eq!(sketch.estimate(), exact);
+    }
+
+    #[test]
+    fn mau_stays_within_the_documented_bound(n in 1_000u64..300_000, offset in 0u64..1_000_000_000, p in 10i64..=18) {
+        let precision = Precision::new(p).unwrap();
+        let mut sketch = UniqueUsers::new(precision);
+        for u in offset..offset + n {
+            sketch.insert(user(u));
+        }
+        let error = (sketch.estimate() as f64 - n as f64).abs() / n as f64;
+        prop_assert!(error <= bound(precision), "p={} n={} error={}", p, n, error);
+    }
+}
+
+/// A random mix of events for one app around the October/November boundary (+08:00),
+/// with retried (duplicated) events, unknown-order connects and disconnects, and open
+/// connections.
+#[derive(Debug, Clone)]
+struct Scenario {
+    events: Vec<UsageEvent>,
+    /// `(connect, disconnect)` of every connection; `None` = still open.
+    intervals: Vec<(Timestamp, Option<Timestamp>)>,
+}
+
+fn scenario(seed: u64, connections: usize, logins: usize) -> Scenario {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    // 2026-10-30T00:00+08:00 .. 2026-11-03T00:00+08:00
+    let start = Timestamp::parse_rfc3339("2026-10-30T00:00:00+08:00")
+        .unwrap()
+        .millis();
+    let span = 4 * 86_400_000;
+    let mut events = Vec::new();
+    let mut intervals = Vec::new();
+    for c in 0..connections {
+        let conn = ConnKey::of(&format!("c-{c}"));
+        let t0 = start + rng.gen_range(0..span);
+        let connect = UsageEvent {
+            app_id: APP,
+            ts: Timestamp(t0),
+            action: Action::Connect {
+                conn,
+                user: user(c as u64),
+            },
+        };
+        events.push(connect);
+        let t1 = rng
+            .gen_bool(0.8)
+            .then(|| t0 + rng.gen_range(0..6 * 3_600_000));
+        if let Some(t1) = t1 {
+            events.push(UsageEvent {
+                app_id: APP,
+                ts: Timestamp(t1),
+                action: Action::Disconnect { conn },
+            });
+        }
+        if rng.gen_bool(0.3) {
+            events.push(UsageEvent {
+                app_id: APP,
+                ts: Timestamp(t0 + 1000),
+                action: Action::Heartbeat { conn },
+            });
+        }
+        intervals.push((Timestamp(t0), t1.map(Timestamp)));
+    }
+    for _ in 0..logins {
+        let ts = Timestamp(start + rng.gen_range(0..span));
+        events.push(UsageEvent {
+            app_id: APP,
+            ts,
+            action: Action::Login {
+                user: user(rng.gen_range(0..200)),
+                ok: rng.gen_bool(0.9),
+            },
+        });
+    }
+    // Producer retries: exact copies of some events.
+    let retries: Vec<UsageEvent> = events
+        .iter()
+        .filter(|_| rng.gen_bool(0.2))
+        .copied()
+        .collect();
+    events.extend(retries);
+    events.shuffle(&mut rng);
+    Scenario { events, intervals }
+}
+
+fn settings(interval_secs: u64) -> MeterSettings {
+    MeterSettings {
+        grid: SampleGrid::new(Duration::from_secs(interval_secs)).unwrap(),
+        ..MeterSettings::default()
+    }
+}
+
+/// Applies events, closes October then November, returns November's aggregate.
+fn meter_november(
+    settings: &MeterSettings,
+    events: &[UsageEvent],
+) -> (Option<AppMonthAggregate>, Option<AppMonthAggregate>) {
+    let mut meter = Meter::new(settings.clone());
+    for e in events {
+        meter.apply(e);
+    }
+    let oct = meter
+        .close_month("2026-10".parse().unwrap())
+        .into_iter()
+        .next()
+        .map(|(_, a)| a);
+    let nov = meter.close_month(nov()).into_iter().next().map(|(_, a)| a);
+    (oct, nov)
+}
+
+/// PCC by definition: at every sample instant of the month, count the connections with
+/// `t0 <= s < t1`; the peak and the first instant reaching it.
+fn brute_force_pcc(
+    intervals: &[(Timestamp, Option<Timestamp>)],
+    month: Month,
+    grid_secs: i64,
+) -> (u64, Option<Timestamp>) {
+    let tz = BillingTz::default();
+    let (start, end) = (
+        tz.start_of_month(month).millis(),
+        tz.end_of_month(month).millis(),
+    );
+    let step = grid_secs * 1000;
+    let mut s = (start + step - 1).div_euclid(step) * step;
+    let mut best = (0u64, None);
+    while s < end {
+        let open = intervals
+            .iter()
+            .filter(|(t0, t1)| t0.millis() <= s && t1.is_none_or(|t1| s < t1.millis()))
+            .count() as u64;
+        if open > best.0 {
+            best = (open, Some(Timestamp(s)));
+        }
+        s += step;
+    }
+    best
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    #[test]
+    fn pcc_matches_a_brute_force_sweep(seed in any::<u64>(), connections in 0usize..40, grid in prop_oneof![Just(900u64), Just(3600u64)]) {
+        let s = scenario(seed, connections, 0);
+        let (oct, nov_agg) = meter_november(&settings(grid), &s.events);
+        for (month, aggregate) in [("2026-10".parse::<Month>().unwrap(), oct), (nov(), nov_agg)] {
+            let grid_ms = SampleGrid::new(Duration::from_secs(grid)).unwrap();
+            let got = aggregate.map(|mut a| {
+                let u = a.usage(APP, month, grid_ms);
+                (u.pcc, u.pcc_at)
+            }).unwrap_or((0, None));
+            prop_assert_eq!(got, brute_force_pcc(&s.intervals, month, grid as i64), "month {}", month);
+        }
+    }
+
+    #[test]
+    fn any_order_gives_identical_state(seed in any::<u64>(), connections in 0usize..30, logins in 0usize..300) {
+        let s = scenario(seed, connections, logins);
+        let mut reversed = s.events.clone();
+        reversed.reverse();
+        let settings = settings(60);
+        let (a_oct, a_nov) = meter_november(&settings, &s.events);
+        let (b_oct, b_nov) = meter_november(&settings, &reversed);
+        prop_assert_eq!(a_oct.map(|mut a| a.encode()), b_oct.map(|mut b| b.encode()));
+        prop_assert_eq!(a_nov.map(|mut a| a.encode()), b_nov.map(|mut b| b.encode()));
+    }
+
+    #[test]
+    fn merge_is_associative_commutative_and_equals_the_union(seed in any::<u64>(), connections in 0usize..30, logins in 0usize..3_000) {
+        let s = scenario(seed, connections, logins);
+        // Split like Kafka partitions would: each connection's events stay together,
+        // logins and samples go anywhere.
+        let part = |e: &UsageEvent, i: usize| -> usize {
+            match e.action {
+                Action::Connect { conn, .. } | Action::Disconnect { conn } | Action::Heartbeat { conn } => (conn.0 % 3) as usize,
+                _ => i % 3,
+            }
+        };
+        let settings = settings(60);
+        let mut parts: Vec<AppMonthAggregate> = (0..3)
+            .map(|p| {
+                let events: Vec<UsageEvent> = s.events.iter().enumerate().filter(|(i, e)| part(e, *i) == p).map(|(_, e)| *e).collect();
+                meter_november(&settings, &events).1.unwrap_or_else(|| AppMonthAggregate::new(Precision::default(), false))
+            })
+            .collect();
+        let whole = meter_november(&settings, &s.events).1.map(|mut a| a.encode());
+
+        let [a, b, c] = [parts.remove(0), parts.remove(0), parts.remove(0)];
+        // (a ∪ b) ∪ c
+        let mut left = a.clone();
+        left.merge(&b).unwrap();
+        left.merge(&c).unwrap();
+        // a ∪ (c ∪ b)
+        let mut inner = c.clone();
+        inner.merge(&b).unwrap();
+        let mut right = a.clone();
+        right.merge(&inner).unwrap();
+        // (c ∪ a) ∪ b
+        let mut other = c.clone();
+        other.merge(&a).unwrap();
+        other.merge(&b).unwrap();
+        let (l, r, o) = (left.encode(), right.encode(), other.encode());
+        prop_assert_eq!(&l, &r);
+        prop_assert_eq!(&l, &o);
+        if let Some(whole) = whole {
+            prop_assert_eq!(&l, &whole);
+        }
+    }
+
+    #[test]
+    fn encoding_round_trips(seed in any::<u64>(), connections in 0usize..20, logins in 0usize..20_000) {
+        let s = scenario(seed, connections, logins);
+        if let (_, Some(mut agg)) = meter_november(&settings(60), &s.events) {
+            let bytes = agg.encode();
+            let mut back = AppMonthAggregate::decode(&bytes).unwrap();
+            prop_assert_eq!(back.encode(), bytes.clone());
+            let grid = SampleGrid::new(Duration::from_secs(60)).unwrap();
+            prop_assert_eq!(back.usage(APP, nov(), grid), agg.usage(APP, nov(), grid));
+            let mut corrupt = bytes.clone();
+            let last = corrupt.len() - 1;
+            corrupt[last] ^= 0x55;
+            prop_assert!(AppMonthAggregate::decode(&corrupt).is_err());
+        }
+    }
+}
+
+#[test]
+fn large_sketches_merge_into_the_union_byte_for_byte() {
+    // Past the sparse→dense switch: each part dense, and one part sparse.
+    let mut parts: Vec<UniqueUsers> = (0..3)
+        .map(|_| UniqueUsers::new(Precision::default()))
+        .collect();
+    let mut whole = UniqueUsers::new(Precision::default());
+    for u in 0..60_000u64 {
+        let p = if u < 200 { 2 } else { (u % 2) as usize };
+        parts[p].insert(user(u));
+        whole.insert(user(u));
+    }
+    let mut merged = parts[2].clone();
+    merged.merge(&parts[0]).unwrap();
+    merged.merge(&parts[1]).unwrap();
+    merged.flush();
+    whole.flush();
+    assert_eq!(canonical_bytes(&merged), canonical_bytes(&whole));
+    assert_eq!(merged.estimate(), whole.estimate());
+}
+
+/// The canonical serialized form of a sketch.
+fn canonical_bytes(sketch: &UniqueUsers) -> Vec<u8> {
+    let mut sketch = sketch.clone();
+    sketch.flush();
+    serde_json::to_vec(&sketch).unwrap()
+}
+
+#[test]
+fn idle_connections_are_closed_at_their_last_sign_of_life() {
+    let settings = MeterSettings {
+        idle_timeout: Some(Duration::from_secs(1800)),
+        ..MeterSettings::default()
+    };
+    let mut meter = Meter::new(settings);
+    let at = |s: &str| Timestamp::parse_rfc3339(s).unwrap();
+    let conn = ConnKey::of("lost");
+    meter.apply(&UsageEvent {
+        app_id: APP,
+        ts: at("2026-11-02T10:00:00+08:00"),
+        action: Action::Connect {
+            conn,
+            user: user(1),
+        },
+    });
+    meter.apply(&UsageEvent {
+        app_id: APP,
+        ts: at("2026-11-02T10:20:00+08:00"),
+        action: Action::Heartbeat { conn },
+    });
+    // Another connection keeps the watermark moving far past the idle timeout.
+    let other = ConnKey::of("alive");
+    meter.apply(&UsageEvent {
+        app_id: APP,
+        ts: at("2026-11-05T00:00:00+08:00"),
+        action: Action::Connect {
+            conn: other,
+            user: user(2),
+        },
+    });
+    let (_, mut november) = meter.close_month(nov()).pop().unwrap();
+    let usage = november.usage(
+        APP,
+        nov(),
+        SampleGrid::new(Duration::from_secs(60)).unwrap(),
+    );
+    // The lost connection counted 10:00..10:19 (closed at 10:20, exclusive), never together
+    // with the second one, which is open through the month's end.
+    assert_eq!(usage.pcc, 1);
+    assert_eq!(usage.pcc_at, Some(at("2026-11-02T10:00:00+08:00")));
+    // +1 and −1 of the idle-closed connection, +1 of the open one.
+    assert_eq!(november.pcc().change_points(), 3);
+}

@@ -39,7 +39,10 @@ pub struct FileConfig {
 impl Default for FileConfig {
     fn default() -> Self {
         FileConfig {
-            kafka: KafkaSection { brokers: "127.0.0.1:9092".into(), group_id: "im-meter".into() },
+            kafka: KafkaSection {
+                brokers: "127.0.0.1:9092".into(),
+                group_id: "im-meter".into(),
+            },
             topics: TopicsSection {
                 events: "im.sdk-events".into(),
                 subscriptions: "im.subscriptions".into(),
@@ -59,7 +62,9 @@ impl Default for FileConfig {
                 sample_interval: "60s".into(),
                 connection_idle_timeout: "off".into(),
             },
-            http: HttpSection { listen: "127.0.0.1:9464".into() },
+            http: HttpSection {
+                listen: "127.0.0.1:9464".into(),
+            },
         }
     }
 }
@@ -135,10 +140,6 @@ pub struct Config {
     pub meter: MeterSettings,
     /// Prices that vary by date or deal.
     pub prices: PriceBook,
-    /// Allowed lateness after a month's end.
-    pub allowed_lateness: Duration,
-    /// HTTP listen address.
-    pub listen: SocketAddr,
 }
 
 /// Every problem found in a configuration, each naming its field.
@@ -165,7 +166,8 @@ impl Config {
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Config, ConfigErrors> {
         let one = |msg: String| ConfigErrors(vec![msg]);
-        let mut tree = toml::Value::try_from(FileConfig::default()).map_err(|e| one(e.to_string()))?;
+        let mut tree =
+            toml::Value::try_from(FileConfig::default()).map_err(|e| one(e.to_string()))?;
         if let Some(path) = path {
             let text = std::fs::read_to_string(path)
                 .map_err(|e| one(format!("cannot read config file {}: {e}", path.display())))?;
@@ -201,16 +203,28 @@ fn overlay(base: &mut toml::Value, top: toml::Value) {
 
 /// Applies `IM_METER__SECTION__FIELD=value` variables. A value is read as the type of the
 /// field it replaces (so `IM_METER__KAFKA__GROUP_ID=123` stays a string).
-fn apply_env(tree: &mut toml::Value, env: impl IntoIterator<Item = (String, String)>) -> Result<(), ConfigErrors> {
+fn apply_env(
+    tree: &mut toml::Value,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<(), ConfigErrors> {
     let mut problems = Vec::new();
-    let vars: BTreeMap<String, String> = env.into_iter().filter(|(k, _)| k.starts_with(ENV_PREFIX)).collect();
+    let vars: BTreeMap<String, String> = env
+        .into_iter()
+        .filter(|(k, _)| k.starts_with(ENV_PREFIX))
+        .collect();
     for (name, raw) in vars {
-        let path: Vec<String> = name[ENV_PREFIX.len()..].split("__").map(str::to_ascii_lowercase).collect();
+        let path: Vec<String> = name[ENV_PREFIX.len()..]
+            .split("__")
+            .map(str::to_ascii_lowercase)
+            .collect();
         let [section, field] = path.as_slice() else {
             problems.push(format!("{name}: expected IM_METER__<SECTION>__<FIELD>"));
             continue;
         };
-        let Some(slot) = tree.get_mut(section.as_str()).and_then(|s| s.get_mut(field.as_str())) else {
+        let Some(slot) = tree
+            .get_mut(section.as_str())
+            .and_then(|s| s.get_mut(field.as_str()))
+        else {
             problems.push(format!("{name}: there is no field {section}.{field}"));
             continue;
         };
@@ -221,7 +235,10 @@ fn apply_env(tree: &mut toml::Value, env: impl IntoIterator<Item = (String, Stri
         };
         match value {
             Some(v) => *slot = v,
-            None => problems.push(format!("{section}.{field} (from {name}): {raw:?} is not a valid {}", slot.type_str())),
+            None => problems.push(format!(
+                "{section}.{field} (from {name}): {raw:?} is not a valid {}",
+                slot.type_str()
+            )),
         }
     }
     if problems.is_empty() {
@@ -232,7 +249,8 @@ fn apply_env(tree: &mut toml::Value, env: impl IntoIterator<Item = (String, Stri
 }
 
 fn duration(text: &str) -> Result<Duration, String> {
-    humantime::parse_duration(text.trim()).map_err(|e| format!("{text:?} is not a duration like 90s, 30m or 1h ({e})"))
+    humantime::parse_duration(text.trim())
+        .map_err(|e| format!("{text:?} is not a duration like 90s, 30m or 1h ({e})"))
 }
 
 fn topic_name(name: &str) -> Result<(), String> {
@@ -240,8 +258,12 @@ fn topic_name(name: &str) -> Result<(), String> {
         && name.len() <= 249
         && name != "."
         && name != ".."
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
-    legal.then_some(()).ok_or_else(|| format!("{name:?} is not a legal Kafka topic name"))
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    legal
+        .then_some(())
+        .ok_or_else(|| format!("{name:?} is not a legal Kafka topic name"))
 }
 
 impl FileConfig {
@@ -254,9 +276,19 @@ impl FileConfig {
             }
         };
         let mut tz = BillingTz::default();
-        check("billing.timezone", self.billing.timezone.parse().map(|t| tz = t).map_err(|e| format!("{e}")));
+        check(
+            "billing.timezone",
+            self.billing
+                .timezone
+                .parse()
+                .map(|t| tz = t)
+                .map_err(|e| format!("{e}")),
+        );
         let mut allowed_lateness = Duration::ZERO;
-        check("billing.allowed_lateness", duration(&self.billing.allowed_lateness).map(|d| allowed_lateness = d));
+        check(
+            "billing.allowed_lateness",
+            duration(&self.billing.allowed_lateness).map(|d| allowed_lateness = d),
+        );
         let mut prices = PriceBook::default();
         if !self.billing.pcc_promotion_end.trim().is_empty() {
             check(
@@ -276,13 +308,23 @@ impl FileConfig {
                     .ok()
                     .filter(|p| !p.is_sign_negative())
                     .map(|p| prices.av_call_price = Some(p))
-                    .ok_or_else(|| format!("{:?} is not a non-negative decimal price", self.billing.av_call_price)),
+                    .ok_or_else(|| {
+                        format!(
+                            "{:?} is not a non-negative decimal price",
+                            self.billing.av_call_price
+                        )
+                    }),
             );
         }
-        let mut meter = MeterSettings { tz, ..MeterSettings::default() };
+        let mut meter = MeterSettings {
+            tz,
+            ..MeterSettings::default()
+        };
         check(
             "metering.hll_precision",
-            Precision::new(self.metering.hll_precision).map(|p| meter.precision = p).map_err(|e| e.to_string()),
+            Precision::new(self.metering.hll_precision)
+                .map(|p| meter.precision = p)
+                .map_err(|e| e.to_string()),
         );
         check(
             "metering.sample_interval",
@@ -295,17 +337,23 @@ impl FileConfig {
             check(
                 "metering.connection_idle_timeout",
                 duration(idle).and_then(|d| {
-                    (!d.is_zero()).then(|| meter.idle_timeout = Some(d)).ok_or_else(|| "must be positive or \"off\"".into())
+                    (!d.is_zero())
+                        .then(|| meter.idle_timeout = Some(d))
+                        .ok_or_else(|| "must be positive or \"off\"".into())
                 }),
             );
         }
         check(
             "kafka.brokers",
-            (!self.kafka.brokers.trim().is_empty()).then_some(()).ok_or_else(|| "must name at least one broker".into()),
+            (!self.kafka.brokers.trim().is_empty())
+                .then_some(())
+                .ok_or_else(|| "must name at least one broker".into()),
         );
         check(
             "kafka.group_id",
-            (!self.kafka.group_id.trim().is_empty()).then_some(()).ok_or_else(|| "must not be empty".into()),
+            (!self.kafka.group_id.trim().is_empty())
+                .then_some(())
+                .ok_or_else(|| "must not be empty".into()),
         );
         let t = &self.topics;
         for (field, name) in [
@@ -318,13 +366,25 @@ impl FileConfig {
         ] {
             check(field, topic_name(name));
         }
-        let mut listen = SocketAddr::from(([127, 0, 0, 1], 9464));
         check(
             "http.listen",
-            self.http.listen.parse().map(|a| listen = a).map_err(|_| format!("{:?} is not an address like 127.0.0.1:9464", self.http.listen)),
+            self.http
+                .listen
+                .parse::<SocketAddr>()
+                .map(drop)
+                .map_err(|_| {
+                    format!(
+                        "{:?} is not an address like 127.0.0.1:9464",
+                        self.http.listen
+                    )
+                }),
         );
         if problems.is_empty() {
-            Ok(Config { file: self, meter, prices, allowed_lateness, listen })
+            Ok(Config {
+                file: self,
+                meter,
+                prices,
+            })
         } else {
             Err(ConfigErrors(problems))
         }
@@ -336,7 +396,10 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -345,8 +408,8 @@ mod tests {
         assert_eq!(c.file.kafka.brokers, "127.0.0.1:9092");
         assert_eq!(c.file.topics.changelog, "im.meter.changelog");
         assert_eq!(c.meter.tz.to_string(), "+08:00");
-        assert_eq!(c.allowed_lateness, Duration::from_secs(3600));
-        assert_eq!(c.listen.to_string(), "127.0.0.1:9464");
+        assert_eq!(c.file.billing.allowed_lateness, "1h");
+        assert_eq!(c.file.http.listen, "127.0.0.1:9464");
         assert_eq!(c.meter.precision.get(), 14);
         assert!(c.meter.idle_timeout.is_none());
     }
@@ -356,7 +419,11 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("im-meter-config-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("c.toml");
-        std::fs::write(&path, "[kafka]\nbrokers = \"file:9092\"\n[metering]\nhll_precision = 12\n").unwrap();
+        std::fs::write(
+            &path,
+            "[kafka]\nbrokers = \"file:9092\"\n[metering]\nhll_precision = 12\n",
+        )
+        .unwrap();
         let c = Config::load(
             Some(&path),
             env(&[
@@ -401,7 +468,8 @@ mod tests {
         }
         let err = Config::load(None, env(&[("IM_METER__KAFKA__BROKER", "x")])).unwrap_err();
         assert!(err.to_string().contains("kafka.broker"), "{err}");
-        let err = Config::load(None, env(&[("IM_METER__METERING__HLL_PRECISION", "many")])).unwrap_err();
+        let err =
+            Config::load(None, env(&[("IM_METER__METERING__HLL_PRECISION", "many")])).unwrap_err();
         assert!(err.to_string().contains("metering.hll_precision"), "{err}");
     }
 

@@ -32,6 +32,13 @@ enum Command {
     /// Run the pipeline over NDJSON files (no Kafka): usage and charges of every month in
     /// the input.
     Replay(ReplayArgs),
+    /// Validate the configuration and print it as in effect (defaults, then the file, then
+    /// `IM_METER__*` variables).
+    Config {
+        /// Configuration file (TOML).
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -95,6 +102,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 Format::Table => report::write_tables(&mut out, &result, &config.meter.tz)?,
             }
             out.flush()?;
+            Ok(())
+        }
+        Command::Config { config } => {
+            let config = Config::load(config.as_deref(), std::env::vars())?;
+            print!("{}", toml::to_string(&config.file)?);
             Ok(())
         }
     }

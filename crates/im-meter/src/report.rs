@@ -90,12 +90,19 @@ struct JsonReport<'a> {
 
 /// Writes the single JSON object `{"usage":[...],"charges":[...],"rejected":N}` (plus
 /// `"audit"` with `--exact`).
-pub fn write_json(out: &mut impl Write, report: &ReplayReport, tz: &BillingTz) -> anyhow::Result<()> {
+pub fn write_json(
+    out: &mut impl Write,
+    report: &ReplayReport,
+    tz: &BillingTz,
+) -> anyhow::Result<()> {
     let doc = JsonReport {
         usage: report.usage.iter().map(|u| UsageItem::new(u, tz)).collect(),
         charges: &report.charges,
         rejected: report.rejected_total(),
-        audit: report.audit.as_ref().map(|rows| rows.iter().map(AuditItem::from).collect()),
+        audit: report
+            .audit
+            .as_ref()
+            .map(|rows| rows.iter().map(AuditItem::from).collect()),
     };
     serde_json::to_writer(&mut *out, &doc)?;
     writeln!(out)?;
@@ -103,7 +110,11 @@ pub fn write_json(out: &mut impl Write, report: &ReplayReport, tz: &BillingTz) -
 }
 
 /// Writes the usage table, then the charges of each app with totals.
-pub fn write_tables(out: &mut impl Write, report: &ReplayReport, tz: &BillingTz) -> anyhow::Result<()> {
+pub fn write_tables(
+    out: &mut impl Write,
+    report: &ReplayReport,
+    tz: &BillingTz,
+) -> anyhow::Result<()> {
     writeln!(out, "Usage")?;
     writeln!(
         out,
@@ -111,7 +122,10 @@ pub fn write_tables(out: &mut impl Write, report: &ReplayReport, tz: &BillingTz)
         "APP", "MONTH", "MAU", "DAU PEAK", "PCC", "PCC AT", "GROUPS PEAK"
     )?;
     for u in &report.usage {
-        let at = u.pcc_at.map(|t| t.to_rfc3339(tz)).unwrap_or_else(|| "-".into());
+        let at = u
+            .pcc_at
+            .map(|t| t.to_rfc3339(tz))
+            .unwrap_or_else(|| "-".into());
         writeln!(
             out,
             "{:>12}  {:7}  {:>10}  {:>10}  {:>8}  {:25}  {:>12}",
@@ -123,10 +137,17 @@ pub fn write_tables(out: &mut impl Write, report: &ReplayReport, tz: &BillingTz)
     let mut grand_total = Decimal::ZERO;
     let mut rest = report.charges.as_slice();
     while let Some(first) = rest.first() {
-        let n = rest.iter().take_while(|c| c.app_id == first.app_id && c.month == first.month).count();
+        let n = rest
+            .iter()
+            .take_while(|c| c.app_id == first.app_id && c.month == first.month)
+            .count();
         let (group, tail) = rest.split_at(n);
         rest = tail;
-        writeln!(out, "  app {} · {} · {} mode, plan {}", first.app_id, first.month, first.billing_mode, first.plan)?;
+        writeln!(
+            out,
+            "  app {} · {} · {} mode, plan {}",
+            first.app_id, first.month, first.billing_mode, first.plan
+        )?;
         let mut total = Decimal::ZERO;
         for c in group {
             writeln!(
@@ -147,7 +168,11 @@ pub fn write_tables(out: &mut impl Write, report: &ReplayReport, tz: &BillingTz)
 
     if let Some(rows) = &report.audit {
         writeln!(out, "\nSketch audit (estimate vs exact)")?;
-        writeln!(out, "{:>12}  {:7}  {:>10}  {:>10}  {:>8}  {:>10}  {:>10}  {:>8}", "APP", "MONTH", "MAU", "EXACT", "ERROR", "DAU PEAK", "EXACT", "ERROR")?;
+        writeln!(
+            out,
+            "{:>12}  {:7}  {:>10}  {:>10}  {:>8}  {:>10}  {:>10}  {:>8}",
+            "APP", "MONTH", "MAU", "EXACT", "ERROR", "DAU PEAK", "EXACT", "ERROR"
+        )?;
         for r in rows {
             let item = AuditItem::from(r);
             writeln!(
@@ -165,10 +190,24 @@ pub fn write_tables(out: &mut impl Write, report: &ReplayReport, tz: &BillingTz)
         }
     }
 
+    let read = report.events_read;
+    writeln!(
+        out,
+        "\nRead {} event lines ({} bytes).",
+        read.lines, read.bytes
+    )?;
     let rejected = report.rejected_total();
     if rejected > 0 {
-        let reasons: Vec<String> = report.rejected.iter().map(|(r, n)| format!("{r}: {n}")).collect();
-        writeln!(out, "\nRejected lines: {rejected} ({})", reasons.join(", "))?;
+        let reasons: Vec<String> = report
+            .rejected
+            .iter()
+            .map(|(r, n)| format!("{r}: {n}"))
+            .collect();
+        writeln!(
+            out,
+            "Rejected lines, both inputs: {rejected} ({})",
+            reasons.join(", ")
+        )?;
     }
     Ok(())
 }

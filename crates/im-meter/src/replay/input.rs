@@ -31,7 +31,8 @@ impl Source {
         Ok(match self {
             Source::Stdin => (Box::new(io::stdin().lock()), None),
             Source::File(path) => {
-                let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+                let file =
+                    File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
                 let len = file.metadata().ok().map(|m| m.len());
                 (Box::new(file), len)
             }
@@ -113,7 +114,12 @@ struct Progress {
 
 impl Progress {
     fn new(enabled: bool, len: Option<u64>) -> Self {
-        Progress { enabled, len, started: Instant::now(), bar: None }
+        Progress {
+            enabled,
+            len,
+            started: Instant::now(),
+            bar: None,
+        }
     }
 
     fn update(&mut self, stats: ReadStats) {
@@ -122,7 +128,8 @@ impl Progress {
         }
         let elapsed = self.started.elapsed();
         if self.bar.is_none() && elapsed >= PROGRESS_AFTER {
-            let bar = ProgressBar::with_draw_target(self.len, ProgressDrawTarget::stderr_with_hz(4));
+            let bar =
+                ProgressBar::with_draw_target(self.len, ProgressDrawTarget::stderr_with_hz(4));
             let template = if self.len.is_some() {
                 "{bar:30} {bytes}/{total_bytes} ({bytes_per_sec}) {msg}"
             } else {

@@ -108,26 +108,45 @@ pub fn replay(config: &Config, input: &ReplayInput) -> anyhow::Result<ReplayRepo
     dead.finish()?;
 
     let (usage, charges, audit) = close_and_bill(config, &mut meter, &subscriptions, input.exact);
-    Ok(ReplayReport { usage, charges, rejected: dead.by_reason().clone(), audit, events_read })
+    Ok(ReplayReport {
+        usage,
+        charges,
+        rejected: dead.by_reason().clone(),
+        audit,
+        events_read,
+    })
 }
 
 fn meter_settings(config: &Config, exact: bool) -> im_meter_core::aggregate::MeterSettings {
-    im_meter_core::aggregate::MeterSettings { exact, ..config.meter.clone() }
+    im_meter_core::aggregate::MeterSettings {
+        exact,
+        ..config.meter.clone()
+    }
 }
 
 /// Reads, sorts by time and applies the subscription events; refused ones go to `dead`.
-fn load_subscriptions(config: &Config, source: &Source, dead: &mut DeadLetters) -> anyhow::Result<Subscriptions> {
+fn load_subscriptions(
+    config: &Config,
+    source: &Source,
+    dead: &mut DeadLetters,
+) -> anyhow::Result<Subscriptions> {
     let mut events: Vec<(SubscriptionEvent, u64, Vec<u8>)> = Vec::new();
-    input::for_each_line(source, false, |line, bytes| match decode_subscription_event(bytes) {
-        Ok(event) => {
-            events.push((event, line, bytes.to_vec()));
-            Ok(())
-        }
-        Err(why) => dead.reject("subscriptions", line, bytes, &why),
-    })?;
+    input::for_each_line(
+        source,
+        false,
+        |line, bytes| match decode_subscription_event(bytes) {
+            Ok(event) => {
+                events.push((event, line, bytes.to_vec()));
+                Ok(())
+            }
+            Err(why) => dead.reject("subscriptions", line, bytes, &why),
+        },
+    )?;
     // Rules such as "one paid-plan switch a month" depend on order: apply by event time,
     // ties broken by content so that input order never matters.
-    events.sort_by(|(a, _, _), (b, _, _)| (a.ts, a.app_id, &a.change).cmp(&(b.ts, b.app_id, &b.change)));
+    events.sort_by(|(a, _, _), (b, _, _)| {
+        (a.ts, a.app_id, &a.change).cmp(&(b.ts, b.app_id, &b.change))
+    });
     let mut subscriptions = Subscriptions::new(config.meter.tz);
     for (event, line, raw) in &events {
         if let Err(why) = subscriptions.apply(event) {
@@ -147,16 +166,23 @@ fn close_and_bill(
     let tz = config.meter.tz;
     let grid = config.meter.grid;
     let billed_months: Vec<Month> = meter.active_months().iter().copied().collect();
-    let apps: BTreeSet<AppId> = meter.apps().into_iter().chain(subscriptions.apps()).collect();
+    let apps: BTreeSet<AppId> = meter
+        .apps()
+        .into_iter()
+        .chain(subscriptions.apps())
+        .collect();
 
     let mut usage = Vec::new();
     let mut charges = Vec::new();
     let mut audit = exact.then(Vec::new);
     for month in billed_months {
-        let mut closed: BTreeMap<AppId, AppMonthAggregate> = meter.close_month(month).into_iter().collect();
+        let mut closed: BTreeMap<AppId, AppMonthAggregate> =
+            meter.close_month(month).into_iter().collect();
         let month_end = tz.end_of_month(month);
         for &app_id in &apps {
-            let exists = subscriptions.created_at(app_id).is_none_or(|created| created < month_end);
+            let exists = subscriptions
+                .created_at(app_id)
+                .is_none_or(|created| created < month_end);
             if !exists {
                 continue;
             }
@@ -164,9 +190,12 @@ fn close_and_bill(
                 Some(aggregate) => aggregate.usage(app_id, month, grid),
                 None => MonthlyUsage::empty(app_id, month),
             };
-            if let (Some(rows), Some(counts)) =
-                (audit.as_mut(), closed.get(&app_id).and_then(AppMonthAggregate::exact_counts))
-            {
+            if let (Some(rows), Some(counts)) = (
+                audit.as_mut(),
+                closed
+                    .get(&app_id)
+                    .and_then(AppMonthAggregate::exact_counts),
+            ) {
                 rows.push(AuditRow {
                     app_id,
                     month,
