@@ -31,7 +31,7 @@ impl SampleGrid {
     /// is 60 s or less).
     pub fn new(interval: Duration) -> Result<Self, SampleIntervalError> {
         let ms = interval.as_millis();
-        if ms == 0 || ms % 1000 != 0 || 3_600_000 % ms != 0 {
+        if ms == 0 || !ms.is_multiple_of(1000) || !3_600_000u128.is_multiple_of(ms) {
             return Err(SampleIntervalError(interval));
         }
         Ok(SampleGrid {
