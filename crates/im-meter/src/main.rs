@@ -3,21 +3,21 @@
 //! This binary is thin glue at the edges: it parses the command line and the config, reads
 //! input, calls the pure core (`im-meter-core`) and writes what it returns.
 //!
-//! Layout: [`config`] (TOML + env, validated) → [`replay`] (files in, core pipeline) →
-//! [`report`] (JSON or tables out).
-
-mod config;
-mod replay;
-mod report;
+//! The modules live in the library half of this crate (`src/lib.rs`), so tests and
+//! benchmarks can drive them in-process; this file only parses arguments and dispatches.
 
 use std::io::{self, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
+use im_meter_core::time::Month;
 
-use crate::config::Config;
-use crate::replay::{ReplayInput, Source};
+use im_meter::config::Config;
+use im_meter::replay::{self, ReplayInput, Source};
+use im_meter::report;
+use im_meter::workload::Workload;
 
 /// Usage metering and billing for IM apps: MAU, PCC, peak DAU and group count → charges.
 #[derive(Debug, Parser)]
@@ -32,6 +32,9 @@ enum Command {
     /// Run the pipeline over NDJSON files (no Kafka): usage and charges of every month in
     /// the input.
     Replay(ReplayArgs),
+    /// Write a synthetic month of SDK events as NDJSON (the bundled sample, or a load of
+    /// any size).
+    Generate(GenerateArgs),
     /// Validate the configuration and print it as in effect (defaults, then the file, then
     /// `IM_METER__*` variables).
     Config {
@@ -62,6 +65,28 @@ struct ReplayArgs {
     /// proportional to users).
     #[arg(long)]
     exact: bool,
+}
+
+#[derive(Debug, clap::Args)]
+struct GenerateArgs {
+    /// Write the bundled sample's events (deploy/sample/events.ndjson).
+    #[arg(long, conflicts_with_all = ["apps", "users", "month", "seed"])]
+    sample: bool,
+    /// Number of apps.
+    #[arg(long, default_value_t = 50)]
+    apps: u64,
+    /// Distinct users in all (split evenly across apps).
+    #[arg(long, default_value_t = 100_000)]
+    users: u64,
+    /// Month to generate, YYYY-MM.
+    #[arg(long, default_value = "2026-11")]
+    month: Month,
+    /// Random seed: the same seed writes the same bytes.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Output file (`-` = stdout).
+    #[arg(long, default_value = "-")]
+    out: PathBuf,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -102,6 +127,29 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 Format::Table => report::write_tables(&mut out, &result, &config.meter.tz)?,
             }
             out.flush()?;
+            Ok(())
+        }
+        Command::Generate(args) => {
+            let workload = if args.sample {
+                Workload::sample()
+            } else {
+                Workload::synthetic(args.month, args.apps, args.users, args.seed)
+            };
+            let config = Config::load(None, std::env::vars())?;
+            let lines = if args.out.as_os_str() == "-" {
+                workload.write_events(
+                    &config.meter.tz,
+                    &mut io::BufWriter::new(io::stdout().lock()),
+                )?
+            } else {
+                let file = std::fs::File::create(&args.out)
+                    .with_context(|| format!("cannot create {}", args.out.display()))?;
+                let mut out = io::BufWriter::new(file);
+                let lines = workload.write_events(&config.meter.tz, &mut out)?;
+                out.flush()?;
+                lines
+            };
+            eprintln!("im-meter: wrote {lines} event lines");
             Ok(())
         }
         Command::Config { config } => {
