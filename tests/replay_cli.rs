@@ -1,1 +1,281 @@
+//! `im-meter replay` end to end: the CLI contract of SPEC §5 on real files and stdin.
 
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use serde_json::Value;
+
+fn bin() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_im-meter"));
+    // Tests must not pick up an operator's overrides.
+    for (key, _) in std::env::vars().filter(|(k, _)| k.starts_with("IM_METER__")) {
+        cmd.env_remove(key);
+    }
+    cmd
+}
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("im-meter-test-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn write(dir: &Path, name: &str, lines: &[String]) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+    path
+}
+
+fn run_ok(cmd: &mut Command) -> Output {
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "failed: {}", String::from_utf8_lossy(&out.stderr));
+    out
+}
+
+fn replay_json(events: &Path, subscriptions: Option<&Path>, extra: &[&str]) -> Value {
+    let mut cmd = bin();
+    cmd.args(["replay", "--format", "json", "--events"]).arg(events);
+    if let Some(s) = subscriptions {
+        cmd.arg("--subscriptions").arg(s);
+    }
+    cmd.args(extra);
+    serde_json::from_slice(&run_ok(&mut cmd).stdout).unwrap()
+}
+
+fn login(app: u64, user: &str, ts: &str) -> String {
+    format!(r#"{{"type":"login","app_id":{app},"user_id":"{user}","ts":"{ts}"}}"#)
+}
+
+fn charge<'a>(doc: &'a Value, id: &str) -> &'a Value {
+    doc["charges"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["charge_id"] == id)
+        .unwrap_or_else(|| panic!("no charge {id} in {doc}"))
+}
+
+#[test]
+fn prorated_upgrade_and_standard_month_are_billed_to_the_cent() {
+    let dir = temp_dir("prorate");
+    let mut events = Vec::new();
+    for u in 0..300 {
+        events.push(login(11, &format!("dev-{u}"), "2026-11-05T10:00:00+08:00"));
+        events.push(login(22, &format!("std-{u}"), "2026-11-20T23:59:59+08:00"));
+    }
+    let subs = vec![
+        r#"{"type":"app_created","app_id":11,"ts":"2026-01-01T00:00:00+08:00"}"#.to_string(),
+        r#"{"type":"plan_changed","app_id":11,"ts":"2026-11-11T10:00:00+08:00","plan":"premium"}"#.to_string(),
+        r#"{"type":"app_created","app_id":22,"ts":"2026-01-01T00:00:00+08:00"}"#.to_string(),
+        r#"{"type":"plan_changed","app_id":22,"ts":"2026-02-01T00:00:00+08:00","plan":"standard"}"#.to_string(),
+        // Standard → Premium on the 5th; a second paid↔paid change in November is refused.
+        r#"{"type":"plan_changed","app_id":33,"ts":"2026-02-01T00:00:00+08:00","plan":"standard"}"#.to_string(),
+        r#"{"type":"plan_changed","app_id":33,"ts":"2026-11-05T00:30:00+08:00","plan":"premium"}"#.to_string(),
+        r#"{"type":"plan_changed","app_id":33,"ts":"2026-11-20T10:00:00+08:00","plan":"standard"}"#.to_string(),
+    ];
+    let doc = replay_json(&write(&dir, "e.ndjson", &events), Some(&write(&dir, "s.ndjson", &subs)), &[]);
+
+    let fee = charge(&doc, "11/2026-11/plan_fee");
+    // Developer → Premium on the 11th: days 11..30 on Premium, 699 × 20/30.
+    assert_eq!(fee["amount"], "466.00");
+    assert_eq!(fee["plan"], "premium");
+    assert_eq!(fee["billing_mode"], "current");
+    assert_eq!(fee["currency"], "USD");
+    assert_eq!(doc["rejected"], 1);
+    // 4 days Standard, 26 days Premium: 399 × 4/30 + 699 × 26/30 = 53.20 + 605.80.
+    let switched = charge(&doc, "33/2026-11/plan_fee");
+    assert_eq!(switched["amount"], "659.00");
+    assert_eq!(switched["plan"], "premium");
+    assert_eq!(charge(&doc, "22/2026-11/plan_fee")["amount"], "399.00");
+    assert_eq!(charge(&doc, "22/2026-11/pcc")["amount"], "0.00");
+    let usage = doc["usage"].as_array().unwrap();
+    // App 33 exists (implicitly created) but had no usage: billed, with a zero usage row.
+    assert_eq!(usage.len(), 3);
+    assert_eq!(usage[2]["app_id"], 33);
+    assert_eq!(usage[2]["mau"], 0);
+    assert_eq!(usage[0]["mau"], 300);
+    assert_eq!(usage[0]["dau_peak"], 300);
+    assert_eq!(usage[0]["pcc"], 0);
+    assert_eq!(usage[0]["pcc_at"], Value::Null);
+    assert!(!doc["charges"].as_array().unwrap().iter().any(|c| c["item"] == "mau_overage"));
+}
+
+#[test]
+fn output_has_exactly_the_documented_shape() {
+    let dir = temp_dir("shape");
+    let events = vec![
+        login(7, "alice", "2026-11-03T08:15:00Z"),
+        r#"{"type":"connect","app_id":7,"user_id":"alice","conn_id":"c-91","ts":1793693700000}"#.into(),
+        r#"{"type":"disconnect","app_id":7,"conn_id":"c-91","ts":"2026-11-03T17:00:00+08:00"}"#.into(),
+        r#"{"type":"group_stats","app_id":7,"group_count":12,"ts":"2026-11-03T17:00:00+08:00"}"#.into(),
+    ];
+    let subs = vec![r#"{"type":"plan_changed","app_id":7,"ts":"2026-10-01T00:00:00+08:00","plan":"standard"}"#.into()];
+    let doc = replay_json(&write(&dir, "e.ndjson", &events), Some(&write(&dir, "s.ndjson", &subs)), &[]);
+    let keys = |v: &Value| v.as_object().unwrap().keys().cloned().collect::<Vec<_>>();
+    assert_eq!(keys(&doc), ["charges", "rejected", "usage"]);
+    assert_eq!(
+        keys(&doc["usage"][0]),
+        ["app_id", "dau_peak", "group_count_peak", "mau", "month", "pcc", "pcc_at"]
+    );
+    assert_eq!(
+        doc["usage"][0],
+        serde_json::json!({"app_id":7,"month":"2026-11","mau":1,"dau_peak":1,"pcc":1,
+            "pcc_at":"2026-11-03T16:15:00+08:00","group_count_peak":12})
+    );
+    let fee = charge(&doc, "7/2026-11/plan_fee");
+    assert_eq!(
+        keys(fee),
+        ["amount", "app_id", "billing_mode", "charge_id", "currency", "description", "item", "month", "plan", "quantity", "unit_price"]
+    );
+    assert!(fee["quantity"].is_string() && fee["unit_price"].is_string() && fee["amount"].is_string());
+}
+
+#[test]
+fn bad_lines_go_to_the_dead_letter_file_and_are_counted() {
+    let dir = temp_dir("dlq");
+    let events = vec![
+        login(5, "a", "2026-11-03T08:15:00Z"),
+        "not json".into(),
+        r#"{"type":"login","app_id":5,"ts":"2026-11-03T08:15:00Z"}"#.into(),
+        String::from_utf8_lossy(b"{\"type\":\"login\"}").into_owned(),
+        login(5, "a", "2026-11-03T08:15:00Z"), // a retry: not a rejection
+    ];
+    let events_path = write(&dir, "e.ndjson", &events);
+    // Append a line that is not UTF-8.
+    std::fs::OpenOptions::new().append(true).open(&events_path).unwrap().write_all(b"\xff\xfe\n").unwrap();
+    let subs = vec![r#"{"type":"plan_changed","app_id":5,"ts":"2026-10-01T00:00:00+08:00","plan":"gold"}"#.into()];
+    let dlq = dir.join("dlq.ndjson");
+    let doc = replay_json(&events_path, Some(&write(&dir, "s.ndjson", &subs)), &["--dlq", dlq.to_str().unwrap()]);
+    assert_eq!(doc["rejected"], 5);
+    assert_eq!(doc["usage"][0]["mau"], 1);
+
+    let letters: Vec<Value> = std::fs::read_to_string(&dlq).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let summary: Vec<(String, u64, String)> = letters
+        .iter()
+        .map(|l| (l["source"].as_str().unwrap().into(), l["line"].as_u64().unwrap(), l["reason"].as_str().unwrap().into()))
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            ("subscriptions".into(), 1, "invalid_field".into()),
+            ("events".into(), 2, "not_json".into()),
+            ("events".into(), 3, "missing_field".into()),
+            ("events".into(), 4, "missing_field".into()),
+            ("events".into(), 6, "not_utf8".into()),
+        ]
+    );
+    assert_eq!(letters[1]["raw"], "not json");
+    assert_eq!(letters[4]["raw_base64"], "//4=");
+    assert!(letters[2]["detail"].as_str().unwrap().contains("user_id"));
+}
+
+#[test]
+fn shuffled_input_prints_identical_json_and_stdin_works() {
+    let sample = repo().join("deploy/sample");
+    let events = std::fs::read_to_string(sample.join("events.ndjson")).unwrap();
+    let subs = std::fs::read_to_string(sample.join("subscriptions.ndjson")).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(42);
+    let mut event_lines: Vec<&str> = events.lines().collect();
+    let mut sub_lines: Vec<&str> = subs.lines().collect();
+    event_lines.shuffle(&mut rng);
+    sub_lines.shuffle(&mut rng);
+
+    let dir = temp_dir("shuffle");
+    let subs_path = write(&dir, "s.ndjson", &sub_lines.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+    let original = run_ok(
+        bin()
+            .args(["replay", "--format", "json", "--events"])
+            .arg(sample.join("events.ndjson"))
+            .arg("--subscriptions")
+            .arg(sample.join("subscriptions.ndjson")),
+    );
+    let mut child = bin()
+        .args(["replay", "--format", "json", "--events", "-", "--subscriptions"])
+        .arg(&subs_path)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let shuffled = event_lines.join("\n");
+    let writer = std::thread::spawn(move || stdin.write_all(shuffled.as_bytes()).unwrap());
+    let shuffled_out = child.wait_with_output().unwrap();
+    writer.join().unwrap();
+    assert!(shuffled_out.status.success());
+    assert_eq!(String::from_utf8(shuffled_out.stdout).unwrap(), String::from_utf8(original.stdout.clone()).unwrap());
+
+    // And the sample bills what its README promises: every app, paid ones with fees.
+    let doc: Value = serde_json::from_slice(&original.stdout).unwrap();
+    assert_eq!(doc["usage"].as_array().unwrap().len(), 6);
+    assert_eq!(charge(&doc, "1400000004/2026-11/plan_fee")["amount"], "466.00");
+    assert_eq!(charge(&doc, "1400000005/2026-11/group_overage")["quantity"], "2");
+    assert!(doc["rejected"].as_u64().unwrap() > 0);
+}
+
+#[test]
+fn exact_mode_audits_the_sketch() {
+    let dir = temp_dir("exact");
+    let events: Vec<String> = (0..2_000).map(|u| login(3, &format!("u{u}"), "2026-11-09T12:00:00Z")).collect();
+    let doc = replay_json(&write(&dir, "e.ndjson", &events), None, &["--exact"]);
+    let audit = &doc["audit"][0];
+    assert_eq!(audit["mau_exact"], 2000);
+    assert_eq!(audit["dau_peak_exact"], 2000);
+    let error = audit["mau_error"].as_f64().unwrap();
+    assert!(error.abs() < 0.01, "{error}");
+    assert_eq!(audit["mau"], doc["usage"][0]["mau"]);
+}
+
+#[test]
+fn table_output_lists_usage_then_charges_with_totals() {
+    let sample = repo().join("deploy/sample");
+    let out = run_ok(
+        bin()
+            .args(["replay", "--events"])
+            .arg(sample.join("events.ndjson"))
+            .arg("--subscriptions")
+            .arg(sample.join("subscriptions.ndjson")),
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let usage_at = text.find("Usage").unwrap();
+    let charges_at = text.find("Charges (USD)").unwrap();
+    assert!(usage_at < charges_at);
+    assert!(text.contains("466.00"));
+    assert!(text.contains("total"));
+}
+
+#[test]
+fn a_bad_config_fails_before_reading_input_and_names_the_field() {
+    let dir = temp_dir("config");
+    let config = dir.join("bad.toml");
+    std::fs::write(&config, "[billing]\ntimezone = \"Nowhere/Town\"\n").unwrap();
+    let out = bin()
+        .args(["replay", "--format", "json", "--events", "/does/not/exist", "--config"])
+        .arg(&config)
+        .env("IM_METER__METERING__HLL_PRECISION", "30")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("billing.timezone") && err.contains("metering.hll_precision"), "{err}");
+    assert!(out.stdout.is_empty());
+}
+
+#[test]
+fn the_timezone_moves_month_boundaries() {
+    let dir = temp_dir("tz");
+    // 2026-10-31T20:00Z is November in +08:00 but October in UTC.
+    let events = vec![login(9, "night-owl", "2026-10-31T20:00:00Z")];
+    let path = write(&dir, "e.ndjson", &events);
+    let default = replay_json(&path, None, &[]);
+    assert_eq!(default["usage"][0]["month"], "2026-11");
+    let out = run_ok(bin().args(["replay", "--format", "json", "--events"]).arg(&path).env("IM_METER__BILLING__TIMEZONE", "UTC"));
+    let utc: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(utc["usage"][0]["month"], "2026-10");
+}
