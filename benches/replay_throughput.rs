@@ -36,7 +36,10 @@ struct TypedEvent<'a> {
 }
 
 fn main() -> anyhow::Result<()> {
-    let users: u64 = std::env::var("IM_METER_BENCH_USERS").ok().and_then(|v| v.parse().ok()).unwrap_or(400_000);
+    let users: u64 = std::env::var("IM_METER_BENCH_USERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(400_000);
     let config = Config::load(None, std::iter::empty())?;
     let workload = Workload::synthetic(Month::new(2026, 11).expect("valid month"), 200, users, 7);
     let path = std::env::temp_dir().join(format!("im-meter-bench-{}.ndjson", std::process::id()));
@@ -44,7 +47,10 @@ fn main() -> anyhow::Result<()> {
     let lines = workload.write_events(&config.meter.tz, &mut file)?;
     drop(file);
     let bytes = std::fs::metadata(&path)?.len();
-    println!("input: {lines} events, {:.1} MB, 200 apps, {users} users", bytes as f64 / 1e6);
+    println!(
+        "input: {lines} events, {:.1} MB, 200 apps, {users} users",
+        bytes as f64 / 1e6
+    );
 
     let source = Source::File(path.clone());
     let replay_input = ReplayInput {
@@ -77,8 +83,19 @@ fn main() -> anyhow::Result<()> {
     std::fs::remove_file(&path)?;
 
     let rate = |d: Duration| lines as f64 / d.as_secs_f64();
-    println!("replay (decode + validate + aggregate + bill): {:>12.0} events/s  ({:.3} s)", rate(best_replay), best_replay.as_secs_f64());
-    println!("bare typed serde_json parse:                    {:>12.0} events/s  ({:.3} s)", rate(best_parse), best_parse.as_secs_f64());
-    println!("ratio replay / bare parse: {:.2}", rate(best_replay) / rate(best_parse));
+    println!(
+        "replay (decode + validate + aggregate + bill): {:>12.0} events/s  ({:.3} s)",
+        rate(best_replay),
+        best_replay.as_secs_f64()
+    );
+    println!(
+        "bare typed serde_json parse:                    {:>12.0} events/s  ({:.3} s)",
+        rate(best_parse),
+        best_parse.as_secs_f64()
+    );
+    println!(
+        "ratio replay / bare parse: {:.2}",
+        rate(best_replay) / rate(best_parse)
+    );
     Ok(())
 }

@@ -35,13 +35,18 @@ fn write(dir: &Path, name: &str, lines: &[String]) -> PathBuf {
 
 fn run_ok(cmd: &mut Command) -> Output {
     let out = cmd.output().unwrap();
-    assert!(out.status.success(), "failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     out
 }
 
 fn replay_json(events: &Path, subscriptions: Option<&Path>, extra: &[&str]) -> Value {
     let mut cmd = bin();
-    cmd.args(["replay", "--format", "json", "--events"]).arg(events);
+    cmd.args(["replay", "--format", "json", "--events"])
+        .arg(events);
     if let Some(s) = subscriptions {
         cmd.arg("--subscriptions").arg(s);
     }
@@ -72,15 +77,24 @@ fn prorated_upgrade_and_standard_month_are_billed_to_the_cent() {
     }
     let subs = vec![
         r#"{"type":"app_created","app_id":11,"ts":"2026-01-01T00:00:00+08:00"}"#.to_string(),
-        r#"{"type":"plan_changed","app_id":11,"ts":"2026-11-11T10:00:00+08:00","plan":"premium"}"#.to_string(),
+        r#"{"type":"plan_changed","app_id":11,"ts":"2026-11-11T10:00:00+08:00","plan":"premium"}"#
+            .to_string(),
         r#"{"type":"app_created","app_id":22,"ts":"2026-01-01T00:00:00+08:00"}"#.to_string(),
-        r#"{"type":"plan_changed","app_id":22,"ts":"2026-02-01T00:00:00+08:00","plan":"standard"}"#.to_string(),
+        r#"{"type":"plan_changed","app_id":22,"ts":"2026-02-01T00:00:00+08:00","plan":"standard"}"#
+            .to_string(),
         // Standard → Premium on the 5th; a second paid↔paid change in November is refused.
-        r#"{"type":"plan_changed","app_id":33,"ts":"2026-02-01T00:00:00+08:00","plan":"standard"}"#.to_string(),
-        r#"{"type":"plan_changed","app_id":33,"ts":"2026-11-05T00:30:00+08:00","plan":"premium"}"#.to_string(),
-        r#"{"type":"plan_changed","app_id":33,"ts":"2026-11-20T10:00:00+08:00","plan":"standard"}"#.to_string(),
+        r#"{"type":"plan_changed","app_id":33,"ts":"2026-02-01T00:00:00+08:00","plan":"standard"}"#
+            .to_string(),
+        r#"{"type":"plan_changed","app_id":33,"ts":"2026-11-05T00:30:00+08:00","plan":"premium"}"#
+            .to_string(),
+        r#"{"type":"plan_changed","app_id":33,"ts":"2026-11-20T10:00:00+08:00","plan":"standard"}"#
+            .to_string(),
     ];
-    let doc = replay_json(&write(&dir, "e.ndjson", &events), Some(&write(&dir, "s.ndjson", &subs)), &[]);
+    let doc = replay_json(
+        &write(&dir, "e.ndjson", &events),
+        Some(&write(&dir, "s.ndjson", &subs)),
+        &[],
+    );
 
     let fee = charge(&doc, "11/2026-11/plan_fee");
     // Developer → Premium on the 11th: days 11..30 on Premium, 699 × 20/30.
@@ -104,7 +118,11 @@ fn prorated_upgrade_and_standard_month_are_billed_to_the_cent() {
     assert_eq!(usage[0]["dau_peak"], 300);
     assert_eq!(usage[0]["pcc"], 0);
     assert_eq!(usage[0]["pcc_at"], Value::Null);
-    assert!(!doc["charges"].as_array().unwrap().iter().any(|c| c["item"] == "mau_overage"));
+    assert!(!doc["charges"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|c| c["item"] == "mau_overage"));
 }
 
 #[test]
@@ -112,17 +130,35 @@ fn output_has_exactly_the_documented_shape() {
     let dir = temp_dir("shape");
     let events = vec![
         login(7, "alice", "2026-11-03T08:15:00Z"),
-        r#"{"type":"connect","app_id":7,"user_id":"alice","conn_id":"c-91","ts":1793693700000}"#.into(),
-        r#"{"type":"disconnect","app_id":7,"conn_id":"c-91","ts":"2026-11-03T17:00:00+08:00"}"#.into(),
-        r#"{"type":"group_stats","app_id":7,"group_count":12,"ts":"2026-11-03T17:00:00+08:00"}"#.into(),
+        r#"{"type":"connect","app_id":7,"user_id":"alice","conn_id":"c-91","ts":1793693700000}"#
+            .into(),
+        r#"{"type":"disconnect","app_id":7,"conn_id":"c-91","ts":"2026-11-03T17:00:00+08:00"}"#
+            .into(),
+        r#"{"type":"group_stats","app_id":7,"group_count":12,"ts":"2026-11-03T17:00:00+08:00"}"#
+            .into(),
     ];
-    let subs = vec![r#"{"type":"plan_changed","app_id":7,"ts":"2026-10-01T00:00:00+08:00","plan":"standard"}"#.into()];
-    let doc = replay_json(&write(&dir, "e.ndjson", &events), Some(&write(&dir, "s.ndjson", &subs)), &[]);
+    let subs = vec![
+        r#"{"type":"plan_changed","app_id":7,"ts":"2026-10-01T00:00:00+08:00","plan":"standard"}"#
+            .into(),
+    ];
+    let doc = replay_json(
+        &write(&dir, "e.ndjson", &events),
+        Some(&write(&dir, "s.ndjson", &subs)),
+        &[],
+    );
     let keys = |v: &Value| v.as_object().unwrap().keys().cloned().collect::<Vec<_>>();
     assert_eq!(keys(&doc), ["charges", "rejected", "usage"]);
     assert_eq!(
         keys(&doc["usage"][0]),
-        ["app_id", "dau_peak", "group_count_peak", "mau", "month", "pcc", "pcc_at"]
+        [
+            "app_id",
+            "dau_peak",
+            "group_count_peak",
+            "mau",
+            "month",
+            "pcc",
+            "pcc_at"
+        ]
     );
     assert_eq!(
         doc["usage"][0],
@@ -132,9 +168,23 @@ fn output_has_exactly_the_documented_shape() {
     let fee = charge(&doc, "7/2026-11/plan_fee");
     assert_eq!(
         keys(fee),
-        ["amount", "app_id", "billing_mode", "charge_id", "currency", "description", "item", "month", "plan", "quantity", "unit_price"]
+        [
+            "amount",
+            "app_id",
+            "billing_mode",
+            "charge_id",
+            "currency",
+            "description",
+            "item",
+            "month",
+            "plan",
+            "quantity",
+            "unit_price"
+        ]
     );
-    assert!(fee["quantity"].is_string() && fee["unit_price"].is_string() && fee["amount"].is_string());
+    assert!(
+        fee["quantity"].is_string() && fee["unit_price"].is_string() && fee["amount"].is_string()
+    );
 }
 
 #[test]
@@ -149,17 +199,39 @@ fn bad_lines_go_to_the_dead_letter_file_and_are_counted() {
     ];
     let events_path = write(&dir, "e.ndjson", &events);
     // Append a line that is not UTF-8.
-    std::fs::OpenOptions::new().append(true).open(&events_path).unwrap().write_all(b"\xff\xfe\n").unwrap();
-    let subs = vec![r#"{"type":"plan_changed","app_id":5,"ts":"2026-10-01T00:00:00+08:00","plan":"gold"}"#.into()];
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&events_path)
+        .unwrap()
+        .write_all(b"\xff\xfe\n")
+        .unwrap();
+    let subs = vec![
+        r#"{"type":"plan_changed","app_id":5,"ts":"2026-10-01T00:00:00+08:00","plan":"gold"}"#
+            .into(),
+    ];
     let dlq = dir.join("dlq.ndjson");
-    let doc = replay_json(&events_path, Some(&write(&dir, "s.ndjson", &subs)), &["--dlq", dlq.to_str().unwrap()]);
+    let doc = replay_json(
+        &events_path,
+        Some(&write(&dir, "s.ndjson", &subs)),
+        &["--dlq", dlq.to_str().unwrap()],
+    );
     assert_eq!(doc["rejected"], 5);
     assert_eq!(doc["usage"][0]["mau"], 1);
 
-    let letters: Vec<Value> = std::fs::read_to_string(&dlq).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let letters: Vec<Value> = std::fs::read_to_string(&dlq)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     let summary: Vec<(String, u64, String)> = letters
         .iter()
-        .map(|l| (l["source"].as_str().unwrap().into(), l["line"].as_u64().unwrap(), l["reason"].as_str().unwrap().into()))
+        .map(|l| {
+            (
+                l["source"].as_str().unwrap().into(),
+                l["line"].as_u64().unwrap(),
+                l["reason"].as_str().unwrap().into(),
+            )
+        })
         .collect();
     assert_eq!(
         summary,
@@ -188,7 +260,11 @@ fn shuffled_input_prints_identical_json_and_stdin_works() {
     sub_lines.shuffle(&mut rng);
 
     let dir = temp_dir("shuffle");
-    let subs_path = write(&dir, "s.ndjson", &sub_lines.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+    let subs_path = write(
+        &dir,
+        "s.ndjson",
+        &sub_lines.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+    );
     let original = run_ok(
         bin()
             .args(["replay", "--format", "json", "--events"])
@@ -197,7 +273,14 @@ fn shuffled_input_prints_identical_json_and_stdin_works() {
             .arg(sample.join("subscriptions.ndjson")),
     );
     let mut child = bin()
-        .args(["replay", "--format", "json", "--events", "-", "--subscriptions"])
+        .args([
+            "replay",
+            "--format",
+            "json",
+            "--events",
+            "-",
+            "--subscriptions",
+        ])
         .arg(&subs_path)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -209,20 +292,31 @@ fn shuffled_input_prints_identical_json_and_stdin_works() {
     let shuffled_out = child.wait_with_output().unwrap();
     writer.join().unwrap();
     assert!(shuffled_out.status.success());
-    assert_eq!(String::from_utf8(shuffled_out.stdout).unwrap(), String::from_utf8(original.stdout.clone()).unwrap());
+    assert_eq!(
+        String::from_utf8(shuffled_out.stdout).unwrap(),
+        String::from_utf8(original.stdout.clone()).unwrap()
+    );
 
     // And the sample bills what its README promises: every app, paid ones with fees.
     let doc: Value = serde_json::from_slice(&original.stdout).unwrap();
     assert_eq!(doc["usage"].as_array().unwrap().len(), 6);
-    assert_eq!(charge(&doc, "1400000004/2026-11/plan_fee")["amount"], "466.00");
-    assert_eq!(charge(&doc, "1400000005/2026-11/group_overage")["quantity"], "2");
+    assert_eq!(
+        charge(&doc, "1400000004/2026-11/plan_fee")["amount"],
+        "466.00"
+    );
+    assert_eq!(
+        charge(&doc, "1400000005/2026-11/group_overage")["quantity"],
+        "2"
+    );
     assert!(doc["rejected"].as_u64().unwrap() > 0);
 }
 
 #[test]
 fn exact_mode_audits_the_sketch() {
     let dir = temp_dir("exact");
-    let events: Vec<String> = (0..2_000).map(|u| login(3, &format!("u{u}"), "2026-11-09T12:00:00Z")).collect();
+    let events: Vec<String> = (0..2_000)
+        .map(|u| login(3, &format!("u{u}"), "2026-11-09T12:00:00Z"))
+        .collect();
     let doc = replay_json(&write(&dir, "e.ndjson", &events), None, &["--exact"]);
     let audit = &doc["audit"][0];
     assert_eq!(audit["mau_exact"], 2000);
@@ -256,14 +350,24 @@ fn a_bad_config_fails_before_reading_input_and_names_the_field() {
     let config = dir.join("bad.toml");
     std::fs::write(&config, "[billing]\ntimezone = \"Nowhere/Town\"\n").unwrap();
     let out = bin()
-        .args(["replay", "--format", "json", "--events", "/does/not/exist", "--config"])
+        .args([
+            "replay",
+            "--format",
+            "json",
+            "--events",
+            "/does/not/exist",
+            "--config",
+        ])
         .arg(&config)
         .env("IM_METER__METERING__HLL_PRECISION", "30")
         .output()
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("billing.timezone") && err.contains("metering.hll_precision"), "{err}");
+    assert!(
+        err.contains("billing.timezone") && err.contains("metering.hll_precision"),
+        "{err}"
+    );
     assert!(out.stdout.is_empty());
 }
 
@@ -275,7 +379,12 @@ fn the_timezone_moves_month_boundaries() {
     let path = write(&dir, "e.ndjson", &events);
     let default = replay_json(&path, None, &[]);
     assert_eq!(default["usage"][0]["month"], "2026-11");
-    let out = run_ok(bin().args(["replay", "--format", "json", "--events"]).arg(&path).env("IM_METER__BILLING__TIMEZONE", "UTC"));
+    let out = run_ok(
+        bin()
+            .args(["replay", "--format", "json", "--events"])
+            .arg(&path)
+            .env("IM_METER__BILLING__TIMEZONE", "UTC"),
+    );
     let utc: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(utc["usage"][0]["month"], "2026-10");
 }

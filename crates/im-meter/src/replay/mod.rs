@@ -4,6 +4,9 @@
 //! [`Meter`] over all events) → bill (subscriptions applied in time order, every billed
 //! month closed at input end and priced) → a [`ReplayReport`] value the caller prints.
 //!
+//! Reading and decoding run on the calling thread, metering on a second one (the two
+//! stages of [`meter_events`]), so a replay uses up to two cores.
+//!
 //! The result does not depend on the order of the input lines: the meter is
 //! order-insensitive by construction, subscription events are sorted by time before they
 //! are applied, and every output list is sorted.
@@ -13,10 +16,14 @@ pub mod input;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
+use std::sync::mpsc;
+use std::thread;
 
 use im_meter_core::aggregate::{AppMonthAggregate, Meter, MonthlyUsage};
 use im_meter_core::bill::{bill_month, Charge, Subscriptions};
-use im_meter_core::ingest::{decode_subscription_event, decode_usage_event, SubscriptionEvent};
+use im_meter_core::ingest::{
+    decode_subscription_event, decode_usage_event, SubscriptionEvent, UsageEvent,
+};
 use im_meter_core::plan::AppId;
 use im_meter_core::time::Month;
 
@@ -93,18 +100,7 @@ pub fn replay(config: &Config, input: &ReplayInput) -> anyhow::Result<ReplayRepo
         None => Subscriptions::new(config.meter.tz),
     };
 
-    let mut meter = Meter::new(meter_settings(config, input.exact));
-    let events_read = input::for_each_line(&input.events, input.progress, |line, bytes| {
-        match decode_usage_event(bytes) {
-            // In replay nothing is late (months close only at input end), and
-            // duplicates are absorbed by the meter: no outcome needs handling here.
-            Ok(event) => {
-                meter.apply(&event);
-                Ok(())
-            }
-            Err(why) => dead.reject("events", line, bytes, &why),
-        }
-    })?;
+    let (mut meter, events_read) = meter_events(config, input, &mut dead)?;
     dead.finish()?;
 
     let (usage, charges, audit) = close_and_bill(config, &mut meter, &subscriptions, input.exact);
@@ -114,6 +110,63 @@ pub fn replay(config: &Config, input: &ReplayInput) -> anyhow::Result<ReplayRepo
         rejected: dead.by_reason().clone(),
         audit,
         events_read,
+    })
+}
+
+/// Events decoded per hand-over between the two threads of [`meter_events`].
+const BATCH: usize = 4096;
+
+/// Decodes the event lines and applies them to one [`Meter`], as a two-stage pipeline:
+/// this thread reads and decodes (refusing bad lines to `dead`), a second thread applies
+/// batches of decoded events. The meter is insensitive to order, and the batches keep it
+/// anyway; the stages only overlap in time.
+fn meter_events(
+    config: &Config,
+    input: &ReplayInput,
+    dead: &mut DeadLetters,
+) -> anyhow::Result<(Meter, ReadStats)> {
+    let settings = meter_settings(config, input.exact);
+    let (batches, received) = mpsc::sync_channel::<Vec<UsageEvent>>(4);
+    let (recycle, recycled) = mpsc::channel::<Vec<UsageEvent>>();
+    thread::scope(|scope| {
+        let aggregator = scope.spawn(move || {
+            let mut meter = Meter::new(settings);
+            for mut batch in received {
+                // In replay nothing is late (months close only at input end) and duplicates
+                // are absorbed by the meter: no outcome needs handling here.
+                batch.iter().for_each(|event| {
+                    meter.apply(event);
+                });
+                batch.clear();
+                // The reader may have finished already; then the buffer is simply dropped.
+                let _ = recycle.send(batch);
+            }
+            meter
+        });
+        let mut batch = Vec::with_capacity(BATCH);
+        let read = input::for_each_line(&input.events, input.progress, |line, bytes| {
+            match decode_usage_event(bytes) {
+                Ok(event) => batch.push(event),
+                Err(why) => dead.reject("events", line, bytes, &why)?,
+            }
+            if batch.len() == BATCH {
+                let next = recycled
+                    .try_recv()
+                    .unwrap_or_else(|_| Vec::with_capacity(BATCH));
+                batches
+                    .send(std::mem::replace(&mut batch, next))
+                    .map_err(|_| anyhow::anyhow!("the metering thread stopped"))?;
+            }
+            Ok(())
+        });
+        let sent_last = batches.send(batch);
+        drop(batches);
+        let meter = aggregator
+            .join()
+            .map_err(|_| anyhow::anyhow!("the metering thread panicked"))?;
+        let read = read?;
+        sent_last.map_err(|_| anyhow::anyhow!("the metering thread stopped"))?;
+        Ok((meter, read))
     })
 }
 
