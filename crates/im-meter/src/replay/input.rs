@@ -81,7 +81,7 @@ pub fn for_each_line(
         }
         stats.lines += 1;
         each(number, content)?;
-        if stats.lines % PROGRESS_EVERY_LINES == 0 {
+        if stats.lines.is_multiple_of(PROGRESS_EVERY_LINES) {
             progress.update(*stats);
         }
         Ok(())
