@@ -166,6 +166,17 @@ pub fn write_tables(
     }
     writeln!(out, "  {:16} {:>34}", "all apps", grand_total.to_string())?;
 
+    if !report.alerts.is_empty() {
+        writeln!(out, "\nAlerts")?;
+        for a in &report.alerts {
+            writeln!(
+                out,
+                "  quota_exceeded  app {} · {} · {} plan: MAU {} over its cap of {}",
+                a.app_id, a.month, a.plan, a.mau, a.quota
+            )?;
+        }
+    }
+
     if let Some(rows) = &report.audit {
         writeln!(out, "\nSketch audit (estimate vs exact)")?;
         writeln!(

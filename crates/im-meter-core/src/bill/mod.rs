@@ -6,6 +6,7 @@
 //!   rule (cents, half away from zero).
 //! - [`charge`]: [`Charge`] lines (SPEC §3.1) and [`bill_month`], which prices one
 //!   app-month.
+//! - [`alert`]: quota alerts for Developer apps past their MAU cap.
 //!
 //! ```
 //! use im_meter_core::aggregate::MonthlyUsage;
@@ -26,10 +27,12 @@
 //! assert_eq!(charges[1].amount.to_string(), "4.50"); // 300 × 0.015
 //! ```
 
+pub mod alert;
 pub mod charge;
 pub mod pricing;
 pub mod subscription;
 
+pub use alert::{quota_alert, QuotaAlert};
 pub use charge::{bill_month, Charge, ChargeItem};
 pub use pricing::{round_cents, PriceBook};
 pub use subscription::{

@@ -182,7 +182,11 @@ mod tests {
     use super::*;
 
     fn lines_of(content: &[u8]) -> (Vec<(u64, Vec<u8>)>, ReadStats) {
-        let path = std::env::temp_dir().join(format!("im-meter-input-{}-{}", std::process::id(), content.len()));
+        let path = std::env::temp_dir().join(format!(
+            "im-meter-input-{}-{}",
+            std::process::id(),
+            content.len()
+        ));
         std::fs::write(&path, content).unwrap();
         let mut seen = Vec::new();
         let stats = for_each_line(&Source::File(path.clone()), false, |n, line| {
@@ -197,8 +201,17 @@ mod tests {
     #[test]
     fn lines_are_numbered_trimmed_and_blank_ones_skipped() {
         let (seen, stats) = lines_of(b"a\r\n\n  \nb\nc");
-        assert_eq!(seen, vec![(1, b"a".to_vec()), (4, b"b".to_vec()), (5, b"c".to_vec())]);
-        assert_eq!(stats, ReadStats { lines: 3, bytes: 10 });
+        assert_eq!(
+            seen,
+            vec![(1, b"a".to_vec()), (4, b"b".to_vec()), (5, b"c".to_vec())]
+        );
+        assert_eq!(
+            stats,
+            ReadStats {
+                lines: 3,
+                bytes: 10
+            }
+        );
     }
 
     #[test]

@@ -20,7 +20,7 @@ use std::sync::mpsc;
 use std::thread;
 
 use im_meter_core::aggregate::{AppMonthAggregate, Meter, MonthlyUsage};
-use im_meter_core::bill::{bill_month, Charge, Subscriptions};
+use im_meter_core::bill::{bill_month, quota_alert, Charge, QuotaAlert, Subscriptions};
 use im_meter_core::ingest::{
     decode_subscription_event, decode_usage_event, SubscriptionEvent, UsageEvent,
 };
@@ -53,6 +53,8 @@ pub struct ReplayReport {
     pub usage: Vec<MonthlyUsage>,
     /// Every charge, by app, month and item.
     pub charges: Vec<Charge>,
+    /// Quota alerts (Developer apps past the MAU cap), by app and month.
+    pub alerts: Vec<QuotaAlert>,
     /// Refused lines of both inputs, by reason.
     pub rejected: BTreeMap<&'static str, u64>,
     /// Sketch audit rows (`--exact` only).
@@ -103,14 +105,16 @@ pub fn replay(config: &Config, input: &ReplayInput) -> anyhow::Result<ReplayRepo
     let (mut meter, events_read) = meter_events(config, input, &mut dead)?;
     dead.finish()?;
 
-    let (usage, charges, audit) = close_and_bill(config, &mut meter, &subscriptions, input.exact);
-    Ok(ReplayReport {
-        usage,
-        charges,
+    let mut report = ReplayReport {
+        usage: Vec::new(),
+        charges: Vec::new(),
+        alerts: Vec::new(),
         rejected: dead.by_reason().clone(),
-        audit,
+        audit: input.exact.then(Vec::new),
         events_read,
-    })
+    };
+    close_and_bill(config, &mut meter, &subscriptions, &mut report);
+    Ok(report)
 }
 
 /// Events decoded per hand-over between the two threads of [`meter_events`].
@@ -209,13 +213,14 @@ fn load_subscriptions(
     Ok(subscriptions)
 }
 
-/// Closes every month holding an event and bills every known app for it from its creation on.
+/// Closes every month holding an event and bills every known app for it from its creation
+/// on, filling `report`'s usage, charges, alerts and (when present) audit rows.
 fn close_and_bill(
     config: &Config,
     meter: &mut Meter,
     subscriptions: &Subscriptions,
-    exact: bool,
-) -> (Vec<MonthlyUsage>, Vec<Charge>, Option<Vec<AuditRow>>) {
+    report: &mut ReplayReport,
+) {
     let tz = config.meter.tz;
     let grid = config.meter.grid;
     let billed_months: Vec<Month> = meter.active_months().iter().copied().collect();
@@ -225,9 +230,6 @@ fn close_and_bill(
         .chain(subscriptions.apps())
         .collect();
 
-    let mut usage = Vec::new();
-    let mut charges = Vec::new();
-    let mut audit = exact.then(Vec::new);
     for month in billed_months {
         let mut closed: BTreeMap<AppId, AppMonthAggregate> =
             meter.close_month(month).into_iter().collect();
@@ -244,7 +246,7 @@ fn close_and_bill(
                 None => MonthlyUsage::empty(app_id, month),
             };
             if let (Some(rows), Some(counts)) = (
-                audit.as_mut(),
+                report.audit.as_mut(),
                 closed
                     .get(&app_id)
                     .and_then(AppMonthAggregate::exact_counts),
@@ -258,15 +260,22 @@ fn close_and_bill(
                     dau_peak_exact: counts.dau_peak,
                 });
             }
-            charges.extend(bill_month(subscriptions, &figures, &config.prices));
-            usage.push(figures);
+            report
+                .charges
+                .extend(bill_month(subscriptions, &figures, &config.prices));
+            report.alerts.extend(quota_alert(subscriptions, &figures));
+            report.usage.push(figures);
         }
     }
-    usage.sort_by_key(|u| (u.app_id, u.month));
-    // Items keep the order bill_month gives within an app-month.
-    charges.sort_by_key(|c| (c.app_id, c.month));
-    if let Some(rows) = audit.as_mut() {
+    // Months are closed in order and apps visited in order within each, so the lists are
+    // sorted by month then app; the report is by app then month. Within an app-month,
+    // charges keep the item order bill_month gives (the sort is stable).
+    report.usage.sort_by_key(|u| (u.app_id, u.month));
+    report.charges.sort_by_key(|c| (c.app_id, c.month));
+    report
+        .alerts
+        .sort_by(|a, b| (a.app_id, &a.month).cmp(&(b.app_id, &b.month)));
+    if let Some(rows) = report.audit.as_mut() {
         rows.sort_by_key(|r| (r.app_id, r.month));
     }
-    (usage, charges, audit)
 }
