@@ -1,0 +1,258 @@
+//! How many bytes of state one app-month takes, in memory and encoded.
+//!
+//! Builds an [`AppMonthAggregate`] at the default precision (14) for apps with 10, 100,
+//! 10,000 and 1,000,000 distinct users, every user logging in on 5 different days of the
+//! month (so per-day DAU sketches exist as well as the MAU sketch), plus a "busy PCC
+//! timeline": random 1–240 minute connections at 60 s sampling until the timeline has
+//! ~40,000 change points, alone and on top of the 1M-user app.
+//!
+//! Heap bytes are measured with a counting `#[global_allocator]` wrapped around
+//! [`std::alloc::System`]: live bytes after building minus live bytes before (so only what
+//! the aggregate still holds counts, not temporaries). Columns:
+//!
+//! - `live heap`: the aggregate as the meter holds it while the month is open;
+//! - `flushed`: the same after `encode()` flushed its sketches (buffered keys merged);
+//! - `decoded`: a fresh aggregate decoded from the checkpoint bytes;
+//! - `peak`: the highest live heap while building (transient buffers included);
+//! - `encoded`: `encode().len()`, the checkpoint size;
+//! - `B/user`: live heap and encoded bytes divided by the number of users.
+//!
+//! Not a criterion benchmark: it prints one table and exits (a few seconds). Run with:
+//!
+//! ```text
+//! cargo bench -p im-meter-core --bench state_size
+//! ```
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::io::Write as _;
+use std::sync::atomic::{AtomicIsize, Ordering};
+use std::time::{Duration, Instant};
+
+use im_meter_core::aggregate::pcc::MonthSamples;
+use im_meter_core::aggregate::{AppMonthAggregate, Precision, SampleGrid};
+use im_meter_core::ingest::UserKey;
+use im_meter_core::time::{BillingTz, Month};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// Counts live heap bytes (and their high-water mark) on top of the system allocator.
+struct Counting;
+
+static LIVE: AtomicIsize = AtomicIsize::new(0);
+static PEAK: AtomicIsize = AtomicIsize::new(0);
+
+fn grew(by: isize) {
+    let now = LIVE.fetch_add(by, Ordering::Relaxed) + by;
+    PEAK.fetch_max(now, Ordering::Relaxed);
+}
+
+// SAFETY: every call is forwarded unchanged to `System`; only counters are updated.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let p = unsafe { System.alloc(layout) };
+        if !p.is_null() {
+            grew(layout.size() as isize);
+        }
+        p
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        let p = unsafe { System.alloc_zeroed(layout) };
+        if !p.is_null() {
+            grew(layout.size() as isize);
+        }
+        p
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) };
+        LIVE.fetch_sub(layout.size() as isize, Ordering::Relaxed);
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        let p = unsafe { System.realloc(ptr, layout, new_size) };
+        if !p.is_null() {
+            grew(new_size as isize - layout.size() as isize);
+        }
+        p
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+fn live() -> isize {
+    LIVE.load(Ordering::Relaxed)
+}
+
+/// Heap bytes `build` leaves allocated (its result kept alive), and the peak above the start.
+fn measure<T>(build: impl FnOnce() -> T) -> (T, isize, isize) {
+    let before = live();
+    PEAK.store(before, Ordering::Relaxed);
+    let value = build();
+    let after = live();
+    (value, after - before, PEAK.load(Ordering::Relaxed) - before)
+}
+
+/// The key of `user-{n}`, hashed without touching the heap.
+fn user(n: u64) -> UserKey {
+    let mut buf = [0u8; 32];
+    let mut w = &mut buf[..];
+    write!(w, "user-{n}").expect("fits");
+    let len = 32 - w.len();
+    UserKey::of(std::str::from_utf8(&buf[..len]).expect("ascii"))
+}
+
+const LOGIN_DAYS: u32 = 5;
+const PCC_CHANGE_POINTS: usize = 40_000;
+
+/// The `k`-th login day (1-based) of user `u`: 5 distinct days, spread over the month.
+fn login_day(u: u64, k: u32, days: u32) -> u32 {
+    ((u * 7 + u64::from(k) * 6) % u64::from(days)) as u32 + 1
+}
+
+/// Number of days with at least one login, i.e. of DAU sketches (the pattern repeats
+/// every `days` users).
+fn dau_days(users: u64, days: u32) -> usize {
+    let mut seen = [false; 32];
+    for u in 0..users.min(u64::from(days)) {
+        for k in 0..LOGIN_DAYS {
+            seen[login_day(u, k, days) as usize] = true;
+        }
+    }
+    seen.iter().filter(|&&s| s).count()
+}
+
+struct Case {
+    name: &'static str,
+    users: u64,
+    busy_pcc: bool,
+}
+
+fn build(case: &Case, month: Month) -> AppMonthAggregate {
+    let mut agg = AppMonthAggregate::new(Precision::default(), false);
+    let days = month.days();
+    for u in 0..case.users {
+        let key = user(u);
+        // 5 distinct days per user, spread over the month.
+        for k in 0..LOGIN_DAYS {
+            agg.record_login(month.day(login_day(u, k, days)).expect("valid day"), key);
+        }
+    }
+    if case.busy_pcc {
+        let mut rng = StdRng::seed_from_u64(7);
+        let tz = BillingTz::default();
+        let grid = SampleGrid::new(Duration::from_secs(60)).expect("60 s");
+        let samples = MonthSamples::new(grid, tz.start_of_month(month), tz.end_of_month(month));
+        while agg.pcc().change_points() < PCC_CHANGE_POINTS {
+            let from = rng.gen_range(samples.first..samples.end);
+            let until = from + rng.gen_range(1..=240);
+            agg.pcc_mut().add_connection(samples, from, Some(until));
+        }
+    }
+    agg
+}
+
+fn per_user(bytes: isize, users: u64) -> String {
+    if users == 0 {
+        "-".to_string()
+    } else {
+        format!("{:.1}", bytes as f64 / users as f64)
+    }
+}
+
+fn main() {
+    // `cargo bench` passes `--bench` (and any filter); arguments are ignored.
+    let month: Month = "2026-11".parse().expect("valid month");
+    let cases = [
+        Case {
+            name: "users-10",
+            users: 10,
+            busy_pcc: false,
+        },
+        Case {
+            name: "users-100",
+            users: 100,
+            busy_pcc: false,
+        },
+        Case {
+            name: "users-10k",
+            users: 10_000,
+            busy_pcc: false,
+        },
+        Case {
+            name: "users-1M",
+            users: 1_000_000,
+            busy_pcc: false,
+        },
+        Case {
+            name: "busy-pcc",
+            users: 0,
+            busy_pcc: true,
+        },
+        Case {
+            name: "users-1M+busy-pcc",
+            users: 1_000_000,
+            busy_pcc: true,
+        },
+    ];
+    println!(
+        "app-month state at precision {}, {LOGIN_DAYS} login days per user, 60 s PCC grid",
+        Precision::default().get()
+    );
+    println!(
+        "{:<18} {:>9} {:>4} {:>7} {:>12} {:>12} {:>12} {:>12} {:>10} {:>10} {:>10} {:>7}",
+        "case",
+        "users",
+        "DAUs",
+        "PCC pts",
+        "live heap B",
+        "flushed B",
+        "decoded B",
+        "peak B",
+        "encoded B",
+        "heap B/usr",
+        "enc B/usr",
+        "secs"
+    );
+    for case in &cases {
+        let started = Instant::now();
+        let (mut agg, live_heap, peak) = measure(|| build(case, month));
+        let before_encode = live();
+        let bytes = agg.encode();
+        let encoded = bytes.len();
+        let flushed = live() - before_encode - bytes.capacity() as isize + live_heap;
+        let (decoded, decoded_heap, _) =
+            measure(|| AppMonthAggregate::decode(&bytes).expect("round trip"));
+        let mut decoded = decoded;
+        let figures = decoded.usage(
+            case.users,
+            month,
+            SampleGrid::new(Duration::from_secs(60)).expect("60 s"),
+        );
+        println!(
+            "{:<18} {:>9} {:>4} {:>7} {:>12} {:>12} {:>12} {:>12} {:>10} {:>10} {:>10} {:>7.2}",
+            case.name,
+            case.users,
+            dau_days(case.users, month.days()),
+            agg.pcc().change_points(),
+            live_heap,
+            flushed,
+            decoded_heap,
+            peak,
+            encoded,
+            per_user(live_heap, case.users),
+            per_user(encoded as isize, case.users),
+            started.elapsed().as_secs_f64()
+        );
+        // Sanity: the sketches still count what was inserted (within HLL error).
+        let err = (figures.mau as f64 - case.users as f64).abs() / (case.users.max(1) as f64);
+        assert!(
+            err < 0.05,
+            "{}: MAU {} for {} users",
+            case.name,
+            figures.mau,
+            case.users
+        );
+    }
+}
