@@ -343,8 +343,14 @@ fn table_output_lists_usage_then_charges_with_totals() {
     assert!(text.contains("466.00"));
     assert!(text.contains("total"));
     // The Developer app with 140 users is past its cap: an alert, not a charge.
-    assert!(text.contains("quota_exceeded  app 1400000002 · 2026-11"), "{text}");
-    assert!(!text.contains("app 1400000002 · 2026-11 · current mode"), "{text}");
+    assert!(
+        text.contains("quota_exceeded  app 1400000002 · 2026-11"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("app 1400000002 · 2026-11 · current mode"),
+        "{text}"
+    );
 }
 
 #[test]

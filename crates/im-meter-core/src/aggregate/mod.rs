@@ -17,5 +17,5 @@ mod usage;
 pub use app_month::{AppMonthAggregate, CodecError, ExactCounts};
 pub use meter::{ClosedMonth, Meter, MeterSettings, Outcome};
 pub use pcc::{SampleGrid, SampleIntervalError};
-pub use unique::{Precision, PrecisionError, UniqueUsers};
+pub use unique::{Precision, PrecisionError, UniqueUsers, EXACT_LIMIT};
 pub use usage::MonthlyUsage;

@@ -6,6 +6,9 @@
 //! through unchanged: each id is hashed once, with a hash that is the same in every
 //! process, which is what makes sketches from different partitions and restarts mergeable.
 //!
+//! Up to [`EXACT_LIMIT`] distinct users are kept exactly, as sorted hashes; past that the
+//! sketch takes over.
+//!
 //! Accuracy: HLL++ keeps a sparse representation with 25-bit indices while the app is
 //! small, which is exact in practice (collisions among 1,000 users: ~1.5 % chance of one),
 //! then switches to `2^p` six-bit registers with a relative standard error of
@@ -97,11 +100,28 @@ impl BuildHasher for PassThrough {
     }
 }
 
-/// A mergeable estimate of a number of unique users.
+/// Distinct users a [`UniqueUsers`] keeps exactly (as sorted key hashes, 8 bytes each)
+/// before the HLL++ sketch takes over. Small apps, and the daily sets of most apps, stay
+/// small and exact, and never pay the sketch's buffering.
+pub const EXACT_LIMIT: usize = 512;
+
+/// A mergeable count of unique users: exact while small, HLL++ beyond [`EXACT_LIMIT`].
+///
+/// Which form a count has depends only on the set of users it holds (exact if and only if
+/// at most `EXACT_LIMIT`), so equal sets give equal states whatever the order of inserts
+/// and merges.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct UniqueUsers {
     precision: Precision,
-    sketch: HyperLogLogPlus<u64, PassThrough>,
+    users: Users,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+enum Users {
+    /// At most `EXACT_LIMIT` distinct keys, sorted ascending.
+    Exact(Vec<u64>),
+    /// More than that.
+    Sketch(Box<HyperLogLogPlus<u64, PassThrough>>),
 }
 
 /// Two sketches of different precision cannot be merged.
@@ -109,12 +129,20 @@ pub struct UniqueUsers {
 #[error("cannot merge sketches of precision {0} and {1}")]
 pub struct PrecisionMismatch(pub u8, pub u8);
 
+fn empty_sketch(precision: Precision) -> Box<HyperLogLogPlus<u64, PassThrough>> {
+    Box::new(
+        HyperLogLogPlus::new(precision.get(), PassThrough)
+            .expect("Precision is checked to lie in the range hyperloglogplus accepts"),
+    )
+}
+
 impl UniqueUsers {
-    /// An empty sketch.
+    /// An empty count.
     pub fn new(precision: Precision) -> Self {
-        let sketch = HyperLogLogPlus::new(precision.get(), PassThrough)
-            .expect("Precision is checked to lie in the range hyperloglogplus accepts");
-        UniqueUsers { precision, sketch }
+        UniqueUsers {
+            precision,
+            users: Users::Exact(Vec::new()),
+        }
     }
 
     /// The sketch's precision.
@@ -122,35 +150,83 @@ impl UniqueUsers {
         self.precision
     }
 
+    /// Whether the users are still counted exactly.
+    pub fn is_exact(&self) -> bool {
+        matches!(self.users, Users::Exact(_))
+    }
+
     /// Counts a user (again: repeats change nothing).
     #[inline]
     pub fn insert(&mut self, user: UserKey) {
-        self.sketch.insert(&user.0);
-    }
-
-    /// Adds every user of `other` (HLL union).
-    pub fn merge(&mut self, other: &UniqueUsers) -> Result<(), PrecisionMismatch> {
-        if self.precision != other.precision {
-            return Err(PrecisionMismatch(
-                self.precision.get(),
-                other.precision.get(),
-            ));
+        match &mut self.users {
+            Users::Sketch(sketch) => sketch.insert(&user.0),
+            Users::Exact(keys) => {
+                if let Err(at) = keys.binary_search(&user.0) {
+                    keys.insert(at, user.0);
+                    if keys.len() > EXACT_LIMIT {
+                        self.promote();
+                    }
+                }
+            }
         }
-        self.sketch
-            .merge(&other.sketch)
-            .map_err(|_| PrecisionMismatch(self.precision.get(), other.precision.get()))
     }
 
-    /// Moves buffered keys into the sketch proper, so that serialization is canonical.
+    /// Moves the exact keys into a sketch.
+    fn promote(&mut self) {
+        if let Users::Exact(keys) = &self.users {
+            let mut sketch = empty_sketch(self.precision);
+            for key in keys {
+                sketch.insert(key);
+            }
+            self.users = Users::Sketch(sketch);
+        }
+    }
+
+    /// Adds every user of `other` (set union; HLL union once either is a sketch).
+    pub fn merge(&mut self, other: &UniqueUsers) -> Result<(), PrecisionMismatch> {
+        let mismatch = PrecisionMismatch(self.precision.get(), other.precision.get());
+        if self.precision != other.precision {
+            return Err(mismatch);
+        }
+        match (&mut self.users, &other.users) {
+            (Users::Sketch(mine), Users::Sketch(theirs)) => {
+                mine.merge(theirs.as_ref()).map_err(|_| mismatch)?
+            }
+            (Users::Sketch(mine), Users::Exact(theirs)) => {
+                theirs.iter().for_each(|k| mine.insert(k))
+            }
+            (Users::Exact(mine), Users::Sketch(theirs)) => {
+                let mut sketch = theirs.clone();
+                mine.iter().for_each(|k| sketch.insert(k));
+                self.users = Users::Sketch(sketch);
+            }
+            (Users::Exact(mine), Users::Exact(theirs)) => {
+                mine.extend_from_slice(theirs);
+                mine.sort_unstable();
+                mine.dedup();
+                if mine.len() > EXACT_LIMIT {
+                    self.promote();
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves the sketch's buffered keys into its body, so that serialization is canonical.
     pub fn flush(&mut self) {
-        self.sketch.count();
+        if let Users::Sketch(sketch) = &mut self.users {
+            sketch.count();
+        }
     }
 
-    /// The estimated number of unique users, rounded half away from zero.
+    /// The number of unique users: exact while small, else the HLL++ estimate rounded
+    /// half away from zero.
     pub fn estimate(&mut self) -> u64 {
-        let count = self.sketch.count();
-        // `f64::round` rounds half away from zero; estimates are never negative.
-        count.round().max(0.0) as u64
+        match &mut self.users {
+            Users::Exact(keys) => keys.len() as u64,
+            // `f64::round` rounds half away from zero; estimates are never negative.
+            Users::Sketch(sketch) => sketch.count().round().max(0.0) as u64,
+        }
     }
 }
 
@@ -183,6 +259,28 @@ mod tests {
             postcard::to_allocvec(&a).unwrap(),
             postcard::to_allocvec(&b).unwrap()
         );
+    }
+
+    #[test]
+    fn counts_turn_into_sketches_past_the_exact_limit_whatever_the_path() {
+        let limit = EXACT_LIMIT as u64;
+        let mut small = sketch_of(0..limit);
+        assert!(small.is_exact());
+        assert_eq!(small.estimate(), limit);
+        let mut inserted = sketch_of(0..limit + 1);
+        assert!(!inserted.is_exact());
+        // The same set by merging two exact halves, and exact into a sketch.
+        let mut merged = sketch_of(0..limit / 2);
+        merged.merge(&sketch_of(limit / 2..limit + 1)).unwrap();
+        assert!(!merged.is_exact());
+        let mut into_sketch = sketch_of(0..limit + 1);
+        into_sketch.merge(&sketch_of(0..10)).unwrap();
+        for s in [&mut inserted, &mut merged, &mut into_sketch] {
+            s.flush();
+        }
+        let bytes = |s: &UniqueUsers| postcard::to_allocvec(s).unwrap();
+        assert_eq!(bytes(&inserted), bytes(&merged));
+        assert_eq!(bytes(&inserted), bytes(&into_sketch));
     }
 
     #[test]
