@@ -197,3 +197,65 @@ pub enum CodecError {
     #[error("corrupt aggregate: {0}")]
     Corrupt(String),
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::aggregate::pcc::MonthSamples;
+
+    /// An aggregate exercising every part of the format: a sketch past the exact limit, a
+    /// sparse day, an exact day, a PCC timeline and a group peak.
+    fn golden_aggregate() -> AppMonthAggregate {
+        let month: Month = "2026-11".parse().unwrap();
+        let mut agg = AppMonthAggregate::new(Precision::default(), false);
+        for u in 0..3_000u32 {
+            let day = month.day(1 + u % 3).unwrap();
+            agg.record_login(day, UserKey::of(&format!("user-{u}")));
+        }
+        agg.record_login(month.day(30).unwrap(), UserKey::of("late-user"));
+        let samples = MonthSamples {
+            first: 29_866_560,
+            end: 29_909_760,
+        };
+        agg.pcc_mut()
+            .add_connection(samples, 29_866_600, Some(29_866_700));
+        agg.pcc_mut().add_connection(samples, 29_866_650, None);
+        agg.record_group_count(42);
+        agg
+    }
+
+    /// The checkpoint format must not change by accident (a dependency bump, a reordered
+    /// field): a changed encoding needs a new FORMAT_VERSION and a migration.
+    #[test]
+    fn the_encoding_is_pinned() {
+        let bytes = golden_aggregate().encode();
+        assert_eq!(&bytes[..5], b"IMAM\x01");
+        assert_eq!(
+            (bytes.len(), xxhash_rust::xxh3::xxh3_64(&bytes)),
+            (15_920, 0x1a48_8ce2_ed0b_90f9),
+            "format changed: bump FORMAT_VERSION and keep a decoder for version 1"
+        );
+    }
+
+    #[test]
+    fn damaged_or_foreign_bytes_are_refused() {
+        let bytes = golden_aggregate().encode();
+        assert_eq!(
+            AppMonthAggregate::decode(b"nope").unwrap_err(),
+            CodecError::NotAnAggregate
+        );
+        let mut newer = bytes.clone();
+        newer[4] = 2;
+        assert_eq!(
+            AppMonthAggregate::decode(&newer).unwrap_err(),
+            CodecError::UnknownVersion(2)
+        );
+        let mut flipped = bytes.clone();
+        flipped[20] ^= 1;
+        assert!(matches!(
+            AppMonthAggregate::decode(&flipped),
+            Err(CodecError::Corrupt(_))
+        ));
+        assert!(AppMonthAggregate::decode(&bytes).is_ok());
+    }
+}

@@ -154,9 +154,9 @@ impl Progress {
             let bar =
                 ProgressBar::with_draw_target(self.len, ProgressDrawTarget::stderr_with_hz(4));
             let template = if self.len.is_some() {
-                "{bar:30} {bytes}/{total_bytes} ({bytes_per_sec}) {msg}"
+                "{bar:30} {bytes}/{total_bytes} {msg}"
             } else {
-                "{spinner} {bytes} ({bytes_per_sec}) {msg}"
+                "{spinner} {bytes} {msg}"
             };
             if let Ok(style) = ProgressStyle::with_template(template) {
                 bar.set_style(style);
@@ -165,8 +165,15 @@ impl Progress {
         }
         if let Some(bar) = &self.bar {
             bar.set_position(stats.bytes);
-            let rate = stats.lines as f64 / elapsed.as_secs_f64().max(1e-9);
-            bar.set_message(format!("{} events, {:.0} events/s", stats.lines, rate));
+            // Rates over the whole run: indicatif's own estimate starts only when the bar
+            // appears, after a jump of position, and overshoots.
+            let secs = elapsed.as_secs_f64().max(1e-9);
+            bar.set_message(format!(
+                "{:.1} MB/s, {} events, {:.0} events/s",
+                stats.bytes as f64 / secs / 1e6,
+                stats.lines,
+                stats.lines as f64 / secs
+            ));
         }
     }
 
