@@ -243,46 +243,32 @@ mod tests {
 
     #[test]
     fn in_order_retried_and_reversed_events_give_one_interval() {
-        let mut t = ConnectionTable::default();
-        assert_eq!(
-            t.connect(APP, key("a"), Timestamp(10)),
-            ConnEffect::Recorded
-        );
-        assert_eq!(
-            t.connect(APP, key("a"), Timestamp(10)),
-            ConnEffect::Duplicate
-        );
         let closed = ConnEffect::Closed(Interval {
             app_id: APP,
             from: Timestamp(10),
             until: Timestamp(50),
         });
-        assert_eq!(t.disconnect(APP, key("a"), Timestamp(50)), closed);
-        assert_eq!(
-            t.disconnect(APP, key("a"), Timestamp(50)),
-            ConnEffect::Duplicate
-        );
-        assert_eq!(
-            t.connect(APP, key("a"), Timestamp(10)),
-            ConnEffect::Duplicate
-        );
-
-        // Disconnect first.
-        assert_eq!(
-            t.disconnect(APP, key("b"), Timestamp(50)),
-            ConnEffect::Recorded
-        );
-        assert_eq!(
-            t.disconnect(APP, key("b"), Timestamp(50)),
-            ConnEffect::Duplicate
-        );
-        let closed_b = ConnEffect::Closed(Interval {
-            app_id: APP,
-            from: Timestamp(10),
-            until: Timestamp(50),
-        });
-        assert_eq!(t.connect(APP, key("b"), Timestamp(10)), closed_b);
-        assert_eq!(t.open().count(), 0);
+        type Step = fn(&mut ConnectionTable, ConnKey) -> ConnEffect;
+        let connect: Step = |t, c| t.connect(APP, c, Timestamp(10));
+        let disconnect: Step = |t, c| t.disconnect(APP, c, Timestamp(50));
+        for (first, second) in [(connect, disconnect), (disconnect, connect)] {
+            let mut t = ConnectionTable::default();
+            let c = key("a");
+            assert_eq!(first(&mut t, c), ConnEffect::Recorded);
+            assert_eq!(
+                first(&mut t, c),
+                ConnEffect::Duplicate,
+                "a retry changes nothing"
+            );
+            assert_eq!(second(&mut t, c), closed);
+            assert_eq!(second(&mut t, c), ConnEffect::Duplicate);
+            assert_eq!(
+                first(&mut t, c),
+                ConnEffect::Duplicate,
+                "late retries stay harmless"
+            );
+            assert_eq!(t.open().count(), 0);
+        }
     }
 
     #[test]
