@@ -50,10 +50,7 @@ fn month() -> Month {
 /// `[start, end)` of the benchmark month in the default billing zone, epoch ms.
 fn month_bounds() -> (i64, i64) {
     let tz = BillingTz::default();
-    (
-        tz.start_of_month(month()).millis(),
-        tz.end_of_month(month()).millis(),
-    )
+    (tz.start_of_month(month()).millis(), tz.end_of_month(month()).millis())
 }
 
 fn user(n: u64) -> UserKey {
@@ -153,12 +150,8 @@ fn bench_decode(c: &mut Criterion) {
     let rfc = br#"{"id":"evt-1","type":"login","app_id":1400000001,"user_id":"u1-000042","platform":"ios","ts":"2026-11-03T16:15:00+08:00"}"#;
     let epoch = br#"{"id":"evt-1","type":"login","app_id":1400000001,"user_id":"u1-000042","platform":"ios","ts":1793693700000}"#;
     g.throughput(Throughput::Elements(1));
-    g.bench_function("login_rfc3339", |b| {
-        b.iter(|| decode_usage_event(black_box(rfc)))
-    });
-    g.bench_function("login_epoch_ms", |b| {
-        b.iter(|| decode_usage_event(black_box(epoch)))
-    });
+    g.bench_function("login_rfc3339", |b| b.iter(|| decode_usage_event(black_box(rfc))));
+    g.bench_function("login_epoch_ms", |b| b.iter(|| decode_usage_event(black_box(epoch))));
     g.finish();
 }
 
@@ -171,9 +164,7 @@ fn bench_decode(c: &mut Criterion) {
 fn month_of_events(target: usize) -> Vec<UsageEvent> {
     let mut rng = StdRng::seed_from_u64(2);
     let (start, end) = month_bounds();
-    let apps: Vec<(u64, u64)> = (0..50u64)
-        .map(|a| (FIRST_APP + a, 1000 + 100 * a))
-        .collect();
+    let apps: Vec<(u64, u64)> = (0..50u64).map(|a| (FIRST_APP + a, 1000 + 100 * a)).collect();
     let pick_app = |rng: &mut StdRng| apps[rng.gen_range(0..apps.len())];
     let mut events = Vec::with_capacity(target + 16);
     let mut conn_no = 0u64;
@@ -186,18 +177,13 @@ fn month_of_events(target: usize) -> Vec<UsageEvent> {
             events.push(UsageEvent {
                 app_id,
                 ts: Timestamp(ts),
-                action: Action::Login {
-                    user: uid,
-                    ok: !rng.gen_bool(0.03),
-                },
+                action: Action::Login { user: uid, ok: !rng.gen_bool(0.03) },
             });
         } else if roll < 0.805 {
             events.push(UsageEvent {
                 app_id,
                 ts: Timestamp(ts),
-                action: Action::GroupStats {
-                    group_count: rng.gen_range(0..200_000),
-                },
+                action: Action::GroupStats { group_count: rng.gen_range(0..200_000) },
             });
         } else {
             // A connection: connect, heartbeats, disconnect ≈ 3.5 events on average.
@@ -211,19 +197,11 @@ fn month_of_events(target: usize) -> Vec<UsageEvent> {
             });
             let mut hb = ts + 5 * MINUTE_MS;
             while hb < until && rng.gen_bool(0.5) {
-                events.push(UsageEvent {
-                    app_id,
-                    ts: Timestamp(hb),
-                    action: Action::Heartbeat { conn },
-                });
+                events.push(UsageEvent { app_id, ts: Timestamp(hb), action: Action::Heartbeat { conn } });
                 hb += 5 * MINUTE_MS;
             }
             if !rng.gen_bool(0.05) {
-                events.push(UsageEvent {
-                    app_id,
-                    ts: Timestamp(until),
-                    action: Action::Disconnect { conn },
-                });
+                events.push(UsageEvent { app_id, ts: Timestamp(until), action: Action::Disconnect { conn } });
             }
         }
     }
@@ -233,10 +211,7 @@ fn month_of_events(target: usize) -> Vec<UsageEvent> {
 
 fn bench_meter_apply(c: &mut Criterion) {
     let events = month_of_events(100_000);
-    let logins = events
-        .iter()
-        .filter(|e| matches!(e.action, Action::Login { .. }))
-        .count();
+    let logins = events.iter().filter(|e| matches!(e.action, Action::Login { .. })).count();
     eprintln!(
         "meter_apply: {} events, {:.1} % logins",
         events.len(),
@@ -452,17 +427,13 @@ fn bench_bill_month(c: &mut Criterion) {
     ] {
         let usage = usage_of(app);
         assert!(!bill_month(&subs, &usage, &prices).is_empty());
-        g.bench_function(name, |b| {
-            b.iter(|| bill_month(black_box(&subs), black_box(&usage), &prices))
-        });
+        g.bench_function(name, |b| b.iter(|| bill_month(black_box(&subs), black_box(&usage), &prices)));
     }
     // The figures fed to pricing: 31 sketch estimates and a PCC sweep of a 100k-user app.
     let mut agg = big_aggregate();
     agg.encode(); // flushed, as after a checkpoint
     let grid = SampleGrid::new(Duration::from_secs(60)).expect("60 s");
-    g.bench_function("usage_of_100k_user_aggregate", |b| {
-        b.iter(|| agg.usage(FIRST_APP, month(), grid))
-    });
+    g.bench_function("usage_of_100k_user_aggregate", |b| b.iter(|| agg.usage(FIRST_APP, month(), grid)));
     g.finish();
 }
 

@@ -36,10 +36,8 @@ struct TypedEvent<'a> {
 }
 
 fn main() -> anyhow::Result<()> {
-    let users: u64 = std::env::var("IM_METER_BENCH_USERS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(400_000);
+    let users: u64 =
+        std::env::var("IM_METER_BENCH_USERS").ok().and_then(|v| v.parse().ok()).unwrap_or(400_000);
     let config = Config::load(None, std::iter::empty())?;
     let workload = Workload::synthetic(Month::new(2026, 11).expect("valid month"), 200, users, 7);
     let path = std::env::temp_dir().join(format!("im-meter-bench-{}.ndjson", std::process::id()));
@@ -47,10 +45,7 @@ fn main() -> anyhow::Result<()> {
     let lines = workload.write_events(&config.meter.tz, &mut file)?;
     drop(file);
     let bytes = std::fs::metadata(&path)?.len();
-    println!(
-        "input: {lines} events, {:.1} MB, 200 apps, {users} users",
-        bytes as f64 / 1e6
-    );
+    println!("input: {lines} events, {:.1} MB, 200 apps, {users} users", bytes as f64 / 1e6);
 
     let source = Source::File(path.clone());
     let replay_input = ReplayInput {
@@ -93,9 +88,6 @@ fn main() -> anyhow::Result<()> {
         rate(best_parse),
         best_parse.as_secs_f64()
     );
-    println!(
-        "ratio replay / bare parse: {:.2}",
-        rate(best_replay) / rate(best_parse)
-    );
+    println!("ratio replay / bare parse: {:.2}", rate(best_replay) / rate(best_parse));
     Ok(())
 }

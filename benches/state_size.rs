@@ -165,36 +165,12 @@ fn main() {
     // `cargo bench` passes `--bench` (and any filter); arguments are ignored.
     let month: Month = "2026-11".parse().expect("valid month");
     let cases = [
-        Case {
-            name: "users-10",
-            users: 10,
-            busy_pcc: false,
-        },
-        Case {
-            name: "users-100",
-            users: 100,
-            busy_pcc: false,
-        },
-        Case {
-            name: "users-10k",
-            users: 10_000,
-            busy_pcc: false,
-        },
-        Case {
-            name: "users-1M",
-            users: 1_000_000,
-            busy_pcc: false,
-        },
-        Case {
-            name: "busy-pcc",
-            users: 0,
-            busy_pcc: true,
-        },
-        Case {
-            name: "users-1M+busy-pcc",
-            users: 1_000_000,
-            busy_pcc: true,
-        },
+        Case { name: "users-10", users: 10, busy_pcc: false },
+        Case { name: "users-100", users: 100, busy_pcc: false },
+        Case { name: "users-10k", users: 10_000, busy_pcc: false },
+        Case { name: "users-1M", users: 1_000_000, busy_pcc: false },
+        Case { name: "busy-pcc", users: 0, busy_pcc: true },
+        Case { name: "users-1M+busy-pcc", users: 1_000_000, busy_pcc: true },
     ];
     println!(
         "app-month state at precision {}, {LOGIN_DAYS} login days per user, 60 s PCC grid",
@@ -222,14 +198,10 @@ fn main() {
         let bytes = agg.encode();
         let encoded = bytes.len();
         let flushed = live() - before_encode - bytes.capacity() as isize + live_heap;
-        let (decoded, decoded_heap, _) =
-            measure(|| AppMonthAggregate::decode(&bytes).expect("round trip"));
+        let (decoded, decoded_heap, _) = measure(|| AppMonthAggregate::decode(&bytes).expect("round trip"));
         let mut decoded = decoded;
-        let figures = decoded.usage(
-            case.users,
-            month,
-            SampleGrid::new(Duration::from_secs(60)).expect("60 s"),
-        );
+        let figures =
+            decoded.usage(case.users, month, SampleGrid::new(Duration::from_secs(60)).expect("60 s"));
         println!(
             "{:<18} {:>9} {:>4} {:>7} {:>12} {:>12} {:>12} {:>12} {:>10} {:>10} {:>10} {:>7.2}",
             case.name,
@@ -247,12 +219,6 @@ fn main() {
         );
         // Sanity: the sketches still count what was inserted (within HLL error).
         let err = (figures.mau as f64 - case.users as f64).abs() / (case.users.max(1) as f64);
-        assert!(
-            err < 0.05,
-            "{}: MAU {} for {} users",
-            case.name,
-            figures.mau,
-            case.users
-        );
+        assert!(err < 0.05, "{}: MAU {} for {} users", case.name, figures.mau, case.users);
     }
 }

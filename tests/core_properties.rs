@@ -2,11 +2,11 @@
 //! brute-force sweep, merges vs aggregating the union, encodings round-tripping, and
 //! order-independence.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
 use im_meter_core::aggregate::{
-    AppMonthAggregate, Meter, MeterSettings, Precision, SampleGrid, UniqueUsers,
+    AppMonthAggregate, Meter, MeterSettings, Outcome, Precision, SampleGrid, StateKey, UniqueUsers,
 };
 use im_meter_core::ingest::{Action, ConnKey, UsageEvent, UserKey};
 use im_meter_core::time::{BillingTz, Month, Timestamp};
@@ -67,9 +67,7 @@ struct Scenario {
 fn scenario(seed: u64, connections: usize, logins: usize) -> Scenario {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     // 2026-10-30T00:00+08:00 .. 2026-11-03T00:00+08:00
-    let start = Timestamp::parse_rfc3339("2026-10-30T00:00:00+08:00")
-        .unwrap()
-        .millis();
+    let start = Timestamp::parse_rfc3339("2026-10-30T00:00:00+08:00").unwrap().millis();
     let span = 4 * 86_400_000;
     let mut events = Vec::new();
     let mut intervals = Vec::new();
@@ -79,21 +77,12 @@ fn scenario(seed: u64, connections: usize, logins: usize) -> Scenario {
         let connect = UsageEvent {
             app_id: APP,
             ts: Timestamp(t0),
-            action: Action::Connect {
-                conn,
-                user: user(c as u64),
-            },
+            action: Action::Connect { conn, user: user(c as u64) },
         };
         events.push(connect);
-        let t1 = rng
-            .gen_bool(0.8)
-            .then(|| t0 + rng.gen_range(0..6 * 3_600_000));
+        let t1 = rng.gen_bool(0.8).then(|| t0 + rng.gen_range(0..6 * 3_600_000));
         if let Some(t1) = t1 {
-            events.push(UsageEvent {
-                app_id: APP,
-                ts: Timestamp(t1),
-                action: Action::Disconnect { conn },
-            });
+            events.push(UsageEvent { app_id: APP, ts: Timestamp(t1), action: Action::Disconnect { conn } });
         }
         if rng.gen_bool(0.3) {
             events.push(UsageEvent {
@@ -109,18 +98,11 @@ fn scenario(seed: u64, connections: usize, logins: usize) -> Scenario {
         events.push(UsageEvent {
             app_id: APP,
             ts,
-            action: Action::Login {
-                user: user(rng.gen_range(0..200)),
-                ok: rng.gen_bool(0.9),
-            },
+            action: Action::Login { user: user(rng.gen_range(0..200)), ok: rng.gen_bool(0.9) },
         });
     }
     // Producer retries: exact copies of some events.
-    let retries: Vec<UsageEvent> = events
-        .iter()
-        .filter(|_| rng.gen_bool(0.2))
-        .copied()
-        .collect();
+    let retries: Vec<UsageEvent> = events.iter().filter(|_| rng.gen_bool(0.2)).copied().collect();
     events.extend(retries);
     events.shuffle(&mut rng);
     Scenario { events, intervals }
@@ -142,11 +124,7 @@ fn meter_november(
     for e in events {
         meter.apply(e);
     }
-    let oct = meter
-        .close_month("2026-10".parse().unwrap())
-        .into_iter()
-        .next()
-        .map(|(_, a)| a);
+    let oct = meter.close_month("2026-10".parse().unwrap()).into_iter().next().map(|(_, a)| a);
     let nov = meter.close_month(nov()).into_iter().next().map(|(_, a)| a);
     (oct, nov)
 }
@@ -159,10 +137,7 @@ fn brute_force_pcc(
     grid_secs: i64,
 ) -> (u64, Option<Timestamp>) {
     let tz = BillingTz::default();
-    let (start, end) = (
-        tz.start_of_month(month).millis(),
-        tz.end_of_month(month).millis(),
-    );
+    let (start, end) = (tz.start_of_month(month).millis(), tz.end_of_month(month).millis());
     let step = grid_secs * 1000;
     let mut s = (start + step - 1).div_euclid(step) * step;
     let mut best = (0u64, None);
@@ -270,9 +245,7 @@ proptest! {
 #[test]
 fn large_sketches_merge_into_the_union_byte_for_byte() {
     // Past the sparse→dense switch: each part dense, and one part sparse.
-    let mut parts: Vec<UniqueUsers> = (0..3)
-        .map(|_| UniqueUsers::new(Precision::default()))
-        .collect();
+    let mut parts: Vec<UniqueUsers> = (0..3).map(|_| UniqueUsers::new(Precision::default())).collect();
     let mut whole = UniqueUsers::new(Precision::default());
     for u in 0..60_000u64 {
         let p = if u < 200 { 2 } else { (u % 2) as usize };
@@ -297,20 +270,15 @@ fn canonical_bytes(sketch: &UniqueUsers) -> Vec<u8> {
 
 #[test]
 fn idle_connections_are_closed_at_their_last_sign_of_life() {
-    let settings = MeterSettings {
-        idle_timeout: Some(Duration::from_secs(1800)),
-        ..MeterSettings::default()
-    };
+    let settings =
+        MeterSettings { idle_timeout: Some(Duration::from_secs(1800)), ..MeterSettings::default() };
     let mut meter = Meter::new(settings);
     let at = |s: &str| Timestamp::parse_rfc3339(s).unwrap();
     let conn = ConnKey::of("lost");
     meter.apply(&UsageEvent {
         app_id: APP,
         ts: at("2026-11-02T10:00:00+08:00"),
-        action: Action::Connect {
-            conn,
-            user: user(1),
-        },
+        action: Action::Connect { conn, user: user(1) },
     });
     meter.apply(&UsageEvent {
         app_id: APP,
@@ -322,21 +290,93 @@ fn idle_connections_are_closed_at_their_last_sign_of_life() {
     meter.apply(&UsageEvent {
         app_id: APP,
         ts: at("2026-11-05T00:00:00+08:00"),
-        action: Action::Connect {
-            conn: other,
-            user: user(2),
-        },
+        action: Action::Connect { conn: other, user: user(2) },
     });
     let (_, mut november) = meter.close_month(nov()).pop().unwrap();
-    let usage = november.usage(
-        APP,
-        nov(),
-        SampleGrid::new(Duration::from_secs(60)).unwrap(),
-    );
+    let usage = november.usage(APP, nov(), SampleGrid::new(Duration::from_secs(60)).unwrap());
     // The lost connection counted 10:00..10:19 (closed at 10:20, exclusive), never together
     // with the second one, which is open through the month's end.
     assert_eq!(usage.pcc, 1);
     assert_eq!(usage.pcc_at, Some(at("2026-11-02T10:00:00+08:00")));
     // +1 and −1 of the idle-closed connection, +1 of the open one.
     assert_eq!(november.pcc().change_points(), 3);
+}
+
+/// Runs events through a meter the way the Kafka worker does: in batches, closing due
+/// months and checkpointing after each. With `crash = Some((k, n))`, the process dies in
+/// batch `k` after applying `n` of its events (uncommitted work lost) and a new meter is
+/// restored from the compacted changelog, then the input resumes at batch `k`.
+/// Returns every closed month's aggregates (encoded) and the outcome of every committed event.
+fn run_streaming(
+    settings: &MeterSettings,
+    batches: &[Vec<UsageEvent>],
+    crash: Option<(usize, usize)>,
+) -> (Vec<(String, u64, Vec<u8>)>, Vec<Outcome>) {
+    let lateness = Duration::from_secs(3600);
+    let mut changelog: BTreeMap<StateKey, Option<Vec<u8>>> = BTreeMap::new();
+    let mut meter = Meter::new(settings.clone());
+    let mut emitted = Vec::new();
+    let mut outcomes = Vec::new();
+    let mut crashed = false;
+    let mut k = 0;
+    while k < batches.len() {
+        if let Some((at, n)) = crash.filter(|&(at, _)| at == k && !crashed) {
+            // Work on part of the batch, then die before the commit.
+            for e in batches[at].iter().take(n) {
+                meter.apply(e);
+            }
+            let _ = meter.close_due(lateness);
+            crashed = true;
+            let latest = changelog.iter().filter_map(|(k, v)| v.clone().map(|v| (*k, v)));
+            meter = Meter::restore(settings.clone(), latest).unwrap();
+            assert!(meter.checkpoint().is_empty(), "a restored meter has nothing new to write");
+            continue;
+        }
+        outcomes.extend(batches[k].iter().map(|e| meter.apply(e)));
+        for (month, closed) in meter.close_due(lateness) {
+            for (app, mut agg) in closed {
+                emitted.push((month.to_string(), app, agg.encode()));
+            }
+        }
+        // The commit: changelog records and outputs together.
+        for record in meter.checkpoint() {
+            changelog.insert(record.key, record.value);
+        }
+        k += 1;
+    }
+    for month in ["2026-10", "2026-11"] {
+        for (app, mut agg) in meter.close_month(month.parse().unwrap()) {
+            emitted.push((month.to_string(), app, agg.encode()));
+        }
+    }
+    (emitted, outcomes)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    #[test]
+    fn a_crash_at_any_point_changes_no_figure(
+        seed in any::<u64>(),
+        connections in 0usize..30,
+        logins in 0usize..400,
+        batch in 1usize..60,
+        crash_batch in any::<proptest::sample::Index>(),
+        crash_after in 0usize..60,
+        idle in proptest::bool::ANY,
+    ) {
+        let mut s = scenario(seed, connections, logins);
+        // Mostly in time order, as a partition delivers them, with some disorder.
+        s.events.sort_by_key(|e| e.ts.millis() / 3_600_000);
+        let batches: Vec<Vec<UsageEvent>> = s.events.chunks(batch).map(<[UsageEvent]>::to_vec).collect();
+        prop_assume!(!batches.is_empty());
+        let settings = MeterSettings {
+            idle_timeout: idle.then(|| Duration::from_secs(2 * 3600)),
+            ..settings(60)
+        };
+        let at = crash_batch.index(batches.len());
+        let uninterrupted = run_streaming(&settings, &batches, None);
+        let crashed = run_streaming(&settings, &batches, Some((at, crash_after.min(batches[at].len()))));
+        prop_assert_eq!(uninterrupted, crashed);
+    }
 }

@@ -35,18 +35,13 @@ fn write(dir: &Path, name: &str, lines: &[String]) -> PathBuf {
 
 fn run_ok(cmd: &mut Command) -> Output {
     let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "failed: {}", String::from_utf8_lossy(&out.stderr));
     out
 }
 
 fn replay_json(events: &Path, subscriptions: Option<&Path>, extra: &[&str]) -> Value {
     let mut cmd = bin();
-    cmd.args(["replay", "--format", "json", "--events"])
-        .arg(events);
+    cmd.args(["replay", "--format", "json", "--events"]).arg(events);
     if let Some(s) = subscriptions {
         cmd.arg("--subscriptions").arg(s);
     }
@@ -90,11 +85,7 @@ fn prorated_upgrade_and_standard_month_are_billed_to_the_cent() {
         r#"{"type":"plan_changed","app_id":33,"ts":"2026-11-20T10:00:00+08:00","plan":"standard"}"#
             .to_string(),
     ];
-    let doc = replay_json(
-        &write(&dir, "e.ndjson", &events),
-        Some(&write(&dir, "s.ndjson", &subs)),
-        &[],
-    );
+    let doc = replay_json(&write(&dir, "e.ndjson", &events), Some(&write(&dir, "s.ndjson", &subs)), &[]);
 
     let fee = charge(&doc, "11/2026-11/plan_fee");
     // Developer → Premium on the 11th: days 11..30 on Premium, 699 × 20/30.
@@ -118,11 +109,7 @@ fn prorated_upgrade_and_standard_month_are_billed_to_the_cent() {
     assert_eq!(usage[0]["dau_peak"], 300);
     assert_eq!(usage[0]["pcc"], 0);
     assert_eq!(usage[0]["pcc_at"], Value::Null);
-    assert!(!doc["charges"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .any(|c| c["item"] == "mau_overage"));
+    assert!(!doc["charges"].as_array().unwrap().iter().any(|c| c["item"] == "mau_overage"));
 }
 
 #[test]
@@ -130,35 +117,19 @@ fn output_has_exactly_the_documented_shape() {
     let dir = temp_dir("shape");
     let events = vec![
         login(7, "alice", "2026-11-03T08:15:00Z"),
-        r#"{"type":"connect","app_id":7,"user_id":"alice","conn_id":"c-91","ts":1793693700000}"#
-            .into(),
-        r#"{"type":"disconnect","app_id":7,"conn_id":"c-91","ts":"2026-11-03T17:00:00+08:00"}"#
-            .into(),
-        r#"{"type":"group_stats","app_id":7,"group_count":12,"ts":"2026-11-03T17:00:00+08:00"}"#
-            .into(),
+        r#"{"type":"connect","app_id":7,"user_id":"alice","conn_id":"c-91","ts":1793693700000}"#.into(),
+        r#"{"type":"disconnect","app_id":7,"conn_id":"c-91","ts":"2026-11-03T17:00:00+08:00"}"#.into(),
+        r#"{"type":"group_stats","app_id":7,"group_count":12,"ts":"2026-11-03T17:00:00+08:00"}"#.into(),
     ];
     let subs = vec![
-        r#"{"type":"plan_changed","app_id":7,"ts":"2026-10-01T00:00:00+08:00","plan":"standard"}"#
-            .into(),
+        r#"{"type":"plan_changed","app_id":7,"ts":"2026-10-01T00:00:00+08:00","plan":"standard"}"#.into(),
     ];
-    let doc = replay_json(
-        &write(&dir, "e.ndjson", &events),
-        Some(&write(&dir, "s.ndjson", &subs)),
-        &[],
-    );
+    let doc = replay_json(&write(&dir, "e.ndjson", &events), Some(&write(&dir, "s.ndjson", &subs)), &[]);
     let keys = |v: &Value| v.as_object().unwrap().keys().cloned().collect::<Vec<_>>();
     assert_eq!(keys(&doc), ["charges", "rejected", "usage"]);
     assert_eq!(
         keys(&doc["usage"][0]),
-        [
-            "app_id",
-            "dau_peak",
-            "group_count_peak",
-            "mau",
-            "month",
-            "pcc",
-            "pcc_at"
-        ]
+        ["app_id", "dau_peak", "group_count_peak", "mau", "month", "pcc", "pcc_at"]
     );
     assert_eq!(
         doc["usage"][0],
@@ -182,9 +153,7 @@ fn output_has_exactly_the_documented_shape() {
             "unit_price"
         ]
     );
-    assert!(
-        fee["quantity"].is_string() && fee["unit_price"].is_string() && fee["amount"].is_string()
-    );
+    assert!(fee["quantity"].is_string() && fee["unit_price"].is_string() && fee["amount"].is_string());
 }
 
 #[test]
@@ -199,30 +168,17 @@ fn bad_lines_go_to_the_dead_letter_file_and_are_counted() {
     ];
     let events_path = write(&dir, "e.ndjson", &events);
     // Append a line that is not UTF-8.
-    std::fs::OpenOptions::new()
-        .append(true)
-        .open(&events_path)
-        .unwrap()
-        .write_all(b"\xff\xfe\n")
-        .unwrap();
-    let subs = vec![
-        r#"{"type":"plan_changed","app_id":5,"ts":"2026-10-01T00:00:00+08:00","plan":"gold"}"#
-            .into(),
-    ];
+    std::fs::OpenOptions::new().append(true).open(&events_path).unwrap().write_all(b"\xff\xfe\n").unwrap();
+    let subs =
+        vec![r#"{"type":"plan_changed","app_id":5,"ts":"2026-10-01T00:00:00+08:00","plan":"gold"}"#.into()];
     let dlq = dir.join("dlq.ndjson");
-    let doc = replay_json(
-        &events_path,
-        Some(&write(&dir, "s.ndjson", &subs)),
-        &["--dlq", dlq.to_str().unwrap()],
-    );
+    let doc =
+        replay_json(&events_path, Some(&write(&dir, "s.ndjson", &subs)), &["--dlq", dlq.to_str().unwrap()]);
     assert_eq!(doc["rejected"], 5);
     assert_eq!(doc["usage"][0]["mau"], 1);
 
-    let letters: Vec<Value> = std::fs::read_to_string(&dlq)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let letters: Vec<Value> =
+        std::fs::read_to_string(&dlq).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     let summary: Vec<(String, u64, String)> = letters
         .iter()
         .map(|l| {
@@ -260,11 +216,7 @@ fn shuffled_input_prints_identical_json_and_stdin_works() {
     sub_lines.shuffle(&mut rng);
 
     let dir = temp_dir("shuffle");
-    let subs_path = write(
-        &dir,
-        "s.ndjson",
-        &sub_lines.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
-    );
+    let subs_path = write(&dir, "s.ndjson", &sub_lines.iter().map(|s| s.to_string()).collect::<Vec<_>>());
     let original = run_ok(
         bin()
             .args(["replay", "--format", "json", "--events"])
@@ -273,14 +225,7 @@ fn shuffled_input_prints_identical_json_and_stdin_works() {
             .arg(sample.join("subscriptions.ndjson")),
     );
     let mut child = bin()
-        .args([
-            "replay",
-            "--format",
-            "json",
-            "--events",
-            "-",
-            "--subscriptions",
-        ])
+        .args(["replay", "--format", "json", "--events", "-", "--subscriptions"])
         .arg(&subs_path)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -300,23 +245,16 @@ fn shuffled_input_prints_identical_json_and_stdin_works() {
     // And the sample bills what its README promises: every app, paid ones with fees.
     let doc: Value = serde_json::from_slice(&original.stdout).unwrap();
     assert_eq!(doc["usage"].as_array().unwrap().len(), 6);
-    assert_eq!(
-        charge(&doc, "1400000004/2026-11/plan_fee")["amount"],
-        "466.00"
-    );
-    assert_eq!(
-        charge(&doc, "1400000005/2026-11/group_overage")["quantity"],
-        "2"
-    );
+    assert_eq!(charge(&doc, "1400000004/2026-11/plan_fee")["amount"], "466.00");
+    assert_eq!(charge(&doc, "1400000005/2026-11/group_overage")["quantity"], "2");
     assert!(doc["rejected"].as_u64().unwrap() > 0);
 }
 
 #[test]
 fn exact_mode_audits_the_sketch() {
     let dir = temp_dir("exact");
-    let events: Vec<String> = (0..2_000)
-        .map(|u| login(3, &format!("u{u}"), "2026-11-09T12:00:00Z"))
-        .collect();
+    let events: Vec<String> =
+        (0..2_000).map(|u| login(3, &format!("u{u}"), "2026-11-09T12:00:00Z")).collect();
     let doc = replay_json(&write(&dir, "e.ndjson", &events), None, &["--exact"]);
     let audit = &doc["audit"][0];
     assert_eq!(audit["mau_exact"], 2000);
@@ -343,14 +281,8 @@ fn table_output_lists_usage_then_charges_with_totals() {
     assert!(text.contains("466.00"));
     assert!(text.contains("total"));
     // The Developer app with 140 users is past its cap: an alert, not a charge.
-    assert!(
-        text.contains("quota_exceeded  app 1400000002 · 2026-11"),
-        "{text}"
-    );
-    assert!(
-        !text.contains("app 1400000002 · 2026-11 · current mode"),
-        "{text}"
-    );
+    assert!(text.contains("quota_exceeded  app 1400000002 · 2026-11"), "{text}");
+    assert!(!text.contains("app 1400000002 · 2026-11 · current mode"), "{text}");
 }
 
 #[test]
@@ -359,24 +291,14 @@ fn a_bad_config_fails_before_reading_input_and_names_the_field() {
     let config = dir.join("bad.toml");
     std::fs::write(&config, "[billing]\ntimezone = \"Nowhere/Town\"\n").unwrap();
     let out = bin()
-        .args([
-            "replay",
-            "--format",
-            "json",
-            "--events",
-            "/does/not/exist",
-            "--config",
-        ])
+        .args(["replay", "--format", "json", "--events", "/does/not/exist", "--config"])
         .arg(&config)
         .env("IM_METER__METERING__HLL_PRECISION", "30")
         .output()
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("billing.timezone") && err.contains("metering.hll_precision"),
-        "{err}"
-    );
+    assert!(err.contains("billing.timezone") && err.contains("metering.hll_precision"), "{err}");
     assert!(out.stdout.is_empty());
 }
 

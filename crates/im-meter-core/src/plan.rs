@@ -71,14 +71,8 @@ pub enum Plan {
 
 impl Plan {
     /// Every plan.
-    pub const ALL: [Plan; 6] = [
-        Plan::Developer,
-        Plan::Standard,
-        Plan::Premium,
-        Plan::Free,
-        Plan::Pro,
-        Plan::Ultimate,
-    ];
+    pub const ALL: [Plan; 6] =
+        [Plan::Developer, Plan::Standard, Plan::Premium, Plan::Free, Plan::Pro, Plan::Ultimate];
 
     /// The plan id used in events and charges.
     pub const fn id(self) -> &'static str {

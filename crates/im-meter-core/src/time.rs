@@ -168,10 +168,7 @@ pub struct MonthParseError(String);
 impl Month {
     /// The month of `year` numbered `month` (1–12).
     pub fn new(year: i32, month: u32) -> Option<Self> {
-        (1..=12).contains(&month).then_some(Month {
-            year,
-            month: month as u8,
-        })
+        (1..=12).contains(&month).then_some(Month { year, month: month as u8 })
     }
 
     /// Calendar year.
@@ -187,15 +184,9 @@ impl Month {
     /// The following month.
     pub fn next(self) -> Self {
         if self.month == 12 {
-            Month {
-                year: self.year + 1,
-                month: 1,
-            }
+            Month { year: self.year + 1, month: 1 }
         } else {
-            Month {
-                year: self.year,
-                month: self.month + 1,
-            }
+            Month { year: self.year, month: self.month + 1 }
         }
     }
 
@@ -213,18 +204,12 @@ impl Month {
 
     /// The month holding a calendar date.
     pub fn of_date(date: NaiveDate) -> Self {
-        Month {
-            year: date.year(),
-            month: date.month() as u8,
-        }
+        Month { year: date.year(), month: date.month() as u8 }
     }
 
     /// The `day`-th day of the month (1-based), if it exists.
     pub fn day(self, day: u32) -> Option<Day> {
-        (1..=self.days()).contains(&day).then_some(Day {
-            month: self,
-            day: day as u8,
-        })
+        (1..=self.days()).contains(&day).then_some(Day { month: self, day: day as u8 })
     }
 }
 
@@ -269,20 +254,13 @@ impl Day {
 
     /// The calendar date.
     pub fn date(self) -> NaiveDate {
-        NaiveDate::from_ymd_opt(
-            self.month.year,
-            u32::from(self.month.month),
-            u32::from(self.day),
-        )
-        .unwrap_or_default()
+        NaiveDate::from_ymd_opt(self.month.year, u32::from(self.month.month), u32::from(self.day))
+            .unwrap_or_default()
     }
 
     /// The day holding a calendar date.
     pub fn of_date(date: NaiveDate) -> Self {
-        Day {
-            month: Month::of_date(date),
-            day: date.day() as u8,
-        }
+        Day { month: Month::of_date(date), day: date.day() as u8 }
     }
 }
 
@@ -319,9 +297,7 @@ impl FromStr for BillingTz {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let b = s.as_bytes();
         if s == "Z" || s.eq_ignore_ascii_case("utc") {
-            return Ok(BillingTz::Fixed(
-                FixedOffset::east_opt(0).expect("UTC is a valid offset"),
-            ));
+            return Ok(BillingTz::Fixed(FixedOffset::east_opt(0).expect("UTC is a valid offset")));
         }
         if let [sign @ (b'+' | b'-'), h1, h2, b':', m1, m2] = b {
             let secs = digits(&[*h1, *h2])
@@ -330,13 +306,9 @@ impl FromStr for BillingTz {
                 .map(|(h, m)| (h * 3600 + m * 60) as i32)
                 .ok_or_else(|| TzParseError(s.into()))?;
             let secs = if *sign == b'-' { -secs } else { secs };
-            return FixedOffset::east_opt(secs)
-                .map(BillingTz::Fixed)
-                .ok_or_else(|| TzParseError(s.into()));
+            return FixedOffset::east_opt(secs).map(BillingTz::Fixed).ok_or_else(|| TzParseError(s.into()));
         }
-        s.parse::<chrono_tz::Tz>()
-            .map(BillingTz::Named)
-            .map_err(|_| TzParseError(s.into()))
+        s.parse::<chrono_tz::Tz>().map(BillingTz::Named).map_err(|_| TzParseError(s.into()))
     }
 }
 
@@ -378,14 +350,10 @@ impl BillingTz {
     pub fn start_of_date(&self, date: NaiveDate) -> Timestamp {
         let midnight = date.and_hms_opt(0, 0, 0).unwrap_or_default();
         let utc = match self {
-            BillingTz::Fixed(o) => o
-                .from_local_datetime(&midnight)
-                .earliest()
-                .map(|d| d.timestamp_millis()),
+            BillingTz::Fixed(o) => o.from_local_datetime(&midnight).earliest().map(|d| d.timestamp_millis()),
             BillingTz::Named(tz) => (0..=24)
                 .find_map(|quarter| {
-                    tz.from_local_datetime(&(midnight + chrono::Duration::minutes(quarter * 15)))
-                        .earliest()
+                    tz.from_local_datetime(&(midnight + chrono::Duration::minutes(quarter * 15))).earliest()
                 })
                 .map(|d| d.timestamp_millis()),
         };
@@ -423,12 +391,7 @@ pub struct DayCache {
 impl DayCache {
     /// An empty cache for a zone.
     pub fn new(tz: BillingTz) -> Self {
-        DayCache {
-            tz,
-            start: 0,
-            end: 0,
-            day: None,
-        }
+        DayCache { tz, start: 0, end: 0, day: None }
     }
 
     /// The zone the cache computes in.
@@ -444,10 +407,7 @@ impl DayCache {
             _ => {
                 let day = self.tz.day_of(ts);
                 self.start = self.tz.start_of_day(day).0;
-                self.end = self
-                    .tz
-                    .start_of_date(day.date().succ_opt().unwrap_or(day.date()))
-                    .0;
+                self.end = self.tz.start_of_date(day.date().succ_opt().unwrap_or(day.date())).0;
                 self.day = Some(day);
                 day
             }
@@ -489,13 +449,7 @@ mod tests {
             "2026-11-03T08:15:00+0800",
             "２026-11-03T08:15:00Z",
         ] {
-            assert!(
-                matches!(
-                    Timestamp::parse_rfc3339(s),
-                    Err(TimestampError::Unparsable(_))
-                ),
-                "{s}"
-            );
+            assert!(matches!(Timestamp::parse_rfc3339(s), Err(TimestampError::Unparsable(_))), "{s}");
         }
         assert!(matches!(
             Timestamp::parse_rfc3339("1999-12-31T23:59:59Z"),
@@ -529,17 +483,11 @@ mod tests {
         // 2026-11-01 is the DST fall-back day in New York: 25 hours long.
         let day = "2026-11".parse::<Month>().unwrap().day(1).unwrap();
         let start = tz.start_of_day(day);
-        assert_eq!(
-            start,
-            Timestamp::parse_rfc3339("2026-11-01T00:00:00-04:00").unwrap()
-        );
+        assert_eq!(start, Timestamp::parse_rfc3339("2026-11-01T00:00:00-04:00").unwrap());
         let late = Timestamp(start.0 + 24 * 3_600_000 + 1);
         assert_eq!(cache.day_of(late), day);
         assert_eq!(cache.day_of(start), day);
-        assert_eq!(
-            cache.day_of(Timestamp(start.0 + 25 * 3_600_000)).number(),
-            2
-        );
+        assert_eq!(cache.day_of(Timestamp(start.0 + 25 * 3_600_000)).number(), 2);
         assert!("Mars/Olympus".parse::<BillingTz>().is_err());
         assert_eq!("-03:30".parse::<BillingTz>().unwrap().to_string(), "-03:30");
     }

@@ -39,10 +39,7 @@ pub struct FileConfig {
 impl Default for FileConfig {
     fn default() -> Self {
         FileConfig {
-            kafka: KafkaSection {
-                brokers: "127.0.0.1:9092".into(),
-                group_id: "im-meter".into(),
-            },
+            kafka: KafkaSection { brokers: "127.0.0.1:9092".into(), group_id: "im-meter".into() },
             topics: TopicsSection {
                 events: "im.sdk-events".into(),
                 subscriptions: "im.subscriptions".into(),
@@ -62,9 +59,7 @@ impl Default for FileConfig {
                 sample_interval: "60s".into(),
                 connection_idle_timeout: "off".into(),
             },
-            http: HttpSection {
-                listen: "127.0.0.1:9464".into(),
-            },
+            http: HttpSection { listen: "127.0.0.1:9464".into() },
         }
     }
 }
@@ -166,13 +161,12 @@ impl Config {
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Config, ConfigErrors> {
         let one = |msg: String| ConfigErrors(vec![msg]);
-        let mut tree =
-            toml::Value::try_from(FileConfig::default()).map_err(|e| one(e.to_string()))?;
+        let mut tree = toml::Value::try_from(FileConfig::default()).map_err(|e| one(e.to_string()))?;
         if let Some(path) = path {
             let text = std::fs::read_to_string(path)
                 .map_err(|e| one(format!("cannot read config file {}: {e}", path.display())))?;
-            let file: toml::Value = toml::from_str(&text)
-                .map_err(|e| one(format!("{}: {}", path.display(), e.message())))?;
+            let file: toml::Value =
+                toml::from_str(&text).map_err(|e| one(format!("{}: {}", path.display(), e.message())))?;
             overlay(&mut tree, file);
         }
         apply_env(&mut tree, env)?;
@@ -208,23 +202,14 @@ fn apply_env(
     env: impl IntoIterator<Item = (String, String)>,
 ) -> Result<(), ConfigErrors> {
     let mut problems = Vec::new();
-    let vars: BTreeMap<String, String> = env
-        .into_iter()
-        .filter(|(k, _)| k.starts_with(ENV_PREFIX))
-        .collect();
+    let vars: BTreeMap<String, String> = env.into_iter().filter(|(k, _)| k.starts_with(ENV_PREFIX)).collect();
     for (name, raw) in vars {
-        let path: Vec<String> = name[ENV_PREFIX.len()..]
-            .split("__")
-            .map(str::to_ascii_lowercase)
-            .collect();
+        let path: Vec<String> = name[ENV_PREFIX.len()..].split("__").map(str::to_ascii_lowercase).collect();
         let [section, field] = path.as_slice() else {
             problems.push(format!("{name}: expected IM_METER__<SECTION>__<FIELD>"));
             continue;
         };
-        let Some(slot) = tree
-            .get_mut(section.as_str())
-            .and_then(|s| s.get_mut(field.as_str()))
-        else {
+        let Some(slot) = tree.get_mut(section.as_str()).and_then(|s| s.get_mut(field.as_str())) else {
             problems.push(format!("{name}: there is no field {section}.{field}"));
             continue;
         };
@@ -235,10 +220,8 @@ fn apply_env(
         };
         match value {
             Some(v) => *slot = v,
-            None => problems.push(format!(
-                "{section}.{field} (from {name}): {raw:?} is not a valid {}",
-                slot.type_str()
-            )),
+            None => problems
+                .push(format!("{section}.{field} (from {name}): {raw:?} is not a valid {}", slot.type_str())),
         }
     }
     if problems.is_empty() {
@@ -258,12 +241,8 @@ fn topic_name(name: &str) -> Result<(), String> {
         && name.len() <= 249
         && name != "."
         && name != ".."
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
-    legal
-        .then_some(())
-        .ok_or_else(|| format!("{name:?} is not a legal Kafka topic name"))
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    legal.then_some(()).ok_or_else(|| format!("{name:?} is not a legal Kafka topic name"))
 }
 
 impl FileConfig {
@@ -276,14 +255,7 @@ impl FileConfig {
             }
         };
         let mut tz = BillingTz::default();
-        check(
-            "billing.timezone",
-            self.billing
-                .timezone
-                .parse()
-                .map(|t| tz = t)
-                .map_err(|e| format!("{e}")),
-        );
+        check("billing.timezone", self.billing.timezone.parse().map(|t| tz = t).map_err(|e| format!("{e}")));
         let mut allowed_lateness = Duration::ZERO;
         check(
             "billing.allowed_lateness",
@@ -309,17 +281,11 @@ impl FileConfig {
                     .filter(|p| !p.is_sign_negative())
                     .map(|p| prices.av_call_price = Some(p))
                     .ok_or_else(|| {
-                        format!(
-                            "{:?} is not a non-negative decimal price",
-                            self.billing.av_call_price
-                        )
+                        format!("{:?} is not a non-negative decimal price", self.billing.av_call_price)
                     }),
             );
         }
-        let mut meter = MeterSettings {
-            tz,
-            ..MeterSettings::default()
-        };
+        let mut meter = MeterSettings { tz, ..MeterSettings::default() };
         check(
             "metering.hll_precision",
             Precision::new(self.metering.hll_precision)
@@ -351,9 +317,7 @@ impl FileConfig {
         );
         check(
             "kafka.group_id",
-            (!self.kafka.group_id.trim().is_empty())
-                .then_some(())
-                .ok_or_else(|| "must not be empty".into()),
+            (!self.kafka.group_id.trim().is_empty()).then_some(()).ok_or_else(|| "must not be empty".into()),
         );
         let t = &self.topics;
         for (field, name) in [
@@ -372,19 +336,10 @@ impl FileConfig {
                 .listen
                 .parse::<SocketAddr>()
                 .map(drop)
-                .map_err(|_| {
-                    format!(
-                        "{:?} is not an address like 127.0.0.1:9464",
-                        self.http.listen
-                    )
-                }),
+                .map_err(|_| format!("{:?} is not an address like 127.0.0.1:9464", self.http.listen)),
         );
         if problems.is_empty() {
-            Ok(Config {
-                file: self,
-                meter,
-                prices,
-            })
+            Ok(Config { file: self, meter, prices })
         } else {
             Err(ConfigErrors(problems))
         }
@@ -396,10 +351,7 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }
 
     #[test]
@@ -419,11 +371,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("im-meter-config-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("c.toml");
-        std::fs::write(
-            &path,
-            "[kafka]\nbrokers = \"file:9092\"\n[metering]\nhll_precision = 12\n",
-        )
-        .unwrap();
+        std::fs::write(&path, "[kafka]\nbrokers = \"file:9092\"\n[metering]\nhll_precision = 12\n").unwrap();
         let c = Config::load(
             Some(&path),
             env(&[
@@ -468,8 +416,7 @@ mod tests {
         }
         let err = Config::load(None, env(&[("IM_METER__KAFKA__BROKER", "x")])).unwrap_err();
         assert!(err.to_string().contains("kafka.broker"), "{err}");
-        let err =
-            Config::load(None, env(&[("IM_METER__METERING__HLL_PRECISION", "many")])).unwrap_err();
+        let err = Config::load(None, env(&[("IM_METER__METERING__HLL_PRECISION", "many")])).unwrap_err();
         assert!(err.to_string().contains("metering.hll_precision"), "{err}");
     }
 

@@ -137,10 +137,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let config = Config::load(None, std::env::vars())?;
             let lines = if args.out.as_os_str() == "-" {
-                workload.write_events(
-                    &config.meter.tz,
-                    &mut io::BufWriter::new(io::stdout().lock()),
-                )?
+                workload.write_events(&config.meter.tz, &mut io::BufWriter::new(io::stdout().lock()))?
             } else {
                 let file = std::fs::File::create(&args.out)
                     .with_context(|| format!("cannot create {}", args.out.display()))?;

@@ -90,19 +90,12 @@ struct JsonReport<'a> {
 
 /// Writes the single JSON object `{"usage":[...],"charges":[...],"rejected":N}` (plus
 /// `"audit"` with `--exact`).
-pub fn write_json(
-    out: &mut impl Write,
-    report: &ReplayReport,
-    tz: &BillingTz,
-) -> anyhow::Result<()> {
+pub fn write_json(out: &mut impl Write, report: &ReplayReport, tz: &BillingTz) -> anyhow::Result<()> {
     let doc = JsonReport {
         usage: report.usage.iter().map(|u| UsageItem::new(u, tz)).collect(),
         charges: &report.charges,
         rejected: report.rejected_total(),
-        audit: report
-            .audit
-            .as_ref()
-            .map(|rows| rows.iter().map(AuditItem::from).collect()),
+        audit: report.audit.as_ref().map(|rows| rows.iter().map(AuditItem::from).collect()),
     };
     serde_json::to_writer(&mut *out, &doc)?;
     writeln!(out)?;
@@ -110,11 +103,7 @@ pub fn write_json(
 }
 
 /// Writes the usage table, then the charges of each app with totals.
-pub fn write_tables(
-    out: &mut impl Write,
-    report: &ReplayReport,
-    tz: &BillingTz,
-) -> anyhow::Result<()> {
+pub fn write_tables(out: &mut impl Write, report: &ReplayReport, tz: &BillingTz) -> anyhow::Result<()> {
     writeln!(out, "Usage")?;
     writeln!(
         out,
@@ -122,10 +111,7 @@ pub fn write_tables(
         "APP", "MONTH", "MAU", "DAU PEAK", "PCC", "PCC AT", "GROUPS PEAK"
     )?;
     for u in &report.usage {
-        let at = u
-            .pcc_at
-            .map(|t| t.to_rfc3339(tz))
-            .unwrap_or_else(|| "-".into());
+        let at = u.pcc_at.map(|t| t.to_rfc3339(tz)).unwrap_or_else(|| "-".into());
         writeln!(
             out,
             "{:>12}  {:7}  {:>10}  {:>10}  {:>8}  {:25}  {:>12}",
@@ -137,10 +123,7 @@ pub fn write_tables(
     let mut grand_total = Decimal::ZERO;
     let mut rest = report.charges.as_slice();
     while let Some(first) = rest.first() {
-        let n = rest
-            .iter()
-            .take_while(|c| c.app_id == first.app_id && c.month == first.month)
-            .count();
+        let n = rest.iter().take_while(|c| c.app_id == first.app_id && c.month == first.month).count();
         let (group, tail) = rest.split_at(n);
         rest = tail;
         writeln!(
@@ -202,23 +185,11 @@ pub fn write_tables(
     }
 
     let read = report.events_read;
-    writeln!(
-        out,
-        "\nRead {} event lines ({} bytes).",
-        read.lines, read.bytes
-    )?;
+    writeln!(out, "\nRead {} event lines ({} bytes).", read.lines, read.bytes)?;
     let rejected = report.rejected_total();
     if rejected > 0 {
-        let reasons: Vec<String> = report
-            .rejected
-            .iter()
-            .map(|(r, n)| format!("{r}: {n}"))
-            .collect();
-        writeln!(
-            out,
-            "Rejected lines, both inputs: {rejected} ({})",
-            reasons.join(", ")
-        )?;
+        let reasons: Vec<String> = report.rejected.iter().map(|(r, n)| format!("{r}: {n}")).collect();
+        writeln!(out, "Rejected lines, both inputs: {rejected} ({})", reasons.join(", "))?;
     }
     Ok(())
 }

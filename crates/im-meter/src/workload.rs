@@ -180,7 +180,13 @@ impl Workload {
                 ));
                 // A few gateways die: their disconnects never arrive.
                 if !rng.gen_bool(0.01) && t1 < end {
-                    lines.push((t1, format!(r#"{{"type":"disconnect","app_id":{id},"conn_id":"c-{conn_seq}","ts":{}}}"#, ts_text(t1, rng))));
+                    lines.push((
+                        t1,
+                        format!(
+                            r#"{{"type":"disconnect","app_id":{id},"conn_id":"c-{conn_seq}","ts":{}}}"#,
+                            ts_text(t1, rng)
+                        ),
+                    ));
                 }
             }
         }
@@ -193,9 +199,7 @@ impl Workload {
                 let count = ((app.groups as f64) * share.min(1.0)).round() as u64;
                 lines.push((
                     ts,
-                    format!(
-                        r#"{{"type":"group_stats","app_id":{id},"group_count":{count},"ts":{ts}}}"#
-                    ),
+                    format!(r#"{{"type":"group_stats","app_id":{id},"group_count":{count},"ts":{ts}}}"#),
                 ));
                 ts += step;
             }

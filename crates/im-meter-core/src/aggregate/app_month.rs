@@ -65,10 +65,7 @@ impl AppMonthAggregate {
         let precision = self.mau.precision();
         self.mau.insert(user);
         let d = day.number() as u8;
-        self.dau
-            .entry(d)
-            .or_insert_with(|| UniqueUsers::new(precision))
-            .insert(user);
+        self.dau.entry(d).or_insert_with(|| UniqueUsers::new(precision)).insert(user);
         if let Some(exact) = self.exact.as_deref_mut() {
             exact.mau.insert(user.0);
             exact.dau.entry(d).or_default().insert(user.0);
@@ -113,23 +110,13 @@ impl AppMonthAggregate {
     }
 
     /// The month's figures. `grid` turns the PCC peak's sample index into an instant.
-    pub fn usage(
-        &mut self,
-        app_id: AppId,
-        month: Month,
-        grid: super::pcc::SampleGrid,
-    ) -> MonthlyUsage {
+    pub fn usage(&mut self, app_id: AppId, month: Month, grid: super::pcc::SampleGrid) -> MonthlyUsage {
         let (pcc, peak_index) = self.pcc.peak();
         MonthlyUsage {
             app_id,
             month,
             mau: self.mau.estimate(),
-            dau_peak: self
-                .dau
-                .values_mut()
-                .map(UniqueUsers::estimate)
-                .max()
-                .unwrap_or(0),
+            dau_peak: self.dau.values_mut().map(UniqueUsers::estimate).max().unwrap_or(0),
             pcc,
             pcc_at: peak_index.map(|i| grid.instant(i)),
             group_count_peak: self.group_count_peak,
@@ -167,11 +154,7 @@ impl AppMonthAggregate {
             return Err(CodecError::UnknownVersion(bytes[4]));
         }
         let (checksum, payload) = bytes[5..].split_at(8);
-        let expected = u64::from_le_bytes(
-            checksum
-                .try_into()
-                .map_err(|_| CodecError::NotAnAggregate)?,
-        );
+        let expected = u64::from_le_bytes(checksum.try_into().map_err(|_| CodecError::NotAnAggregate)?);
         if xxhash_rust::xxh3::xxh3_64(payload) != expected {
             return Err(CodecError::Corrupt("checksum mismatch".into()));
         }
@@ -213,12 +196,8 @@ mod tests {
             agg.record_login(day, UserKey::of(&format!("user-{u}")));
         }
         agg.record_login(month.day(30).unwrap(), UserKey::of("late-user"));
-        let samples = MonthSamples {
-            first: 29_866_560,
-            end: 29_909_760,
-        };
-        agg.pcc_mut()
-            .add_connection(samples, 29_866_600, Some(29_866_700));
+        let samples = MonthSamples { first: 29_866_560, end: 29_909_760 };
+        agg.pcc_mut().add_connection(samples, 29_866_600, Some(29_866_700));
         agg.pcc_mut().add_connection(samples, 29_866_650, None);
         agg.record_group_count(42);
         agg
@@ -240,22 +219,13 @@ mod tests {
     #[test]
     fn damaged_or_foreign_bytes_are_refused() {
         let bytes = golden_aggregate().encode();
-        assert_eq!(
-            AppMonthAggregate::decode(b"nope").unwrap_err(),
-            CodecError::NotAnAggregate
-        );
+        assert_eq!(AppMonthAggregate::decode(b"nope").unwrap_err(), CodecError::NotAnAggregate);
         let mut newer = bytes.clone();
         newer[4] = 2;
-        assert_eq!(
-            AppMonthAggregate::decode(&newer).unwrap_err(),
-            CodecError::UnknownVersion(2)
-        );
+        assert_eq!(AppMonthAggregate::decode(&newer).unwrap_err(), CodecError::UnknownVersion(2));
         let mut flipped = bytes.clone();
         flipped[20] ^= 1;
-        assert!(matches!(
-            AppMonthAggregate::decode(&flipped),
-            Err(CodecError::Corrupt(_))
-        ));
+        assert!(matches!(AppMonthAggregate::decode(&flipped), Err(CodecError::Corrupt(_))));
         assert!(AppMonthAggregate::decode(&bytes).is_ok());
     }
 }

@@ -9,10 +9,11 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use rustc_hash::FxHashMap;
+use rustc_hash::{FxHashMap, FxHashSet};
 
-use super::app_month::AppMonthAggregate;
-use super::connections::{ConnEffect, ConnectionTable, Interval};
+use super::app_month::{AppMonthAggregate, CodecError};
+use super::checkpoint::{Progress, StateKey, StateRecord};
+use super::connections::{ConnEffect, ConnRecord, ConnectionTable, Interval};
 use super::pcc::{MonthSamples, SampleGrid};
 use super::unique::Precision;
 use crate::ingest::{Action, UsageEvent};
@@ -72,6 +73,10 @@ pub struct Meter {
     watermark: Option<Timestamp>,
     /// Months holding at least one applied event.
     active_months: BTreeSet<Month>,
+    /// App-months changed (or closed) since the last checkpoint.
+    changed_months: FxHashSet<(AppId, Month)>,
+    /// Whether the progress changed since the last checkpoint.
+    progress_changed: bool,
 }
 
 impl Meter {
@@ -86,6 +91,8 @@ impl Meter {
             closed_through: None,
             watermark: None,
             active_months: BTreeSet::new(),
+            changed_months: FxHashSet::default(),
+            progress_changed: false,
         }
     }
 
@@ -146,6 +153,7 @@ impl Meter {
             return Outcome::Late;
         }
         self.watermark = self.watermark.max(Some(event.ts));
+        self.progress_changed = true;
         if self.active_months.last() != Some(&month) {
             self.active_months.insert(month);
         }
@@ -154,17 +162,14 @@ impl Meter {
             Action::Connect { conn, .. } => self.connections.connect(app_id, conn, ts),
             Action::Disconnect { conn } => self.connections.disconnect(app_id, conn, ts),
             Action::Heartbeat { conn } => self.connections.heartbeat(app_id, conn, ts),
-            Action::Login { .. } | Action::Logout { .. } | Action::GroupStats { .. } => {
-                ConnEffect::Recorded
-            }
+            Action::Login { .. } | Action::Logout { .. } | Action::GroupStats { .. } => ConnEffect::Recorded,
         };
         // Every accepted event makes its app-month known, even when it counts nothing.
         let precision = self.settings.precision;
         let exact = self.settings.exact;
-        let aggregate = self
-            .months
-            .entry((app_id, month))
-            .or_insert_with(|| AppMonthAggregate::new(precision, exact));
+        self.changed_months.insert((app_id, month));
+        let aggregate =
+            self.months.entry((app_id, month)).or_insert_with(|| AppMonthAggregate::new(precision, exact));
         match event.action {
             Action::Login { user, ok: true } => aggregate.record_login(day, user),
             Action::GroupStats { group_count } => aggregate.record_group_count(group_count),
@@ -182,16 +187,16 @@ impl Meter {
 
     fn samples(&mut self, month: Month) -> MonthSamples {
         let (tz, grid) = (self.settings.tz, self.settings.grid);
-        *self.month_samples.entry(month).or_insert_with(|| {
-            MonthSamples::new(grid, tz.start_of_month(month), tz.end_of_month(month))
-        })
+        *self
+            .month_samples
+            .entry(month)
+            .or_insert_with(|| MonthSamples::new(grid, tz.start_of_month(month), tz.end_of_month(month)))
     }
 
     fn aggregate_mut(&mut self, app_id: AppId, month: Month) -> &mut AppMonthAggregate {
         let (precision, exact) = (self.settings.precision, self.settings.exact);
-        self.months
-            .entry((app_id, month))
-            .or_insert_with(|| AppMonthAggregate::new(precision, exact))
+        self.changed_months.insert((app_id, month));
+        self.months.entry((app_id, month)).or_insert_with(|| AppMonthAggregate::new(precision, exact))
     }
 
     /// Counts a complete connection into every open month it overlaps.
@@ -200,19 +205,18 @@ impl Meter {
             return;
         }
         let grid = self.settings.grid;
-        let (from, until) = (
-            grid.first_at_or_after(interval.from),
-            grid.first_at_or_after(interval.until),
-        );
+        let (from, until) = (grid.first_at_or_after(interval.from), grid.first_at_or_after(interval.until));
         let last = self.month_of(interval.until);
         let mut month = self.month_of(interval.from);
         while month <= last {
             if !self.is_closed(month) {
                 let samples = self.samples(month);
                 if from < samples.end && until > samples.first {
-                    self.aggregate_mut(interval.app_id, month)
-                        .pcc_mut()
-                        .add_connection(samples, from, Some(until));
+                    self.aggregate_mut(interval.app_id, month).pcc_mut().add_connection(
+                        samples,
+                        from,
+                        Some(until),
+                    );
                 }
             }
             month = month.next();
@@ -245,22 +249,103 @@ impl Meter {
         for (app_id, from) in open {
             let from = grid.first_at_or_after(from);
             if from < samples.end {
-                self.aggregate_mut(app_id, month)
-                    .pcc_mut()
-                    .add_connection(samples, from, None);
+                self.aggregate_mut(app_id, month).pcc_mut().add_connection(samples, from, None);
             }
         }
+        let changed = &mut self.changed_months;
         let mut closed: ClosedMonth = self
             .months
             .extract_if(|&(_, m), _| m <= month)
+            .inspect(|(key, _)| {
+                // Gone from the state: the checkpoint deletes it.
+                changed.insert(*key);
+            })
             .filter(|((_, m), _)| *m == month)
             .map(|((app_id, _), aggregate)| (app_id, aggregate))
             .collect();
         closed.sort_by_key(|(app_id, _)| *app_id);
         self.closed_through = Some(month);
+        self.progress_changed = true;
         let cutoff = self.settings.tz.end_of_month(month);
         self.connections.forget_before(cutoff);
         self.month_samples.retain(|&m, _| m > month);
         closed
+    }
+
+    /// Closes, oldest first, every month that ended at least `lateness` before the
+    /// watermark (and any month between the last closed one and those), returning each
+    /// month's aggregates.
+    pub fn close_due(&mut self, lateness: Duration) -> Vec<(Month, ClosedMonth)> {
+        let Some(watermark) = self.watermark else {
+            return Vec::new();
+        };
+        let lateness_ms = i64::try_from(lateness.as_millis()).unwrap_or(i64::MAX);
+        let tz = self.settings.tz;
+        let first = match self.closed_through {
+            Some(closed) => closed.next(),
+            None => match self.months.keys().map(|&(_, m)| m).min() {
+                Some(m) => m,
+                None => return Vec::new(),
+            },
+        };
+        let mut done = Vec::new();
+        let mut month = first;
+        while tz.end_of_month(month).millis().saturating_add(lateness_ms) <= watermark.millis() {
+            done.push((month, self.close_month(month)));
+            month = month.next();
+        }
+        done
+    }
+
+    /// The state changed since the last checkpoint, as changelog records sorted by key:
+    /// the aggregate of every touched app-month, every touched connection, and the
+    /// progress; `None` values for what was closed or forgotten.
+    pub fn checkpoint(&mut self) -> Vec<StateRecord> {
+        let mut records = Vec::new();
+        if std::mem::take(&mut self.progress_changed) {
+            let progress = Progress {
+                watermark: self.watermark.map(Timestamp::millis),
+                closed_through: self.closed_through,
+                active_months: self.active_months.iter().copied().collect(),
+            };
+            records.push(StateRecord { key: StateKey::Progress, value: Some(progress.encode()) });
+        }
+        let mut months: Vec<(AppId, Month)> = self.changed_months.drain().collect();
+        months.sort_unstable();
+        for (app_id, month) in months {
+            let value = self.months.get_mut(&(app_id, month)).map(AppMonthAggregate::encode);
+            records.push(StateRecord { key: StateKey::AppMonth { app_id, month }, value });
+        }
+        for ((app_id, conn), record) in self.connections.take_changes() {
+            let value = record.map(|r| r.encode());
+            records.push(StateRecord { key: StateKey::Connection { app_id, conn }, value });
+        }
+        records
+    }
+
+    /// Rebuilds a meter from the latest value of each key (a compacted changelog; keys whose
+    /// latest record is a deletion are simply absent). The result has nothing to checkpoint.
+    pub fn restore(
+        settings: MeterSettings,
+        records: impl IntoIterator<Item = (StateKey, Vec<u8>)>,
+    ) -> Result<Meter, CodecError> {
+        let mut meter = Meter::new(settings);
+        for (key, value) in records {
+            match key {
+                StateKey::Progress => {
+                    let progress = Progress::decode(&value)?;
+                    meter.watermark = progress.watermark.map(Timestamp);
+                    meter.closed_through = progress.closed_through;
+                    meter.active_months = progress.active_months.into_iter().collect();
+                }
+                StateKey::AppMonth { app_id, month } => {
+                    meter.months.insert((app_id, month), AppMonthAggregate::decode(&value)?);
+                }
+                StateKey::Connection { app_id, conn } => {
+                    meter.connections.restore(app_id, conn, ConnRecord::decode(&value)?);
+                }
+            }
+        }
+        Ok(meter)
     }
 }

@@ -5,9 +5,11 @@
 //! - [`connections`]: each connection's lifecycle (duplicates, reordering, idle close).
 //! - [`app_month`]: the mergeable, serializable aggregate of one app-month.
 //! - [`meter`]: applies events, closes months.
+//! - [`checkpoint`]: the meter's state as changelog records, and back.
 //! - [`usage`]: the figures reported and priced.
 
 pub mod app_month;
+pub mod checkpoint;
 pub mod connections;
 pub mod meter;
 pub mod pcc;
@@ -15,6 +17,7 @@ pub mod unique;
 mod usage;
 
 pub use app_month::{AppMonthAggregate, CodecError, ExactCounts};
+pub use checkpoint::{StateKey, StateRecord};
 pub use meter::{ClosedMonth, Meter, MeterSettings, Outcome};
 pub use pcc::{SampleGrid, SampleIntervalError};
 pub use unique::{Precision, PrecisionError, UniqueUsers, EXACT_LIMIT};

@@ -34,9 +34,7 @@ impl SampleGrid {
         if ms == 0 || !ms.is_multiple_of(1000) || !3_600_000u128.is_multiple_of(ms) {
             return Err(SampleIntervalError(interval));
         }
-        Ok(SampleGrid {
-            interval_ms: ms as i64,
-        })
+        Ok(SampleGrid { interval_ms: ms as i64 })
     }
 
     /// The interval in milliseconds.
@@ -69,10 +67,7 @@ pub struct MonthSamples {
 impl MonthSamples {
     /// The samples of the month spanning `[start, end)`.
     pub fn new(grid: SampleGrid, start: Timestamp, end: Timestamp) -> Self {
-        MonthSamples {
-            first: grid.first_at_or_after(start),
-            end: grid.first_at_or_after(end),
-        }
+        MonthSamples { first: grid.first_at_or_after(start), end: grid.first_at_or_after(end) }
     }
 }
 
@@ -155,14 +150,8 @@ mod tests {
     #[test]
     fn grid_rounds_up_to_the_next_instant() {
         let g = minute_grid();
-        assert_eq!(
-            g.first_at_or_after(Timestamp(1_800_000_000_000)),
-            30_000_000
-        );
-        assert_eq!(
-            g.first_at_or_after(Timestamp(1_800_000_000_001)),
-            30_000_001
-        );
+        assert_eq!(g.first_at_or_after(Timestamp(1_800_000_000_000)), 30_000_000);
+        assert_eq!(g.first_at_or_after(Timestamp(1_800_000_000_001)), 30_000_001);
         assert!(SampleGrid::new(Duration::from_secs(7)).is_err());
         assert!(SampleGrid::new(Duration::from_millis(1500)).is_err());
         assert!(SampleGrid::new(Duration::from_secs(300)).is_ok());
@@ -170,10 +159,7 @@ mod tests {
 
     #[test]
     fn overlapping_connections_peak_where_they_overlap() {
-        let month = MonthSamples {
-            first: 100,
-            end: 200,
-        };
+        let month = MonthSamples { first: 100, end: 200 };
         let mut t = PccTimeline::new();
         t.add_connection(month, 110, Some(150));
         t.add_connection(month, 140, Some(160));

@@ -139,10 +139,7 @@ fn empty_sketch(precision: Precision) -> Box<HyperLogLogPlus<u64, PassThrough>> 
 impl UniqueUsers {
     /// An empty count.
     pub fn new(precision: Precision) -> Self {
-        UniqueUsers {
-            precision,
-            users: Users::Exact(Vec::new()),
-        }
+        UniqueUsers { precision, users: Users::Exact(Vec::new()) }
     }
 
     /// The sketch's precision.
@@ -192,9 +189,7 @@ impl UniqueUsers {
             (Users::Sketch(mine), Users::Sketch(theirs)) => {
                 mine.merge(theirs.as_ref()).map_err(|_| mismatch)?
             }
-            (Users::Sketch(mine), Users::Exact(theirs)) => {
-                theirs.iter().for_each(|k| mine.insert(k))
-            }
+            (Users::Sketch(mine), Users::Exact(theirs)) => theirs.iter().for_each(|k| mine.insert(k)),
             (Users::Exact(mine), Users::Sketch(theirs)) => {
                 let mut sketch = theirs.clone();
                 mine.iter().for_each(|k| sketch.insert(k));
@@ -255,10 +250,7 @@ mod tests {
         let mut b = sketch_of((0..5000).rev());
         a.flush();
         b.flush();
-        assert_eq!(
-            postcard::to_allocvec(&a).unwrap(),
-            postcard::to_allocvec(&b).unwrap()
-        );
+        assert_eq!(postcard::to_allocvec(&a).unwrap(), postcard::to_allocvec(&b).unwrap());
     }
 
     #[test]

@@ -27,14 +27,6 @@ pub struct MonthlyUsage {
 impl MonthlyUsage {
     /// A month with no usage at all.
     pub fn empty(app_id: AppId, month: Month) -> Self {
-        MonthlyUsage {
-            app_id,
-            month,
-            mau: 0,
-            dau_peak: 0,
-            pcc: 0,
-            pcc_at: None,
-            group_count_peak: 0,
-        }
+        MonthlyUsage { app_id, month, mau: 0, dau_peak: 0, pcc: 0, pcc_at: None, group_count_peak: 0 }
     }
 }

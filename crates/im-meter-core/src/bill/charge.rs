@@ -126,13 +126,7 @@ impl Head {
     }
 
     /// A line priced `quantity × unit`.
-    fn priced(
-        &self,
-        item: ChargeItem,
-        quantity: u64,
-        unit: Decimal,
-        description: String,
-    ) -> Charge {
+    fn priced(&self, item: ChargeItem, quantity: u64, unit: Decimal, description: String) -> Charge {
         let amount = Decimal::from(quantity).saturating_mul(unit);
         self.charge(item, quantity, unit, amount, description)
     }
@@ -149,11 +143,7 @@ pub fn bill_month(subs: &Subscriptions, usage: &MonthlyUsage, prices: &PriceBook
     let Some(plan) = subs.plan_at_month_end(app_id, month) else {
         return Vec::new();
     };
-    let head = Head {
-        app_id,
-        month,
-        plan,
-    };
+    let head = Head { app_id, month, plan };
     let mut charges: Vec<Charge> = plan_fee(subs, &head).into_iter().collect();
 
     // Free plans (Developer, Free) have no out-of-plan charges: Developer's MAU cap is an
@@ -170,12 +160,7 @@ pub fn bill_month(subs: &Subscriptions, usage: &MonthlyUsage, prices: &PriceBook
                         plan.name(),
                         unit_price(prices.mau_overage)
                     );
-                    charges.push(head.priced(
-                        ChargeItem::MauOverage,
-                        over,
-                        prices.mau_overage,
-                        description,
-                    ));
+                    charges.push(head.priced(ChargeItem::MauOverage, over, prices.mau_overage, description));
                 }
                 // Always emitted, so invoices show PCC usage even while it is free.
                 let unit = prices.pcc_unit_price(subs.tz(), month);
@@ -187,11 +172,7 @@ pub fn bill_month(subs: &Subscriptions, usage: &MonthlyUsage, prices: &PriceBook
                         unit_price(prices.pcc_list_price)
                     )
                 } else {
-                    format!(
-                        "Peak concurrent connections {} × {} USD",
-                        usage.pcc,
-                        unit_price(unit)
-                    )
+                    format!("Peak concurrent connections {} × {} USD", usage.pcc, unit_price(unit))
                 };
                 charges.push(head.priced(ChargeItem::Pcc, usage.pcc, unit, description));
             }
@@ -254,43 +235,26 @@ fn plan_fee(subs: &Subscriptions, head: &Head) -> Option<Charge> {
             _ => runs.push((plan, 1)),
         }
     }
-    let paid: Vec<(Plan, u32)> = runs
-        .into_iter()
-        .filter_map(|(p, n)| p.filter(|p| p.is_paid()).map(|p| (p, n)))
-        .collect();
+    let paid: Vec<(Plan, u32)> =
+        runs.into_iter().filter_map(|(p, n)| p.filter(|p| p.is_paid()).map(|p| (p, n))).collect();
     // One division by the month's length keeps the sum exact until the single rounding.
-    let numerator: Decimal = paid
-        .iter()
-        .map(|(p, n)| p.monthly_fee() * Decimal::from(*n))
-        .sum();
+    let numerator: Decimal = paid.iter().map(|(p, n)| p.monthly_fee() * Decimal::from(*n)).sum();
     let total = numerator / Decimal::from(days);
     if total <= Decimal::ZERO {
         return None;
     }
-    let segment = |p: Plan, n: u32| {
-        format!(
-            "{n} of {days} days ({} × {n}/{days})",
-            unit_price(p.monthly_fee())
-        )
-    };
+    let segment =
+        |p: Plan, n: u32| format!("{n} of {days} days ({} × {n}/{days})", unit_price(p.monthly_fee()));
     let description = match paid.as_slice() {
         [(p, n)] => format!("{} plan fee, {}", p.name(), segment(*p, *n)),
         _ => {
-            let parts: Vec<String> = paid
-                .iter()
-                .map(|(p, n)| format!("{} {}", p.name(), segment(*p, *n)))
-                .collect();
+            let parts: Vec<String> =
+                paid.iter().map(|(p, n)| format!("{} {}", p.name(), segment(*p, *n))).collect();
             format!("Plan fee by day: {}", parts.join(" + "))
         }
     };
     let quantity = paid.iter().map(|(_, n)| u64::from(*n)).sum();
-    Some(head.charge(
-        ChargeItem::PlanFee,
-        quantity,
-        head.plan.monthly_fee(),
-        total,
-        description,
-    ))
+    Some(head.charge(ChargeItem::PlanFee, quantity, head.plan.monthly_fee(), total, description))
 }
 
 /// The `av_call` line of a month overlapping a free trial: quantity = the month's calendar
@@ -310,10 +274,7 @@ fn av_call(subs: &Subscriptions, head: &Head) -> Option<Charge> {
         .filter_map(|d| head.month.day(d))
         .filter(|day| {
             let date = day.date();
-            let (start, end) = (
-                tz.start_of_date(date),
-                tz.start_of_date(date.succ_opt().unwrap_or(date)),
-            );
+            let (start, end) = (tz.start_of_date(date), tz.start_of_date(date.succ_opt().unwrap_or(date)));
             trials.iter().any(|t| t.start < end && start < t.end)
         })
         .count() as u64;
@@ -329,13 +290,7 @@ fn av_call(subs: &Subscriptions, head: &Head) -> Option<Charge> {
         })
         .collect();
     let description = format!("Audio/video call {}", names.join("; "));
-    Some(head.charge(
-        ChargeItem::AvCall,
-        days,
-        Decimal::ZERO,
-        Decimal::ZERO,
-        description,
-    ))
+    Some(head.charge(ChargeItem::AvCall, days, Decimal::ZERO, Decimal::ZERO, description))
 }
 
 #[cfg(test)]
@@ -368,23 +323,11 @@ mod tests {
     fn lines(charges: &[Charge]) -> Vec<(&'static str, String, String, String)> {
         charges
             .iter()
-            .map(|c| {
-                (
-                    c.item.id(),
-                    c.quantity.to_string(),
-                    c.unit_price.to_string(),
-                    c.amount.to_string(),
-                )
-            })
+            .map(|c| (c.item.id(), c.quantity.to_string(), c.unit_price.to_string(), c.amount.to_string()))
             .collect()
     }
 
-    fn line(
-        item: &'static str,
-        q: &str,
-        u: &str,
-        a: &str,
-    ) -> (&'static str, String, String, String) {
+    fn line(item: &'static str, q: &str, u: &str, a: &str) -> (&'static str, String, String, String) {
         (item, q.into(), u.into(), a.into())
     }
 
@@ -394,11 +337,8 @@ mod tests {
             created(APP, "2026-01-01T00:00:00+08:00", None),
             changed(APP, "2026-10-01T00:00:00+08:00", Plan::Standard),
         ]);
-        let charges = bill_month(
-            &subs,
-            &usage(nov(), |u| (u.mau, u.pcc) = (23_457, 57)),
-            &PriceBook::default(),
-        );
+        let charges =
+            bill_month(&subs, &usage(nov(), |u| (u.mau, u.pcc) = (23_457, 57)), &PriceBook::default());
         assert_eq!(
             lines(&charges),
             vec![
@@ -409,29 +349,19 @@ mod tests {
         );
         let pcc = &charges[2];
         assert!(
-            pcc.description.contains("PCC free for a limited time")
-                && pcc.description.contains("0.20"),
+            pcc.description.contains("PCC free for a limited time") && pcc.description.contains("0.20"),
             "{}",
             pcc.description
         );
         assert_eq!(charges[0].charge_id, "1400000001/2026-11/plan_fee");
-        assert_eq!(
-            charges[0].description,
-            "Standard plan fee, 30 of 30 days (399.00 × 30/30)"
-        );
-        assert!(charges
-            .iter()
-            .all(|c| c.billing_mode == BillingMode::Current && c.plan == Plan::Standard));
+        assert_eq!(charges[0].description, "Standard plan fee, 30 of 30 days (399.00 × 30/30)");
+        assert!(charges.iter().all(|c| c.billing_mode == BillingMode::Current && c.plan == Plan::Standard));
     }
 
     #[test]
     fn developer_to_premium_mid_month_is_charged_by_day() {
         let subs = subs_with(&[changed(APP, "2026-11-11T10:00:00+08:00", Plan::Premium)]);
-        let charges = bill_month(
-            &subs,
-            &usage(nov(), |u| u.mau = 10_300),
-            &PriceBook::default(),
-        );
+        let charges = bill_month(&subs, &usage(nov(), |u| u.mau = 10_300), &PriceBook::default());
         assert_eq!(
             lines(&charges),
             vec![
@@ -440,10 +370,7 @@ mod tests {
                 line("pcc", "0", "0.00", "0.00"),
             ]
         );
-        assert_eq!(
-            charges[0].description,
-            "Premium plan fee, 20 of 30 days (699.00 × 20/30)"
-        );
+        assert_eq!(charges[0].description, "Premium plan fee, 20 of 30 days (699.00 × 20/30)");
     }
 
     #[test]
@@ -467,10 +394,7 @@ mod tests {
             changed(APP, "2026-11-24T08:00:00+08:00", Plan::Pro),
         ]);
         let charges = bill_month(&subs, &usage(nov(), |_| ()), &PriceBook::default());
-        assert_eq!(
-            lines(&charges),
-            vec![line("plan_fee", "7", "449.99", "105.00")]
-        );
+        assert_eq!(lines(&charges), vec![line("plan_fee", "7", "449.99", "105.00")]);
     }
 
     #[test]
@@ -494,18 +418,13 @@ mod tests {
                 line("group_overage", "1", "449.99", "449.99"),
             ]
         );
-        assert!(charges
-            .iter()
-            .all(|c| c.billing_mode == BillingMode::Original && c.plan == Plan::Pro));
+        assert!(charges.iter().all(|c| c.billing_mode == BillingMode::Original && c.plan == Plan::Pro));
     }
 
     #[test]
     fn free_plans_have_no_charges() {
-        let busy = |m| {
-            usage(m, |u| {
-                (u.mau, u.pcc, u.dau_peak, u.group_count_peak) = (500, 40, 20_000, 300_000)
-            })
-        };
+        let busy =
+            |m| usage(m, |u| (u.mau, u.pcc, u.dau_peak, u.group_count_peak) = (500, 40, 20_000, 300_000));
         let developer = subs_with(&[created(APP, "2026-01-01T00:00:00+08:00", None)]);
         assert!(bill_month(&developer, &busy(nov()), &PriceBook::default()).is_empty());
         let free = subs_with(&[created(APP, "2021-05-01T00:00:00+08:00", None)]);
@@ -524,10 +443,7 @@ mod tests {
         let charges = bill_month(&subs, &usage(nov(), |_| ()), &PriceBook::default());
         assert_eq!(
             lines(&charges),
-            vec![
-                line("plan_fee", "30", "699.00", "699.00"),
-                line("pcc", "0", "0.00", "0.00")
-            ]
+            vec![line("plan_fee", "30", "699.00", "699.00"), line("pcc", "0", "0.00", "0.00")]
         );
     }
 
@@ -535,36 +451,21 @@ mod tests {
     fn overage_rounds_half_away_from_zero() {
         // 3 × 0.015 = 0.045 → 0.05 (banker's rounding would give 0.04).
         let subs = subs_with(&[changed(APP, "2026-10-15T00:00:00+08:00", Plan::Standard)]);
-        let charges = bill_month(
-            &subs,
-            &usage(nov(), |u| u.mau = 10_003),
-            &PriceBook::default(),
-        );
-        assert_eq!(
-            lines(&charges[1..2]),
-            vec![line("mau_overage", "3", "0.015", "0.05")]
-        );
+        let charges = bill_month(&subs, &usage(nov(), |u| u.mau = 10_003), &PriceBook::default());
+        assert_eq!(lines(&charges[1..2]), vec![line("mau_overage", "3", "0.015", "0.05")]);
     }
 
     #[test]
     fn pcc_list_price_after_the_promotion() {
         let subs = subs_with(&[changed(APP, "2026-10-15T00:00:00+08:00", Plan::Standard)]);
-        let prices = PriceBook {
-            pcc_promotion_end: Some(ts("2026-11-01T00:00:00+08:00")),
-            ..PriceBook::default()
-        };
+        let prices =
+            PriceBook { pcc_promotion_end: Some(ts("2026-11-01T00:00:00+08:00")), ..PriceBook::default() };
         let charges = bill_month(&subs, &usage(nov(), |u| u.pcc = 1_234), &prices);
         assert_eq!(
             lines(&charges),
-            vec![
-                line("plan_fee", "30", "399.00", "399.00"),
-                line("pcc", "1234", "0.20", "246.80")
-            ]
+            vec![line("plan_fee", "30", "399.00", "399.00"), line("pcc", "1234", "0.20", "246.80")]
         );
-        assert_eq!(
-            charges[1].description,
-            "Peak concurrent connections 1234 × 0.20 USD"
-        );
+        assert_eq!(charges[1].description, "Peak concurrent connections 1234 × 0.20 USD");
     }
 
     #[test]
@@ -578,10 +479,7 @@ mod tests {
         let nov_charges = bill_month(&subs, &u(nov()), &PriceBook::default());
         assert_eq!(
             lines(&nov_charges),
-            vec![
-                line("plan_fee", "30", "449.99", "449.99"),
-                line("dau_overage", "1", "449.99", "449.99")
-            ]
+            vec![line("plan_fee", "30", "449.99", "449.99"), line("dau_overage", "1", "449.99", "449.99")]
         );
         assert_eq!(nov_charges[0].billing_mode, BillingMode::Original);
         let dec_charges = bill_month(&subs, &u(nov().next()), &PriceBook::default());
@@ -605,10 +503,7 @@ mod tests {
         let u = |m| usage(m, |_| ());
         let charges = bill_month(&subs, &u(nov()), &PriceBook::default());
         assert_eq!(lines(&charges), vec![line("av_call", "28", "0.00", "0.00")]);
-        assert_eq!(
-            charges[0].description,
-            "Audio/video call free trial 1 of 2, 2026-11-03 – 2027-01-02"
-        );
+        assert_eq!(charges[0].description, "Audio/video call free trial 1 of 2, 2026-11-03 – 2027-01-02");
         assert_eq!(
             lines(&bill_month(&subs, &u(nov().next()), &PriceBook::default())),
             vec![line("av_call", "31", "0.00", "0.00")]
@@ -619,21 +514,14 @@ mod tests {
             vec![line("av_call", "2", "0.00", "0.00")]
         );
         // Outside trials: no line, even with a price configured.
-        let priced = PriceBook {
-            av_call_price: Some(Decimal::new(5, 1)),
-            ..PriceBook::default()
-        };
+        let priced = PriceBook { av_call_price: Some(Decimal::new(5, 1)), ..PriceBook::default() };
         assert!(bill_month(&subs, &u(jan.next()), &priced).is_empty());
     }
 
     #[test]
     fn charge_json_round_trip_uses_decimal_strings() {
         let subs = subs_with(&[changed(APP, "2026-11-11T10:00:00+08:00", Plan::Premium)]);
-        let charges = bill_month(
-            &subs,
-            &usage(nov(), |u| u.mau = 10_300),
-            &PriceBook::default(),
-        );
+        let charges = bill_month(&subs, &usage(nov(), |u| u.mau = 10_300), &PriceBook::default());
         let json = serde_json::to_value(&charges[1]).unwrap();
         assert_eq!(
             json,

@@ -118,8 +118,7 @@ mod tests {
         let nov: Month = "2026-11".parse().unwrap();
         let mut prices = PriceBook::default();
         assert!(prices.pcc_promotion_applies(&tz, nov));
-        prices.pcc_promotion_end =
-            Some(Timestamp::parse_rfc3339("2026-11-15T00:00:00+08:00").unwrap());
+        prices.pcc_promotion_end = Some(Timestamp::parse_rfc3339("2026-11-15T00:00:00+08:00").unwrap());
         assert_eq!(prices.pcc_unit_price(&tz, nov), Decimal::ZERO);
         assert_eq!(prices.pcc_unit_price(&tz, nov.next()).to_string(), "0.20");
         prices.pcc_promotion_end = Some(tz.start_of_month(nov));

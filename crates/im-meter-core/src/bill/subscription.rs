@@ -102,11 +102,7 @@ fn invalid(detail: String) -> Rejection {
 impl Subscriptions {
     /// An empty book; months and days are those of `tz`.
     pub fn new(tz: BillingTz) -> Self {
-        Subscriptions {
-            tz,
-            apps: BTreeMap::new(),
-            trial_apps: BTreeMap::new(),
-        }
+        Subscriptions { tz, apps: BTreeMap::new(), trial_apps: BTreeMap::new() }
     }
 
     /// The billing time zone.
@@ -121,10 +117,7 @@ impl Subscriptions {
 
     /// When the app was created (`None`: never created, so it exists since forever).
     pub fn created_at(&self, app: AppId) -> Option<Timestamp> {
-        self.apps
-            .get(&app)
-            .and_then(|b| b.created.as_ref())
-            .map(|(ts, _)| *ts)
+        self.apps.get(&app).and_then(|b| b.created.as_ref()).map(|(ts, _)| *ts)
     }
 
     /// The plan in force at `ts`; `None` if the app did not exist yet. An unknown app is a
@@ -166,9 +159,7 @@ impl Subscriptions {
     /// The app's trials overlapping `month` (billing zone).
     pub fn trials_in(&self, app: AppId, month: Month) -> impl Iterator<Item = &Trial> + '_ {
         let (start, end) = (self.tz.start_of_month(month), self.tz.end_of_month(month));
-        self.trials(app)
-            .iter()
-            .filter(move |t| t.start < end && start < t.end)
+        self.trials(app).iter().filter(move |t| t.start < end && start < t.end)
     }
 
     /// Checks `ev` against every subscription rule and, if it passes, applies it.
@@ -180,11 +171,7 @@ impl Subscriptions {
     /// changes nothing.
     pub fn apply(&mut self, ev: &SubscriptionEvent) -> Result<(), Rejection> {
         let key = (ev.ts, ev.change.clone());
-        if self
-            .apps
-            .get(&ev.app_id)
-            .is_some_and(|b| b.applied.contains(&key))
-        {
+        if self.apps.get(&ev.app_id).is_some_and(|b| b.applied.contains(&key)) {
             return Ok(());
         }
         self.check(ev)?;
@@ -197,10 +184,7 @@ impl Subscriptions {
                 BillingMode::Current
             };
             let created = Some((ev.ts, account_id.clone()));
-            self.apps.insert(
-                ev.app_id,
-                AppBook::starting(ev.ts, created, mode.entry_plan()),
-            );
+            self.apps.insert(ev.app_id, AppBook::starting(ev.ts, created, mode.entry_plan()));
         }
         let book = self.apps.entry(ev.app_id).or_insert_with(AppBook::implicit);
         match &ev.change {
@@ -225,10 +209,7 @@ impl Subscriptions {
                     account_id: account.clone(),
                 });
                 if let Some(account) = account {
-                    self.trial_apps
-                        .entry(account)
-                        .or_default()
-                        .insert(ev.app_id);
+                    self.trial_apps.entry(account).or_default().insert(ev.app_id);
                 }
             }
         }
@@ -296,10 +277,7 @@ impl Subscriptions {
                 if plan.mode() != current.mode() {
                     let pending = match book.migration_effective {
                         Some(eff) if eff > ev.ts => {
-                            format!(
-                                " (its migration to the current mode takes effect at {})",
-                                at(eff)
-                            )
+                            format!(" (its migration to the current mode takes effect at {})", at(eff))
                         }
                         _ => String::new(),
                     };
@@ -311,10 +289,7 @@ impl Subscriptions {
                     )));
                 }
                 if plan == current {
-                    return Err(invalid(format!(
-                        "the app is already on the {plan} plan at {}",
-                        at(ev.ts)
-                    )));
+                    return Err(invalid(format!("the app is already on the {plan} plan at {}", at(ev.ts))));
                 }
                 if !plan.is_paid() {
                     return Err(invalid(format!(
@@ -374,9 +349,7 @@ impl Subscriptions {
 
 /// The account a trial counts against: the event's, else the app's creator, else none.
 fn trial_account(event_account: &Option<String>, book: &AppBook) -> Option<String> {
-    event_account
-        .clone()
-        .or_else(|| book.created.as_ref().and_then(|(_, a)| a.clone()))
+    event_account.clone().or_else(|| book.created.as_ref().and_then(|(_, a)| a.clone()))
 }
 
 #[cfg(test)]
@@ -388,21 +361,11 @@ pub(crate) mod tests {
     }
 
     pub(crate) fn ev(app: AppId, at: &str, change: SubscriptionChange) -> SubscriptionEvent {
-        SubscriptionEvent {
-            app_id: app,
-            ts: ts(at),
-            change,
-        }
+        SubscriptionEvent { app_id: app, ts: ts(at), change }
     }
 
     pub(crate) fn created(app: AppId, at: &str, account: Option<&str>) -> SubscriptionEvent {
-        ev(
-            app,
-            at,
-            SubscriptionChange::AppCreated {
-                account_id: account.map(Into::into),
-            },
-        )
+        ev(app, at, SubscriptionChange::AppCreated { account_id: account.map(Into::into) })
     }
 
     pub(crate) fn changed(app: AppId, at: &str, plan: Plan) -> SubscriptionEvent {
@@ -414,13 +377,7 @@ pub(crate) mod tests {
     }
 
     pub(crate) fn trial(app: AppId, at: &str, account: Option<&str>) -> SubscriptionEvent {
-        ev(
-            app,
-            at,
-            SubscriptionChange::AvCallTrialStarted {
-                account_id: account.map(Into::into),
-            },
-        )
+        ev(app, at, SubscriptionChange::AvCallTrialStarted { account_id: account.map(Into::into) })
     }
 
     fn book() -> Subscriptions {
@@ -432,25 +389,15 @@ pub(crate) mod tests {
         let before = format!("{subs:?}");
         let err = subs.apply(&e).unwrap_err();
         assert_eq!(err.reason, RejectReason::InvalidChange, "{err}");
-        assert!(
-            err.detail.contains(needle),
-            "{:?} should mention {needle:?}",
-            err.detail
-        );
-        assert_eq!(
-            format!("{subs:?}"),
-            before,
-            "a rejected event changed the book"
-        );
+        assert!(err.detail.contains(needle), "{:?} should mention {needle:?}", err.detail);
+        assert_eq!(format!("{subs:?}"), before, "a rejected event changed the book");
     }
 
     #[test]
     fn creation_date_sets_the_billing_mode() {
         let mut subs = book();
-        subs.apply(&created(1, "2022-12-25T23:30:00+08:00", None))
-            .unwrap();
-        subs.apply(&created(2, "2022-12-26T00:00:00+08:00", None))
-            .unwrap();
+        subs.apply(&created(1, "2022-12-25T23:30:00+08:00", None)).unwrap();
+        subs.apply(&created(2, "2022-12-26T00:00:00+08:00", None)).unwrap();
         let later = ts("2023-01-01T00:00:00Z");
         assert_eq!(subs.plan_at(1, later), Some(Plan::Free));
         assert_eq!(subs.billing_mode_at(1, later), Some(BillingMode::Original));
@@ -458,10 +405,7 @@ pub(crate) mod tests {
         assert_eq!(subs.billing_mode_at(2, later), Some(BillingMode::Current));
         // Before creation the app does not exist; an unknown app is Developer forever.
         assert_eq!(subs.plan_at(2, ts("2022-12-25T00:00:00Z")), None);
-        assert_eq!(
-            subs.plan_at(99, ts("2001-01-01T00:00:00Z")),
-            Some(Plan::Developer)
-        );
+        assert_eq!(subs.plan_at(99, ts("2001-01-01T00:00:00Z")), Some(Plan::Developer));
         assert_eq!(subs.created_at(1), Some(ts("2022-12-25T23:30:00+08:00")));
         assert_eq!(subs.apps().collect::<Vec<_>>(), vec![1, 2]);
     }
@@ -471,29 +415,12 @@ pub(crate) mod tests {
         let mut subs = book();
         let first = created(1, "2026-01-01T00:00:00Z", Some("acct"));
         subs.apply(&first).unwrap();
-        rejected(
-            &mut subs,
-            created(1, "2026-02-01T00:00:00Z", Some("acct")),
-            "already created",
-        );
-        rejected(
-            &mut subs,
-            created(1, "2026-01-01T00:00:00Z", Some("other")),
-            "already created",
-        );
-        rejected(
-            &mut subs,
-            changed(1, "2025-12-31T00:00:00Z", Plan::Standard),
-            "before the app's creation",
-        );
+        rejected(&mut subs, created(1, "2026-02-01T00:00:00Z", Some("acct")), "already created");
+        rejected(&mut subs, created(1, "2026-01-01T00:00:00Z", Some("other")), "already created");
+        rejected(&mut subs, changed(1, "2025-12-31T00:00:00Z", Plan::Standard), "before the app's creation");
         // An app implicitly Developer cannot be created afterwards.
-        subs.apply(&changed(2, "2026-01-05T00:00:00Z", Plan::Standard))
-            .unwrap();
-        rejected(
-            &mut subs,
-            created(2, "2026-01-06T00:00:00Z", None),
-            "after other subscription events",
-        );
+        subs.apply(&changed(2, "2026-01-05T00:00:00Z", Plan::Standard)).unwrap();
+        rejected(&mut subs, created(2, "2026-01-06T00:00:00Z", None), "after other subscription events");
     }
 
     #[test]
@@ -518,36 +445,21 @@ pub(crate) mod tests {
     #[test]
     fn plan_changes_follow_the_rules() {
         let mut subs = book();
-        subs.apply(&created(1, "2026-01-01T00:00:00Z", None))
-            .unwrap();
+        subs.apply(&created(1, "2026-01-01T00:00:00Z", None)).unwrap();
         // Developer → Standard → Premium in one month: one paid↔paid change, allowed.
-        subs.apply(&changed(1, "2026-11-02T00:00:00Z", Plan::Standard))
-            .unwrap();
-        subs.apply(&changed(1, "2026-11-05T00:00:00Z", Plan::Premium))
-            .unwrap();
+        subs.apply(&changed(1, "2026-11-02T00:00:00Z", Plan::Standard)).unwrap();
+        subs.apply(&changed(1, "2026-11-05T00:00:00Z", Plan::Premium)).unwrap();
         // A second paid↔paid change the same month is rejected; the first is kept.
         rejected(
             &mut subs,
             changed(1, "2026-11-20T00:00:00Z", Plan::Standard),
             "second change between paid plans",
         );
-        assert_eq!(
-            subs.plan_at(1, ts("2026-11-25T00:00:00Z")),
-            Some(Plan::Premium)
-        );
+        assert_eq!(subs.plan_at(1, ts("2026-11-25T00:00:00Z")), Some(Plan::Premium));
         // Next month (billing zone) it is allowed again.
-        rejected(
-            &mut subs,
-            changed(1, "2026-11-30T15:59:59Z", Plan::Standard),
-            "at most one a month",
-        );
-        subs.apply(&changed(1, "2026-11-30T16:00:00Z", Plan::Standard))
-            .unwrap();
-        rejected(
-            &mut subs,
-            changed(1, "2026-12-03T00:00:00Z", Plan::Developer),
-            "back to the free",
-        );
+        rejected(&mut subs, changed(1, "2026-11-30T15:59:59Z", Plan::Standard), "at most one a month");
+        subs.apply(&changed(1, "2026-11-30T16:00:00Z", Plan::Standard)).unwrap();
+        rejected(&mut subs, changed(1, "2026-12-03T00:00:00Z", Plan::Developer), "back to the free");
         rejected(
             &mut subs,
             changed(1, "2026-12-03T00:00:00Z", Plan::Standard),
@@ -558,153 +470,81 @@ pub(crate) mod tests {
             changed(1, "2026-12-03T00:00:00Z", Plan::Pro),
             "belongs to the original billing mode",
         );
-        rejected(
-            &mut subs,
-            changed(1, "2026-11-29T00:00:00Z", Plan::Premium),
-            "out of order",
-        );
+        rejected(&mut subs, changed(1, "2026-11-29T00:00:00Z", Plan::Premium), "out of order");
     }
 
     #[test]
     fn original_mode_plan_changes() {
         let mut subs = book();
-        subs.apply(&created(1, "2021-05-01T00:00:00+08:00", None))
-            .unwrap();
+        subs.apply(&created(1, "2021-05-01T00:00:00+08:00", None)).unwrap();
         rejected(
             &mut subs,
             changed(1, "2026-10-01T00:00:00Z", Plan::Standard),
             "belongs to the current billing mode",
         );
-        subs.apply(&changed(1, "2026-10-01T00:00:00Z", Plan::Pro))
-            .unwrap();
-        subs.apply(&changed(1, "2026-11-01T00:00:00Z", Plan::Ultimate))
-            .unwrap();
-        rejected(
-            &mut subs,
-            changed(1, "2026-11-20T00:00:00Z", Plan::Pro),
-            "at most one a month",
-        );
-        rejected(
-            &mut subs,
-            changed(1, "2026-11-20T00:00:00Z", Plan::Free),
-            "back to the free",
-        );
+        subs.apply(&changed(1, "2026-10-01T00:00:00Z", Plan::Pro)).unwrap();
+        subs.apply(&changed(1, "2026-11-01T00:00:00Z", Plan::Ultimate)).unwrap();
+        rejected(&mut subs, changed(1, "2026-11-20T00:00:00Z", Plan::Pro), "at most one a month");
+        rejected(&mut subs, changed(1, "2026-11-20T00:00:00Z", Plan::Free), "back to the free");
     }
 
     #[test]
     fn migration_takes_effect_next_month_and_is_one_way() {
         let mut subs = book();
-        subs.apply(&created(1, "2021-05-01T00:00:00+08:00", None))
-            .unwrap();
-        subs.apply(&changed(1, "2026-10-01T00:00:00+08:00", Plan::Pro))
-            .unwrap();
-        subs.apply(&migrated(1, "2026-11-15T12:00:00+08:00", Plan::Standard))
-            .unwrap();
+        subs.apply(&created(1, "2021-05-01T00:00:00+08:00", None)).unwrap();
+        subs.apply(&changed(1, "2026-10-01T00:00:00+08:00", Plan::Pro)).unwrap();
+        subs.apply(&migrated(1, "2026-11-15T12:00:00+08:00", Plan::Standard)).unwrap();
         let effective = ts("2026-12-01T00:00:00+08:00");
         assert_eq!(subs.migration_effective(1), Some(effective));
         assert_eq!(subs.plan_at(1, Timestamp(effective.0 - 1)), Some(Plan::Pro));
         assert_eq!(subs.plan_at(1, effective), Some(Plan::Standard));
         let nov: Month = "2026-11".parse().unwrap();
         assert_eq!(subs.plan_at_month_end(1, nov), Some(Plan::Pro));
-        assert_eq!(
-            subs.billing_mode_of_month(1, nov),
-            Some(BillingMode::Original)
-        );
-        assert_eq!(
-            subs.billing_mode_of_month(1, nov.next()),
-            Some(BillingMode::Current)
-        );
+        assert_eq!(subs.billing_mode_of_month(1, nov), Some(BillingMode::Original));
+        assert_eq!(subs.billing_mode_of_month(1, nov.next()), Some(BillingMode::Current));
         // Until then the app is original: current-mode changes refused, original ones allowed.
         rejected(
             &mut subs,
             changed(1, "2026-11-20T00:00:00+08:00", Plan::Premium),
             "takes effect at 2026-12-01T00:00:00+08:00",
         );
-        subs.apply(&changed(1, "2026-11-20T00:00:00+08:00", Plan::Ultimate))
-            .unwrap();
-        assert_eq!(
-            subs.plan_at(1, Timestamp(effective.0 - 1)),
-            Some(Plan::Ultimate)
-        );
+        subs.apply(&changed(1, "2026-11-20T00:00:00+08:00", Plan::Ultimate)).unwrap();
+        assert_eq!(subs.plan_at(1, Timestamp(effective.0 - 1)), Some(Plan::Ultimate));
         assert_eq!(subs.plan_at(1, effective), Some(Plan::Standard));
-        rejected(
-            &mut subs,
-            migrated(1, "2026-11-25T00:00:00+08:00", Plan::Premium),
-            "one-way",
-        );
+        rejected(&mut subs, migrated(1, "2026-11-25T00:00:00+08:00", Plan::Premium), "one-way");
         // After it: current-mode rules.
-        rejected(
-            &mut subs,
-            changed(1, "2026-12-02T00:00:00+08:00", Plan::Pro),
-            "belongs to the original",
-        );
-        rejected(
-            &mut subs,
-            changed(1, "2026-12-02T00:00:00+08:00", Plan::Developer),
-            "back to the free",
-        );
-        subs.apply(&changed(1, "2026-12-02T00:00:00+08:00", Plan::Premium))
-            .unwrap();
-        rejected(
-            &mut subs,
-            migrated(1, "2027-01-02T00:00:00+08:00", Plan::Standard),
-            "one-way",
-        );
+        rejected(&mut subs, changed(1, "2026-12-02T00:00:00+08:00", Plan::Pro), "belongs to the original");
+        rejected(&mut subs, changed(1, "2026-12-02T00:00:00+08:00", Plan::Developer), "back to the free");
+        subs.apply(&changed(1, "2026-12-02T00:00:00+08:00", Plan::Premium)).unwrap();
+        rejected(&mut subs, migrated(1, "2027-01-02T00:00:00+08:00", Plan::Standard), "one-way");
         // A current-mode app cannot migrate.
-        subs.apply(&created(2, "2026-01-01T00:00:00Z", None))
-            .unwrap();
-        rejected(
-            &mut subs,
-            migrated(2, "2026-02-01T00:00:00Z", Plan::Standard),
-            "only apps in the original",
-        );
+        subs.apply(&created(2, "2026-01-01T00:00:00Z", None)).unwrap();
+        rejected(&mut subs, migrated(2, "2026-02-01T00:00:00Z", Plan::Standard), "only apps in the original");
     }
 
     #[test]
     fn trial_rules() {
         let mut subs = book();
-        subs.apply(&created(1, "2026-01-01T00:00:00Z", Some("acct")))
-            .unwrap();
+        subs.apply(&created(1, "2026-01-01T00:00:00Z", Some("acct"))).unwrap();
         subs.apply(&trial(1, "2026-01-10T00:00:00Z", None)).unwrap();
         // Still running on day 59; the next may start exactly at its end.
-        rejected(
-            &mut subs,
-            trial(1, "2026-03-10T23:59:59Z", None),
-            "still running",
-        );
+        rejected(&mut subs, trial(1, "2026-03-10T23:59:59Z", None), "still running");
         subs.apply(&trial(1, "2026-03-11T00:00:00Z", None)).unwrap();
-        rejected(
-            &mut subs,
-            trial(1, "2026-09-01T00:00:00Z", None),
-            "already used its 2",
-        );
+        rejected(&mut subs, trial(1, "2026-09-01T00:00:00Z", None), "already used its 2");
         assert_eq!(subs.trials(1)[1].number, 2);
         assert_eq!(subs.trials(1)[1].account_id.as_deref(), Some("acct"));
 
         // One account, at most 10 distinct apps (app 1 already counts for "acct").
         for app in 2..=10 {
-            subs.apply(&trial(app, "2026-02-01T00:00:00Z", Some("acct")))
-                .unwrap();
+            subs.apply(&trial(app, "2026-02-01T00:00:00Z", Some("acct"))).unwrap();
         }
-        rejected(
-            &mut subs,
-            trial(11, "2026-02-01T00:00:00Z", Some("acct")),
-            "at most 10",
-        );
+        rejected(&mut subs, trial(11, "2026-02-01T00:00:00Z", Some("acct")), "at most 10");
         // The creator's account counts when the event names none.
-        subs.apply(&created(12, "2026-01-01T00:00:00Z", Some("acct")))
-            .unwrap();
-        rejected(
-            &mut subs,
-            trial(12, "2026-02-01T00:00:00Z", None),
-            "account acct",
-        );
+        subs.apply(&created(12, "2026-01-01T00:00:00Z", Some("acct"))).unwrap();
+        rejected(&mut subs, trial(12, "2026-02-01T00:00:00Z", None), "account acct");
         // An app already counted may start its second trial; other accounts are unaffected.
-        subs.apply(&trial(2, "2026-04-02T00:00:00Z", Some("acct")))
-            .unwrap();
-        subs.apply(&trial(11, "2026-02-01T00:00:00Z", Some("other")))
-            .unwrap();
-        subs.apply(&trial(13, "2026-02-01T00:00:00Z", None))
-            .unwrap();
+        subs.apply(&trial(2, "2026-04-02T00:00:00Z", Some("acct"))).unwrap();
+        subs.apply(&trial(11, "2026-02-01T00:00:00Z", Some("other"))).unwrap();
+        subs.apply(&trial(13, "2026-02-01T00:00:00Z", None)).unwrap();
     }
 }

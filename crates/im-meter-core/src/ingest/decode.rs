@@ -63,11 +63,7 @@ impl<'de: 'a, 'a> Deserialize<'de> for Scalar<'a> {
                 Ok(Scalar::Unsigned(v))
             }
             fn visit_i64<E>(self, v: i64) -> Result<Self::Value, E> {
-                Ok(if v >= 0 {
-                    Scalar::Unsigned(v as u64)
-                } else {
-                    Scalar::Negative(v)
-                })
+                Ok(if v >= 0 { Scalar::Unsigned(v as u64) } else { Scalar::Negative(v) })
             }
             fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
                 Ok(Scalar::Fractional)
@@ -128,10 +124,7 @@ fn given<'s, 'a>(field: &'s Option<Scalar<'a>>) -> Option<&'s Scalar<'a>> {
 
 fn parse_record(bytes: &[u8]) -> Result<RawRecord<'_>, Rejection> {
     let text = std::str::from_utf8(bytes).map_err(|e| {
-        Rejection::new(
-            RejectReason::NotUtf8,
-            format!("invalid UTF-8 at byte {}", e.valid_up_to()),
-        )
+        Rejection::new(RejectReason::NotUtf8, format!("invalid UTF-8 at byte {}", e.valid_up_to()))
     })?;
     // serde would happily read a struct from a JSON array; the spec wants objects only.
     match text.trim_start().as_bytes().first() {
@@ -139,19 +132,14 @@ fn parse_record(bytes: &[u8]) -> Result<RawRecord<'_>, Rejection> {
         None => return Err(Rejection::new(RejectReason::NotJson, "empty record")),
         Some(_) => {
             return Err(match serde_json::from_str::<IgnoredAny>(text) {
-                Ok(_) => Rejection::new(
-                    RejectReason::NotObject,
-                    "the record is JSON but not an object",
-                ),
+                Ok(_) => Rejection::new(RejectReason::NotObject, "the record is JSON but not an object"),
                 Err(e) => Rejection::new(RejectReason::NotJson, e.to_string()),
             })
         }
     }
     serde_json::from_str::<RawRecord<'_>>(text).map_err(|e| match e.classify() {
         // The only data error left once every field accepts any value is a repeated key.
-        serde_json::error::Category::Data => {
-            Rejection::new(RejectReason::InvalidField, e.to_string())
-        }
+        serde_json::error::Category::Data => Rejection::new(RejectReason::InvalidField, e.to_string()),
         _ => Rejection::new(RejectReason::NotJson, e.to_string()),
     })
 }
@@ -166,15 +154,11 @@ fn required<'s, 'a>(
 
 fn type_name<'s>(raw: &'s RawRecord<'_>) -> Result<&'s str, Rejection> {
     match given(&raw.kind) {
-        None => Err(Rejection::new(
-            RejectReason::MissingField,
-            "`type` is required",
-        )),
+        None => Err(Rejection::new(RejectReason::MissingField, "`type` is required")),
         Some(Scalar::Str(s)) => Ok(s),
-        Some(other) => Err(Rejection::invalid(
-            "type",
-            format_args!("must be a string, got {}", other.kind()),
-        )),
+        Some(other) => {
+            Err(Rejection::invalid("type", format_args!("must be a string, got {}", other.kind())))
+        }
     }
 }
 
@@ -196,9 +180,7 @@ fn timestamp(raw: &RawRecord<'_>, kind: &str) -> Result<Timestamp, Rejection> {
         TimestampError::OutOfRange(_) => {
             Rejection::new(RejectReason::TimestampOutOfRange, format!("`ts` {e}"))
         }
-        TimestampError::Unparsable(_) => {
-            Rejection::new(RejectReason::BadTimestamp, format!("`ts` is {e}"))
-        }
+        TimestampError::Unparsable(_) => Rejection::new(RejectReason::BadTimestamp, format!("`ts` is {e}")),
     };
     match required(&raw.ts, "ts", kind)? {
         Scalar::Str(s) => Timestamp::parse_rfc3339(s).map_err(out_of_range),
@@ -208,10 +190,7 @@ fn timestamp(raw: &RawRecord<'_>, kind: &str) -> Result<Timestamp, Rejection> {
         Scalar::Negative(ms) => Timestamp::from_millis(*ms).map_err(out_of_range),
         other => Err(Rejection::new(
             RejectReason::BadTimestamp,
-            format!(
-                "`ts` must be an RFC 3339 string or integer epoch milliseconds, got {}",
-                other.kind()
-            ),
+            format!("`ts` must be an RFC 3339 string or integer epoch milliseconds, got {}", other.kind()),
         )),
     }
 }
@@ -225,25 +204,15 @@ fn id_str<'s>(value: &'s Scalar<'_>, name: &str) -> Result<&'s str, Rejection> {
             format_args!("is {} bytes long, at most {MAX_ID_BYTES} allowed", s.len()),
         )),
         Scalar::Str(s) => Ok(s),
-        other => Err(Rejection::invalid(
-            name,
-            format_args!("must be a string, got {}", other.kind()),
-        )),
+        other => Err(Rejection::invalid(name, format_args!("must be a string, got {}", other.kind()))),
     }
 }
 
-fn required_id<'s>(
-    field: &'s Option<Scalar<'_>>,
-    name: &str,
-    kind: &str,
-) -> Result<&'s str, Rejection> {
+fn required_id<'s>(field: &'s Option<Scalar<'_>>, name: &str, kind: &str) -> Result<&'s str, Rejection> {
     id_str(required(field, name, kind)?, name)
 }
 
-fn optional_id<'s>(
-    field: &'s Option<Scalar<'_>>,
-    name: &str,
-) -> Result<Option<&'s str>, Rejection> {
+fn optional_id<'s>(field: &'s Option<Scalar<'_>>, name: &str) -> Result<Option<&'s str>, Rejection> {
     given(field).map(|v| id_str(v, name)).transpose()
 }
 
@@ -251,10 +220,7 @@ fn optional_id<'s>(
 fn optional_text(field: &Option<Scalar<'_>>, name: &str) -> Result<(), Rejection> {
     match given(field) {
         None | Some(Scalar::Str(_)) => Ok(()),
-        Some(other) => Err(Rejection::invalid(
-            name,
-            format_args!("must be a string, got {}", other.kind()),
-        )),
+        Some(other) => Err(Rejection::invalid(name, format_args!("must be a string, got {}", other.kind()))),
     }
 }
 
@@ -270,14 +236,8 @@ fn optional_text(field: &Option<Scalar<'_>>, name: &str) -> Result<(), Rejection
 pub fn decode_usage_event(bytes: &[u8]) -> Result<UsageEvent, Rejection> {
     let raw = parse_record(bytes)?;
     let kind = type_name(&raw)?;
-    if !matches!(
-        kind,
-        "login" | "logout" | "connect" | "disconnect" | "heartbeat" | "group_stats"
-    ) {
-        return Err(unknown_type(
-            kind,
-            "login, logout, connect, disconnect, heartbeat or group_stats",
-        ));
+    if !matches!(kind, "login" | "logout" | "connect" | "disconnect" | "heartbeat" | "group_stats") {
+        return Err(unknown_type(kind, "login, logout, connect, disconnect, heartbeat or group_stats"));
     }
     let app_id = app_id(&raw, kind)?;
     let ts = timestamp(&raw, kind)?;
@@ -297,25 +257,17 @@ pub fn decode_usage_event(bytes: &[u8]) -> Result<UsageEvent, Rejection> {
                 }
             },
         },
-        "logout" => Action::Logout {
-            user: UserKey::of(required_id(&raw.user_id, "user_id", kind)?),
-        },
+        "logout" => Action::Logout { user: UserKey::of(required_id(&raw.user_id, "user_id", kind)?) },
         "connect" => Action::Connect {
             user: UserKey::of(required_id(&raw.user_id, "user_id", kind)?),
             conn: ConnKey::of(required_id(&raw.conn_id, "conn_id", kind)?),
         },
-        "disconnect" => Action::Disconnect {
-            conn: ConnKey::of(required_id(&raw.conn_id, "conn_id", kind)?),
-        },
-        "heartbeat" => Action::Heartbeat {
-            conn: ConnKey::of(required_id(&raw.conn_id, "conn_id", kind)?),
-        },
+        "disconnect" => Action::Disconnect { conn: ConnKey::of(required_id(&raw.conn_id, "conn_id", kind)?) },
+        "heartbeat" => Action::Heartbeat { conn: ConnKey::of(required_id(&raw.conn_id, "conn_id", kind)?) },
         _ => Action::GroupStats {
             group_count: match required(&raw.group_count, "group_count", kind)? {
                 Scalar::Unsigned(n) => *n,
-                Scalar::Negative(_) => {
-                    return Err(Rejection::invalid("group_count", "must be >= 0"))
-                }
+                Scalar::Negative(_) => return Err(Rejection::invalid("group_count", "must be >= 0")),
                 other => {
                     return Err(Rejection::invalid(
                         "group_count",
@@ -330,20 +282,14 @@ pub fn decode_usage_event(bytes: &[u8]) -> Result<UsageEvent, Rejection> {
 
 fn unknown_type(kind: &str, expected: &str) -> Rejection {
     let shown: String = kind.chars().take(64).collect();
-    Rejection::new(
-        RejectReason::UnknownType,
-        format!("unknown event type {shown:?}, expected {expected}"),
-    )
+    Rejection::new(RejectReason::UnknownType, format!("unknown event type {shown:?}, expected {expected}"))
 }
 
 /// Decodes and validates one subscription event record (its rules are checked on apply).
 pub fn decode_subscription_event(bytes: &[u8]) -> Result<SubscriptionEvent, Rejection> {
     let raw = parse_record(bytes)?;
     let kind = type_name(&raw)?;
-    if !matches!(
-        kind,
-        "app_created" | "plan_changed" | "billing_mode_migrated" | "av_call_trial_started"
-    ) {
+    if !matches!(kind, "app_created" | "plan_changed" | "billing_mode_migrated" | "av_call_trial_started") {
         return Err(unknown_type(
             kind,
             "app_created, plan_changed, billing_mode_migrated or av_call_trial_started",
@@ -357,9 +303,7 @@ pub fn decode_subscription_event(bytes: &[u8]) -> Result<SubscriptionEvent, Reje
         let plan = Plan::from_id(id).ok_or_else(|| {
             Rejection::invalid(
                 "plan",
-                format_args!(
-                    "{id:?} is not a plan (developer, standard, premium, free, pro, ultimate)"
-                ),
+                format_args!("{id:?} is not a plan (developer, standard, premium, free, pro, ultimate)"),
             )
         })?;
         match mode {
@@ -372,16 +316,12 @@ pub fn decode_subscription_event(bytes: &[u8]) -> Result<SubscriptionEvent, Reje
     };
     let account_id = || optional_id(&raw.account_id, "account_id").map(|a| a.map(str::to_owned));
     let change = match kind {
-        "app_created" => SubscriptionChange::AppCreated {
-            account_id: account_id()?,
-        },
+        "app_created" => SubscriptionChange::AppCreated { account_id: account_id()? },
         "plan_changed" => SubscriptionChange::PlanChanged { plan: plan(None)? },
-        "billing_mode_migrated" => SubscriptionChange::BillingModeMigrated {
-            plan: plan(Some(BillingMode::Current))?,
-        },
-        _ => SubscriptionChange::AvCallTrialStarted {
-            account_id: account_id()?,
-        },
+        "billing_mode_migrated" => {
+            SubscriptionChange::BillingModeMigrated { plan: plan(Some(BillingMode::Current))? }
+        }
+        _ => SubscriptionChange::AvCallTrialStarted { account_id: account_id()? },
     };
     Ok(SubscriptionEvent { app_id, ts, change })
 }
@@ -407,44 +347,25 @@ mod tests {
         .unwrap();
         assert_eq!(a, b);
         assert_eq!(a.ts.millis(), 1_793_693_700_000);
-        let escaped = decode_usage_event(
-            br#"{"type":"login","app_id":1,"user_id":"\u0061lice","ts":1700000000000}"#,
+        let escaped =
+            decode_usage_event(br#"{"type":"login","app_id":1,"user_id":"\u0061lice","ts":1700000000000}"#)
+                .unwrap();
+        assert_eq!(escaped.action, Action::Login { user: UserKey::of("alice"), ok: true });
+        let failed =
+            decode_usage_event(br#"{"type":"login","app_id":1,"user_id":"a","ok":false,"ts":1700000000000}"#)
+                .unwrap();
+        assert_eq!(failed.action, Action::Login { user: UserKey::of("a"), ok: false });
+        let nulls = decode_usage_event(
+            br#"{"type":"login","app_id":1,"user_id":"a","ok":null,"platform":null,"ts":1700000000000}"#,
         )
         .unwrap();
-        assert_eq!(
-            escaped.action,
-            Action::Login {
-                user: UserKey::of("alice"),
-                ok: true
-            }
-        );
-        let failed = decode_usage_event(
-            br#"{"type":"login","app_id":1,"user_id":"a","ok":false,"ts":1700000000000}"#,
-        )
-        .unwrap();
-        assert_eq!(
-            failed.action,
-            Action::Login {
-                user: UserKey::of("a"),
-                ok: false
-            }
-        );
-        let nulls = decode_usage_event(br#"{"type":"login","app_id":1,"user_id":"a","ok":null,"platform":null,"ts":1700000000000}"#).unwrap();
-        assert_eq!(
-            nulls.action,
-            Action::Login {
-                user: UserKey::of("a"),
-                ok: true
-            }
-        );
+        assert_eq!(nulls.action, Action::Login { user: UserKey::of("a"), ok: true });
     }
 
     #[test]
     fn every_malformed_case_has_its_reason() {
-        let long = format!(
-            r#"{{"type":"login","app_id":1,"user_id":"{}","ts":1700000000000}}"#,
-            "u".repeat(129)
-        );
+        let long =
+            format!(r#"{{"type":"login","app_id":1,"user_id":"{}","ts":1700000000000}}"#, "u".repeat(129));
         let cases: Vec<(Vec<u8>, &str, &str)> = vec![
             (b"\xff\xfe".to_vec(), "not_utf8", "UTF-8"),
             (b"not json".to_vec(), "not_json", ""),
@@ -452,26 +373,10 @@ mod tests {
             (br#"{"type":"login""#.to_vec(), "not_json", ""),
             (br#"["login",1]"#.to_vec(), "not_object", ""),
             (b"42".to_vec(), "not_object", ""),
-            (
-                br#"{"app_id":1,"ts":1700000000000}"#.to_vec(),
-                "missing_field",
-                "type",
-            ),
-            (
-                br#"{"type":7,"app_id":1,"ts":1700000000000}"#.to_vec(),
-                "invalid_field",
-                "type",
-            ),
-            (
-                br#"{"type":"purchase","app_id":1,"ts":1700000000000}"#.to_vec(),
-                "unknown_type",
-                "purchase",
-            ),
-            (
-                br#"{"type":"login","user_id":"a","ts":1700000000000}"#.to_vec(),
-                "missing_field",
-                "app_id",
-            ),
+            (br#"{"app_id":1,"ts":1700000000000}"#.to_vec(), "missing_field", "type"),
+            (br#"{"type":7,"app_id":1,"ts":1700000000000}"#.to_vec(), "invalid_field", "type"),
+            (br#"{"type":"purchase","app_id":1,"ts":1700000000000}"#.to_vec(), "unknown_type", "purchase"),
+            (br#"{"type":"login","user_id":"a","ts":1700000000000}"#.to_vec(), "missing_field", "app_id"),
             (
                 br#"{"type":"login","app_id":0,"user_id":"a","ts":1700000000000}"#.to_vec(),
                 "invalid_field",
@@ -492,37 +397,20 @@ mod tests {
                 "invalid_field",
                 "app_id",
             ),
-            (
-                br#"{"type":"login","app_id":1,"user_id":"a"}"#.to_vec(),
-                "missing_field",
-                "ts",
-            ),
+            (br#"{"type":"login","app_id":1,"user_id":"a"}"#.to_vec(), "missing_field", "ts"),
             (
                 br#"{"type":"login","app_id":1,"user_id":"a","ts":"yesterday"}"#.to_vec(),
                 "bad_timestamp",
                 "ts",
             ),
+            (br#"{"type":"login","app_id":1,"user_id":"a","ts":1.5}"#.to_vec(), "bad_timestamp", "ts"),
+            (br#"{"type":"login","app_id":1,"user_id":"a","ts":5}"#.to_vec(), "timestamp_out_of_range", "ts"),
             (
-                br#"{"type":"login","app_id":1,"user_id":"a","ts":1.5}"#.to_vec(),
-                "bad_timestamp",
-                "ts",
-            ),
-            (
-                br#"{"type":"login","app_id":1,"user_id":"a","ts":5}"#.to_vec(),
+                br#"{"type":"login","app_id":1,"user_id":"a","ts":"2100-01-01T00:00:00Z"}"#.to_vec(),
                 "timestamp_out_of_range",
                 "ts",
             ),
-            (
-                br#"{"type":"login","app_id":1,"user_id":"a","ts":"2100-01-01T00:00:00Z"}"#
-                    .to_vec(),
-                "timestamp_out_of_range",
-                "ts",
-            ),
-            (
-                br#"{"type":"login","app_id":1,"ts":1700000000000}"#.to_vec(),
-                "missing_field",
-                "user_id",
-            ),
+            (br#"{"type":"login","app_id":1,"ts":1700000000000}"#.to_vec(), "missing_field", "user_id"),
             (
                 br#"{"type":"login","app_id":1,"user_id":"","ts":1700000000000}"#.to_vec(),
                 "invalid_field",
@@ -535,8 +423,7 @@ mod tests {
                 "user_id",
             ),
             (
-                br#"{"type":"login","app_id":1,"user_id":"a","ok":"false","ts":1700000000000}"#
-                    .to_vec(),
+                br#"{"type":"login","app_id":1,"user_id":"a","ok":"false","ts":1700000000000}"#.to_vec(),
                 "invalid_field",
                 "ok",
             ),
@@ -561,26 +448,22 @@ mod tests {
                 "group_count",
             ),
             (
-                br#"{"type":"group_stats","app_id":1,"group_count":-1,"ts":1700000000000}"#
-                    .to_vec(),
+                br#"{"type":"group_stats","app_id":1,"group_count":-1,"ts":1700000000000}"#.to_vec(),
                 "invalid_field",
                 ">= 0",
             ),
             (
-                br#"{"type":"group_stats","app_id":1,"group_count":"9","ts":1700000000000}"#
-                    .to_vec(),
+                br#"{"type":"group_stats","app_id":1,"group_count":"9","ts":1700000000000}"#.to_vec(),
                 "invalid_field",
                 "group_count",
             ),
             (
-                br#"{"type":"login","app_id":1,"app_id":2,"user_id":"a","ts":1700000000000}"#
-                    .to_vec(),
+                br#"{"type":"login","app_id":1,"app_id":2,"user_id":"a","ts":1700000000000}"#.to_vec(),
                 "invalid_field",
                 "duplicate",
             ),
             (
-                br#"{"type":"login","app_id":1,"user_id":"a","platform":3,"ts":1700000000000}"#
-                    .to_vec(),
+                br#"{"type":"login","app_id":1,"user_id":"a","platform":3,"ts":1700000000000}"#.to_vec(),
                 "invalid_field",
                 "platform",
             ),
@@ -588,32 +471,22 @@ mod tests {
         for (input, code, needle) in cases {
             let (got, detail) = reason(&input);
             assert_eq!(got, code, "{}: {detail}", String::from_utf8_lossy(&input));
-            assert!(
-                detail.contains(needle),
-                "{detail:?} should mention {needle:?}"
-            );
+            assert!(detail.contains(needle), "{detail:?} should mention {needle:?}");
         }
     }
 
     #[test]
     fn subscription_events_decode_and_check_plans() {
-        let ev = decode_subscription_event(br#"{"type":"plan_changed","app_id":9,"ts":"2026-11-11T10:00:00+08:00","plan":"premium"}"#).unwrap();
-        assert_eq!(
-            ev.change,
-            SubscriptionChange::PlanChanged {
-                plan: Plan::Premium
-            }
-        );
+        let ev = decode_subscription_event(
+            br#"{"type":"plan_changed","app_id":9,"ts":"2026-11-11T10:00:00+08:00","plan":"premium"}"#,
+        )
+        .unwrap();
+        assert_eq!(ev.change, SubscriptionChange::PlanChanged { plan: Plan::Premium });
         let created = decode_subscription_event(
             br#"{"type":"app_created","app_id":9,"ts":1700000000000,"account_id":"acct-1"}"#,
         )
         .unwrap();
-        assert_eq!(
-            created.change,
-            SubscriptionChange::AppCreated {
-                account_id: Some("acct-1".into())
-            }
-        );
+        assert_eq!(created.change, SubscriptionChange::AppCreated { account_id: Some("acct-1".into()) });
         let err = decode_subscription_event(
             br#"{"type":"billing_mode_migrated","app_id":9,"ts":1700000000000,"plan":"pro"}"#,
         )
@@ -624,8 +497,8 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.detail.contains("gold"));
-        let err = decode_subscription_event(br#"{"type":"login","app_id":9,"ts":1700000000000}"#)
-            .unwrap_err();
+        let err =
+            decode_subscription_event(br#"{"type":"login","app_id":9,"ts":1700000000000}"#).unwrap_err();
         assert_eq!(err.reason, RejectReason::UnknownType);
     }
 }

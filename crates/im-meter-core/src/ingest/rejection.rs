@@ -81,18 +81,12 @@ pub struct Rejection {
 impl Rejection {
     /// A rejection of class `reason` with a detail sentence.
     pub fn new(reason: RejectReason, detail: impl Into<String>) -> Self {
-        Rejection {
-            reason,
-            detail: detail.into(),
-        }
+        Rejection { reason, detail: detail.into() }
     }
 
     /// A required field is missing.
     pub fn missing(field: &str, kind: &str) -> Self {
-        Rejection::new(
-            RejectReason::MissingField,
-            format!("`{field}` is required for {kind}"),
-        )
+        Rejection::new(RejectReason::MissingField, format!("`{field}` is required for {kind}"))
     }
 
     /// A field has the wrong type or value.

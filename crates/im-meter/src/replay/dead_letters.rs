@@ -46,20 +46,11 @@ impl DeadLetters {
     pub fn to_file(path: &Path) -> anyhow::Result<Self> {
         let file = File::create(path)
             .with_context(|| format!("cannot create dead-letter file {}", path.display()))?;
-        Ok(DeadLetters {
-            file: Some(BufWriter::new(file)),
-            by_reason: BTreeMap::new(),
-        })
+        Ok(DeadLetters { file: Some(BufWriter::new(file)), by_reason: BTreeMap::new() })
     }
 
     /// Records one refused line.
-    pub fn reject(
-        &mut self,
-        source: &str,
-        line: u64,
-        raw: &[u8],
-        why: &Rejection,
-    ) -> anyhow::Result<()> {
+    pub fn reject(&mut self, source: &str, line: u64, raw: &[u8], why: &Rejection) -> anyhow::Result<()> {
         *self.by_reason.entry(why.reason.code()).or_default() += 1;
         let Some(out) = self.file.as_mut() else {
             return Ok(());
@@ -71,9 +62,7 @@ impl DeadLetters {
             reason: why.reason.code(),
             detail: &why.detail,
             raw: text,
-            raw_base64: text
-                .is_none()
-                .then(|| base64::engine::general_purpose::STANDARD.encode(raw)),
+            raw_base64: text.is_none().then(|| base64::engine::general_purpose::STANDARD.encode(raw)),
         };
         serde_json::to_writer(&mut *out, &letter)?;
         out.write_all(b"\n").context("cannot write dead letter")?;

@@ -31,8 +31,7 @@ impl Source {
         Ok(match self {
             Source::Stdin => (Box::new(io::stdin().lock()), None),
             Source::File(path) => {
-                let file =
-                    File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+                let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
                 let len = file.metadata().ok().map(|m| m.len());
                 (Box::new(file), len)
             }
@@ -137,12 +136,7 @@ struct Progress {
 
 impl Progress {
     fn new(enabled: bool, len: Option<u64>) -> Self {
-        Progress {
-            enabled,
-            len,
-            started: Instant::now(),
-            bar: None,
-        }
+        Progress { enabled, len, started: Instant::now(), bar: None }
     }
 
     fn update(&mut self, stats: ReadStats) {
@@ -151,8 +145,7 @@ impl Progress {
         }
         let elapsed = self.started.elapsed();
         if self.bar.is_none() && elapsed >= PROGRESS_AFTER {
-            let bar =
-                ProgressBar::with_draw_target(self.len, ProgressDrawTarget::stderr_with_hz(4));
+            let bar = ProgressBar::with_draw_target(self.len, ProgressDrawTarget::stderr_with_hz(4));
             let template = if self.len.is_some() {
                 "{bar:30} {bytes}/{total_bytes} {msg}"
             } else {
@@ -189,11 +182,8 @@ mod tests {
     use super::*;
 
     fn lines_of(content: &[u8]) -> (Vec<(u64, Vec<u8>)>, ReadStats) {
-        let path = std::env::temp_dir().join(format!(
-            "im-meter-input-{}-{}",
-            std::process::id(),
-            content.len()
-        ));
+        let path =
+            std::env::temp_dir().join(format!("im-meter-input-{}-{}", std::process::id(), content.len()));
         std::fs::write(&path, content).unwrap();
         let mut seen = Vec::new();
         let stats = for_each_line(&Source::File(path.clone()), false, |n, line| {
@@ -208,17 +198,8 @@ mod tests {
     #[test]
     fn lines_are_numbered_trimmed_and_blank_ones_skipped() {
         let (seen, stats) = lines_of(b"a\r\n\n  \nb\nc");
-        assert_eq!(
-            seen,
-            vec![(1, b"a".to_vec()), (4, b"b".to_vec()), (5, b"c".to_vec())]
-        );
-        assert_eq!(
-            stats,
-            ReadStats {
-                lines: 3,
-                bytes: 10
-            }
-        );
+        assert_eq!(seen, vec![(1, b"a".to_vec()), (4, b"b".to_vec()), (5, b"c".to_vec())]);
+        assert_eq!(stats, ReadStats { lines: 3, bytes: 10 });
     }
 
     #[test]

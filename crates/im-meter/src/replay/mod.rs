@@ -21,9 +21,7 @@ use std::thread;
 
 use im_meter_core::aggregate::{AppMonthAggregate, Meter, MonthlyUsage};
 use im_meter_core::bill::{bill_month, quota_alert, Charge, QuotaAlert, Subscriptions};
-use im_meter_core::ingest::{
-    decode_subscription_event, decode_usage_event, SubscriptionEvent, UsageEvent,
-};
+use im_meter_core::ingest::{decode_subscription_event, decode_usage_event, SubscriptionEvent, UsageEvent};
 use im_meter_core::plan::AppId;
 use im_meter_core::time::Month;
 
@@ -154,9 +152,7 @@ fn meter_events(
                 Err(why) => dead.reject("events", line, bytes, &why)?,
             }
             if batch.len() == BATCH {
-                let next = recycled
-                    .try_recv()
-                    .unwrap_or_else(|_| Vec::with_capacity(BATCH));
+                let next = recycled.try_recv().unwrap_or_else(|_| Vec::with_capacity(BATCH));
                 batches
                     .send(std::mem::replace(&mut batch, next))
                     .map_err(|_| anyhow::anyhow!("the metering thread stopped"))?;
@@ -165,9 +161,7 @@ fn meter_events(
         });
         let sent_last = batches.send(batch);
         drop(batches);
-        let meter = aggregator
-            .join()
-            .map_err(|_| anyhow::anyhow!("the metering thread panicked"))?;
+        let meter = aggregator.join().map_err(|_| anyhow::anyhow!("the metering thread panicked"))?;
         let read = read?;
         sent_last.map_err(|_| anyhow::anyhow!("the metering thread stopped"))?;
         Ok((meter, read))
@@ -175,10 +169,7 @@ fn meter_events(
 }
 
 fn meter_settings(config: &Config, exact: bool) -> im_meter_core::aggregate::MeterSettings {
-    im_meter_core::aggregate::MeterSettings {
-        exact,
-        ..config.meter.clone()
-    }
+    im_meter_core::aggregate::MeterSettings { exact, ..config.meter.clone() }
 }
 
 /// Reads, sorts by time and applies the subscription events; refused ones go to `dead`.
@@ -188,22 +179,16 @@ fn load_subscriptions(
     dead: &mut DeadLetters,
 ) -> anyhow::Result<Subscriptions> {
     let mut events: Vec<(SubscriptionEvent, u64, Vec<u8>)> = Vec::new();
-    input::for_each_line(
-        source,
-        false,
-        |line, bytes| match decode_subscription_event(bytes) {
-            Ok(event) => {
-                events.push((event, line, bytes.to_vec()));
-                Ok(())
-            }
-            Err(why) => dead.reject("subscriptions", line, bytes, &why),
-        },
-    )?;
+    input::for_each_line(source, false, |line, bytes| match decode_subscription_event(bytes) {
+        Ok(event) => {
+            events.push((event, line, bytes.to_vec()));
+            Ok(())
+        }
+        Err(why) => dead.reject("subscriptions", line, bytes, &why),
+    })?;
     // Rules such as "one paid-plan switch a month" depend on order: apply by event time,
     // ties broken by content so that input order never matters.
-    events.sort_by(|(a, _, _), (b, _, _)| {
-        (a.ts, a.app_id, &a.change).cmp(&(b.ts, b.app_id, &b.change))
-    });
+    events.sort_by(|(a, _, _), (b, _, _)| (a.ts, a.app_id, &a.change).cmp(&(b.ts, b.app_id, &b.change)));
     let mut subscriptions = Subscriptions::new(config.meter.tz);
     for (event, line, raw) in &events {
         if let Err(why) = subscriptions.apply(event) {
@@ -224,20 +209,13 @@ fn close_and_bill(
     let tz = config.meter.tz;
     let grid = config.meter.grid;
     let billed_months: Vec<Month> = meter.active_months().iter().copied().collect();
-    let apps: BTreeSet<AppId> = meter
-        .apps()
-        .into_iter()
-        .chain(subscriptions.apps())
-        .collect();
+    let apps: BTreeSet<AppId> = meter.apps().into_iter().chain(subscriptions.apps()).collect();
 
     for month in billed_months {
-        let mut closed: BTreeMap<AppId, AppMonthAggregate> =
-            meter.close_month(month).into_iter().collect();
+        let mut closed: BTreeMap<AppId, AppMonthAggregate> = meter.close_month(month).into_iter().collect();
         let month_end = tz.end_of_month(month);
         for &app_id in &apps {
-            let exists = subscriptions
-                .created_at(app_id)
-                .is_none_or(|created| created < month_end);
+            let exists = subscriptions.created_at(app_id).is_none_or(|created| created < month_end);
             if !exists {
                 continue;
             }
@@ -245,12 +223,9 @@ fn close_and_bill(
                 Some(aggregate) => aggregate.usage(app_id, month, grid),
                 None => MonthlyUsage::empty(app_id, month),
             };
-            if let (Some(rows), Some(counts)) = (
-                report.audit.as_mut(),
-                closed
-                    .get(&app_id)
-                    .and_then(AppMonthAggregate::exact_counts),
-            ) {
+            if let (Some(rows), Some(counts)) =
+                (report.audit.as_mut(), closed.get(&app_id).and_then(AppMonthAggregate::exact_counts))
+            {
                 rows.push(AuditRow {
                     app_id,
                     month,
@@ -260,9 +235,7 @@ fn close_and_bill(
                     dau_peak_exact: counts.dau_peak,
                 });
             }
-            report
-                .charges
-                .extend(bill_month(subscriptions, &figures, &config.prices));
+            report.charges.extend(bill_month(subscriptions, &figures, &config.prices));
             report.alerts.extend(quota_alert(subscriptions, &figures));
             report.usage.push(figures);
         }
@@ -272,9 +245,7 @@ fn close_and_bill(
     // charges keep the item order bill_month gives (the sort is stable).
     report.usage.sort_by_key(|u| (u.app_id, u.month));
     report.charges.sort_by_key(|c| (c.app_id, c.month));
-    report
-        .alerts
-        .sort_by(|a, b| (a.app_id, &a.month).cmp(&(b.app_id, &b.month)));
+    report.alerts.sort_by(|a, b| (a.app_id, &a.month).cmp(&(b.app_id, &b.month)));
     if let Some(rows) = report.audit.as_mut() {
         rows.sort_by_key(|r| (r.app_id, r.month));
     }

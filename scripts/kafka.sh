@@ -1,0 +1,305 @@
+#!/usr/bin/env bash
+# scripts/kafka.sh — a single-node Apache Kafka 4.x broker (KRaft, broker+controller in one JVM) on
+# loopback, for tests, CI and the quick start. No Docker and no Kafka tarball: the jars come from
+# Maven Central through scripts/kafka/pom.xml and are cached in .cache/kafka/<version>/libs.
+#
+# Usage: scripts/kafka.sh start | stop | restart | status | reset
+#        scripts/kafka.sh topics ARGS...           # TopicCommand --bootstrap-server ADDR ARGS...
+#        scripts/kafka.sh run-class CLASS ARGS...  # any class on the Kafka classpath
+#
+# Environment (defaults in brackets):
+#   KAFKA_VERSION          Kafka version fetched from Maven Central [4.1.1]
+#   KAFKA_PORT             PLAINTEXT listener on 127.0.0.1 [9092]
+#   KAFKA_CONTROLLER_PORT  CONTROLLER listener on 127.0.0.1 [KAFKA_PORT+1, i.e. 9093]
+#   KAFKA_DATA_DIR         data, config, pid and logs [<repo>/.cache/kafka/data-$KAFKA_PORT]
+#   KAFKA_HEAP_OPTS        broker heap [-Xms256m -Xmx768m]
+#   KAFKA_TOOL_HEAP_OPTS   heap of topics/run-class JVMs [-Xmx512m]
+#   KAFKA_START_TIMEOUT    seconds to wait for the broker to answer [90]
+#   KAFKA_MVN_ARGS         extra Maven arguments (e.g. -Dmaven.repo.local=...) [none: ~/.m2]
+#   JAVA_HOME              Java 17+ to use [java on PATH]
+#
+# Facts this relies on (checked against Kafka 4.1.1's Maven artifacts):
+# - Broker main class kafka.Kafka and the storage formatter kafka.tools.StorageTool
+#   (`random-uuid`, `format -t ID -c server.properties`) are in org.apache.kafka:kafka_2.13;
+#   TopicCommand, ConsoleProducer, consumer.ConsoleConsumer, ProducerPerformance, ConsumerPerformance,
+#   TransactionsCommand are under org.apache.kafka.tools in org.apache.kafka:kafka-tools.
+# - The Maven artifacts carry no logging backend (the tarball adds one), so the pom adds log4j-core +
+#   log4j-slf4j2-impl, and the JVM gets -Dlog4j2.configurationFile=scripts/kafka/log4j2.properties
+#   (the Log4j 1 flag -Dlog4j.configuration is ignored by Kafka 4).
+# - A static quorum (controller.quorum.voters) formats without --standalone.
+# - One broker: internal topics need replication factor 1 / min ISR 1, or consumer groups and
+#   transactions fail (__consumer_offsets, __transaction_state, __share_group_state).
+set -euo pipefail
+
+SCRIPT_DIR="$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd -P)"
+REPO_ROOT="$(cd -- "$SCRIPT_DIR/.." && pwd -P)"
+
+KAFKA_VERSION="${KAFKA_VERSION:-4.1.1}"
+KAFKA_PORT="${KAFKA_PORT:-9092}"
+KAFKA_CONTROLLER_PORT="${KAFKA_CONTROLLER_PORT:-$((KAFKA_PORT + 1))}"
+KAFKA_DATA_DIR="${KAFKA_DATA_DIR:-$REPO_ROOT/.cache/kafka/data-$KAFKA_PORT}"
+KAFKA_HEAP_OPTS="${KAFKA_HEAP_OPTS:--Xms256m -Xmx768m}"
+KAFKA_START_TIMEOUT="${KAFKA_START_TIMEOUT:-90}"
+KAFKA_MVN_ARGS="${KAFKA_MVN_ARGS:-}"
+KAFKA_TOOL_HEAP_OPTS="${KAFKA_TOOL_HEAP_OPTS:--Xmx512m}"
+# exported so the nested `kafka.sh topics` of the readiness probe sees the same settings
+export KAFKA_VERSION KAFKA_PORT KAFKA_CONTROLLER_PORT KAFKA_DATA_DIR KAFKA_MVN_ARGS KAFKA_TOOL_HEAP_OPTS
+
+BOOTSTRAP="127.0.0.1:$KAFKA_PORT"
+POM="$SCRIPT_DIR/kafka/pom.xml"
+LOG4J_CONFIG="$SCRIPT_DIR/kafka/log4j2.properties"
+LIBS="$REPO_ROOT/.cache/kafka/$KAFKA_VERSION/libs"
+LIBS_STAMP="$LIBS/.installed"          # holds the sha256 of the pom the jars were copied with
+SERVER_PROPS="$KAFKA_DATA_DIR/server.properties"
+CLIENT_PROPS="$KAFKA_DATA_DIR/probe-client.properties"
+LOG_DIRS="$KAFKA_DATA_DIR/kraft-logs"  # log.dirs (topic data and the metadata log)
+PID_FILE="$KAFKA_DATA_DIR/kafka.pid"
+OUT_FILE="$KAFKA_DATA_DIR/kafka.out"   # the broker JVM's stdout/stderr
+LOG4J_DIR="$KAFKA_DATA_DIR/logs"       # server.log (broker) and tools.log (tools), WARN and up
+
+if [[ -n "${JAVA_HOME:-}" && -x "$JAVA_HOME/bin/java" ]]; then JAVA="$JAVA_HOME/bin/java"; else JAVA=java; fi
+
+log() { printf 'kafka.sh: %s\n' "$*" >&2; }
+die() { log "$*"; exit 1; }
+
+# --- jars -------------------------------------------------------------------------------------
+
+pom_hash() { sha256sum "$POM" | cut -d' ' -f1; }
+
+ensure_libs() {
+  if [[ -f "$LIBS_STAMP" && "$(cat "$LIBS_STAMP")" == "$(pom_hash)" ]]; then
+    return 0
+  fi
+  command -v mvn >/dev/null || die "Maven (mvn) is needed to fetch Kafka $KAFKA_VERSION"
+  log "fetching Kafka $KAFKA_VERSION jars from Maven Central into $LIBS ..."
+  local tmp
+  tmp="$(dirname "$LIBS")/libs.tmp.$$"
+  rm -rf "$tmp"
+  mkdir -p "$tmp"
+  # shellcheck disable=SC2086 # KAFKA_MVN_ARGS is a list of words on purpose
+  if ! mvn -B -q $KAFKA_MVN_ARGS -f "$POM" \
+      -Dkafka.version="$KAFKA_VERSION" \
+      dependency:copy-dependencies -DincludeScope=runtime -DoutputDirectory="$tmp" >&2; then
+    rm -rf "$tmp"
+    die "Maven could not fetch Kafka $KAFKA_VERSION (is that version on Maven Central?)"
+  fi
+  pom_hash >"$tmp/.installed"
+  rm -rf "$LIBS"
+  mv -T "$tmp" "$LIBS" 2>/dev/null || rm -rf "$tmp"   # lost a race with another start: keep theirs
+  [[ -f "$LIBS_STAMP" ]] || die "failed to install jars into $LIBS"
+}
+
+# Run a class on the Kafka classpath in the foreground; its Log4j output goes to tools.log.
+run_class() {
+  ensure_libs
+  mkdir -p "$LOG4J_DIR"
+  # shellcheck disable=SC2086 # KAFKA_TOOL_HEAP_OPTS is a list of words on purpose
+  "$JAVA" $KAFKA_TOOL_HEAP_OPTS -Djava.awt.headless=true \
+    -Dlog4j2.configurationFile="$LOG4J_CONFIG" \
+    -Dkafka.logs.dir="$LOG4J_DIR" -Dkafka.log.file=tools.log \
+    -cp "$LIBS/*" "$@"
+}
+
+# --- config and storage -------------------------------------------------------------------------
+
+write_config() {
+  mkdir -p "$KAFKA_DATA_DIR" "$LOG_DIRS" "$LOG4J_DIR"
+  cat >"$SERVER_PROPS" <<EOF
+# Written by scripts/kafka.sh on every start; edits here are overwritten.
+process.roles=broker,controller
+node.id=1
+controller.quorum.voters=1@127.0.0.1:$KAFKA_CONTROLLER_PORT
+listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,CONTROLLER://127.0.0.1:$KAFKA_CONTROLLER_PORT
+advertised.listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+inter.broker.listener.name=PLAINTEXT
+controller.listener.names=CONTROLLER
+log.dirs=$LOG_DIRS
+
+num.partitions=3
+default.replication.factor=1
+auto.create.topics.enable=false
+
+# single node: every internal topic with one replica
+offsets.topic.replication.factor=1
+offsets.topic.num.partitions=4
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+transaction.state.log.num.partitions=4
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
+share.coordinator.state.topic.num.partitions=1
+
+# tests: no 3 s delay before the first consumer-group rebalance
+group.initial.rebalance.delay.ms=0
+EOF
+  # Client settings for the readiness probe: fail fast instead of retrying for a minute.
+  cat >"$CLIENT_PROPS" <<EOF
+request.timeout.ms=5000
+default.api.timeout.ms=8000
+EOF
+}
+
+is_formatted() { [[ -f "$LOG_DIRS/meta.properties" ]]; }
+
+format_storage() {
+  local cluster_id
+  cluster_id="$(run_class kafka.tools.StorageTool random-uuid)"
+  log "formatting $LOG_DIRS (cluster id $cluster_id)"
+  run_class kafka.tools.StorageTool format -t "$cluster_id" -c "$SERVER_PROPS" --ignore-formatted >/dev/null
+}
+
+# --- process ------------------------------------------------------------------------------------
+
+# Prints the pid of the broker started by this script for this data dir, if it is alive.
+broker_pid() {
+  [[ -f "$PID_FILE" ]] || return 1
+  local pid
+  pid="$(cat "$PID_FILE")"
+  [[ "$pid" =~ ^[0-9]+$ ]] || return 1
+  kill -0 "$pid" 2>/dev/null || return 1
+  # guard against a recycled pid: the process must be our kafka.Kafka with our server.properties
+  tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF "kafka.Kafka $SERVER_PROPS" || return 1
+  echo "$pid"
+}
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# The broker answers when an Admin client can list topics through the bootstrap address.
+answering() {
+  port_open "$KAFKA_PORT" || return 1
+  timeout 30 "$BASH_SOURCE_ABS" topics --list --command-config "$CLIENT_PROPS" >/dev/null 2>&1
+}
+BASH_SOURCE_ABS="$SCRIPT_DIR/$(basename -- "${BASH_SOURCE[0]}")"
+
+tail_logs() {
+  local f
+  for f in "$OUT_FILE" "$LOG4J_DIR/server.log"; do
+    [[ -s "$f" ]] || continue
+    echo "----- last 50 lines of $f -----" >&2
+    tail -n 50 "$f" >&2
+  done
+}
+
+cmd_start() {
+  local pid
+  if pid="$(broker_pid)"; then
+    if answering; then
+      log "already running (pid $pid), bootstrap $BOOTSTRAP"
+      echo "$BOOTSTRAP"
+      return 0
+    fi
+    die "broker pid $pid is running but does not answer on $BOOTSTRAP; try: $0 restart"
+  fi
+  port_open "$KAFKA_PORT" && die "port $KAFKA_PORT is in use by another process; set KAFKA_PORT"
+  port_open "$KAFKA_CONTROLLER_PORT" &&
+    die "controller port $KAFKA_CONTROLLER_PORT is in use by another process; set KAFKA_CONTROLLER_PORT"
+
+  ensure_libs
+  write_config
+  is_formatted || format_storage
+
+  log "starting Kafka $KAFKA_VERSION on $BOOTSTRAP (controller 127.0.0.1:$KAFKA_CONTROLLER_PORT, data $KAFKA_DATA_DIR)"
+  rm -f "$PID_FILE"
+  echo "===== $(date -u +%FT%TZ) start" >>"$OUT_FILE"
+  # setsid: own session, so Ctrl-C or the end of the calling shell does not take the broker down.
+  # The inner shell writes its own pid, then execs java, so the pid file names the JVM.
+  # shellcheck disable=SC2086,SC2016 # KAFKA_HEAP_OPTS is a list of words; $$ is for the inner shell
+  setsid bash -c 'echo $$ >"$0"; exec "$@"' "$PID_FILE" \
+    "$JAVA" $KAFKA_HEAP_OPTS -server -XX:+UseG1GC -XX:MaxGCPauseMillis=20 \
+    -XX:InitiatingHeapOccupancyPercent=35 -XX:+ExplicitGCInvokesConcurrent -XX:MaxInlineLevel=15 \
+    -Djava.awt.headless=true \
+    -Dlog4j2.configurationFile="$LOG4J_CONFIG" \
+    -Dkafka.logs.dir="$LOG4J_DIR" -Dkafka.log.file=server.log \
+    -cp "$LIBS/*" kafka.Kafka "$SERVER_PROPS" \
+    </dev/null >>"$OUT_FILE" 2>&1 &
+
+  local started=$SECONDS
+  while (( SECONDS - started < KAFKA_START_TIMEOUT )); do
+    sleep 1
+    if ! broker_pid >/dev/null; then
+      tail_logs
+      die "the broker exited during startup (see $OUT_FILE and $LOG4J_DIR/server.log)"
+    fi
+    if answering; then
+      log "ready after $((SECONDS - started)) s (pid $(cat "$PID_FILE")), bootstrap $BOOTSTRAP"
+      echo "$BOOTSTRAP"
+      return 0
+    fi
+  done
+  tail_logs
+  die "the broker did not answer on $BOOTSTRAP within $KAFKA_START_TIMEOUT s (still running: pid $(cat "$PID_FILE" 2>/dev/null); stop it with: $0 stop)"
+}
+
+cmd_stop() {
+  local pid
+  if ! pid="$(broker_pid)"; then
+    rm -f "$PID_FILE"
+    log "not running ($KAFKA_DATA_DIR)"
+    return 0
+  fi
+  log "stopping pid $pid"
+  kill -TERM "$pid" 2>/dev/null || true
+  local i
+  for ((i = 0; i < 300; i++)); do           # 30 s in steps of 0.1 s
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.1
+  done
+  if kill -0 "$pid" 2>/dev/null; then
+    log "still running after 30 s: SIGKILL"
+    kill -KILL "$pid" 2>/dev/null || true
+    while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done
+  fi
+  rm -f "$PID_FILE"
+  log "stopped"
+}
+
+cmd_status() {
+  local pid
+  if pid="$(broker_pid)"; then
+    if answering; then
+      echo "$BOOTSTRAP"
+      return 0
+    fi
+    log "pid $pid is running but does not answer on $BOOTSTRAP"
+    return 1
+  fi
+  if port_open "$KAFKA_PORT"; then
+    log "not started by this script ($KAFKA_DATA_DIR), but port $KAFKA_PORT is in use"
+  else
+    log "not running"
+  fi
+  return 3
+}
+
+cmd_reset() {
+  cmd_stop
+  if [[ -d "$KAFKA_DATA_DIR" ]]; then
+    rm -rf -- "$KAFKA_DATA_DIR"
+    log "deleted $KAFKA_DATA_DIR"
+  fi
+}
+
+usage() {
+  sed -n '2,/^set -euo/p' "$BASH_SOURCE_ABS" | sed -e '$d' -e 's/^# \{0,1\}//'
+}
+
+main() {
+  local cmd="${1:-}"
+  [[ $# -gt 0 ]] && shift
+  case "$cmd" in
+    start) cmd_start ;;
+    stop) cmd_stop ;;
+    restart) cmd_stop; cmd_start ;;
+    status) cmd_status ;;
+    reset) cmd_reset ;;
+    topics) run_class org.apache.kafka.tools.TopicCommand --bootstrap-server "$BOOTSTRAP" "$@" ;;
+    run-class)
+      [[ $# -ge 1 ]] || die "usage: $0 run-class CLASS [ARGS...]"
+      run_class "$@" ;;
+    -h|--help|help) usage ;;
+    *) usage >&2; exit 2 ;;
+  esac
+}
+
+main "$@"
