@@ -342,6 +342,13 @@ fn run_streaming(
         for record in meter.checkpoint() {
             changelog.insert(record.key, record.value);
         }
+        // The compacted changelog holds the live state, no more and no less.
+        let latest = changelog.iter().filter_map(|(k, v)| v.clone().map(|v| (*k, v)));
+        let restored = Meter::restore(settings.clone(), latest).unwrap();
+        assert_eq!(
+            (restored.app_months(), restored.connections(), restored.watermark()),
+            (meter.app_months(), meter.connections(), meter.watermark())
+        );
         k += 1;
     }
     for month in ["2026-10", "2026-11"] {
