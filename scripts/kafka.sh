@@ -90,14 +90,17 @@ ensure_libs() {
 }
 
 # Run a class on the Kafka classpath in the foreground; its Log4j output goes to tools.log.
+# With KAFKA_EXEC=1 the shell is replaced by the JVM (signals and exit code go straight to it).
 run_class() {
   ensure_libs
   mkdir -p "$LOG4J_DIR"
-  # shellcheck disable=SC2086 # KAFKA_TOOL_HEAP_OPTS is a list of words on purpose
-  "$JAVA" $KAFKA_TOOL_HEAP_OPTS -Djava.awt.headless=true \
-    -Dlog4j2.configurationFile="$LOG4J_CONFIG" \
-    -Dkafka.logs.dir="$LOG4J_DIR" -Dkafka.log.file=tools.log \
-    -cp "$LIBS/*" "$@"
+  # shellcheck disable=SC2206 # KAFKA_TOOL_HEAP_OPTS is a list of words on purpose
+  local java_cmd=("$JAVA" $KAFKA_TOOL_HEAP_OPTS -Djava.awt.headless=true
+    -Dlog4j2.configurationFile="$LOG4J_CONFIG"
+    -Dkafka.logs.dir="$LOG4J_DIR" -Dkafka.log.file=tools.log
+    -cp "$LIBS/*" "$@")
+  if [[ "${KAFKA_EXEC:-}" == 1 ]]; then exec "${java_cmd[@]}"; fi
+  "${java_cmd[@]}"
 }
 
 # --- config and storage -------------------------------------------------------------------------
@@ -228,7 +231,9 @@ cmd_start() {
     fi
   done
   tail_logs
-  die "the broker did not answer on $BOOTSTRAP within $KAFKA_START_TIMEOUT s (still running: pid $(cat "$PID_FILE" 2>/dev/null); stop it with: $0 stop)"
+  log "the broker did not answer on $BOOTSTRAP within $KAFKA_START_TIMEOUT s; stopping it"
+  cmd_stop
+  exit 1
 }
 
 cmd_stop() {
@@ -293,10 +298,10 @@ main() {
     restart) cmd_stop; cmd_start ;;
     status) cmd_status ;;
     reset) cmd_reset ;;
-    topics) run_class org.apache.kafka.tools.TopicCommand --bootstrap-server "$BOOTSTRAP" "$@" ;;
+    topics) KAFKA_EXEC=1 run_class org.apache.kafka.tools.TopicCommand --bootstrap-server "$BOOTSTRAP" "$@" ;;
     run-class)
       [[ $# -ge 1 ]] || die "usage: $0 run-class CLASS [ARGS...]"
-      run_class "$@" ;;
+      KAFKA_EXEC=1 run_class "$@" ;;
     -h|--help|help) usage ;;
     *) usage >&2; exit 2 ;;
   esac
