@@ -1,9 +1,18 @@
 #!/usr/bin/env bash
 # The whole test suite, exactly as CI runs it (.ci/run calls this script).
-# Needs only the Rust toolchain (cargo, rustfmt, clippy); nothing here talks to Kafka yet.
+# Needs the Rust toolchain (cargo, rustfmt, clippy), Java 17 and Maven: the Kafka-backed
+# tests run against a real single-node broker that scripts/kafka.sh fetches from Maven
+# Central and starts here (and stops again if this script started it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+
+if ! scripts/kafka.sh status >/dev/null 2>&1; then
+  scripts/kafka.sh start >/dev/null
+  trap 'scripts/kafka.sh stop >/dev/null 2>&1 || true' EXIT
+fi
+export IM_METER_TEST_BROKERS="${IM_METER_TEST_BROKERS:-127.0.0.1:${KAFKA_PORT:-9092}}"
+
 cargo test --workspace --locked

@@ -302,6 +302,9 @@ fn idle_connections_are_closed_at_their_last_sign_of_life() {
     assert_eq!(november.pcc().change_points(), 3);
 }
 
+/// A closed month's aggregate as emitted: month, app, encoded aggregate.
+type Emitted = (String, u64, Vec<u8>);
+
 /// Runs events through a meter the way the Kafka worker does: in batches, closing due
 /// months and checkpointing after each. With `crash = Some((k, n))`, the process dies in
 /// batch `k` after applying `n` of its events (uncommitted work lost) and a new meter is
@@ -311,7 +314,7 @@ fn run_streaming(
     settings: &MeterSettings,
     batches: &[Vec<UsageEvent>],
     crash: Option<(usize, usize)>,
-) -> (Vec<(String, u64, Vec<u8>)>, Vec<Outcome>) {
+) -> (Vec<Emitted>, Vec<Outcome>) {
     let lateness = Duration::from_secs(3600);
     let mut changelog: BTreeMap<StateKey, Option<Vec<u8>>> = BTreeMap::new();
     let mut meter = Meter::new(settings.clone());

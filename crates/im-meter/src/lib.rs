@@ -7,8 +7,10 @@
 //! - [`workload`]: synthetic SDK and subscription events, for samples, tests and load.
 //! - [`replay`]: the pipeline over NDJSON files (ingest → aggregate → bill).
 //! - [`report`]: a replay's result as JSON or tables.
+//! - [`kafka`]: Kafka clients, topics, and `produce`.
 
 pub mod config;
+pub mod kafka;
 pub mod replay;
 pub mod report;
 pub mod workload;

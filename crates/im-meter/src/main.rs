@@ -15,6 +15,12 @@ use clap::{Parser, Subcommand, ValueEnum};
 use im_meter_core::time::Month;
 
 use im_meter::config::Config;
+use im_meter::kafka::{
+    self,
+    admin::TopicSpec,
+    produce::{LineKind, LineProducer},
+};
+use im_meter::replay::input::for_each_line;
 use im_meter::replay::{self, ReplayInput, Source};
 use im_meter::report;
 use im_meter::workload::Workload;
@@ -32,6 +38,9 @@ enum Command {
     /// Run the pipeline over NDJSON files (no Kafka): usage and charges of every month in
     /// the input.
     Replay(ReplayArgs),
+    /// Write SDK events (an NDJSON file, the sample, or a synthetic load) to the events
+    /// topic, keyed by app_id; optionally subscription events to the subscriptions topic.
+    Produce(ProduceArgs),
     /// Write a synthetic month of SDK events as NDJSON (the bundled sample, or a load of
     /// any size).
     Generate(GenerateArgs),
@@ -89,6 +98,49 @@ struct GenerateArgs {
     out: PathBuf,
 }
 
+#[derive(Debug, clap::Args)]
+struct ProduceArgs {
+    /// SDK events to send, NDJSON (`-` = stdin).
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["sample", "synthetic"])]
+    events: Option<String>,
+    /// Send the bundled sample's events.
+    #[arg(long, conflicts_with = "synthetic")]
+    sample: bool,
+    /// Send a synthetic month (see --apps, --users, --month, --seed).
+    #[arg(long)]
+    synthetic: bool,
+    /// Number of apps (synthetic).
+    #[arg(long, default_value_t = 50)]
+    apps: u64,
+    /// Distinct users in all (synthetic).
+    #[arg(long, default_value_t = 100_000)]
+    users: u64,
+    /// Month to generate, YYYY-MM (synthetic).
+    #[arg(long, default_value = "2026-11")]
+    month: Month,
+    /// Random seed (synthetic).
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Share of extra malformed lines (synthetic).
+    #[arg(long, default_value_t = 0.0)]
+    malformed_share: f64,
+    /// Share of lines sent twice, like producer retries (synthetic).
+    #[arg(long, default_value_t = 0.0)]
+    duplicate_share: f64,
+    /// Subscription events to send to the subscriptions topic, NDJSON.
+    #[arg(long, value_name = "FILE")]
+    subscriptions: Option<String>,
+    /// At most this many events a second (default: as fast as the broker takes them).
+    #[arg(long)]
+    rate: Option<u64>,
+    /// Partitions of topics this command creates because they are missing.
+    #[arg(long, default_value_t = 6)]
+    partitions: i32,
+    /// Configuration file (TOML); `IM_METER__*` variables override it.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Format {
     /// One JSON object: `{"usage":[...],"charges":[...],"rejected":N}`.
@@ -129,6 +181,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             out.flush()?;
             Ok(())
         }
+        Command::Produce(args) => produce(args),
         Command::Generate(args) => {
             let workload = if args.sample {
                 Workload::sample()
@@ -155,4 +208,54 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+fn produce(args: ProduceArgs) -> anyhow::Result<()> {
+    let config = Config::load(args.config.as_deref(), std::env::vars())?;
+    let client = kafka::client_config(&config);
+    let topics = &config.file.topics;
+    let specs = [
+        TopicSpec { name: &topics.events, partitions: args.partitions, config: vec![] },
+        TopicSpec { name: &topics.subscriptions, partitions: args.partitions, config: vec![] },
+    ];
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(kafka::admin::ensure_topics(&client, &specs))?;
+
+    if let Some(path) = &args.subscriptions {
+        let mut producer = LineProducer::new(&client, &topics.subscriptions, LineKind::Subscription, None)?;
+        for_each_line(&Source::parse(path), false, |_, line| producer.send(line))?;
+        let stats = producer.finish()?;
+        eprintln!("im-meter: sent {} subscription events to {}", stats.delivered, topics.subscriptions);
+    }
+
+    let mut producer = LineProducer::new(&client, &topics.events, LineKind::Usage, args.rate)?;
+    let workload = if args.sample {
+        Some(Workload::sample())
+    } else if args.synthetic {
+        let mut w = Workload::synthetic(args.month, args.apps, args.users, args.seed);
+        w.malformed_share = args.malformed_share;
+        w.duplicate_share = args.duplicate_share;
+        Some(w)
+    } else {
+        None
+    };
+    match (workload, &args.events) {
+        (Some(workload), _) => {
+            for line in workload.lines(&config.meter.tz) {
+                producer.send(line.as_bytes())?;
+            }
+        }
+        (None, Some(path)) => {
+            for_each_line(&Source::parse(path), true, |_, line| producer.send(line))?;
+        }
+        (None, None) => anyhow::bail!("say what to send: --events FILE, --sample or --synthetic"),
+    }
+    let stats = producer.finish()?;
+    eprintln!(
+        "im-meter: sent {} events to {} ({} keyed by app_id)",
+        stats.delivered, topics.events, stats.keyed
+    );
+    Ok(())
 }

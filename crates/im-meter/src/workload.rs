@@ -109,38 +109,37 @@ impl Workload {
         }
     }
 
-    /// Writes the month's events as NDJSON, in time order; returns the number of lines.
-    pub fn write_events(&self, tz: &BillingTz, out: &mut impl Write) -> io::Result<u64> {
+    /// The month's event lines in time order, retries and malformed lines mixed in.
+    pub fn lines(&self, tz: &BillingTz) -> Vec<String> {
         let mut rng = StdRng::seed_from_u64(self.seed);
         let start = tz.start_of_month(self.month).millis();
         let end = tz.end_of_month(self.month).millis();
-        let mut lines: Vec<(i64, String)> = Vec::new();
+        let mut events: Vec<(i64, String)> = Vec::new();
         for app in &self.apps {
-            self.app_events(app, start, end, &mut rng, &mut lines);
+            self.app_events(app, start, end, &mut rng, &mut events);
         }
-        lines.sort();
-        let mut written = 0;
-        for (_, line) in &lines {
-            for _ in 0..self.copies(&mut rng) {
-                out.write_all(line.as_bytes())?;
-                out.write_all(b"\n")?;
-                written += 1;
+        events.sort();
+        let mut lines = Vec::with_capacity(events.len());
+        for (_, line) in events {
+            if rng.gen_bool(self.duplicate_share) {
+                lines.push(line.clone());
             }
+            lines.push(line);
             if rng.gen_bool(self.malformed_share) {
-                out.write_all(MALFORMED[rng.gen_range(0..MALFORMED.len())].as_bytes())?;
-                out.write_all(b"\n")?;
-                written += 1;
+                lines.push(MALFORMED[rng.gen_range(0..MALFORMED.len())].to_string());
             }
         }
-        Ok(written)
+        lines
     }
 
-    fn copies(&self, rng: &mut StdRng) -> u32 {
-        if rng.gen_bool(self.duplicate_share) {
-            2
-        } else {
-            1
+    /// Writes [`Workload::lines`] as NDJSON; returns the number of lines.
+    pub fn write_events(&self, tz: &BillingTz, out: &mut impl Write) -> io::Result<u64> {
+        let lines = self.lines(tz);
+        for line in &lines {
+            out.write_all(line.as_bytes())?;
+            out.write_all(b"\n")?;
         }
+        Ok(lines.len() as u64)
     }
 
     fn app_events(

@@ -1,0 +1,19 @@
+//! The Kafka edge: client settings shared by every stage, topic administration, and
+//! producing events (`im-meter produce`).
+
+pub mod admin;
+pub mod produce;
+
+use rdkafka::ClientConfig;
+
+use crate::config::Config;
+
+/// Client settings common to every producer, consumer and admin client.
+pub fn client_config(config: &Config) -> ClientConfig {
+    let mut client = ClientConfig::new();
+    client
+        .set("bootstrap.servers", &config.file.kafka.brokers)
+        // Name the process in broker logs and quotas.
+        .set("client.id", "im-meter");
+    client
+}
