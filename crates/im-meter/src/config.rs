@@ -39,7 +39,15 @@ pub struct FileConfig {
 impl Default for FileConfig {
     fn default() -> Self {
         FileConfig {
-            kafka: KafkaSection { brokers: "127.0.0.1:9092".into(), group_id: "im-meter".into() },
+            kafka: KafkaSection {
+                brokers: "127.0.0.1:9092".into(),
+                group_id: "im-meter".into(),
+                instance_id: String::new(),
+                partitions: 6,
+                commit_interval: "200ms".into(),
+                idle_partition_timeout: "30s".into(),
+                transaction_timeout: "30s".into(),
+            },
             topics: TopicsSection {
                 events: "im.sdk-events".into(),
                 subscriptions: "im.subscriptions".into(),
@@ -72,6 +80,20 @@ pub struct KafkaSection {
     pub brokers: String,
     /// The consumer group every worker joins.
     pub group_id: String,
+    /// This worker's stable name within the group: its transactional id is derived from it,
+    /// so a restarted worker fences its crashed predecessor at once. Empty: the host name.
+    /// Two workers on one host need different ids.
+    pub instance_id: String,
+    /// Partitions of topics the worker creates because they are missing.
+    pub partitions: i64,
+    /// How often consumed offsets, state and outputs are committed (one transaction).
+    pub commit_interval: String,
+    /// A caught-up partition with no record for this long follows the event time of the
+    /// worker's other partitions (or the clock), so it does not hold months open.
+    pub idle_partition_timeout: String,
+    /// Kafka transaction timeout: how long a crashed worker's open transaction can hold
+    /// back read_committed readers at most.
+    pub transaction_timeout: String,
 }
 
 /// `[topics]`: names of the topics read and written.
@@ -135,6 +157,25 @@ pub struct Config {
     pub meter: MeterSettings,
     /// Prices that vary by date or deal.
     pub prices: PriceBook,
+    /// How the Kafka worker runs.
+    pub worker: WorkerSettings,
+}
+
+/// The Kafka worker's settings, validated.
+#[derive(Debug, Clone)]
+pub struct WorkerSettings {
+    /// Events dated in a month are accepted until its end plus this.
+    pub allowed_lateness: Duration,
+    /// This worker's stable name in the group.
+    pub instance_id: String,
+    /// Partitions of topics the worker creates.
+    pub partitions: i32,
+    /// Time between commits.
+    pub commit_interval: Duration,
+    /// Silence after which a caught-up partition counts as idle.
+    pub idle_partition_timeout: Duration,
+    /// Kafka transaction timeout.
+    pub transaction_timeout: Duration,
 }
 
 /// Every problem found in a configuration, each naming its field.
@@ -236,6 +277,20 @@ fn duration(text: &str) -> Result<Duration, String> {
         .map_err(|e| format!("{text:?} is not a duration like 90s, 30m or 1h ({e})"))
 }
 
+fn positive(d: Duration) -> Result<Duration, String> {
+    (!d.is_zero()).then_some(d).ok_or_else(|| "must be positive".into())
+}
+
+/// The host name, else a fixed name: stable across restarts of one machine's worker.
+fn default_instance_id() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "im-meter".into())
+}
+
 fn topic_name(name: &str) -> Result<(), String> {
     let legal = !name.is_empty()
         && name.len() <= 249
@@ -256,10 +311,50 @@ impl FileConfig {
         };
         let mut tz = BillingTz::default();
         check("billing.timezone", self.billing.timezone.parse().map(|t| tz = t).map_err(|e| format!("{e}")));
-        let mut allowed_lateness = Duration::ZERO;
+        let mut worker = WorkerSettings {
+            allowed_lateness: Duration::from_secs(3600),
+            instance_id: match self.kafka.instance_id.trim() {
+                "" => default_instance_id(),
+                id => id.to_string(),
+            },
+            partitions: 6,
+            commit_interval: Duration::from_millis(200),
+            idle_partition_timeout: Duration::from_secs(30),
+            transaction_timeout: Duration::from_secs(30),
+        };
         check(
             "billing.allowed_lateness",
-            duration(&self.billing.allowed_lateness).map(|d| allowed_lateness = d),
+            duration(&self.billing.allowed_lateness).map(|d| worker.allowed_lateness = d),
+        );
+        check(
+            "kafka.partitions",
+            i32::try_from(self.kafka.partitions)
+                .ok()
+                .filter(|p| *p > 0)
+                .map(|p| worker.partitions = p)
+                .ok_or_else(|| {
+                    format!("must be a positive number of partitions, got {}", self.kafka.partitions)
+                }),
+        );
+        check(
+            "kafka.commit_interval",
+            duration(&self.kafka.commit_interval).and_then(positive).map(|d| worker.commit_interval = d),
+        );
+        check(
+            "kafka.idle_partition_timeout",
+            duration(&self.kafka.idle_partition_timeout)
+                .and_then(positive)
+                .map(|d| worker.idle_partition_timeout = d),
+        );
+        check(
+            "kafka.transaction_timeout",
+            duration(&self.kafka.transaction_timeout)
+                .and_then(|d| {
+                    (d >= Duration::from_secs(1))
+                        .then_some(d)
+                        .ok_or_else(|| "must be at least 1s".to_string())
+                })
+                .map(|d| worker.transaction_timeout = d),
         );
         let mut prices = PriceBook::default();
         if !self.billing.pcc_promotion_end.trim().is_empty() {
@@ -339,7 +434,7 @@ impl FileConfig {
                 .map_err(|_| format!("{:?} is not an address like 127.0.0.1:9464", self.http.listen)),
         );
         if problems.is_empty() {
-            Ok(Config { file: self, meter, prices })
+            Ok(Config { file: self, meter, prices, worker })
         } else {
             Err(ConfigErrors(problems))
         }

@@ -71,6 +71,79 @@ impl StateKey {
     }
 }
 
+/// Every key of the changelog topic: a metering slice's state, and what the billing stage
+/// reads (each source partition's final usage of a closed month, month-closed markers, and
+/// billing's own progress).
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ChangelogKey {
+    /// Metering state of the partition the record sits in.
+    State(StateKey),
+    /// `u/{app}/{YYYY-MM}/{source}`: one source partition's usage of a closed app-month.
+    Usage {
+        /// The app.
+        app_id: AppId,
+        /// The month.
+        month: Month,
+        /// The events partition it was metered from.
+        source: u32,
+    },
+    /// `w/{YYYY-MM}/{source}`: the source partition has closed the month.
+    MonthClosed {
+        /// The month.
+        month: Month,
+        /// The events partition.
+        source: u32,
+    },
+    /// `b`: the last month billed from the partition the record sits in.
+    Billed,
+}
+
+impl ChangelogKey {
+    /// The key's bytes.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        match self {
+            ChangelogKey::State(key) => key.to_bytes(),
+            ChangelogKey::Usage { app_id, month, source } => {
+                format!("u/{app_id}/{month}/{source}").into_bytes()
+            }
+            ChangelogKey::MonthClosed { month, source } => format!("w/{month}/{source}").into_bytes(),
+            ChangelogKey::Billed => b"b".to_vec(),
+        }
+    }
+
+    /// Reads a key written by [`ChangelogKey::to_bytes`].
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, CodecError> {
+        let bad =
+            || CodecError::Corrupt(format!("not a changelog key: {:?}", String::from_utf8_lossy(bytes)));
+        match bytes.first() {
+            Some(b'b') if bytes.len() == 1 => Ok(ChangelogKey::Billed),
+            Some(b'u') | Some(b'w') => {
+                let text = std::str::from_utf8(bytes).map_err(|_| bad())?;
+                let parts: Vec<&str> = text.split('/').collect();
+                match parts.as_slice() {
+                    ["u", app, month, source] => Ok(ChangelogKey::Usage {
+                        app_id: app.parse().map_err(|_| bad())?,
+                        month: month.parse().map_err(|_| bad())?,
+                        source: source.parse().map_err(|_| bad())?,
+                    }),
+                    ["w", month, source] => Ok(ChangelogKey::MonthClosed {
+                        month: month.parse().map_err(|_| bad())?,
+                        source: source.parse().map_err(|_| bad())?,
+                    }),
+                    _ => Err(bad()),
+                }
+            }
+            _ => StateKey::from_bytes(bytes).map(ChangelogKey::State),
+        }
+    }
+}
+
+/// The changelog partition holding an app's usage for billing: a fixed hash of the app id,
+/// so every source partition's usage of one app meets in one billing task.
+pub fn billing_partition(app_id: AppId, partitions: u32) -> u32 {
+    (xxhash_rust::xxh3::xxh3_64(&app_id.to_le_bytes()) % u64::from(partitions.max(1))) as u32
+}
+
 /// One changelog entry: the key's new value, or `None` when the key is gone.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StateRecord {
@@ -127,5 +200,23 @@ mod tests {
         for bad in [&b"x/1/2"[..], b"m/x/2026-11", b"c/7/zz", b"m/7", b"\xff"] {
             assert!(StateKey::from_bytes(bad).is_err());
         }
+    }
+
+    #[test]
+    fn changelog_keys_round_trip() {
+        let month = "2026-11".parse().unwrap();
+        let keys = [
+            ChangelogKey::State(StateKey::Progress),
+            ChangelogKey::Usage { app_id: 9, month, source: 3 },
+            ChangelogKey::MonthClosed { month, source: 0 },
+            ChangelogKey::Billed,
+        ];
+        for key in keys {
+            assert_eq!(ChangelogKey::from_bytes(&key.to_bytes()).unwrap(), key);
+        }
+        assert_eq!(keys[1].to_bytes(), b"u/9/2026-11/3");
+        assert!(ChangelogKey::from_bytes(b"u/9/2026-11").is_err());
+        let spread: std::collections::BTreeSet<u32> = (1..100).map(|a| billing_partition(a, 6)).collect();
+        assert_eq!(spread.len(), 6);
     }
 }

@@ -272,6 +272,15 @@ impl Meter {
         closed
     }
 
+    /// Moves event time forward without an event, so that months can close while this
+    /// slice of the input is idle (its peers' event time has moved on). Never moves back.
+    pub fn advance_watermark(&mut self, ts: Timestamp) {
+        if self.watermark < Some(ts) {
+            self.watermark = Some(ts);
+            self.progress_changed = true;
+        }
+    }
+
     /// Closes, oldest first, every month that ended at least `lateness` before the
     /// watermark (and any month between the last closed one and those), returning each
     /// month's aggregates.

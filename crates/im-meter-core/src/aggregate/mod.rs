@@ -17,7 +17,7 @@ pub mod unique;
 mod usage;
 
 pub use app_month::{AppMonthAggregate, CodecError, ExactCounts};
-pub use checkpoint::{StateKey, StateRecord};
+pub use checkpoint::{billing_partition, ChangelogKey, StateKey, StateRecord};
 pub use meter::{ClosedMonth, Meter, MeterSettings, Outcome};
 pub use pcc::{SampleGrid, SampleIntervalError};
 pub use unique::{Precision, PrecisionError, UniqueUsers, EXACT_LIMIT};

@@ -1,7 +1,10 @@
-//! The Kafka edge: client settings shared by every stage, topic administration, and
-//! producing events (`im-meter produce`).
+//! The Kafka edge: client settings shared by every stage, topic administration,
+//! producing events (`im-meter produce`), and the worker's stages (`im-meter run`).
 
 pub mod admin;
+pub mod changelog;
+pub mod meter;
+pub mod output;
 pub mod produce;
 
 use rdkafka::ClientConfig;

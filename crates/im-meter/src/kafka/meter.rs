@@ -1,0 +1,337 @@
+//! The metering stage: SDK events → one [`Meter`] per assigned partition → changelog.
+//!
+//! Guarantee: exactly once. Every `commit_interval` one Kafka transaction carries the
+//! consumed offsets (`send_offsets_to_transaction`), the changed metering state (changelog
+//! partition = events partition), the final usage of every month closed since the last
+//! commit (to the billing partition of its app), month-closed markers (to every changelog
+//! partition) and the dead letters. Either all of it becomes visible or none of it does,
+//! so the committed state always matches the committed offsets. Preconditions: the
+//! changelog is compacted, readers use `read_committed`, and a restarted worker keeps its
+//! `instance_id` (its transactional id), which fences its crashed predecessor at once.
+//!
+//! On assignment a partition's meter is rebuilt from its changelog partition before any of
+//! its records is applied; on revocation the open work is committed inside the rebalance
+//! callback, while the partition is still ours, and the meter dropped.
+//!
+//! Threading: one OS thread drives the consumer and the transactional producer; every
+//! blocking Kafka call happens on it, never on an async runtime.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use im_meter_core::aggregate::{billing_partition, ChangelogKey, Meter, Outcome};
+use im_meter_core::ingest::{decode_usage_event, RejectReason, Rejection};
+use im_meter_core::time::Timestamp;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
+use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use tracing::{info, warn};
+
+use super::changelog;
+use super::output::{DeadLetter, Outbox, TransactionFailed};
+use crate::config::Config;
+
+/// Longest wait of one consumer poll: bounds how late a commit or a shutdown can be.
+const POLL: Duration = Duration::from_millis(100);
+
+/// One assigned events partition.
+struct Task {
+    meter: Meter,
+    /// The offset after the last applied record: what the next commit stores.
+    next_offset: Option<i64>,
+    /// Whether records were applied since the last commit.
+    dirty: bool,
+    last_record: Instant,
+}
+
+/// Everything the poll loop and the rebalance callbacks share.
+struct Stage {
+    config: Config,
+    outbox: Outbox,
+    changelog_partitions: u32,
+    tasks: BTreeMap<i32, Task>,
+    /// Partitions assigned to this worker; their tasks are restored before use.
+    assigned: BTreeSet<i32>,
+    dead_letters: Vec<DeadLetter>,
+    last_commit: Instant,
+    /// An error raised inside a rebalance callback, for the loop to act on.
+    failure: Option<anyhow::Error>,
+}
+
+struct StageContext {
+    stage: Arc<Mutex<Stage>>,
+}
+
+impl ClientContext for StageContext {}
+
+impl ConsumerContext for StageContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let Rebalance::Revoke(revoked) = rebalance else { return };
+        let Ok(mut stage) = self.stage.lock() else { return };
+        // Commit while the partitions are still ours: after the callback another worker
+        // may restore them, and it must find everything we applied.
+        if let Err(e) = stage.commit(consumer) {
+            stage.failure = Some(e.context("commit before revocation failed"));
+        }
+        let partitions: Vec<i32> = revoked.elements().iter().map(|e| e.partition()).collect();
+        for p in &partitions {
+            stage.tasks.remove(p);
+            stage.assigned.remove(p);
+        }
+        info!(partitions = ?partitions, "meter: partitions revoked");
+    }
+
+    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let Rebalance::Assign(assigned) = rebalance else { return };
+        let Ok(mut stage) = self.stage.lock() else { return };
+        let partitions: Vec<i32> = assigned.elements().iter().map(|e| e.partition()).collect();
+        stage.assigned.extend(&partitions);
+        info!(partitions = ?partitions, "meter: partitions assigned");
+    }
+}
+
+fn lock(stage: &Mutex<Stage>) -> anyhow::Result<MutexGuard<'_, Stage>> {
+    stage.lock().map_err(|_| anyhow::anyhow!("metering state poisoned by a panic"))
+}
+
+/// Runs the metering stage until `shutdown` is set (then commits and leaves the group).
+pub fn run(config: &Config, shutdown: &AtomicBool) -> anyhow::Result<()> {
+    let client = super::client_config(config);
+    let topics = &config.file.topics;
+    let changelog_partitions = changelog::partition_count(&client, &topics.changelog)?;
+    let transactional_id = format!("{}-meter-{}", config.file.kafka.group_id, config.worker.instance_id);
+    let outbox = Outbox::transactional(&client, &transactional_id, config.worker.transaction_timeout)?;
+    let stage = Arc::new(Mutex::new(Stage {
+        config: config.clone(),
+        outbox,
+        changelog_partitions,
+        tasks: BTreeMap::new(),
+        assigned: BTreeSet::new(),
+        dead_letters: Vec::new(),
+        last_commit: Instant::now(),
+        failure: None,
+    }));
+    let consumer: BaseConsumer<StageContext> = client
+        .clone()
+        .set("group.id", &config.file.kafka.group_id)
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("isolation.level", "read_committed")
+        .set("partition.assignment.strategy", "cooperative-sticky")
+        .create_with_context(StageContext { stage: Arc::clone(&stage) })
+        .context("cannot create the events consumer")?;
+    consumer.subscribe(&[&topics.events]).context("cannot subscribe to the events topic")?;
+    info!(topic = %topics.events, %transactional_id, "meter: started");
+
+    loop {
+        let message = consumer.poll(POLL);
+        let mut stage = lock(&stage)?;
+        if let Some(e) = stage.failure.take() {
+            return Err(e);
+        }
+        match message {
+            Some(Ok(m)) => stage.handle(&m)?,
+            // Transient client errors (a broker restarting); librdkafka reconnects itself.
+            Some(Err(e)) => warn!(error = %e, "meter: consumer error"),
+            None => {}
+        }
+        stage.restore_assigned()?;
+        if shutdown.load(Ordering::Relaxed) {
+            stage.commit(&consumer)?;
+            info!("meter: stopped");
+            return Ok(());
+        }
+        if stage.last_commit.elapsed() >= stage.config.worker.commit_interval {
+            stage.follow_idle_partitions();
+            stage.commit(&consumer)?;
+        }
+    }
+}
+
+impl Stage {
+    /// Rebuilds the meter of a partition from its changelog partition.
+    fn restore(&self, partition: i32) -> anyhow::Result<Task> {
+        let started = Instant::now();
+        let mut latest = BTreeMap::new();
+        let client = super::client_config(&self.config);
+        let records = changelog::read_partition(
+            &client,
+            &self.config.file.topics.changelog,
+            partition,
+            |key, value| {
+                // Only this partition's own state; usage and markers in it belong to billing.
+                if let ChangelogKey::State(key) = key {
+                    latest.insert(key, value.map(<[u8]>::to_vec));
+                }
+                Ok(())
+            },
+        )?;
+        let state = latest.into_iter().filter_map(|(k, v)| v.map(|v| (k, v)));
+        let meter = Meter::restore(self.config.meter.clone(), state)
+            .with_context(|| format!("cannot restore the meter of partition {partition}"))?;
+        info!(
+            partition,
+            records,
+            app_months = meter.app_months(),
+            connections = meter.connections(),
+            ms = started.elapsed().as_millis() as u64,
+            "meter: partition restored"
+        );
+        Ok(Task { meter, next_offset: None, dirty: false, last_record: Instant::now() })
+    }
+
+    fn restore_assigned(&mut self) -> anyhow::Result<()> {
+        let missing: Vec<i32> =
+            self.assigned.iter().filter(|p| !self.tasks.contains_key(p)).copied().collect();
+        for p in missing {
+            let task = self.restore(p)?;
+            self.tasks.insert(p, task);
+        }
+        Ok(())
+    }
+
+    /// Applies one record (or sends it to the dead letters) and notes its offset.
+    fn handle(&mut self, message: &BorrowedMessage<'_>) -> anyhow::Result<()> {
+        let p = message.partition();
+        if !self.tasks.contains_key(&p) {
+            let task = self.restore(p)?;
+            self.tasks.insert(p, task);
+            self.assigned.insert(p);
+        }
+        let task = self.tasks.get_mut(&p).context("task restored above")?;
+        let payload = message.payload().unwrap_or_default();
+        let rejection = match decode_usage_event(payload) {
+            Ok(event) => match task.meter.apply(&event) {
+                Outcome::Accepted | Outcome::Duplicate => None,
+                Outcome::Late => Some(Rejection::new(
+                    RejectReason::Late,
+                    format!("its month {} is already closed", task.meter.month_of(event.ts)),
+                )),
+            },
+            Err(why) => Some(why),
+        };
+        task.next_offset = Some(message.offset() + 1);
+        task.dirty = true;
+        task.last_record = Instant::now();
+        if let Some(why) = rejection {
+            self.dead_letters.push(DeadLetter::of(message, why));
+        }
+        Ok(())
+    }
+
+    /// Moves the event time of idle partitions forward: to the latest event time of this
+    /// worker's busy partitions, or, when every partition is idle, to the clock.
+    fn follow_idle_partitions(&mut self) {
+        let idle_after = self.config.worker.idle_partition_timeout;
+        let busy_watermark = self
+            .tasks
+            .values()
+            .filter(|t| t.last_record.elapsed() < idle_after)
+            .filter_map(|t| t.meter.watermark())
+            .max();
+        let target = busy_watermark.unwrap_or_else(now);
+        for task in self.tasks.values_mut().filter(|t| t.last_record.elapsed() >= idle_after) {
+            task.meter.advance_watermark(target);
+        }
+    }
+
+    /// Commits, in one transaction, everything applied since the last commit.
+    fn commit(&mut self, consumer: &BaseConsumer<StageContext>) -> anyhow::Result<()> {
+        self.last_commit = Instant::now();
+        let lateness = self.config.worker.allowed_lateness;
+        let topics = self.config.file.topics.clone();
+        let mut offsets = TopicPartitionList::new();
+        let mut records = Vec::new();
+        for (&p, task) in self.tasks.iter_mut() {
+            for (month, closed) in task.meter.close_due(lateness) {
+                info!(partition = p, %month, apps = closed.len(), "meter: month closed");
+                for (app_id, mut aggregate) in closed {
+                    let key = ChangelogKey::Usage { app_id, month, source: p as u32 };
+                    let q = billing_partition(app_id, self.changelog_partitions) as i32;
+                    records.push((q, key, Some(aggregate.encode())));
+                }
+                for q in 0..self.changelog_partitions as i32 {
+                    records.push((
+                        q,
+                        ChangelogKey::MonthClosed { month, source: p as u32 },
+                        Some(Vec::new()),
+                    ));
+                }
+            }
+            for record in task.meter.checkpoint() {
+                records.push((p, ChangelogKey::State(record.key), record.value));
+            }
+            if let (true, Some(next)) = (task.dirty, task.next_offset) {
+                offsets.add_partition_offset(&topics.events, p, Offset::Offset(next))?;
+            }
+        }
+        if records.is_empty() && offsets.count() == 0 && self.dead_letters.is_empty() {
+            return Ok(());
+        }
+        let group = consumer.group_metadata().context("the consumer has no group metadata")?;
+        let dead_letters = std::mem::take(&mut self.dead_letters);
+        // A crash anywhere below, before commit_transaction returns, loses nothing: the
+        // transaction is aborted (by the coordinator on timeout, or at once when this
+        // worker restarts with the same transactional id), none of its records become
+        // visible to read_committed readers, and the restarted worker restores the meters
+        // from the changelog as of the previous commit and re-reads the events after the
+        // previously committed offsets — exactly the events whose effects were lost.
+        let committed = self.outbox.transaction(|tx| {
+            for (partition, key, value) in &records {
+                tx.send(&topics.changelog, Some(*partition), &key.to_bytes(), value.as_deref(), None)?;
+            }
+            for letter in &dead_letters {
+                tx.dead_letter(&topics.dead_letters, letter)?;
+            }
+            if offsets.count() > 0 {
+                tx.send_offsets(&offsets, &group)?;
+            }
+            Ok(())
+        });
+        match committed {
+            // Committed: state, outputs and offsets are durable together.
+            Ok(()) => {
+                for task in self.tasks.values_mut() {
+                    task.dirty = false;
+                }
+                Ok(())
+            }
+            // Nothing of this commit is visible, but the meters have moved on in memory:
+            // go back to the last commit (state from the changelog, input from the
+            // committed offsets).
+            Err(TransactionFailed::Aborted(e)) => {
+                warn!(error = %format!("{e:#}"), "meter: commit aborted, rewinding to the last commit");
+                self.rewind(consumer)
+            }
+            Err(fatal @ TransactionFailed::Fatal(_)) => Err(fatal.into()),
+        }
+    }
+
+    /// Drops all in-memory state and moves every assigned partition back to its committed
+    /// offset; the meters are restored from the changelog before their next record.
+    fn rewind(&mut self, consumer: &BaseConsumer<StageContext>) -> anyhow::Result<()> {
+        self.tasks.clear();
+        self.dead_letters.clear();
+        let timeout = self.config.worker.transaction_timeout;
+        let assignment = consumer.assignment().context("cannot read the assignment")?;
+        let committed =
+            consumer.committed_offsets(assignment, timeout).context("cannot read committed offsets")?;
+        for e in committed.elements() {
+            let offset = match e.offset() {
+                Offset::Offset(o) => Offset::Offset(o),
+                _ => Offset::Beginning,
+            };
+            consumer.seek(e.topic(), e.partition(), offset, timeout).context("cannot seek back")?;
+        }
+        Ok(())
+    }
+}
+
+/// The clock, for partitions that have all gone idle.
+fn now() -> Timestamp {
+    let ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+    Timestamp(ms)
+}

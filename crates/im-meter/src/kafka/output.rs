@@ -1,0 +1,183 @@
+//! What the stages write: a transactional producer ([`Outbox`]) and dead-letter records.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use im_meter_core::ingest::Rejection;
+use rdkafka::consumer::ConsumerGroupMetadata;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::{ClientConfig, TopicPartitionList};
+use tracing::warn;
+
+/// A refused input record: its bytes exactly as read, where it came from, and why.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    key: Option<Vec<u8>>,
+    raw: Vec<u8>,
+    reason: &'static str,
+    detail: String,
+    topic: String,
+    partition: i32,
+    offset: i64,
+}
+
+impl DeadLetter {
+    /// The dead letter of a consumed record.
+    pub fn of(message: &BorrowedMessage<'_>, why: Rejection) -> Self {
+        DeadLetter {
+            key: message.key().map(<[u8]>::to_vec),
+            raw: message.payload().unwrap_or_default().to_vec(),
+            reason: why.reason.code(),
+            detail: why.detail,
+            topic: message.topic().to_string(),
+            partition: message.partition(),
+            offset: message.offset(),
+        }
+    }
+}
+
+/// The one transaction open at a time on an [`Outbox`].
+pub struct Transaction<'a> {
+    producer: &'a BaseProducer,
+    timeout: Duration,
+}
+
+impl Transaction<'_> {
+    /// Queues a record (`partition: None` lets the key choose; `value: None` is a tombstone).
+    pub fn send(
+        &self,
+        topic: &str,
+        partition: Option<i32>,
+        key: &[u8],
+        value: Option<&[u8]>,
+        headers: Option<OwnedHeaders>,
+    ) -> anyhow::Result<()> {
+        let mut record = BaseRecord::<[u8], [u8]>::to(topic).key(key);
+        if let Some(p) = partition {
+            record = record.partition(p);
+        }
+        if let Some(v) = value {
+            record = record.payload(v);
+        }
+        if let Some(h) = headers {
+            record = record.headers(h);
+        }
+        loop {
+            match self.producer.send(record) {
+                Ok(()) => return Ok(()),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    record = back;
+                    self.producer.poll(Duration::from_millis(10));
+                }
+                Err((e, _)) => return Err(e).with_context(|| format!("cannot send to {topic}")),
+            }
+        }
+    }
+
+    /// Queues a dead letter: the raw bytes as value, the reason and source as headers.
+    pub fn dead_letter(&self, topic: &str, letter: &DeadLetter) -> anyhow::Result<()> {
+        let (partition, offset) = (letter.partition.to_string(), letter.offset.to_string());
+        let headers = OwnedHeaders::new()
+            .insert(Header { key: "reason", value: Some(letter.reason) })
+            .insert(Header { key: "detail", value: Some(&letter.detail) })
+            .insert(Header { key: "source_topic", value: Some(&letter.topic) })
+            .insert(Header { key: "source_partition", value: Some(&partition) })
+            .insert(Header { key: "source_offset", value: Some(&offset) });
+        let key = letter.key.as_deref().unwrap_or_default();
+        self.send(topic, None, key, Some(&letter.raw), Some(headers))
+    }
+
+    /// Adds consumed offsets to the transaction (committed with it, for the group).
+    pub fn send_offsets(
+        &self,
+        offsets: &TopicPartitionList,
+        group: &ConsumerGroupMetadata,
+    ) -> anyhow::Result<()> {
+        self.producer.send_offsets_to_transaction(offsets, group, self.timeout).context("cannot add offsets")
+    }
+}
+
+/// How a transaction ended when it did not commit.
+#[derive(Debug, thiserror::Error)]
+pub enum TransactionFailed {
+    /// Aborted: nothing of it is visible. The caller must rebuild its state from what was
+    /// committed before (it had already moved on in memory).
+    #[error("transaction aborted: {0:#}")]
+    Aborted(anyhow::Error),
+    /// The producer cannot go on (fenced by a newer worker with the same id, or a fatal
+    /// broker error): the worker must stop.
+    #[error("transactional producer failed: {0:#}")]
+    Fatal(anyhow::Error),
+}
+
+/// A transactional producer.
+pub struct Outbox {
+    producer: BaseProducer,
+    timeout: Duration,
+}
+
+impl Outbox {
+    /// A producer with `transactional_id`, initialised: any transaction a previous process
+    /// with the same id left open is aborted now.
+    pub fn transactional(
+        client: &ClientConfig,
+        transactional_id: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<Self> {
+        let producer: BaseProducer = client
+            .clone()
+            .set("transactional.id", transactional_id)
+            .set("transaction.timeout.ms", timeout.as_millis().to_string())
+            .set("linger.ms", "5")
+            .set("compression.type", "lz4")
+            .create()
+            .context("cannot create the transactional producer")?;
+        producer.init_transactions(timeout).context("cannot initialise transactions")?;
+        Ok(Outbox { producer, timeout })
+    }
+
+    /// Runs `fill` inside one transaction and commits it; on failure aborts it.
+    pub fn transaction(
+        &self,
+        fill: impl FnOnce(&Transaction<'_>) -> anyhow::Result<()>,
+    ) -> Result<(), TransactionFailed> {
+        let fatal = |e: &KafkaError| matches!(e, KafkaError::Transaction(t) if t.is_fatal());
+        self.producer.begin_transaction().map_err(|e| TransactionFailed::Fatal(e.into()))?;
+        let tx = Transaction { producer: &self.producer, timeout: self.timeout };
+        let result = fill(&tx).and_then(|()| self.commit_with_retries());
+        match result {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                if e.downcast_ref::<KafkaError>().is_some_and(fatal) {
+                    return Err(TransactionFailed::Fatal(e));
+                }
+                warn!(error = %format!("{e:#}"), "aborting transaction");
+                match self.producer.abort_transaction(self.timeout) {
+                    Ok(()) => Err(TransactionFailed::Aborted(e)),
+                    Err(abort) => {
+                        Err(TransactionFailed::Fatal(anyhow::Error::from(abort).context(format!("{e:#}"))))
+                    }
+                }
+            }
+        }
+    }
+
+    /// Commits the open transaction, retrying what librdkafka calls retriable (a broker
+    /// restarting) within the transaction timeout.
+    fn commit_with_retries(&self) -> anyhow::Result<()> {
+        let deadline = std::time::Instant::now() + self.timeout;
+        loop {
+            match self.producer.commit_transaction(self.timeout) {
+                Ok(()) => return Ok(()),
+                Err(KafkaError::Transaction(e))
+                    if e.is_retriable() && std::time::Instant::now() < deadline =>
+                {
+                    warn!(error = %e, "commit failed, retrying");
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+}
