@@ -9,15 +9,17 @@
 use std::io::{self, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use im_meter_core::time::Month;
 
 use im_meter::config::Config;
+use im_meter::kafka::worker::{self, Role};
 use im_meter::kafka::{
     self,
-    admin::TopicSpec,
     produce::{LineKind, LineProducer},
 };
 use im_meter::replay::input::for_each_line;
@@ -35,6 +37,18 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the Kafka worker (metering and billing stages) until SIGINT or SIGTERM.
+    Run {
+        /// Configuration file (TOML); `IM_METER__*` variables override it.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Which stages to run.
+        #[arg(long, value_enum, default_value_t = Role::All)]
+        role: Role,
+        /// Log format.
+        #[arg(long, value_enum, default_value_t = LogFormat::Human)]
+        log_format: LogFormat,
+    },
     /// Run the pipeline over NDJSON files (no Kafka): usage and charges of every month in
     /// the input.
     Replay(ReplayArgs),
@@ -79,7 +93,7 @@ struct ReplayArgs {
 #[derive(Debug, clap::Args)]
 struct GenerateArgs {
     /// Write the bundled sample's events (deploy/sample/events.ndjson).
-    #[arg(long, conflicts_with_all = ["apps", "users", "month", "seed"])]
+    #[arg(long, conflicts_with_all = ["apps", "users", "seed"])]
     sample: bool,
     /// Number of apps.
     #[arg(long, default_value_t = 50)]
@@ -103,7 +117,7 @@ struct ProduceArgs {
     /// SDK events to send, NDJSON (`-` = stdin).
     #[arg(long, value_name = "FILE", conflicts_with_all = ["sample", "synthetic"])]
     events: Option<String>,
-    /// Send the bundled sample's events.
+    /// Send the bundled sample's events (for --month, default 2026-11).
     #[arg(long, conflicts_with = "synthetic")]
     sample: bool,
     /// Send a synthetic month (see --apps, --users, --month, --seed).
@@ -133,12 +147,21 @@ struct ProduceArgs {
     /// At most this many events a second (default: as fast as the broker takes them).
     #[arg(long)]
     rate: Option<u64>,
-    /// Partitions of topics this command creates because they are missing.
-    #[arg(long, default_value_t = 6)]
-    partitions: i32,
+    /// Partitions of topics this command creates because they are missing (default: the
+    /// config's `kafka.partitions`).
+    #[arg(long)]
+    partitions: Option<i32>,
     /// Configuration file (TOML); `IM_METER__*` variables override it.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    /// Readable lines.
+    Human,
+    /// One JSON object per line.
+    Json,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -181,10 +204,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             out.flush()?;
             Ok(())
         }
+        Command::Run { config, role, log_format } => {
+            init_logs(log_format);
+            let config = Config::load(config.as_deref(), std::env::vars())?;
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            runtime.block_on(worker::prepare_topics(&config))?;
+            let shutdown = Arc::new(AtomicBool::new(false));
+            let signals = Arc::clone(&shutdown);
+            std::thread::spawn(move || runtime.block_on(wait_for_signals(signals)));
+            worker::run(&config, role, shutdown)
+        }
         Command::Produce(args) => produce(args),
         Command::Generate(args) => {
             let workload = if args.sample {
-                Workload::sample()
+                Workload { month: args.month, ..Workload::sample() }
             } else {
                 Workload::synthetic(args.month, args.apps, args.users, args.seed)
             };
@@ -211,17 +244,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn produce(args: ProduceArgs) -> anyhow::Result<()> {
-    let config = Config::load(args.config.as_deref(), std::env::vars())?;
+    let mut config = Config::load(args.config.as_deref(), std::env::vars())?;
+    if let Some(partitions) = args.partitions {
+        config.worker.partitions = partitions;
+    }
     let client = kafka::client_config(&config);
     let topics = &config.file.topics;
-    let specs = [
-        TopicSpec { name: &topics.events, partitions: args.partitions, config: vec![] },
-        TopicSpec { name: &topics.subscriptions, partitions: args.partitions, config: vec![] },
-    ];
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?
-        .block_on(kafka::admin::ensure_topics(&client, &specs))?;
+        .block_on(worker::prepare_topics(&config))?;
 
     if let Some(path) = &args.subscriptions {
         let mut producer = LineProducer::new(&client, &topics.subscriptions, LineKind::Subscription, None)?;
@@ -232,7 +264,7 @@ fn produce(args: ProduceArgs) -> anyhow::Result<()> {
 
     let mut producer = LineProducer::new(&client, &topics.events, LineKind::Usage, args.rate)?;
     let workload = if args.sample {
-        Some(Workload::sample())
+        Some(Workload { month: args.month, ..Workload::sample() })
     } else if args.synthetic {
         let mut w = Workload::synthetic(args.month, args.apps, args.users, args.seed);
         w.malformed_share = args.malformed_share;
@@ -258,4 +290,35 @@ fn produce(args: ProduceArgs) -> anyhow::Result<()> {
         stats.delivered, topics.events, stats.keyed
     );
     Ok(())
+}
+
+/// Logs to stderr; `IM_METER_LOG` filters (default `info`).
+fn init_logs(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("IM_METER_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(io::stderr);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// The first SIGINT or SIGTERM asks the stages to commit and stop; a second one quits at once.
+async fn wait_for_signals(shutdown: Arc<AtomicBool>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+    else {
+        return;
+    };
+    for _ in 0..2 {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        if shutdown.swap(true, Ordering::Relaxed) {
+            eprintln!("im-meter: second signal, quitting now");
+            std::process::exit(130);
+        }
+        tracing::info!("shutdown requested: committing and leaving the group");
+    }
 }

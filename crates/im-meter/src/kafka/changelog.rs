@@ -5,10 +5,26 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use im_meter_core::aggregate::ChangelogKey;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::error::KafkaError;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
+
+/// A client context that does not log reaching a partition's end as an error (readers
+/// here ask for end-of-partition events on purpose).
+pub struct QuietEof;
+
+impl ClientContext for QuietEof {
+    fn error(&self, error: KafkaError, reason: &str) {
+        let end_of_partition =
+            matches!(error, KafkaError::PartitionEOF(_) | KafkaError::Global(RDKafkaErrorCode::PartitionEOF));
+        if !end_of_partition {
+            tracing::error!(error = %error, reason, "librdkafka error");
+        }
+    }
+}
+
+impl ConsumerContext for QuietEof {}
 
 /// How long reading one partition back may take before the worker gives up (a stuck
 /// read is a fatal error: the supervisor restarts the worker).
@@ -25,30 +41,40 @@ pub fn partition_count(client: &ClientConfig, topic: &str) -> anyhow::Result<u32
     Ok(count as u32)
 }
 
+/// How far a read went.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ReadBack {
+    /// Records read.
+    pub records: u64,
+    /// The offset after the last record read.
+    pub next_offset: i64,
+}
+
 /// Calls `each(key, value)` for every committed record of one changelog partition, oldest
-/// first, until its last stable offset (records of open transactions are not waited for
-/// beyond it; `None` values are deletions). Unreadable keys are skipped: they cannot have
-/// been written by this program.
+/// first, until its last stable offset (`None` values are deletions). Unreadable keys are
+/// skipped: they cannot have been written by this program.
 pub fn read_partition(
     client: &ClientConfig,
     topic: &str,
     partition: i32,
     mut each: impl FnMut(ChangelogKey, Option<&[u8]>) -> anyhow::Result<()>,
-) -> anyhow::Result<u64> {
-    let consumer: BaseConsumer = client
+) -> anyhow::Result<ReadBack> {
+    let consumer: BaseConsumer<QuietEof> = client
         .clone()
         // Assigned, not subscribed: no group membership, nothing committed.
         .set("group.id", "im-meter-restore")
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "true")
+        // Reading back is latency-bound: do not let the broker hold fetches open.
+        .set("fetch.wait.max.ms", "20")
         .set("isolation.level", "read_committed")
-        .create()
+        .create_with_context(QuietEof)
         .context("cannot create a changelog reader")?;
     let mut assignment = TopicPartitionList::new();
     assignment.add_partition_offset(topic, partition, Offset::Beginning)?;
     consumer.assign(&assignment)?;
     let deadline = Instant::now() + RESTORE_TIMEOUT;
-    let mut records = 0u64;
+    let mut read = ReadBack::default();
     loop {
         anyhow::ensure!(
             Instant::now() < deadline,
@@ -56,12 +82,13 @@ pub fn read_partition(
         );
         match consumer.poll(Duration::from_millis(200)) {
             Some(Ok(message)) => {
-                records += 1;
+                read.records += 1;
+                read.next_offset = message.offset() + 1;
                 if let Some(key) = message.key().and_then(|k| ChangelogKey::from_bytes(k).ok()) {
                     each(key, message.payload())?;
                 }
             }
-            Some(Err(KafkaError::PartitionEOF(_))) => return Ok(records),
+            Some(Err(KafkaError::PartitionEOF(_))) => return Ok(read),
             Some(Err(e)) => return Err(e).with_context(|| format!("cannot read {topic}[{partition}]")),
             None => {}
         }

@@ -145,7 +145,7 @@ pub fn run(config: &Config, shutdown: &AtomicBool) -> anyhow::Result<()> {
             return Ok(());
         }
         if stage.last_commit.elapsed() >= stage.config.worker.commit_interval {
-            stage.follow_idle_partitions();
+            stage.follow_idle_partitions(&consumer);
             stage.commit(&consumer)?;
         }
     }
@@ -157,7 +157,7 @@ impl Stage {
         let started = Instant::now();
         let mut latest = BTreeMap::new();
         let client = super::client_config(&self.config);
-        let records = changelog::read_partition(
+        let read = changelog::read_partition(
             &client,
             &self.config.file.topics.changelog,
             partition,
@@ -174,7 +174,7 @@ impl Stage {
             .with_context(|| format!("cannot restore the meter of partition {partition}"))?;
         info!(
             partition,
-            records,
+            records = read.records,
             app_months = meter.app_months(),
             connections = meter.connections(),
             ms = started.elapsed().as_millis() as u64,
@@ -223,18 +223,34 @@ impl Stage {
     }
 
     /// Moves the event time of idle partitions forward: to the latest event time of this
-    /// worker's busy partitions, or, when every partition is idle, to the clock.
-    fn follow_idle_partitions(&mut self) {
+    /// worker's busy partitions, or, when every partition is idle, to the clock. Idle means
+    /// caught up with the partition's end *and* silent for `idle_partition_timeout`; a
+    /// partition with a backlog is never idle, however long its records take to arrive.
+    fn follow_idle_partitions(&mut self, consumer: &BaseConsumer<StageContext>) {
         let idle_after = self.config.worker.idle_partition_timeout;
+        let topic = &self.config.file.topics.events;
+        let idle: BTreeSet<i32> = self
+            .tasks
+            .iter()
+            .filter(|(_, t)| t.last_record.elapsed() >= idle_after)
+            .filter(|(p, _)| caught_up(consumer, topic, **p))
+            .map(|(p, _)| *p)
+            .collect();
         let busy_watermark = self
             .tasks
-            .values()
-            .filter(|t| t.last_record.elapsed() < idle_after)
-            .filter_map(|t| t.meter.watermark())
+            .iter()
+            .filter(|(p, _)| !idle.contains(p))
+            .filter_map(|(_, t)| t.meter.watermark())
             .max();
-        let target = busy_watermark.unwrap_or_else(now);
-        for task in self.tasks.values_mut().filter(|t| t.last_record.elapsed() >= idle_after) {
-            task.meter.advance_watermark(target);
+        let target = match busy_watermark {
+            Some(w) => w,
+            None if idle.len() == self.tasks.len() => now(),
+            None => return,
+        };
+        for p in &idle {
+            if let Some(task) = self.tasks.get_mut(p) {
+                task.meter.advance_watermark(target);
+            }
         }
     }
 
@@ -334,4 +350,31 @@ impl Stage {
 fn now() -> Timestamp {
     let ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
     Timestamp(ms)
+}
+
+/// Whether this consumer has read everything a partition holds: its position (or, before
+/// it consumed anything, its committed offset) has reached the partition's end. Unknown
+/// (broker unreachable) is "no".
+fn caught_up(consumer: &BaseConsumer<StageContext>, topic: &str, partition: i32) -> bool {
+    let timeout = Duration::from_secs(5);
+    let Ok((low, high)) = consumer.fetch_watermarks(topic, partition, timeout) else {
+        return false;
+    };
+    let offset_in = |tpl: TopicPartitionList| tpl.find_partition(topic, partition).map(|e| e.offset());
+    let next = match consumer.position().ok().and_then(offset_in) {
+        Some(Offset::Offset(next)) => Some(next),
+        _ => {
+            let mut wanted = TopicPartitionList::new();
+            wanted.add_partition(topic, partition);
+            match consumer.committed_offsets(wanted, timeout).ok().and_then(offset_in) {
+                Some(Offset::Offset(next)) => Some(next),
+                _ => None,
+            }
+        }
+    };
+    match next {
+        Some(next) => next >= high,
+        // Nothing consumed or committed yet: caught up only if there is nothing to read.
+        None => high <= low,
+    }
 }

@@ -2,10 +2,12 @@
 //! producing events (`im-meter produce`), and the worker's stages (`im-meter run`).
 
 pub mod admin;
+pub mod bill;
 pub mod changelog;
 pub mod meter;
 pub mod output;
 pub mod produce;
+pub mod worker;
 
 use rdkafka::ClientConfig;
 

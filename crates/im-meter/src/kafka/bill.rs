@@ -1,0 +1,370 @@
+//! The billing stage: each source partition's usage of closed months → merged per app →
+//! priced under the subscriptions → charges and quota alerts, exactly once.
+//!
+//! Billing is partitioned by app: the metering stage writes an app's usage of a closed month
+//! to the changelog partition [`billing_partition`] gives, so one billing task sees every
+//! source partition's share of an app and merges them (HLL union, instant-wise PCC sums,
+//! max). A month is billed in a changelog partition once every source partition has written
+//! its month-closed marker there. Each billing task has its own transactional producer
+//! (`{group}-billing-{partition}`): a new owner's `init_transactions` fences the previous
+//! one, and one transaction carries the month's charges, alerts, the partition's
+//! billed-through mark and the deletion of the month's usage. Billing commits no consumer
+//! offsets: on assignment a task reads its partition from the beginning (the compacted log
+//! holds only unbilled usage and the billed-through mark) before it bills anything.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use im_meter_core::aggregate::{billing_partition, AppMonthAggregate, ChangelogKey, MonthlyUsage};
+use im_meter_core::bill::{bill_month, quota_alert, Subscriptions};
+use im_meter_core::ingest::decode_subscription_event;
+use im_meter_core::plan::AppId;
+use im_meter_core::time::Month;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::KafkaError;
+use rdkafka::message::Message;
+use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
+use tracing::{info, warn};
+
+use super::changelog::{self, QuietEof};
+use super::output::{Outbox, TransactionFailed};
+use crate::config::Config;
+
+const POLL: Duration = Duration::from_millis(100);
+
+/// What one changelog partition holds for billing.
+struct Task {
+    outbox: Outbox,
+    /// Records before this offset were read when the task was restored.
+    skip_until: i64,
+    /// (month, app) → source partition → that partition's final usage.
+    usage: BTreeMap<(Month, AppId), BTreeMap<u32, AppMonthAggregate>>,
+    /// Month → source partitions that closed it.
+    closed: BTreeMap<Month, BTreeSet<u32>>,
+    billed_through: Option<Month>,
+}
+
+impl Task {
+    fn absorb(&mut self, key: ChangelogKey, value: Option<&[u8]>) -> anyhow::Result<()> {
+        match (key, value) {
+            (ChangelogKey::Usage { app_id, month, source }, Some(bytes)) => {
+                let aggregate =
+                    AppMonthAggregate::decode(bytes).context("unreadable usage in the changelog")?;
+                self.usage.entry((month, app_id)).or_default().insert(source, aggregate);
+            }
+            (ChangelogKey::Usage { app_id, month, source }, None) => {
+                if let Some(sources) = self.usage.get_mut(&(month, app_id)) {
+                    sources.remove(&source);
+                }
+            }
+            (ChangelogKey::MonthClosed { month, source }, Some(_)) => {
+                self.closed.entry(month).or_default().insert(source);
+            }
+            (ChangelogKey::MonthClosed { month, source }, None) => {
+                if let Some(sources) = self.closed.get_mut(&month) {
+                    sources.remove(&source);
+                }
+            }
+            (ChangelogKey::Billed, Some(bytes)) => {
+                let text = std::str::from_utf8(bytes).context("unreadable billed-through mark")?;
+                self.billed_through = Some(text.parse().context("unreadable billed-through mark")?);
+            }
+            // Metering state of the partition's own source: not billing's business.
+            (ChangelogKey::State(_), _) | (ChangelogKey::Billed, None) => {}
+        }
+        Ok(())
+    }
+
+    /// The next month every source has closed and that is not billed yet.
+    fn next_billable(&self, sources: u32) -> Option<Month> {
+        self.closed
+            .iter()
+            .filter(|(m, _)| self.billed_through.is_none_or(|b| **m > b))
+            .find(|(_, s)| s.len() as u32 >= sources)
+            .map(|(m, _)| *m)
+    }
+}
+
+/// The subscription book, fed from the whole subscriptions topic (small: every billing
+/// task needs the plans of its apps, and reads them all).
+struct SubscriptionFeed {
+    consumer: BaseConsumer<QuietEof>,
+    /// Per partition: whether everything up to its end has been applied.
+    at_end: Vec<bool>,
+    book: Subscriptions,
+}
+
+impl SubscriptionFeed {
+    fn new(client: &ClientConfig, topic: &str, config: &Config) -> anyhow::Result<Self> {
+        let consumer: BaseConsumer<QuietEof> = client
+            .clone()
+            .set("group.id", "im-meter-subscriptions")
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "true")
+            // Reading back is latency-bound: do not let the broker hold fetches open.
+            .set("fetch.wait.max.ms", "20")
+            .set("isolation.level", "read_committed")
+            .create_with_context(QuietEof)
+            .context("cannot create the subscriptions reader")?;
+        let partitions = changelog::partition_count(client, topic)? as usize;
+        let mut assignment = TopicPartitionList::new();
+        for p in 0..partitions as i32 {
+            assignment.add_partition_offset(topic, p, Offset::Beginning)?;
+        }
+        consumer.assign(&assignment)?;
+        Ok(SubscriptionFeed {
+            consumer,
+            at_end: vec![false; partitions],
+            book: Subscriptions::new(config.meter.tz),
+        })
+    }
+
+    /// Applies every subscription event up to the end of the topic as fetched now.
+    fn catch_up(&mut self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            anyhow::ensure!(Instant::now() < deadline, "reading subscriptions took too long");
+            let message = self.consumer.poll(Duration::from_millis(50));
+            if let Some(Ok(m)) = &message {
+                if let Some(end) = self.at_end.get_mut(m.partition() as usize) {
+                    *end = false;
+                }
+            }
+            match message {
+                Some(Ok(m)) => match decode_subscription_event(m.payload().unwrap_or_default()) {
+                    Ok(event) => {
+                        if let Err(why) = self.book.apply(&event) {
+                            warn!(app_id = event.app_id, reason = why.reason.code(), detail = %why.detail, "subscription event refused");
+                        }
+                    }
+                    Err(why) => {
+                        warn!(reason = why.reason.code(), detail = %why.detail, "malformed subscription event")
+                    }
+                },
+                Some(Err(KafkaError::PartitionEOF(p))) => {
+                    if let Some(end) = self.at_end.get_mut(p as usize) {
+                        *end = true;
+                    }
+                }
+                Some(Err(e)) => warn!(error = %e, "subscriptions reader error"),
+                // Nothing more fetched: done once every partition reported its end.
+                None if self.at_end.iter().all(|e| *e) => return Ok(()),
+                None => {}
+            }
+        }
+    }
+}
+
+/// Shared between the poll loop and the rebalance callbacks.
+#[derive(Default)]
+struct Assignment {
+    added: BTreeSet<i32>,
+    revoked: BTreeSet<i32>,
+}
+
+struct StageContext {
+    assignment: Arc<Mutex<Assignment>>,
+}
+
+impl ClientContext for StageContext {}
+
+impl ConsumerContext for StageContext {
+    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let Ok(mut a) = self.assignment.lock() else { return };
+        match rebalance {
+            Rebalance::Assign(tpl) => a.added.extend(tpl.elements().iter().map(|e| e.partition())),
+            Rebalance::Revoke(tpl) => a.revoked.extend(tpl.elements().iter().map(|e| e.partition())),
+            Rebalance::Error(_) => {}
+        }
+    }
+}
+
+/// Runs the billing stage until `shutdown` is set.
+pub fn run(config: &Config, shutdown: &AtomicBool) -> anyhow::Result<()> {
+    let client = super::client_config(config);
+    let topics = &config.file.topics;
+    let sources = changelog::partition_count(&client, &topics.events)?;
+    let partitions = changelog::partition_count(&client, &topics.changelog)?;
+    let mut subscriptions = SubscriptionFeed::new(&client, &topics.subscriptions, config)?;
+    let assignment = Arc::new(Mutex::new(Assignment::default()));
+    let consumer: BaseConsumer<StageContext> = client
+        .clone()
+        .set("group.id", format!("{}-billing", config.file.kafka.group_id))
+        .set("enable.auto.commit", "false")
+        // No offsets are ever committed: every assignment starts from the beginning.
+        .set("auto.offset.reset", "earliest")
+        .set("isolation.level", "read_committed")
+        .set("partition.assignment.strategy", "cooperative-sticky")
+        .create_with_context(StageContext { assignment: Arc::clone(&assignment) })
+        .context("cannot create the changelog consumer")?;
+    consumer.subscribe(&[&topics.changelog]).context("cannot subscribe to the changelog")?;
+    info!(topic = %topics.changelog, sources, "billing: started");
+
+    let mut tasks: BTreeMap<i32, Task> = BTreeMap::new();
+    while !shutdown.load(Ordering::Relaxed) {
+        let message = consumer.poll(POLL);
+        {
+            let mut a = assignment.lock().map_err(|_| anyhow::anyhow!("assignment poisoned"))?;
+            for p in std::mem::take(&mut a.revoked) {
+                tasks.remove(&p);
+                info!(partition = p, "billing: partition revoked");
+            }
+            for p in std::mem::take(&mut a.added) {
+                tasks.insert(p, restore(config, &client, p)?);
+            }
+        }
+        match message {
+            Some(Ok(m)) => {
+                if let Some(task) = tasks.get_mut(&m.partition()) {
+                    if m.offset() >= task.skip_until {
+                        if let Some(key) = m.key().and_then(|k| ChangelogKey::from_bytes(k).ok()) {
+                            task.absorb(key, m.payload())?;
+                        }
+                    }
+                }
+            }
+            Some(Err(e)) => warn!(error = %e, "billing: consumer error"),
+            None => {}
+        }
+        for (&p, task) in tasks.iter_mut() {
+            while let Some(month) = task.next_billable(sources) {
+                subscriptions.catch_up()?;
+                let shape = Shape { partition: p, partitions, sources };
+                if !bill(config, shape, month, task, &subscriptions.book)? {
+                    break;
+                }
+            }
+        }
+    }
+    info!("billing: stopped");
+    Ok(())
+}
+
+/// A task for a newly assigned partition: its producer (fencing the previous owner) first,
+/// then everything the partition holds.
+fn restore(config: &Config, client: &ClientConfig, partition: i32) -> anyhow::Result<Task> {
+    let id = format!("{}-billing-{partition}", config.file.kafka.group_id);
+    let outbox = Outbox::transactional(client, &id, config.worker.transaction_timeout)?;
+    let mut task =
+        Task { outbox, skip_until: 0, usage: BTreeMap::new(), closed: BTreeMap::new(), billed_through: None };
+    let read = changelog::read_partition(client, &config.file.topics.changelog, partition, |key, value| {
+        task.absorb(key, value)
+    })?;
+    // The group consumer starts from the beginning too; what was read here is skipped.
+    task.skip_until = read.next_offset;
+    info!(partition, billed_through = ?task.billed_through, "billing: partition restored");
+    Ok(task)
+}
+
+/// Where a billing task sits: its changelog partition, how many there are, and how many
+/// events partitions feed them.
+#[derive(Debug, Clone, Copy)]
+struct Shape {
+    partition: i32,
+    partitions: u32,
+    sources: u32,
+}
+
+/// Bills one month of one changelog partition in one transaction; `false` if the
+/// transaction was aborted (nothing published, state unchanged, to be retried).
+fn bill(
+    config: &Config,
+    shape: Shape,
+    month: Month,
+    task: &mut Task,
+    subscriptions: &Subscriptions,
+) -> anyhow::Result<bool> {
+    let Shape { partition, partitions, sources } = shape;
+    let month_end = config.meter.tz.end_of_month(month);
+    let mut apps: BTreeSet<AppId> =
+        task.usage.range((month, 0)..=(month, AppId::MAX)).map(|((_, a), _)| *a).collect();
+    apps.extend(
+        subscriptions
+            .apps()
+            .filter(|a| billing_partition(*a, partitions) as i32 == partition)
+            .filter(|a| subscriptions.created_at(*a).is_none_or(|c| c < month_end)),
+    );
+    let mut charges = Vec::new();
+    let mut alerts = Vec::new();
+    for &app_id in &apps {
+        let usage = match task.usage.get(&(month, app_id)) {
+            Some(parts) => {
+                let mut merged = AppMonthAggregate::new(config.meter.precision, false);
+                for part in parts.values() {
+                    merged.merge(part).context("cannot merge usage")?;
+                }
+                merged.usage(app_id, month, config.meter.grid)
+            }
+            None => MonthlyUsage::empty(app_id, month),
+        };
+        charges.extend(bill_month(subscriptions, &usage, &config.prices));
+        alerts.extend(quota_alert(subscriptions, &usage));
+    }
+    let topics = &config.file.topics;
+    let usage_keys: Vec<ChangelogKey> = task
+        .usage
+        .range((month, 0)..=(month, AppId::MAX))
+        .flat_map(|((_, app_id), parts)| {
+            parts.keys().map(move |&source| ChangelogKey::Usage { app_id: *app_id, month, source })
+        })
+        .collect();
+    let result = task.outbox.transaction(|tx| {
+        for charge in &charges {
+            tx.send(
+                &topics.charges,
+                None,
+                charge.charge_id.as_bytes(),
+                Some(&serde_json::to_vec(charge)?),
+                None,
+            )?;
+        }
+        for alert in &alerts {
+            tx.send(
+                &topics.alerts,
+                None,
+                alert.alert_id.as_bytes(),
+                Some(&serde_json::to_vec(alert)?),
+                None,
+            )?;
+        }
+        tx.send(
+            &topics.changelog,
+            Some(partition),
+            &ChangelogKey::Billed.to_bytes(),
+            Some(month.to_string().as_bytes()),
+            None,
+        )?;
+        // The month is done: its usage and markers can go (compaction removes them).
+        for key in &usage_keys {
+            tx.send(&topics.changelog, Some(partition), &key.to_bytes(), None, None)?;
+        }
+        for source in 0..sources {
+            tx.send(
+                &topics.changelog,
+                Some(partition),
+                &ChangelogKey::MonthClosed { month, source }.to_bytes(),
+                None,
+                None,
+            )?;
+        }
+        Ok(())
+    });
+    match result {
+        Ok(()) => {
+            info!(partition, %month, apps = apps.len(), charges = charges.len(), alerts = alerts.len(), "billing: month billed");
+            task.billed_through = Some(month);
+            task.usage.retain(|(m, _), _| *m != month);
+            task.closed.remove(&month);
+            Ok(true)
+        }
+        // Nothing was published and the task's state is unchanged: the next pass retries.
+        Err(TransactionFailed::Aborted(e)) => {
+            warn!(partition, %month, error = %format!("{e:#}"), "billing: transaction aborted, will retry");
+            Ok(false)
+        }
+        Err(fatal @ TransactionFailed::Fatal(_)) => Err(fatal.into()),
+    }
+}

@@ -1,0 +1,95 @@
+//! `im-meter run`: the long-lived worker. Creates missing topics, then runs the metering
+//! and billing stages, each on its own OS thread, until a shutdown signal.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::Context;
+use tracing::{error, info};
+
+use super::admin::{ensure_topics, TopicSpec};
+use super::{bill, changelog, client_config, meter};
+use crate::config::Config;
+
+/// Which stages a worker runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Role {
+    /// Both stages.
+    All,
+    /// Only metering (events → changelog).
+    Meter,
+    /// Only billing (changelog → charges, alerts).
+    Bill,
+}
+
+/// Creates every topic the worker uses that does not exist yet. The changelog gets as many
+/// partitions as the events topic (the state of events partition p lives in changelog
+/// partition p) and is compacted.
+pub async fn prepare_topics(config: &Config) -> anyhow::Result<()> {
+    let client = client_config(config);
+    let t = &config.file.topics;
+    let n = config.worker.partitions;
+    let plain = |name| TopicSpec { name, partitions: n, config: vec![] };
+    ensure_topics(&client, &[plain(&t.events), plain(&t.subscriptions)]).await?;
+    let events = changelog::partition_count(&client, &t.events)? as i32;
+    let compacted = TopicSpec {
+        name: &t.changelog,
+        partitions: events,
+        config: vec![("cleanup.policy", "compact"), ("min.compaction.lag.ms", "60000")],
+    };
+    ensure_topics(&client, &[compacted, plain(&t.dead_letters), plain(&t.charges), plain(&t.alerts)]).await?;
+    let changelog = changelog::partition_count(&client, &t.changelog)? as i32;
+    anyhow::ensure!(
+        changelog >= events,
+        "topic {} has {changelog} partitions but {} has {events}: the changelog needs at least as many",
+        t.changelog,
+        t.events
+    );
+    Ok(())
+}
+
+/// A stage's entry point: runs until the flag is set or it fails.
+type Stage = fn(&Config, &AtomicBool) -> anyhow::Result<()>;
+
+/// Runs the chosen stages until `shutdown` is set or one fails (then the others are
+/// stopped too and the first error returned).
+pub fn run(config: &Config, role: Role, shutdown: Arc<AtomicBool>) -> anyhow::Result<()> {
+    let mut stages: Vec<(&str, Stage)> = Vec::new();
+    if matches!(role, Role::All | Role::Meter) {
+        stages.push(("meter", meter::run));
+    }
+    if matches!(role, Role::All | Role::Bill) {
+        stages.push(("billing", bill::run));
+    }
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = stages
+            .into_iter()
+            .map(|(name, stage)| {
+                let shutdown = Arc::clone(&shutdown);
+                let handle = std::thread::Builder::new()
+                    .name(format!("im-meter-{name}"))
+                    .spawn_scoped(scope, move || {
+                        let result = stage(config, &shutdown);
+                        if let Err(e) = &result {
+                            error!(stage = name, error = %format!("{e:#}"), "stage failed; stopping the worker");
+                        }
+                        // One stage down takes the worker down: a supervisor restarts it whole.
+                        shutdown.store(true, Ordering::Relaxed);
+                        result
+                    })
+                    .with_context(|| format!("cannot start the {name} stage"))?;
+                Ok::<_, anyhow::Error>((name, handle))
+            })
+            .collect::<Result<_, _>>()?;
+        let mut first_error = None;
+        for (name, handle) in handles {
+            let result =
+                handle.join().map_err(|_| anyhow::anyhow!("the {name} stage panicked")).and_then(|r| r);
+            if let Err(e) = result {
+                first_error.get_or_insert(e);
+            }
+        }
+        info!("worker stopped");
+        first_error.map_or(Ok(()), Err)
+    })
+}
