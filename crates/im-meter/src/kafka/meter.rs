@@ -126,26 +126,42 @@ pub fn run(config: &Config, shutdown: &AtomicBool) -> anyhow::Result<()> {
     consumer.subscribe(&[&topics.events]).context("cannot subscribe to the events topic")?;
     info!(topic = %topics.events, %transactional_id, "meter: started");
 
+    let commit_interval = config.worker.commit_interval;
+    // Idle checks ask the broker for partition ends: not on every commit.
+    let idle_check_every = (config.worker.idle_partition_timeout / 2).max(Duration::from_millis(500));
+    let mut last_idle_check = Instant::now();
     loop {
-        let message = consumer.poll(POLL);
+        // A batch: wait a little for the first record, then take what is already fetched,
+        // until the commit is due. The stage is locked per record, never across a poll:
+        // the rebalance callbacks run inside poll and lock it themselves.
+        let batch_ends = Instant::now() + commit_interval;
+        let mut wait = POLL;
+        while Instant::now() < batch_ends {
+            let message = consumer.poll(wait);
+            wait = Duration::ZERO;
+            let mut stage = lock(&stage)?;
+            if let Some(e) = stage.failure.take() {
+                return Err(e);
+            }
+            match message {
+                Some(Ok(m)) => stage.handle(&m)?,
+                // Transient client errors (a broker restarting): librdkafka reconnects.
+                Some(Err(e)) => warn!(error = %e, "meter: consumer error"),
+                None => break,
+            }
+        }
         let mut stage = lock(&stage)?;
-        if let Some(e) = stage.failure.take() {
-            return Err(e);
-        }
-        match message {
-            Some(Ok(m)) => stage.handle(&m)?,
-            // Transient client errors (a broker restarting); librdkafka reconnects itself.
-            Some(Err(e)) => warn!(error = %e, "meter: consumer error"),
-            None => {}
-        }
-        stage.restore_assigned()?;
+        stage.restore_assigned(&consumer)?;
         if shutdown.load(Ordering::Relaxed) {
             stage.commit(&consumer)?;
             info!("meter: stopped");
             return Ok(());
         }
-        if stage.last_commit.elapsed() >= stage.config.worker.commit_interval {
+        if last_idle_check.elapsed() >= idle_check_every {
+            last_idle_check = Instant::now();
             stage.follow_idle_partitions(&consumer);
+        }
+        if stage.last_commit.elapsed() >= commit_interval {
             stage.commit(&consumer)?;
         }
     }
@@ -183,11 +199,27 @@ impl Stage {
         Ok(Task { meter, next_offset: None, dirty: false, last_record: Instant::now() })
     }
 
-    fn restore_assigned(&mut self) -> anyhow::Result<()> {
+    /// Restores the tasks of assigned partitions that have none yet, and learns where
+    /// their input resumes (the committed offset), to tell when they have caught up.
+    fn restore_assigned(&mut self, consumer: &BaseConsumer<StageContext>) -> anyhow::Result<()> {
         let missing: Vec<i32> =
             self.assigned.iter().filter(|p| !self.tasks.contains_key(p)).copied().collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let topic = &self.config.file.topics.events;
+        let mut wanted = TopicPartitionList::new();
+        for p in &missing {
+            wanted.add_partition(topic, *p);
+        }
+        let committed = consumer
+            .committed_offsets(wanted, self.config.worker.transaction_timeout)
+            .context("cannot read committed offsets")?;
         for p in missing {
-            let task = self.restore(p)?;
+            let mut task = self.restore(p)?;
+            if let Some(Offset::Offset(o)) = committed.find_partition(topic, p).map(|e| e.offset()) {
+                task.next_offset = Some(o);
+            }
             self.tasks.insert(p, task);
         }
         Ok(())
@@ -233,7 +265,7 @@ impl Stage {
             .tasks
             .iter()
             .filter(|(_, t)| t.last_record.elapsed() >= idle_after)
-            .filter(|(p, _)| caught_up(consumer, topic, **p))
+            .filter(|(p, t)| caught_up(consumer, topic, **p, t.next_offset))
             .map(|(p, _)| *p)
             .collect();
         let busy_watermark = self
@@ -244,7 +276,9 @@ impl Stage {
             .max();
         let target = match busy_watermark {
             Some(w) => w,
-            None if idle.len() == self.tasks.len() => now(),
+            // Whole minutes: the clock moves the watermark (and so causes a commit) at most
+            // once a minute.
+            None if idle.len() == self.tasks.len() => Timestamp(now().millis() / 60_000 * 60_000),
             None => return,
         };
         for p in &idle {
@@ -313,6 +347,12 @@ impl Stage {
                 for task in self.tasks.values_mut() {
                     task.dirty = false;
                 }
+                tracing::debug!(
+                    records = records.len(),
+                    dead_letters = dead_letters.len(),
+                    ms = self.last_commit.elapsed().as_millis() as u64,
+                    "meter: committed"
+                );
                 Ok(())
             }
             // Nothing of this commit is visible, but the meters have moved on in memory:
@@ -352,29 +392,12 @@ fn now() -> Timestamp {
     Timestamp(ms)
 }
 
-/// Whether this consumer has read everything a partition holds: its position (or, before
-/// it consumed anything, its committed offset) has reached the partition's end. Unknown
-/// (broker unreachable) is "no".
-fn caught_up(consumer: &BaseConsumer<StageContext>, topic: &str, partition: i32) -> bool {
-    let timeout = Duration::from_secs(5);
-    let Ok((low, high)) = consumer.fetch_watermarks(topic, partition, timeout) else {
-        return false;
-    };
-    let offset_in = |tpl: TopicPartitionList| tpl.find_partition(topic, partition).map(|e| e.offset());
-    let next = match consumer.position().ok().and_then(offset_in) {
-        Some(Offset::Offset(next)) => Some(next),
-        _ => {
-            let mut wanted = TopicPartitionList::new();
-            wanted.add_partition(topic, partition);
-            match consumer.committed_offsets(wanted, timeout).ok().and_then(offset_in) {
-                Some(Offset::Offset(next)) => Some(next),
-                _ => None,
-            }
-        }
-    };
-    match next {
-        Some(next) => next >= high,
-        // Nothing consumed or committed yet: caught up only if there is nothing to read.
-        None => high <= low,
+/// Whether everything a partition holds has been read: the offset after the last record
+/// applied (or the committed offset, before any) has reached the partition's end. Asked
+/// of the broker only for partitions already silent a while. Unknown is "no".
+fn caught_up(consumer: &BaseConsumer<StageContext>, topic: &str, partition: i32, next: Option<i64>) -> bool {
+    match consumer.fetch_watermarks(topic, partition, Duration::from_secs(2)) {
+        Ok((low, high)) => next.unwrap_or(low) >= high,
+        Err(_) => false,
     }
 }
