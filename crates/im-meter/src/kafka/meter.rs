@@ -30,8 +30,8 @@ use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tracing::{info, warn};
 
-use super::changelog;
 use super::output::{DeadLetter, Outbox, TransactionFailed};
+use super::{changelog, with_retries};
 use crate::config::Config;
 
 /// Longest wait of one consumer poll: bounds how late a commit or a shutdown can be.
@@ -212,9 +212,10 @@ impl Stage {
         for p in &missing {
             wanted.add_partition(topic, *p);
         }
-        let committed = consumer
-            .committed_offsets(wanted, self.config.worker.transaction_timeout)
-            .context("cannot read committed offsets")?;
+        let timeout = self.config.worker.transaction_timeout;
+        let committed = with_retries("reading committed offsets", || {
+            consumer.committed_offsets(wanted.clone(), timeout)
+        })?;
         for p in missing {
             let mut task = self.restore(p)?;
             if let Some(Offset::Offset(o)) = committed.find_partition(topic, p).map(|e| e.offset()) {
@@ -373,14 +374,15 @@ impl Stage {
         self.dead_letters.clear();
         let timeout = self.config.worker.transaction_timeout;
         let assignment = consumer.assignment().context("cannot read the assignment")?;
-        let committed =
-            consumer.committed_offsets(assignment, timeout).context("cannot read committed offsets")?;
+        let committed = with_retries("reading committed offsets", || {
+            consumer.committed_offsets(assignment.clone(), timeout)
+        })?;
         for e in committed.elements() {
             let offset = match e.offset() {
                 Offset::Offset(o) => Offset::Offset(o),
                 _ => Offset::Beginning,
             };
-            consumer.seek(e.topic(), e.partition(), offset, timeout).context("cannot seek back")?;
+            with_retries("seeking back", || consumer.seek(e.topic(), e.partition(), offset, timeout))?;
         }
         Ok(())
     }

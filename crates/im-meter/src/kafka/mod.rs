@@ -22,3 +22,25 @@ pub fn client_config(config: &Config) -> ClientConfig {
         .set("client.id", "im-meter");
     client
 }
+
+/// How long a broker call is retried while the broker is unreachable (restarting).
+pub const RETRY_FOR: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// Calls `f` until it succeeds or [`RETRY_FOR`] has passed, a second apart: for broker
+/// calls that fail while a broker restarts. The last error is returned with `what`.
+pub fn with_retries<T>(
+    what: &str,
+    mut f: impl FnMut() -> rdkafka::error::KafkaResult<T>,
+) -> anyhow::Result<T> {
+    let deadline = std::time::Instant::now() + RETRY_FOR;
+    loop {
+        match f() {
+            Ok(value) => return Ok(value),
+            Err(e) if std::time::Instant::now() < deadline => {
+                tracing::warn!(error = %e, "{what} failed; retrying");
+                std::thread::sleep(std::time::Duration::from_secs(1));
+            }
+            Err(e) => return Err(anyhow::Error::from(e).context(format!("{what} failed"))),
+        }
+    }
+}

@@ -1,6 +1,6 @@
 //! What the stages write: a transactional producer ([`Outbox`]) and dead-letter records.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use im_meter_core::ingest::Rejection;
@@ -114,8 +114,17 @@ pub enum TransactionFailed {
 
 /// A transactional producer.
 pub struct Outbox {
+    client: ClientConfig,
     producer: BaseProducer,
     timeout: Duration,
+}
+
+/// How long the worker keeps trying to (re)initialise transactions, e.g. while the broker
+/// restarts or its transaction coordinator loads, before it gives up.
+const INIT_DEADLINE: Duration = Duration::from_secs(180);
+
+fn is_fatal(e: &KafkaError) -> bool {
+    matches!(e, KafkaError::Transaction(t) if t.is_fatal())
 }
 
 impl Outbox {
@@ -126,39 +135,63 @@ impl Outbox {
         transactional_id: &str,
         timeout: Duration,
     ) -> anyhow::Result<Self> {
-        let producer: BaseProducer = client
-            .clone()
+        let mut client = client.clone();
+        client
             .set("transactional.id", transactional_id)
             .set("transaction.timeout.ms", timeout.as_millis().to_string())
             .set("linger.ms", "5")
-            .set("compression.type", "lz4")
-            .create()
-            .context("cannot create the transactional producer")?;
-        producer.init_transactions(timeout).context("cannot initialise transactions")?;
-        Ok(Outbox { producer, timeout })
+            .set("compression.type", "lz4");
+        let producer = Self::connect(&client, timeout)?;
+        Ok(Outbox { client, producer, timeout })
     }
 
-    /// Runs `fill` inside one transaction and commits it; on failure aborts it.
+    /// Creates and initialises the producer, retrying what is not fatal (a broker down,
+    /// its coordinator loading) until [`INIT_DEADLINE`].
+    fn connect(client: &ClientConfig, timeout: Duration) -> anyhow::Result<BaseProducer> {
+        let deadline = Instant::now() + INIT_DEADLINE;
+        loop {
+            let producer: BaseProducer =
+                client.create().context("cannot create the transactional producer")?;
+            match producer.init_transactions(timeout) {
+                Ok(()) => return Ok(producer),
+                Err(e) if !is_fatal(&e) && Instant::now() < deadline => {
+                    warn!(error = %e, "cannot initialise transactions yet; retrying");
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+                Err(e) => return Err(e).context("cannot initialise transactions"),
+            }
+        }
+    }
+
+    /// Runs `fill` inside one transaction and commits it. On failure the transaction is
+    /// aborted — if the broker cannot even be told, the producer is replaced, which aborts
+    /// it on the broker's side — and nothing of it is visible.
     pub fn transaction(
-        &self,
+        &mut self,
         fill: impl FnOnce(&Transaction<'_>) -> anyhow::Result<()>,
     ) -> Result<(), TransactionFailed> {
-        let fatal = |e: &KafkaError| matches!(e, KafkaError::Transaction(t) if t.is_fatal());
-        self.producer.begin_transaction().map_err(|e| TransactionFailed::Fatal(e.into()))?;
-        let tx = Transaction { producer: &self.producer, timeout: self.timeout };
-        let result = fill(&tx).and_then(|()| self.commit_with_retries());
-        match result {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                if e.downcast_ref::<KafkaError>().is_some_and(fatal) {
-                    return Err(TransactionFailed::Fatal(e));
+        let result = self.producer.begin_transaction().map_err(anyhow::Error::from).and_then(|()| {
+            let tx = Transaction { producer: &self.producer, timeout: self.timeout };
+            fill(&tx).and_then(|()| self.commit_with_retries())
+        });
+        let Err(e) = result else { return Ok(()) };
+        // Fenced by a newer worker with our id, or a broken protocol: this worker must stop.
+        if e.downcast_ref::<KafkaError>().is_some_and(is_fatal) {
+            return Err(TransactionFailed::Fatal(e));
+        }
+        warn!(error = %format!("{e:#}"), "aborting transaction");
+        let deadline = Instant::now() + self.timeout;
+        loop {
+            match self.producer.abort_transaction(self.timeout) {
+                Ok(()) => return Err(TransactionFailed::Aborted(e)),
+                Err(abort) if !is_fatal(&abort) && Instant::now() < deadline => {
+                    warn!(error = %abort, "abort failed; retrying");
                 }
-                warn!(error = %format!("{e:#}"), "aborting transaction");
-                match self.producer.abort_transaction(self.timeout) {
-                    Ok(()) => Err(TransactionFailed::Aborted(e)),
-                    Err(abort) => {
-                        Err(TransactionFailed::Fatal(anyhow::Error::from(abort).context(format!("{e:#}"))))
-                    }
+                Err(abort) => {
+                    warn!(error = %abort, "cannot abort; replacing the producer");
+                    self.producer =
+                        Self::connect(&self.client, self.timeout).map_err(TransactionFailed::Fatal)?;
+                    return Err(TransactionFailed::Aborted(e));
                 }
             }
         }
@@ -167,13 +200,11 @@ impl Outbox {
     /// Commits the open transaction, retrying what librdkafka calls retriable (a broker
     /// restarting) within the transaction timeout.
     fn commit_with_retries(&self) -> anyhow::Result<()> {
-        let deadline = std::time::Instant::now() + self.timeout;
+        let deadline = Instant::now() + self.timeout;
         loop {
             match self.producer.commit_transaction(self.timeout) {
                 Ok(()) => return Ok(()),
-                Err(KafkaError::Transaction(e))
-                    if e.is_retriable() && std::time::Instant::now() < deadline =>
-                {
+                Err(KafkaError::Transaction(e)) if e.is_retriable() && Instant::now() < deadline => {
                     warn!(error = %e, "commit failed, retrying");
                 }
                 Err(e) => return Err(e.into()),
