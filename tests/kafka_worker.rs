@@ -45,9 +45,18 @@ fn input() -> &'static (PathBuf, PathBuf) {
     })
 }
 
-/// What `replay` says about the same input: charges by id, and the refused event lines.
-fn expected() -> &'static (BTreeMap<String, Value>, usize) {
-    static EXPECTED: OnceLock<(BTreeMap<String, Value>, usize)> = OnceLock::new();
+/// What `replay` says about the same input.
+struct Expected {
+    /// Charges by `charge_id`.
+    charges: BTreeMap<String, Value>,
+    /// Usage by `{app_id}/{month}`.
+    usage: BTreeMap<String, Value>,
+    /// Refused lines of the events file.
+    refused_events: usize,
+}
+
+fn expected() -> &'static Expected {
+    static EXPECTED: OnceLock<Expected> = OnceLock::new();
     EXPECTED.get_or_init(|| {
         let (events, subscriptions) = input();
         let dlq = events.with_extension("dlq");
@@ -62,18 +71,16 @@ fn expected() -> &'static (BTreeMap<String, Value>, usize) {
             .unwrap();
         assert!(out.status.success());
         let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
-        let charges = doc["charges"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|c| (c["charge_id"].as_str().unwrap().to_string(), c.clone()))
+        let list = |name: &str| doc[name].as_array().unwrap().clone();
+        let charges =
+            list("charges").into_iter().map(|c| (c["charge_id"].as_str().unwrap().to_string(), c)).collect();
+        let usage = list("usage")
+            .into_iter()
+            .map(|u| (format!("{}/{}", u["app_id"], u["month"].as_str().unwrap()), u))
             .collect();
-        let refused_events = std::fs::read_to_string(dlq)
-            .unwrap()
-            .lines()
-            .filter(|l| l.contains(r#""source":"events""#))
-            .count();
-        (charges, refused_events)
+        let letters = std::fs::read_to_string(dlq).unwrap();
+        let refused_events = letters.lines().filter(|l| l.contains(r#""source":"events""#)).count();
+        Expected { charges, usage, refused_events }
     })
 }
 
@@ -101,7 +108,7 @@ impl Deployment {
             ("IM_METER__KAFKA__IDLE_PARTITION_TIMEOUT".into(), "1s".into()),
             ("IM_METER__KAFKA__TRANSACTION_TIMEOUT".into(), "10s".into()),
         ];
-        for t in ["events", "subscriptions", "dead_letters", "changelog", "charges", "alerts"] {
+        for t in ["events", "subscriptions", "dead_letters", "changelog", "charges", "alerts", "usage"] {
             env.push((format!("IM_METER__TOPICS__{}", t.to_uppercase()), self.topic(t)));
         }
         env
@@ -137,22 +144,19 @@ impl Deployment {
         Worker { child, log }
     }
 
-    /// Waits until the charges topic holds as many records as replay's charges (or the
-    /// deadline passes), then returns them, checking each id appears once.
-    fn charges(&self, workers: &mut [Worker]) -> BTreeMap<String, Value> {
-        let want = expected().0.len();
+    /// Waits until the charges and usage topics hold as many records as replay printed (or
+    /// the deadline passes), then checks them against replay: same records, each key once.
+    fn assert_same_as_replay(&self, workers: &mut [Worker]) {
+        let want = expected();
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
-            let records = read_all(&self.topic("charges"));
-            if records.len() >= want || Instant::now() > deadline {
-                let mut by_id = BTreeMap::new();
-                for (key, value, _) in records {
-                    let charge: Value = serde_json::from_slice(&value).unwrap();
-                    assert_eq!(key.as_deref(), charge["charge_id"].as_str().map(str::as_bytes));
-                    let previous = by_id.insert(charge["charge_id"].as_str().unwrap().to_string(), charge);
-                    assert!(previous.is_none(), "charge published twice: {:?}", by_id.keys().last());
-                }
-                return by_id;
+            let charges = read_all(&self.topic("charges"));
+            let usage = read_all(&self.topic("usage"));
+            let complete = charges.len() >= want.charges.len() && usage.len() >= want.usage.len();
+            if complete || Instant::now() > deadline {
+                assert_same(by_key(charges), &want.charges, "charges");
+                assert_same(by_key(usage), &want.usage, "usage");
+                return;
             }
             for w in workers.iter_mut() {
                 w.assert_alive();
@@ -248,11 +252,21 @@ fn read_all(topic: &str) -> Vec<Record> {
     records
 }
 
-fn assert_same_as_replay(charges: &BTreeMap<String, Value>) {
-    let want = &expected().0;
-    assert_eq!(charges.keys().collect::<Vec<_>>(), want.keys().collect::<Vec<_>>());
-    for (id, charge) in charges {
-        assert_eq!(charge, &want[id], "charge {id}");
+/// Records by key; a key published twice fails the test.
+fn by_key(records: Vec<Record>) -> BTreeMap<String, Value> {
+    let mut by_key = BTreeMap::new();
+    for (key, value, _) in records {
+        let key = String::from_utf8(key.expect("outputs are keyed")).unwrap();
+        let previous = by_key.insert(key.clone(), serde_json::from_slice(&value).unwrap());
+        assert!(previous.is_none(), "{key} published twice");
+    }
+    by_key
+}
+
+fn assert_same(got: BTreeMap<String, Value>, want: &BTreeMap<String, Value>, what: &str) {
+    assert_eq!(got.keys().collect::<Vec<_>>(), want.keys().collect::<Vec<_>>(), "{what}");
+    for (key, value) in &got {
+        assert_eq!(value, &want[key], "{what} {key}");
     }
 }
 
@@ -262,12 +276,11 @@ fn same_charges_as_replay_and_poison_records_go_to_dead_letters() {
     let d = Deployment::new("same");
     d.produce();
     let mut workers = vec![d.worker("a")];
-    let charges = d.charges(&mut workers);
-    assert_same_as_replay(&charges);
+    d.assert_same_as_replay(&mut workers);
     workers.pop().unwrap().stop();
 
     let letters = read_all(&d.topic("dead_letters"));
-    assert_eq!(letters.len(), expected().1, "every malformed line, once");
+    assert_eq!(letters.len(), expected().refused_events, "every malformed line, once");
     for (_, raw, headers) in &letters {
         assert!(!headers["reason"].is_empty() && !headers["detail"].is_empty());
         assert_eq!(headers["source_topic"], d.topic("events"));
@@ -294,8 +307,7 @@ fn kill_9_at_any_moment_changes_no_charge() {
         w.kill9();
     }
     let mut workers = vec![d.worker("a")];
-    let charges = d.charges(&mut workers);
-    assert_same_as_replay(&charges);
+    d.assert_same_as_replay(&mut workers);
     workers.pop().unwrap().stop();
 }
 
@@ -313,8 +325,7 @@ fn workers_joining_and_leaving_the_group_change_no_charge() {
     first.stop();
     let third = d.worker("c");
     let mut workers = vec![second, third];
-    let charges = d.charges(&mut workers);
-    assert_same_as_replay(&charges);
+    d.assert_same_as_replay(&mut workers);
     for w in workers {
         w.stop();
     }
@@ -329,7 +340,6 @@ fn a_broker_restart_changes_no_charge() {
     std::thread::sleep(Duration::from_secs(3));
     let restart = Command::new(repo().join("scripts/kafka.sh")).arg("restart").output().unwrap();
     assert!(restart.status.success(), "{}", String::from_utf8_lossy(&restart.stderr));
-    let charges = d.charges(&mut workers);
-    assert_same_as_replay(&charges);
+    d.assert_same_as_replay(&mut workers);
     workers.pop().unwrap().stop();
 }

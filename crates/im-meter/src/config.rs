@@ -55,6 +55,7 @@ impl Default for FileConfig {
                 changelog: "im.meter.changelog".into(),
                 charges: "im.billing.charges".into(),
                 alerts: "im.billing.alerts".into(),
+                usage: "im.billing.usage".into(),
             },
             billing: BillingSection {
                 timezone: "+08:00".into(),
@@ -112,6 +113,8 @@ pub struct TopicsSection {
     pub charges: String,
     /// Quota alerts out.
     pub alerts: String,
+    /// Each billed app-month's usage out (key `{app_id}/{YYYY-MM}`).
+    pub usage: String,
 }
 
 /// `[billing]`: the calendar and the price book.
@@ -422,6 +425,7 @@ impl FileConfig {
             ("topics.changelog", &t.changelog),
             ("topics.charges", &t.charges),
             ("topics.alerts", &t.alerts),
+            ("topics.usage", &t.usage),
         ] {
             check(field, topic_name(name));
         }

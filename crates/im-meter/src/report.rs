@@ -11,9 +11,10 @@ use serde::Serialize;
 
 use crate::replay::{AuditRow, ReplayReport};
 
-/// A usage item of the JSON output.
+/// One app-month's usage as published: an item of replay's JSON `usage` array, and the
+/// value of a record on the usage topic.
 #[derive(Debug, Serialize)]
-struct UsageItem {
+pub struct UsageItem {
     app_id: AppId,
     month: String,
     mau: u64,
@@ -25,7 +26,8 @@ struct UsageItem {
 }
 
 impl UsageItem {
-    fn new(u: &MonthlyUsage, tz: &BillingTz) -> Self {
+    /// The published form of `u`, instants in the billing zone `tz`.
+    pub fn new(u: &MonthlyUsage, tz: &BillingTz) -> Self {
         UsageItem {
             app_id: u.app_id,
             month: u.month.to_string(),

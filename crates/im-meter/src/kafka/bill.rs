@@ -32,6 +32,7 @@ use tracing::{info, warn};
 use super::changelog::{self, QuietEof};
 use super::output::{Outbox, TransactionFailed};
 use crate::config::Config;
+use crate::report::UsageItem;
 
 const POLL: Duration = Duration::from_millis(100);
 
@@ -289,6 +290,7 @@ fn bill(
     );
     let mut charges = Vec::new();
     let mut alerts = Vec::new();
+    let mut usages = Vec::new();
     for &app_id in &apps {
         let usage = match task.usage.get(&(month, app_id)) {
             Some(parts) => {
@@ -302,6 +304,7 @@ fn bill(
         };
         charges.extend(bill_month(subscriptions, &usage, &config.prices));
         alerts.extend(quota_alert(subscriptions, &usage));
+        usages.push(usage);
     }
     let topics = &config.file.topics;
     let usage_keys: Vec<ChangelogKey> = task
@@ -320,6 +323,11 @@ fn bill(
                 Some(&serde_json::to_vec(charge)?),
                 None,
             )?;
+        }
+        for usage in &usages {
+            let key = format!("{}/{}", usage.app_id, usage.month);
+            let item = UsageItem::new(usage, &config.meter.tz);
+            tx.send(&topics.usage, None, key.as_bytes(), Some(&serde_json::to_vec(&item)?), None)?;
         }
         for alert in &alerts {
             tx.send(

@@ -37,7 +37,8 @@ pub async fn prepare_topics(config: &Config) -> anyhow::Result<()> {
         partitions: events,
         config: vec![("cleanup.policy", "compact"), ("min.compaction.lag.ms", "60000")],
     };
-    ensure_topics(&client, &[compacted, plain(&t.dead_letters), plain(&t.charges), plain(&t.alerts)]).await?;
+    let outputs = [compacted, plain(&t.dead_letters), plain(&t.charges), plain(&t.alerts), plain(&t.usage)];
+    ensure_topics(&client, &outputs).await?;
     let changelog = changelog::partition_count(&client, &t.changelog)? as i32;
     anyhow::ensure!(
         changelog >= events,
