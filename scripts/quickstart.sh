@@ -1,12 +1,43 @@
 #!/usr/bin/env bash
-# Quick start: build im-meter and run the pipeline over the bundled sample month
-# (deploy/sample/: six apps on different plans), printing usage and charges.
-# Extra arguments are passed to `im-meter replay` (e.g. --format json, --exact).
+# Quick start: the main job, end to end, on this machine.
+#
+# Starts a local Kafka broker (scripts/kafka.sh), creates a fresh set of topics, produces the
+# bundled sample (six apps on different plans; see deploy/sample/) for October 2026 with its
+# subscription events, runs the worker until October is closed and billed, and prints the
+# usage and charges read back from the output topics. October is long over, so the worker
+# closes it as soon as every partition has caught up.
+#
+#   scripts/quickstart.sh            # the Kafka pipeline (needs Java 17 and Maven)
+#   scripts/quickstart.sh --replay   # the same sample month through `im-meter replay`
+#   extra arguments go to the final command (e.g. --format json)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 cargo build --release --locked -p im-meter
-exec ./target/release/im-meter replay \
-  --events deploy/sample/events.ndjson \
-  --subscriptions deploy/sample/subscriptions.ndjson \
-  "$@"
+bin=target/release/im-meter
+month=2026-10
+
+if [ "${1:-}" = "--replay" ]; then
+  shift
+  events=$(mktemp)
+  trap 'rm -f "$events"' EXIT
+  "$bin" generate --sample --month "$month" --out "$events"
+  "$bin" replay --events "$events" --subscriptions deploy/sample/subscriptions.ndjson "$@"
+  exit
+fi
+
+scripts/kafka.sh start >/dev/null
+run="quickstart-$(date +%Y%m%d-%H%M%S)"
+export IM_METER__KAFKA__GROUP_ID="$run" IM_METER__KAFKA__INSTANCE_ID="$run"
+export IM_METER__KAFKA__PARTITIONS=3 IM_METER__KAFKA__IDLE_PARTITION_TIMEOUT=2s
+for topic in events subscriptions dead_letters changelog charges alerts usage; do
+  export "IM_METER__TOPICS__${topic^^}=$run.$topic"
+done
+
+"$bin" produce --sample --month "$month" --subscriptions deploy/sample/subscriptions.ndjson
+log="$(mktemp -d)/worker.log"
+"$bin" run 2>"$log" &
+worker=$!
+trap 'kill -INT $worker 2>/dev/null; wait $worker 2>/dev/null || true' EXIT
+echo "im-meter: worker running (log: $log); waiting for $month to be billed..." >&2
+"$bin" report --month "$month" --wait 180s "$@"

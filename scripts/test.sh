@@ -16,3 +16,9 @@ fi
 export IM_METER_TEST_BROKERS="${IM_METER_TEST_BROKERS:-127.0.0.1:${KAFKA_PORT:-9092}}"
 
 cargo test --workspace --locked
+
+# The main job as a user runs it: the quick start must work on this (clean) machine too.
+out=$(scripts/quickstart.sh)
+grep -q "Charges (USD)" <<<"$out" && grep -q "1349.97" <<<"$out" || {
+  echo "quick start did not print the expected charges:"; echo "$out"; exit 1; }
+echo "quick start: ok"

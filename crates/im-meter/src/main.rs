@@ -55,6 +55,22 @@ enum Command {
     /// Write SDK events (an NDJSON file, the sample, or a synthetic load) to the events
     /// topic, keyed by app_id; optionally subscription events to the subscriptions topic.
     Produce(ProduceArgs),
+    /// Print a billed month's usage, charges and alerts as the worker published them
+    /// (waiting until every billing partition has billed it).
+    Report {
+        /// The month, YYYY-MM.
+        #[arg(long)]
+        month: Month,
+        /// How long to wait for the month to be billed.
+        #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
+        wait: std::time::Duration,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+        /// Configuration file (TOML); `IM_METER__*` variables override it.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
     /// Write a synthetic month of SDK events as NDJSON (the bundled sample, or a load of
     /// any size).
     Generate(GenerateArgs),
@@ -215,6 +231,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             worker::run(&config, role, shutdown)
         }
         Command::Produce(args) => produce(args),
+        Command::Report { month, wait, format, config } => {
+            let config = Config::load(config.as_deref(), std::env::vars())?;
+            let result = kafka::report::read_billed_month(&config, month, wait)?;
+            let mut out = io::BufWriter::new(io::stdout().lock());
+            match format {
+                Format::Json => report::write_json(&mut out, &result, &config.meter.tz)?,
+                Format::Table => report::write_tables(&mut out, &result, &config.meter.tz)?,
+            }
+            out.flush()?;
+            Ok(())
+        }
         Command::Generate(args) => {
             let workload = if args.sample {
                 Workload { month: args.month, ..Workload::sample() }

@@ -5,15 +5,15 @@ use std::io::Write;
 use im_meter_core::aggregate::MonthlyUsage;
 use im_meter_core::bill::Charge;
 use im_meter_core::plan::AppId;
-use im_meter_core::time::BillingTz;
+use im_meter_core::time::{BillingTz, Timestamp};
 use rust_decimal::Decimal;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::replay::{AuditRow, ReplayReport};
 
 /// One app-month's usage as published: an item of replay's JSON `usage` array, and the
 /// value of a record on the usage topic.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct UsageItem {
     app_id: AppId,
     month: String,
@@ -26,6 +26,19 @@ pub struct UsageItem {
 }
 
 impl UsageItem {
+    /// Back to the figures (reading the usage topic).
+    pub fn into_usage(self) -> anyhow::Result<MonthlyUsage> {
+        Ok(MonthlyUsage {
+            app_id: self.app_id,
+            month: self.month.parse()?,
+            mau: self.mau,
+            dau_peak: self.dau_peak,
+            pcc: self.pcc,
+            pcc_at: self.pcc_at.as_deref().map(Timestamp::parse_rfc3339).transpose()?,
+            group_count_peak: self.group_count_peak,
+        })
+    }
+
     /// The published form of `u`, instants in the billing zone `tz`.
     pub fn new(u: &MonthlyUsage, tz: &BillingTz) -> Self {
         UsageItem {
@@ -187,7 +200,9 @@ pub fn write_tables(out: &mut impl Write, report: &ReplayReport, tz: &BillingTz)
     }
 
     let read = report.events_read;
-    writeln!(out, "\nRead {} event lines ({} bytes).", read.lines, read.bytes)?;
+    if read.lines > 0 {
+        writeln!(out, "\nRead {} event lines ({} bytes).", read.lines, read.bytes)?;
+    }
     let rejected = report.rejected_total();
     if rejected > 0 {
         let reasons: Vec<String> = report.rejected.iter().map(|(r, n)| format!("{r}: {n}")).collect();

@@ -59,39 +59,75 @@ pub fn read_partition(
     partition: i32,
     mut each: impl FnMut(ChangelogKey, Option<&[u8]>) -> anyhow::Result<()>,
 ) -> anyhow::Result<ReadBack> {
+    let mut read = ReadBack::default();
+    read_to_end(client, topic, &[partition], |record| {
+        read.records += 1;
+        read.next_offset = record.offset + 1;
+        match record.key.and_then(|k| ChangelogKey::from_bytes(k).ok()) {
+            Some(key) => each(key, record.value),
+            None => Ok(()),
+        }
+    })?;
+    Ok(read)
+}
+
+/// A record read back.
+pub struct Record<'a> {
+    /// Its partition.
+    pub partition: i32,
+    /// Its offset.
+    pub offset: i64,
+    /// Its key.
+    pub key: Option<&'a [u8]>,
+    /// Its value (`None`: a tombstone).
+    pub value: Option<&'a [u8]>,
+}
+
+/// Calls `each` for every committed record of the given partitions of `topic` (all of them
+/// when `partitions` is empty), until each partition's last stable offset.
+pub fn read_to_end(
+    client: &ClientConfig,
+    topic: &str,
+    partitions: &[i32],
+    mut each: impl FnMut(Record<'_>) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
     let consumer: BaseConsumer<QuietEof> = client
         .clone()
         // Assigned, not subscribed: no group membership, nothing committed.
-        .set("group.id", "im-meter-restore")
+        .set("group.id", "im-meter-reader")
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "true")
         // Reading back is latency-bound: do not let the broker hold fetches open.
         .set("fetch.wait.max.ms", "20")
         .set("isolation.level", "read_committed")
         .create_with_context(QuietEof)
-        .context("cannot create a changelog reader")?;
+        .context("cannot create a topic reader")?;
+    let partitions: Vec<i32> = if partitions.is_empty() {
+        (0..partition_count(client, topic)? as i32).collect()
+    } else {
+        partitions.to_vec()
+    };
     let mut assignment = TopicPartitionList::new();
-    assignment.add_partition_offset(topic, partition, Offset::Beginning)?;
+    for p in &partitions {
+        assignment.add_partition_offset(topic, *p, Offset::Beginning)?;
+    }
     consumer.assign(&assignment)?;
     let deadline = Instant::now() + RESTORE_TIMEOUT;
-    let mut read = ReadBack::default();
-    loop {
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "reading {topic}[{partition}] took over {RESTORE_TIMEOUT:?}"
-        );
+    let mut at_end = 0;
+    while at_end < partitions.len() {
+        anyhow::ensure!(Instant::now() < deadline, "reading {topic} took over {RESTORE_TIMEOUT:?}");
         match consumer.poll(Duration::from_millis(200)) {
-            Some(Ok(message)) => {
-                read.records += 1;
-                read.next_offset = message.offset() + 1;
-                if let Some(key) = message.key().and_then(|k| ChangelogKey::from_bytes(k).ok()) {
-                    each(key, message.payload())?;
-                }
-            }
-            Some(Err(KafkaError::PartitionEOF(_))) => return Ok(read),
+            Some(Ok(m)) => each(Record {
+                partition: m.partition(),
+                offset: m.offset(),
+                key: m.key(),
+                value: m.payload(),
+            })?,
+            Some(Err(KafkaError::PartitionEOF(_))) => at_end += 1,
             // Transient (a broker restarting): librdkafka reconnects; the deadline bounds it.
-            Some(Err(e)) => tracing::warn!(error = %e, topic, partition, "changelog read error"),
+            Some(Err(e)) => tracing::warn!(error = %e, topic, "read error"),
             None => {}
         }
     }
+    Ok(())
 }

@@ -7,6 +7,7 @@ pub mod changelog;
 pub mod meter;
 pub mod output;
 pub mod produce;
+pub mod report;
 pub mod worker;
 
 use rdkafka::ClientConfig;

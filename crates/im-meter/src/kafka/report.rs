@@ -1,0 +1,83 @@
+//! `im-meter report`: reads back what the worker published for a billed month — usage,
+//! charges, quota alerts — once every billing partition has billed it.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use im_meter_core::aggregate::ChangelogKey;
+use im_meter_core::bill::{Charge, QuotaAlert};
+use im_meter_core::time::Month;
+use serde::de::DeserializeOwned;
+
+use super::changelog::{partition_count, read_partition, read_to_end};
+use super::client_config;
+use crate::config::Config;
+use crate::replay::ReplayReport;
+use crate::report::UsageItem;
+
+/// Waits (up to `wait`) until every changelog partition's billed-through mark has reached
+/// `month`, then reads the month's usage, charges and alerts, sorted like replay's.
+pub fn read_billed_month(config: &Config, month: Month, wait: Duration) -> anyhow::Result<ReplayReport> {
+    let client = client_config(config);
+    let topics = &config.file.topics;
+    let partitions = partition_count(&client, &topics.changelog)? as i32;
+    let deadline = Instant::now() + wait;
+    'waiting: loop {
+        for p in 0..partitions {
+            let mut billed = None;
+            read_partition(&client, &topics.changelog, p, |key, value| {
+                if let (ChangelogKey::Billed, Some(v)) = (key, value) {
+                    billed = std::str::from_utf8(v).ok().and_then(|t| t.parse::<Month>().ok());
+                }
+                Ok(())
+            })?;
+            if billed.is_none_or(|b| b < month) {
+                anyhow::ensure!(
+                    Instant::now() < deadline,
+                    "{month} is not billed yet (changelog partition {p})"
+                );
+                std::thread::sleep(Duration::from_secs(1));
+                continue 'waiting;
+            }
+        }
+        break;
+    }
+    let of_month = |m: &str| m == month.to_string();
+    let mut usage = Vec::new();
+    for item in read_json::<UsageItem>(config, &topics.usage)? {
+        let u = item.into_usage()?;
+        if u.month == month {
+            usage.push(u);
+        }
+    }
+    let mut charges: Vec<Charge> = read_json::<Charge>(config, &topics.charges)?;
+    charges.retain(|c| c.month == month);
+    let mut alerts: Vec<QuotaAlert> = read_json(config, &topics.alerts)?;
+    alerts.retain(|a| of_month(&a.month));
+    usage.sort_by_key(|u| u.app_id);
+    // Within an app, charge lines keep the order billing published them in.
+    charges.sort_by_key(|c| c.app_id);
+    alerts.sort_by_key(|a| a.app_id);
+    Ok(ReplayReport {
+        usage,
+        charges,
+        alerts,
+        rejected: Default::default(),
+        audit: None,
+        events_read: Default::default(),
+    })
+}
+
+/// Every value of a topic, as JSON of type `T`.
+fn read_json<T: DeserializeOwned>(config: &Config, topic: &str) -> anyhow::Result<Vec<T>> {
+    let mut values = Vec::new();
+    read_to_end(&client_config(config), topic, &[], |record| {
+        if let Some(value) = record.value {
+            values.push(
+                serde_json::from_slice(value).with_context(|| format!("unreadable record in {topic}"))?,
+            );
+        }
+        Ok(())
+    })?;
+    Ok(values)
+}
