@@ -136,7 +136,10 @@ pub fn run(config: &Config, shutdown: &AtomicBool) -> anyhow::Result<()> {
         // the rebalance callbacks run inside poll and lock it themselves.
         let batch_ends = Instant::now() + commit_interval;
         let mut wait = POLL;
-        while Instant::now() < batch_ends {
+        let mut polled = 0u32;
+        // Reading the clock costs as much as a small record: look every 256 records.
+        while !polled.is_multiple_of(256) || Instant::now() < batch_ends {
+            polled = polled.wrapping_add(1);
             let message = consumer.poll(wait);
             wait = Duration::ZERO;
             let mut stage = lock(&stage)?;
@@ -248,7 +251,6 @@ impl Stage {
         };
         task.next_offset = Some(message.offset() + 1);
         task.dirty = true;
-        task.last_record = Instant::now();
         if let Some(why) = rejection {
             self.dead_letters.push(DeadLetter::of(message, why));
         }
@@ -314,6 +316,10 @@ impl Stage {
             }
             for record in task.meter.checkpoint() {
                 records.push((p, ChangelogKey::State(record.key), record.value));
+            }
+            if task.dirty {
+                // Records arrived since the last commit: not idle (one clock read per commit).
+                task.last_record = self.last_commit;
             }
             if let (true, Some(next)) = (task.dirty, task.next_offset) {
                 offsets.add_partition_offset(&topics.events, p, Offset::Offset(next))?;

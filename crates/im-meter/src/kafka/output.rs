@@ -201,6 +201,12 @@ impl Outbox {
     /// restarting) within the transaction timeout.
     fn commit_with_retries(&self) -> anyhow::Result<()> {
         let deadline = Instant::now() + self.timeout;
+        // Deliver what is queued first, serving delivery reports as they come: rdkafka's
+        // own flush inside commit_transaction waits for them in 100 ms steps, which would
+        // make every commit take at least that long.
+        while self.producer.in_flight_count() > 0 && Instant::now() < deadline {
+            self.producer.poll(Duration::from_millis(1));
+        }
         loop {
             match self.producer.commit_transaction(self.timeout) {
                 Ok(()) => return Ok(()),

@@ -1,0 +1,122 @@
+//! End-to-end throughput of `im-meter run` against a bare consumer of the same topic.
+//!
+//! Produces a synthetic month (~2 M events; `IM_METER_BENCH_USERS` scales it) to fresh
+//! topics on the local broker (`scripts/kafka.sh start`), then, in the same run:
+//! - times `kcat -C -e -o beginning` reading the whole events topic to /dev/null (a bare
+//!   librdkafka consumer: `scripts/bench-deps.sh` installs kcat);
+//! - starts the worker and times it from its first commit to the commit that covers the
+//!   last event (the committed offsets of its group, polled every 100 ms), so group join and
+//!   state restore are not counted — as kcat's own start-up is negligible.
+//!
+//! Prints both rates and their ratio (target ≥ 0.8).
+//!
+//! Run: `scripts/kafka.sh start && scripts/bench-deps.sh && cargo bench -p im-meter --bench worker_throughput`
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use im_meter::config::Config;
+use im_meter::kafka::produce::{LineKind, LineProducer};
+use im_meter::kafka::{client_config, worker};
+use im_meter::workload::Workload;
+use im_meter_core::time::Month;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{Offset, TopicPartitionList};
+
+const PARTITIONS: i32 = 6;
+
+fn main() -> anyhow::Result<()> {
+    let brokers = std::env::var("IM_METER_TEST_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into());
+    let users: u64 =
+        std::env::var("IM_METER_BENCH_USERS").ok().and_then(|v| v.parse().ok()).unwrap_or(400_000);
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH)?.as_nanos();
+    let prefix = format!("bench.{nanos}");
+    let mut env = vec![
+        ("IM_METER__KAFKA__BROKERS".to_string(), brokers.clone()),
+        ("IM_METER__KAFKA__GROUP_ID".into(), prefix.clone()),
+        ("IM_METER__KAFKA__INSTANCE_ID".into(), prefix.clone()),
+        ("IM_METER__KAFKA__PARTITIONS".into(), PARTITIONS.to_string()),
+    ];
+    for t in ["events", "subscriptions", "dead_letters", "changelog", "charges", "alerts", "usage"] {
+        env.push((format!("IM_METER__TOPICS__{}", t.to_uppercase()), format!("{prefix}.{t}")));
+    }
+    let config = Config::load(None, env.clone())?;
+    let topic = config.file.topics.events.clone();
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(worker::prepare_topics(&config))?;
+
+    let workload = Workload::synthetic(Month::new(2026, 10).context("month")?, 200, users, 11);
+    let lines = workload.lines(&config.meter.tz);
+    let total = lines.len() as i64;
+    let bytes: usize = lines.iter().map(String::len).sum();
+    let mut producer = LineProducer::new(&client_config(&config), &topic, LineKind::Usage, None)?;
+    for line in &lines {
+        producer.send(line.as_bytes())?;
+    }
+    producer.finish()?;
+    drop(lines);
+    println!(
+        "input: {total} events, {:.1} MB, {PARTITIONS} partitions, 200 apps, {users} users",
+        bytes as f64 / 1e6
+    );
+
+    // The bare consumer.
+    let started = Instant::now();
+    let status = Command::new("kcat")
+        .args(["-C", "-b", &brokers, "-t", &topic, "-o", "beginning", "-e", "-q"])
+        .stdout(Stdio::null())
+        .status()
+        .context("cannot run kcat (scripts/bench-deps.sh installs it)")?;
+    anyhow::ensure!(status.success(), "kcat failed");
+    let kcat = started.elapsed();
+
+    // The worker.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_im-meter"))
+        .arg("run")
+        .envs(env)
+        .env("IM_METER_LOG", std::env::var("IM_METER_LOG").unwrap_or_else(|_| "warn".into()))
+        .stdout(Stdio::null())
+        .spawn()?;
+    let watcher: BaseConsumer =
+        client_config(&config).set("group.id", &config.file.kafka.group_id).create()?;
+    let mut partitions = TopicPartitionList::new();
+    for p in 0..PARTITIONS {
+        partitions.add_partition(&topic, p);
+    }
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let mut first: Option<(Instant, i64)> = None;
+    let finished = loop {
+        anyhow::ensure!(Instant::now() < deadline, "the worker did not finish in time");
+        let committed = watcher.committed_offsets(partitions.clone(), Duration::from_secs(10))?;
+        let done: i64 = committed
+            .elements()
+            .iter()
+            .map(|e| match e.offset() {
+                Offset::Offset(o) => o,
+                _ => 0,
+            })
+            .sum();
+        if done > 0 && first.is_none() {
+            first = Some((Instant::now(), done));
+        }
+        if done >= total {
+            break Instant::now();
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    Command::new("kill").args(["-INT", &child.id().to_string()]).status()?;
+    child.wait()?;
+    let (start, already) = first.context("no commit seen")?;
+    let worker_rate = (total - already) as f64 / finished.duration_since(start).as_secs_f64();
+    let kcat_rate = total as f64 / kcat.as_secs_f64();
+    println!("worker (decode + meter + changelog + transactions): {worker_rate:>12.0} events/s");
+    println!(
+        "kcat -C -e -o beginning (bare consumer):            {kcat_rate:>12.0} events/s  ({:.2} s)",
+        kcat.as_secs_f64()
+    );
+    println!("ratio worker / bare consumer: {:.2}", worker_rate / kcat_rate);
+    Ok(())
+}
