@@ -41,7 +41,15 @@ fn input() -> &'static (PathBuf, PathBuf) {
         let workload = Workload { month: Month::new(2026, 10).unwrap(), ..Workload::sample() };
         let mut file = std::fs::File::create(&events).unwrap();
         workload.write_events(&BillingTz::default(), &mut file).unwrap();
-        (events, repo().join("deploy/sample/subscriptions.ndjson"))
+        // The sample's subscriptions plus two refused records: a change back to Developer
+        // dated in October (its dead letter goes out with October's billing) and a line
+        // that is not JSON (dated by its Kafka timestamp: now, a month not billed here).
+        let subscriptions = dir.join("subscriptions.ndjson");
+        let mut lines = std::fs::read_to_string(repo().join("deploy/sample/subscriptions.ndjson")).unwrap();
+        lines.push_str(r#"{"type":"plan_changed","app_id":1400000003,"ts":"2026-10-15T00:00:00+08:00","plan":"developer"}"#);
+        lines.push_str("\nnot a subscription\n");
+        std::fs::write(&subscriptions, lines).unwrap();
+        (events, subscriptions)
     })
 }
 
@@ -280,10 +288,14 @@ fn same_charges_as_replay_and_poison_records_go_to_dead_letters() {
     workers.pop().unwrap().stop();
 
     let letters = read_all(&d.topic("dead_letters"));
-    assert_eq!(letters.len(), expected().refused_events, "every malformed line, once");
+    let (events, subscriptions): (Vec<_>, Vec<_>) =
+        letters.iter().partition(|(_, _, headers)| headers["source_topic"] == d.topic("events"));
+    assert_eq!(events.len(), expected().refused_events, "every malformed event line, once");
+    // October's refused subscription event, published with October's billing.
+    assert_eq!(subscriptions.len(), 1, "{subscriptions:?}");
+    assert_eq!(subscriptions[0].2["reason"], "invalid_change");
     for (_, raw, headers) in &letters {
         assert!(!headers["reason"].is_empty() && !headers["detail"].is_empty());
-        assert_eq!(headers["source_topic"], d.topic("events"));
         assert!(headers["source_offset"].parse::<i64>().is_ok());
         assert!(!raw.is_empty());
     }

@@ -72,6 +72,12 @@ impl AppMonthAggregate {
         }
     }
 
+    /// The MAU while it is still counted exactly (up to
+    /// [`EXACT_LIMIT`](super::unique::EXACT_LIMIT) users).
+    pub fn exact_mau(&self) -> Option<usize> {
+        self.mau.exact_len()
+    }
+
     /// A `group_stats` sample.
     pub fn record_group_count(&mut self, group_count: u64) {
         self.group_count_peak = self.group_count_peak.max(group_count);

@@ -96,6 +96,23 @@ pub enum ChangelogKey {
     },
     /// `b`: the last month billed from the partition the record sits in.
     Billed,
+    /// `x/{app}/{YYYY-MM}/{source}`: the app's MAU in the source partition just passed the
+    /// Developer cap (a quota alert may be due).
+    QuotaCrossed {
+        /// The app.
+        app_id: AppId,
+        /// The month.
+        month: Month,
+        /// The events partition.
+        source: u32,
+    },
+    /// `a/{app}/{YYYY-MM}`: the quota alert of the app-month was published.
+    Alerted {
+        /// The app.
+        app_id: AppId,
+        /// The month.
+        month: Month,
+    },
 }
 
 impl ChangelogKey {
@@ -108,6 +125,10 @@ impl ChangelogKey {
             }
             ChangelogKey::MonthClosed { month, source } => format!("w/{month}/{source}").into_bytes(),
             ChangelogKey::Billed => b"b".to_vec(),
+            ChangelogKey::QuotaCrossed { app_id, month, source } => {
+                format!("x/{app_id}/{month}/{source}").into_bytes()
+            }
+            ChangelogKey::Alerted { app_id, month } => format!("a/{app_id}/{month}").into_bytes(),
         }
     }
 
@@ -117,7 +138,7 @@ impl ChangelogKey {
             || CodecError::Corrupt(format!("not a changelog key: {:?}", String::from_utf8_lossy(bytes)));
         match bytes.first() {
             Some(b'b') if bytes.len() == 1 => Ok(ChangelogKey::Billed),
-            Some(b'u') | Some(b'w') => {
+            Some(b'u' | b'w' | b'x' | b'a') => {
                 let text = std::str::from_utf8(bytes).map_err(|_| bad())?;
                 let parts: Vec<&str> = text.split('/').collect();
                 match parts.as_slice() {
@@ -129,6 +150,15 @@ impl ChangelogKey {
                     ["w", month, source] => Ok(ChangelogKey::MonthClosed {
                         month: month.parse().map_err(|_| bad())?,
                         source: source.parse().map_err(|_| bad())?,
+                    }),
+                    ["x", app, month, source] => Ok(ChangelogKey::QuotaCrossed {
+                        app_id: app.parse().map_err(|_| bad())?,
+                        month: month.parse().map_err(|_| bad())?,
+                        source: source.parse().map_err(|_| bad())?,
+                    }),
+                    ["a", app, month] => Ok(ChangelogKey::Alerted {
+                        app_id: app.parse().map_err(|_| bad())?,
+                        month: month.parse().map_err(|_| bad())?,
                     }),
                     _ => Err(bad()),
                 }
@@ -210,6 +240,8 @@ mod tests {
             ChangelogKey::Usage { app_id: 9, month, source: 3 },
             ChangelogKey::MonthClosed { month, source: 0 },
             ChangelogKey::Billed,
+            ChangelogKey::QuotaCrossed { app_id: 9, month, source: 2 },
+            ChangelogKey::Alerted { app_id: 9, month },
         ];
         for key in keys {
             assert_eq!(ChangelogKey::from_bytes(&key.to_bytes()).unwrap(), key);

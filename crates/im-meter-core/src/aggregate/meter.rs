@@ -77,7 +77,16 @@ pub struct Meter {
     changed_months: FxHashSet<(AppId, Month)>,
     /// Whether the progress changed since the last checkpoint.
     progress_changed: bool,
+    /// App-months whose MAU here just passed [`QUOTA_WATCH`], not yet taken.
+    quota_crossings: Vec<(AppId, Month)>,
 }
+
+/// The MAU cap watched as it happens: the Developer plan's 100 users (SPEC §3.3). Whether
+/// the app is on that plan is for billing to say; the meter reports the crossing.
+pub const QUOTA_WATCH: u64 = crate::plan::Plan::Developer.included_mau();
+
+// Crossings are detected on the exact count: the watch must lie below the exact limit.
+const _: () = assert!(QUOTA_WATCH < super::unique::EXACT_LIMIT as u64);
 
 impl Meter {
     /// An empty meter.
@@ -93,6 +102,7 @@ impl Meter {
             active_months: BTreeSet::new(),
             changed_months: FxHashSet::default(),
             progress_changed: false,
+            quota_crossings: Vec::new(),
         }
     }
 
@@ -171,7 +181,16 @@ impl Meter {
         let aggregate =
             self.months.entry((app_id, month)).or_insert_with(|| AppMonthAggregate::new(precision, exact));
         match event.action {
-            Action::Login { user, ok: true } => aggregate.record_login(day, user),
+            Action::Login { user, ok: true } => {
+                let before = aggregate.exact_mau();
+                aggregate.record_login(day, user);
+                // The watch is far below the exact limit, so crossing it is seen exactly.
+                if before == Some(QUOTA_WATCH as usize)
+                    && aggregate.exact_mau() == Some(QUOTA_WATCH as usize + 1)
+                {
+                    self.quota_crossings.push((app_id, month));
+                }
+            }
             Action::GroupStats { group_count } => aggregate.record_group_count(group_count),
             _ => {}
         }
@@ -272,6 +291,13 @@ impl Meter {
         closed
     }
 
+    /// App-months whose MAU in this slice passed [`QUOTA_WATCH`] since the last call: each
+    /// app-month at most once per slice (the count only grows, and restored state does not
+    /// cross again).
+    pub fn take_quota_crossings(&mut self) -> Vec<(AppId, Month)> {
+        std::mem::take(&mut self.quota_crossings)
+    }
+
     /// Moves event time forward without an event, so that months can close while this
     /// slice of the input is idle (its peers' event time has moved on). Never moves back.
     pub fn advance_watermark(&mut self, ts: Timestamp) {
@@ -356,5 +382,36 @@ impl Meter {
             }
         }
         Ok(meter)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ingest::UserKey;
+
+    fn login(app_id: AppId, user: u64) -> UsageEvent {
+        let ts = Timestamp::parse_rfc3339("2026-11-05T10:00:00+08:00").expect("valid");
+        UsageEvent { app_id, ts, action: Action::Login { user: UserKey::of(&format!("u{user}")), ok: true } }
+    }
+
+    #[test]
+    fn passing_the_developer_cap_is_reported_once() {
+        let mut meter = Meter::new(MeterSettings::default());
+        for u in 0..QUOTA_WATCH {
+            meter.apply(&login(1, u));
+            meter.apply(&login(1, u));
+        }
+        assert!(meter.take_quota_crossings().is_empty(), "100 users is not over the cap");
+        meter.apply(&login(1, QUOTA_WATCH));
+        let nov: Month = "2026-11".parse().expect("valid");
+        assert_eq!(meter.take_quota_crossings(), vec![(1, nov)]);
+        meter.apply(&login(1, QUOTA_WATCH + 1));
+        assert!(meter.take_quota_crossings().is_empty());
+        // A restored meter is already past the cap: no second report.
+        let state = meter.checkpoint().into_iter().filter_map(|r| r.value.map(|v| (r.key, v)));
+        let mut restored = Meter::restore(MeterSettings::default(), state).expect("restores");
+        restored.apply(&login(1, QUOTA_WATCH + 2));
+        assert!(restored.take_quota_crossings().is_empty());
     }
 }

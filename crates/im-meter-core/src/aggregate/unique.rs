@@ -152,6 +152,14 @@ impl UniqueUsers {
         matches!(self.users, Users::Exact(_))
     }
 
+    /// The exact count while there is one (at most [`EXACT_LIMIT`] users).
+    pub fn exact_len(&self) -> Option<usize> {
+        match &self.users {
+            Users::Exact(keys) => Some(keys.len()),
+            Users::Sketch(_) => None,
+        }
+    }
+
     /// Counts a user (again: repeats change nothing).
     #[inline]
     pub fn insert(&mut self, user: UserKey) {

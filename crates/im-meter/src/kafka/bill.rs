@@ -18,11 +18,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use im_meter_core::aggregate::meter::QUOTA_WATCH;
 use im_meter_core::aggregate::{billing_partition, AppMonthAggregate, ChangelogKey, MonthlyUsage};
 use im_meter_core::bill::{bill_month, quota_alert, Subscriptions};
 use im_meter_core::ingest::decode_subscription_event;
 use im_meter_core::plan::AppId;
-use im_meter_core::time::Month;
+use im_meter_core::time::{Month, Timestamp};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
@@ -30,7 +31,7 @@ use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 use tracing::{info, warn};
 
 use super::changelog::{self, QuietEof};
-use super::output::{Outbox, TransactionFailed};
+use super::output::{DeadLetter, Outbox, TransactionFailed};
 use crate::config::Config;
 use crate::report::UsageItem;
 
@@ -46,6 +47,12 @@ struct Task {
     /// Month → source partitions that closed it.
     closed: BTreeMap<Month, BTreeSet<u32>>,
     billed_through: Option<Month>,
+    /// App-months whose MAU passed the Developer cap in some source partition.
+    crossed: BTreeSet<(Month, AppId)>,
+    /// App-months whose quota alert is published.
+    alerted: BTreeSet<(Month, AppId)>,
+    /// Crossings found not to need an alert (the app is not on Developer): not re-checked.
+    declined: BTreeSet<(Month, AppId)>,
 }
 
 impl Task {
@@ -74,6 +81,14 @@ impl Task {
                 self.billed_through = Some(text.parse().context("unreadable billed-through mark")?);
             }
             // Metering state of the partition's own source: not billing's business.
+            (ChangelogKey::QuotaCrossed { app_id, month, .. }, Some(_)) => {
+                self.crossed.insert((month, app_id));
+            }
+            (ChangelogKey::Alerted { app_id, month }, Some(_)) => {
+                self.alerted.insert((month, app_id));
+            }
+            // Deletions of markers come with the month's billing, which forgets them anyway.
+            (ChangelogKey::QuotaCrossed { .. } | ChangelogKey::Alerted { .. }, None) => {}
             (ChangelogKey::State(_), _) | (ChangelogKey::Billed, None) => {}
         }
         Ok(())
@@ -96,6 +111,21 @@ struct SubscriptionFeed {
     /// Per partition: whether everything up to its end has been applied.
     at_end: Vec<bool>,
     book: Subscriptions,
+    /// Refused subscription records, each dead-lettered by one billing task (see
+    /// [`Refused`]) with the month it belongs to.
+    refused: Vec<Refused>,
+}
+
+/// A refused subscription record and who publishes its dead letter: the billing task of the
+/// app's partition (or, when no app can be read, of the source partition's number), in
+/// the transaction billing the month of the event (or, when it has no readable time, of
+/// the record's Kafka timestamp). The billed-through mark makes that exactly once.
+struct Refused {
+    /// Which app's billing partition publishes it (`None`: by source partition).
+    app_id: Option<AppId>,
+    source_partition: i32,
+    month: Month,
+    letter: DeadLetter,
 }
 
 impl SubscriptionFeed {
@@ -120,6 +150,7 @@ impl SubscriptionFeed {
             consumer,
             at_end: vec![false; partitions],
             book: Subscriptions::new(config.meter.tz),
+            refused: Vec::new(),
         })
     }
 
@@ -135,16 +166,20 @@ impl SubscriptionFeed {
                 }
             }
             match message {
-                Some(Ok(m)) => match decode_subscription_event(m.payload().unwrap_or_default()) {
-                    Ok(event) => {
-                        if let Err(why) = self.book.apply(&event) {
-                            warn!(app_id = event.app_id, reason = why.reason.code(), detail = %why.detail, "subscription event refused");
-                        }
-                    }
-                    Err(why) => {
-                        warn!(reason = why.reason.code(), detail = %why.detail, "malformed subscription event")
-                    }
-                },
+                Some(Ok(m)) => {
+                    let (app_id, ts, why) = match decode_subscription_event(m.payload().unwrap_or_default()) {
+                        Ok(event) => match self.book.apply(&event) {
+                            Ok(()) => continue,
+                            Err(why) => (Some(event.app_id), Some(event.ts), why),
+                        },
+                        Err(why) => (None, None, why),
+                    };
+                    warn!(app_id, reason = why.reason.code(), detail = %why.detail, "subscription event refused");
+                    let record_time = m.timestamp().to_millis().map(Timestamp).unwrap_or(Timestamp::MIN);
+                    let month = self.book.tz().month_of(ts.unwrap_or(record_time));
+                    let letter = DeadLetter::of(&m, why);
+                    self.refused.push(Refused { app_id, source_partition: m.partition(), month, letter });
+                }
                 Some(Err(KafkaError::PartitionEOF(p))) => {
                     if let Some(end) = self.at_end.get_mut(p as usize) {
                         *end = true;
@@ -231,10 +266,11 @@ pub fn run(config: &Config, shutdown: &AtomicBool) -> anyhow::Result<()> {
             None => {}
         }
         for (&p, task) in tasks.iter_mut() {
+            alert_as_it_happens(config, p, task, &mut subscriptions)?;
             while let Some(month) = task.next_billable(sources) {
                 subscriptions.catch_up()?;
                 let shape = Shape { partition: p, partitions, sources };
-                if !bill(config, shape, month, task, &subscriptions.book)? {
+                if !bill(config, shape, month, task, &subscriptions)? {
                     break;
                 }
             }
@@ -249,8 +285,16 @@ pub fn run(config: &Config, shutdown: &AtomicBool) -> anyhow::Result<()> {
 fn restore(config: &Config, client: &ClientConfig, partition: i32) -> anyhow::Result<Task> {
     let id = format!("{}-billing-{partition}", config.file.kafka.group_id);
     let outbox = Outbox::transactional(client, &id, config.worker.transaction_timeout)?;
-    let mut task =
-        Task { outbox, skip_until: 0, usage: BTreeMap::new(), closed: BTreeMap::new(), billed_through: None };
+    let mut task = Task {
+        outbox,
+        skip_until: 0,
+        usage: BTreeMap::new(),
+        closed: BTreeMap::new(),
+        billed_through: None,
+        crossed: BTreeSet::new(),
+        alerted: BTreeSet::new(),
+        declined: BTreeSet::new(),
+    };
     let read = changelog::read_partition(client, &config.file.topics.changelog, partition, |key, value| {
         task.absorb(key, value)
     })?;
@@ -276,8 +320,9 @@ fn bill(
     shape: Shape,
     month: Month,
     task: &mut Task,
-    subscriptions: &Subscriptions,
+    feed: &SubscriptionFeed,
 ) -> anyhow::Result<bool> {
+    let subscriptions = &feed.book;
     let Shape { partition, partitions, sources } = shape;
     let month_end = config.meter.tz.end_of_month(month);
     let mut apps: BTreeSet<AppId> =
@@ -303,10 +348,24 @@ fn bill(
             None => MonthlyUsage::empty(app_id, month),
         };
         charges.extend(bill_month(subscriptions, &usage, &config.prices));
-        alerts.extend(quota_alert(subscriptions, &usage));
+        // Alerted during the month already: once per app and month.
+        if !task.alerted.contains(&(month, app_id)) {
+            alerts.extend(quota_alert(subscriptions, &usage));
+        }
         usages.push(usage);
     }
     let topics = &config.file.topics;
+    let ours = |r: &&Refused| match r.app_id {
+        Some(app_id) => billing_partition(app_id, partitions) as i32 == partition,
+        None => r.source_partition % partitions as i32 == partition,
+    };
+    let refused: Vec<&DeadLetter> = feed
+        .refused
+        .iter()
+        .filter(ours)
+        .filter(|r| r.month <= month && task.billed_through.is_none_or(|b| r.month > b))
+        .map(|r| &r.letter)
+        .collect();
     let usage_keys: Vec<ChangelogKey> = task
         .usage
         .range((month, 0)..=(month, AppId::MAX))
@@ -328,6 +387,9 @@ fn bill(
             let key = format!("{}/{}", usage.app_id, usage.month);
             let item = UsageItem::new(usage, &config.meter.tz);
             tx.send(&topics.usage, None, key.as_bytes(), Some(&serde_json::to_vec(&item)?), None)?;
+        }
+        for letter in &refused {
+            tx.dead_letter(&topics.dead_letters, letter)?;
         }
         for alert in &alerts {
             tx.send(
@@ -358,6 +420,15 @@ fn bill(
                 None,
             )?;
         }
+        for &(m, app_id) in task.alerted.iter().filter(|(m, _)| *m == month) {
+            tx.send(
+                &topics.changelog,
+                Some(partition),
+                &ChangelogKey::Alerted { app_id, month: m }.to_bytes(),
+                None,
+                None,
+            )?;
+        }
         Ok(())
     });
     match result {
@@ -366,12 +437,81 @@ fn bill(
             task.billed_through = Some(month);
             task.usage.retain(|(m, _), _| *m != month);
             task.closed.remove(&month);
+            task.crossed.retain(|(m, _)| *m != month);
+            task.alerted.retain(|(m, _)| *m != month);
+            task.declined.retain(|(m, _)| *m != month);
             Ok(true)
         }
         // Nothing was published and the task's state is unchanged: the next pass retries.
         Err(TransactionFailed::Aborted(e)) => {
             warn!(partition, %month, error = %format!("{e:#}"), "billing: transaction aborted, will retry");
             Ok(false)
+        }
+        Err(fatal @ TransactionFailed::Fatal(_)) => Err(fatal.into()),
+    }
+}
+
+/// Publishes the quota alert of every app-month whose MAU just passed the Developer cap in
+/// some source partition, if the app is on the Developer plan — as it happens, not at the
+/// month's end — together with the mark that it was published, in one transaction.
+fn alert_as_it_happens(
+    config: &Config,
+    partition: i32,
+    task: &mut Task,
+    feed: &mut SubscriptionFeed,
+) -> anyhow::Result<()> {
+    let pending: Vec<(Month, AppId)> = task
+        .crossed
+        .iter()
+        .filter(|k| !task.alerted.contains(k) && !task.declined.contains(k))
+        .filter(|(m, _)| task.billed_through.is_none_or(|b| *m > b))
+        .copied()
+        .collect();
+    if pending.is_empty() {
+        return Ok(());
+    }
+    feed.catch_up()?;
+    let mut alerts = Vec::new();
+    for (month, app_id) in pending {
+        // The crossing says the MAU is now past the cap: it is at least cap + 1.
+        let usage = MonthlyUsage { mau: QUOTA_WATCH + 1, ..MonthlyUsage::empty(app_id, month) };
+        match quota_alert(&feed.book, &usage) {
+            Some(alert) => alerts.push((month, alert)),
+            None => {
+                task.declined.insert((month, app_id));
+            }
+        }
+    }
+    if alerts.is_empty() {
+        return Ok(());
+    }
+    let topics = &config.file.topics;
+    let result = task.outbox.transaction(|tx| {
+        for (month, alert) in &alerts {
+            tx.send(
+                &topics.alerts,
+                None,
+                alert.alert_id.as_bytes(),
+                Some(&serde_json::to_vec(alert)?),
+                None,
+            )?;
+            let mark = ChangelogKey::Alerted { app_id: alert.app_id, month: *month };
+            tx.send(&topics.changelog, Some(partition), &mark.to_bytes(), Some(b"1"), None)?;
+        }
+        Ok(())
+    });
+    match result {
+        Ok(()) => {
+            for (month, alert) in alerts {
+                info!(partition, app_id = alert.app_id, %month, "billing: quota alert");
+                task.alerted.insert((month, alert.app_id));
+            }
+            Ok(())
+        }
+        // Nothing published; the crossings stay pending and are tried again.
+        Err(TransactionFailed::Aborted(e)) => {
+            warn!(partition, error = %format!("{e:#}"), "billing: alert transaction aborted, will retry");
+            Ok(())
         }
         Err(fatal @ TransactionFailed::Fatal(_)) => Err(fatal.into()),
     }

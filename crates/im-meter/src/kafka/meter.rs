@@ -314,6 +314,14 @@ impl Stage {
                     ));
                 }
             }
+            for (app_id, month) in task.meter.take_quota_crossings() {
+                let q = billing_partition(app_id, self.changelog_partitions) as i32;
+                records.push((
+                    q,
+                    ChangelogKey::QuotaCrossed { app_id, month, source: p as u32 },
+                    Some(Vec::new()),
+                ));
+            }
             for record in task.meter.checkpoint() {
                 records.push((p, ChangelogKey::State(record.key), record.value));
             }
