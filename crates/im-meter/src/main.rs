@@ -106,9 +106,10 @@ struct ReplayArgs {
     exact: bool,
 }
 
+/// What synthetic month to make (`generate`, `produce --sample | --synthetic`).
 #[derive(Debug, clap::Args)]
-struct GenerateArgs {
-    /// Write the bundled sample's events (deploy/sample/events.ndjson).
+struct WorkloadArgs {
+    /// The bundled sample's six apps (deploy/sample/) instead of a synthetic load.
     #[arg(long, conflicts_with_all = ["apps", "users", "seed"])]
     sample: bool,
     /// Number of apps.
@@ -123,6 +124,31 @@ struct GenerateArgs {
     /// Random seed: the same seed writes the same bytes.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Share of extra malformed lines (synthetic).
+    #[arg(long, default_value_t = 0.0)]
+    malformed_share: f64,
+    /// Share of lines written twice, like producer retries (synthetic).
+    #[arg(long, default_value_t = 0.0)]
+    duplicate_share: f64,
+}
+
+impl WorkloadArgs {
+    fn workload(&self) -> Workload {
+        if self.sample {
+            return Workload { month: self.month, ..Workload::sample() };
+        }
+        Workload {
+            malformed_share: self.malformed_share,
+            duplicate_share: self.duplicate_share,
+            ..Workload::synthetic(self.month, self.apps, self.users, self.seed)
+        }
+    }
+}
+
+#[derive(Debug, clap::Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    workload: WorkloadArgs,
     /// Output file (`-` = stdout).
     #[arg(long, default_value = "-")]
     out: PathBuf,
@@ -133,30 +159,12 @@ struct ProduceArgs {
     /// SDK events to send, NDJSON (`-` = stdin).
     #[arg(long, value_name = "FILE", conflicts_with_all = ["sample", "synthetic"])]
     events: Option<String>,
-    /// Send the bundled sample's events (for --month, default 2026-11).
-    #[arg(long, conflicts_with = "synthetic")]
-    sample: bool,
-    /// Send a synthetic month (see --apps, --users, --month, --seed).
-    #[arg(long)]
+    /// Send a synthetic month (see --apps, --users, --month, --seed); --sample sends the
+    /// sample's month instead.
+    #[arg(long, conflicts_with = "sample")]
     synthetic: bool,
-    /// Number of apps (synthetic).
-    #[arg(long, default_value_t = 50)]
-    apps: u64,
-    /// Distinct users in all (synthetic).
-    #[arg(long, default_value_t = 100_000)]
-    users: u64,
-    /// Month to generate, YYYY-MM (synthetic).
-    #[arg(long, default_value = "2026-11")]
-    month: Month,
-    /// Random seed (synthetic).
-    #[arg(long, default_value_t = 1)]
-    seed: u64,
-    /// Share of extra malformed lines (synthetic).
-    #[arg(long, default_value_t = 0.0)]
-    malformed_share: f64,
-    /// Share of lines sent twice, like producer retries (synthetic).
-    #[arg(long, default_value_t = 0.0)]
-    duplicate_share: f64,
+    #[command(flatten)]
+    workload: WorkloadArgs,
     /// Subscription events to send to the subscriptions topic, NDJSON.
     #[arg(long, value_name = "FILE")]
     subscriptions: Option<String>,
@@ -243,11 +251,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Generate(args) => {
-            let workload = if args.sample {
-                Workload { month: args.month, ..Workload::sample() }
-            } else {
-                Workload::synthetic(args.month, args.apps, args.users, args.seed)
-            };
+            let workload = args.workload.workload();
             let config = Config::load(None, std::env::vars())?;
             let lines = if args.out.as_os_str() == "-" {
                 workload.write_events(&config.meter.tz, &mut io::BufWriter::new(io::stdout().lock()))?
@@ -290,16 +294,7 @@ fn produce(args: ProduceArgs) -> anyhow::Result<()> {
     }
 
     let mut producer = LineProducer::new(&client, &topics.events, LineKind::Usage, args.rate)?;
-    let workload = if args.sample {
-        Some(Workload { month: args.month, ..Workload::sample() })
-    } else if args.synthetic {
-        let mut w = Workload::synthetic(args.month, args.apps, args.users, args.seed);
-        w.malformed_share = args.malformed_share;
-        w.duplicate_share = args.duplicate_share;
-        Some(w)
-    } else {
-        None
-    };
+    let workload = (args.workload.sample || args.synthetic).then(|| args.workload.workload());
     match (workload, &args.events) {
         (Some(workload), _) => {
             for line in workload.lines(&config.meter.tz) {

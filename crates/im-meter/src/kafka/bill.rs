@@ -375,30 +375,17 @@ fn bill(
         .collect();
     let result = task.outbox.transaction(|tx| {
         for charge in &charges {
-            tx.send(
-                &topics.charges,
-                None,
-                charge.charge_id.as_bytes(),
-                Some(&serde_json::to_vec(charge)?),
-                None,
-            )?;
+            tx.send_json(&topics.charges, &charge.charge_id, charge)?;
         }
         for usage in &usages {
             let key = format!("{}/{}", usage.app_id, usage.month);
-            let item = UsageItem::new(usage, &config.meter.tz);
-            tx.send(&topics.usage, None, key.as_bytes(), Some(&serde_json::to_vec(&item)?), None)?;
+            tx.send_json(&topics.usage, &key, &UsageItem::new(usage, &config.meter.tz))?;
         }
         for letter in &refused {
             tx.dead_letter(&topics.dead_letters, letter)?;
         }
         for alert in &alerts {
-            tx.send(
-                &topics.alerts,
-                None,
-                alert.alert_id.as_bytes(),
-                Some(&serde_json::to_vec(alert)?),
-                None,
-            )?;
+            tx.send_json(&topics.alerts, &alert.alert_id, alert)?;
         }
         tx.send(
             &topics.changelog,
@@ -488,13 +475,7 @@ fn alert_as_it_happens(
     let topics = &config.file.topics;
     let result = task.outbox.transaction(|tx| {
         for (month, alert) in &alerts {
-            tx.send(
-                &topics.alerts,
-                None,
-                alert.alert_id.as_bytes(),
-                Some(&serde_json::to_vec(alert)?),
-                None,
-            )?;
+            tx.send_json(&topics.alerts, &alert.alert_id, alert)?;
             let mark = ChangelogKey::Alerted { app_id: alert.app_id, month: *month };
             tx.send(&topics.changelog, Some(partition), &mark.to_bytes(), Some(b"1"), None)?;
         }

@@ -76,6 +76,11 @@ impl Transaction<'_> {
         }
     }
 
+    /// Queues a record whose value is `value` as JSON.
+    pub fn send_json(&self, topic: &str, key: &str, value: &impl serde::Serialize) -> anyhow::Result<()> {
+        self.send(topic, None, key.as_bytes(), Some(&serde_json::to_vec(value)?), None)
+    }
+
     /// Queues a dead letter: the raw bytes as value, the reason and source as headers.
     pub fn dead_letter(&self, topic: &str, letter: &DeadLetter) -> anyhow::Result<()> {
         let (partition, offset) = (letter.partition.to_string(), letter.offset.to_string());
