@@ -92,14 +92,20 @@ impl ConnectionTable {
         self.conns.is_empty()
     }
 
-    /// A `connect` event.
-    pub fn connect(&mut self, app_id: AppId, conn: ConnKey, ts: Timestamp) -> ConnEffect {
+    /// The connection's entry (a new, empty one first seen at `ts` if unknown), marked as
+    /// changed for the next checkpoint.
+    fn touch(&mut self, app_id: AppId, conn: ConnKey, ts: Timestamp) -> &mut Conn {
         self.changed.insert((app_id, conn));
-        let entry = self.conns.entry((app_id, conn)).or_insert(Conn::Pending {
+        self.conns.entry((app_id, conn)).or_insert(Conn::Pending {
             connected: None,
             disconnected: None,
             last_seen: ts,
-        });
+        })
+    }
+
+    /// A `connect` event.
+    pub fn connect(&mut self, app_id: AppId, conn: ConnKey, ts: Timestamp) -> ConnEffect {
+        let entry = self.touch(app_id, conn, ts);
         match entry {
             Conn::Counted { .. } => ConnEffect::Duplicate,
             Conn::Pending { connected: Some(t0), last_seen, .. } => {
@@ -122,12 +128,7 @@ impl ConnectionTable {
 
     /// A `disconnect` event.
     pub fn disconnect(&mut self, app_id: AppId, conn: ConnKey, ts: Timestamp) -> ConnEffect {
-        self.changed.insert((app_id, conn));
-        let entry = self.conns.entry((app_id, conn)).or_insert(Conn::Pending {
-            connected: None,
-            disconnected: None,
-            last_seen: ts,
-        });
+        let entry = self.touch(app_id, conn, ts);
         match entry {
             Conn::Counted { .. } => ConnEffect::Duplicate,
             Conn::Pending { connected: Some(t0), .. } => {

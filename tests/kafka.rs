@@ -1,7 +1,8 @@
-//! `im-meter run` against a real Apache Kafka broker (`scripts/kafka.sh start`; address in
-//! `IM_METER_TEST_BROKERS`, default 127.0.0.1:9092): the worker's charges equal those of
-//! `replay` over the same input, through poison records, kill -9 at any moment, consumer
-//! group rebalances and a broker restart, and every charge is published exactly once.
+//! `im-meter produce` and `im-meter run` against a real Apache Kafka broker
+//! (`scripts/kafka.sh start`; address in `IM_METER_TEST_BROKERS`, default 127.0.0.1:9092):
+//! produce keys every line by app; the worker's usage and charges equal those of `replay`
+//! over the same input, through poison records, kill -9 at any moment, consumer group
+//! rebalances and a broker restart, and every output is published exactly once.
 //!
 //! Each test uses its own topics and groups. The tests run one at a time (they share the
 //! broker, and one restarts it).
@@ -203,8 +204,15 @@ impl Worker {
     }
 }
 
-/// A record as read back: key, value, headers as text.
-type Record = (Option<Vec<u8>>, Vec<u8>, BTreeMap<String, String>);
+/// A record as read back.
+#[derive(Debug)]
+struct Record {
+    partition: i32,
+    key: Option<Vec<u8>>,
+    value: Vec<u8>,
+    /// Headers, values as text.
+    headers: BTreeMap<String, String>,
+}
 
 /// Every committed record of a topic.
 fn read_all(topic: &str) -> Vec<Record> {
@@ -247,11 +255,12 @@ fn read_all(topic: &str) -> Vec<Record> {
                             .collect()
                     })
                     .unwrap_or_default();
-                records.push((
-                    m.key().map(<[u8]>::to_vec),
-                    m.payload().unwrap_or_default().to_vec(),
+                records.push(Record {
+                    partition: m.partition(),
+                    key: m.key().map(<[u8]>::to_vec),
+                    value: m.payload().unwrap_or_default().to_vec(),
                     headers,
-                ));
+                });
             }
             Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => at_end += 1,
             _ => {}
@@ -263,9 +272,9 @@ fn read_all(topic: &str) -> Vec<Record> {
 /// Records by key; a key published twice fails the test.
 fn by_key(records: Vec<Record>) -> BTreeMap<String, Value> {
     let mut by_key = BTreeMap::new();
-    for (key, value, _) in records {
-        let key = String::from_utf8(key.expect("outputs are keyed")).unwrap();
-        let previous = by_key.insert(key.clone(), serde_json::from_slice(&value).unwrap());
+    for record in records {
+        let key = String::from_utf8(record.key.expect("outputs are keyed")).unwrap();
+        let previous = by_key.insert(key.clone(), serde_json::from_slice(&record.value).unwrap());
         assert!(previous.is_none(), "{key} published twice");
     }
     by_key
@@ -289,12 +298,12 @@ fn same_charges_as_replay_and_poison_records_go_to_dead_letters() {
 
     let letters = read_all(&d.topic("dead_letters"));
     let (events, subscriptions): (Vec<_>, Vec<_>) =
-        letters.iter().partition(|(_, _, headers)| headers["source_topic"] == d.topic("events"));
+        letters.iter().partition(|r| r.headers["source_topic"] == d.topic("events"));
     assert_eq!(events.len(), expected().refused_events, "every malformed event line, once");
     // October's refused subscription event, published with October's billing.
     assert_eq!(subscriptions.len(), 1, "{subscriptions:?}");
-    assert_eq!(subscriptions[0].2["reason"], "invalid_change");
-    for (_, raw, headers) in &letters {
+    assert_eq!(subscriptions[0].headers["reason"], "invalid_change");
+    for Record { value: raw, headers, .. } in &letters {
         assert!(!headers["reason"].is_empty() && !headers["detail"].is_empty());
         assert!(headers["source_offset"].parse::<i64>().is_ok());
         assert!(!raw.is_empty());
@@ -302,7 +311,7 @@ fn same_charges_as_replay_and_poison_records_go_to_dead_letters() {
     // Developer apps over the cap: one alert each.
     let alerts = read_all(&d.topic("alerts"));
     let ids: Vec<String> =
-        alerts.iter().map(|(k, _, _)| String::from_utf8_lossy(k.as_deref().unwrap()).into_owned()).collect();
+        alerts.iter().map(|r| String::from_utf8_lossy(r.key.as_deref().unwrap()).into_owned()).collect();
     assert_eq!(ids.len(), 2, "{ids:?}");
 }
 
@@ -354,4 +363,39 @@ fn a_broker_restart_changes_no_charge() {
     assert!(restart.status.success(), "{}", String::from_utf8_lossy(&restart.stderr));
     d.assert_same_as_replay(&mut workers);
     workers.pop().unwrap().stop();
+}
+
+#[test]
+fn produce_sends_every_line_keyed_by_app() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let d = Deployment::new("produce");
+    d.produce();
+    let (events, subscriptions) = input();
+    let expected = std::fs::read_to_string(events).unwrap();
+    let records = read_all(&d.topic("events"));
+    let mut sent: Vec<&str> = expected.lines().collect();
+    let mut got: Vec<String> =
+        records.iter().map(|r| String::from_utf8_lossy(&r.value).into_owned()).collect();
+    sent.sort_unstable();
+    got.sort_unstable();
+    assert_eq!(got, sent, "every line arrives unchanged, malformed ones included");
+
+    // Keyed by app_id, so each app's events sit in one partition; only lines without a
+    // readable app_id go unkeyed.
+    let mut partition_of: BTreeMap<String, i32> = BTreeMap::new();
+    let mut unkeyed = 0;
+    for r in &records {
+        match &r.key {
+            Some(app) => {
+                let app = String::from_utf8_lossy(app).into_owned();
+                assert!(String::from_utf8_lossy(&r.value).contains(&format!("\"app_id\":{app}")));
+                assert_eq!(*partition_of.entry(app.clone()).or_insert(r.partition), r.partition, "app {app}");
+            }
+            None => unkeyed += 1,
+        }
+    }
+    assert_eq!(partition_of.len(), 6);
+    assert!(unkeyed > 0 && unkeyed < 100, "{unkeyed} unkeyed");
+    let subscription_lines = std::fs::read_to_string(subscriptions).unwrap().lines().count();
+    assert_eq!(read_all(&d.topic("subscriptions")).len(), subscription_lines);
 }
