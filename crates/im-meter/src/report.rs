@@ -5,7 +5,7 @@ use std::io::Write;
 use im_meter_core::aggregate::MonthlyUsage;
 use im_meter_core::bill::Charge;
 use im_meter_core::plan::AppId;
-use im_meter_core::time::{BillingTz, Timestamp};
+use im_meter_core::time::{BillingTz, Month, Timestamp};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
@@ -16,7 +16,7 @@ use crate::replay::{AuditRow, ReplayReport};
 #[derive(Debug, Serialize, Deserialize)]
 pub struct UsageItem {
     app_id: AppId,
-    month: String,
+    month: Month,
     mau: u64,
     dau_peak: u64,
     pcc: u64,
@@ -30,7 +30,7 @@ impl UsageItem {
     pub fn into_usage(self) -> anyhow::Result<MonthlyUsage> {
         Ok(MonthlyUsage {
             app_id: self.app_id,
-            month: self.month.parse()?,
+            month: self.month,
             mau: self.mau,
             dau_peak: self.dau_peak,
             pcc: self.pcc,
@@ -43,7 +43,7 @@ impl UsageItem {
     pub fn new(u: &MonthlyUsage, tz: &BillingTz) -> Self {
         UsageItem {
             app_id: u.app_id,
-            month: u.month.to_string(),
+            month: u.month,
             mau: u.mau,
             dau_peak: u.dau_peak,
             pcc: u.pcc,
@@ -57,7 +57,7 @@ impl UsageItem {
 #[derive(Debug, Serialize)]
 struct AuditItem {
     app_id: AppId,
-    month: String,
+    month: Month,
     mau: u64,
     mau_exact: u64,
     /// (estimate − exact) / exact; 0 when both are 0.
@@ -83,7 +83,7 @@ impl From<&AuditRow> for AuditItem {
     fn from(r: &AuditRow) -> Self {
         AuditItem {
             app_id: r.app_id,
-            month: r.month.to_string(),
+            month: r.month,
             mau: r.mau,
             mau_exact: r.mau_exact,
             mau_error: relative_error(r.mau, r.mau_exact),

@@ -17,8 +17,8 @@ pub struct QuotaAlert {
     pub alert_id: String,
     /// The app.
     pub app_id: AppId,
-    /// The month, `YYYY-MM`.
-    pub month: String,
+    /// The month (`YYYY-MM` in JSON).
+    pub month: Month,
     /// The plan whose cap was passed.
     pub plan: Plan,
     /// The MAU that passed it.
@@ -35,7 +35,7 @@ pub fn quota_alert(subs: &Subscriptions, usage: &MonthlyUsage) -> Option<QuotaAl
     (plan == Plan::Developer && usage.mau > quota).then(|| QuotaAlert {
         alert_id: alert_id(usage.app_id, usage.month),
         app_id: usage.app_id,
-        month: usage.month.to_string(),
+        month: usage.month,
         plan,
         mau: usage.mau,
         quota,

@@ -56,7 +56,6 @@ pub struct Charge {
     /// The app billed.
     pub app_id: AppId,
     /// The billing month, `YYYY-MM`.
-    #[serde(with = "month_text")]
     pub month: Month,
     /// The billing mode in force at the month's end.
     pub billing_mode: BillingMode,
@@ -77,21 +76,6 @@ pub struct Charge {
     pub currency: String,
     /// A human sentence saying how the amount was computed.
     pub description: String,
-}
-
-/// `Month` as `YYYY-MM` text in charges.
-mod month_text {
-    use serde::{de::Error, Deserialize, Deserializer, Serializer};
-
-    use crate::time::Month;
-
-    pub fn serialize<S: Serializer>(month: &Month, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(month)
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Month, D::Error> {
-        String::deserialize(d)?.parse().map_err(D::Error::custom)
-    }
 }
 
 /// What every line of one app-month shares.

@@ -130,14 +130,7 @@ struct Refused {
 
 impl SubscriptionFeed {
     fn new(client: &ClientConfig, topic: &str, config: &Config) -> anyhow::Result<Self> {
-        let consumer: BaseConsumer<QuietEof> = client
-            .clone()
-            .set("group.id", "im-meter-subscriptions")
-            .set("enable.auto.commit", "false")
-            .set("enable.partition.eof", "true")
-            // Reading back is latency-bound: do not let the broker hold fetches open.
-            .set("fetch.wait.max.ms", "20")
-            .set("isolation.level", "read_committed")
+        let consumer: BaseConsumer<QuietEof> = changelog::reader(client)
             .create_with_context(QuietEof)
             .context("cannot create the subscriptions reader")?;
         let partitions = changelog::partition_count(client, topic)? as usize;
@@ -226,16 +219,11 @@ pub fn run(config: &Config, shutdown: &AtomicBool) -> anyhow::Result<()> {
     let partitions = changelog::partition_count(&client, &topics.changelog)?;
     let mut subscriptions = SubscriptionFeed::new(&client, &topics.subscriptions, config)?;
     let assignment = Arc::new(Mutex::new(Assignment::default()));
-    let consumer: BaseConsumer<StageContext> = client
-        .clone()
-        .set("group.id", format!("{}-billing", config.file.kafka.group_id))
-        .set("enable.auto.commit", "false")
-        // No offsets are ever committed: every assignment starts from the beginning.
-        .set("auto.offset.reset", "earliest")
-        .set("isolation.level", "read_committed")
-        .set("partition.assignment.strategy", "cooperative-sticky")
-        .create_with_context(StageContext { assignment: Arc::clone(&assignment) })
-        .context("cannot create the changelog consumer")?;
+    // No offsets are ever committed in this group: every assignment starts from the beginning.
+    let consumer: BaseConsumer<StageContext> =
+        super::group_member(&client, &format!("{}-billing", config.file.kafka.group_id))
+            .create_with_context(StageContext { assignment: Arc::clone(&assignment) })
+            .context("cannot create the changelog consumer")?;
     consumer.subscribe(&[&topics.changelog]).context("cannot subscribe to the changelog")?;
     info!(topic = %topics.changelog, sources, "billing: started");
 
@@ -463,7 +451,7 @@ fn alert_as_it_happens(
         // The crossing says the MAU is now past the cap: it is at least cap + 1.
         let usage = MonthlyUsage { mau: QUOTA_WATCH + 1, ..MonthlyUsage::empty(app_id, month) };
         match quota_alert(&feed.book, &usage) {
-            Some(alert) => alerts.push((month, alert)),
+            Some(alert) => alerts.push(alert),
             None => {
                 task.declined.insert((month, app_id));
             }
@@ -474,18 +462,18 @@ fn alert_as_it_happens(
     }
     let topics = &config.file.topics;
     let result = task.outbox.transaction(|tx| {
-        for (month, alert) in &alerts {
+        for alert in &alerts {
             tx.send_json(&topics.alerts, &alert.alert_id, alert)?;
-            let mark = ChangelogKey::Alerted { app_id: alert.app_id, month: *month };
+            let mark = ChangelogKey::Alerted { app_id: alert.app_id, month: alert.month };
             tx.send(&topics.changelog, Some(partition), &mark.to_bytes(), Some(b"1"), None)?;
         }
         Ok(())
     });
     match result {
         Ok(()) => {
-            for (month, alert) in alerts {
-                info!(partition, app_id = alert.app_id, %month, "billing: quota alert");
-                task.alerted.insert((month, alert.app_id));
+            for alert in alerts {
+                info!(partition, app_id = alert.app_id, month = %alert.month, "billing: quota alert");
+                task.alerted.insert((alert.month, alert.app_id));
             }
             Ok(())
         }

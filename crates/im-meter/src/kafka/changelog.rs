@@ -26,6 +26,20 @@ impl ClientContext for QuietEof {
 
 impl ConsumerContext for QuietEof {}
 
+/// Settings of a reader of committed records that is assigned partitions (no group
+/// membership, nothing committed) and told when it reaches each partition's end.
+pub fn reader(client: &ClientConfig) -> ClientConfig {
+    let mut reader = client.clone();
+    reader
+        .set("group.id", "im-meter-reader")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        // Reading back is latency-bound: do not let the broker hold fetches open.
+        .set("fetch.wait.max.ms", "20")
+        .set("isolation.level", "read_committed");
+    reader
+}
+
 /// How long reading one partition back may take before the worker gives up (a stuck
 /// read is a fatal error: the supervisor restarts the worker).
 const RESTORE_TIMEOUT: Duration = Duration::from_secs(300);
@@ -91,17 +105,8 @@ pub fn read_to_end(
     partitions: &[i32],
     mut each: impl FnMut(Record<'_>) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
-    let consumer: BaseConsumer<QuietEof> = client
-        .clone()
-        // Assigned, not subscribed: no group membership, nothing committed.
-        .set("group.id", "im-meter-reader")
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "true")
-        // Reading back is latency-bound: do not let the broker hold fetches open.
-        .set("fetch.wait.max.ms", "20")
-        .set("isolation.level", "read_committed")
-        .create_with_context(QuietEof)
-        .context("cannot create a topic reader")?;
+    let consumer: BaseConsumer<QuietEof> =
+        reader(client).create_with_context(QuietEof).context("cannot create a topic reader")?;
     let partitions: Vec<i32> = if partitions.is_empty() {
         (0..partition_count(client, topic)? as i32).collect()
     } else {

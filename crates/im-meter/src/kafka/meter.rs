@@ -114,13 +114,7 @@ pub fn run(config: &Config, shutdown: &AtomicBool) -> anyhow::Result<()> {
         last_commit: Instant::now(),
         failure: None,
     }));
-    let consumer: BaseConsumer<StageContext> = client
-        .clone()
-        .set("group.id", &config.file.kafka.group_id)
-        .set("enable.auto.commit", "false")
-        .set("auto.offset.reset", "earliest")
-        .set("isolation.level", "read_committed")
-        .set("partition.assignment.strategy", "cooperative-sticky")
+    let consumer: BaseConsumer<StageContext> = super::group_member(&client, &config.file.kafka.group_id)
         .create_with_context(StageContext { stage: Arc::clone(&stage) })
         .context("cannot create the events consumer")?;
     consumer.subscribe(&[&topics.events]).context("cannot subscribe to the events topic")?;

@@ -24,6 +24,20 @@ pub fn client_config(config: &Config) -> ClientConfig {
     client
 }
 
+/// Settings of a member of consumer group `group` as both stages use them: offsets only
+/// ever committed inside transactions, read_committed, cooperative rebalancing, and a new
+/// group starting at the beginning of its topics.
+pub fn group_member(client: &ClientConfig, group: &str) -> ClientConfig {
+    let mut member = client.clone();
+    member
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("isolation.level", "read_committed")
+        .set("partition.assignment.strategy", "cooperative-sticky");
+    member
+}
+
 /// How long a broker call is retried while the broker is unreachable (restarting).
 pub const RETRY_FOR: std::time::Duration = std::time::Duration::from_secs(120);
 

@@ -42,7 +42,6 @@ pub fn read_billed_month(config: &Config, month: Month, wait: Duration) -> anyho
         }
         break;
     }
-    let of_month = |m: &str| m == month.to_string();
     let mut usage = Vec::new();
     for item in read_json::<UsageItem>(config, &topics.usage)? {
         let u = item.into_usage()?;
@@ -53,7 +52,7 @@ pub fn read_billed_month(config: &Config, month: Month, wait: Duration) -> anyho
     let mut charges: Vec<Charge> = read_json::<Charge>(config, &topics.charges)?;
     charges.retain(|c| c.month == month);
     let mut alerts: Vec<QuotaAlert> = read_json(config, &topics.alerts)?;
-    alerts.retain(|a| of_month(&a.month));
+    alerts.retain(|a| a.month == month);
     usage.sort_by_key(|u| u.app_id);
     // Within an app, charge lines keep the order billing published them in.
     charges.sort_by_key(|c| c.app_id);

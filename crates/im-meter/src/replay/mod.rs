@@ -245,7 +245,7 @@ fn close_and_bill(
     // charges keep the item order bill_month gives (the sort is stable).
     report.usage.sort_by_key(|u| (u.app_id, u.month));
     report.charges.sort_by_key(|c| (c.app_id, c.month));
-    report.alerts.sort_by(|a, b| (a.app_id, &a.month).cmp(&(b.app_id, &b.month)));
+    report.alerts.sort_by_key(|a| (a.app_id, a.month));
     if let Some(rows) = report.audit.as_mut() {
         rows.sort_by_key(|r| (r.app_id, r.month));
     }
