@@ -31,6 +31,7 @@ use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 use tracing::{info, warn};
 
 use super::changelog::{self, QuietEof};
+use super::fetch::Fetched;
 use super::output::{DeadLetter, Outbox, TransactionFailed};
 use crate::config::Config;
 use crate::report::UsageItem;
@@ -170,7 +171,7 @@ impl SubscriptionFeed {
                     warn!(app_id, reason = why.reason.code(), detail = %why.detail, "subscription event refused");
                     let record_time = m.timestamp().to_millis().map(Timestamp).unwrap_or(Timestamp::MIN);
                     let month = self.book.tz().month_of(ts.unwrap_or(record_time));
-                    let letter = DeadLetter::of(&m, why);
+                    let letter = DeadLetter::of(&Fetched::of(&m), why);
                     self.refused.push(Refused { app_id, source_partition: m.partition(), month, letter });
                 }
                 Some(Err(KafkaError::PartitionEOF(p))) => {

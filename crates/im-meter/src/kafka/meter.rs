@@ -14,8 +14,11 @@
 //! callback, while the partition is still ours, and the meter dropped.
 //!
 //! Threading: one OS thread drives the consumer and the transactional producer; every
-//! blocking Kafka call happens on it, never on an async runtime.
+//! blocking Kafka call happens on it, never on an async runtime. Records are read in
+//! batches from each partition's own fetch queue ([`fetch`]); the consumer queue is polled
+//! between batches for rebalances and errors.
 
+use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -26,16 +29,20 @@ use im_meter_core::aggregate::{billing_partition, ChangelogKey, Meter, Outcome};
 use im_meter_core::ingest::{decode_usage_event, RejectReason, Rejection};
 use im_meter_core::time::Timestamp;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
-use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tracing::{info, warn};
 
+use super::fetch::{self, Batch, Fetched, PartitionQueue};
 use super::output::{DeadLetter, Outbox, TransactionFailed};
 use super::{changelog, with_retries};
 use crate::config::Config;
 
-/// Longest wait of one consumer poll: bounds how late a commit or a shutdown can be.
-const POLL: Duration = Duration::from_millis(100);
+/// How long a poll waits when nothing was fetched: bounds how late a commit, a shutdown or
+/// the first records after a quiet spell can be.
+const IDLE_WAIT: Duration = Duration::from_millis(20);
+
+/// Most records taken from a partition's queue at once.
+const BATCH: usize = 4096;
 
 /// One assigned events partition.
 struct Task {
@@ -69,6 +76,12 @@ impl ClientContext for StageContext {}
 
 impl ConsumerContext for StageContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(assigned) = rebalance {
+            // Before librdkafka starts fetching them: their records go to their own queues.
+            for e in assigned.elements() {
+                fetch::split(consumer, e.topic(), e.partition());
+            }
+        }
         let Rebalance::Revoke(revoked) = rebalance else { return };
         let Ok(mut stage) = self.stage.lock() else { return };
         // Commit while the partitions are still ours: after the callback another worker
@@ -124,27 +137,54 @@ pub fn run(config: &Config, shutdown: &AtomicBool) -> anyhow::Result<()> {
     // Idle checks ask the broker for partition ends: not on every commit.
     let idle_check_every = (config.worker.idle_partition_timeout / 2).max(Duration::from_millis(500));
     let mut last_idle_check = Instant::now();
+    // Declared after the consumer, so dropped before it (the borrow checker insists).
+    let mut queues: BTreeMap<i32, Option<PartitionQueue<'_>>> = BTreeMap::new();
+    let mut batch = Batch::with_capacity(BATCH);
+    let mut wait = Duration::ZERO;
     loop {
-        // A batch: wait a little for the first record, then take what is already fetched,
-        // until the commit is due. The stage is locked per record, never across a poll:
-        // the rebalance callbacks run inside poll and lock it themselves.
-        let batch_ends = Instant::now() + commit_interval;
-        let mut wait = POLL;
-        let mut polled = 0u32;
-        // Reading the clock costs as much as a small record: look every 256 records.
-        while !polled.is_multiple_of(256) || Instant::now() < batch_ends {
-            polled = polled.wrapping_add(1);
+        // A round: serve rebalances and errors on the consumer queue, then take what each
+        // partition has fetched, until the commit is due or nothing more has arrived. The
+        // stage is locked per batch, never across a poll: the rebalance callbacks run
+        // inside poll and lock it themselves.
+        let round_ends = Instant::now() + commit_interval;
+        loop {
             let message = consumer.poll(wait);
-            wait = Duration::ZERO;
             let mut stage = lock(&stage)?;
             if let Some(e) = stage.failure.take() {
                 return Err(e);
             }
+            let mut taken = 0;
             match message {
-                Some(Ok(m)) => stage.handle(&m)?,
+                // Only records fetched before their partition's queue was split come here.
+                Some(Ok(m)) => {
+                    taken += 1;
+                    stage.handle(&Fetched::of(&m))?;
+                }
                 // Transient client errors (a broker restarting): librdkafka reconnects.
                 Some(Err(e)) => warn!(error = %e, "meter: consumer error"),
-                None => break,
+                None => {}
+            }
+            // Follow the assignment the callbacks just changed: a revoked partition's queue
+            // is never read again (its leftovers are not ours), a new one is opened.
+            queues.retain(|p, _| stage.assigned.contains(p));
+            for &p in &stage.assigned {
+                if let Entry::Vacant(slot) = queues.entry(p) {
+                    slot.insert(PartitionQueue::open(&consumer, &topics.events, p));
+                }
+            }
+            for queue in queues.values().flatten() {
+                taken += queue.fill(&mut batch, Duration::ZERO);
+                for record in batch.records() {
+                    match record {
+                        Ok(record) => stage.handle(&record)?,
+                        Err(e) => warn!(error = %e, partition = queue.partition(), "meter: fetch error"),
+                    }
+                }
+            }
+            // Nothing fetched: the next poll waits a little for records or a rebalance.
+            wait = if taken == 0 { IDLE_WAIT } else { Duration::ZERO };
+            if taken == 0 || Instant::now() >= round_ends {
+                break;
             }
         }
         let mut stage = lock(&stage)?;
@@ -224,16 +264,18 @@ impl Stage {
     }
 
     /// Applies one record (or sends it to the dead letters) and notes its offset.
-    fn handle(&mut self, message: &BorrowedMessage<'_>) -> anyhow::Result<()> {
-        let p = message.partition();
+    fn handle(&mut self, record: &Fetched<'_>) -> anyhow::Result<()> {
+        let p = record.partition;
+        if !self.assigned.contains(&p) {
+            // Fetched before the partition was revoked: its new owner applies it.
+            return Ok(());
+        }
         if !self.tasks.contains_key(&p) {
             let task = self.restore(p)?;
             self.tasks.insert(p, task);
-            self.assigned.insert(p);
         }
         let task = self.tasks.get_mut(&p).context("task restored above")?;
-        let payload = message.payload().unwrap_or_default();
-        let rejection = match decode_usage_event(payload) {
+        let rejection = match decode_usage_event(record.payload) {
             Ok(event) => match task.meter.apply(&event) {
                 Outcome::Accepted | Outcome::Duplicate => None,
                 Outcome::Late => Some(Rejection::new(
@@ -243,10 +285,10 @@ impl Stage {
             },
             Err(why) => Some(why),
         };
-        task.next_offset = Some(message.offset() + 1);
+        task.next_offset = Some(record.offset + 1);
         task.dirty = true;
         if let Some(why) = rejection {
-            self.dead_letters.push(DeadLetter::of(message, why));
+            self.dead_letters.push(DeadLetter::of(record, why));
         }
         Ok(())
     }

@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod bill;
 pub mod changelog;
+pub mod fetch;
 pub mod meter;
 pub mod output;
 pub mod produce;

@@ -6,10 +6,12 @@ use anyhow::Context;
 use im_meter_core::ingest::Rejection;
 use rdkafka::consumer::ConsumerGroupMetadata;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{ClientConfig, TopicPartitionList};
 use tracing::warn;
+
+use super::fetch::Fetched;
 
 /// A refused input record: its bytes exactly as read, where it came from, and why.
 #[derive(Debug, Clone)]
@@ -25,15 +27,15 @@ pub struct DeadLetter {
 
 impl DeadLetter {
     /// The dead letter of a consumed record.
-    pub fn of(message: &BorrowedMessage<'_>, why: Rejection) -> Self {
+    pub fn of(record: &Fetched<'_>, why: Rejection) -> Self {
         DeadLetter {
-            key: message.key().map(<[u8]>::to_vec),
-            raw: message.payload().unwrap_or_default().to_vec(),
+            key: record.key.map(<[u8]>::to_vec),
+            raw: record.payload.to_vec(),
             reason: why.reason.code(),
             detail: why.detail,
-            topic: message.topic().to_string(),
-            partition: message.partition(),
-            offset: message.offset(),
+            topic: record.topic.to_string(),
+            partition: record.partition,
+            offset: record.offset,
         }
     }
 }
