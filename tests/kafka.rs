@@ -188,6 +188,16 @@ struct Worker {
     log: PathBuf,
 }
 
+/// A worker left running by a failed test would go on using the broker and the CPU.
+impl Drop for Worker {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 impl Worker {
     fn kill9(&mut self) {
         self.child.kill().unwrap();

@@ -44,9 +44,10 @@ impl Default for FileConfig {
                 group_id: "im-meter".into(),
                 instance_id: String::new(),
                 partitions: 6,
-                commit_interval: "200ms".into(),
+                commit_interval: "1s".into(),
                 idle_partition_timeout: "30s".into(),
                 transaction_timeout: "30s".into(),
+                meter_threads: 0,
             },
             topics: TopicsSection {
                 events: "im.sdk-events".into(),
@@ -95,6 +96,9 @@ pub struct KafkaSection {
     /// Kafka transaction timeout: how long a crashed worker's open transaction can hold
     /// back read_committed readers at most.
     pub transaction_timeout: String,
+    /// Metering consumers this worker runs, each a member of the group on a thread of its
+    /// own with its own transactional id; 0: one per CPU the process may use.
+    pub meter_threads: i64,
 }
 
 /// `[topics]`: names of the topics read and written.
@@ -179,6 +183,8 @@ pub struct WorkerSettings {
     pub idle_partition_timeout: Duration,
     /// Kafka transaction timeout.
     pub transaction_timeout: Duration,
+    /// Metering consumers (threads) of this worker.
+    pub meter_threads: usize,
 }
 
 /// Every problem found in a configuration, each naming its field.
@@ -321,9 +327,10 @@ impl FileConfig {
                 id => id.to_string(),
             },
             partitions: 6,
-            commit_interval: Duration::from_millis(200),
+            commit_interval: Duration::from_secs(1),
             idle_partition_timeout: Duration::from_secs(30),
             transaction_timeout: Duration::from_secs(30),
+            meter_threads: 1,
         };
         check(
             "billing.allowed_lateness",
@@ -349,6 +356,12 @@ impl FileConfig {
                 .and_then(positive)
                 .map(|d| worker.idle_partition_timeout = d),
         );
+        let meter_threads = match usize::try_from(self.kafka.meter_threads) {
+            Ok(0) => Ok(std::thread::available_parallelism().map_or(1, usize::from)),
+            Ok(n) if n <= 256 => Ok(n),
+            _ => Err(format!("must be 0 (one per CPU) to 256, got {}", self.kafka.meter_threads)),
+        };
+        check("kafka.meter_threads", meter_threads.map(|n| worker.meter_threads = n));
         check(
             "kafka.transaction_timeout",
             duration(&self.kafka.transaction_timeout)

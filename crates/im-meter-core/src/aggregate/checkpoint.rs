@@ -7,8 +7,9 @@
 //! the property tests check exactly that.
 //!
 //! Keys are short text, readable with any Kafka tool: `p` (the partition's progress),
-//! `m/{app}/{YYYY-MM}` (an app-month aggregate), `c/{app}/{conn hash, 16 hex digits}` (a
-//! connection).
+//! `m/{app}/{YYYY-MM}` (an app-month aggregate without its DAU sketches),
+//! `d/{app}/{YYYY-MM}/{day}` (one day's DAU sketch of it), `c/{app}/{conn hash, 16 hex
+//! digits}` (a pending connection), `k/{n}` (segment n of counted connections).
 
 use serde::{Deserialize, Serialize};
 
@@ -22,12 +23,21 @@ use crate::time::Month;
 pub enum StateKey {
     /// The slice's progress: watermark and closed months.
     Progress,
-    /// One app-month's aggregate.
+    /// One app-month's aggregate, without its DAU sketches.
     AppMonth {
         /// The app.
         app_id: AppId,
         /// The month.
         month: Month,
+    },
+    /// The DAU sketch of one day of an app-month (an aggregate holding only that).
+    AppMonthDay {
+        /// The app.
+        app_id: AppId,
+        /// The month.
+        month: Month,
+        /// The day of the month.
+        day: u8,
     },
     /// One connection's state.
     Connection {
@@ -35,6 +45,11 @@ pub enum StateKey {
         app_id: AppId,
         /// The connection.
         conn: ConnKey,
+    },
+    /// A segment of counted connections, remembered to absorb retries.
+    CountedConnections {
+        /// The segment's sequence number.
+        segment: u64,
     },
 }
 
@@ -44,7 +59,9 @@ impl StateKey {
         match self {
             StateKey::Progress => b"p".to_vec(),
             StateKey::AppMonth { app_id, month } => format!("m/{app_id}/{month}").into_bytes(),
+            StateKey::AppMonthDay { app_id, month, day } => format!("d/{app_id}/{month}/{day}").into_bytes(),
             StateKey::Connection { app_id, conn } => format!("c/{app_id}/{:016x}", conn.0).into_bytes(),
+            StateKey::CountedConnections { segment } => format!("k/{segment}").into_bytes(),
         }
     }
 
@@ -55,6 +72,9 @@ impl StateKey {
         if text == "p" {
             return Ok(StateKey::Progress);
         }
+        if let Some(segment) = text.strip_prefix("k/") {
+            return Ok(StateKey::CountedConnections { segment: segment.parse().map_err(|_| bad())? });
+        }
         let mut parts = text.splitn(3, '/');
         let (Some(kind), Some(app), Some(rest)) = (parts.next(), parts.next(), parts.next()) else {
             return Err(bad());
@@ -62,6 +82,14 @@ impl StateKey {
         let app_id: AppId = app.parse().map_err(|_| bad())?;
         match kind {
             "m" => Ok(StateKey::AppMonth { app_id, month: rest.parse().map_err(|_| bad())? }),
+            "d" => {
+                let (month, day) = rest.split_once('/').ok_or_else(bad)?;
+                let day: u8 = day.parse().map_err(|_| bad())?;
+                if !(1..=31).contains(&day) {
+                    return Err(bad());
+                }
+                Ok(StateKey::AppMonthDay { app_id, month: month.parse().map_err(|_| bad())?, day })
+            }
             "c" if rest.len() == 16 => Ok(StateKey::Connection {
                 app_id,
                 conn: ConnKey(u64::from_str_radix(rest, 16).map_err(|_| bad())?),
@@ -221,13 +249,27 @@ mod tests {
             StateKey::Progress,
             StateKey::AppMonth { app_id: 1_400_000_001, month: "2026-11".parse().unwrap() },
             StateKey::Connection { app_id: 7, conn: ConnKey(0xdead_beef) },
+            StateKey::CountedConnections { segment: 12 },
+            StateKey::AppMonthDay { app_id: 7, month: "2026-11".parse().unwrap(), day: 30 },
         ];
         for key in keys {
             assert_eq!(StateKey::from_bytes(&key.to_bytes()).unwrap(), key);
         }
         assert_eq!(keys[1].to_bytes(), b"m/1400000001/2026-11");
         assert_eq!(keys[2].to_bytes(), b"c/7/00000000deadbeef");
-        for bad in [&b"x/1/2"[..], b"m/x/2026-11", b"c/7/zz", b"m/7", b"\xff"] {
+        assert_eq!(keys[3].to_bytes(), b"k/12");
+        assert_eq!(keys[4].to_bytes(), b"d/7/2026-11/30");
+        for bad in [
+            &b"x/1/2"[..],
+            b"m/x/2026-11",
+            b"c/7/zz",
+            b"m/7",
+            b"k/",
+            b"k/-1",
+            b"d/7/2026-11/0",
+            b"d/7/2026-11",
+            b"\xff",
+        ] {
             assert!(StateKey::from_bytes(bad).is_err());
         }
     }

@@ -75,6 +75,10 @@ pub struct Meter {
     active_months: BTreeSet<Month>,
     /// App-months changed (or closed) since the last checkpoint.
     changed_months: FxHashSet<(AppId, Month)>,
+    /// Days whose DAU changed since the last checkpoint: (app, month, day of the month).
+    changed_days: FxHashSet<(AppId, Month, u8)>,
+    /// Days of app-months gone from the state since the last checkpoint.
+    dropped_days: Vec<(AppId, Month, u8)>,
     /// Whether the progress changed since the last checkpoint.
     progress_changed: bool,
     /// App-months whose MAU here just passed [`QUOTA_WATCH`], not yet taken.
@@ -101,6 +105,8 @@ impl Meter {
             watermark: None,
             active_months: BTreeSet::new(),
             changed_months: FxHashSet::default(),
+            changed_days: FxHashSet::default(),
+            dropped_days: Vec::new(),
             progress_changed: false,
             quota_crossings: Vec::new(),
         }
@@ -184,6 +190,7 @@ impl Meter {
             Action::Login { user, ok: true } => {
                 let before = aggregate.exact_mau();
                 aggregate.record_login(day, user);
+                self.changed_days.insert((app_id, month, day.number() as u8));
                 // The watch is far below the exact limit, so crossing it is seen exactly.
                 if before == Some(QUOTA_WATCH as usize)
                     && aggregate.exact_mau() == Some(QUOTA_WATCH as usize + 1)
@@ -271,13 +278,15 @@ impl Meter {
                 self.aggregate_mut(app_id, month).pcc_mut().add_connection(samples, from, None);
             }
         }
-        let changed = &mut self.changed_months;
+        let (changed, dropped_days) = (&mut self.changed_months, &mut self.dropped_days);
         let mut closed: ClosedMonth = self
             .months
             .extract_if(|&(_, m), _| m <= month)
-            .inspect(|(key, _)| {
+            .inspect(|(key, aggregate)| {
                 // Gone from the state: the checkpoint deletes it.
                 changed.insert(*key);
+                let &(app_id, m) = key;
+                dropped_days.extend(aggregate.days().map(|d| (app_id, m, d)));
             })
             .filter(|((_, m), _)| *m == month)
             .map(|((app_id, _), aggregate)| (app_id, aggregate))
@@ -332,9 +341,10 @@ impl Meter {
         done
     }
 
-    /// The state changed since the last checkpoint, as changelog records sorted by key:
-    /// the aggregate of every touched app-month, every touched connection, and the
-    /// progress; `None` values for what was closed or forgotten.
+    /// The state changed since the last checkpoint, as changelog records: the aggregate
+    /// of every touched app-month, every changed pending connection, segments of the
+    /// connections counted since, and the progress; `None` values for what was closed or
+    /// forgotten.
     pub fn checkpoint(&mut self) -> Vec<StateRecord> {
         let mut records = Vec::new();
         if std::mem::take(&mut self.progress_changed) {
@@ -345,15 +355,36 @@ impl Meter {
             };
             records.push(StateRecord { key: StateKey::Progress, value: Some(progress.encode()) });
         }
+        let mut days: FxHashMap<(AppId, Month), Vec<u8>> = FxHashMap::default();
+        for (app_id, month, day) in self.changed_days.drain() {
+            days.entry((app_id, month)).or_default().push(day);
+        }
         let mut months: Vec<(AppId, Month)> = self.changed_months.drain().collect();
         months.sort_unstable();
         for (app_id, month) in months {
-            let value = self.months.get_mut(&(app_id, month)).map(AppMonthAggregate::encode);
-            records.push(StateRecord { key: StateKey::AppMonth { app_id, month }, value });
+            let Some(aggregate) = self.months.get_mut(&(app_id, month)) else {
+                records.push(StateRecord { key: StateKey::AppMonth { app_id, month }, value: None });
+                continue;
+            };
+            let mut changed = days.remove(&(app_id, month)).unwrap_or_default();
+            changed.sort_unstable();
+            let (whole, parts) = aggregate.encode_parts(changed);
+            records.push(StateRecord { key: StateKey::AppMonth { app_id, month }, value: Some(whole) });
+            for (day, part) in parts {
+                let key = StateKey::AppMonthDay { app_id, month, day };
+                records.push(StateRecord { key, value: Some(part) });
+            }
         }
-        for ((app_id, conn), record) in self.connections.take_changes() {
+        for (app_id, month, day) in self.dropped_days.drain(..) {
+            records.push(StateRecord { key: StateKey::AppMonthDay { app_id, month, day }, value: None });
+        }
+        let connections = self.connections.take_changes();
+        for ((app_id, conn), record) in connections.records {
             let value = record.map(|r| r.encode());
             records.push(StateRecord { key: StateKey::Connection { app_id, conn }, value });
+        }
+        for (segment, value) in connections.segments {
+            records.push(StateRecord { key: StateKey::CountedConnections { segment }, value });
         }
         records
     }
@@ -365,6 +396,8 @@ impl Meter {
         records: impl IntoIterator<Item = (StateKey, Vec<u8>)>,
     ) -> Result<Meter, CodecError> {
         let mut meter = Meter::new(settings);
+        let mut segments = Vec::new();
+        let mut days = Vec::new();
         for (key, value) in records {
             match key {
                 StateKey::Progress => {
@@ -379,8 +412,26 @@ impl Meter {
                 StateKey::Connection { app_id, conn } => {
                     meter.connections.restore(app_id, conn, ConnRecord::decode(&value)?);
                 }
+                StateKey::CountedConnections { segment } => {
+                    segments.push((segment, value));
+                }
+                StateKey::AppMonthDay { app_id, month, day } => days.push((app_id, month, day, value)),
             }
         }
+        for (app_id, month, day, value) in days {
+            let aggregate = meter.months.get_mut(&(app_id, month)).ok_or_else(|| {
+                CodecError::Corrupt(format!("DAU of {app_id}/{month} day {day} without its month"))
+            })?;
+            aggregate
+                .merge(&AppMonthAggregate::decode(&value)?)
+                .map_err(|e| CodecError::Corrupt(e.to_string()))?;
+        }
+        // After the single records: a connection's own record is newer than a segment.
+        for (segment, value) in segments {
+            meter.connections.restore_segment(segment, &value)?;
+        }
+        let cutoff = meter.closed_through.map(|m| meter.settings.tz.end_of_month(m));
+        meter.connections.finish_restore(cutoff);
         Ok(meter)
     }
 }

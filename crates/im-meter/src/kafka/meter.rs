@@ -13,10 +13,11 @@
 //! its records is applied; on revocation the open work is committed inside the rebalance
 //! callback, while the partition is still ours, and the meter dropped.
 //!
-//! Threading: one OS thread drives the consumer and the transactional producer; every
-//! blocking Kafka call happens on it, never on an async runtime. Records are read in
-//! batches from each partition's own fetch queue ([`fetch`]); the consumer queue is polled
-//! between batches for rebalances and errors.
+//! Threading: one OS thread drives the consumer; the transactions run on a second one
+//! ([`BackgroundOutbox`]), so that records are applied while the previous commit is on its
+//! way (one in flight at a time). Every blocking Kafka call happens on these threads, never
+//! on an async runtime. Records are read in batches from each partition's own fetch queue
+//! ([`fetch`]); the consumer queue is polled between batches for rebalances and errors.
 
 use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, BTreeSet};
@@ -33,7 +34,7 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tracing::{info, warn};
 
 use super::fetch::{self, Batch, Fetched, PartitionQueue};
-use super::output::{DeadLetter, Outbox, TransactionFailed};
+use super::output::{BackgroundOutbox, DeadLetter, Outbox, TransactionFailed};
 use super::{changelog, with_retries};
 use crate::config::Config;
 
@@ -57,7 +58,7 @@ struct Task {
 /// Everything the poll loop and the rebalance callbacks share.
 struct Stage {
     config: Config,
-    outbox: Outbox,
+    outbox: BackgroundOutbox,
     changelog_partitions: u32,
     tasks: BTreeMap<i32, Task>,
     /// Partitions assigned to this worker; their tasks are restored before use.
@@ -86,7 +87,7 @@ impl ConsumerContext for StageContext {
         let Ok(mut stage) = self.stage.lock() else { return };
         // Commit while the partitions are still ours: after the callback another worker
         // may restore them, and it must find everything we applied.
-        if let Err(e) = stage.commit(consumer) {
+        if let Err(e) = stage.commit(consumer).and_then(|()| stage.settle(consumer)) {
             stage.failure = Some(e.context("commit before revocation failed"));
         }
         let partitions: Vec<i32> = revoked.elements().iter().map(|e| e.partition()).collect();
@@ -110,13 +111,20 @@ fn lock(stage: &Mutex<Stage>) -> anyhow::Result<MutexGuard<'_, Stage>> {
     stage.lock().map_err(|_| anyhow::anyhow!("metering state poisoned by a panic"))
 }
 
-/// Runs the metering stage until `shutdown` is set (then commits and leaves the group).
-pub fn run(config: &Config, shutdown: &AtomicBool) -> anyhow::Result<()> {
+/// Runs one metering consumer, the worker's `member`-th, until `shutdown` is set (then it
+/// commits and leaves the group).
+pub fn run(config: &Config, member: usize, shutdown: &AtomicBool) -> anyhow::Result<()> {
     let client = super::client_config(config);
     let topics = &config.file.topics;
     let changelog_partitions = changelog::partition_count(&client, &topics.changelog)?;
-    let transactional_id = format!("{}-meter-{}", config.file.kafka.group_id, config.worker.instance_id);
+    // Stable across restarts of this worker with as many threads, so that it fences its
+    // crashed predecessor at once.
+    let mut transactional_id = format!("{}-meter-{}", config.file.kafka.group_id, config.worker.instance_id);
+    if member > 0 {
+        transactional_id.push_str(&format!("-{member}"));
+    }
     let outbox = Outbox::transactional(&client, &transactional_id, config.worker.transaction_timeout)?;
+    let outbox = BackgroundOutbox::start(outbox, &format!("im-meter-commit-{member}"))?;
     let stage = Arc::new(Mutex::new(Stage {
         config: config.clone(),
         outbox,
@@ -128,6 +136,9 @@ pub fn run(config: &Config, shutdown: &AtomicBool) -> anyhow::Result<()> {
         failure: None,
     }));
     let consumer: BaseConsumer<StageContext> = super::group_member(&client, &config.file.kafka.group_id)
+        // A partition whose queue holds `queued.min.messages` is not fetched for this long;
+        // librdkafka's default (1 s) leaves a fast reader idle for most of that second.
+        .set("fetch.queue.backoff.ms", "10")
         .create_with_context(StageContext { stage: Arc::clone(&stage) })
         .context("cannot create the events consumer")?;
     consumer.subscribe(&[&topics.events]).context("cannot subscribe to the events topic")?;
@@ -191,6 +202,7 @@ pub fn run(config: &Config, shutdown: &AtomicBool) -> anyhow::Result<()> {
         stage.restore_assigned(&consumer)?;
         if shutdown.load(Ordering::Relaxed) {
             stage.commit(&consumer)?;
+            stage.settle(&consumer)?;
             info!("meter: stopped");
             return Ok(());
         }
@@ -244,6 +256,8 @@ impl Stage {
         if missing.is_empty() {
             return Ok(());
         }
+        // Restore after our own transaction in flight, if any, has settled.
+        self.settle(consumer)?;
         let topic = &self.config.file.topics.events;
         let mut wanted = TopicPartitionList::new();
         for p in &missing {
@@ -327,8 +341,12 @@ impl Stage {
         }
     }
 
-    /// Commits, in one transaction, everything applied since the last commit.
+    /// Begins the transaction of everything applied since the last commit, once the one
+    /// in flight (if any) has settled; it commits in the background.
     fn commit(&mut self, consumer: &BaseConsumer<StageContext>) -> anyhow::Result<()> {
+        if !self.settle(consumer)? {
+            return Ok(());
+        }
         self.last_commit = Instant::now();
         let lateness = self.config.worker.allowed_lateness;
         let topics = self.config.file.topics.clone();
@@ -368,19 +386,22 @@ impl Stage {
             if let (true, Some(next)) = (task.dirty, task.next_offset) {
                 offsets.add_partition_offset(&topics.events, p, Offset::Offset(next))?;
             }
+            task.dirty = false;
         }
         if records.is_empty() && offsets.count() == 0 && self.dead_letters.is_empty() {
             return Ok(());
         }
         let group = consumer.group_metadata().context("the consumer has no group metadata")?;
         let dead_letters = std::mem::take(&mut self.dead_letters);
-        // A crash anywhere below, before commit_transaction returns, loses nothing: the
-        // transaction is aborted (by the coordinator on timeout, or at once when this
-        // worker restarts with the same transactional id), none of its records become
-        // visible to read_committed readers, and the restarted worker restores the meters
-        // from the changelog as of the previous commit and re-reads the events after the
-        // previously committed offsets — exactly the events whose effects were lost.
-        let committed = self.outbox.transaction(|tx| {
+        let started = self.last_commit;
+        // A crash anywhere from here until commit_transaction returns (on the transaction
+        // thread) loses nothing: the transaction is aborted (by the coordinator on timeout,
+        // or at once when this worker restarts with the same transactional id), none of its
+        // records become visible to read_committed readers, and the restarted worker
+        // restores the meters from the changelog as of the previous commit and re-reads the
+        // events after the previously committed offsets — exactly the events whose effects
+        // were lost (those applied meanwhile for the next commit included).
+        let began = self.outbox.begin(move |tx| {
             for (partition, key, value) in &records {
                 tx.send(&topics.changelog, Some(*partition), &key.to_bytes(), value.as_deref(), None)?;
             }
@@ -390,28 +411,30 @@ impl Stage {
             if offsets.count() > 0 {
                 tx.send_offsets(&offsets, &group)?;
             }
+            tracing::debug!(
+                records = records.len(),
+                dead_letters = dead_letters.len(),
+                ms = started.elapsed().as_millis() as u64,
+                "meter: transaction filled"
+            );
             Ok(())
         });
-        match committed {
-            // Committed: state, outputs and offsets are durable together.
-            Ok(()) => {
-                for task in self.tasks.values_mut() {
-                    task.dirty = false;
-                }
-                tracing::debug!(
-                    records = records.len(),
-                    dead_letters = dead_letters.len(),
-                    ms = self.last_commit.elapsed().as_millis() as u64,
-                    "meter: committed"
-                );
-                Ok(())
-            }
-            // Nothing of this commit is visible, but the meters have moved on in memory:
-            // go back to the last commit (state from the changelog, input from the
-            // committed offsets).
+        began.map_err(anyhow::Error::from)
+    }
+
+    /// Waits for the transaction in flight, if any. Returns whether the state in memory
+    /// is still good: after an aborted transaction it is not, and the stage rewinds.
+    fn settle(&mut self, consumer: &BaseConsumer<StageContext>) -> anyhow::Result<bool> {
+        match self.outbox.settle() {
+            // Committed (or nothing was in flight): state, outputs and offsets are durable
+            // together.
+            Ok(()) => Ok(true),
+            // Nothing of it is visible, but the meters have moved on in memory: go back to
+            // the last commit (state from the changelog, input from the committed offsets).
             Err(TransactionFailed::Aborted(e)) => {
                 warn!(error = %format!("{e:#}"), "meter: commit aborted, rewinding to the last commit");
-                self.rewind(consumer)
+                self.rewind(consumer)?;
+                Ok(false)
             }
             Err(fatal @ TransactionFailed::Fatal(_)) => Err(fatal.into()),
         }

@@ -1,5 +1,7 @@
-//! What the stages write: a transactional producer ([`Outbox`]) and dead-letter records.
+//! What the stages write: a transactional producer ([`Outbox`]), the same on a thread of
+//! its own ([`BackgroundOutbox`]), and dead-letter records.
 
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -222,6 +224,74 @@ impl Outbox {
                 }
                 Err(e) => return Err(e.into()),
             }
+        }
+    }
+}
+
+/// What a transaction writes, handed to a [`BackgroundOutbox`].
+type Fill = Box<dyn FnOnce(&Transaction<'_>) -> anyhow::Result<()> + Send>;
+
+/// An [`Outbox`] on a thread of its own: a transaction is handed over and commits while the
+/// caller goes on working (its broker round trips take tens of milliseconds). At most one
+/// is in flight; its outcome must be taken ([`BackgroundOutbox::settle`]) before the next
+/// begins, so transactions commit in the order they were begun.
+pub struct BackgroundOutbox {
+    requests: Option<mpsc::SyncSender<Fill>>,
+    outcomes: mpsc::Receiver<Result<(), TransactionFailed>>,
+    in_flight: bool,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl BackgroundOutbox {
+    /// Moves `outbox` to a new thread named `name`.
+    pub fn start(mut outbox: Outbox, name: &str) -> anyhow::Result<Self> {
+        let (requests, inbox) = mpsc::sync_channel::<Fill>(1);
+        let (report, outcomes) = mpsc::sync_channel(1);
+        let thread = std::thread::Builder::new()
+            .name(name.to_string())
+            .spawn(move || {
+                for fill in inbox {
+                    if report.send(outbox.transaction(fill)).is_err() {
+                        return;
+                    }
+                }
+            })
+            .with_context(|| format!("cannot start thread {name}"))?;
+        Ok(BackgroundOutbox { requests: Some(requests), outcomes, in_flight: false, thread: Some(thread) })
+    }
+
+    /// Begins a transaction that `fill` fills; it commits in the background. The previous
+    /// one must be settled.
+    pub fn begin(
+        &mut self,
+        fill: impl FnOnce(&Transaction<'_>) -> anyhow::Result<()> + Send + 'static,
+    ) -> Result<(), TransactionFailed> {
+        let gone = || TransactionFailed::Fatal(anyhow::anyhow!("the transaction thread has stopped"));
+        if self.in_flight {
+            return Err(TransactionFailed::Fatal(anyhow::anyhow!("a transaction is already in flight")));
+        }
+        self.requests.as_ref().ok_or_else(gone)?.send(Box::new(fill)).map_err(|_| gone())?;
+        self.in_flight = true;
+        Ok(())
+    }
+
+    /// Waits for the transaction in flight, if any, and says how it ended.
+    pub fn settle(&mut self) -> Result<(), TransactionFailed> {
+        if !std::mem::take(&mut self.in_flight) {
+            return Ok(());
+        }
+        self.outcomes
+            .recv()
+            .unwrap_or_else(|_| Err(TransactionFailed::Fatal(anyhow::anyhow!("the transaction thread died"))))
+    }
+}
+
+impl Drop for BackgroundOutbox {
+    fn drop(&mut self) {
+        // Closing the channel ends the thread once the transaction in flight is done.
+        self.requests = None;
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
         }
     }
 }

@@ -50,29 +50,35 @@ pub async fn prepare_topics(config: &Config) -> anyhow::Result<()> {
 }
 
 /// A stage's entry point: runs until the flag is set or it fails.
-type Stage = fn(&Config, &AtomicBool) -> anyhow::Result<()>;
+type Stage<'a> = Box<dyn FnOnce(&AtomicBool) -> anyhow::Result<()> + Send + 'a>;
 
 /// Runs the chosen stages until `shutdown` is set or one fails (then the others are
-/// stopped too and the first error returned).
+/// stopped too and the first error returned): `worker.meter_threads` metering consumers
+/// and one billing stage.
 pub fn run(config: &Config, role: Role, shutdown: Arc<AtomicBool>) -> anyhow::Result<()> {
-    let mut stages: Vec<(&str, Stage)> = Vec::new();
+    let mut stages: Vec<(String, Stage<'_>)> = Vec::new();
     if matches!(role, Role::All | Role::Meter) {
-        stages.push(("meter", meter::run));
+        for member in 0..config.worker.meter_threads {
+            stages.push((format!("meter-{member}"), Box::new(move |stop| meter::run(config, member, stop))));
+        }
     }
     if matches!(role, Role::All | Role::Bill) {
-        stages.push(("billing", bill::run));
+        stages.push(("billing".into(), Box::new(|stop| bill::run(config, stop))));
     }
     std::thread::scope(|scope| {
         let handles: Vec<_> = stages
             .into_iter()
             .map(|(name, stage)| {
                 let shutdown = Arc::clone(&shutdown);
+                let thread_name = name.clone();
                 let handle = std::thread::Builder::new()
                     .name(format!("im-meter-{name}"))
                     .spawn_scoped(scope, move || {
-                        let result = stage(config, &shutdown);
+                        // Every log line of the stage says which one it is.
+                        let _span = tracing::info_span!("stage", name = %thread_name).entered();
+                        let result = stage(&shutdown);
                         if let Err(e) = &result {
-                            error!(stage = name, error = %format!("{e:#}"), "stage failed; stopping the worker");
+                            error!(error = %format!("{e:#}"), "stage failed; stopping the worker");
                         }
                         // One stage down takes the worker down: a supervisor restarts it whole.
                         shutdown.store(true, Ordering::Relaxed);
