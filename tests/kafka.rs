@@ -121,6 +121,8 @@ impl Deployment {
             ("IM_METER__KAFKA__COMMIT_INTERVAL".into(), "100ms".into()),
             ("IM_METER__KAFKA__IDLE_PARTITION_TIMEOUT".into(), "1s".into()),
             ("IM_METER__KAFKA__TRANSACTION_TIMEOUT".into(), "10s".into()),
+            // Several workers run at once: each on a port of its own.
+            ("IM_METER__HTTP__LISTEN".into(), "127.0.0.1:0".into()),
         ];
         for t in ["events", "subscriptions", "dead_letters", "changelog", "charges", "alerts", "usage"] {
             env.push((format!("IM_METER__TOPICS__{}", t.to_uppercase()), self.topic(t)));

@@ -190,6 +190,15 @@ impl Month {
         }
     }
 
+    /// The month before.
+    pub fn prev(self) -> Self {
+        if self.month == 1 {
+            Month { year: self.year - 1, month: 12 }
+        } else {
+            Month { year: self.year, month: self.month - 1 }
+        }
+    }
+
     /// Number of calendar days in the month.
     pub fn days(self) -> u32 {
         let first = self.first_date();
@@ -486,6 +495,8 @@ mod tests {
         assert_eq!(nov.days(), 30);
         assert_eq!("2024-02".parse::<Month>().unwrap().days(), 29);
         assert!("2024-13".parse::<Month>().is_err());
+        let jan: Month = "2027-01".parse().unwrap();
+        assert_eq!((jan.prev().to_string(), jan.prev().next()), ("2026-12".to_string(), jan));
     }
 
     #[test]

@@ -48,6 +48,10 @@ impl Default for FileConfig {
                 idle_partition_timeout: "30s".into(),
                 transaction_timeout: "30s".into(),
                 meter_threads: 0,
+                security_protocol: "plaintext".into(),
+                sasl_mechanism: String::new(),
+                sasl_username: String::new(),
+                sasl_password: Secret::default(),
             },
             topics: TopicsSection {
                 events: "im.sdk-events".into(),
@@ -69,7 +73,12 @@ impl Default for FileConfig {
                 sample_interval: "60s".into(),
                 connection_idle_timeout: "off".into(),
             },
-            http: HttpSection { listen: "127.0.0.1:9464".into() },
+            http: HttpSection {
+                listen: "127.0.0.1:9464".into(),
+                top_apps: 10,
+                stall_timeout: "60s".into(),
+                history_months: 3,
+            },
         }
     }
 }
@@ -99,6 +108,39 @@ pub struct KafkaSection {
     /// Metering consumers this worker runs, each a member of the group on a thread of its
     /// own with its own transactional id; 0: one per CPU the process may use.
     pub meter_threads: i64,
+    /// librdkafka `security.protocol`: plaintext, ssl, sasl_plaintext or sasl_ssl.
+    pub security_protocol: String,
+    /// librdkafka `sasl.mechanism` (e.g. PLAIN, SCRAM-SHA-512); empty: librdkafka's default.
+    pub sasl_mechanism: String,
+    /// SASL user name.
+    pub sasl_username: String,
+    /// SASL password: never printed or logged.
+    pub sasl_password: Secret,
+}
+
+/// A value that must not appear in output or logs: `Debug` and [`Secret::redacted`] show
+/// only whether it is set. (Serialization is the plain value: the layering of defaults,
+/// file and environment goes through it.)
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The value, for the one place that needs it (the Kafka client settings).
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// What may be shown instead.
+    pub fn redacted(&self) -> Secret {
+        Secret(if self.0.is_empty() { String::new() } else { "<redacted>".into() })
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.is_empty() { "Secret(unset)" } else { "Secret(<redacted>)" })
+    }
 }
 
 /// `[topics]`: names of the topics read and written.
@@ -153,6 +195,13 @@ pub struct MeteringSection {
 pub struct HttpSection {
     /// Listen address of `/metrics`, `/healthz`, `/readyz` and `/v1/...`.
     pub listen: String,
+    /// Apps with per-app series (`im_meter_app_mau`, `im_meter_app_pcc`): the N with the
+    /// most month-to-date MAU, so that Prometheus' cardinality stays bounded.
+    pub top_apps: i64,
+    /// `/readyz` fails when a consumer with records to read has not polled for this long.
+    pub stall_timeout: String,
+    /// Closed months whose usage and charges the usage API keeps in memory.
+    pub history_months: i64,
 }
 
 /// A validated configuration, in the types the program uses.
@@ -166,6 +215,21 @@ pub struct Config {
     pub prices: PriceBook,
     /// How the Kafka worker runs.
     pub worker: WorkerSettings,
+    /// The operator endpoints.
+    pub http: HttpSettings,
+}
+
+/// The operator endpoints' settings, validated.
+#[derive(Debug, Clone)]
+pub struct HttpSettings {
+    /// Where to listen.
+    pub listen: SocketAddr,
+    /// Apps with per-app metric series.
+    pub top_apps: usize,
+    /// Consumer silence (with records waiting) after which the worker is not ready.
+    pub stall_timeout: Duration,
+    /// Closed months the usage API holds.
+    pub history_months: usize,
 }
 
 /// The Kafka worker's settings, validated.
@@ -442,16 +506,50 @@ impl FileConfig {
         ] {
             check(field, topic_name(name));
         }
+        let mut http = HttpSettings {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
+            top_apps: 10,
+            stall_timeout: Duration::from_secs(60),
+            history_months: 3,
+        };
         check(
             "http.listen",
             self.http
                 .listen
                 .parse::<SocketAddr>()
-                .map(drop)
+                .map(|a| http.listen = a)
                 .map_err(|_| format!("{:?} is not an address like 127.0.0.1:9464", self.http.listen)),
         );
+        check(
+            "http.top_apps",
+            usize::try_from(self.http.top_apps)
+                .ok()
+                .filter(|n| *n <= 1000)
+                .map(|n| http.top_apps = n)
+                .ok_or_else(|| format!("must be 0 to 1000 apps, got {}", self.http.top_apps)),
+        );
+        check(
+            "http.stall_timeout",
+            duration(&self.http.stall_timeout).and_then(positive).map(|d| http.stall_timeout = d),
+        );
+        check(
+            "http.history_months",
+            usize::try_from(self.http.history_months)
+                .ok()
+                .filter(|n| (1..=120).contains(n))
+                .map(|n| http.history_months = n)
+                .ok_or_else(|| format!("must be 1 to 120 months, got {}", self.http.history_months)),
+        );
+        const PROTOCOLS: [&str; 4] = ["plaintext", "ssl", "sasl_plaintext", "sasl_ssl"];
+        check(
+            "kafka.security_protocol",
+            PROTOCOLS
+                .contains(&self.kafka.security_protocol.to_ascii_lowercase().as_str())
+                .then_some(())
+                .ok_or_else(|| format!("must be one of {}", PROTOCOLS.join(", "))),
+        );
         if problems.is_empty() {
-            Ok(Config { file: self, meter, prices, worker })
+            Ok(Config { file: self, meter, prices, worker, http })
         } else {
             Err(ConfigErrors(problems))
         }

@@ -7,10 +7,16 @@
 //! - [`workload`]: synthetic SDK and subscription events, for samples, tests and load.
 //! - [`replay`]: the pipeline over NDJSON files (ingest → aggregate → bill).
 //! - [`report`]: a replay's result as JSON or tables.
-//! - [`kafka`]: Kafka clients, topics, and `produce`.
+//! - [`kafka`]: Kafka clients, topics, `produce`, and the worker's stages.
+//! - [`metrics`]: every Prometheus metric, in one place.
+//! - [`status`]: what the stages report about themselves, for the operator endpoints.
+//! - [`http`]: the operator endpoints: metrics, health, the usage API.
 
 pub mod config;
+pub mod http;
 pub mod kafka;
+pub mod metrics;
+pub mod status;
 pub mod replay;
 pub mod report;
 pub mod workload;

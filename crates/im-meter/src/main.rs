@@ -17,6 +17,9 @@ use clap::{Parser, Subcommand, ValueEnum};
 use im_meter_core::time::Month;
 
 use im_meter::config::Config;
+use im_meter::http;
+use im_meter::kafka::ledger::Ledger;
+use im_meter::status::Board;
 use im_meter::kafka::worker::{self, Role};
 use im_meter::kafka::{
     self,
@@ -236,7 +239,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let shutdown = Arc::new(AtomicBool::new(false));
             let signals = Arc::clone(&shutdown);
             std::thread::spawn(move || runtime.block_on(wait_for_signals(signals)));
-            worker::run(&config, role, shutdown)
+            let board = Board::new();
+            let ledger = Arc::new(Ledger::new(&config));
+            http::start(http::Api { config: config.clone(), board: Arc::clone(&board), ledger: Arc::clone(&ledger) })?;
+            // Helpers of the endpoints: a failure is logged, and metering goes on.
+            helper("lag", &shutdown, {
+                let (config, board) = (config.clone(), Arc::clone(&board));
+                move |stop| kafka::lag::sample(&config, &board, stop)
+            })?;
+            helper("ledger", &shutdown, {
+                let config = config.clone();
+                move |stop| kafka::ledger::follow(&config, &ledger, stop)
+            })?;
+            worker::run(&config, role, shutdown, &board)
         }
         Command::Produce(args) => produce(args),
         Command::Report { month, wait, format, config } => {
@@ -267,7 +282,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Config { config } => {
-            let config = Config::load(config.as_deref(), std::env::vars())?;
+            let mut config = Config::load(config.as_deref(), std::env::vars())?;
+            config.file.kafka.sasl_password = config.file.kafka.sasl_password.redacted();
             print!("{}", toml::to_string(&config.file)?);
             Ok(())
         }
@@ -311,6 +327,22 @@ fn produce(args: ProduceArgs) -> anyhow::Result<()> {
         "im-meter: sent {} events to {} ({} keyed by app_id)",
         stats.delivered, topics.events, stats.keyed
     );
+    Ok(())
+}
+
+/// Runs `work` on a thread named `im-meter-{name}` until it returns; an error is logged.
+fn helper(
+    name: &str,
+    shutdown: &Arc<AtomicBool>,
+    work: impl FnOnce(&AtomicBool) -> anyhow::Result<()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let stop = Arc::clone(shutdown);
+    let label = name.to_string();
+    std::thread::Builder::new().name(format!("im-meter-{name}")).spawn(move || {
+        if let Err(e) = work(&stop) {
+            tracing::error!(helper = %label, error = %format!("{e:#}"), "helper stopped");
+        }
+    })?;
     Ok(())
 }
 

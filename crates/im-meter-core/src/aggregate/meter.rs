@@ -147,6 +147,11 @@ impl Meter {
         self.connections.len()
     }
 
+    /// Every aggregate held, in no particular order.
+    pub fn aggregates(&self) -> impl Iterator<Item = (AppId, Month, &AppMonthAggregate)> {
+        self.months.iter().map(|(&(app_id, month), aggregate)| (app_id, month, aggregate))
+    }
+
     /// The aggregate of an app-month, if any event touched it.
     pub fn aggregate(&self, app_id: AppId, month: Month) -> Option<&AppMonthAggregate> {
         self.months.get(&(app_id, month))

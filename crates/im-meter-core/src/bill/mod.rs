@@ -7,6 +7,7 @@
 //! - [`charge`]: [`Charge`] lines (SPEC §3.1) and [`bill_month`], which prices one
 //!   app-month.
 //! - [`alert`]: quota alerts for Developer apps past their MAU cap.
+//! - [`projection`]: an open month's usage projected to its end.
 //!
 //! ```
 //! use im_meter_core::aggregate::MonthlyUsage;
@@ -30,11 +31,13 @@
 pub mod alert;
 pub mod charge;
 pub mod pricing;
+pub mod projection;
 pub mod subscription;
 
 pub use alert::{quota_alert, QuotaAlert};
 pub use charge::{bill_month, Charge, ChargeItem};
 pub use pricing::{round_cents, PriceBook};
+pub use projection::project_month_end;
 pub use subscription::{
     Subscriptions, Trial, MAX_TRIALS_PER_APP, MAX_TRIAL_APPS_PER_ACCOUNT, TRIAL_LENGTH_MS,
 };

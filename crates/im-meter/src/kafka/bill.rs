@@ -34,6 +34,8 @@ use super::changelog::{self, QuietEof};
 use super::fetch::Fetched;
 use super::output::{DeadLetter, Outbox, TransactionFailed};
 use crate::config::Config;
+use crate::metrics::metrics;
+use crate::status::{Board, ConsumerStatus, StageKind};
 use crate::report::UsageItem;
 
 const POLL: Duration = Duration::from_millis(100);
@@ -212,8 +214,8 @@ impl ConsumerContext for StageContext {
     }
 }
 
-/// Runs the billing stage until `shutdown` is set.
-pub fn run(config: &Config, shutdown: &AtomicBool) -> anyhow::Result<()> {
+/// Runs the billing stage until `shutdown` is set. It reports to `board`.
+pub fn run(config: &Config, shutdown: &AtomicBool, board: &Board) -> anyhow::Result<()> {
     let client = super::client_config(config);
     let topics = &config.file.topics;
     let sources = changelog::partition_count(&client, &topics.events)?;
@@ -227,19 +229,38 @@ pub fn run(config: &Config, shutdown: &AtomicBool) -> anyhow::Result<()> {
             .context("cannot create the changelog consumer")?;
     consumer.subscribe(&[&topics.changelog]).context("cannot subscribe to the changelog")?;
     info!(topic = %topics.changelog, sources, "billing: started");
+    let status = board.consumer(StageKind::Bill, "0", &topics.changelog);
 
     let mut tasks: BTreeMap<i32, Task> = BTreeMap::new();
+    let mut last_report = Instant::now();
     while !shutdown.load(Ordering::Relaxed) {
         let message = consumer.poll(POLL);
+        status.polled();
         {
             let mut a = assignment.lock().map_err(|_| anyhow::anyhow!("assignment poisoned"))?;
-            for p in std::mem::take(&mut a.revoked) {
+            let (revoked, added) = (std::mem::take(&mut a.revoked), std::mem::take(&mut a.added));
+            drop(a);
+            if !revoked.is_empty() {
+                metrics().rebalances.with_label_values(&["bill", "revoke"]).inc();
+            }
+            if !added.is_empty() {
+                metrics().rebalances.with_label_values(&["bill", "assign"]).inc();
+            }
+            for p in revoked {
                 tasks.remove(&p);
+                status.state().partitions.remove(&p);
                 info!(partition = p, "billing: partition revoked");
             }
-            for p in std::mem::take(&mut a.added) {
-                tasks.insert(p, restore(config, &client, p)?);
+            for p in added {
+                status.state().partitions.entry(p).or_default().restored = false;
+                let task = restore(config, &client, p)?;
+                let mut state = status.state();
+                let entry = state.partitions.entry(p).or_default();
+                (entry.restored, entry.next_offset) = (true, Some(task.skip_until));
+                drop(state);
+                tasks.insert(p, task);
             }
+            metrics().assigned_partitions.with_label_values(&["bill", "0"]).set(tasks.len() as i64);
         }
         match message {
             Some(Ok(m)) => {
@@ -254,6 +275,16 @@ pub fn run(config: &Config, shutdown: &AtomicBool) -> anyhow::Result<()> {
             Some(Err(e)) => warn!(error = %e, "billing: consumer error"),
             None => {}
         }
+        if last_report.elapsed() >= REPORT_EVERY {
+            last_report = Instant::now();
+            report_positions(&consumer, &topics.changelog, &status);
+        }
+        // The oldest month some source has closed and this worker has not billed yet.
+        status.state().oldest_open_month_end = tasks
+            .values()
+            .filter_map(|t| t.closed.keys().find(|m| t.billed_through.is_none_or(|b| **m > b)).copied())
+            .min()
+            .map(|m| config.meter.tz.end_of_month(m));
         for (&p, task) in tasks.iter_mut() {
             alert_as_it_happens(config, p, task, &mut subscriptions)?;
             while let Some(month) = task.next_billable(sources) {
@@ -269,11 +300,27 @@ pub fn run(config: &Config, shutdown: &AtomicBool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How often the billing consumer's positions are reported.
+const REPORT_EVERY: Duration = Duration::from_millis(500);
+
+/// Reports how far the consumer has read each partition (its position steps over
+/// transaction markers, which carry no record).
+fn report_positions(consumer: &BaseConsumer<StageContext>, topic: &str, status: &ConsumerStatus) {
+    let Ok(positions) = consumer.position() else { return };
+    let mut state = status.state();
+    for e in positions.elements_for_topic(topic) {
+        if let (Offset::Offset(o), Some(entry)) = (e.offset(), state.partitions.get_mut(&e.partition())) {
+            entry.next_offset = entry.next_offset.max(Some(o));
+        }
+    }
+}
+
 /// A task for a newly assigned partition: its producer (fencing the previous owner) first,
 /// then everything the partition holds.
 fn restore(config: &Config, client: &ClientConfig, partition: i32) -> anyhow::Result<Task> {
+    let started = Instant::now();
     let id = format!("{}-billing-{partition}", config.file.kafka.group_id);
-    let outbox = Outbox::transactional(client, &id, config.worker.transaction_timeout)?;
+    let outbox = Outbox::transactional(client, &id, config.worker.transaction_timeout, "bill")?;
     let mut task = Task {
         outbox,
         skip_until: 0,
@@ -289,6 +336,7 @@ fn restore(config: &Config, client: &ClientConfig, partition: i32) -> anyhow::Re
     })?;
     // The group consumer starts from the beginning too; what was read here is skipped.
     task.skip_until = read.next_offset;
+    metrics().restore_duration.with_label_values(&["bill"]).observe(started.elapsed().as_secs_f64());
     info!(partition, billed_through = ?task.billed_through, "billing: partition restored");
     Ok(task)
 }
@@ -410,6 +458,15 @@ fn bill(
     match result {
         Ok(()) => {
             info!(partition, %month, apps = apps.len(), charges = charges.len(), alerts = alerts.len(), "billing: month billed");
+            let m = metrics();
+            for charge in &charges {
+                m.charges.with_label_values(&[charge.item.id()]).inc();
+                let usd = rust_decimal::prelude::ToPrimitive::to_f64(&charge.amount).unwrap_or(0.0);
+                m.billed_usd.with_label_values(&[charge.item.id()]).inc_by(usd);
+            }
+            m.quota_alerts.inc_by(alerts.len() as u64);
+            m.dead_letters.with_label_values(&["subscriptions"]).inc_by(refused.len() as u64);
+            m.months_billed.inc();
             task.billed_through = Some(month);
             task.usage.retain(|(m, _), _| *m != month);
             task.closed.remove(&month);
@@ -472,6 +529,7 @@ fn alert_as_it_happens(
     });
     match result {
         Ok(()) => {
+            metrics().quota_alerts.inc_by(alerts.len() as u64);
             for alert in alerts {
                 info!(partition, app_id = alert.app_id, month = %alert.month, "billing: quota alert");
                 task.alerted.insert((alert.month, alert.app_id));

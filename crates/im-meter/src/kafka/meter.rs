@@ -20,15 +20,16 @@
 //! ([`fetch`]); the consumer queue is polled between batches for rebalances and errors.
 
 use std::collections::btree_map::Entry;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
-use im_meter_core::aggregate::{billing_partition, ChangelogKey, Meter, Outcome};
+use im_meter_core::aggregate::{billing_partition, AppMonthAggregate, ChangelogKey, Meter, Outcome, StateKey};
 use im_meter_core::ingest::{decode_usage_event, RejectReason, Rejection};
-use im_meter_core::time::Timestamp;
+use im_meter_core::plan::AppId;
+use im_meter_core::time::{Month, Timestamp};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tracing::{info, warn};
@@ -37,6 +38,8 @@ use super::fetch::{self, Batch, Fetched, PartitionQueue};
 use super::output::{BackgroundOutbox, DeadLetter, Outbox, TransactionFailed};
 use super::{changelog, with_retries};
 use crate::config::Config;
+use crate::metrics::{metrics, EventTally};
+use crate::status::{Board, ConsumerStatus, LiveUsage, StageKind};
 
 /// How long a poll waits when nothing was fetched: bounds how late a commit, a shutdown or
 /// the first records after a quiet spell can be.
@@ -44,6 +47,10 @@ const IDLE_WAIT: Duration = Duration::from_millis(20);
 
 /// Most records taken from a partition's queue at once.
 const BATCH: usize = 4096;
+
+/// A failpoint for tests (`tests/http.rs`): while the file this variable names exists, the
+/// metering loop stops polling, as a consumer stuck in a blocking call would.
+const PAUSE_FILE: &str = "IM_METER_TEST_PAUSE_FILE";
 
 /// One assigned events partition.
 struct Task {
@@ -53,6 +60,20 @@ struct Task {
     /// Whether records were applied since the last commit.
     dirty: bool,
     last_record: Instant,
+    /// Bytes of the latest value of each state key in the changelog, and their sum.
+    state_sizes: HashMap<StateKey, usize>,
+    state_bytes: u64,
+}
+
+impl Task {
+    /// Notes a state record written (or read back): `None` deletes the key.
+    fn sized(&mut self, key: StateKey, len: Option<usize>) {
+        let old = match len {
+            Some(len) => self.state_sizes.insert(key, len),
+            None => self.state_sizes.remove(&key),
+        };
+        self.state_bytes = self.state_bytes + len.unwrap_or(0) as u64 - old.unwrap_or(0) as u64;
+    }
 }
 
 /// Everything the poll loop and the rebalance callbacks share.
@@ -67,6 +88,10 @@ struct Stage {
     last_commit: Instant,
     /// An error raised inside a rebalance callback, for the loop to act on.
     failure: Option<anyhow::Error>,
+    /// What this consumer reports to the operator endpoints.
+    status: Arc<ConsumerStatus>,
+    /// Events counted since the metrics were last updated.
+    tally: EventTally,
 }
 
 struct StageContext {
@@ -78,6 +103,7 @@ impl ClientContext for StageContext {}
 impl ConsumerContext for StageContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(assigned) = rebalance {
+            metrics().rebalances.with_label_values(&["meter", "assign"]).inc();
             // Before librdkafka starts fetching them: their records go to their own queues.
             for e in assigned.elements() {
                 fetch::split(consumer, e.topic(), e.partition());
@@ -95,6 +121,8 @@ impl ConsumerContext for StageContext {
             stage.tasks.remove(p);
             stage.assigned.remove(p);
         }
+        metrics().rebalances.with_label_values(&["meter", "revoke"]).inc();
+        stage.report_assignment();
         info!(partitions = ?partitions, "meter: partitions revoked");
     }
 
@@ -103,6 +131,7 @@ impl ConsumerContext for StageContext {
         let Ok(mut stage) = self.stage.lock() else { return };
         let partitions: Vec<i32> = assigned.elements().iter().map(|e| e.partition()).collect();
         stage.assigned.extend(&partitions);
+        stage.report_assignment();
         info!(partitions = ?partitions, "meter: partitions assigned");
     }
 }
@@ -112,8 +141,8 @@ fn lock(stage: &Mutex<Stage>) -> anyhow::Result<MutexGuard<'_, Stage>> {
 }
 
 /// Runs one metering consumer, the worker's `member`-th, until `shutdown` is set (then it
-/// commits and leaves the group).
-pub fn run(config: &Config, member: usize, shutdown: &AtomicBool) -> anyhow::Result<()> {
+/// commits and leaves the group). It reports to `board`.
+pub fn run(config: &Config, member: usize, shutdown: &AtomicBool, board: &Board) -> anyhow::Result<()> {
     let client = super::client_config(config);
     let topics = &config.file.topics;
     let changelog_partitions = changelog::partition_count(&client, &topics.changelog)?;
@@ -123,7 +152,7 @@ pub fn run(config: &Config, member: usize, shutdown: &AtomicBool) -> anyhow::Res
     if member > 0 {
         transactional_id.push_str(&format!("-{member}"));
     }
-    let outbox = Outbox::transactional(&client, &transactional_id, config.worker.transaction_timeout)?;
+    let outbox = Outbox::transactional(&client, &transactional_id, config.worker.transaction_timeout, "meter")?;
     let outbox = BackgroundOutbox::start(outbox, &format!("im-meter-commit-{member}"))?;
     let stage = Arc::new(Mutex::new(Stage {
         config: config.clone(),
@@ -134,7 +163,10 @@ pub fn run(config: &Config, member: usize, shutdown: &AtomicBool) -> anyhow::Res
         dead_letters: Vec::new(),
         last_commit: Instant::now(),
         failure: None,
+        status: board.consumer(StageKind::Meter, &member.to_string(), &topics.events),
+        tally: EventTally::default(),
     }));
+    board.live(Arc::new(MeterHandle(Arc::clone(&stage))));
     let consumer: BaseConsumer<StageContext> = super::group_member(&client, &config.file.kafka.group_id)
         // A partition whose queue holds `queued.min.messages` is not fetched for this long;
         // librdkafka's default (1 s) leaves a fast reader idle for most of that second.
@@ -152,7 +184,13 @@ pub fn run(config: &Config, member: usize, shutdown: &AtomicBool) -> anyhow::Res
     let mut queues: BTreeMap<i32, Option<PartitionQueue<'_>>> = BTreeMap::new();
     let mut batch = Batch::with_capacity(BATCH);
     let mut wait = Duration::ZERO;
+    let status = lock(&stage)?.status.clone();
+    let pause = std::env::var_os(PAUSE_FILE).map(std::path::PathBuf::from);
     loop {
+        // A failpoint for the stall test: the loop stops polling while the file exists.
+        while pause.as_ref().is_some_and(|f| f.exists()) {
+            std::thread::sleep(Duration::from_millis(100));
+        }
         // A round: serve rebalances and errors on the consumer queue, then take what each
         // partition has fetched, until the commit is due or nothing more has arrived. The
         // stage is locked per batch, never across a poll: the rebalance callbacks run
@@ -160,6 +198,7 @@ pub fn run(config: &Config, member: usize, shutdown: &AtomicBool) -> anyhow::Res
         let round_ends = Instant::now() + commit_interval;
         loop {
             let message = consumer.poll(wait);
+            status.polled();
             let mut stage = lock(&stage)?;
             if let Some(e) = stage.failure.take() {
                 return Err(e);
@@ -200,6 +239,7 @@ pub fn run(config: &Config, member: usize, shutdown: &AtomicBool) -> anyhow::Res
         }
         let mut stage = lock(&stage)?;
         stage.restore_assigned(&consumer)?;
+        stage.report_progress(&consumer);
         if shutdown.load(Ordering::Relaxed) {
             stage.commit(&consumer)?;
             stage.settle(&consumer)?;
@@ -234,9 +274,12 @@ impl Stage {
                 Ok(())
             },
         )?;
-        let state = latest.into_iter().filter_map(|(k, v)| v.map(|v| (k, v)));
+        let state: Vec<(StateKey, Vec<u8>)> = latest.into_iter().filter_map(|(k, v)| v.map(|v| (k, v))).collect();
+        let sizes: HashMap<StateKey, usize> = state.iter().map(|(k, v)| (*k, v.len())).collect();
+        let state_bytes = sizes.values().map(|&n| n as u64).sum();
         let meter = Meter::restore(self.config.meter.clone(), state)
             .with_context(|| format!("cannot restore the meter of partition {partition}"))?;
+        metrics().restore_duration.with_label_values(&["meter"]).observe(started.elapsed().as_secs_f64());
         info!(
             partition,
             records = read.records,
@@ -245,7 +288,14 @@ impl Stage {
             ms = started.elapsed().as_millis() as u64,
             "meter: partition restored"
         );
-        Ok(Task { meter, next_offset: None, dirty: false, last_record: Instant::now() })
+        Ok(Task {
+            meter,
+            next_offset: None,
+            dirty: false,
+            last_record: Instant::now(),
+            state_sizes: sizes,
+            state_bytes,
+        })
     }
 
     /// Restores the tasks of assigned partitions that have none yet, and learns where
@@ -289,15 +339,23 @@ impl Stage {
             self.tasks.insert(p, task);
         }
         let task = self.tasks.get_mut(&p).context("task restored above")?;
+        self.tally.consumed(record.payload.len() + record.key.map_or(0, <[u8]>::len));
         let rejection = match decode_usage_event(record.payload) {
-            Ok(event) => match task.meter.apply(&event) {
-                Outcome::Accepted | Outcome::Duplicate => None,
-                Outcome::Late => Some(Rejection::new(
-                    RejectReason::Late,
-                    format!("its month {} is already closed", task.meter.month_of(event.ts)),
-                )),
-            },
-            Err(why) => Some(why),
+            Ok(event) => {
+                let outcome = task.meter.apply(&event);
+                self.tally.applied(&event.action, outcome);
+                match outcome {
+                    Outcome::Accepted | Outcome::Duplicate => None,
+                    Outcome::Late => Some(Rejection::new(
+                        RejectReason::Late,
+                        format!("its month {} is already closed", task.meter.month_of(event.ts)),
+                    )),
+                }
+            }
+            Err(why) => {
+                self.tally.invalid(why.reason);
+                Some(why)
+            }
         };
         task.next_offset = Some(record.offset + 1);
         task.dirty = true;
@@ -341,6 +399,50 @@ impl Stage {
         }
     }
 
+    /// Tells the board which partitions are assigned and which of them are restored.
+    fn report_assignment(&self) {
+        let mut state = self.status.state();
+        state.partitions.retain(|p, _| self.assigned.contains(p));
+        for &p in &self.assigned {
+            state.partitions.entry(p).or_default().restored = self.tasks.contains_key(&p);
+        }
+        let consumer = self.status.consumer.as_str();
+        metrics().assigned_partitions.with_label_values(&["meter", consumer]).set(self.assigned.len() as i64);
+    }
+
+    /// Tells the board and the metrics how far each partition is and how big the state is.
+    fn report_progress(&mut self, consumer: &BaseConsumer<StageContext>) {
+        self.tally.flush("meter");
+        self.report_assignment();
+        let tz = self.config.meter.tz;
+        // The consumer's position also steps over transaction markers, which are never
+        // applied: without it a transactional input would always look one record behind.
+        let positions = consumer.position().unwrap_or_default();
+        let mut state = self.status.state();
+        for (p, task) in &self.tasks {
+            let entry = state.partitions.entry(*p).or_default();
+            let position = match positions.find_partition(&self.config.file.topics.events, *p).map(|e| e.offset()) {
+                Some(Offset::Offset(o)) => Some(o),
+                _ => None,
+            };
+            entry.next_offset = task.next_offset.max(position);
+            entry.watermark = task.meter.watermark();
+        }
+        state.app_months = self.tasks.values().map(|t| t.meter.app_months() as u64).sum();
+        state.connections = self.tasks.values().map(|t| t.meter.connections() as u64).sum();
+        state.state_bytes = self.tasks.values().map(|t| t.state_bytes).sum();
+        // The oldest month with events that is not closed yet, over all partitions.
+        state.oldest_open_month_end = self
+            .tasks
+            .values()
+            .filter_map(|t| {
+                let closed = t.meter.closed_through();
+                t.meter.active_months().iter().find(|m| closed.is_none_or(|c| **m > c)).copied()
+            })
+            .min()
+            .map(|m| tz.end_of_month(m));
+    }
+
     /// Begins the transaction of everything applied since the last commit, once the one
     /// in flight (if any) has settled; it commits in the background.
     fn commit(&mut self, consumer: &BaseConsumer<StageContext>) -> anyhow::Result<()> {
@@ -377,6 +479,7 @@ impl Stage {
                 ));
             }
             for record in task.meter.checkpoint() {
+                task.sized(record.key, record.value.as_ref().map(Vec::len));
                 records.push((p, ChangelogKey::State(record.key), record.value));
             }
             if task.dirty {
@@ -474,5 +577,29 @@ fn caught_up(consumer: &BaseConsumer<StageContext>, topic: &str, partition: i32,
     match consumer.fetch_watermarks(topic, partition, Duration::from_secs(2)) {
         Ok((low, high)) => next.unwrap_or(low) >= high,
         Err(_) => false,
+    }
+}
+
+/// The live state of one metering consumer, for the usage API and the per-app metrics.
+struct MeterHandle(Arc<Mutex<Stage>>);
+
+impl LiveUsage for MeterHandle {
+    fn aggregates(&self, wanted: &dyn Fn(AppId, Month) -> bool) -> Vec<(AppId, Month, AppMonthAggregate)> {
+        let Ok(stage) = self.0.lock() else { return Vec::new() };
+        let mut found = Vec::new();
+        for task in stage.tasks.values() {
+            let matching = task.meter.aggregates().filter(|&(app_id, month, _)| wanted(app_id, month));
+            found.extend(matching.map(|(app_id, month, aggregate)| (app_id, month, aggregate.clone())));
+        }
+        found
+    }
+
+    fn latest_month(&self) -> Option<Month> {
+        let stage = self.0.lock().ok()?;
+        stage.tasks.values().filter_map(|t| t.meter.active_months().last().copied()).max()
+    }
+
+    fn partitions(&self) -> Vec<i32> {
+        self.0.lock().map(|s| s.tasks.keys().copied().collect()).unwrap_or_default()
     }
 }

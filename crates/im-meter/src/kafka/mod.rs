@@ -5,6 +5,8 @@ pub mod admin;
 pub mod bill;
 pub mod changelog;
 pub mod fetch;
+pub mod lag;
+pub mod ledger;
 pub mod meter;
 pub mod output;
 pub mod produce;
@@ -17,11 +19,19 @@ use crate::config::Config;
 
 /// Client settings common to every producer, consumer and admin client.
 pub fn client_config(config: &Config) -> ClientConfig {
+    let kafka = &config.file.kafka;
     let mut client = ClientConfig::new();
     client
-        .set("bootstrap.servers", &config.file.kafka.brokers)
+        .set("bootstrap.servers", &kafka.brokers)
         // Name the process in broker logs and quotas.
-        .set("client.id", "im-meter");
+        .set("client.id", "im-meter")
+        .set("security.protocol", kafka.security_protocol.to_ascii_lowercase());
+    if !kafka.sasl_mechanism.is_empty() {
+        client.set("sasl.mechanism", &kafka.sasl_mechanism);
+    }
+    if !kafka.sasl_username.is_empty() {
+        client.set("sasl.username", &kafka.sasl_username).set("sasl.password", kafka.sasl_password.expose());
+    }
     client
 }
 

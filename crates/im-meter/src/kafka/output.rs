@@ -126,6 +126,8 @@ pub struct Outbox {
     client: ClientConfig,
     producer: BaseProducer,
     timeout: Duration,
+    /// The stage it writes for (the `stage` label of its metrics).
+    stage: &'static str,
 }
 
 /// How long the worker keeps trying to (re)initialise transactions, e.g. while the broker
@@ -143,6 +145,7 @@ impl Outbox {
         client: &ClientConfig,
         transactional_id: &str,
         timeout: Duration,
+        stage: &'static str,
     ) -> anyhow::Result<Self> {
         let mut client = client.clone();
         client
@@ -151,7 +154,7 @@ impl Outbox {
             .set("linger.ms", "5")
             .set("compression.type", "lz4");
         let producer = Self::connect(&client, timeout)?;
-        Ok(Outbox { client, producer, timeout })
+        Ok(Outbox { client, producer, timeout, stage })
     }
 
     /// Creates and initialises the producer, retrying what is not fatal (a broker down,
@@ -176,6 +179,21 @@ impl Outbox {
     /// aborted — if the broker cannot even be told, the producer is replaced, which aborts
     /// it on the broker's side — and nothing of it is visible.
     pub fn transaction(
+        &mut self,
+        fill: impl FnOnce(&Transaction<'_>) -> anyhow::Result<()>,
+    ) -> Result<(), TransactionFailed> {
+        let started = Instant::now();
+        let result = self.run_transaction(fill);
+        let m = crate::metrics::metrics();
+        m.commit_duration.with_label_values(&[self.stage]).observe(started.elapsed().as_secs_f64());
+        match &result {
+            Ok(()) => m.commits.with_label_values(&[self.stage]).inc(),
+            Err(_) => m.transaction_aborts.with_label_values(&[self.stage]).inc(),
+        }
+        result
+    }
+
+    fn run_transaction(
         &mut self,
         fill: impl FnOnce(&Transaction<'_>) -> anyhow::Result<()>,
     ) -> Result<(), TransactionFailed> {

@@ -10,6 +10,7 @@ use tracing::{error, info};
 use super::admin::{ensure_topics, TopicSpec};
 use super::{bill, changelog, client_config, meter};
 use crate::config::Config;
+use crate::status::Board;
 
 /// Which stages a worker runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -54,16 +55,17 @@ type Stage<'a> = Box<dyn FnOnce(&AtomicBool) -> anyhow::Result<()> + Send + 'a>;
 
 /// Runs the chosen stages until `shutdown` is set or one fails (then the others are
 /// stopped too and the first error returned): `worker.meter_threads` metering consumers
-/// and one billing stage.
-pub fn run(config: &Config, role: Role, shutdown: Arc<AtomicBool>) -> anyhow::Result<()> {
+/// and one billing stage, all reporting to `board`.
+pub fn run(config: &Config, role: Role, shutdown: Arc<AtomicBool>, board: &Board) -> anyhow::Result<()> {
     let mut stages: Vec<(String, Stage<'_>)> = Vec::new();
     if matches!(role, Role::All | Role::Meter) {
         for member in 0..config.worker.meter_threads {
-            stages.push((format!("meter-{member}"), Box::new(move |stop| meter::run(config, member, stop))));
+            let stage: Stage<'_> = Box::new(move |stop| meter::run(config, member, stop, board));
+            stages.push((format!("meter-{member}"), stage));
         }
     }
     if matches!(role, Role::All | Role::Bill) {
-        stages.push(("billing".into(), Box::new(|stop| bill::run(config, stop))));
+        stages.push(("billing".into(), Box::new(|stop| bill::run(config, stop, board))));
     }
     std::thread::scope(|scope| {
         let handles: Vec<_> = stages

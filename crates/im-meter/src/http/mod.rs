@@ -1,0 +1,190 @@
+//! The operator endpoints, on `http.listen`: `GET /metrics` (Prometheus), `GET /healthz`
+//! (the process is alive), `GET /readyz` (ready to carry load, see
+//! [`Board::not_ready`]) and the usage API ([`usage`], described in `docs/openapi.yaml`).
+//!
+//! The server runs on a small tokio runtime of its own thread; handlers that read the
+//! stages' state (which a stage may hold locked for a moment) run on its blocking pool, so
+//! a busy stage never stalls the health checks.
+
+pub mod usage;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use im_meter_core::aggregate::AppMonthAggregate;
+use im_meter_core::plan::AppId;
+use serde_json::json;
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::kafka::ledger::Ledger;
+use crate::metrics::metrics;
+use crate::status::{Board, StageKind};
+
+/// What the handlers read.
+pub struct Api {
+    /// The configuration in force.
+    pub config: Config,
+    /// What the stages report.
+    pub board: Arc<Board>,
+    /// Closed months and the subscription book.
+    pub ledger: Arc<Ledger>,
+}
+
+/// Binds `http.listen` now (so that a taken port fails start-up, naming the field) and
+/// serves on a thread of its own until the process ends. Returns the bound address.
+pub fn start(api: Api) -> anyhow::Result<SocketAddr> {
+    let listen = api.config.http.listen;
+    let listener = std::net::TcpListener::bind(listen)
+        .with_context(|| format!("http.listen: cannot listen on {listen}"))?;
+    listener.set_nonblocking(true)?;
+    let local = listener.local_addr()?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let app = router(Arc::new(api));
+    std::thread::Builder::new().name("im-meter-http".into()).spawn(move || {
+        runtime.block_on(async move {
+            match tokio::net::TcpListener::from_std(listener) {
+                Ok(listener) => {
+                    if let Err(e) = axum::serve(listener, app).await {
+                        warn!(error = %e, "http: server stopped");
+                    }
+                }
+                Err(e) => warn!(error = %e, "http: cannot serve"),
+            }
+        });
+    })?;
+    info!(address = %local, "http: serving /metrics, /healthz, /readyz, /v1");
+    Ok(local)
+}
+
+/// Every route.
+pub fn router(api: Arc<Api>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics_text))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/v1/apps/{app_id}/usage", get(usage::app_usage))
+        .route("/v1/months/{month}/charges", get(usage::month_charges))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") })
+        .with_state(api)
+}
+
+/// An error as the API returns it: a status and `{"error": "..."}`.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl ApiError {
+    /// An error with `status` saying `message`.
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        ApiError { status, message: message.into() }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(json!({ "error": self.message }))).into_response()
+    }
+}
+
+/// Runs `f` on the blocking pool (it may wait for a stage's lock).
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("handler failed: {e}")))
+}
+
+async fn readyz(State(api): State<Arc<Api>>) -> Response {
+    let problems = api.board.not_ready(api.config.http.stall_timeout);
+    metrics().ready.set(i64::from(problems.is_empty()));
+    if problems.is_empty() {
+        (StatusCode::OK, Json(json!({ "ready": true }))).into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "ready": false, "problems": problems }))).into_response()
+    }
+}
+
+async fn metrics_text(State(api): State<Arc<Api>>) -> Result<Response, ApiError> {
+    let text = blocking(move || {
+        refresh_gauges(&api);
+        metrics().render()
+    })
+    .await?;
+    Ok(([(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], text).into_response())
+}
+
+/// Sets the gauges that are read off the board rather than updated as things happen.
+fn refresh_gauges(api: &Api) {
+    let m = metrics();
+    let consumers = api.board.consumers();
+    m.ready.set(i64::from(api.board.not_ready(api.config.http.stall_timeout).is_empty()));
+    m.event_watermark.reset();
+    let (mut app_months, mut connections, mut bytes) = (0, 0, 0);
+    let mut oldest: BTreeMap<StageKind, f64> = BTreeMap::new();
+    for c in &consumers {
+        let stage = c.stage.label();
+        m.last_poll.with_label_values(&[stage, &c.consumer]).set(c.last_poll_ms() as f64 / 1000.0);
+        let state = c.state();
+        if c.stage == StageKind::Meter {
+            for (p, s) in &state.partitions {
+                if let Some(w) = s.watermark {
+                    m.event_watermark.with_label_values(&[&p.to_string()]).set(w.millis() as f64 / 1000.0);
+                }
+            }
+            (app_months, connections, bytes) =
+                (app_months + state.app_months, connections + state.connections, bytes + state.state_bytes);
+        }
+        let end = state.oldest_open_month_end.map_or(0.0, |t| t.millis() as f64 / 1000.0);
+        let slot = oldest.entry(c.stage).or_insert(0.0);
+        if end > 0.0 && (*slot == 0.0 || end < *slot) {
+            *slot = end;
+        }
+    }
+    for (stage, end) in oldest {
+        m.oldest_open_month_end.with_label_values(&[stage.label()]).set(end);
+    }
+    m.state_app_months.set(app_months as i64);
+    m.state_open_connections.set(connections as i64);
+    m.state_bytes.set(bytes as i64);
+    refresh_top_apps(api);
+}
+
+/// Month-to-date MAU and PCC of the `http.top_apps` apps with the most MAU in the latest
+/// month held; apps that drop out of the top lose their series.
+fn refresh_top_apps(api: &Api) {
+    let m = metrics();
+    m.app_mau.reset();
+    m.app_pcc.reset();
+    let live = api.board.live_usage();
+    let Some(month) = live.iter().filter_map(|l| l.latest_month()).max() else { return };
+    let mut merged: BTreeMap<AppId, AppMonthAggregate> = BTreeMap::new();
+    for source in &live {
+        for (app_id, _, aggregate) in source.aggregates(&|_, m| m == month) {
+            match merged.get_mut(&app_id) {
+                Some(mine) => {
+                    let _ = mine.merge(&aggregate);
+                }
+                None => {
+                    merged.insert(app_id, aggregate);
+                }
+            }
+        }
+    }
+    let grid = api.config.meter.grid;
+    let mut usage: Vec<_> = merged.into_iter().map(|(app, mut agg)| agg.usage(app, month, grid)).collect();
+    usage.sort_by(|a, b| b.mau.cmp(&a.mau).then(a.app_id.cmp(&b.app_id)));
+    for u in usage.iter().take(api.config.http.top_apps) {
+        let app = u.app_id.to_string();
+        m.app_mau.with_label_values(&[&app]).set(u.mau as i64);
+        m.app_pcc.with_label_values(&[&app]).set(u.pcc as i64);
+    }
+}

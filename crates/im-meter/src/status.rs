@@ -1,0 +1,224 @@
+//! What the worker's stages say about themselves, for the operator endpoints: each
+//! consumer's last poll, its partitions and how far it has read them, its state's size,
+//! and a handle on the live metering state for the usage API and per-app metrics.
+//!
+//! The stages write here in passing (an atomic store per poll, a small lock per round);
+//! the HTTP side only reads. Nothing here talks to Kafka.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use im_meter_core::aggregate::AppMonthAggregate;
+use im_meter_core::plan::AppId;
+use im_meter_core::time::{Month, Timestamp};
+
+/// Which stage a consumer belongs to.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum StageKind {
+    /// Events → metering state.
+    Meter,
+    /// Changelog → charges.
+    Bill,
+}
+
+impl StageKind {
+    /// The `stage` label.
+    pub fn label(self) -> &'static str {
+        match self {
+            StageKind::Meter => "meter",
+            StageKind::Bill => "bill",
+        }
+    }
+}
+
+/// Where a consumer is with one partition.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PartitionState {
+    /// Its state is restored and records are being applied.
+    pub restored: bool,
+    /// The offset of the next record to apply (`None`: none applied yet, none committed).
+    pub next_offset: Option<i64>,
+    /// The partition's end when last asked (the lag sampler asks).
+    pub end_offset: Option<i64>,
+    /// The event time the partition has reached (metering only).
+    pub watermark: Option<Timestamp>,
+}
+
+impl PartitionState {
+    /// Records not applied yet, when the end is known.
+    pub fn lag(&self) -> Option<i64> {
+        self.end_offset.map(|end| (end - self.next_offset.unwrap_or(0)).max(0))
+    }
+}
+
+/// A consumer's state as last reported.
+#[derive(Clone, Debug, Default)]
+pub struct ConsumerState {
+    /// Assigned partitions.
+    pub partitions: BTreeMap<i32, PartitionState>,
+    /// App-months held (metering).
+    pub app_months: u64,
+    /// Connections tracked (metering).
+    pub connections: u64,
+    /// Bytes of state in the changelog (metering).
+    pub state_bytes: u64,
+    /// End of the oldest month not yet closed (metering) or billed (billing).
+    pub oldest_open_month_end: Option<Timestamp>,
+}
+
+/// One consumer thread of a stage.
+#[derive(Debug)]
+pub struct ConsumerStatus {
+    /// Its stage.
+    pub stage: StageKind,
+    /// Its name within the worker (`0`, `1`, ... for metering; `0` for billing).
+    pub consumer: String,
+    /// The topic it reads.
+    pub topic: String,
+    last_poll_ms: AtomicI64,
+    state: Mutex<ConsumerState>,
+}
+
+impl ConsumerStatus {
+    /// Notes a poll of the consumer.
+    pub fn polled(&self) {
+        self.last_poll_ms.store(now_ms(), Ordering::Relaxed);
+    }
+
+    /// When the consumer last polled (Unix milliseconds; 0: never).
+    pub fn last_poll_ms(&self) -> i64 {
+        self.last_poll_ms.load(Ordering::Relaxed)
+    }
+
+    /// The state to read or change (the lock is held briefly by everyone).
+    pub fn state(&self) -> MutexGuard<'_, ConsumerState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records waiting in all partitions whose end is known.
+    pub fn lag(&self) -> i64 {
+        self.state().partitions.values().filter_map(PartitionState::lag).sum()
+    }
+}
+
+/// Live metering state, read by the usage API and the per-app metrics.
+pub trait LiveUsage: Send + Sync {
+    /// Copies of the aggregates held for which `wanted(app, month)` is true.
+    fn aggregates(&self, wanted: &dyn Fn(AppId, Month) -> bool) -> Vec<(AppId, Month, AppMonthAggregate)>;
+    /// The latest month with state.
+    fn latest_month(&self) -> Option<Month>;
+    /// Events partitions whose state is held here.
+    fn partitions(&self) -> Vec<i32>;
+}
+
+/// Everything the stages report, shared with the operator endpoints.
+#[derive(Default)]
+pub struct Board {
+    consumers: Mutex<Vec<Arc<ConsumerStatus>>>,
+    live: Mutex<Vec<Arc<dyn LiveUsage>>>,
+}
+
+impl Board {
+    /// A new, empty board.
+    pub fn new() -> Arc<Self> {
+        Arc::new(Board::default())
+    }
+
+    /// Registers a consumer and returns its status to report into.
+    pub fn consumer(&self, stage: StageKind, consumer: &str, topic: &str) -> Arc<ConsumerStatus> {
+        let status = Arc::new(ConsumerStatus {
+            stage,
+            consumer: consumer.to_string(),
+            topic: topic.to_string(),
+            last_poll_ms: AtomicI64::new(0),
+            state: Mutex::new(ConsumerState::default()),
+        });
+        self.consumers.lock().unwrap_or_else(|e| e.into_inner()).push(Arc::clone(&status));
+        status
+    }
+
+    /// Registers live metering state.
+    pub fn live(&self, live: Arc<dyn LiveUsage>) {
+        self.live.lock().unwrap_or_else(|e| e.into_inner()).push(live);
+    }
+
+    /// Every registered consumer.
+    pub fn consumers(&self) -> Vec<Arc<ConsumerStatus>> {
+        self.consumers.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Every registered source of live metering state.
+    pub fn live_usage(&self) -> Vec<Arc<dyn LiveUsage>> {
+        self.live.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Why the worker is not ready, if it is not: a consumer not started, a partition being
+    /// restored, or a consumer that has not polled for `stall_timeout` while records wait.
+    /// A consumer with nothing assigned (more consumers than partitions) is ready.
+    pub fn not_ready(&self, stall_timeout: Duration) -> Vec<String> {
+        let consumers = self.consumers();
+        if consumers.is_empty() {
+            return vec!["no consumer has started yet".into()];
+        }
+        let now = now_ms();
+        let mut problems = Vec::new();
+        for c in consumers {
+            let name = format!("{}-{}", c.stage.label(), c.consumer);
+            let last = c.last_poll_ms();
+            if last == 0 {
+                problems.push(format!("{name}: has not polled yet"));
+                continue;
+            }
+            let restoring: Vec<i32> =
+                c.state().partitions.iter().filter(|(_, p)| !p.restored).map(|(p, _)| *p).collect();
+            if !restoring.is_empty() {
+                problems.push(format!("{name}: restoring partitions {restoring:?}"));
+            }
+            let silent = Duration::from_millis(u64::try_from(now - last).unwrap_or(0));
+            let lag = c.lag();
+            if silent >= stall_timeout && lag > 0 {
+                problems.push(format!(
+                    "{name}: has not polled for {} s with {lag} records waiting",
+                    silent.as_secs()
+                ));
+            }
+        }
+        problems
+    }
+}
+
+/// The clock in Unix milliseconds.
+pub fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stalled_consumer_with_records_waiting_is_not_ready() {
+        let board = Board::new();
+        assert!(!board.not_ready(Duration::from_secs(1)).is_empty(), "nothing started yet");
+        let c = board.consumer(StageKind::Meter, "0", "events");
+        c.polled();
+        c.state().partitions.insert(3, PartitionState { restored: false, ..Default::default() });
+        assert!(board.not_ready(Duration::from_secs(1))[0].contains("restoring partitions [3]"));
+        c.state().partitions.insert(
+            3,
+            PartitionState { restored: true, next_offset: Some(10), end_offset: Some(10), watermark: None },
+        );
+        assert!(board.not_ready(Duration::from_secs(60)).is_empty());
+        // Silent, but nothing waits: still ready (an idle topic is not a stall).
+        c.last_poll_ms.store(now_ms() - 5_000, Ordering::Relaxed);
+        assert!(board.not_ready(Duration::from_secs(1)).is_empty());
+        // Silent with records waiting: not ready; polling again makes it ready.
+        c.state().partitions.get_mut(&3).unwrap().end_offset = Some(25);
+        let problems = board.not_ready(Duration::from_secs(1));
+        assert!(problems[0].contains("with 15 records waiting"), "{problems:?}");
+        c.polled();
+        assert!(board.not_ready(Duration::from_secs(1)).is_empty());
+    }
+}
