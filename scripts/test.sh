@@ -9,6 +9,12 @@ cd "$(dirname "$0")/.."
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+# The deployment kit (Prometheus config and rules, dashboard, manifests, unit, docs):
+# validated offline; it installs promtool and the validators it needs.
+scripts/deploy-check.sh
+# The HTTP tests scrape the worker with a real Prometheus server.
+scripts/prometheus.sh >/dev/null
+
 if ! scripts/kafka.sh status >/dev/null 2>&1; then
   scripts/kafka.sh start >/dev/null
   trap 'scripts/kafka.sh stop >/dev/null 2>&1 || true' EXIT

@@ -16,7 +16,7 @@ pub mod config;
 pub mod http;
 pub mod kafka;
 pub mod metrics;
-pub mod status;
 pub mod replay;
 pub mod report;
+pub mod status;
 pub mod workload;

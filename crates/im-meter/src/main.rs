@@ -19,7 +19,6 @@ use im_meter_core::time::Month;
 use im_meter::config::Config;
 use im_meter::http;
 use im_meter::kafka::ledger::Ledger;
-use im_meter::status::Board;
 use im_meter::kafka::worker::{self, Role};
 use im_meter::kafka::{
     self,
@@ -28,6 +27,7 @@ use im_meter::kafka::{
 use im_meter::replay::input::for_each_line;
 use im_meter::replay::{self, ReplayInput, Source};
 use im_meter::report;
+use im_meter::status::Board;
 use im_meter::workload::Workload;
 
 /// Usage metering and billing for IM apps: MAU, PCC, peak DAU and group count → charges.
@@ -234,6 +234,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Run { config, role, log_format } => {
             init_logs(log_format);
             let config = Config::load(config.as_deref(), std::env::vars())?;
+            // The effective settings, for whoever reads the log later (secrets redacted).
+            tracing::info!(config = ?config.file, "worker: starting");
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             runtime.block_on(worker::prepare_topics(&config))?;
             let shutdown = Arc::new(AtomicBool::new(false));
@@ -241,7 +243,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             std::thread::spawn(move || runtime.block_on(wait_for_signals(signals)));
             let board = Board::new();
             let ledger = Arc::new(Ledger::new(&config));
-            http::start(http::Api { config: config.clone(), board: Arc::clone(&board), ledger: Arc::clone(&ledger) })?;
+            http::start(http::Api {
+                config: config.clone(),
+                board: Arc::clone(&board),
+                ledger: Arc::clone(&ledger),
+            })?;
             // Helpers of the endpoints: a failure is logged, and metering goes on.
             helper("lag", &shutdown, {
                 let (config, board) = (config.clone(), Arc::clone(&board));
@@ -350,7 +356,9 @@ fn helper(
 fn init_logs(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("IM_METER_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(io::stderr);
+    // Colours only on a terminal: a log file or a collector gets plain text.
+    let ansi = io::IsTerminal::is_terminal(&io::stderr());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(io::stderr).with_ansi(ansi);
     match format {
         LogFormat::Human => builder.init(),
         LogFormat::Json => builder.json().init(),

@@ -217,7 +217,8 @@ impl Metrics {
             )?,
             registry,
         };
-        let build = IntGaugeVec::new(Opts::new("im_meter_build_info", "Build information; always 1."), &["version"])?;
+        let build =
+            IntGaugeVec::new(Opts::new("im_meter_build_info", "Build information; always 1."), &["version"])?;
         build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
         metrics.registry.register(Box::new(build))?;
         #[cfg(target_os = "linux")]
@@ -372,8 +373,9 @@ mod tests {
         m.app_pcc.with_label_values(&["1"]).set(0);
         let exported: std::collections::BTreeSet<String> =
             m.registry.gather().iter().map(|f| f.name().to_string()).collect();
-        let listed = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/metrics.txt"))
-            .expect("deploy/metrics.txt");
+        let listed =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/metrics.txt"))
+                .expect("deploy/metrics.txt");
         let listed: std::collections::BTreeSet<String> = listed
             .lines()
             .filter(|l| !l.starts_with('#') && !l.trim().is_empty())

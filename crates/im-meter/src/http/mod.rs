@@ -109,7 +109,8 @@ async fn readyz(State(api): State<Arc<Api>>) -> Response {
     if problems.is_empty() {
         (StatusCode::OK, Json(json!({ "ready": true }))).into_response()
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "ready": false, "problems": problems }))).into_response()
+        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "ready": false, "problems": problems })))
+            .into_response()
     }
 }
 

@@ -33,7 +33,8 @@ pub struct MonthQuery {
 }
 
 fn parse_month(text: &str) -> Result<Month, ApiError> {
-    text.parse().map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, format!("month must be YYYY-MM, got {text:?}")))
+    text.parse()
+        .map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, format!("month must be YYYY-MM, got {text:?}")))
 }
 
 /// `GET /v1/apps/{app_id}/usage`.
@@ -61,7 +62,7 @@ pub async fn month_charges(
     let month = parse_month(&month)?;
     let ledger = api.ledger.state();
     if !ledger.is_billed(month) {
-        let why = match ledger.oldest_month() {
+        let why = match ledger.forgotten_before {
             Some(oldest) if month < oldest => format!(
                 "{month} is older than the months this worker keeps (from {oldest}; http.history_months); use `im-meter report --month {month}`"
             ),
@@ -132,7 +133,8 @@ fn usage_report(api: &Api, app_id: AppId, month: Month, now: Timestamp) -> Resul
     let charges = bill_month(&ledger.book, &usage, &api.config.prices);
     let projected = project_month_end(&usage, now.millis() - start.millis(), end.millis() - start.millis());
     let projected_charges = bill_month(&ledger.book, &projected, &api.config.prices);
-    let elapsed_days = ((now.millis().clamp(start.millis(), end.millis()) - start.millis()) as f64) / 86_400_000.0;
+    let elapsed_days =
+        ((now.millis().clamp(start.millis(), end.millis()) - start.millis()) as f64) / 86_400_000.0;
     Ok(json!({
         "app_id": app_id,
         "month": month,

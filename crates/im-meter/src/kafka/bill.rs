@@ -35,8 +35,8 @@ use super::fetch::Fetched;
 use super::output::{DeadLetter, Outbox, TransactionFailed};
 use crate::config::Config;
 use crate::metrics::metrics;
-use crate::status::{Board, ConsumerStatus, StageKind};
 use crate::report::UsageItem;
+use crate::status::{Board, ConsumerStatus, StageKind};
 
 const POLL: Duration = Duration::from_millis(100);
 

@@ -36,6 +36,8 @@ pub struct LedgerState {
     pub book: Subscriptions,
     /// Whether everything published before the ledger started has been read.
     pub caught_up: bool,
+    /// Months before this one were billed but are no longer kept.
+    pub forgotten_before: Option<Month>,
     keep_months: usize,
 }
 
@@ -45,17 +47,15 @@ impl LedgerState {
         self.usage.range((month, 0)..=(month, AppId::MAX)).next().is_some()
     }
 
-    /// The oldest month held.
-    pub fn oldest_month(&self) -> Option<Month> {
-        self.usage.keys().next().map(|(m, _)| *m)
-    }
-
     /// Drops months beyond the newest `keep_months`.
     fn trim(&mut self) {
         let Some(&(newest, _)) = self.usage.keys().next_back() else { return };
         let mut cutoff = newest;
         for _ in 1..self.keep_months {
             cutoff = cutoff.prev();
+        }
+        if self.usage.keys().next().is_some_and(|(m, _)| *m < cutoff) {
+            self.forgotten_before = self.forgotten_before.max(Some(cutoff));
         }
         self.usage.retain(|(m, _), _| *m >= cutoff);
         self.charges.retain(|(m, _), _| *m >= cutoff);
@@ -76,6 +76,7 @@ impl Ledger {
                 charges: BTreeMap::new(),
                 book: Subscriptions::new(config.meter.tz),
                 caught_up: false,
+                forgotten_before: None,
                 keep_months: config.http.history_months,
             }),
         }
@@ -93,8 +94,9 @@ impl Ledger {
 pub fn follow(config: &Config, ledger: &Ledger, shutdown: &AtomicBool) -> anyhow::Result<()> {
     let client = client_config(config);
     let topics = &config.file.topics;
-    let consumer: BaseConsumer<QuietEof> =
-        changelog::reader(&client).create_with_context(QuietEof).context("cannot create the ledger reader")?;
+    let consumer: BaseConsumer<QuietEof> = changelog::reader(&client)
+        .create_with_context(QuietEof)
+        .context("cannot create the ledger reader")?;
     let followed = [&topics.usage, &topics.charges, &topics.subscriptions];
     let mut assignment = TopicPartitionList::new();
     let mut partitions = 0;

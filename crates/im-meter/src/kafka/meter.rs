@@ -26,7 +26,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
-use im_meter_core::aggregate::{billing_partition, AppMonthAggregate, ChangelogKey, Meter, Outcome, StateKey};
+use im_meter_core::aggregate::{
+    billing_partition, AppMonthAggregate, ChangelogKey, Meter, Outcome, StateKey,
+};
 use im_meter_core::ingest::{decode_usage_event, RejectReason, Rejection};
 use im_meter_core::plan::AppId;
 use im_meter_core::time::{Month, Timestamp};
@@ -152,7 +154,8 @@ pub fn run(config: &Config, member: usize, shutdown: &AtomicBool, board: &Board)
     if member > 0 {
         transactional_id.push_str(&format!("-{member}"));
     }
-    let outbox = Outbox::transactional(&client, &transactional_id, config.worker.transaction_timeout, "meter")?;
+    let outbox =
+        Outbox::transactional(&client, &transactional_id, config.worker.transaction_timeout, "meter")?;
     let outbox = BackgroundOutbox::start(outbox, &format!("im-meter-commit-{member}"))?;
     let stage = Arc::new(Mutex::new(Stage {
         config: config.clone(),
@@ -274,7 +277,8 @@ impl Stage {
                 Ok(())
             },
         )?;
-        let state: Vec<(StateKey, Vec<u8>)> = latest.into_iter().filter_map(|(k, v)| v.map(|v| (k, v))).collect();
+        let state: Vec<(StateKey, Vec<u8>)> =
+            latest.into_iter().filter_map(|(k, v)| v.map(|v| (k, v))).collect();
         let sizes: HashMap<StateKey, usize> = state.iter().map(|(k, v)| (*k, v.len())).collect();
         let state_bytes = sizes.values().map(|&n| n as u64).sum();
         let meter = Meter::restore(self.config.meter.clone(), state)
@@ -421,10 +425,11 @@ impl Stage {
         let mut state = self.status.state();
         for (p, task) in &self.tasks {
             let entry = state.partitions.entry(*p).or_default();
-            let position = match positions.find_partition(&self.config.file.topics.events, *p).map(|e| e.offset()) {
-                Some(Offset::Offset(o)) => Some(o),
-                _ => None,
-            };
+            let position =
+                match positions.find_partition(&self.config.file.topics.events, *p).map(|e| e.offset()) {
+                    Some(Offset::Offset(o)) => Some(o),
+                    _ => None,
+                };
             entry.next_offset = task.next_offset.max(position);
             entry.watermark = task.meter.watermark();
         }

@@ -1,0 +1,327 @@
+//! The operator endpoints of a running worker, against the real broker
+//! (`scripts/kafka.sh start`) and a real Prometheus server (`scripts/prometheus.sh`
+//! installs Debian's `prometheus` and `promtool`):
+//! Prometheus scrapes the worker and finds its series, promtool accepts the exposition;
+//! `/readyz` turns unready when the consumer stalls with records waiting and ready again
+//! after; the usage API answers billed and open months and errors in JSON; secrets never
+//! reach the logs or the printed configuration.
+//!
+//! Each test has its own topics and worker (HTTP on an ephemeral port); they run one at a
+//! time, sharing the broker.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use im_meter_core::time::{BillingTz, Timestamp};
+use serde_json::Value;
+use support::*;
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn json_worker(d: &Deployment, env: &[(&str, &str)]) -> Worker {
+    d.worker_with("a", env, &["--log-format", "json"])
+}
+
+/// A Prometheus server on a free loopback port, scraping `target` every second; stopped
+/// when dropped.
+struct Prometheus {
+    child: Child,
+    address: SocketAddr,
+    _dir: TempDir,
+}
+
+impl Prometheus {
+    fn start(target: SocketAddr) -> Self {
+        let dir = TempDir::new("prometheus");
+        let config = dir.0.join("prometheus.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: im-meter\n    static_configs:\n      - targets: [\"{target}\"]\n"
+            ),
+        )
+        .unwrap();
+        let address = free_port();
+        let child = Command::new("prometheus")
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!("--storage.tsdb.path={}", dir.0.join("data").display()))
+            .arg(format!("--web.listen-address={address}"))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.0.join("prometheus.log")).unwrap())
+            .spawn()
+            .expect("prometheus is installed (scripts/prometheus.sh)");
+        let server = Prometheus { child, address, _dir: dir };
+        eventually(Duration::from_secs(60), "Prometheus to be ready", || {
+            std::net::TcpStream::connect(address)
+                .ok()
+                .and_then(|_| (http_get(address, "/-/ready").0 == 200).then_some(()))
+        });
+        server
+    }
+
+    /// The instant vector of `query`, from Prometheus' HTTP API.
+    fn query(&self, query: &str) -> Vec<Value> {
+        let encoded: String = query
+            .bytes()
+            .map(|b| match b {
+                b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'_' | b'-' | b'.' => (b as char).to_string(),
+                _ => format!("%{b:02X}"),
+            })
+            .collect();
+        let (status, body) = http_json(self.address, &format!("/api/v1/query?query={encoded}"));
+        assert_eq!(status, 200, "{body}");
+        body["data"]["result"].as_array().cloned().unwrap_or_default()
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A temporary directory, removed when dropped.
+struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> Self {
+        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos();
+        let dir = std::env::temp_dir().join(format!("im-meter-{name}-{}-{nanos}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn free_port() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+}
+
+#[test]
+fn prometheus_scrapes_the_worker_and_promtool_accepts_its_metrics() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let d = Deployment::new("prom");
+    d.produce();
+    let mut worker = json_worker(&d, &[]);
+    let address = worker.http_address();
+    // Billed October: every family has its series by then (charges, alerts, commits...).
+    eventually(Duration::from_secs(120), "October to be billed", || {
+        (http_get(address, "/v1/months/2026-10/charges").0 == 200).then_some(())
+    });
+    let prometheus = Prometheus::start(address);
+    let up = eventually(Duration::from_secs(60), "a scrape of the worker", || {
+        let up = prometheus.query(r#"up{job="im-meter"}"#);
+        (up.first().map(|s| s["value"][1] == "1") == Some(true)).then_some(up)
+    });
+    assert_eq!(up.len(), 1);
+    // Prometheus holds the worker's series: events by outcome, charges, the lag of each
+    // partition, readiness.
+    let accepted = prometheus.query(r#"sum(im_meter_events_total{outcome="accepted"})"#);
+    let accepted: f64 = accepted[0]["value"][1].as_str().unwrap().parse().unwrap();
+    assert!(accepted > 50_000.0, "{accepted}");
+    // October's lines at least (November, over by the clock, is billed its plan fees too).
+    let charges = prometheus.query("sum(im_meter_charges_total)");
+    let charges: usize = charges[0]["value"][1].as_str().unwrap().parse().unwrap();
+    assert!(charges >= expected().charges.len(), "{charges}");
+    assert_eq!(prometheus.query("im_meter_consumer_lag_records").len(), 6, "3 meter + 3 bill partitions");
+    assert_eq!(prometheus.query("im_meter_ready")[0]["value"][1], "1");
+    let names = prometheus.query(r#"count by (__name__) ({__name__=~"im_meter_.+"})"#);
+    assert!(names.len() >= 25, "{} im_meter_ series names", names.len());
+    for name in [
+        "im_meter_commit_duration_seconds_bucket",
+        "im_meter_last_poll_timestamp_seconds",
+        "process_resident_memory_bytes",
+    ] {
+        assert!(!prometheus.query(name).is_empty(), "{name}");
+    }
+
+    // promtool's linter accepts the exposition as scraped.
+    let (status, payload) = http_get(address, "/metrics");
+    assert_eq!(status, 200);
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool is installed (scripts/prometheus.sh)");
+    std::io::Write::write_all(promtool.stdin.as_mut().unwrap(), payload.as_bytes()).unwrap();
+    let out = promtool.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    worker.stop();
+}
+
+#[test]
+fn readyz_fails_while_the_consumer_is_stalled_with_records_waiting() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let d = Deployment::new("stall");
+    let pause = TempDir::new("pause");
+    let pause_file = pause.0.join("pause");
+    let pause_env = pause_file.to_string_lossy().into_owned();
+    d.produce();
+    let mut worker = json_worker(
+        &d,
+        &[("IM_METER__HTTP__STALL_TIMEOUT", "2s"), ("IM_METER_TEST_PAUSE_FILE", pause_env.as_str())],
+    );
+    let address = worker.http_address();
+    eventually(Duration::from_secs(120), "the worker to be ready", || {
+        (http_get(address, "/readyz").0 == 200).then_some(())
+    });
+
+    // The consumer stops polling (as one stuck in a blocking call would) while events
+    // keep coming: not ready, and /metrics says so; the process itself is alive.
+    std::fs::write(&pause_file, b"").unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let now = Timestamp(SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as i64);
+    let lines: Vec<String> = (0..50)
+        .map(|i| {
+            format!(r#"{{"type":"login","app_id":1400000003,"user_id":"stall-{i}","ts":{}}}"#, now.millis())
+        })
+        .collect();
+    d.produce_lines(&lines);
+    let problems = eventually(Duration::from_secs(60), "/readyz to fail", || {
+        let (status, body) = http_json(address, "/readyz");
+        (status == 503).then_some(body)
+    });
+    let text = problems["problems"].to_string();
+    assert!(text.contains("has not polled") && text.contains("records waiting"), "{text}");
+    assert_eq!(http_get(address, "/healthz").0, 200, "alive all along");
+    assert!(http_get(address, "/metrics").1.contains("im_meter_ready 0"));
+
+    // Polling again: ready again.
+    std::fs::remove_file(&pause_file).unwrap();
+    eventually(Duration::from_secs(60), "/readyz to recover", || {
+        (http_get(address, "/readyz").0 == 200).then_some(())
+    });
+    assert!(http_get(address, "/metrics").1.contains("im_meter_ready 1"));
+    worker.stop();
+}
+
+#[test]
+fn the_usage_api_answers_billed_and_open_months_and_errors_in_json() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let d = Deployment::new("api");
+    d.produce();
+    // This month's activity of a Standard app: three users, one connection of two minutes.
+    let tz = BillingTz::default();
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as i64;
+    let month = tz.month_of(Timestamp(now));
+    let t0 = (now - 180_000).max(tz.start_of_month(month).millis());
+    let app = 1_400_000_003u64;
+    let mut lines: Vec<String> = (0..3)
+        .map(|i| format!(r#"{{"type":"login","app_id":{app},"user_id":"open-{i}","ts":{now}}}"#))
+        .collect();
+    lines.push(format!(
+        r#"{{"type":"connect","app_id":{app},"user_id":"open-0","conn_id":"oc-1","ts":{t0}}}"#
+    ));
+    lines.push(format!(r#"{{"type":"disconnect","app_id":{app},"conn_id":"oc-1","ts":{now}}}"#));
+    d.produce_lines(&lines);
+    let mut worker = json_worker(&d, &[]);
+    let address = worker.http_address();
+
+    // A billed month: every charge line replay computes, once, with the total.
+    // (The API reads what billing published; it is complete once the ledger has read it.)
+    let want = expected();
+    let want_charges: Vec<(String, Value)> = want.charges.clone().into_iter().collect();
+    let mut last = Vec::new();
+    let billed = eventually(Duration::from_secs(120), "October's charges", || {
+        let (status, body) = http_json(address, "/v1/months/2026-10/charges");
+        let mut got: Vec<(String, Value)> = body["charges"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|c| (c["charge_id"].as_str().unwrap_or_default().to_string(), c.clone()))
+            .collect();
+        got.sort_by(|a, b| a.0.cmp(&b.0));
+        let done = status == 200 && got.len() >= want_charges.len();
+        last = got;
+        done.then_some(body)
+    });
+    assert_eq!(last, want_charges);
+    let total: rust_decimal::Decimal = want
+        .charges
+        .values()
+        .map(|c| c["amount"].as_str().unwrap().parse::<rust_decimal::Decimal>().unwrap())
+        .sum();
+    assert_eq!(billed["total"], format!("{total:.2}"));
+
+    // One app in that month: its usage as replay reports it, and its lines.
+    let (status, usage) = http_json(address, &format!("/v1/apps/{app}/usage?month=2026-10"));
+    assert_eq!(status, 200, "{usage}");
+    assert_eq!(usage["status"], "billed");
+    assert_eq!(usage["usage"], want.usage[&format!("{app}/2026-10")]);
+    assert_eq!(usage["charges"].as_array().unwrap().len(), 3, "plan fee, MAU overage, PCC");
+
+    // The open month: what was metered so far, the charges so far, and a projection.
+    let open = eventually(Duration::from_secs(60), "this month's usage", || {
+        let (status, body) = http_json(address, &format!("/v1/apps/{app}/usage?month={month}"));
+        (status == 200 && body["usage"]["mau"] == 3).then_some(body)
+    });
+    assert_eq!(open["status"], "open");
+    assert_eq!(open["usage"]["pcc"], 1, "{open}");
+    assert!(open["charges"].as_array().unwrap().iter().any(|c| c["item"] == "plan_fee"));
+    let projected = open["projection"]["usage"]["mau"].as_u64().unwrap();
+    assert!(projected >= 3, "{open}");
+    assert_eq!(open["projection"]["days_in_month"], month.days());
+    // Without ?month, the current month.
+    let (_, current) = http_json(address, &format!("/v1/apps/{app}/usage"));
+    assert_eq!(current["month"], month.to_string());
+
+    // Errors, each JSON with a message.
+    for (path, status, words) in [
+        ("/v1/apps/42/usage?month=2026-10", 404, "unknown app 42"),
+        ("/v1/apps/abc/usage", 400, "positive integer"),
+        ("/v1/apps/0/usage", 400, "positive integer"),
+        ("/v1/apps/1400000003/usage?month=2026-13", 400, "YYYY-MM"),
+        ("/v1/months/October/charges", 400, "YYYY-MM"),
+        ("/v1/months/2026-09/charges", 404, "not billed"),
+        ("/v2/nothing", 404, "no such endpoint"),
+    ] {
+        let (got, body) = http_json(address, path);
+        assert_eq!(got, status, "{path}: {body}");
+        assert!(body["error"].as_str().unwrap().contains(words), "{path}: {body}");
+    }
+    worker.stop();
+}
+
+#[test]
+fn sasl_passwords_never_reach_the_logs_or_the_printed_config() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    const SECRET: &str = "correct-horse-battery-staple-7731";
+    let sasl = [
+        ("IM_METER__KAFKA__SECURITY_PROTOCOL", "sasl_plaintext"),
+        ("IM_METER__KAFKA__SASL_MECHANISM", "PLAIN"),
+        ("IM_METER__KAFKA__SASL_USERNAME", "metering"),
+        ("IM_METER__KAFKA__SASL_PASSWORD", SECRET),
+    ];
+    let printed = Command::new(env!("CARGO_BIN_EXE_im-meter")).arg("config").envs(sasl).output().unwrap();
+    let printed = String::from_utf8_lossy(&printed.stdout).into_owned();
+    assert!(printed.contains(r#"sasl_password = "<redacted>""#), "{printed}");
+    assert!(!printed.contains(SECRET));
+
+    // The broker here speaks no SASL: the worker fails to connect and logs it, verbosely.
+    let d = Deployment::new("secret");
+    let mut worker = d.worker_with("a", &[sasl.as_slice(), &[("IM_METER_LOG", "trace")]].concat(), &[]);
+    std::thread::sleep(Duration::from_secs(8));
+    let _ = worker.child.kill();
+    let _ = worker.child.wait();
+    let log = worker.log_text();
+    assert!(log.contains(r#"sasl_username: "metering""#), "the settings are logged: {log}");
+    assert!(log.contains("sasl_password: Secret(<redacted>)"), "{log}");
+    assert!(!log.contains(SECRET), "the password leaked into the log");
+}

@@ -1,0 +1,357 @@
+//! What the broker-backed tests share: the broker's address, the input (the bundled sample
+//! month with poison records mixed in) and what `replay` says about it, a deployment's own
+//! topics and groups, worker processes, and reading topics back.
+//!
+//! Each integration test binary includes this module (`mod support;`); not every one uses
+//! every item.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use im_meter::workload::Workload;
+use im_meter_core::time::{BillingTz, Month};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use serde_json::Value;
+
+pub fn brokers() -> String {
+    std::env::var("IM_METER_TEST_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
+}
+
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// The input of every test: the bundled sample apps over October 2026 (a closed month, so
+/// idle partitions close it by the clock), with malformed lines and retries mixed in.
+pub fn input() -> &'static (PathBuf, PathBuf) {
+    static INPUT: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
+    INPUT.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("im-meter-worker-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let events = dir.join("events.ndjson");
+        let workload = Workload { month: input_month(), ..Workload::sample() };
+        let mut file = std::fs::File::create(&events).unwrap();
+        workload.write_events(&BillingTz::default(), &mut file).unwrap();
+        // The sample's subscriptions plus two refused records: a change back to Developer
+        // dated in October (its dead letter goes out with October's billing) and a line
+        // that is not JSON (dated by its Kafka timestamp: now, a month not billed here).
+        let subscriptions = dir.join("subscriptions.ndjson");
+        let mut lines = std::fs::read_to_string(repo().join("deploy/sample/subscriptions.ndjson")).unwrap();
+        lines.push_str(r#"{"type":"plan_changed","app_id":1400000003,"ts":"2026-10-15T00:00:00+08:00","plan":"developer"}"#);
+        lines.push_str("\nnot a subscription\n");
+        std::fs::write(&subscriptions, lines).unwrap();
+        (events, subscriptions)
+    })
+}
+
+/// The month of the input's usage events.
+pub fn input_month() -> Month {
+    Month::new(2026, 10).unwrap()
+}
+
+/// What `replay` says about the same input.
+pub struct Expected {
+    /// Charges by `charge_id`.
+    pub charges: BTreeMap<String, Value>,
+    /// Usage by `{app_id}/{month}`.
+    pub usage: BTreeMap<String, Value>,
+    /// Refused lines of the events file.
+    pub refused_events: usize,
+}
+
+pub fn expected() -> &'static Expected {
+    static EXPECTED: OnceLock<Expected> = OnceLock::new();
+    EXPECTED.get_or_init(|| {
+        let (events, subscriptions) = input();
+        let dlq = events.with_extension("dlq");
+        let out = Command::new(env!("CARGO_BIN_EXE_im-meter"))
+            .args(["replay", "--format", "json", "--events"])
+            .arg(events)
+            .arg("--subscriptions")
+            .arg(subscriptions)
+            .arg("--dlq")
+            .arg(&dlq)
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let list = |name: &str| doc[name].as_array().unwrap().clone();
+        let charges =
+            list("charges").into_iter().map(|c| (c["charge_id"].as_str().unwrap().to_string(), c)).collect();
+        let usage = list("usage")
+            .into_iter()
+            .map(|u| (format!("{}/{}", u["app_id"], u["month"].as_str().unwrap()), u))
+            .collect();
+        let letters = std::fs::read_to_string(dlq).unwrap();
+        let refused_events = letters.lines().filter(|l| l.contains(r#""source":"events""#)).count();
+        Expected { charges, usage, refused_events }
+    })
+}
+
+/// A test's own topics and groups.
+pub struct Deployment {
+    /// Prefix of its topic and group names.
+    pub prefix: String,
+}
+
+impl Deployment {
+    pub fn new(name: &str) -> Self {
+        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos();
+        Deployment { prefix: format!("t{}.{name}.{nanos}", std::process::id()) }
+    }
+
+    pub fn topic(&self, name: &str) -> String {
+        format!("{}.{name}", self.prefix)
+    }
+
+    pub fn env(&self) -> Vec<(String, String)> {
+        let mut env = vec![
+            ("IM_METER__KAFKA__BROKERS".to_string(), brokers()),
+            ("IM_METER__KAFKA__GROUP_ID".into(), self.prefix.clone()),
+            ("IM_METER__KAFKA__PARTITIONS".into(), "3".into()),
+            ("IM_METER__KAFKA__COMMIT_INTERVAL".into(), "100ms".into()),
+            ("IM_METER__KAFKA__IDLE_PARTITION_TIMEOUT".into(), "1s".into()),
+            ("IM_METER__KAFKA__TRANSACTION_TIMEOUT".into(), "10s".into()),
+            // Several workers run at once: each on a port of its own.
+            ("IM_METER__HTTP__LISTEN".into(), "127.0.0.1:0".into()),
+        ];
+        for t in ["events", "subscriptions", "dead_letters", "changelog", "charges", "alerts", "usage"] {
+            env.push((format!("IM_METER__TOPICS__{}", t.to_uppercase()), self.topic(t)));
+        }
+        env
+    }
+
+    pub fn produce(&self) {
+        let (events, subscriptions) = input();
+        let out = Command::new(env!("CARGO_BIN_EXE_im-meter"))
+            .args(["produce", "--events"])
+            .arg(events)
+            .arg("--subscriptions")
+            .arg(subscriptions)
+            .envs(self.env())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "produce failed (is the broker up?): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Sends `lines` (NDJSON events) to the events topic.
+    pub fn produce_lines(&self, lines: &[String]) {
+        let file = std::env::temp_dir().join(format!("{}.extra.ndjson", self.prefix));
+        std::fs::write(&file, lines.join("\n") + "\n").unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_im-meter"))
+            .args(["produce", "--events"])
+            .arg(&file)
+            .envs(self.env())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "produce failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// A worker `im-meter run` with this deployment's settings.
+    pub fn worker(&self, instance: &str) -> Worker {
+        self.worker_with(instance, &[], &[])
+    }
+
+    /// A worker with extra settings (`IM_METER_...` variables) and arguments.
+    pub fn worker_with(&self, instance: &str, env: &[(&str, &str)], args: &[&str]) -> Worker {
+        let log = std::env::temp_dir().join(format!("{}.{instance}.log", self.prefix));
+        let child = Command::new(env!("CARGO_BIN_EXE_im-meter"))
+            .arg("run")
+            .args(args)
+            .envs(self.env())
+            .env("IM_METER__KAFKA__INSTANCE_ID", instance)
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        Worker { child, log }
+    }
+}
+
+pub struct Worker {
+    pub child: Child,
+    /// Where its stderr goes.
+    pub log: PathBuf,
+}
+
+/// A worker left running by a failed test would go on using the broker and the CPU.
+impl Drop for Worker {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+impl Worker {
+    pub fn kill9(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// SIGINT: the worker commits and leaves the group; it must exit cleanly.
+    pub fn stop(mut self) {
+        Command::new("kill").args(["-INT", &self.child.id().to_string()]).status().unwrap();
+        let status = self.child.wait().unwrap();
+        assert!(
+            status.success(),
+            "worker exited with {status}; log: {}",
+            std::fs::read_to_string(&self.log).unwrap()
+        );
+    }
+
+    /// Everything the worker logged so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The address its HTTP endpoints listen on, from its log (started with
+    /// `--log-format json`), waiting for it up to a minute.
+    pub fn http_address(&mut self) -> std::net::SocketAddr {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let found = self.log_text().lines().find_map(|line| {
+                let v: Value = serde_json::from_str(line).ok()?;
+                v["fields"]["address"].as_str()?.parse().ok()
+            });
+            if let Some(address) = found {
+                return address;
+            }
+            self.assert_alive();
+            assert!(Instant::now() < deadline, "no HTTP address logged: {}", self.log_text());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn assert_alive(&mut self) {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            panic!("worker died ({status}); log: {}", std::fs::read_to_string(&self.log).unwrap_or_default());
+        }
+    }
+}
+
+/// A record as read back.
+#[derive(Debug)]
+pub struct Record {
+    pub partition: i32,
+    pub key: Option<Vec<u8>>,
+    pub value: Vec<u8>,
+    /// Headers, values as text.
+    pub headers: BTreeMap<String, String>,
+}
+
+/// Every committed record of a topic.
+pub fn read_all(topic: &str) -> Vec<Record> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", "im-meter-test-reader")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .set("isolation.level", "read_committed")
+        .create()
+        .unwrap();
+    let Ok(metadata) = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)) else {
+        return Vec::new();
+    };
+    let partitions = metadata.topics().first().map_or(0, |t| t.partitions().len());
+    if partitions == 0 {
+        return Vec::new();
+    }
+    let mut assignment = TopicPartitionList::new();
+    for p in 0..partitions as i32 {
+        assignment.add_partition_offset(topic, p, Offset::Beginning).unwrap();
+    }
+    consumer.assign(&assignment).unwrap();
+    let mut records = Vec::new();
+    let mut at_end = 0;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while at_end < partitions && Instant::now() < deadline {
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) => {
+                let headers = m
+                    .headers()
+                    .map(|h| {
+                        h.iter()
+                            .map(|h| {
+                                (
+                                    h.key.to_string(),
+                                    String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
+                                )
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                records.push(Record {
+                    partition: m.partition(),
+                    key: m.key().map(<[u8]>::to_vec),
+                    value: m.payload().unwrap_or_default().to_vec(),
+                    headers,
+                });
+            }
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => at_end += 1,
+            _ => {}
+        }
+    }
+    records
+}
+
+/// `GET path` on `address`: the status code and the body. A small HTTP/1.1 client: the
+/// endpoints answer with a Content-Length and close the connection when asked.
+pub fn http_get(address: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect_timeout(&address, Duration::from_secs(5)).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).unwrap();
+    let text = String::from_utf8(response).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let chunked = head.to_ascii_lowercase().contains("transfer-encoding: chunked");
+    (status, if chunked { dechunk(body) } else { body.to_string() })
+}
+
+/// The body of a chunked response (Prometheus' API answers so).
+fn dechunk(mut rest: &str) -> String {
+    let mut body = String::new();
+    while let Some((size, after)) = rest.split_once("\r\n") {
+        let size = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if size == 0 || after.len() < size {
+            break;
+        }
+        body.push_str(&after[..size]);
+        rest = after[size..].trim_start_matches("\r\n");
+    }
+    body
+}
+
+/// `GET path` whose body is JSON.
+pub fn http_json(address: std::net::SocketAddr, path: &str) -> (u16, Value) {
+    let (status, body) = http_get(address, path);
+    let value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{path}: not JSON ({e}): {body}"));
+    (status, value)
+}
+
+/// Waits (up to `within`) until `check` returns `Some`, and returns it.
+pub fn eventually<T>(within: Duration, what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
