@@ -519,12 +519,7 @@ impl Stage {
             if offsets.count() > 0 {
                 tx.send_offsets(&offsets, &group)?;
             }
-            tracing::debug!(
-                records = records.len(),
-                dead_letters = dead_letters.len(),
-                ms = started.elapsed().as_millis() as u64,
-                "meter: transaction filled"
-            );
+            tracing::debug!(ms = started.elapsed().as_millis() as u64, "meter: transaction filled");
             Ok(())
         });
         began.map_err(anyhow::Error::from)
