@@ -210,7 +210,8 @@ impl Outbox {
         records: &mut usize,
     ) -> Result<(), TransactionFailed> {
         let result = self.producer.begin_transaction().map_err(anyhow::Error::from).and_then(|()| {
-            let tx = Transaction { producer: &self.producer, timeout: self.timeout, sent: Default::default() };
+            let tx =
+                Transaction { producer: &self.producer, timeout: self.timeout, sent: Default::default() };
             let filled = fill(&tx);
             *records = tx.sent.get();
             filled.and_then(|()| self.commit_with_retries())
