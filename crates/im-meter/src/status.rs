@@ -105,8 +105,12 @@ impl ConsumerStatus {
 
 /// Live metering state, read by the usage API and the per-app metrics.
 pub trait LiveUsage: Send + Sync {
-    /// Copies of the aggregates held for which `wanted(app, month)` is true.
-    fn aggregates(&self, wanted: &dyn Fn(AppId, Month) -> bool) -> Vec<(AppId, Month, AppMonthAggregate)>;
+    /// Copies of the aggregates held for which `wanted(app, month)` is true; `None` when
+    /// the state is busy (a partition being restored) and cannot be read now.
+    fn aggregates(
+        &self,
+        wanted: &dyn Fn(AppId, Month) -> bool,
+    ) -> Option<Vec<(AppId, Month, AppMonthAggregate)>>;
     /// The latest month with state.
     fn latest_month(&self) -> Option<Month>;
     /// Events partitions whose state is held here.

@@ -169,7 +169,8 @@ fn refresh_top_apps(api: &Api) {
     let Some(month) = live.iter().filter_map(|l| l.latest_month()).max() else { return };
     let mut merged: BTreeMap<AppId, AppMonthAggregate> = BTreeMap::new();
     for source in &live {
-        for (app_id, _, aggregate) in source.aggregates(&|_, m| m == month) {
+        // A source busy restoring is left out of this scrape.
+        for (app_id, _, aggregate) in source.aggregates(&|_, m| m == month).unwrap_or_default() {
             match merged.get_mut(&app_id) {
                 Some(mine) => {
                     let _ = mine.merge(&aggregate);

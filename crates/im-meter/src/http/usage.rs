@@ -106,7 +106,13 @@ fn usage_report(api: &Api, app_id: AppId, month: Month, now: Timestamp) -> Resul
     let mut merged: Option<AppMonthAggregate> = None;
     let mut seen_app = false;
     for source in &live {
-        for (_, m, aggregate) in source.aggregates(&|a, _| a == app_id) {
+        let found = source.aggregates(&|a, _| a == app_id).ok_or_else(|| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the metering state is being restored; try again shortly",
+            )
+        })?;
+        for (_, m, aggregate) in found {
             seen_app = true;
             if m != month {
                 continue;

@@ -583,23 +583,42 @@ fn caught_up(consumer: &BaseConsumer<StageContext>, topic: &str, partition: i32,
 /// The live state of one metering consumer, for the usage API and the per-app metrics.
 struct MeterHandle(Arc<Mutex<Stage>>);
 
+impl MeterHandle {
+    /// The stage, if it can be had within a moment: a stage restoring a partition holds
+    /// its lock for as long as the restore takes, and a scrape must not wait that long.
+    fn stage(&self) -> Option<MutexGuard<'_, Stage>> {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        loop {
+            match self.0.try_lock() {
+                Ok(stage) => return Some(stage),
+                Err(std::sync::TryLockError::WouldBlock) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(_) => return None,
+            }
+        }
+    }
+}
+
 impl LiveUsage for MeterHandle {
-    fn aggregates(&self, wanted: &dyn Fn(AppId, Month) -> bool) -> Vec<(AppId, Month, AppMonthAggregate)> {
-        let Ok(stage) = self.0.lock() else { return Vec::new() };
+    fn aggregates(
+        &self,
+        wanted: &dyn Fn(AppId, Month) -> bool,
+    ) -> Option<Vec<(AppId, Month, AppMonthAggregate)>> {
+        let stage = self.stage()?;
         let mut found = Vec::new();
         for task in stage.tasks.values() {
             let matching = task.meter.aggregates().filter(|&(app_id, month, _)| wanted(app_id, month));
             found.extend(matching.map(|(app_id, month, aggregate)| (app_id, month, aggregate.clone())));
         }
-        found
+        Some(found)
     }
 
     fn latest_month(&self) -> Option<Month> {
-        let stage = self.0.lock().ok()?;
-        stage.tasks.values().filter_map(|t| t.meter.active_months().last().copied()).max()
+        self.stage()?.tasks.values().filter_map(|t| t.meter.active_months().last().copied()).max()
     }
 
     fn partitions(&self) -> Vec<i32> {
-        self.0.lock().map(|s| s.tasks.keys().copied().collect()).unwrap_or_default()
+        self.stage().map(|s| s.tasks.keys().copied().collect()).unwrap_or_default()
     }
 }
