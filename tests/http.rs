@@ -26,7 +26,7 @@ fn json_worker(d: &Deployment, env: &[(&str, &str)]) -> Worker {
     d.worker_with("a", env, &["--log-format", "json"])
 }
 
-/// A Prometheus server on a free loopback port, scraping `target` every second; stopped
+/// A Prometheus server on a free loopback port, scraping `target` every 2 s; stopped
 /// when dropped.
 struct Prometheus {
     child: Child,
@@ -41,7 +41,7 @@ impl Prometheus {
         std::fs::write(
             &config,
             format!(
-                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: im-meter\n    static_configs:\n      - targets: [\"{target}\"]\n"
+                "global:\n  scrape_interval: 2s\n  scrape_timeout: 2s\n  evaluation_interval: 2s\nscrape_configs:\n  - job_name: im-meter\n    static_configs:\n      - targets: [\"{target}\"]\n"
             ),
         )
         .unwrap();
@@ -55,7 +55,7 @@ impl Prometheus {
             .spawn()
             .expect("prometheus is installed (scripts/prometheus.sh)");
         let server = Prometheus { child, address, _dir: dir };
-        eventually(Duration::from_secs(60), "Prometheus to be ready", || {
+        eventually(Duration::from_secs(120), "Prometheus to be ready", || {
             std::net::TcpStream::connect(address)
                 .ok()
                 .and_then(|_| (http_get(address, "/-/ready").0 == 200).then_some(()))
@@ -119,7 +119,7 @@ fn prometheus_scrapes_the_worker_and_promtool_accepts_its_metrics() {
         (http_get(address, "/v1/months/2026-10/charges").0 == 200).then_some(())
     });
     let prometheus = Prometheus::start(address);
-    let up = eventually(Duration::from_secs(60), "a scrape of the worker", || {
+    let up = eventually(Duration::from_secs(120), "a scrape of the worker", || {
         let up = prometheus.query(r#"up{job="im-meter"}"#);
         (up.first().map(|s| s["value"][1] == "1") == Some(true)).then_some(up)
     });

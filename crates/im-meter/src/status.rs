@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use im_meter_core::aggregate::AppMonthAggregate;
+use im_meter_core::aggregate::{AppMonthAggregate, MonthlyUsage};
 use im_meter_core::plan::AppId;
 use im_meter_core::time::{Month, Timestamp};
 
@@ -111,6 +111,10 @@ pub trait LiveUsage: Send + Sync {
         &self,
         wanted: &dyn Fn(AppId, Month) -> bool,
     ) -> Option<Vec<(AppId, Month, AppMonthAggregate)>>;
+    /// The usage so far of every app with state in `month`, computed where it is held (an
+    /// app whose events are spread over several partitions appears once per partition);
+    /// `None` when busy.
+    fn usage_in(&self, month: Month) -> Option<Vec<MonthlyUsage>>;
     /// The latest month with state.
     fn latest_month(&self) -> Option<Month>;
     /// Events partitions whose state is held here.

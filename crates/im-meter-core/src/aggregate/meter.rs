@@ -16,6 +16,7 @@ use super::checkpoint::{Progress, StateKey, StateRecord};
 use super::connections::{ConnEffect, ConnRecord, ConnectionTable, Interval};
 use super::pcc::{MonthSamples, SampleGrid};
 use super::unique::Precision;
+use super::usage::MonthlyUsage;
 use crate::ingest::{Action, UsageEvent};
 use crate::plan::AppId;
 use crate::time::{BillingTz, DayCache, Month, Timestamp};
@@ -150,6 +151,20 @@ impl Meter {
     /// Every aggregate held, in no particular order.
     pub fn aggregates(&self) -> impl Iterator<Item = (AppId, Month, &AppMonthAggregate)> {
         self.months.iter().map(|(&(app_id, month), aggregate)| (app_id, month, aggregate))
+    }
+
+    /// The usage so far of every app with state in `month`, sorted by app (reading the
+    /// sketches flushes them, which changes no figure and no encoding).
+    pub fn usage_in(&mut self, month: Month) -> Vec<MonthlyUsage> {
+        let grid = self.settings.grid;
+        let mut usage: Vec<MonthlyUsage> = self
+            .months
+            .iter_mut()
+            .filter(|((_, m), _)| *m == month)
+            .map(|(&(app_id, m), aggregate)| aggregate.usage(app_id, m, grid))
+            .collect();
+        usage.sort_by_key(|u| u.app_id);
+        usage
     }
 
     /// The aggregate of an app-month, if any event touched it.

@@ -18,8 +18,9 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use im_meter_core::aggregate::AppMonthAggregate;
+use im_meter_core::aggregate::{AppMonthAggregate, MonthlyUsage};
 use im_meter_core::plan::AppId;
+use im_meter_core::time::Month;
 use serde_json::json;
 use tracing::{info, warn};
 
@@ -163,14 +164,34 @@ fn refresh_gauges(api: &Api) {
 /// month held; apps that drop out of the top lose their series.
 fn refresh_top_apps(api: &Api) {
     let m = metrics();
+    let top = top_apps(api);
     m.app_mau.reset();
     m.app_pcc.reset();
+    for u in &top {
+        let app = u.app_id.to_string();
+        m.app_mau.with_label_values(&[&app]).set(u.mau as i64);
+        m.app_pcc.with_label_values(&[&app]).set(u.pcc as i64);
+    }
+}
+
+/// The usage so far of the `http.top_apps` apps with the most MAU in the latest month held,
+/// most first. Usage is computed where it is held; only an app spread over several
+/// partitions is merged from copies.
+fn top_apps(api: &Api) -> Vec<MonthlyUsage> {
     let live = api.board.live_usage();
-    let Some(month) = live.iter().filter_map(|l| l.latest_month()).max() else { return };
-    let mut merged: BTreeMap<AppId, AppMonthAggregate> = BTreeMap::new();
-    for source in &live {
-        // A source busy restoring is left out of this scrape.
-        for (app_id, _, aggregate) in source.aggregates(&|_, m| m == month).unwrap_or_default() {
+    let Some(month) = live.iter().filter_map(|l| l.latest_month()).max() else { return Vec::new() };
+    // A source busy restoring is left out of this scrape.
+    let mut by_app: BTreeMap<AppId, Vec<MonthlyUsage>> = BTreeMap::new();
+    for u in live.iter().filter_map(|l| l.usage_in(month)).flatten() {
+        by_app.entry(u.app_id).or_default().push(u);
+    }
+    let split: Vec<AppId> = by_app.iter().filter(|(_, parts)| parts.len() > 1).map(|(a, _)| *a).collect();
+    let mut usage: Vec<MonthlyUsage> =
+        by_app.into_values().filter(|parts| parts.len() == 1).flatten().collect();
+    if !split.is_empty() {
+        let mut merged: BTreeMap<AppId, AppMonthAggregate> = BTreeMap::new();
+        let wanted = |app: AppId, m: Month| m == month && split.binary_search(&app).is_ok();
+        for (app_id, _, aggregate) in live.iter().filter_map(|l| l.aggregates(&wanted)).flatten() {
             match merged.get_mut(&app_id) {
                 Some(mine) => {
                     let _ = mine.merge(&aggregate);
@@ -180,13 +201,80 @@ fn refresh_top_apps(api: &Api) {
                 }
             }
         }
+        let grid = api.config.meter.grid;
+        usage.extend(merged.into_iter().map(|(app, mut agg)| agg.usage(app, month, grid)));
     }
-    let grid = api.config.meter.grid;
-    let mut usage: Vec<_> = merged.into_iter().map(|(app, mut agg)| agg.usage(app, month, grid)).collect();
     usage.sort_by(|a, b| b.mau.cmp(&a.mau).then(a.app_id.cmp(&b.app_id)));
-    for u in usage.iter().take(api.config.http.top_apps) {
-        let app = u.app_id.to_string();
-        m.app_mau.with_label_values(&[&app]).set(u.mau as i64);
-        m.app_pcc.with_label_values(&[&app]).set(u.pcc as i64);
+    usage.truncate(api.config.http.top_apps);
+    usage
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use im_meter_core::aggregate::{AppMonthAggregate, MonthlyUsage, Precision};
+    use im_meter_core::ingest::UserKey;
+    use im_meter_core::plan::AppId;
+    use im_meter_core::time::Month;
+
+    use super::*;
+    use crate::status::LiveUsage;
+
+    /// A partition's worth of live state: app → users who logged in.
+    struct Fake(Vec<(AppId, std::ops::Range<u32>)>);
+
+    impl Fake {
+        fn aggregate(&self, app: AppId) -> Option<AppMonthAggregate> {
+            let month: Month = "2026-12".parse().ok()?;
+            let (_, users) = self.0.iter().find(|(a, _)| *a == app)?;
+            let mut agg = AppMonthAggregate::new(Precision::default(), false);
+            for u in users.clone() {
+                agg.record_login(month.day(1)?, UserKey::of(&format!("user-{u}")));
+            }
+            Some(agg)
+        }
+    }
+
+    impl LiveUsage for Fake {
+        fn aggregates(
+            &self,
+            wanted: &dyn Fn(AppId, Month) -> bool,
+        ) -> Option<Vec<(AppId, Month, AppMonthAggregate)>> {
+            let month: Month = "2026-12".parse().ok()?;
+            let apps = self.0.iter().map(|(a, _)| *a).filter(|a| wanted(*a, month));
+            Some(apps.filter_map(|a| Some((a, month, self.aggregate(a)?))).collect())
+        }
+        fn usage_in(&self, month: Month) -> Option<Vec<MonthlyUsage>> {
+            let grid = im_meter_core::aggregate::SampleGrid::new(std::time::Duration::from_secs(60)).ok()?;
+            Some(
+                self.0.iter().filter_map(|(a, _)| Some(self.aggregate(*a)?.usage(*a, month, grid))).collect(),
+            )
+        }
+        fn latest_month(&self) -> Option<Month> {
+            "2026-12".parse().ok()
+        }
+        fn partitions(&self) -> Vec<i32> {
+            Vec::new()
+        }
+    }
+
+    #[test]
+    fn only_the_top_apps_get_series_and_split_apps_are_merged_not_added() {
+        let config =
+            crate::config::Config::load(None, [("IM_METER__HTTP__TOP_APPS".to_string(), "2".to_string())])
+                .expect("valid");
+        let board = Board::new();
+        // App 7's users are spread over two partitions, half of them in both: 150 in all,
+        // not 200. App 8 has 120, app 9 has 10 (not in the top 2).
+        board.live(Arc::new(Fake(vec![(7, 0..100), (9, 0..10)])));
+        board.live(Arc::new(Fake(vec![(7, 50..150), (8, 0..120)])));
+        let api = Api {
+            config,
+            board,
+            ledger: Arc::new(Ledger::new(&crate::config::Config::load(None, []).expect("valid"))),
+        };
+        let top: Vec<(AppId, u64)> = top_apps(&api).iter().map(|u| (u.app_id, u.mau)).collect();
+        assert_eq!(top, vec![(7, 150), (8, 120)]);
     }
 }

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use im_meter_core::aggregate::{
-    billing_partition, AppMonthAggregate, ChangelogKey, Meter, Outcome, StateKey,
+    billing_partition, AppMonthAggregate, ChangelogKey, Meter, MonthlyUsage, Outcome, StateKey,
 };
 use im_meter_core::ingest::{decode_usage_event, RejectReason, Rejection};
 use im_meter_core::plan::AppId;
@@ -587,7 +587,9 @@ impl MeterHandle {
     /// The stage, if it can be had within a moment: a stage restoring a partition holds
     /// its lock for as long as the restore takes, and a scrape must not wait that long.
     fn stage(&self) -> Option<MutexGuard<'_, Stage>> {
-        let deadline = Instant::now() + Duration::from_secs(2);
+        // Longer than a round of records or a commit's build takes; far shorter than a
+        // scrape's timeout.
+        let deadline = Instant::now() + Duration::from_millis(500);
         loop {
             match self.0.try_lock() {
                 Ok(stage) => return Some(stage),
@@ -612,6 +614,11 @@ impl LiveUsage for MeterHandle {
             found.extend(matching.map(|(app_id, month, aggregate)| (app_id, month, aggregate.clone())));
         }
         Some(found)
+    }
+
+    fn usage_in(&self, month: Month) -> Option<Vec<MonthlyUsage>> {
+        let mut stage = self.stage()?;
+        Some(stage.tasks.values_mut().flat_map(|t| t.meter.usage_in(month)).collect())
     }
 
     fn latest_month(&self) -> Option<Month> {

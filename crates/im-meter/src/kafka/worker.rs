@@ -77,7 +77,7 @@ pub fn run(config: &Config, role: Role, shutdown: Arc<AtomicBool>, board: &Board
                     .name(format!("im-meter-{name}"))
                     .spawn_scoped(scope, move || {
                         // Every log line of the stage says which one it is.
-                        let _span = tracing::info_span!("stage", name = %thread_name).entered();
+                        let _span = tracing::info_span!("stage", consumer = %thread_name).entered();
                         let result = stage(&shutdown);
                         if let Err(e) = &result {
                             error!(error = %format!("{e:#}"), "stage failed; stopping the worker");
