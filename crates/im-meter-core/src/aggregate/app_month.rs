@@ -29,6 +29,19 @@ pub struct AppMonthAggregate {
     /// Exact user sets, kept only when auditing the sketches (`replay --exact`).
     #[serde(skip)]
     exact: Option<Box<ExactUsers>>,
+    /// What changed since the meter last checkpointed it (never encoded).
+    #[serde(skip)]
+    unsaved: Unsaved,
+}
+
+/// Changes not checkpointed yet: flags kept in the aggregate itself, so that applying an
+/// event costs no lookup in a separate set of changed keys.
+#[derive(Copy, Clone, Debug, Default)]
+struct Unsaved {
+    /// The aggregate changed (or is new).
+    any: bool,
+    /// Bit d: the DAU of day d changed.
+    days: u32,
 }
 
 /// Exact MAU and DAU sets, the reference the sketches are audited against.
@@ -56,6 +69,7 @@ impl AppMonthAggregate {
             pcc: PccTimeline::new(),
             group_count_peak: 0,
             exact: exact.then(Box::default),
+            unsaved: Unsaved { any: true, days: 0 },
         }
     }
 
@@ -66,6 +80,8 @@ impl AppMonthAggregate {
         self.mau.insert(user);
         let d = day.number() as u8;
         self.dau.entry(d).or_insert_with(|| UniqueUsers::new(precision)).insert(user);
+        self.unsaved.any = true;
+        self.unsaved.days |= 1 << d;
         if let Some(exact) = self.exact.as_deref_mut() {
             exact.mau.insert(user.0);
             exact.dau.entry(d).or_default().insert(user.0);
@@ -81,6 +97,25 @@ impl AppMonthAggregate {
     /// A `group_stats` sample.
     pub fn record_group_count(&mut self, group_count: u64) {
         self.group_count_peak = self.group_count_peak.max(group_count);
+        self.unsaved.any = true;
+    }
+
+    /// Notes a change the aggregate cannot see (the PCC timeline was handed out, an event
+    /// made the app-month known).
+    pub(crate) fn touch(&mut self) {
+        self.unsaved.any = true;
+    }
+
+    /// Whether anything changed since the last [`AppMonthAggregate::take_unsaved_days`].
+    pub(crate) fn is_unsaved(&self) -> bool {
+        self.unsaved.any
+    }
+
+    /// The days whose DAU changed since the last call, ascending; the aggregate counts as
+    /// saved afterwards.
+    pub(crate) fn take_unsaved_days(&mut self) -> Vec<u8> {
+        let days = std::mem::take(&mut self.unsaved).days;
+        (1..=31u8).filter(|d| days & (1 << d) != 0).collect()
     }
 
     /// The PCC timeline, to count connections into.

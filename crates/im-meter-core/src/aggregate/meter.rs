@@ -9,7 +9,7 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use rustc_hash::{FxHashMap, FxHashSet};
+use rustc_hash::FxHashMap;
 
 use super::app_month::{AppMonthAggregate, CodecError};
 use super::checkpoint::{Progress, StateKey, StateRecord};
@@ -74,12 +74,9 @@ pub struct Meter {
     watermark: Option<Timestamp>,
     /// Months holding at least one applied event.
     active_months: BTreeSet<Month>,
-    /// App-months changed (or closed) since the last checkpoint.
-    changed_months: FxHashSet<(AppId, Month)>,
-    /// Days whose DAU changed since the last checkpoint: (app, month, day of the month).
-    changed_days: FxHashSet<(AppId, Month, u8)>,
-    /// Days of app-months gone from the state since the last checkpoint.
-    dropped_days: Vec<(AppId, Month, u8)>,
+    /// App-months gone from the state since the last checkpoint, with their days. (What
+    /// changed in the others, each aggregate knows itself.)
+    dropped: Vec<(AppId, Month, Vec<u8>)>,
     /// Whether the progress changed since the last checkpoint.
     progress_changed: bool,
     /// App-months whose MAU here just passed [`QUOTA_WATCH`], not yet taken.
@@ -105,9 +102,7 @@ impl Meter {
             closed_through: None,
             watermark: None,
             active_months: BTreeSet::new(),
-            changed_months: FxHashSet::default(),
-            changed_days: FxHashSet::default(),
-            dropped_days: Vec::new(),
+            dropped: Vec::new(),
             progress_changed: false,
             quota_crossings: Vec::new(),
         }
@@ -203,14 +198,13 @@ impl Meter {
         // Every accepted event makes its app-month known, even when it counts nothing.
         let precision = self.settings.precision;
         let exact = self.settings.exact;
-        self.changed_months.insert((app_id, month));
         let aggregate =
             self.months.entry((app_id, month)).or_insert_with(|| AppMonthAggregate::new(precision, exact));
+        aggregate.touch();
         match event.action {
             Action::Login { user, ok: true } => {
                 let before = aggregate.exact_mau();
                 aggregate.record_login(day, user);
-                self.changed_days.insert((app_id, month, day.number() as u8));
                 // The watch is far below the exact limit, so crossing it is seen exactly.
                 if before == Some(QUOTA_WATCH as usize)
                     && aggregate.exact_mau() == Some(QUOTA_WATCH as usize + 1)
@@ -241,8 +235,10 @@ impl Meter {
 
     fn aggregate_mut(&mut self, app_id: AppId, month: Month) -> &mut AppMonthAggregate {
         let (precision, exact) = (self.settings.precision, self.settings.exact);
-        self.changed_months.insert((app_id, month));
-        self.months.entry((app_id, month)).or_insert_with(|| AppMonthAggregate::new(precision, exact))
+        let aggregate =
+            self.months.entry((app_id, month)).or_insert_with(|| AppMonthAggregate::new(precision, exact));
+        aggregate.touch();
+        aggregate
     }
 
     /// Counts a complete connection into every open month it overlaps.
@@ -298,15 +294,13 @@ impl Meter {
                 self.aggregate_mut(app_id, month).pcc_mut().add_connection(samples, from, None);
             }
         }
-        let (changed, dropped_days) = (&mut self.changed_months, &mut self.dropped_days);
+        let dropped = &mut self.dropped;
         let mut closed: ClosedMonth = self
             .months
             .extract_if(|&(_, m), _| m <= month)
-            .inspect(|(key, aggregate)| {
+            .inspect(|((app_id, m), aggregate)| {
                 // Gone from the state: the checkpoint deletes it.
-                changed.insert(*key);
-                let &(app_id, m) = key;
-                dropped_days.extend(aggregate.days().map(|d| (app_id, m, d)));
+                dropped.push((*app_id, *m, aggregate.days().collect()));
             })
             .filter(|((_, m), _)| *m == month)
             .map(|((app_id, _), aggregate)| (app_id, aggregate))
@@ -375,28 +369,24 @@ impl Meter {
             };
             records.push(StateRecord { key: StateKey::Progress, value: Some(progress.encode()) });
         }
-        let mut days: FxHashMap<(AppId, Month), Vec<u8>> = FxHashMap::default();
-        for (app_id, month, day) in self.changed_days.drain() {
-            days.entry((app_id, month)).or_default().push(day);
-        }
-        let mut months: Vec<(AppId, Month)> = self.changed_months.drain().collect();
+        let mut months: Vec<(AppId, Month)> =
+            self.months.iter().filter(|(_, a)| a.is_unsaved()).map(|(key, _)| *key).collect();
         months.sort_unstable();
         for (app_id, month) in months {
-            let Some(aggregate) = self.months.get_mut(&(app_id, month)) else {
-                records.push(StateRecord { key: StateKey::AppMonth { app_id, month }, value: None });
-                continue;
-            };
-            let mut changed = days.remove(&(app_id, month)).unwrap_or_default();
-            changed.sort_unstable();
-            let (whole, parts) = aggregate.encode_parts(changed);
+            let Some(aggregate) = self.months.get_mut(&(app_id, month)) else { continue };
+            let days = aggregate.take_unsaved_days();
+            let (whole, parts) = aggregate.encode_parts(days);
             records.push(StateRecord { key: StateKey::AppMonth { app_id, month }, value: Some(whole) });
             for (day, part) in parts {
                 let key = StateKey::AppMonthDay { app_id, month, day };
                 records.push(StateRecord { key, value: Some(part) });
             }
         }
-        for (app_id, month, day) in self.dropped_days.drain(..) {
-            records.push(StateRecord { key: StateKey::AppMonthDay { app_id, month, day }, value: None });
+        for (app_id, month, days) in self.dropped.drain(..) {
+            records.push(StateRecord { key: StateKey::AppMonth { app_id, month }, value: None });
+            for day in days {
+                records.push(StateRecord { key: StateKey::AppMonthDay { app_id, month, day }, value: None });
+            }
         }
         let connections = self.connections.take_changes();
         for ((app_id, conn), record) in connections.records {
