@@ -6,7 +6,7 @@
 //! the HTTP side only reads. Nothing here talks to Kafka.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -126,12 +126,19 @@ pub trait LiveUsage: Send + Sync {
 pub struct Board {
     consumers: Mutex<Vec<Arc<ConsumerStatus>>>,
     live: Mutex<Vec<Arc<dyn LiveUsage>>>,
+    /// How many consumers the worker starts: not ready until all have registered.
+    expected: AtomicUsize,
 }
 
 impl Board {
     /// A new, empty board.
     pub fn new() -> Arc<Self> {
         Arc::new(Board::default())
+    }
+
+    /// Says how many consumers the worker starts.
+    pub fn expect_consumers(&self, n: usize) {
+        self.expected.store(n, Ordering::Relaxed);
     }
 
     /// Registers a consumer and returns its status to report into.
@@ -167,8 +174,9 @@ impl Board {
     /// A consumer with nothing assigned (more consumers than partitions) is ready.
     pub fn not_ready(&self, stall_timeout: Duration) -> Vec<String> {
         let consumers = self.consumers();
-        if consumers.is_empty() {
-            return vec!["no consumer has started yet".into()];
+        let expected = self.expected.load(Ordering::Relaxed).max(1);
+        if consumers.len() < expected {
+            return vec![format!("{} of {expected} consumers have started", consumers.len())];
         }
         let now = now_ms();
         let mut problems = Vec::new();
@@ -209,8 +217,13 @@ mod tests {
     #[test]
     fn a_stalled_consumer_with_records_waiting_is_not_ready() {
         let board = Board::new();
+        board.expect_consumers(2);
         assert!(!board.not_ready(Duration::from_secs(1)).is_empty(), "nothing started yet");
         let c = board.consumer(StageKind::Meter, "0", "events");
+        c.polled();
+        assert_eq!(board.not_ready(Duration::from_secs(1)), vec!["1 of 2 consumers have started"]);
+        let billing = board.consumer(StageKind::Bill, "0", "changelog");
+        billing.polled();
         c.polled();
         c.state().partitions.insert(3, PartitionState { restored: false, ..Default::default() });
         assert!(board.not_ready(Duration::from_secs(1))[0].contains("restoring partitions [3]"));

@@ -184,7 +184,7 @@ pub fn run(config: &Config, member: usize, shutdown: &AtomicBool, board: &Board)
     let idle_check_every = (config.worker.idle_partition_timeout / 2).max(Duration::from_millis(500));
     let mut last_idle_check = Instant::now();
     // Declared after the consumer, so dropped before it (the borrow checker insists).
-    let mut queues: BTreeMap<i32, Option<PartitionQueue<'_>>> = BTreeMap::new();
+    let mut queues: BTreeMap<i32, PartitionQueue<'_>> = BTreeMap::new();
     let mut batch = Batch::with_capacity(BATCH);
     let mut wait = Duration::ZERO;
     let status = lock(&stage)?.status.clone();
@@ -222,10 +222,12 @@ pub fn run(config: &Config, member: usize, shutdown: &AtomicBool, board: &Board)
             queues.retain(|p, _| stage.assigned.contains(p));
             for &p in &stage.assigned {
                 if let Entry::Vacant(slot) = queues.entry(p) {
-                    slot.insert(PartitionQueue::open(&consumer, &topics.events, p));
+                    if let Some(queue) = PartitionQueue::open(&consumer, &topics.events, p) {
+                        slot.insert(queue);
+                    }
                 }
             }
-            for queue in queues.values().flatten() {
+            for queue in queues.values() {
                 taken += queue.fill(&mut batch, Duration::ZERO);
                 for record in batch.records() {
                     match record {

@@ -67,6 +67,7 @@ pub fn run(config: &Config, role: Role, shutdown: Arc<AtomicBool>, board: &Board
     if matches!(role, Role::All | Role::Bill) {
         stages.push(("billing".into(), Box::new(|stop| bill::run(config, stop, board))));
     }
+    board.expect_consumers(stages.len());
     std::thread::scope(|scope| {
         let handles: Vec<_> = stages
             .into_iter()
