@@ -174,6 +174,27 @@ fn refresh_top_apps(api: &Api) {
     }
 }
 
+/// The shares of each app (from several partitions) merged into one aggregate per app; a
+/// share that cannot merge (another HLL precision: a misconfiguration) is left out.
+fn merge_by_app(
+    parts: impl IntoIterator<Item = (AppId, Month, AppMonthAggregate)>,
+) -> BTreeMap<AppId, AppMonthAggregate> {
+    let mut merged: BTreeMap<AppId, AppMonthAggregate> = BTreeMap::new();
+    for (app_id, _, aggregate) in parts {
+        match merged.get_mut(&app_id) {
+            Some(mine) => {
+                if let Err(e) = mine.merge(&aggregate) {
+                    warn!(app_id, error = %e, "http: a share of the app's usage cannot be merged");
+                }
+            }
+            None => {
+                merged.insert(app_id, aggregate);
+            }
+        }
+    }
+    merged
+}
+
 /// The usage so far of the `http.top_apps` apps with the most MAU in the latest month held,
 /// most first. Usage is computed where it is held; only an app spread over several
 /// partitions is merged from copies.
@@ -189,20 +210,10 @@ fn top_apps(api: &Api) -> Vec<MonthlyUsage> {
     let mut usage: Vec<MonthlyUsage> =
         by_app.into_values().filter(|parts| parts.len() == 1).flatten().collect();
     if !split.is_empty() {
-        let mut merged: BTreeMap<AppId, AppMonthAggregate> = BTreeMap::new();
         let wanted = |app: AppId, m: Month| m == month && split.binary_search(&app).is_ok();
-        for (app_id, _, aggregate) in live.iter().filter_map(|l| l.aggregates(&wanted)).flatten() {
-            match merged.get_mut(&app_id) {
-                Some(mine) => {
-                    let _ = mine.merge(&aggregate);
-                }
-                None => {
-                    merged.insert(app_id, aggregate);
-                }
-            }
-        }
+        let parts = live.iter().filter_map(|l| l.aggregates(&wanted)).flatten();
         let grid = api.config.meter.grid;
-        usage.extend(merged.into_iter().map(|(app, mut agg)| agg.usage(app, month, grid)));
+        usage.extend(merge_by_app(parts).into_iter().map(|(app, mut agg)| agg.usage(app, month, grid)));
     }
     usage.sort_by(|a, b| b.mau.cmp(&a.mau).then(a.app_id.cmp(&b.app_id)));
     usage.truncate(api.config.http.top_apps);

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::Json;
-use im_meter_core::aggregate::{AppMonthAggregate, MonthlyUsage};
+use im_meter_core::aggregate::MonthlyUsage;
 use im_meter_core::bill::{bill_month, project_month_end, Charge};
 use im_meter_core::plan::AppId;
 use im_meter_core::time::{Month, Timestamp};
@@ -22,7 +22,7 @@ use rust_decimal::Decimal;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::{blocking, Api, ApiError};
+use super::{blocking, merge_by_app, Api, ApiError};
 use crate::report::UsageItem;
 use crate::status::now_ms;
 
@@ -103,28 +103,17 @@ fn usage_report(api: &Api, app_id: AppId, month: Month, now: Timestamp) -> Resul
     let live = api.board.live_usage();
     let mut held: Vec<i32> = live.iter().flat_map(|l| l.partitions()).collect();
     held.sort_unstable();
-    let mut merged: Option<AppMonthAggregate> = None;
-    let mut seen_app = false;
+    let mut parts = Vec::new();
     for source in &live {
-        let found = source.aggregates(&|a, _| a == app_id).ok_or_else(|| {
+        parts.extend(source.aggregates(&|a, _| a == app_id).ok_or_else(|| {
             ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "the metering state is being restored; try again shortly",
             )
-        })?;
-        for (_, m, aggregate) in found {
-            seen_app = true;
-            if m != month {
-                continue;
-            }
-            match merged.as_mut() {
-                Some(mine) => mine.merge(&aggregate).map_err(|e| {
-                    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("cannot merge usage: {e}"))
-                })?,
-                None => merged = Some(aggregate),
-            }
-        }
+        })?);
     }
+    let seen_app = !parts.is_empty();
+    let merged = merge_by_app(parts.into_iter().filter(|(_, m, _)| *m == month)).remove(&app_id);
     let known = seen_app
         || ledger.book.created_at(app_id).is_some()
         || ledger.usage.keys().any(|(_, a)| *a == app_id);

@@ -33,16 +33,17 @@ pub fn sample(config: &Config, board: &Board, shutdown: &AtomicBool) -> anyhow::
             let partitions: Vec<i32> = status.state().partitions.keys().copied().collect();
             for p in partitions {
                 // A broker that does not answer leaves the last known end in place.
-                match consumer.fetch_watermarks(&status.topic, p, Duration::from_secs(5)) {
-                    Ok((_, high)) => {
-                        if let Some(entry) = status.state().partitions.get_mut(&p) {
-                            entry.end_offset = Some(high);
-                        }
-                    }
-                    Err(e) => debug!(partition = p, error = %e, "lag: cannot read the partition's end"),
+                let end = consumer.fetch_watermarks(&status.topic, p, Duration::from_secs(5));
+                if let Err(e) = &end {
+                    debug!(partition = p, error = %e, "lag: cannot read the partition's end");
                 }
-                let stage = status.stage.label();
-                if let Some(lag) = status.state().partitions.get(&p).and_then(|s| s.lag()) {
+                let mut state = status.state();
+                let Some(entry) = state.partitions.get_mut(&p) else { continue };
+                if let Ok((_, high)) = end {
+                    entry.end_offset = Some(high);
+                }
+                if let Some(lag) = entry.lag() {
+                    let stage = status.stage.label();
                     metrics().consumer_lag.with_label_values(&[stage, &p.to_string()]).set(lag);
                     now_exported.insert((stage, p));
                 }

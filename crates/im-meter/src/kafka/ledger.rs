@@ -47,18 +47,29 @@ impl LedgerState {
         self.usage.range((month, 0)..=(month, AppId::MAX)).next().is_some()
     }
 
-    /// Drops months beyond the newest `keep_months`.
-    fn trim(&mut self) {
-        let Some(&(newest, _)) = self.usage.keys().next_back() else { return };
-        let mut cutoff = newest;
-        for _ in 1..self.keep_months {
-            cutoff = cutoff.prev();
+    /// Whether records of `month` are kept: it is among the newest `keep_months` seen.
+    fn keeps(&self, month: Month) -> bool {
+        self.forgotten_before.is_none_or(|cutoff| month >= cutoff)
+    }
+
+    /// A billed app-month's usage. A month newer than any before moves the window of kept
+    /// months (and only then are older ones dropped: reading a long topic stays linear).
+    fn add_usage(&mut self, usage: MonthlyUsage) {
+        let newest = self.usage.keys().next_back().map(|(m, _)| *m);
+        if newest.is_none_or(|n| usage.month > n) {
+            let mut cutoff = usage.month;
+            for _ in 1..self.keep_months {
+                cutoff = cutoff.prev();
+            }
+            if self.usage.keys().next().is_some_and(|(m, _)| *m < cutoff) {
+                self.forgotten_before = self.forgotten_before.max(Some(cutoff));
+                self.usage.retain(|(m, _), _| *m >= cutoff);
+                self.charges.retain(|(m, _), _| *m >= cutoff);
+            }
         }
-        if self.usage.keys().next().is_some_and(|(m, _)| *m < cutoff) {
-            self.forgotten_before = self.forgotten_before.max(Some(cutoff));
+        if self.keeps(usage.month) {
+            self.usage.insert((usage.month, usage.app_id), usage);
         }
-        self.usage.retain(|(m, _), _| *m >= cutoff);
-        self.charges.retain(|(m, _), _| *m >= cutoff);
     }
 }
 
@@ -99,23 +110,35 @@ pub fn follow(config: &Config, ledger: &Ledger, shutdown: &AtomicBool) -> anyhow
         .context("cannot create the ledger reader")?;
     let followed = [&topics.usage, &topics.charges, &topics.subscriptions];
     let mut assignment = TopicPartitionList::new();
-    let mut partitions = 0;
+    // Where each partition ended when the ledger started: caught up once read that far.
+    let mut pending = BTreeMap::new();
     for topic in followed {
         for p in 0..changelog::partition_count(&client, topic)? as i32 {
             assignment.add_partition_offset(topic, p, Offset::Beginning)?;
-            partitions += 1;
+            let (_, end) = consumer.fetch_watermarks(topic, p, Duration::from_secs(30))?;
+            if end > 0 {
+                pending.insert((topic.to_string(), p), end);
+            }
         }
     }
     consumer.assign(&assignment).context("cannot assign the ledger reader")?;
-    let mut at_end = 0;
+    ledger.state().caught_up = pending.is_empty();
     while !shutdown.load(Ordering::Relaxed) {
         let Some(message) = consumer.poll(Duration::from_millis(200)) else { continue };
         let m = match message {
             Ok(m) => m,
             Err(rdkafka::error::KafkaError::PartitionEOF(_)) => {
-                at_end += 1;
-                if at_end >= partitions {
-                    ledger.state().caught_up = true;
+                // The position steps over transaction markers, which no message shows.
+                if !pending.is_empty() {
+                    for e in consumer.position()?.elements() {
+                        if let Offset::Offset(at) = e.offset() {
+                            let key = (e.topic().to_string(), e.partition());
+                            if pending.get(&key).is_some_and(|end| at >= *end) {
+                                pending.remove(&key);
+                            }
+                        }
+                    }
+                    ledger.state().caught_up = pending.is_empty();
                 }
                 continue;
             }
@@ -128,16 +151,16 @@ pub fn follow(config: &Config, ledger: &Ledger, shutdown: &AtomicBool) -> anyhow
         let mut state = ledger.state();
         let read = if m.topic() == topics.usage.as_str() {
             serde_json::from_slice::<UsageItem>(value).map_err(anyhow::Error::from).and_then(|item| {
-                let usage = item.into_usage()?;
-                state.usage.insert((usage.month, usage.app_id), usage);
-                state.trim();
+                state.add_usage(item.into_usage()?);
                 Ok(())
             })
         } else if m.topic() == topics.charges.as_str() {
             serde_json::from_slice::<Charge>(value).map_err(anyhow::Error::from).map(|charge| {
-                let lines = state.charges.entry((charge.month, charge.app_id)).or_default();
-                lines.retain(|c| c.charge_id != charge.charge_id);
-                lines.push(charge);
+                if state.keeps(charge.month) {
+                    let lines = state.charges.entry((charge.month, charge.app_id)).or_default();
+                    lines.retain(|c| c.charge_id != charge.charge_id);
+                    lines.push(charge);
+                }
             })
         } else {
             // Refused subscription events were dead-lettered by billing; skip them here too.
@@ -151,4 +174,26 @@ pub fn follow(config: &Config, ledger: &Ledger, shutdown: &AtomicBool) -> anyhow
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_newest_months_are_kept_and_older_records_stay_out() {
+        let config = Config::load(None, [("IM_METER__HTTP__HISTORY_MONTHS".to_string(), "2".to_string())])
+            .expect("valid");
+        let ledger = Ledger::new(&config);
+        let mut state = ledger.state();
+        let month = |m: &str| m.parse::<Month>().expect("month");
+        for m in ["2026-09", "2026-10", "2026-09", "2026-11"] {
+            state.add_usage(MonthlyUsage::empty(7, month(m)));
+        }
+        assert_eq!(state.forgotten_before, Some(month("2026-10")));
+        assert!(!state.is_billed(month("2026-09")) && state.is_billed(month("2026-10")));
+        // A late record of a forgotten month does not come back.
+        state.add_usage(MonthlyUsage::empty(8, month("2026-09")));
+        assert_eq!(state.usage.len(), 2);
+    }
 }

@@ -23,7 +23,7 @@ use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use im_meter_core::aggregate::{
@@ -41,7 +41,7 @@ use super::output::{BackgroundOutbox, DeadLetter, Outbox, TransactionFailed};
 use super::{changelog, with_retries};
 use crate::config::Config;
 use crate::metrics::{metrics, EventTally};
-use crate::status::{Board, ConsumerStatus, LiveUsage, StageKind};
+use crate::status::{now_ms, Board, ConsumerStatus, LiveUsage, StageKind};
 
 /// How long a poll waits when nothing was fetched: bounds how late a commit, a shutdown or
 /// the first records after a quiet spell can be.
@@ -395,7 +395,7 @@ impl Stage {
             Some(w) => w,
             // Whole minutes: the clock moves the watermark (and so causes a commit) at most
             // once a minute.
-            None if idle.len() == self.tasks.len() => Timestamp(now().millis() / 60_000 * 60_000),
+            None if idle.len() == self.tasks.len() => Timestamp(now_ms() / 60_000 * 60_000),
             None => return,
         };
         for p in &idle {
@@ -564,12 +564,6 @@ impl Stage {
         }
         Ok(())
     }
-}
-
-/// The clock, for partitions that have all gone idle.
-fn now() -> Timestamp {
-    let ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
-    Timestamp(ms)
 }
 
 /// Whether everything a partition holds has been read: the offset after the last record
