@@ -305,38 +305,50 @@ fn idle_connections_are_closed_at_their_last_sign_of_life() {
 /// A closed month's aggregate as emitted: month, app, encoded aggregate.
 type Emitted = (String, u64, Vec<u8>);
 
+/// How a partition's events reach the meter: batches of `before` events until a crash in
+/// the batch starting at event `crash_at` (after `crash_after` of its events), then, from
+/// the last commit on, batches of `after` events (a restarted worker fetches differently).
+#[derive(Debug, Clone, Copy)]
+struct Chunking {
+    before: usize,
+    after: usize,
+    crash: Option<(usize, usize)>,
+}
+
 /// Runs events through a meter the way the Kafka worker does: in batches, closing due
-/// months and checkpointing after each. With `crash = Some((k, n))`, the process dies in
-/// batch `k` after applying `n` of its events (uncommitted work lost) and a new meter is
-/// restored from the compacted changelog, then the input resumes at batch `k`.
-/// Returns every closed month's aggregates (encoded) and the outcome of every committed event.
+/// months and checkpointing after each (a commit). A crash loses the uncommitted work; a
+/// new meter is restored from the compacted changelog and the input resumes at the
+/// committed position. Returns every closed month's aggregates (encoded) and the outcome
+/// of every committed event, in input order.
 fn run_streaming(
     settings: &MeterSettings,
-    batches: &[Vec<UsageEvent>],
-    crash: Option<(usize, usize)>,
+    events: &[UsageEvent],
+    chunking: Chunking,
 ) -> (Vec<Emitted>, Vec<Outcome>) {
-    let lateness = Duration::from_secs(3600);
+    let settings = &MeterSettings { allowed_lateness: Some(Duration::from_secs(3600)), ..settings.clone() };
     let mut changelog: BTreeMap<StateKey, Option<Vec<u8>>> = BTreeMap::new();
     let mut meter = Meter::new(settings.clone());
     let mut emitted = Vec::new();
     let mut outcomes = Vec::new();
-    let mut crashed = false;
-    let mut k = 0;
-    while k < batches.len() {
-        if let Some((at, n)) = crash.filter(|&(at, _)| at == k && !crashed) {
+    let mut crash = chunking.crash;
+    let mut size = chunking.before;
+    let mut next = 0;
+    while next < events.len() {
+        let batch = &events[next..(next + size).min(events.len())];
+        if let Some((_, n)) = crash.filter(|&(at, _)| at < next + batch.len()) {
             // Work on part of the batch, then die before the commit.
-            for e in batches[at].iter().take(n) {
+            for e in batch.iter().take(n) {
                 meter.apply(e);
             }
-            let _ = meter.close_due(lateness);
-            crashed = true;
+            crash = None;
+            size = chunking.after;
             let latest = changelog.iter().filter_map(|(k, v)| v.clone().map(|v| (*k, v)));
             meter = Meter::restore(settings.clone(), latest).unwrap();
             assert!(meter.checkpoint().is_empty(), "a restored meter has nothing new to write");
             continue;
         }
-        outcomes.extend(batches[k].iter().map(|e| meter.apply(e)));
-        for (month, closed) in meter.close_due(lateness) {
+        let mut batch_outcomes: Vec<Outcome> = batch.iter().map(|e| meter.apply(e)).collect();
+        for (month, closed) in meter.take_closed().map(|c| c.months).unwrap_or_default() {
             for (app, mut agg) in closed {
                 emitted.push((month.to_string(), app, agg.encode()));
             }
@@ -345,6 +357,8 @@ fn run_streaming(
         for record in meter.checkpoint() {
             changelog.insert(record.key, record.value);
         }
+        outcomes.append(&mut batch_outcomes);
+        next += batch.len();
         // The compacted changelog holds the live state, no more and no less.
         let latest = changelog.iter().filter_map(|(k, v)| v.clone().map(|v| (*k, v)));
         let restored = Meter::restore(settings.clone(), latest).unwrap();
@@ -352,7 +366,6 @@ fn run_streaming(
             (restored.app_months(), restored.connections(), restored.watermark()),
             (meter.app_months(), meter.connections(), meter.watermark())
         );
-        k += 1;
     }
     for month in ["2026-10", "2026-11"] {
         for (app, mut agg) in meter.close_month(month.parse().unwrap()) {
@@ -360,6 +373,25 @@ fn run_streaming(
         }
     }
     (emitted, outcomes)
+}
+
+/// Logins dated just before October's end (+08:00) that reach the partition after events
+/// dated up to two hours into November: some within the allowed lateness (1 h), some past
+/// it.
+fn stragglers(seed: u64, events: &mut Vec<UsageEvent>) {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x5eed);
+    let month_end = Timestamp::parse_rfc3339("2026-11-01T00:00:00+08:00").unwrap().millis();
+    for i in 0..20u64 {
+        let late = UsageEvent {
+            app_id: APP,
+            ts: Timestamp(month_end - rng.gen_range(1..600_000)),
+            action: Action::Login { user: user(10_000 + i), ok: true },
+        };
+        // After some event dated 0–2 h after the month's end (or at the end of the input).
+        let after = month_end + rng.gen_range(0..2 * 3_600_000);
+        let at = events.iter().position(|e| e.ts.millis() > after).unwrap_or(events.len());
+        events.insert(at, late);
+    }
 }
 
 proptest! {
@@ -370,23 +402,23 @@ proptest! {
         seed in any::<u64>(),
         connections in 0usize..30,
         logins in 0usize..400,
-        batch in 1usize..60,
-        crash_batch in any::<proptest::sample::Index>(),
+        before in 1usize..60,
+        after in 1usize..60,
+        crash_at in any::<proptest::sample::Index>(),
         crash_after in 0usize..60,
         idle in proptest::bool::ANY,
     ) {
         let mut s = scenario(seed, connections, logins);
         // Mostly in time order, as a partition delivers them, with some disorder.
         s.events.sort_by_key(|e| e.ts.millis() / 3_600_000);
-        let batches: Vec<Vec<UsageEvent>> = s.events.chunks(batch).map(<[UsageEvent]>::to_vec).collect();
-        prop_assume!(!batches.is_empty());
+        stragglers(seed, &mut s.events);
         let settings = MeterSettings {
             idle_timeout: idle.then(|| Duration::from_secs(2 * 3600)),
             ..settings(60)
         };
-        let at = crash_batch.index(batches.len());
-        let uninterrupted = run_streaming(&settings, &batches, None);
-        let crashed = run_streaming(&settings, &batches, Some((at, crash_after.min(batches[at].len()))));
+        let at = crash_at.index(s.events.len());
+        let uninterrupted = run_streaming(&settings, &s.events, Chunking { before, after: before, crash: None });
+        let crashed = run_streaming(&settings, &s.events, Chunking { before, after, crash: Some((at, crash_after)) });
         prop_assert_eq!(uninterrupted, crashed);
     }
 }

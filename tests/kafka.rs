@@ -12,8 +12,9 @@ mod support;
 use std::collections::BTreeMap;
 use std::process::Command;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use im_meter_core::time::{BillingTz, Month};
 use serde_json::Value;
 use support::*;
 
@@ -26,11 +27,20 @@ static SERIAL: Mutex<()> = Mutex::new(());
 /// the clock once they are over and bills their plan fees, as it should, while replay
 /// bills only months with usage in its input.
 fn assert_same_as_replay(d: &Deployment, workers: &mut [Worker]) {
-    let want = expected();
+    assert_same_as(expected(), d, workers);
+}
+
+/// [`assert_same_as_replay`] for any input's replay.
+fn assert_same_as(want: &Expected, d: &Deployment, workers: &mut [Worker]) {
+    let months = want.months();
+    let in_months = |mut records: BTreeMap<String, Value>| {
+        records.retain(|key, _| key.split('/').nth(1).is_some_and(|m| months.contains(m)));
+        records
+    };
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let charges = in_replayed_months(by_key(read_all(&d.topic("charges"))));
-        let usage = in_replayed_months(by_key(read_all(&d.topic("usage"))));
+        let charges = in_months(by_key(read_all(&d.topic("charges"))));
+        let usage = in_months(by_key(read_all(&d.topic("usage"))));
         let complete = charges.len() >= want.charges.len() && usage.len() >= want.usage.len();
         if complete || Instant::now() > deadline {
             assert_same(charges, &want.charges, "charges");
@@ -53,13 +63,6 @@ fn by_key(records: Vec<Record>) -> BTreeMap<String, Value> {
         assert!(previous.is_none(), "{key} published twice");
     }
     by_key
-}
-
-/// The records of the month replay billed (keys `{app_id}/{YYYY-MM}[/{item}]`).
-fn in_replayed_months(mut records: BTreeMap<String, Value>) -> BTreeMap<String, Value> {
-    let month = input_month().to_string();
-    records.retain(|key, _| key.split('/').nth(1) == Some(month.as_str()));
-    records
 }
 
 fn assert_same(got: BTreeMap<String, Value>, want: &BTreeMap<String, Value>, what: &str) {
@@ -187,4 +190,77 @@ fn produce_sends_every_line_keyed_by_app() {
     assert!(unkeyed > 0 && unkeyed < 100, "{unkeyed} unkeyed");
     let subscription_lines = std::fs::read_to_string(subscriptions).unwrap().lines().count();
     assert_eq!(read_all(&d.topic("subscriptions")).len(), subscription_lines);
+}
+
+/// Checks that nothing was billed for a month that is not over (its end plus the allowed
+/// lateness, 1 h, still ahead of the clock).
+fn assert_no_charge_for_open_months(d: &Deployment) {
+    let tz = BillingTz::default();
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as i64;
+    for (key, _) in by_key(read_all(&d.topic("charges"))) {
+        let month: Month = key.split('/').nth(1).unwrap().parse().unwrap();
+        assert!(tz.end_of_month(month).millis() + 3_600_000 <= now, "{key} billed before its month is over");
+    }
+}
+
+#[test]
+fn six_partitions_and_two_apps_bill_the_month_once() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    // Four of the six partitions never see an event: they close October all the same.
+    let d = Deployment::with_partitions("six", 6);
+    let events = d
+        .file("events.ndjson", &lines_of_apps(&sample_lines(input_month()), &[1_400_000_001, 1_400_000_003]));
+    let want = Expected::of(&events, &sample_subscriptions());
+    d.produce_files(&events, &sample_subscriptions());
+    let mut workers = vec![d.worker("a")];
+    assert_same_as(&want, &d, &mut workers);
+    workers.pop().unwrap().stop();
+}
+
+#[test]
+fn a_partition_whose_first_event_is_a_month_later_holds_no_month_back() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let d = Deployment::with_partitions("later", 6);
+    let (october, november) = (input_month(), input_month().next());
+    let mut lines = lines_of_apps(&sample_lines(october), &[1_400_000_001, 1_400_000_003]);
+    lines.extend(lines_of_apps(&sample_lines(november), &[1_400_000_005]));
+    let events = d.file("events.ndjson", &lines);
+    let want = Expected::of(&events, &sample_subscriptions());
+    assert_eq!(want.months().len(), 2, "October and November");
+    d.produce_files(&events, &sample_subscriptions());
+    // The premise: app 1400000005's partition holds November only.
+    let records = read_all(&d.topic("events"));
+    let partition_of =
+        |app: &str| records.iter().find(|r| r.key.as_deref() == Some(app.as_bytes())).unwrap().partition;
+    let late = partition_of("1400000005");
+    assert!(late != partition_of("1400000001") && late != partition_of("1400000003"));
+    let mut workers = vec![d.worker("a")];
+    assert_same_as(&want, &d, &mut workers);
+    workers.pop().unwrap().stop();
+}
+
+#[test]
+fn an_event_from_the_future_closes_no_month() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let d = Deployment::new("future");
+    // A device with a broken clock: its app's first event is dated 2099, the rest October.
+    let stray = r#"{"type":"login","app_id":1400000003,"user_id":"clockless","ts":"2099-06-01T00:00:00Z"}"#;
+    let mut lines = vec![stray.to_string()];
+    lines.extend(lines_of_apps(&sample_lines(input_month()), &[1_400_000_001, 1_400_000_003]));
+    let events = d.file("events.ndjson", &lines);
+    let want = Expected::of(&events, &sample_subscriptions());
+    assert_eq!(
+        want.months().into_iter().collect::<Vec<_>>(),
+        vec![input_month().to_string()],
+        "replay refuses it too"
+    );
+    d.produce_files(&events, &sample_subscriptions());
+    let mut workers = vec![d.worker("a")];
+    assert_same_as(&want, &d, &mut workers);
+    assert_no_charge_for_open_months(&d);
+    workers.pop().unwrap().stop();
+    let letters = read_all(&d.topic("dead_letters"));
+    let future: Vec<&Record> = letters.iter().filter(|r| r.headers["reason"] == "future").collect();
+    assert_eq!(future.len(), 1, "{letters:?}");
+    assert_eq!(future[0].value, stray.as_bytes());
 }

@@ -319,3 +319,29 @@ fn the_timezone_moves_month_boundaries() {
     let utc: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(utc["usage"][0]["month"], "2026-10");
 }
+
+#[test]
+fn an_event_from_the_future_is_refused_and_bills_nothing() {
+    let dir = temp_dir("future");
+    let stray = login(22, "clockless", "2099-06-01T00:00:00Z");
+    let events =
+        write(&dir, "events.ndjson", &[login(22, "alice", "2026-11-05T10:00:00+08:00"), stray.clone()]);
+    let subs = write(
+        &dir,
+        "subs.ndjson",
+        &[
+            r#"{"type":"app_created","app_id":22,"ts":"2026-01-01T00:00:00+08:00"}"#.to_string(),
+            r#"{"type":"plan_changed","app_id":22,"ts":"2026-02-01T00:00:00+08:00","plan":"standard"}"#
+                .to_string(),
+        ],
+    );
+    let dlq = dir.join("future.dlq");
+    let doc = replay_json(&events, Some(&subs), &["--dlq", dlq.to_str().unwrap()]);
+    let months: Vec<&str> =
+        doc["usage"].as_array().unwrap().iter().map(|u| u["month"].as_str().unwrap()).collect();
+    assert_eq!(months, vec!["2026-11"], "no plan fee for June 2099: {doc}");
+    assert_eq!(doc["usage"][0]["mau"], 1);
+    assert_eq!(doc["rejected"], 1);
+    let letter: Value = serde_json::from_str(std::fs::read_to_string(&dlq).unwrap().trim()).unwrap();
+    assert_eq!((letter["reason"].as_str(), letter["raw"].as_str()), (Some("future"), Some(stray.as_str())));
+}

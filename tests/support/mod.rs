@@ -69,6 +69,13 @@ pub fn expected() -> &'static Expected {
     static EXPECTED: OnceLock<Expected> = OnceLock::new();
     EXPECTED.get_or_init(|| {
         let (events, subscriptions) = input();
+        Expected::of(events, subscriptions)
+    })
+}
+
+impl Expected {
+    /// What `replay` says about these inputs.
+    pub fn of(events: &Path, subscriptions: &Path) -> Expected {
         let dlq = events.with_extension("dlq");
         let out = Command::new(env!("CARGO_BIN_EXE_im-meter"))
             .args(["replay", "--format", "json", "--events"])
@@ -79,7 +86,7 @@ pub fn expected() -> &'static Expected {
             .arg(&dlq)
             .output()
             .unwrap();
-        assert!(out.status.success());
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
         let list = |name: &str| doc[name].as_array().unwrap().clone();
         let charges =
@@ -91,19 +98,65 @@ pub fn expected() -> &'static Expected {
         let letters = std::fs::read_to_string(dlq).unwrap();
         let refused_events = letters.lines().filter(|l| l.contains(r#""source":"events""#)).count();
         Expected { charges, usage, refused_events }
-    })
+    }
+
+    /// The months replay billed.
+    pub fn months(&self) -> std::collections::BTreeSet<String> {
+        self.usage.keys().filter_map(|k| k.split('/').nth(1)).map(str::to_string).collect()
+    }
+}
+
+/// The sample's event lines for `month`, malformed lines and retries included.
+pub fn sample_lines(month: Month) -> Vec<String> {
+    Workload { month, ..Workload::sample() }.lines(&BillingTz::default())
+}
+
+/// The lines of `lines` that belong to one of `apps` (by their `"app_id":N` text).
+pub fn lines_of_apps(lines: &[String], apps: &[u64]) -> Vec<String> {
+    lines.iter().filter(|l| apps.iter().any(|a| l.contains(&format!("\"app_id\":{a},")))).cloned().collect()
+}
+
+/// The sample's subscription events.
+pub fn sample_subscriptions() -> PathBuf {
+    repo().join("deploy/sample/subscriptions.ndjson")
 }
 
 /// A test's own topics and groups.
 pub struct Deployment {
     /// Prefix of its topic and group names.
     pub prefix: String,
+    /// Partitions of the topics the worker (or produce) creates.
+    pub partitions: u32,
 }
 
 impl Deployment {
     pub fn new(name: &str) -> Self {
+        Self::with_partitions(name, 3)
+    }
+
+    pub fn with_partitions(name: &str, partitions: u32) -> Self {
         let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos();
-        Deployment { prefix: format!("t{}.{name}.{nanos}", std::process::id()) }
+        Deployment { prefix: format!("t{}.{name}.{nanos}", std::process::id()), partitions }
+    }
+
+    /// A file of this deployment's named `name`, holding `lines`.
+    pub fn file(&self, name: &str, lines: &[String]) -> PathBuf {
+        let path = std::env::temp_dir().join(format!("{}.{name}", self.prefix));
+        std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+        path
+    }
+
+    /// Produces an events file and a subscriptions file.
+    pub fn produce_files(&self, events: &Path, subscriptions: &Path) {
+        let out = Command::new(env!("CARGO_BIN_EXE_im-meter"))
+            .args(["produce", "--events"])
+            .arg(events)
+            .arg("--subscriptions")
+            .arg(subscriptions)
+            .envs(self.env())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "produce failed: {}", String::from_utf8_lossy(&out.stderr));
     }
 
     pub fn topic(&self, name: &str) -> String {
@@ -114,7 +167,7 @@ impl Deployment {
         let mut env = vec![
             ("IM_METER__KAFKA__BROKERS".to_string(), brokers()),
             ("IM_METER__KAFKA__GROUP_ID".into(), self.prefix.clone()),
-            ("IM_METER__KAFKA__PARTITIONS".into(), "3".into()),
+            ("IM_METER__KAFKA__PARTITIONS".into(), self.partitions.to_string()),
             ("IM_METER__KAFKA__COMMIT_INTERVAL".into(), "100ms".into()),
             ("IM_METER__KAFKA__IDLE_PARTITION_TIMEOUT".into(), "1s".into()),
             ("IM_METER__KAFKA__TRANSACTION_TIMEOUT".into(), "10s".into()),
@@ -129,25 +182,12 @@ impl Deployment {
 
     pub fn produce(&self) {
         let (events, subscriptions) = input();
-        let out = Command::new(env!("CARGO_BIN_EXE_im-meter"))
-            .args(["produce", "--events"])
-            .arg(events)
-            .arg("--subscriptions")
-            .arg(subscriptions)
-            .envs(self.env())
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "produce failed (is the broker up?): {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        self.produce_files(events, subscriptions);
     }
 
     /// Sends `lines` (NDJSON events) to the events topic.
     pub fn produce_lines(&self, lines: &[String]) {
-        let file = std::env::temp_dir().join(format!("{}.extra.ndjson", self.prefix));
-        std::fs::write(&file, lines.join("\n") + "\n").unwrap();
+        let file = self.file("extra.ndjson", lines);
         let out = Command::new(env!("CARGO_BIN_EXE_im-meter"))
             .args(["produce", "--events"])
             .arg(&file)

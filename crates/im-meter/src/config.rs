@@ -65,6 +65,7 @@ impl Default for FileConfig {
             billing: BillingSection {
                 timezone: "+08:00".into(),
                 allowed_lateness: "1h".into(),
+                max_clock_skew: "5m".into(),
                 pcc_promotion_end: String::new(),
                 av_call_price: String::new(),
             },
@@ -171,6 +172,8 @@ pub struct BillingSection {
     pub timezone: String,
     /// How long after a month's end its events are still accepted (`1h`, `30m`).
     pub allowed_lateness: String,
+    /// Events dated further than this after the receiving clock are refused as `future`.
+    pub max_clock_skew: String,
     /// End of the PCC promotion (RFC 3339); empty = open-ended.
     pub pcc_promotion_end: String,
     /// Price of audio/video calls outside trials; empty = unpriced.
@@ -217,6 +220,9 @@ pub struct Config {
     pub worker: WorkerSettings,
     /// The operator endpoints.
     pub http: HttpSettings,
+    /// Events dated further than this after the clock of whoever receives them (the
+    /// worker, or replay) are refused as `future` and never move event time.
+    pub max_clock_skew: Duration,
 }
 
 /// The operator endpoints' settings, validated.
@@ -235,8 +241,6 @@ pub struct HttpSettings {
 /// The Kafka worker's settings, validated.
 #[derive(Debug, Clone)]
 pub struct WorkerSettings {
-    /// Events dated in a month are accepted until its end plus this.
-    pub allowed_lateness: Duration,
     /// This worker's stable name in the group.
     pub instance_id: String,
     /// Partitions of topics the worker creates.
@@ -384,8 +388,9 @@ impl FileConfig {
         };
         let mut tz = BillingTz::default();
         check("billing.timezone", self.billing.timezone.parse().map(|t| tz = t).map_err(|e| format!("{e}")));
+        let mut allowed_lateness = Duration::from_secs(3600);
+        let mut max_clock_skew = Duration::from_secs(300);
         let mut worker = WorkerSettings {
-            allowed_lateness: Duration::from_secs(3600),
             instance_id: match self.kafka.instance_id.trim() {
                 "" => default_instance_id(),
                 id => id.to_string(),
@@ -398,8 +403,9 @@ impl FileConfig {
         };
         check(
             "billing.allowed_lateness",
-            duration(&self.billing.allowed_lateness).map(|d| worker.allowed_lateness = d),
+            duration(&self.billing.allowed_lateness).map(|d| allowed_lateness = d),
         );
+        check("billing.max_clock_skew", duration(&self.billing.max_clock_skew).map(|d| max_clock_skew = d));
         check(
             "kafka.partitions",
             i32::try_from(self.kafka.partitions)
@@ -460,7 +466,8 @@ impl FileConfig {
                     }),
             );
         }
-        let mut meter = MeterSettings { tz, ..MeterSettings::default() };
+        let mut meter =
+            MeterSettings { tz, allowed_lateness: Some(allowed_lateness), ..MeterSettings::default() };
         check(
             "metering.hll_precision",
             Precision::new(self.metering.hll_precision)
@@ -549,7 +556,7 @@ impl FileConfig {
                 .ok_or_else(|| format!("must be one of {}", PROTOCOLS.join(", "))),
         );
         if problems.is_empty() {
-            Ok(Config { file: self, meter, prices, worker, http })
+            Ok(Config { file: self, meter, prices, worker, http, max_clock_skew })
         } else {
             Err(ConfigErrors(problems))
         }
@@ -570,7 +577,8 @@ mod tests {
         assert_eq!(c.file.kafka.brokers, "127.0.0.1:9092");
         assert_eq!(c.file.topics.changelog, "im.meter.changelog");
         assert_eq!(c.meter.tz.to_string(), "+08:00");
-        assert_eq!(c.file.billing.allowed_lateness, "1h");
+        assert_eq!(c.meter.allowed_lateness, Some(Duration::from_secs(3600)));
+        assert_eq!(c.max_clock_skew, Duration::from_secs(300));
         assert_eq!(c.file.http.listen, "127.0.0.1:9464");
         assert_eq!(c.meter.precision.get(), 14);
         assert!(c.meter.idle_timeout.is_none());
@@ -606,6 +614,7 @@ mod tests {
             env(&[
                 ("IM_METER__BILLING__TIMEZONE", "Mars/Base"),
                 ("IM_METER__BILLING__ALLOWED_LATENESS", "soon"),
+                ("IM_METER__BILLING__MAX_CLOCK_SKEW", "-5m"),
                 ("IM_METER__METERING__HLL_PRECISION", "22"),
                 ("IM_METER__METERING__SAMPLE_INTERVAL", "7s"),
                 ("IM_METER__TOPICS__CHARGES", "bad topic"),
@@ -617,6 +626,7 @@ mod tests {
         for field in [
             "billing.timezone",
             "billing.allowed_lateness",
+            "billing.max_clock_skew",
             "metering.hll_precision",
             "metering.sample_interval",
             "topics.charges",

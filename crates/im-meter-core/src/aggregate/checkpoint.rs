@@ -9,7 +9,9 @@
 //! Keys are short text, readable with any Kafka tool: `p` (the partition's progress),
 //! `m/{app}/{YYYY-MM}` (an app-month aggregate without its DAU sketches),
 //! `d/{app}/{YYYY-MM}/{day}` (one day's DAU sketch of it), `c/{app}/{conn hash, 16 hex
-//! digits}` (a pending connection), `k/{n}` (segment n of counted connections).
+//! digits}` (a pending connection), `k/{n}` (segment n of counted connections). What
+//! metering hands to billing: `u/{app}/{YYYY-MM}/{source}` (a source's usage of a closed
+//! month), `w/{source}` (how far the source has closed months), `x/…` (quota crossings).
 
 use serde::{Deserialize, Serialize};
 
@@ -115,10 +117,9 @@ pub enum ChangelogKey {
         /// The events partition it was metered from.
         source: u32,
     },
-    /// `w/{YYYY-MM}/{source}`: the source partition has closed the month.
-    MonthClosed {
-        /// The month.
-        month: Month,
+    /// `w/{source}`: how far the source partition has closed months (a [`ClosedMark`]);
+    /// each source's latest mark replaces its previous one.
+    ClosedThrough {
         /// The events partition.
         source: u32,
     },
@@ -151,7 +152,7 @@ impl ChangelogKey {
             ChangelogKey::Usage { app_id, month, source } => {
                 format!("u/{app_id}/{month}/{source}").into_bytes()
             }
-            ChangelogKey::MonthClosed { month, source } => format!("w/{month}/{source}").into_bytes(),
+            ChangelogKey::ClosedThrough { source } => format!("w/{source}").into_bytes(),
             ChangelogKey::Billed => b"b".to_vec(),
             ChangelogKey::QuotaCrossed { app_id, month, source } => {
                 format!("x/{app_id}/{month}/{source}").into_bytes()
@@ -175,10 +176,9 @@ impl ChangelogKey {
                         month: month.parse().map_err(|_| bad())?,
                         source: source.parse().map_err(|_| bad())?,
                     }),
-                    ["w", month, source] => Ok(ChangelogKey::MonthClosed {
-                        month: month.parse().map_err(|_| bad())?,
-                        source: source.parse().map_err(|_| bad())?,
-                    }),
+                    ["w", source] => {
+                        Ok(ChangelogKey::ClosedThrough { source: source.parse().map_err(|_| bad())? })
+                    }
                     ["x", app, month, source] => Ok(ChangelogKey::QuotaCrossed {
                         app_id: app.parse().map_err(|_| bad())?,
                         month: month.parse().map_err(|_| bad())?,
@@ -202,6 +202,40 @@ pub fn billing_partition(app_id: AppId, partitions: u32) -> u32 {
     (xxhash_rust::xxh3::xxh3_64(&app_id.to_le_bytes()) % u64::from(partitions.max(1))) as u32
 }
 
+/// What a source partition says with its `w/{source}` record: every month through
+/// `through` is closed there (whether or not it had data for it), and the first month it
+/// ever applied an event for. Billing bills a month once every source is closed through
+/// it, starting from the earliest first month of all sources.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct ClosedMark {
+    /// Every month up to and including this one is closed in the source.
+    pub through: Month,
+    /// The first month the source applied an event for (`None`: none yet).
+    pub first_active: Option<Month>,
+}
+
+impl ClosedMark {
+    /// The record's value, readable text: `through=2026-10 first=2026-09` (`first=-`
+    /// when the source has seen no event).
+    pub fn encode(&self) -> Vec<u8> {
+        let first = self.first_active.map_or_else(|| "-".to_string(), |m| m.to_string());
+        format!("through={} first={first}", self.through).into_bytes()
+    }
+
+    /// Reads a value written by [`ClosedMark::encode`].
+    pub fn decode(bytes: &[u8]) -> Result<Self, CodecError> {
+        let bad = || CodecError::Corrupt(format!("not a closed mark: {:?}", String::from_utf8_lossy(bytes)));
+        let text = std::str::from_utf8(bytes).map_err(|_| bad())?;
+        let (through, first) = text.split_once(' ').ok_or_else(bad)?;
+        let through = through.strip_prefix("through=").ok_or_else(bad)?.parse().map_err(|_| bad())?;
+        let first_active = match first.strip_prefix("first=").ok_or_else(bad)? {
+            "-" => None,
+            month => Some(month.parse().map_err(|_| bad())?),
+        };
+        Ok(ClosedMark { through, first_active })
+    }
+}
+
 /// One changelog entry: the key's new value, or `None` when the key is gone.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StateRecord {
@@ -211,15 +245,25 @@ pub struct StateRecord {
     pub value: Option<Vec<u8>>,
 }
 
-/// The progress of a meter: how far event time has come and which months are closed.
+/// The progress of a meter: how far event time has come, which months are closed, and
+/// the input position the state reflects.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct Progress {
     pub watermark: Option<i64>,
     pub closed_through: Option<Month>,
     pub active_months: Vec<Month>,
+    pub input_offset: Option<i64>,
 }
 
-const PROGRESS_FORMAT_VERSION: u8 = 1;
+/// Version 1 had no input offset.
+#[derive(Deserialize)]
+struct ProgressV1 {
+    watermark: Option<i64>,
+    closed_through: Option<Month>,
+    active_months: Vec<Month>,
+}
+
+const PROGRESS_FORMAT_VERSION: u8 = 2;
 
 impl Progress {
     pub(crate) fn encode(&self) -> Vec<u8> {
@@ -229,9 +273,17 @@ impl Progress {
     }
 
     pub(crate) fn decode(bytes: &[u8]) -> Result<Self, CodecError> {
+        let corrupt = |e: postcard::Error| CodecError::Corrupt(e.to_string());
         match bytes.split_first() {
-            Some((&PROGRESS_FORMAT_VERSION, payload)) => {
-                postcard::from_bytes(payload).map_err(|e| CodecError::Corrupt(e.to_string()))
+            Some((&PROGRESS_FORMAT_VERSION, payload)) => postcard::from_bytes(payload).map_err(corrupt),
+            Some((1, payload)) => {
+                let v1: ProgressV1 = postcard::from_bytes(payload).map_err(corrupt)?;
+                Ok(Progress {
+                    watermark: v1.watermark,
+                    closed_through: v1.closed_through,
+                    active_months: v1.active_months,
+                    input_offset: None,
+                })
             }
             Some((&version, _)) => Err(CodecError::UnknownVersion(version)),
             None => Err(CodecError::Corrupt("empty progress record".into())),
@@ -275,12 +327,27 @@ mod tests {
     }
 
     #[test]
+    fn closed_marks_round_trip() {
+        let month: Month = "2026-10".parse().unwrap();
+        for mark in [
+            ClosedMark { through: month, first_active: None },
+            ClosedMark { through: month, first_active: Some("2026-09".parse().unwrap()) },
+        ] {
+            assert_eq!(ClosedMark::decode(&mark.encode()).unwrap(), mark);
+        }
+        assert_eq!(ClosedMark { through: month, first_active: None }.encode(), b"through=2026-10 first=-");
+        for bad in [&b""[..], b"through=2026-10", b"through=x first=-", b"through=2026-10 first=13"] {
+            assert!(ClosedMark::decode(bad).is_err());
+        }
+    }
+
+    #[test]
     fn changelog_keys_round_trip() {
         let month = "2026-11".parse().unwrap();
         let keys = [
             ChangelogKey::State(StateKey::Progress),
             ChangelogKey::Usage { app_id: 9, month, source: 3 },
-            ChangelogKey::MonthClosed { month, source: 0 },
+            ChangelogKey::ClosedThrough { source: 0 },
             ChangelogKey::Billed,
             ChangelogKey::QuotaCrossed { app_id: 9, month, source: 2 },
             ChangelogKey::Alerted { app_id: 9, month },
@@ -289,7 +356,9 @@ mod tests {
             assert_eq!(ChangelogKey::from_bytes(&key.to_bytes()).unwrap(), key);
         }
         assert_eq!(keys[1].to_bytes(), b"u/9/2026-11/3");
+        assert_eq!(keys[2].to_bytes(), b"w/0");
         assert!(ChangelogKey::from_bytes(b"u/9/2026-11").is_err());
+        assert!(ChangelogKey::from_bytes(b"w/2026-11/0").is_err());
         let spread: std::collections::BTreeSet<u32> = (1..100).map(|a| billing_partition(a, 6)).collect();
         assert_eq!(spread.len(), 6);
     }

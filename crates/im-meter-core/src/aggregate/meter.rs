@@ -5,6 +5,15 @@
 //! its watermark is the largest event time it has seen. Closing a month counts the
 //! connections still open into it and hands its aggregates out; events for a closed month
 //! are refused as late.
+//!
+//! With an allowed lateness set (the worker), a month closes the moment the watermark
+//! reaches its end plus the lateness — inside [`Meter::apply`] or
+//! [`Meter::advance_watermark`], before the event that moved it is applied — so whether an
+//! event is late depends only on the events before it, never on when the caller happens
+//! to checkpoint. The slice then says it is *closed through* that month, whether or not it
+//! held any data for it: a month's bill waits for every slice to say so, and a slice that
+//! never saw an event says so all the same. Without a lateness (replay) months close only
+//! when asked ([`Meter::close_month`]).
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -34,6 +43,9 @@ pub struct MeterSettings {
     pub idle_timeout: Option<Duration>,
     /// Also count users exactly, to audit the sketches (memory grows with users).
     pub exact: bool,
+    /// Months close once the watermark passes their end plus this (`None`: only when
+    /// asked, as in replay, whose input has no order).
+    pub allowed_lateness: Option<Duration>,
 }
 
 impl Default for MeterSettings {
@@ -44,6 +56,7 @@ impl Default for MeterSettings {
             grid: SampleGrid::new(Duration::from_secs(60)).expect("60 s divides an hour"),
             idle_timeout: None,
             exact: false,
+            allowed_lateness: None,
         }
     }
 }
@@ -61,6 +74,19 @@ pub enum Outcome {
 
 /// The closed aggregates of one month, by app.
 pub type ClosedMonth = Vec<(AppId, AppMonthAggregate)>;
+
+/// What closing months produced since it was last taken ([`Meter::take_closed`]).
+#[derive(Debug)]
+pub struct MonthsClosed {
+    /// The slice is now closed through this month: no later event dated in it or before
+    /// is applied.
+    pub through: Month,
+    /// The first month this slice ever applied an event for (`None`: none yet).
+    pub first_active: Option<Month>,
+    /// The aggregates of each month closed since, oldest first (months without data
+    /// here are left out).
+    pub months: Vec<(Month, ClosedMonth)>,
+}
 
 /// Per app-month usage state of one slice of the input.
 #[derive(Debug)]
@@ -81,6 +107,15 @@ pub struct Meter {
     progress_changed: bool,
     /// App-months whose MAU here just passed [`QUOTA_WATCH`], not yet taken.
     quota_crossings: Vec<(AppId, Month)>,
+    /// The watermark (ms) from which the next month is due to close: a cache, so that
+    /// `apply` only compares two numbers.
+    close_at: i64,
+    /// Months closed and not taken yet, and whether `closed_through` moved since.
+    closed_out: Vec<(Month, ClosedMonth)>,
+    closing_untaken: bool,
+    /// The caller's position in its input (the Kafka offset of the next record) that the
+    /// state reflects, checkpointed with it.
+    input_offset: Option<i64>,
 }
 
 /// The MAU cap watched as it happens: the Developer plan's 100 users (SPEC §3.3). Whether
@@ -105,6 +140,10 @@ impl Meter {
             dropped: Vec::new(),
             progress_changed: false,
             quota_crossings: Vec::new(),
+            close_at: i64::MIN,
+            closed_out: Vec::new(),
+            closing_untaken: false,
+            input_offset: None,
         }
     }
 
@@ -176,14 +215,21 @@ impl Meter {
         self.days.day_of(ts).month()
     }
 
-    /// Applies one event.
+    /// Applies one event. With an allowed lateness, months the event's time makes due
+    /// are closed first.
     pub fn apply(&mut self, event: &UsageEvent) -> Outcome {
         let day = self.days.day_of(event.ts);
         let month = day.month();
         if self.is_closed(month) {
             return Outcome::Late;
         }
-        self.watermark = self.watermark.max(Some(event.ts));
+        if self.watermark < Some(event.ts) {
+            self.watermark = Some(event.ts);
+            // Closes only months that ended before this event: its own month stays open.
+            if event.ts.millis() >= self.close_at {
+                self.close_due();
+            }
+        }
         self.progress_changed = true;
         if self.active_months.last() != Some(&month) {
             self.active_months.insert(month);
@@ -322,37 +368,82 @@ impl Meter {
     }
 
     /// Moves event time forward without an event, so that months can close while this
-    /// slice of the input is idle (its peers' event time has moved on). Never moves back.
+    /// slice of the input is idle (its peers' event time, or the clock, has moved on).
+    /// Never moves back.
     pub fn advance_watermark(&mut self, ts: Timestamp) {
         if self.watermark < Some(ts) {
             self.watermark = Some(ts);
             self.progress_changed = true;
+            if ts.millis() >= self.close_at {
+                self.close_due();
+            }
         }
     }
 
-    /// Closes, oldest first, every month that ended at least `lateness` before the
-    /// watermark (and any month between the last closed one and those), returning each
-    /// month's aggregates.
-    pub fn close_due(&mut self, lateness: Duration) -> Vec<(Month, ClosedMonth)> {
-        let Some(watermark) = self.watermark else {
-            return Vec::new();
+    /// Closes, oldest first, every month that ended at least the allowed lateness before
+    /// the watermark, and notes the slice closed through the latest of them even where it
+    /// holds no data for it. A month between the last closed one and those is closed too
+    /// (connections still open count in it).
+    fn close_due(&mut self) {
+        let (Some(lateness), Some(watermark)) = (self.settings.allowed_lateness, self.watermark) else {
+            self.close_at = i64::MAX;
+            return;
         };
         let lateness_ms = i64::try_from(lateness.as_millis()).unwrap_or(i64::MAX);
+        let horizon = watermark.millis().saturating_sub(lateness_ms);
         let tz = self.settings.tz;
+        if horizon < Timestamp::MIN.millis() {
+            // No month since the start of time has ended that long ago.
+            self.close_at = Timestamp::MIN.millis().saturating_add(lateness_ms);
+            return;
+        }
+        // The latest month whose end lies at or before the horizon.
+        let due = tz.month_of(Timestamp(horizon)).prev();
+        self.close_at = tz.end_of_month(due.next()).millis().saturating_add(lateness_ms);
         let first = match self.closed_through {
             Some(closed) => closed.next(),
-            None => match self.months.keys().map(|&(_, m)| m).min() {
-                Some(m) => m,
-                None => return Vec::new(),
-            },
+            // Never closed: from the first month holding data (nothing before it exists here).
+            None => self.months.keys().map(|&(_, m)| m).min().unwrap_or(due.next()),
         };
-        let mut done = Vec::new();
+        if self.closed_through >= Some(due) {
+            return;
+        }
         let mut month = first;
-        while tz.end_of_month(month).millis().saturating_add(lateness_ms) <= watermark.millis() {
-            done.push((month, self.close_month(month)));
+        while month <= due {
+            let closed = self.close_month(month);
+            if !closed.is_empty() {
+                self.closed_out.push((month, closed));
+            }
             month = month.next();
         }
-        done
+        self.closed_through = Some(due);
+        self.progress_changed = true;
+        self.closing_untaken = true;
+    }
+
+    /// What closing months produced since the last call: `None` if no month closed.
+    pub fn take_closed(&mut self) -> Option<MonthsClosed> {
+        if !std::mem::take(&mut self.closing_untaken) {
+            return None;
+        }
+        Some(MonthsClosed {
+            through: self.closed_through?,
+            first_active: self.active_months.first().copied(),
+            months: std::mem::take(&mut self.closed_out),
+        })
+    }
+
+    /// The caller's input position that the state reflects (checkpointed with it).
+    pub fn input_offset(&self) -> Option<i64> {
+        self.input_offset
+    }
+
+    /// Records the caller's input position: the offset of the next record to apply.
+    pub fn set_input_offset(&mut self, offset: i64) {
+        if self.input_offset != Some(offset) {
+            self.input_offset = Some(offset);
+            self.progress_changed = true;
+        }
     }
 
     /// The state changed since the last checkpoint, as changelog records: the aggregate
@@ -366,6 +457,7 @@ impl Meter {
                 watermark: self.watermark.map(Timestamp::millis),
                 closed_through: self.closed_through,
                 active_months: self.active_months.iter().copied().collect(),
+                input_offset: self.input_offset,
             };
             records.push(StateRecord { key: StateKey::Progress, value: Some(progress.encode()) });
         }
@@ -415,6 +507,7 @@ impl Meter {
                     meter.watermark = progress.watermark.map(Timestamp);
                     meter.closed_through = progress.closed_through;
                     meter.active_months = progress.active_months.into_iter().collect();
+                    meter.input_offset = progress.input_offset;
                 }
                 StateKey::AppMonth { app_id, month } => {
                     meter.months.insert((app_id, month), AppMonthAggregate::decode(&value)?);
@@ -452,8 +545,77 @@ mod tests {
     use crate::ingest::UserKey;
 
     fn login(app_id: AppId, user: u64) -> UsageEvent {
-        let ts = Timestamp::parse_rfc3339("2026-11-05T10:00:00+08:00").expect("valid");
+        login_at(app_id, user, "2026-11-05T10:00:00+08:00")
+    }
+
+    fn login_at(app_id: AppId, user: u64, at: &str) -> UsageEvent {
+        let ts = Timestamp::parse_rfc3339(at).expect("valid");
         UsageEvent { app_id, ts, action: Action::Login { user: UserKey::of(&format!("u{user}")), ok: true } }
+    }
+
+    fn month(text: &str) -> Month {
+        text.parse().expect("valid month")
+    }
+
+    fn streaming() -> MeterSettings {
+        MeterSettings { allowed_lateness: Some(Duration::from_secs(3600)), ..MeterSettings::default() }
+    }
+
+    #[test]
+    fn a_slice_without_events_closes_months_all_the_same() {
+        let mut meter = Meter::new(streaming());
+        // Event time follows its peers (or the clock) to an hour past October's end.
+        meter.advance_watermark(Timestamp::parse_rfc3339("2026-11-01T01:00:00+08:00").unwrap());
+        let closed = meter.take_closed().expect("October is closed here too");
+        assert_eq!((closed.through, closed.first_active, closed.months.len()), (month("2026-10"), None, 0));
+        assert!(meter.take_closed().is_none(), "taken once");
+        // A minute earlier, October would still have been open.
+        let mut meter = Meter::new(streaming());
+        meter.advance_watermark(Timestamp::parse_rfc3339("2026-11-01T00:59:59+08:00").unwrap());
+        assert_eq!(meter.take_closed().map(|c| c.through), Some(month("2026-09")));
+    }
+
+    #[test]
+    fn a_first_event_in_a_later_month_closes_the_earlier_ones_without_data() {
+        let mut meter = Meter::new(streaming());
+        assert_eq!(meter.apply(&login(1, 1)), Outcome::Accepted);
+        let closed = meter.take_closed().expect("closed through October");
+        assert_eq!(closed.through, month("2026-10"));
+        assert_eq!(closed.first_active, Some(month("2026-11")));
+        assert!(closed.months.is_empty());
+        assert_eq!(meter.apply(&login_at(1, 2, "2026-10-31T23:00:00+08:00")), Outcome::Late);
+    }
+
+    #[test]
+    fn a_month_closes_at_the_event_that_passes_its_end_plus_lateness() {
+        let mut meter = Meter::new(streaming());
+        meter.apply(&login_at(1, 1, "2026-10-31T23:00:00+08:00"));
+        let conn = crate::ingest::ConnKey::of("c");
+        let ts = Timestamp::parse_rfc3339("2026-10-20T00:00:00+08:00").unwrap();
+        meter.apply(&UsageEvent { app_id: 2, ts, action: Action::Connect { conn, user: UserKey::of("u") } });
+        meter.take_closed();
+        // Within the lateness, October events still count.
+        assert_eq!(meter.apply(&login_at(1, 2, "2026-11-01T00:59:00+08:00")), Outcome::Accepted);
+        assert_eq!(meter.apply(&login_at(1, 3, "2026-10-31T23:30:00+08:00")), Outcome::Accepted);
+        // This one closes October before it is applied; the next October event is late.
+        assert_eq!(meter.apply(&login_at(1, 4, "2026-11-01T01:00:00+08:00")), Outcome::Accepted);
+        assert_eq!(meter.apply(&login_at(1, 5, "2026-10-31T23:30:00+08:00")), Outcome::Late);
+        let closed = meter.take_closed().expect("October closed");
+        assert_eq!(closed.through, month("2026-10"));
+        let (oct, mut apps) = closed.months.into_iter().next().expect("October had data");
+        assert_eq!((oct, apps.iter().map(|(a, _)| *a).collect::<Vec<_>>()), (month("2026-10"), vec![1, 2]));
+        let grid = meter.settings().grid;
+        assert_eq!(apps[0].1.usage(1, oct, grid).mau, 2, "users 1 and 3");
+        assert_eq!(apps[1].1.usage(2, oct, grid).pcc, 1, "the open connection counts in October");
+    }
+
+    #[test]
+    fn without_a_lateness_months_close_only_when_asked() {
+        let mut meter = Meter::new(MeterSettings::default());
+        meter.apply(&login_at(1, 1, "2026-10-31T23:00:00+08:00"));
+        meter.apply(&login_at(1, 2, "2027-03-01T00:00:00+08:00"));
+        assert!(meter.take_closed().is_none());
+        assert_eq!(meter.apply(&login_at(1, 3, "2026-10-01T00:00:00+08:00")), Outcome::Accepted);
     }
 
     #[test]

@@ -17,8 +17,8 @@ pub mod unique;
 mod usage;
 
 pub use app_month::{AppMonthAggregate, CodecError, ExactCounts};
-pub use checkpoint::{billing_partition, ChangelogKey, StateKey, StateRecord};
-pub use meter::{ClosedMonth, Meter, MeterSettings, Outcome};
+pub use checkpoint::{billing_partition, ChangelogKey, ClosedMark, StateKey, StateRecord};
+pub use meter::{ClosedMonth, Meter, MeterSettings, MonthsClosed, Outcome};
 pub use pcc::{SampleGrid, SampleIntervalError};
 pub use unique::{Precision, PrecisionError, UniqueUsers, EXACT_LIMIT};
 pub use usage::MonthlyUsage;

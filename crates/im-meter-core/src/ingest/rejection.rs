@@ -26,13 +26,16 @@ pub enum RejectReason {
     TimestampOutOfRange,
     /// The event's month was already closed when it arrived.
     Late,
+    /// `ts` lies further ahead of the receiving clock than the allowed clock skew: a
+    /// device or server with a broken clock, which must not move event time.
+    Future,
     /// A well-formed subscription event that breaks a subscription rule.
     InvalidChange,
 }
 
 impl RejectReason {
     /// Every reason, for pre-registering metric series.
-    pub const ALL: [RejectReason; 10] = [
+    pub const ALL: [RejectReason; 11] = [
         RejectReason::NotUtf8,
         RejectReason::NotJson,
         RejectReason::NotObject,
@@ -42,6 +45,7 @@ impl RejectReason {
         RejectReason::BadTimestamp,
         RejectReason::TimestampOutOfRange,
         RejectReason::Late,
+        RejectReason::Future,
         RejectReason::InvalidChange,
     ];
 
@@ -57,6 +61,7 @@ impl RejectReason {
             RejectReason::BadTimestamp => "bad_timestamp",
             RejectReason::TimestampOutOfRange => "timestamp_out_of_range",
             RejectReason::Late => "late",
+            RejectReason::Future => "future",
             RejectReason::InvalidChange => "invalid_change",
         }
     }
@@ -89,8 +94,66 @@ impl Rejection {
         Rejection::new(RejectReason::MissingField, format!("`{field}` is required for {kind}"))
     }
 
+    /// Refuses an event dated more than `max_skew` after `now` (the receiver's clock), as
+    /// [`RejectReason::Future`]: one broken clock must not close months for everyone.
+    pub fn check_not_future(
+        ts: crate::time::Timestamp,
+        now: crate::time::Timestamp,
+        max_skew: std::time::Duration,
+    ) -> Result<(), Rejection> {
+        let skew_ms = i64::try_from(max_skew.as_millis()).unwrap_or(i64::MAX);
+        let ahead = ts.millis().saturating_sub(now.millis());
+        if ahead <= skew_ms {
+            return Ok(());
+        }
+        Err(Rejection::new(
+            RejectReason::Future,
+            format!(
+                "`ts` is {} ahead of the receiving clock (at most {} allowed)",
+                humanize_ms(ahead),
+                humanize_ms(skew_ms)
+            ),
+        ))
+    }
+
     /// A field has the wrong type or value.
     pub fn invalid(field: &str, why: impl fmt::Display) -> Self {
         Rejection::new(RejectReason::InvalidField, format!("`{field}` {why}"))
+    }
+}
+
+/// A span of milliseconds for a sentence: `2h 5m 3s`, `12s`, `250ms`.
+fn humanize_ms(ms: i64) -> String {
+    if ms < 1000 {
+        return format!("{ms}ms");
+    }
+    let secs = ms / 1000;
+    let (d, h, m, s) = (secs / 86_400, secs / 3600 % 24, secs / 60 % 60, secs % 60);
+    let parts: Vec<String> = [(d, "d"), (h, "h"), (m, "m"), (s, "s")]
+        .iter()
+        .filter(|(n, _)| *n > 0)
+        .map(|(n, unit)| format!("{n}{unit}"))
+        .collect();
+    parts.join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::time::Timestamp;
+    use std::time::Duration;
+
+    #[test]
+    fn only_events_beyond_the_skew_are_from_the_future() {
+        let now = Timestamp::parse_rfc3339("2026-12-01T00:00:00Z").unwrap();
+        let skew = Duration::from_secs(300);
+        let at = |s: &str| Timestamp::parse_rfc3339(s).unwrap();
+        assert!(Rejection::check_not_future(at("2026-11-30T00:00:00Z"), now, skew).is_ok());
+        assert!(Rejection::check_not_future(at("2026-12-01T00:05:00Z"), now, skew).is_ok(), "at the edge");
+        let why = Rejection::check_not_future(at("2026-12-01T02:05:01Z"), now, skew).unwrap_err();
+        assert_eq!(why.reason, RejectReason::Future);
+        assert_eq!(why.detail, "`ts` is 2h 5m 1s ahead of the receiving clock (at most 5m allowed)");
+        let far = Rejection::check_not_future(at("2099-06-01T00:00:00Z"), now, skew).unwrap_err();
+        assert!(far.detail.contains("d "), "{}", far.detail);
     }
 }

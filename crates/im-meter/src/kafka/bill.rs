@@ -19,7 +19,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use im_meter_core::aggregate::meter::QUOTA_WATCH;
-use im_meter_core::aggregate::{billing_partition, AppMonthAggregate, ChangelogKey, MonthlyUsage};
+use im_meter_core::aggregate::{
+    billing_partition, AppMonthAggregate, ChangelogKey, ClosedMark, MonthlyUsage,
+};
 use im_meter_core::bill::{bill_month, quota_alert, Subscriptions};
 use im_meter_core::ingest::decode_subscription_event;
 use im_meter_core::plan::AppId;
@@ -47,11 +49,11 @@ struct Task {
     skip_until: i64,
     /// (month, app) → source partition → that partition's final usage.
     usage: BTreeMap<(Month, AppId), BTreeMap<u32, AppMonthAggregate>>,
-    /// Month → source partitions that closed it.
-    closed: BTreeMap<Month, BTreeSet<u32>>,
+    /// Source partition → how far it has closed months.
+    closed: BTreeMap<u32, ClosedMark>,
     billed_through: Option<Month>,
-    /// App-months whose MAU passed the Developer cap in some source partition.
-    crossed: BTreeSet<(Month, AppId)>,
+    /// App-months whose MAU passed the Developer cap in some source partition, and where.
+    crossed: BTreeMap<(Month, AppId), BTreeSet<u32>>,
     /// App-months whose quota alert is published.
     alerted: BTreeSet<(Month, AppId)>,
     /// Crossings found not to need an alert (the app is not on Developer): not re-checked.
@@ -71,21 +73,22 @@ impl Task {
                     sources.remove(&source);
                 }
             }
-            (ChangelogKey::MonthClosed { month, source }, Some(_)) => {
-                self.closed.entry(month).or_default().insert(source);
+            (ChangelogKey::ClosedThrough { source }, Some(bytes)) => {
+                let mark = ClosedMark::decode(bytes).context("unreadable closed mark in the changelog")?;
+                self.closed.insert(source, mark);
             }
-            (ChangelogKey::MonthClosed { month, source }, None) => {
-                if let Some(sources) = self.closed.get_mut(&month) {
-                    sources.remove(&source);
-                }
+            (ChangelogKey::ClosedThrough { source }, None) => {
+                self.closed.remove(&source);
             }
             (ChangelogKey::Billed, Some(bytes)) => {
                 let text = std::str::from_utf8(bytes).context("unreadable billed-through mark")?;
-                self.billed_through = Some(text.parse().context("unreadable billed-through mark")?);
+                let month: Month = text.parse().context("unreadable billed-through mark")?;
+                // Only forward: the task reads its own earlier marks back after it billed on.
+                self.billed_through = self.billed_through.max(Some(month));
             }
             // Metering state of the partition's own source: not billing's business.
-            (ChangelogKey::QuotaCrossed { app_id, month, .. }, Some(_)) => {
-                self.crossed.insert((month, app_id));
+            (ChangelogKey::QuotaCrossed { app_id, month, source }, Some(_)) => {
+                self.crossed.entry((month, app_id)).or_default().insert(source);
             }
             (ChangelogKey::Alerted { app_id, month }, Some(_)) => {
                 self.alerted.insert((month, app_id));
@@ -97,13 +100,20 @@ impl Task {
         Ok(())
     }
 
-    /// The next month every source has closed and that is not billed yet.
+    /// The month to bill next, closed everywhere or not: the one after the last billed,
+    /// or, before the first bill, the first month any source applied an event for.
+    fn next_to_bill(&self) -> Option<Month> {
+        match self.billed_through {
+            Some(billed) => Some(billed.next()),
+            None => self.closed.values().filter_map(|m| m.first_active).min(),
+        }
+    }
+
+    /// The next month to bill, if every one of the `sources` partitions has closed it.
+    /// Months are billed one after the other: none is ever skipped.
     fn next_billable(&self, sources: u32) -> Option<Month> {
-        self.closed
-            .iter()
-            .filter(|(m, _)| self.billed_through.is_none_or(|b| **m > b))
-            .find(|(_, s)| s.len() as u32 >= sources)
-            .map(|(m, _)| *m)
+        let through = (0..sources).map(|s| self.closed.get(&s).map(|m| m.through)).min()??;
+        self.next_to_bill().filter(|next| *next <= through)
     }
 }
 
@@ -280,16 +290,14 @@ pub fn run(config: &Config, shutdown: &AtomicBool, board: &Board) -> anyhow::Res
             report_positions(&consumer, &topics.changelog, &status);
         }
         // The oldest month some source has closed and this worker has not billed yet.
-        status.state().oldest_open_month_end = tasks
-            .values()
-            .filter_map(|t| t.closed.keys().find(|m| t.billed_through.is_none_or(|b| **m > b)).copied())
-            .min()
-            .map(|m| config.meter.tz.end_of_month(m));
+        // The oldest month waiting to be billed (closed by every source or not).
+        status.state().oldest_open_month_end =
+            tasks.values().filter_map(Task::next_to_bill).min().map(|m| config.meter.tz.end_of_month(m));
         for (&p, task) in tasks.iter_mut() {
             alert_as_it_happens(config, p, task, &mut subscriptions)?;
             while let Some(month) = task.next_billable(sources) {
                 subscriptions.catch_up()?;
-                let shape = Shape { partition: p, partitions, sources };
+                let shape = Shape { partition: p, partitions };
                 if !bill(config, shape, month, task, &subscriptions)? {
                     break;
                 }
@@ -327,7 +335,7 @@ fn restore(config: &Config, client: &ClientConfig, partition: i32) -> anyhow::Re
         usage: BTreeMap::new(),
         closed: BTreeMap::new(),
         billed_through: None,
-        crossed: BTreeSet::new(),
+        crossed: BTreeMap::new(),
         alerted: BTreeSet::new(),
         declined: BTreeSet::new(),
     };
@@ -341,13 +349,11 @@ fn restore(config: &Config, client: &ClientConfig, partition: i32) -> anyhow::Re
     Ok(task)
 }
 
-/// Where a billing task sits: its changelog partition, how many there are, and how many
-/// events partitions feed them.
+/// Where a billing task sits: its changelog partition and how many there are.
 #[derive(Debug, Clone, Copy)]
 struct Shape {
     partition: i32,
     partitions: u32,
-    sources: u32,
 }
 
 /// Bills one month of one changelog partition in one transaction; `false` if the
@@ -360,7 +366,7 @@ fn bill(
     feed: &SubscriptionFeed,
 ) -> anyhow::Result<bool> {
     let subscriptions = &feed.book;
-    let Shape { partition, partitions, sources } = shape;
+    let Shape { partition, partitions } = shape;
     let month_end = config.meter.tz.end_of_month(month);
     let mut apps: BTreeSet<AppId> =
         task.usage.range((month, 0)..=(month, AppId::MAX)).map(|((_, a), _)| *a).collect();
@@ -435,14 +441,11 @@ fn bill(
         for key in &usage_keys {
             tx.send(&topics.changelog, Some(partition), &key.to_bytes(), None, None)?;
         }
-        for source in 0..sources {
-            tx.send(
-                &topics.changelog,
-                Some(partition),
-                &ChangelogKey::MonthClosed { month, source }.to_bytes(),
-                None,
-                None,
-            )?;
+        for (&(_, app_id), sources) in task.crossed.range((month, 0)..=(month, AppId::MAX)) {
+            for &source in sources {
+                let key = ChangelogKey::QuotaCrossed { app_id, month, source };
+                tx.send(&topics.changelog, Some(partition), &key.to_bytes(), None, None)?;
+            }
         }
         for &(m, app_id) in task.alerted.iter().filter(|(m, _)| *m == month) {
             tx.send(
@@ -469,8 +472,7 @@ fn bill(
             m.months_billed.inc();
             task.billed_through = Some(month);
             task.usage.retain(|(m, _), _| *m != month);
-            task.closed.remove(&month);
-            task.crossed.retain(|(m, _)| *m != month);
+            task.crossed.retain(|(m, _), _| *m != month);
             task.alerted.retain(|(m, _)| *m != month);
             task.declined.retain(|(m, _)| *m != month);
             Ok(true)
@@ -495,7 +497,7 @@ fn alert_as_it_happens(
 ) -> anyhow::Result<()> {
     let pending: Vec<(Month, AppId)> = task
         .crossed
-        .iter()
+        .keys()
         .filter(|k| !task.alerted.contains(k) && !task.declined.contains(k))
         .filter(|(m, _)| task.billed_through.is_none_or(|b| *m > b))
         .copied()

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use im_meter_core::aggregate::{
-    billing_partition, AppMonthAggregate, ChangelogKey, Meter, MonthlyUsage, Outcome, StateKey,
+    billing_partition, AppMonthAggregate, ChangelogKey, ClosedMark, Meter, MonthlyUsage, Outcome, StateKey,
 };
 use im_meter_core::ingest::{decode_usage_event, RejectReason, Rejection};
 use im_meter_core::plan::AppId;
@@ -346,7 +346,13 @@ impl Stage {
         }
         let task = self.tasks.get_mut(&p).context("task restored above")?;
         self.tally.consumed(record.payload.len() + record.key.map_or(0, <[u8]>::len));
-        let rejection = match decode_usage_event(record.payload) {
+        let decoded = decode_usage_event(record.payload).and_then(|event| {
+            // Never applied, so it never moves event time: one broken clock must not close
+            // months for everyone.
+            Rejection::check_not_future(event.ts, Timestamp(now_ms()), self.config.max_clock_skew)
+                .map(|()| event)
+        });
+        let rejection = match decoded {
             Ok(event) => {
                 let outcome = task.meter.apply(&event);
                 self.tally.applied(&event.action, outcome);
@@ -457,24 +463,24 @@ impl Stage {
             return Ok(());
         }
         self.last_commit = Instant::now();
-        let lateness = self.config.worker.allowed_lateness;
         let topics = self.config.file.topics.clone();
         let mut offsets = TopicPartitionList::new();
         let mut records = Vec::new();
         for (&p, task) in self.tasks.iter_mut() {
-            for (month, closed) in task.meter.close_due(lateness) {
-                info!(partition = p, %month, apps = closed.len(), "meter: month closed");
-                for (app_id, mut aggregate) in closed {
-                    let key = ChangelogKey::Usage { app_id, month, source: p as u32 };
-                    let q = billing_partition(app_id, self.changelog_partitions) as i32;
-                    records.push((q, key, Some(aggregate.encode())));
+            if let Some(closing) = task.meter.take_closed() {
+                for (month, closed) in closing.months {
+                    info!(partition = p, %month, apps = closed.len(), "meter: month closed");
+                    for (app_id, mut aggregate) in closed {
+                        let key = ChangelogKey::Usage { app_id, month, source: p as u32 };
+                        let q = billing_partition(app_id, self.changelog_partitions) as i32;
+                        records.push((q, key, Some(aggregate.encode())));
+                    }
                 }
+                // After the usage it covers, in the same transaction: a billing task that
+                // reads the mark has read that usage.
+                let mark = ClosedMark { through: closing.through, first_active: closing.first_active };
                 for q in 0..self.changelog_partitions as i32 {
-                    records.push((
-                        q,
-                        ChangelogKey::MonthClosed { month, source: p as u32 },
-                        Some(Vec::new()),
-                    ));
+                    records.push((q, ChangelogKey::ClosedThrough { source: p as u32 }, Some(mark.encode())));
                 }
             }
             for (app_id, month) in task.meter.take_quota_crossings() {
@@ -484,6 +490,11 @@ impl Stage {
                     ChangelogKey::QuotaCrossed { app_id, month, source: p as u32 },
                     Some(Vec::new()),
                 ));
+            }
+            if let (true, Some(next)) = (task.dirty, task.next_offset) {
+                // The state says which input it reflects: a restore checks it against the
+                // committed offset (the changelog's end can lag it for a moment).
+                task.meter.set_input_offset(next);
             }
             for record in task.meter.checkpoint() {
                 task.sized(record.key, record.value.as_ref().map(Vec::len));

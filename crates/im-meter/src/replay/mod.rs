@@ -21,9 +21,11 @@ use std::thread;
 
 use im_meter_core::aggregate::{AppMonthAggregate, Meter, MonthlyUsage};
 use im_meter_core::bill::{bill_month, quota_alert, Charge, QuotaAlert, Subscriptions};
-use im_meter_core::ingest::{decode_subscription_event, decode_usage_event, SubscriptionEvent, UsageEvent};
+use im_meter_core::ingest::{
+    decode_subscription_event, decode_usage_event, Rejection, SubscriptionEvent, UsageEvent,
+};
 use im_meter_core::plan::AppId;
-use im_meter_core::time::Month;
+use im_meter_core::time::{Month, Timestamp};
 
 use crate::config::Config;
 pub use dead_letters::DeadLetters;
@@ -146,8 +148,14 @@ fn meter_events(
             meter
         });
         let mut batch = Vec::with_capacity(BATCH);
+        // Replay's own clock, read once: an event dated further ahead is refused as the
+        // worker would refuse it, so one broken clock cannot create a month to bill.
+        let now = Timestamp(crate::status::now_ms());
         let read = input::for_each_line(&input.events, input.progress, |line, bytes| {
-            match decode_usage_event(bytes) {
+            let decoded = decode_usage_event(bytes).and_then(|event| {
+                Rejection::check_not_future(event.ts, now, config.max_clock_skew).map(|()| event)
+            });
+            match decoded {
                 Ok(event) => batch.push(event),
                 Err(why) => dead.reject("events", line, bytes, &why)?,
             }
@@ -168,8 +176,9 @@ fn meter_events(
     })
 }
 
+/// Replay's input has no order, so months close only at its end (no lateness).
 fn meter_settings(config: &Config, exact: bool) -> im_meter_core::aggregate::MeterSettings {
-    im_meter_core::aggregate::MeterSettings { exact, ..config.meter.clone() }
+    im_meter_core::aggregate::MeterSettings { exact, allowed_lateness: None, ..config.meter.clone() }
 }
 
 /// Reads, sorts by time and applies the subscription events; refused ones go to `dead`.
