@@ -288,6 +288,8 @@ pub struct Record {
     pub partition: i32,
     pub key: Option<Vec<u8>>,
     pub value: Vec<u8>,
+    /// The record has no value (a deletion in a compacted topic).
+    pub tombstone: bool,
     /// Headers, values as text.
     pub headers: BTreeMap<String, String>,
 }
@@ -337,6 +339,7 @@ pub fn read_all(topic: &str) -> Vec<Record> {
                     partition: m.partition(),
                     key: m.key().map(<[u8]>::to_vec),
                     value: m.payload().unwrap_or_default().to_vec(),
+                    tombstone: m.payload().is_none(),
                     headers,
                 });
             }
