@@ -60,7 +60,8 @@ fn main() -> anyhow::Result<()> {
     let lines = workload.lines(&config.meter.tz);
     let total = lines.len() as i64;
     let bytes: usize = lines.iter().map(String::len).sum();
-    let mut producer = LineProducer::new(&client_config(&config), &events_topic, LineKind::Usage, None)?;
+    let mut producer =
+        LineProducer::new(&client_config(&config), &events_topic, LineKind::Usage, None, None)?;
     for line in &lines {
         producer.send(line.as_bytes())?;
     }

@@ -278,3 +278,17 @@ fn an_event_from_the_future_closes_no_month() {
     assert_eq!(future.len(), 1, "{letters:?}");
     assert_eq!(future[0].value, stray.as_bytes());
 }
+
+#[test]
+fn events_produced_in_transactions_close_their_month() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    // Each partition then ends with a transaction marker, never applied as a record: the
+    // idle check must go by the consumer's position, not by the last record's offset.
+    let d = Deployment::new("transactional");
+    let (events, subscriptions) = input();
+    let id = format!("{}-backend", d.prefix);
+    d.produce_files_with(events, subscriptions, &["--transactional-id", &id]);
+    let mut workers = vec![d.worker("a")];
+    assert_same_as_replay(&d, &mut workers);
+    workers.pop().unwrap().stop();
+}

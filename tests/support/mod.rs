@@ -148,11 +148,17 @@ impl Deployment {
 
     /// Produces an events file and a subscriptions file.
     pub fn produce_files(&self, events: &Path, subscriptions: &Path) {
+        self.produce_files_with(events, subscriptions, &[]);
+    }
+
+    /// [`Deployment::produce_files`] with extra `produce` arguments.
+    pub fn produce_files_with(&self, events: &Path, subscriptions: &Path, args: &[&str]) {
         let out = Command::new(env!("CARGO_BIN_EXE_im-meter"))
             .args(["produce", "--events"])
             .arg(events)
             .arg("--subscriptions")
             .arg(subscriptions)
+            .args(args)
             .envs(self.env())
             .output()
             .unwrap();

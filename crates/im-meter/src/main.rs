@@ -174,6 +174,11 @@ struct ProduceArgs {
     /// At most this many events a second (default: as fast as the broker takes them).
     #[arg(long)]
     rate: Option<u64>,
+    /// Send the events inside Kafka transactions with this transactional id, as a
+    /// transactional backend would (readers see them once committed; each partition then
+    /// ends with a transaction marker rather than a record).
+    #[arg(long, value_name = "ID")]
+    transactional_id: Option<String>,
     /// Partitions of topics this command creates because they are missing (default: the
     /// config's `kafka.partitions`).
     #[arg(long)]
@@ -309,13 +314,20 @@ fn produce(args: ProduceArgs) -> anyhow::Result<()> {
         .block_on(worker::prepare_topics(&config))?;
 
     if let Some(path) = &args.subscriptions {
-        let mut producer = LineProducer::new(&client, &topics.subscriptions, LineKind::Subscription, None)?;
+        let mut producer =
+            LineProducer::new(&client, &topics.subscriptions, LineKind::Subscription, None, None)?;
         for_each_line(&Source::parse(path), false, |_, line| producer.send(line))?;
         let stats = producer.finish()?;
         eprintln!("im-meter: sent {} subscription events to {}", stats.delivered, topics.subscriptions);
     }
 
-    let mut producer = LineProducer::new(&client, &topics.events, LineKind::Usage, args.rate)?;
+    let mut producer = LineProducer::new(
+        &client,
+        &topics.events,
+        LineKind::Usage,
+        args.rate,
+        args.transactional_id.as_deref(),
+    )?;
     let workload = (args.workload.sample || args.synthetic).then(|| args.workload.workload());
     match (workload, &args.events) {
         (Some(workload), _) => {

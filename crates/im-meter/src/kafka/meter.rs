@@ -384,11 +384,14 @@ impl Stage {
     fn follow_idle_partitions(&mut self, consumer: &BaseConsumer<StageContext>) {
         let idle_after = self.config.worker.idle_partition_timeout;
         let topic = &self.config.file.topics.events;
+        let positions = consumer.position().unwrap_or_default();
         let idle: BTreeSet<i32> = self
             .tasks
             .iter()
             .filter(|(_, t)| t.last_record.elapsed() >= idle_after)
-            .filter(|(p, t)| caught_up(consumer, topic, **p, t.next_offset))
+            .filter(|(p, t)| {
+                caught_up(consumer, topic, **p, t.next_offset.max(position(&positions, topic, **p)))
+            })
             .map(|(p, _)| *p)
             .collect();
         let busy_watermark = self
@@ -433,12 +436,8 @@ impl Stage {
         let mut state = self.status.state();
         for (p, task) in &self.tasks {
             let entry = state.partitions.entry(*p).or_default();
-            let position =
-                match positions.find_partition(&self.config.file.topics.events, *p).map(|e| e.offset()) {
-                    Some(Offset::Offset(o)) => Some(o),
-                    _ => None,
-                };
-            entry.next_offset = task.next_offset.max(position);
+            entry.next_offset =
+                task.next_offset.max(position(&positions, &self.config.file.topics.events, *p));
             entry.watermark = task.meter.watermark();
         }
         state.app_months = self.tasks.values().map(|t| t.meter.app_months() as u64).sum();
@@ -577,9 +576,19 @@ impl Stage {
     }
 }
 
-/// Whether everything a partition holds has been read: the offset after the last record
-/// applied (or the committed offset, before any) has reached the partition's end. Asked
-/// of the broker only for partitions already silent a while. Unknown is "no".
+/// A partition's position in `positions` (the consumer's: the offset after the last record
+/// it handed out, stepping over transaction markers, which are never handed out).
+fn position(positions: &TopicPartitionList, topic: &str, partition: i32) -> Option<i64> {
+    match positions.find_partition(topic, partition).map(|e| e.offset()) {
+        Some(Offset::Offset(o)) => Some(o),
+        _ => None,
+    }
+}
+
+/// Whether everything a partition holds has been read: `next` — the consumer's position,
+/// which steps over a transactional producer's commit markers, or the committed offset
+/// before any record — has reached the partition's end. Asked of the broker only for
+/// partitions already silent a while. Unknown is "no".
 fn caught_up(consumer: &BaseConsumer<StageContext>, topic: &str, partition: i32, next: Option<i64>) -> bool {
     match consumer.fetch_watermarks(topic, partition, Duration::from_secs(2)) {
         Ok((low, high)) => next.unwrap_or(low) >= high,

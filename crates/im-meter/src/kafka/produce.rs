@@ -62,25 +62,39 @@ pub struct LineProducer {
     started: Instant,
     sent: u64,
     keyed: u64,
+    /// Whether the lines go out in transactions (one per [`LINES_PER_TRANSACTION`]).
+    transactional: bool,
 }
 
+/// Lines per transaction of a transactional [`LineProducer`].
+const LINES_PER_TRANSACTION: u64 = 10_000;
+
 impl LineProducer {
-    /// An idempotent producer (`acks=all`) to `topic`.
+    /// An idempotent producer (`acks=all`) to `topic`; with a `transactional_id`, one that
+    /// sends in transactions.
     pub fn new(
         client: &ClientConfig,
         topic: &str,
         kind: LineKind,
         rate: Option<u64>,
+        transactional_id: Option<&str>,
     ) -> anyhow::Result<Self> {
-        let producer = client
-            .clone()
+        let mut config = client.clone();
+        config
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("linger.ms", "10")
             .set("compression.type", "lz4")
-            .set("queue.buffering.max.messages", "500000")
-            .create_with_context(DeliveryCounter::default())
-            .context("cannot create Kafka producer")?;
+            .set("queue.buffering.max.messages", "500000");
+        if let Some(id) = transactional_id {
+            config.set("transactional.id", id);
+        }
+        let producer: ThreadedProducer<DeliveryCounter> =
+            config.create_with_context(DeliveryCounter::default()).context("cannot create Kafka producer")?;
+        if transactional_id.is_some() {
+            producer.init_transactions(FLUSH_TIMEOUT).context("cannot initialise transactions")?;
+            producer.begin_transaction().context("cannot begin a transaction")?;
+        }
         Ok(LineProducer {
             producer,
             topic: topic.to_string(),
@@ -89,6 +103,7 @@ impl LineProducer {
             started: Instant::now(),
             sent: 0,
             keyed: 0,
+            transactional: transactional_id.is_some(),
         })
     }
 
@@ -106,6 +121,10 @@ impl LineProducer {
         }
         send(&self.producer, record)?;
         self.sent += 1;
+        if self.transactional && self.sent.is_multiple_of(LINES_PER_TRANSACTION) {
+            self.producer.commit_transaction(FLUSH_TIMEOUT).context("cannot commit a transaction")?;
+            self.producer.begin_transaction().context("cannot begin a transaction")?;
+        }
         if let Some(rate) = self.rate {
             pace(self.started, self.sent, rate);
         }
@@ -114,6 +133,9 @@ impl LineProducer {
 
     /// Waits until the broker confirmed every line; fails if any was not delivered.
     pub fn finish(self) -> anyhow::Result<ProduceStats> {
+        if self.transactional {
+            self.producer.commit_transaction(FLUSH_TIMEOUT).context("cannot commit a transaction")?;
+        }
         self.producer.flush(FLUSH_TIMEOUT).context("cannot flush the producer")?;
         let context = self.producer.context();
         let failed = context.failed.load(Ordering::Relaxed);
