@@ -345,6 +345,8 @@ fn run_streaming(
             let latest = changelog.iter().filter_map(|(k, v)| v.clone().map(|v| (*k, v)));
             meter = Meter::restore(settings.clone(), latest).unwrap();
             assert!(meter.checkpoint().is_empty(), "a restored meter has nothing new to write");
+            // The state says where its input resumes: exactly the committed position.
+            assert_eq!(meter.input_offset().unwrap_or(0), next as i64);
             continue;
         }
         let mut batch_outcomes: Vec<Outcome> = batch.iter().map(|e| meter.apply(e)).collect();
@@ -353,12 +355,13 @@ fn run_streaming(
                 emitted.push((month.to_string(), app, agg.encode()));
             }
         }
-        // The commit: changelog records and outputs together.
+        // The commit: changelog records, outputs and the input position together.
+        next += batch.len();
+        meter.set_input_offset(next as i64);
         for record in meter.checkpoint() {
             changelog.insert(record.key, record.value);
         }
         outcomes.append(&mut batch_outcomes);
-        next += batch.len();
         // The compacted changelog holds the live state, no more and no less.
         let latest = changelog.iter().filter_map(|(k, v)| v.clone().map(|v| (*k, v)));
         let restored = Meter::restore(settings.clone(), latest).unwrap();
@@ -420,5 +423,56 @@ proptest! {
         let uninterrupted = run_streaming(&settings, &s.events, Chunking { before, after: before, crash: None });
         let crashed = run_streaming(&settings, &s.events, Chunking { before, after, crash: Some((at, crash_after)) });
         prop_assert_eq!(uninterrupted, crashed);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
+
+    /// A new owner reads the changelog to its last stable offset, which can lag the
+    /// committed offsets (the previous owner's last commit markers are still being
+    /// written). State restored from such a prefix says which input it reflects, so the
+    /// worker sees it is behind the committed offset and reads again instead of resuming
+    /// there; resumed from the state that matches, no figure changes.
+    #[test]
+    fn a_restore_behind_the_committed_offset_is_recognised(
+        seed in any::<u64>(),
+        connections in 0usize..20,
+        logins in 0usize..200,
+        batch in 1usize..40,
+        lag in 1usize..4,
+    ) {
+        let mut s = scenario(seed, connections, logins);
+        s.events.sort_by_key(|e| e.ts.millis() / 3_600_000);
+        let settings = MeterSettings { allowed_lateness: Some(Duration::from_secs(3600)), ..settings(60) };
+        let mut meter = Meter::new(settings.clone());
+        // Each commit's records, and the input position it committed.
+        let mut commits: Vec<(Vec<im_meter_core::aggregate::StateRecord>, i64)> = Vec::new();
+        for (i, chunk) in s.events.chunks(batch).enumerate() {
+            for e in chunk {
+                meter.apply(e);
+            }
+            let _ = meter.take_closed();
+            let position = (i * batch + chunk.len()) as i64;
+            meter.set_input_offset(position);
+            commits.push((meter.checkpoint(), position));
+        }
+        prop_assume!(commits.len() > lag);
+        let visible = commits.len() - lag;
+        let restore = |n: usize| {
+            let mut latest: BTreeMap<StateKey, Option<Vec<u8>>> = BTreeMap::new();
+            for (records, _) in &commits[..n] {
+                for r in records {
+                    latest.insert(r.key, r.value.clone());
+                }
+            }
+            Meter::restore(settings.clone(), latest.into_iter().filter_map(|(k, v)| v.map(|v| (k, v)))).unwrap()
+        };
+        let committed = commits.last().unwrap().1;
+        let behind = restore(visible);
+        prop_assert_eq!(behind.input_offset(), Some(commits[visible - 1].1));
+        prop_assert!(behind.input_offset() < Some(committed), "behind the committed offset, and it says so");
+        let caught_up = restore(commits.len());
+        prop_assert_eq!(caught_up.input_offset(), Some(committed));
     }
 }

@@ -292,3 +292,61 @@ fn events_produced_in_transactions_close_their_month() {
     assert_same_as_replay(&d, &mut workers);
     workers.pop().unwrap().stop();
 }
+
+#[test]
+fn a_member_that_lost_its_partitions_writes_nothing_for_them() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let d = Deployment::new("zombie");
+    d.produce();
+    // Worker a blocks in the transaction that closes October (idle partitions follow the
+    // clock), past its poll limit, after writing its records and before adding offsets.
+    let stall = std::env::temp_dir().join(format!("{}.stall", d.prefix));
+    std::fs::write(&stall, "").unwrap();
+    let stall_path = stall.to_str().unwrap();
+    let mut a = d.worker_with(
+        "a",
+        &[
+            ("IM_METER_TEST_STALL_CLOSE_FILE", stall_path),
+            ("IM_METER__KAFKA__MAX_POLL_INTERVAL", "6s"),
+            ("IM_METER__KAFKA__METER_THREADS", "1"),
+            // Longer than the stall: the broker must refuse it for its generation, not for
+            // its age.
+            ("IM_METER__KAFKA__TRANSACTION_TIMEOUT", "90s"),
+        ],
+        &[],
+    );
+    eventually(Duration::from_secs(60), "worker a to stall while closing October", || {
+        a.assert_alive();
+        a.log_text().contains("failpoint: a transaction closing a month stalls").then_some(())
+    });
+    // Worker b takes the partitions once a has left the group, restores them from the last
+    // commit, and closes October itself.
+    let mut b = d.worker_with(
+        "b",
+        &[("IM_METER__KAFKA__MAX_POLL_INTERVAL", "6s"), ("IM_METER__KAFKA__METER_THREADS", "1")],
+        &[],
+    );
+    eventually(Duration::from_secs(90), "worker b to close October", || {
+        b.assert_alive();
+        b.log_text().contains("month=2026-10").then_some(())
+    });
+    // a wakes up and finishes its transaction: the broker must refuse it.
+    std::fs::remove_file(&stall).unwrap();
+    let mut workers = vec![b];
+    assert_same_as_replay(&d, &mut workers);
+    eventually(Duration::from_secs(60), "worker a's stale transaction to be refused", || {
+        a.log_text().contains("aborting transaction").then_some(())
+    });
+    // Each source partition's October usage of an app was written once, by b.
+    let mut written: BTreeMap<String, usize> = BTreeMap::new();
+    for r in read_all(&d.topic("changelog")).into_iter().filter(|r| !r.tombstone) {
+        let key = String::from_utf8(r.key.unwrap()).unwrap();
+        if key.starts_with("u/") {
+            *written.entry(key).or_default() += 1;
+        }
+    }
+    assert!(!written.is_empty());
+    assert!(written.values().all(|n| *n == 1), "usage written twice: {written:?}");
+    workers.pop().unwrap().stop();
+    drop(a);
+}

@@ -47,6 +47,7 @@ impl Default for FileConfig {
                 commit_interval: "1s".into(),
                 idle_partition_timeout: "30s".into(),
                 transaction_timeout: "30s".into(),
+                max_poll_interval: "5m".into(),
                 meter_threads: 0,
                 security_protocol: "plaintext".into(),
                 sasl_mechanism: String::new(),
@@ -106,6 +107,9 @@ pub struct KafkaSection {
     /// Kafka transaction timeout: how long a crashed worker's open transaction can hold
     /// back read_committed readers at most.
     pub transaction_timeout: String,
+    /// A consumer that has not polled for this long leaves the group and its partitions
+    /// move (librdkafka `max.poll.interval.ms`).
+    pub max_poll_interval: String,
     /// Metering consumers this worker runs, each a member of the group on a thread of its
     /// own with its own transactional id; 0: one per CPU the process may use.
     pub meter_threads: i64,
@@ -251,6 +255,8 @@ pub struct WorkerSettings {
     pub idle_partition_timeout: Duration,
     /// Kafka transaction timeout.
     pub transaction_timeout: Duration,
+    /// Poll silence after which a consumer leaves its group.
+    pub max_poll_interval: Duration,
     /// Metering consumers (threads) of this worker.
     pub meter_threads: usize,
 }
@@ -399,6 +405,7 @@ impl FileConfig {
             commit_interval: Duration::from_secs(1),
             idle_partition_timeout: Duration::from_secs(30),
             transaction_timeout: Duration::from_secs(30),
+            max_poll_interval: Duration::from_secs(300),
             meter_threads: 1,
         };
         check(
@@ -425,6 +432,17 @@ impl FileConfig {
             duration(&self.kafka.idle_partition_timeout)
                 .and_then(positive)
                 .map(|d| worker.idle_partition_timeout = d),
+        );
+        check(
+            "kafka.max_poll_interval",
+            duration(&self.kafka.max_poll_interval)
+                .and_then(|d| {
+                    (Duration::from_secs(1)..=Duration::from_secs(86_400))
+                        .contains(&d)
+                        .then_some(d)
+                        .ok_or_else(|| "must be between 1s and 24h".to_string())
+                })
+                .map(|d| worker.max_poll_interval = d),
         );
         let meter_threads = match usize::try_from(self.kafka.meter_threads) {
             Ok(0) => Ok(std::thread::available_parallelism().map_or(1, usize::from)),

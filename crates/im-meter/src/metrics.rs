@@ -120,7 +120,7 @@ impl Metrics {
             rebalances: counter_vec(
                 r,
                 "im_meter_rebalances_total",
-                "Rebalance callbacks, by stage and kind (assign, revoke).",
+                "Rebalance callbacks, by stage and kind (assign, revoke, lost: revoked without a handover, nothing committed for them).",
                 &["stage", "kind"],
             )?,
             assigned_partitions: gauge_vec(

@@ -234,7 +234,7 @@ pub fn run(config: &Config, shutdown: &AtomicBool, board: &Board) -> anyhow::Res
     let assignment = Arc::new(Mutex::new(Assignment::default()));
     // No offsets are ever committed in this group: every assignment starts from the beginning.
     let consumer: BaseConsumer<StageContext> =
-        super::group_member(&client, &format!("{}-billing", config.file.kafka.group_id))
+        super::group_member(config, &format!("{}-billing", config.file.kafka.group_id))
             .create_with_context(StageContext { assignment: Arc::clone(&assignment) })
             .context("cannot create the changelog consumer")?;
     consumer.subscribe(&[&topics.changelog]).context("cannot subscribe to the changelog")?;

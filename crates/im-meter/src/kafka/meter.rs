@@ -54,6 +54,12 @@ const BATCH: usize = 4096;
 /// metering loop stops polling, as a consumer stuck in a blocking call would.
 const PAUSE_FILE: &str = "IM_METER_TEST_PAUSE_FILE";
 
+/// A failpoint for tests (`tests/kafka.rs`): while the file this variable names exists, a
+/// metering transaction that closes a month stalls after writing its records, before it
+/// adds the consumed offsets — a member blocked past `max.poll.interval.ms` while a month
+/// is due, which must not be able to commit anything once it wakes up.
+const STALL_CLOSE_FILE: &str = "IM_METER_TEST_STALL_CLOSE_FILE";
+
 /// One assigned events partition.
 struct Task {
     meter: Meter,
@@ -113,9 +119,19 @@ impl ConsumerContext for StageContext {
         }
         let Rebalance::Revoke(revoked) = rebalance else { return };
         let Ok(mut stage) = self.stage.lock() else { return };
-        // Commit while the partitions are still ours: after the callback another worker
-        // may restore them, and it must find everything we applied.
-        if let Err(e) = stage.commit(consumer).and_then(|()| stage.settle(consumer)) {
+        if consumer.assignment_lost() {
+            // Lost, not handed over (we left the group, e.g. past max.poll.interval.ms):
+            // another member may own them already, so nothing is written for them. What was
+            // applied since the last commit is dropped; its new owner re-reads it.
+            if let Err(TransactionFailed::Fatal(e)) = stage.outbox.settle() {
+                stage.failure = Some(e.context("the transaction in flight failed"));
+            }
+            stage.tasks.clear();
+            stage.dead_letters.clear();
+            metrics().rebalances.with_label_values(&["meter", "lost"]).inc();
+        } else if let Err(e) = stage.commit(consumer).and_then(|()| stage.settle(consumer)) {
+            // Commit while the partitions are still ours: after the callback another worker
+            // may restore them, and it must find everything we applied.
             stage.failure = Some(e.context("commit before revocation failed"));
         }
         let partitions: Vec<i32> = revoked.elements().iter().map(|e| e.partition()).collect();
@@ -170,7 +186,7 @@ pub fn run(config: &Config, member: usize, shutdown: &AtomicBool, board: &Board)
         tally: EventTally::default(),
     }));
     board.live(Arc::new(MeterHandle(Arc::clone(&stage))));
-    let consumer: BaseConsumer<StageContext> = super::group_member(&client, &config.file.kafka.group_id)
+    let consumer: BaseConsumer<StageContext> = super::group_member(config, &config.file.kafka.group_id)
         // A partition whose queue holds `queued.min.messages` is not fetched for this long;
         // librdkafka's default (1 s) leaves a fast reader idle for most of that second.
         .set("fetch.queue.backoff.ms", "10")
@@ -211,7 +227,7 @@ pub fn run(config: &Config, member: usize, shutdown: &AtomicBool, board: &Board)
                 // Only records fetched before their partition's queue was split come here.
                 Some(Ok(m)) => {
                     taken += 1;
-                    stage.handle(&Fetched::of(&m))?;
+                    stage.handle(&consumer, &Fetched::of(&m))?;
                 }
                 // Transient client errors (a broker restarting): librdkafka reconnects.
                 Some(Err(e)) => warn!(error = %e, "meter: consumer error"),
@@ -231,7 +247,7 @@ pub fn run(config: &Config, member: usize, shutdown: &AtomicBool, board: &Board)
                 taken += queue.fill(&mut batch, Duration::ZERO);
                 for record in batch.records() {
                     match record {
-                        Ok(record) => stage.handle(&record)?,
+                        Ok(record) => stage.handle(&consumer, &record)?,
                         Err(e) => warn!(error = %e, partition = queue.partition(), "meter: fetch error"),
                     }
                 }
@@ -324,25 +340,60 @@ impl Stage {
             consumer.committed_offsets(wanted.clone(), timeout)
         })?;
         for p in missing {
-            let mut task = self.restore(p)?;
-            if let Some(Offset::Offset(o)) = committed.find_partition(topic, p).map(|e| e.offset()) {
-                task.next_offset = Some(o);
-            }
+            let committed = match committed.find_partition(topic, p).map(|e| e.offset()) {
+                Some(Offset::Offset(o)) => o,
+                // Never committed: the group starts at the beginning (auto.offset.reset).
+                _ => {
+                    with_retries("reading the partition's start", || {
+                        consumer.fetch_watermarks(topic, p, timeout)
+                    })?
+                    .0
+                }
+            };
+            let task = self.restore_at(p, committed)?;
             self.tasks.insert(p, task);
         }
         Ok(())
     }
 
+    /// Restores partition `p` as of its committed offset. The changelog is read to its last
+    /// stable offset, which can lag the committed offsets for a moment (the commit markers
+    /// of the previous owner's last transaction are written after it returns); resuming
+    /// from state older than the offsets would lose the events in between, so the read is
+    /// repeated until the state says it reflects exactly the committed offset.
+    fn restore_at(&self, p: i32, committed: i64) -> anyhow::Result<Task> {
+        let deadline = Instant::now() + self.config.worker.transaction_timeout + Duration::from_secs(30);
+        loop {
+            let mut task = self.restore(p)?;
+            match task.meter.input_offset() {
+                // State written before offsets were kept with it (format 1): nothing to check.
+                None => {}
+                Some(state) if state == committed => {}
+                Some(state) if state < committed && Instant::now() < deadline => {
+                    warn!(partition = p, state, committed, "meter: changelog behind the committed offset; reading it again");
+                    std::thread::sleep(Duration::from_millis(200));
+                    continue;
+                }
+                Some(state) => anyhow::bail!(
+                    "the state of partition {p} in the changelog reflects offset {state}, but the committed offset is {committed}"
+                ),
+            }
+            task.next_offset = Some(committed);
+            // The state now says where it resumes (a partition never committed included).
+            task.meter.set_input_offset(committed);
+            return Ok(task);
+        }
+    }
+
     /// Applies one record (or sends it to the dead letters) and notes its offset.
-    fn handle(&mut self, record: &Fetched<'_>) -> anyhow::Result<()> {
+    fn handle(&mut self, consumer: &BaseConsumer<StageContext>, record: &Fetched<'_>) -> anyhow::Result<()> {
         let p = record.partition;
         if !self.assigned.contains(&p) {
             // Fetched before the partition was revoked: its new owner applies it.
             return Ok(());
         }
         if !self.tasks.contains_key(&p) {
-            let task = self.restore(p)?;
-            self.tasks.insert(p, task);
+            self.restore_assigned(consumer)?;
         }
         let task = self.tasks.get_mut(&p).context("task restored above")?;
         self.tally.consumed(record.payload.len() + record.key.map_or(0, <[u8]>::len));
@@ -465,8 +516,11 @@ impl Stage {
         let topics = self.config.file.topics.clone();
         let mut offsets = TopicPartitionList::new();
         let mut records = Vec::new();
+        let mut closes_month = false;
+        let mut anything = false;
         for (&p, task) in self.tasks.iter_mut() {
             if let Some(closing) = task.meter.take_closed() {
+                closes_month |= !closing.months.is_empty();
                 for (month, closed) in closing.months {
                     info!(partition = p, %month, apps = closed.len(), "meter: month closed");
                     for (app_id, mut aggregate) in closed {
@@ -490,9 +544,9 @@ impl Stage {
                     Some(Vec::new()),
                 ));
             }
-            if let (true, Some(next)) = (task.dirty, task.next_offset) {
-                // The state says which input it reflects: a restore checks it against the
-                // committed offset (the changelog's end can lag it for a moment).
+            if let Some(next) = task.next_offset {
+                // The state says which input it reflects, in the transaction that commits
+                // that offset: a restore checks the two against each other.
                 task.meter.set_input_offset(next);
             }
             for record in task.meter.checkpoint() {
@@ -502,18 +556,31 @@ impl Stage {
             if task.dirty {
                 // Records arrived since the last commit: not idle (one clock read per commit).
                 task.last_record = self.last_commit;
+                anything = true;
             }
-            if let (true, Some(next)) = (task.dirty, task.next_offset) {
+            if let Some(next) = task.next_offset {
+                // Every partition we own, whether or not it was read since: the group
+                // coordinator then refuses the whole transaction if we no longer own them
+                // (KIP-447), even one that only closes a month or writes progress.
                 offsets.add_partition_offset(&topics.events, p, Offset::Offset(next))?;
             }
             task.dirty = false;
         }
-        if records.is_empty() && offsets.count() == 0 && self.dead_letters.is_empty() {
+        if records.is_empty() && !anything && self.dead_letters.is_empty() {
+            return Ok(());
+        }
+        if consumer.assignment_lost() {
+            // We know already that another member may own them: write nothing, drop what was
+            // applied since the last commit, and let the next poll serve the rebalance.
+            warn!("meter: assignment lost; dropping what was applied since the last commit");
+            self.tasks.clear();
+            self.dead_letters.clear();
             return Ok(());
         }
         let group = consumer.group_metadata().context("the consumer has no group metadata")?;
         let dead_letters = std::mem::take(&mut self.dead_letters);
         let started = self.last_commit;
+        let stall = std::env::var_os(STALL_CLOSE_FILE).filter(|_| closes_month).map(std::path::PathBuf::from);
         // A crash anywhere from here until commit_transaction returns (on the transaction
         // thread) loses nothing: the transaction is aborted (by the coordinator on timeout,
         // or at once when this worker restarts with the same transactional id), none of its
@@ -527,6 +594,12 @@ impl Stage {
             }
             for letter in &dead_letters {
                 tx.dead_letter(&topics.dead_letters, letter)?;
+            }
+            if let Some(file) = stall.filter(|f| f.exists()) {
+                warn!("failpoint: a transaction closing a month stalls");
+                while file.exists() {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
             }
             if offsets.count() > 0 {
                 tx.send_offsets(&offsets, &group)?;

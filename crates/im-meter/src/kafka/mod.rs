@@ -38,10 +38,15 @@ pub fn client_config(config: &Config) -> ClientConfig {
 /// Settings of a member of consumer group `group` as both stages use them: offsets only
 /// ever committed inside transactions, read_committed, cooperative rebalancing, and a new
 /// group starting at the beginning of its topics.
-pub fn group_member(client: &ClientConfig, group: &str) -> ClientConfig {
-    let mut member = client.clone();
+pub fn group_member(config: &Config, group: &str) -> ClientConfig {
+    let max_poll = config.worker.max_poll_interval;
+    // librdkafka requires the session timeout not to exceed the poll interval.
+    let session = max_poll.min(std::time::Duration::from_secs(45));
+    let mut member = client_config(config);
     member
         .set("group.id", group)
+        .set("max.poll.interval.ms", max_poll.as_millis().to_string())
+        .set("session.timeout.ms", session.as_millis().to_string())
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest")
         .set("isolation.level", "read_committed")

@@ -223,6 +223,9 @@ impl Outbox {
         }
         warn!(error = %format!("{e:#}"), "aborting transaction");
         let deadline = Instant::now() + self.timeout;
+        // librdkafka's abort waits for the delivery reports of what was sent, which only
+        // a poll serves: without this it waits out its whole timeout, then fails.
+        self.serve_deliveries(deadline);
         loop {
             match self.producer.abort_transaction(self.timeout) {
                 Ok(()) => return Err(TransactionFailed::Aborted(e)),
@@ -239,16 +242,21 @@ impl Outbox {
         }
     }
 
+    /// Serves delivery reports until nothing sent is in flight (or `deadline`).
+    fn serve_deliveries(&self, deadline: Instant) {
+        while self.producer.in_flight_count() > 0 && Instant::now() < deadline {
+            self.producer.poll(Duration::from_millis(1));
+        }
+    }
+
     /// Commits the open transaction, retrying what librdkafka calls retriable (a broker
     /// restarting) within the transaction timeout.
     fn commit_with_retries(&self) -> anyhow::Result<()> {
         let deadline = Instant::now() + self.timeout;
-        // Deliver what is queued first, serving delivery reports as they come: rdkafka's
-        // own flush inside commit_transaction waits for them in 100 ms steps, which would
-        // make every commit take at least that long.
-        while self.producer.in_flight_count() > 0 && Instant::now() < deadline {
-            self.producer.poll(Duration::from_millis(1));
-        }
+        // Deliver what is queued first: rdkafka's own flush inside commit_transaction
+        // waits for delivery reports in 100 ms steps, which would make every commit take at
+        // least that long.
+        self.serve_deliveries(deadline);
         loop {
             match self.producer.commit_transaction(self.timeout) {
                 Ok(()) => return Ok(()),
