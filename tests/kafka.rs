@@ -350,3 +350,31 @@ fn a_member_that_lost_its_partitions_writes_nothing_for_them() {
     workers.pop().unwrap().stop();
     drop(a);
 }
+
+#[test]
+fn the_plan_book_survives_the_subscriptions_topics_retention() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let d = Deployment::new("plans");
+    let (events, subscriptions) = input();
+    let nothing = d.file("empty.ndjson", &[]);
+    // The subscription history first, read by a billing-only worker (no metering: no month
+    // closes, and the events produced later are not late).
+    d.produce_files(&nothing, subscriptions);
+    let billing = d.worker_with("a", &[], &["--role", "bill"]);
+    let history = std::fs::read_to_string(subscriptions).unwrap().lines().count();
+    let kept = || read_all(&d.topic("plan_book")).iter().filter(|r| !r.tombstone).count();
+    // Not required to pass: it only lets the worker keep what it keeps before it stops.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while kept() < history && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    billing.stop();
+    // Retention removes the whole history from the subscriptions topic.
+    delete_all_records(&d.topic("subscriptions"));
+    assert!(read_all(&d.topic("subscriptions")).is_empty());
+    // A restarted worker bills the month under the same plans as before.
+    d.produce_files(events, &nothing);
+    let mut workers = vec![d.worker("a")];
+    assert_same_as_replay(&d, &mut workers);
+    workers.pop().unwrap().stop();
+}

@@ -180,7 +180,16 @@ impl Deployment {
             // Several workers run at once: each on a port of its own.
             ("IM_METER__HTTP__LISTEN".into(), "127.0.0.1:0".into()),
         ];
-        for t in ["events", "subscriptions", "dead_letters", "changelog", "charges", "alerts", "usage"] {
+        for t in [
+            "events",
+            "subscriptions",
+            "dead_letters",
+            "changelog",
+            "charges",
+            "alerts",
+            "usage",
+            "plan_book",
+        ] {
             env.push((format!("IM_METER__TOPICS__{}", t.to_uppercase()), self.topic(t)));
         }
         env
@@ -402,5 +411,26 @@ pub fn eventually<T>(within: Duration, what: &str, mut check: impl FnMut() -> Op
         }
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Deletes every record of `topic` (all partitions, up to their ends), as retention would.
+pub fn delete_all_records(topic: &str) {
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    use rdkafka::client::DefaultClientContext;
+    let admin: AdminClient<DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", brokers()).create().unwrap();
+    let reader: BaseConsumer = ClientConfig::new().set("bootstrap.servers", brokers()).create().unwrap();
+    let metadata = reader.fetch_metadata(Some(topic), Duration::from_secs(10)).unwrap();
+    let mut offsets = TopicPartitionList::new();
+    for p in metadata.topics()[0].partitions() {
+        let (_, high) = reader.fetch_watermarks(topic, p.id(), Duration::from_secs(10)).unwrap();
+        offsets.add_partition_offset(topic, p.id(), Offset::Offset(high)).unwrap();
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    let deleted = runtime.block_on(admin.delete_records(&offsets, &options)).unwrap();
+    for e in deleted.elements() {
+        assert!(e.error().is_ok(), "{topic}/{}: {:?}", e.partition(), e.error());
     }
 }

@@ -62,6 +62,7 @@ impl Default for FileConfig {
                 charges: "im.billing.charges".into(),
                 alerts: "im.billing.alerts".into(),
                 usage: "im.billing.usage".into(),
+                plan_book: "im.billing.plan-book".into(),
             },
             billing: BillingSection {
                 timezone: "+08:00".into(),
@@ -166,6 +167,9 @@ pub struct TopicsSection {
     pub alerts: String,
     /// Each billed app-month's usage out (key `{app_id}/{YYYY-MM}`).
     pub usage: String,
+    /// Compacted copy of the subscriptions topic kept by billing, so that the plan book
+    /// outlives the subscriptions topic's retention.
+    pub plan_book: String,
 }
 
 /// `[billing]`: the calendar and the price book.
@@ -528,6 +532,7 @@ impl FileConfig {
             ("topics.charges", &t.charges),
             ("topics.alerts", &t.alerts),
             ("topics.usage", &t.usage),
+            ("topics.plan_book", &t.plan_book),
         ] {
             check(field, topic_name(name));
         }

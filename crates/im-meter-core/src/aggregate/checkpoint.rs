@@ -135,6 +135,12 @@ pub enum ChangelogKey {
         /// The events partition.
         source: u32,
     },
+    /// `o/{partition}`: how far the billing task of this changelog partition has copied
+    /// that subscriptions partition into the plan book (the value: the offset to copy next).
+    PlanCopied {
+        /// The subscriptions partition.
+        partition: u32,
+    },
     /// `a/{app}/{YYYY-MM}`: the quota alert of the app-month was published.
     Alerted {
         /// The app.
@@ -158,6 +164,7 @@ impl ChangelogKey {
                 format!("x/{app_id}/{month}/{source}").into_bytes()
             }
             ChangelogKey::Alerted { app_id, month } => format!("a/{app_id}/{month}").into_bytes(),
+            ChangelogKey::PlanCopied { partition } => format!("o/{partition}").into_bytes(),
         }
     }
 
@@ -167,7 +174,7 @@ impl ChangelogKey {
             || CodecError::Corrupt(format!("not a changelog key: {:?}", String::from_utf8_lossy(bytes)));
         match bytes.first() {
             Some(b'b') if bytes.len() == 1 => Ok(ChangelogKey::Billed),
-            Some(b'u' | b'w' | b'x' | b'a') => {
+            Some(b'u' | b'w' | b'x' | b'a' | b'o') => {
                 let text = std::str::from_utf8(bytes).map_err(|_| bad())?;
                 let parts: Vec<&str> = text.split('/').collect();
                 match parts.as_slice() {
@@ -184,6 +191,9 @@ impl ChangelogKey {
                         month: month.parse().map_err(|_| bad())?,
                         source: source.parse().map_err(|_| bad())?,
                     }),
+                    ["o", partition] => {
+                        Ok(ChangelogKey::PlanCopied { partition: partition.parse().map_err(|_| bad())? })
+                    }
                     ["a", app, month] => Ok(ChangelogKey::Alerted {
                         app_id: app.parse().map_err(|_| bad())?,
                         month: month.parse().map_err(|_| bad())?,
@@ -351,6 +361,7 @@ mod tests {
             ChangelogKey::Billed,
             ChangelogKey::QuotaCrossed { app_id: 9, month, source: 2 },
             ChangelogKey::Alerted { app_id: 9, month },
+            ChangelogKey::PlanCopied { partition: 4 },
         ];
         for key in keys {
             assert_eq!(ChangelogKey::from_bytes(&key.to_bytes()).unwrap(), key);

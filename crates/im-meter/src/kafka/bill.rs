@@ -30,11 +30,12 @@ use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use super::changelog::{self, QuietEof};
 use super::fetch::Fetched;
 use super::output::{DeadLetter, Outbox, TransactionFailed};
+use super::plan_book::{self, SourceRecord};
 use crate::config::Config;
 use crate::metrics::metrics;
 use crate::report::UsageItem;
@@ -58,6 +59,9 @@ struct Task {
     alerted: BTreeSet<(Month, AppId)>,
     /// Crossings found not to need an alert (the app is not on Developer): not re-checked.
     declined: BTreeSet<(Month, AppId)>,
+    /// Subscriptions partitions this task copies into the plan book → the offset to copy
+    /// from next.
+    copied: BTreeMap<i32, i64>,
 }
 
 impl Task {
@@ -95,7 +99,14 @@ impl Task {
             }
             // Deletions of markers come with the month's billing, which forgets them anyway.
             (ChangelogKey::QuotaCrossed { .. } | ChangelogKey::Alerted { .. }, None) => {}
-            (ChangelogKey::State(_), _) | (ChangelogKey::Billed, None) => {}
+            (ChangelogKey::PlanCopied { partition }, Some(bytes)) => {
+                let next = std::str::from_utf8(bytes).ok().and_then(|t| t.parse().ok());
+                let next: i64 = next.context("unreadable plan book copy mark")?;
+                let mark = self.copied.entry(partition as i32).or_default();
+                // Only forward: the task reads its own earlier marks back.
+                *mark = (*mark).max(next);
+            }
+            (ChangelogKey::State(_), _) | (ChangelogKey::Billed | ChangelogKey::PlanCopied { .. }, None) => {}
         }
         Ok(())
     }
@@ -117,12 +128,15 @@ impl Task {
     }
 }
 
-/// The subscription book, fed from the whole subscriptions topic (small: every billing
-/// task needs the plans of its apps, and reads them all).
+/// The subscription book, fed from the plan book's copy and then the whole subscriptions
+/// topic (small: every billing task needs the plans of its apps, and reads them all).
 struct SubscriptionFeed {
     consumer: BaseConsumer<QuietEof>,
+    topic: String,
     /// Per partition: whether everything up to its end has been applied.
     at_end: Vec<bool>,
+    /// Per partition: the offset after the last record applied (from the copy or the topic).
+    seen: Vec<Option<i64>>,
     book: Subscriptions,
     /// Refused subscription records, each dead-lettered by one billing task (see
     /// [`Refused`]) with the month it belongs to.
@@ -142,22 +156,65 @@ struct Refused {
 }
 
 impl SubscriptionFeed {
-    fn new(client: &ClientConfig, topic: &str, config: &Config) -> anyhow::Result<Self> {
+    /// A feed that has applied the plan book's copy and reads the topic on from its end.
+    fn new(client: &ClientConfig, config: &Config) -> anyhow::Result<Self> {
+        let topics = &config.file.topics;
         let consumer: BaseConsumer<QuietEof> = changelog::reader(client)
             .create_with_context(QuietEof)
             .context("cannot create the subscriptions reader")?;
-        let partitions = changelog::partition_count(client, topic)? as usize;
-        let mut assignment = TopicPartitionList::new();
-        for p in 0..partitions as i32 {
-            assignment.add_partition_offset(topic, p, Offset::Beginning)?;
-        }
-        consumer.assign(&assignment)?;
-        Ok(SubscriptionFeed {
+        let partitions = changelog::partition_count(client, &topics.subscriptions)? as usize;
+        let copy = plan_book::read(client, &topics.plan_book)?;
+        let mut feed = SubscriptionFeed {
             consumer,
+            topic: topics.subscriptions.clone(),
             at_end: vec![false; partitions],
+            seen: vec![None; partitions],
             book: Subscriptions::new(config.meter.tz),
             refused: Vec::new(),
-        })
+        };
+        for record in &copy.records {
+            feed.absorb(record, None);
+        }
+        let mut assignment = TopicPartitionList::new();
+        for p in 0..partitions as i32 {
+            assignment.add_partition_offset(&topics.subscriptions, p, copy.start_of(p))?;
+            if let Some(seen) = feed.seen.get_mut(p as usize) {
+                *seen = copy.ends.get(&p).copied();
+            }
+        }
+        feed.consumer.assign(&assignment)?;
+        info!(
+            copied = copy.records.len(),
+            apps = feed.book.apps().count(),
+            "billing: plan book restored from its copy"
+        );
+        Ok(feed)
+    }
+
+    /// Applies one subscription record, or notes it refused.
+    fn absorb(&mut self, record: &SourceRecord, key: Option<&[u8]>) {
+        if let Some(seen) = self.seen.get_mut(record.partition as usize) {
+            *seen = (*seen).max(Some(record.offset + 1));
+        }
+        let (app_id, ts, why) = match decode_subscription_event(&record.payload) {
+            Ok(event) => match self.book.apply(&event) {
+                Ok(()) => return,
+                Err(why) => (Some(event.app_id), Some(event.ts), why),
+            },
+            Err(why) => (None, None, why),
+        };
+        warn!(app_id, reason = why.reason.code(), detail = %why.detail, "subscription event refused");
+        let record_time = record.timestamp.map(Timestamp).unwrap_or(Timestamp::MIN);
+        let month = self.book.tz().month_of(ts.unwrap_or(record_time));
+        let source = Fetched {
+            topic: &self.topic,
+            partition: record.partition,
+            offset: record.offset,
+            key,
+            payload: &record.payload,
+        };
+        let letter = DeadLetter::of(&source, why);
+        self.refused.push(Refused { app_id, source_partition: record.partition, month, letter });
     }
 
     /// Applies every subscription event up to the end of the topic as fetched now.
@@ -165,26 +222,24 @@ impl SubscriptionFeed {
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
             anyhow::ensure!(Instant::now() < deadline, "reading subscriptions took too long");
-            let message = self.consumer.poll(Duration::from_millis(50));
-            if let Some(Ok(m)) = &message {
-                if let Some(end) = self.at_end.get_mut(m.partition() as usize) {
-                    *end = false;
-                }
-            }
-            match message {
-                Some(Ok(m)) => {
-                    let (app_id, ts, why) = match decode_subscription_event(m.payload().unwrap_or_default()) {
-                        Ok(event) => match self.book.apply(&event) {
-                            Ok(()) => continue,
-                            Err(why) => (Some(event.app_id), Some(event.ts), why),
-                        },
-                        Err(why) => (None, None, why),
+            // Owned, so that the feed can change while it is handled.
+            let message = self.consumer.poll(Duration::from_millis(50)).map(|r| {
+                r.map(|m| {
+                    let record = SourceRecord {
+                        partition: m.partition(),
+                        offset: m.offset(),
+                        timestamp: m.timestamp().to_millis(),
+                        payload: m.payload().unwrap_or_default().to_vec(),
                     };
-                    warn!(app_id, reason = why.reason.code(), detail = %why.detail, "subscription event refused");
-                    let record_time = m.timestamp().to_millis().map(Timestamp).unwrap_or(Timestamp::MIN);
-                    let month = self.book.tz().month_of(ts.unwrap_or(record_time));
-                    let letter = DeadLetter::of(&Fetched::of(&m), why);
-                    self.refused.push(Refused { app_id, source_partition: m.partition(), month, letter });
+                    (record, m.key().map(<[u8]>::to_vec))
+                })
+            });
+            match message {
+                Some(Ok((record, key))) => {
+                    if let Some(end) = self.at_end.get_mut(record.partition as usize) {
+                        *end = false;
+                    }
+                    self.absorb(&record, key.as_deref());
                 }
                 Some(Err(KafkaError::PartitionEOF(p))) => {
                     if let Some(end) = self.at_end.get_mut(p as usize) {
@@ -198,6 +253,67 @@ impl SubscriptionFeed {
             }
         }
     }
+}
+
+/// Copies what the feed has seen of the subscriptions partitions that task `partition`
+/// copies (`j % partitions == partition`) and it has not copied yet into the plan book, with
+/// the task's copy marks, in one transaction of the task.
+fn copy_subscriptions(
+    config: &Config,
+    client: &ClientConfig,
+    shape: Shape,
+    task: &mut Task,
+    feed: &SubscriptionFeed,
+) -> anyhow::Result<()> {
+    let topics = &config.file.topics;
+    for (j, seen) in feed.seen.iter().enumerate() {
+        let j = j as i32;
+        let copied = task.copied.get(&j).copied();
+        if j % shape.partitions as i32 != shape.partition || *seen <= copied {
+            continue;
+        }
+        let from = copied.map_or(Offset::Beginning, Offset::Offset);
+        let (records, end) = plan_book::read_source(client, &topics.subscriptions, j, from)?;
+        let Some(end) = end else { continue };
+        if let (Some(first), Some(copied)) = (records.first(), copied) {
+            if first.offset > copied {
+                error!(
+                    partition = j,
+                    from = copied,
+                    to = first.offset,
+                    "subscription records expired before the plan book copied them: those changes are lost"
+                );
+            }
+        }
+        let mark = ChangelogKey::PlanCopied { partition: j as u32 };
+        let result = task.outbox.transaction(|tx| {
+            plan_book::copy(tx, &topics.plan_book, &records)?;
+            tx.send(
+                &topics.changelog,
+                Some(shape.partition),
+                &mark.to_bytes(),
+                Some(end.to_string().as_bytes()),
+                None,
+            )
+        });
+        match result {
+            Ok(()) => {
+                info!(
+                    partition = j,
+                    records = records.len(),
+                    next = end,
+                    "billing: subscriptions copied into the plan book"
+                );
+                task.copied.insert(j, end);
+            }
+            // Nothing was written; the next pass copies again.
+            Err(TransactionFailed::Aborted(e)) => {
+                warn!(partition = j, error = %format!("{e:#}"), "billing: plan book copy aborted, will retry");
+            }
+            Err(fatal @ TransactionFailed::Fatal(_)) => return Err(fatal.into()),
+        }
+    }
+    Ok(())
 }
 
 /// Shared between the poll loop and the rebalance callbacks.
@@ -230,7 +346,7 @@ pub fn run(config: &Config, shutdown: &AtomicBool, board: &Board) -> anyhow::Res
     let topics = &config.file.topics;
     let sources = changelog::partition_count(&client, &topics.events)?;
     let partitions = changelog::partition_count(&client, &topics.changelog)?;
-    let mut subscriptions = SubscriptionFeed::new(&client, &topics.subscriptions, config)?;
+    let mut subscriptions = SubscriptionFeed::new(&client, config)?;
     let assignment = Arc::new(Mutex::new(Assignment::default()));
     // No offsets are ever committed in this group: every assignment starts from the beginning.
     let consumer: BaseConsumer<StageContext> =
@@ -293,7 +409,9 @@ pub fn run(config: &Config, shutdown: &AtomicBool, board: &Board) -> anyhow::Res
         // The oldest month waiting to be billed (closed by every source or not).
         status.state().oldest_open_month_end =
             tasks.values().filter_map(Task::next_to_bill).min().map(|m| config.meter.tz.end_of_month(m));
+        subscriptions.catch_up()?;
         for (&p, task) in tasks.iter_mut() {
+            copy_subscriptions(config, &client, Shape { partition: p, partitions }, task, &subscriptions)?;
             alert_as_it_happens(config, p, task, &mut subscriptions)?;
             while let Some(month) = task.next_billable(sources) {
                 subscriptions.catch_up()?;
@@ -338,6 +456,7 @@ fn restore(config: &Config, client: &ClientConfig, partition: i32) -> anyhow::Re
         crossed: BTreeMap::new(),
         alerted: BTreeSet::new(),
         declined: BTreeSet::new(),
+        copied: BTreeMap::new(),
     };
     let read = changelog::read_partition(client, &config.file.topics.changelog, partition, |key, value| {
         task.absorb(key, value)

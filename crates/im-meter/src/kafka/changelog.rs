@@ -95,6 +95,8 @@ pub struct Record<'a> {
     pub key: Option<&'a [u8]>,
     /// Its value (`None`: a tombstone).
     pub value: Option<&'a [u8]>,
+    /// Its timestamp (epoch milliseconds), if it has one.
+    pub timestamp: Option<i64>,
 }
 
 /// Calls `each` for every committed record of the given partitions of `topic` (all of them
@@ -103,23 +105,36 @@ pub fn read_to_end(
     client: &ClientConfig,
     topic: &str,
     partitions: &[i32],
-    mut each: impl FnMut(Record<'_>) -> anyhow::Result<()>,
+    each: impl FnMut(Record<'_>) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
-    let consumer: BaseConsumer<QuietEof> =
-        reader(client).create_with_context(QuietEof).context("cannot create a topic reader")?;
     let partitions: Vec<i32> = if partitions.is_empty() {
         (0..partition_count(client, topic)? as i32).collect()
     } else {
         partitions.to_vec()
     };
+    let from: Vec<(i32, Offset)> = partitions.into_iter().map(|p| (p, Offset::Beginning)).collect();
+    read_from(client, topic, &from, each).map(|_| ())
+}
+
+/// Calls `each` for every committed record of `topic` from the given `(partition, offset)`
+/// starts until each partition's last stable offset; returns where each partition ended
+/// (its position, which steps over transaction markers).
+pub fn read_from(
+    client: &ClientConfig,
+    topic: &str,
+    from: &[(i32, Offset)],
+    mut each: impl FnMut(Record<'_>) -> anyhow::Result<()>,
+) -> anyhow::Result<Vec<(i32, i64)>> {
+    let consumer: BaseConsumer<QuietEof> =
+        reader(client).create_with_context(QuietEof).context("cannot create a topic reader")?;
     let mut assignment = TopicPartitionList::new();
-    for p in &partitions {
-        assignment.add_partition_offset(topic, *p, Offset::Beginning)?;
+    for (p, offset) in from {
+        assignment.add_partition_offset(topic, *p, *offset)?;
     }
     consumer.assign(&assignment)?;
     let deadline = Instant::now() + RESTORE_TIMEOUT;
     let mut at_end = 0;
-    while at_end < partitions.len() {
+    while at_end < from.len() {
         anyhow::ensure!(Instant::now() < deadline, "reading {topic} took over {RESTORE_TIMEOUT:?}");
         match consumer.poll(Duration::from_millis(200)) {
             Some(Ok(m)) => each(Record {
@@ -127,6 +142,7 @@ pub fn read_to_end(
                 offset: m.offset(),
                 key: m.key(),
                 value: m.payload(),
+                timestamp: m.timestamp().to_millis(),
             })?,
             Some(Err(KafkaError::PartitionEOF(_))) => at_end += 1,
             // Transient (a broker restarting): librdkafka reconnects; the deadline bounds it.
@@ -134,5 +150,13 @@ pub fn read_to_end(
             None => {}
         }
     }
-    Ok(())
+    let positions = consumer.position().context("cannot read the reader's positions")?;
+    Ok(positions
+        .elements_for_topic(topic)
+        .iter()
+        .filter_map(|e| match e.offset() {
+            Offset::Offset(o) => Some((e.partition(), o)),
+            _ => None,
+        })
+        .collect())
 }

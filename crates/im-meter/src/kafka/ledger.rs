@@ -23,6 +23,7 @@ use tracing::warn;
 
 use super::changelog::{self, QuietEof};
 use super::client_config;
+use super::plan_book;
 use crate::config::Config;
 use crate::report::UsageItem;
 
@@ -109,12 +110,21 @@ pub fn follow(config: &Config, ledger: &Ledger, shutdown: &AtomicBool) -> anyhow
         .create_with_context(QuietEof)
         .context("cannot create the ledger reader")?;
     let followed = [&topics.usage, &topics.charges, &topics.subscriptions];
+    // The subscription history starts in the plan book's copy; the topic is read on from
+    // where the copy ends (older records may be gone with the topic's retention).
+    let copy = plan_book::read(&client, &topics.plan_book)?;
+    for record in &copy.records {
+        if let Ok(event) = decode_subscription_event(&record.payload) {
+            let _ = ledger.state().book.apply(&event);
+        }
+    }
     let mut assignment = TopicPartitionList::new();
     // Where each partition ended when the ledger started: caught up once read that far.
     let mut pending = BTreeMap::new();
     for topic in followed {
         for p in 0..changelog::partition_count(&client, topic)? as i32 {
-            assignment.add_partition_offset(topic, p, Offset::Beginning)?;
+            let start = if topic == &topics.subscriptions { copy.start_of(p) } else { Offset::Beginning };
+            assignment.add_partition_offset(topic, p, start)?;
             let (_, end) = consumer.fetch_watermarks(topic, p, Duration::from_secs(30))?;
             if end > 0 {
                 pending.insert((topic.to_string(), p), end);

@@ -9,6 +9,7 @@ pub mod lag;
 pub mod ledger;
 pub mod meter;
 pub mod output;
+pub mod plan_book;
 pub mod produce;
 pub mod report;
 pub mod worker;

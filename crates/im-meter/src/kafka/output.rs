@@ -70,6 +70,26 @@ impl Transaction<'_> {
         if let Some(h) = headers {
             record = record.headers(h);
         }
+        self.queue(topic, record)
+    }
+
+    /// Queues a copy of a record to partition `partition`, with the original's timestamp.
+    pub fn send_at(
+        &self,
+        topic: &str,
+        partition: i32,
+        key: &[u8],
+        value: &[u8],
+        timestamp: Option<i64>,
+    ) -> anyhow::Result<()> {
+        let mut record = BaseRecord::<[u8], [u8]>::to(topic).partition(partition).key(key).payload(value);
+        if let Some(ts) = timestamp {
+            record = record.timestamp(ts);
+        }
+        self.queue(topic, record)
+    }
+
+    fn queue<'r>(&self, topic: &str, mut record: BaseRecord<'r, [u8], [u8]>) -> anyhow::Result<()> {
         loop {
             match self.producer.send(record) {
                 Ok(()) => {

@@ -38,8 +38,23 @@ pub async fn prepare_topics(config: &Config) -> anyhow::Result<()> {
         partitions: events,
         config: vec![("cleanup.policy", "compact"), ("min.compaction.lag.ms", "60000")],
     };
-    let outputs = [compacted, plain(&t.dead_letters), plain(&t.charges), plain(&t.alerts), plain(&t.usage)];
+    // One partition for each of the subscriptions topic's: a copied record keeps its place.
+    let subscriptions = changelog::partition_count(&client, &t.subscriptions)? as i32;
+    let plan_book = TopicSpec {
+        name: &t.plan_book,
+        partitions: subscriptions,
+        config: vec![("cleanup.policy", "compact"), ("min.compaction.lag.ms", "60000")],
+    };
+    let outputs =
+        [compacted, plan_book, plain(&t.dead_letters), plain(&t.charges), plain(&t.alerts), plain(&t.usage)];
     ensure_topics(&client, &outputs).await?;
+    let copies = changelog::partition_count(&client, &t.plan_book)? as i32;
+    anyhow::ensure!(
+        copies >= subscriptions,
+        "topic {} has {copies} partitions but {} has {subscriptions}: the plan book needs at least as many",
+        t.plan_book,
+        t.subscriptions
+    );
     let changelog = changelog::partition_count(&client, &t.changelog)? as i32;
     anyhow::ensure!(
         changelog >= events,
