@@ -450,17 +450,13 @@ impl Meter {
     /// of every touched app-month, every changed pending connection, segments of the
     /// connections counted since, and the progress; `None` values for what was closed or
     /// forgotten.
+    ///
+    /// The progress comes last: a reader that stops inside a commit's records (the topic's
+    /// last stable offset can fall there, held back by another producer's open
+    /// transaction) has seen all of them once it has seen the progress, and otherwise sees
+    /// an input offset older than the committed one.
     pub fn checkpoint(&mut self) -> Vec<StateRecord> {
         let mut records = Vec::new();
-        if std::mem::take(&mut self.progress_changed) {
-            let progress = Progress {
-                watermark: self.watermark.map(Timestamp::millis),
-                closed_through: self.closed_through,
-                active_months: self.active_months.iter().copied().collect(),
-                input_offset: self.input_offset,
-            };
-            records.push(StateRecord { key: StateKey::Progress, value: Some(progress.encode()) });
-        }
         let mut months: Vec<(AppId, Month)> =
             self.months.iter().filter(|(_, a)| a.is_unsaved()).map(|(key, _)| *key).collect();
         months.sort_unstable();
@@ -487,6 +483,16 @@ impl Meter {
         }
         for (segment, value) in connections.segments {
             records.push(StateRecord { key: StateKey::CountedConnections { segment }, value });
+        }
+        // Any state written comes with the progress after it, as the mark of a whole commit.
+        if std::mem::take(&mut self.progress_changed) || !records.is_empty() {
+            let progress = Progress {
+                watermark: self.watermark.map(Timestamp::millis),
+                closed_through: self.closed_through,
+                active_months: self.active_months.iter().copied().collect(),
+                input_offset: self.input_offset,
+            };
+            records.push(StateRecord { key: StateKey::Progress, value: Some(progress.encode()) });
         }
         records
     }

@@ -6,12 +6,14 @@
 //! - [`app_month`]: the mergeable, serializable aggregate of one app-month.
 //! - [`meter`]: applies events, closes months.
 //! - [`checkpoint`]: the meter's state as changelog records, and back.
+//! - [`parts`]: values larger than one record, written as parts.
 //! - [`usage`]: the figures reported and priced.
 
 pub mod app_month;
 pub mod checkpoint;
 pub mod connections;
 pub mod meter;
+pub mod parts;
 pub mod pcc;
 pub mod unique;
 mod usage;
