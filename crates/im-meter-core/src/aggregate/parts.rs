@@ -81,10 +81,13 @@ pub fn part_keys(key: &[u8], range: Range<usize>) -> Vec<Vec<u8>> {
     range.map(|i| part_key(key, i)).collect()
 }
 
+/// A record to write: key and value.
+pub type Record = (Vec<u8>, Vec<u8>);
+
 /// The records that write `value` under `key` with no value over `max_value` bytes: the
 /// value itself when it fits, else its parts then their header. Also returns the number of
 /// parts (0 when written whole).
-pub fn split(key: &[u8], value: Vec<u8>, max_value: usize) -> (Vec<(Vec<u8>, Vec<u8>)>, usize) {
+pub fn split(key: &[u8], value: Vec<u8>, max_value: usize) -> (Vec<Record>, usize) {
     let max_value = max_value.max(HEADER_LEN);
     if value.len() <= max_value {
         return (vec![(key.to_vec(), value)], 0);
@@ -94,7 +97,7 @@ pub fn split(key: &[u8], value: Vec<u8>, max_value: usize) -> (Vec<(Vec<u8>, Vec
         len: value.len() as u64,
         checksum: xxhash_rust::xxh3::xxh3_64(&value),
     };
-    let mut records: Vec<(Vec<u8>, Vec<u8>)> =
+    let mut records: Vec<Record> =
         value.chunks(max_value).enumerate().map(|(i, part)| (part_key(key, i), part.to_vec())).collect();
     let parts = records.len();
     records.push((key.to_vec(), header.encode()));
