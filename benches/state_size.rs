@@ -206,7 +206,7 @@ fn xorshift(x: u64) -> u64 {
 }
 
 fn new_table() -> ConnectionTable {
-    ConnectionTable::default()
+    ConnectionTable::new(BillingTz::default())
 }
 
 /// Runs a month of `case`; `log` receives every segment write (`Some`) and delete (`None`).

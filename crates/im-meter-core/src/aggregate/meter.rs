@@ -130,9 +130,9 @@ impl Meter {
     pub fn new(settings: MeterSettings) -> Self {
         Meter {
             days: DayCache::new(settings.tz),
+            connections: ConnectionTable::new(settings.tz),
             settings,
             months: FxHashMap::default(),
-            connections: ConnectionTable::default(),
             month_samples: FxHashMap::default(),
             closed_through: None,
             watermark: None,
@@ -354,8 +354,7 @@ impl Meter {
         closed.sort_by_key(|(app_id, _)| *app_id);
         self.closed_through = Some(month);
         self.progress_changed = true;
-        let cutoff = self.settings.tz.end_of_month(month);
-        self.connections.forget_before(cutoff);
+        self.connections.forget_through(month);
         self.month_samples.retain(|&m, _| m > month);
         closed
     }
@@ -498,7 +497,6 @@ impl Meter {
         records: impl IntoIterator<Item = (StateKey, Vec<u8>)>,
     ) -> Result<Meter, CodecError> {
         let mut meter = Meter::new(settings);
-        let mut segments = Vec::new();
         let mut days = Vec::new();
         for (key, value) in records {
             match key {
@@ -515,8 +513,10 @@ impl Meter {
                 StateKey::Connection { app_id, conn } => {
                     meter.connections.restore(app_id, conn, ConnRecord::decode(&value)?);
                 }
+                // In any order: a pending connection is looked up before the counted ones
+                // (a connection's own record is newer than a segment).
                 StateKey::CountedConnections { segment } => {
-                    segments.push((segment, value));
+                    meter.connections.restore_segment(segment, &value)?;
                 }
                 StateKey::AppMonthDay { app_id, month, day } => days.push((app_id, month, day, value)),
             }
@@ -529,12 +529,7 @@ impl Meter {
                 .merge(&AppMonthAggregate::decode(&value)?)
                 .map_err(|e| CodecError::Corrupt(e.to_string()))?;
         }
-        // After the single records: a connection's own record is newer than a segment.
-        for (segment, value) in segments {
-            meter.connections.restore_segment(segment, &value)?;
-        }
-        let cutoff = meter.closed_through.map(|m| meter.settings.tz.end_of_month(m));
-        meter.connections.finish_restore(cutoff);
+        meter.connections.finish_restore(meter.closed_through);
         Ok(meter)
     }
 }
