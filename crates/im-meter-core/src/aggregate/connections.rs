@@ -370,6 +370,24 @@ impl ConnectionTable {
         closed.into_iter().map(|(_, interval)| interval).collect()
     }
 
+    /// Ends the open connections connected before `before` whose app `ends` names: they
+    /// are dropped, neither counted nor remembered (their records are deleted at the next
+    /// checkpoint), so a later event of theirs is that of an unknown connection. Returns
+    /// how many ended.
+    pub fn end_open(&mut self, before: Timestamp, mut ends: impl FnMut(AppId) -> bool) -> usize {
+        let (changed, held) = (&mut self.changed, self.pending.len());
+        self.pending.retain(|&(app_id, conn), p| {
+            let open_before =
+                matches!(*p, Pending { connected: Some(t0), disconnected: None, .. } if t0 < before);
+            let end = open_before && ends(app_id);
+            if end {
+                changed.insert((app_id, conn));
+            }
+            !end
+        });
+        held - self.pending.len()
+    }
+
     /// Forgets what can no longer matter once `month` is closed (every event dated in it
     /// or before is late): the counted connections that ended in it or before (their
     /// segments are deleted at the next checkpoint), and disconnects or heartbeats dated
