@@ -240,12 +240,6 @@ impl ConnectionTable {
         self.counted.values().map(|month| month.keys.len()).sum()
     }
 
-    /// Number of segments in the changelog (after the next checkpoint).
-    pub fn segments(&self) -> usize {
-        let per_month: usize = self.counted.values().map(|month| month.full.len() + month.runs.len()).sum();
-        per_month + self.legacy.len()
-    }
-
     /// Whether no connection is known.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
