@@ -17,10 +17,23 @@
 //! - `encoded`: `encode().len()`, the checkpoint size;
 //! - `B/user`: live heap and encoded bytes divided by the number of users.
 //!
-//! Not a criterion benchmark: it prints one table and exits (a few seconds). Run with:
+//! A second table measures the connection table ([`ConnectionTable`]): a month of
+//! checkpoints (`commits` of them, each after `N / commits` connections opened and closed,
+//! all ending in the month) with the changelog kept as compaction leaves it. Columns:
+//!
+//! - `heap B/conn`: live heap of the table holding the counted connections, per connection
+//!   (built in a run of its own, the checkpoints' records dropped);
+//! - `k/ records`: segment records left in the compacted changelog at month end, and per
+//!   10,000 connections;
+//! - `max record B`: the largest segment record written;
+//! - `written MB`: all segment bytes written over the month (merges rewrite some);
+//! - `restore ms`: rebuilding a table from the segments left.
+//!
+//! Not a criterion benchmark: it prints two tables and exits (under a minute). Run with:
 //!
 //! ```text
 //! cargo bench -p im-meter-core --bench state_size
+//! cargo bench -p im-meter-core --bench state_size -- connections   # one table
 //! ```
 
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -28,10 +41,13 @@ use std::io::Write as _;
 use std::sync::atomic::{AtomicIsize, Ordering};
 use std::time::{Duration, Instant};
 
+use std::collections::BTreeMap;
+
+use im_meter_core::aggregate::connections::ConnectionTable;
 use im_meter_core::aggregate::pcc::MonthSamples;
 use im_meter_core::aggregate::{AppMonthAggregate, Precision, SampleGrid};
-use im_meter_core::ingest::UserKey;
-use im_meter_core::time::{BillingTz, Month};
+use im_meter_core::ingest::{ConnKey, UserKey};
+use im_meter_core::time::{BillingTz, Month, Timestamp};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -161,9 +177,126 @@ fn per_user(bytes: isize, users: u64) -> String {
     }
 }
 
+/// A month of connections and checkpoints: `connections` connections of 100 apps, each
+/// opened and closed within the month, the table checkpointed `commits` times at even
+/// intervals.
+struct ConnCase {
+    connections: u64,
+    commits: u64,
+}
+
+/// Opens and closes connection `i` of `n`, ending at its share of the month.
+fn open_and_close(table: &mut ConnectionTable, i: u64, n: u64, month: Month) {
+    let tz = BillingTz::default();
+    let (start, end) = (tz.start_of_month(month).millis(), tz.end_of_month(month).millis());
+    let until = start + ((end - start - 1) as u128 * u128::from(i) / u128::from(n.max(1))) as i64;
+    // Connection ids as the decoder hashes them: uniformly spread 64-bit keys.
+    let conn = ConnKey(xorshift(i + 1));
+    let app = 1_400_000_000 + i % 100;
+    table.connect(app, conn, Timestamp(until - 60_000));
+    table.disconnect(app, conn, Timestamp(until));
+}
+
+/// A fixed, well-mixed 64-bit function of `x` (splitmix64), so keys need no allocation.
+fn xorshift(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+fn new_table() -> ConnectionTable {
+    ConnectionTable::new(BillingTz::default())
+}
+
+/// Runs a month of `case`; `log` receives every segment write (`Some`) and delete (`None`).
+fn run_month(case: &ConnCase, month: Month, mut log: impl FnMut(u64, Option<Vec<u8>>)) -> ConnectionTable {
+    let mut table = new_table();
+    let per_commit = case.connections.div_ceil(case.commits.max(1));
+    let mut i = 0;
+    while i < case.connections {
+        for _ in 0..per_commit.min(case.connections - i) {
+            open_and_close(&mut table, i, case.connections, month);
+            i += 1;
+        }
+        for (segment, bytes) in table.take_changes().segments {
+            log(segment, bytes);
+        }
+    }
+    table
+}
+
+fn connection_table(month: Month) {
+    let cases = [
+        ConnCase { connections: 1_000_000, commits: 10_000 },
+        ConnCase { connections: 1_000_000, commits: 100_000 },
+        ConnCase { connections: 100_000, commits: 10_000 },
+    ];
+    println!();
+    println!("counted connections over a month of checkpoints, all ending in {month}");
+    println!(
+        "{:>11} {:>8} {:>12} {:>11} {:>12} {:>13} {:>11} {:>11} {:>7}",
+        "connections",
+        "commits",
+        "heap B/conn",
+        "k/ records",
+        "per 10k conn",
+        "max record B",
+        "written MB",
+        "restore ms",
+        "secs"
+    );
+    for case in &cases {
+        let started = Instant::now();
+        let (table, heap, _) = measure(|| run_month(case, month, |_, _| {}));
+        drop(table);
+        let mut changelog: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
+        let (mut written, mut largest) = (0usize, 0usize);
+        let table = run_month(case, month, |segment, bytes| match bytes {
+            Some(bytes) => {
+                written += bytes.len();
+                largest = largest.max(bytes.len());
+                changelog.insert(segment, bytes);
+            }
+            None => {
+                changelog.remove(&segment);
+            }
+        });
+        let restore_started = Instant::now();
+        let mut restored = new_table();
+        for (&segment, bytes) in &changelog {
+            restored.restore_segment(segment, bytes).expect("our own segment");
+        }
+        let restore_ms = restore_started.elapsed().as_secs_f64() * 1e3;
+        assert_eq!(restored.len(), table.len(), "the restore holds every counted connection");
+        println!(
+            "{:>11} {:>8} {:>12.1} {:>11} {:>12.2} {:>13} {:>11.1} {:>11.1} {:>7.2}",
+            case.connections,
+            case.commits,
+            heap as f64 / case.connections as f64,
+            changelog.len(),
+            changelog.len() as f64 * 10_000.0 / case.connections as f64,
+            largest,
+            written as f64 / 1e6,
+            restore_ms,
+            started.elapsed().as_secs_f64()
+        );
+    }
+}
+
 fn main() {
-    // `cargo bench` passes `--bench` (and any filter); arguments are ignored.
+    // `cargo bench` passes `--bench`; a filter `app-month` or `connections` runs one table.
+    let filter = std::env::args().skip(1).find(|a| !a.starts_with("--"));
     let month: Month = "2026-11".parse().expect("valid month");
+    if filter.as_deref() != Some("connections") {
+        app_month_table(month);
+    }
+    if filter.as_deref() != Some("app-month") {
+        connection_table(month);
+    }
+}
+
+fn app_month_table(month: Month) {
     let cases = [
         Case { name: "users-10", users: 10, busy_pcc: false },
         Case { name: "users-100", users: 100, busy_pcc: false },

@@ -108,6 +108,63 @@ fn scenario(seed: u64, connections: usize, logins: usize) -> Scenario {
     Scenario { events, intervals }
 }
 
+/// Apps `APP..APP + apps`, each with events in some of October, November and December
+/// 2026 (+08:00) only: logins, connections that disconnect within hours or weeks later, and
+/// connections that never do; retried copies of some events, shuffled.
+struct SilentMonths {
+    events: Vec<UsageEvent>,
+    /// Per app, `(connect, disconnect)` of every connection; `None` = never disconnected.
+    intervals: Vec<Vec<(Timestamp, Option<Timestamp>)>>,
+}
+
+fn silent_months(seed: u64, apps: u64) -> SilentMonths {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let tz = BillingTz::default();
+    let months: Vec<Month> = ["2026-10", "2026-11", "2026-12"].iter().map(|m| m.parse().unwrap()).collect();
+    let mut events = Vec::new();
+    let mut intervals = Vec::new();
+    for app in 0..apps {
+        let app_id = APP + app;
+        let active: Vec<Month> = months.iter().copied().filter(|_| rng.gen_bool(0.6)).collect();
+        let mut mine = Vec::new();
+        for &month in &active {
+            let (start, end) = (tz.start_of_month(month).millis(), tz.end_of_month(month).millis());
+            events.push(UsageEvent {
+                app_id,
+                ts: Timestamp(rng.gen_range(start..end)),
+                action: Action::Login { user: user(app), ok: true },
+            });
+            for c in 0..rng.gen_range(0..4) {
+                let conn = ConnKey::of(&format!("{month}-{c}"));
+                let t0 = rng.gen_range(start..end);
+                events.push(UsageEvent {
+                    app_id,
+                    ts: Timestamp(t0),
+                    action: Action::Connect { conn, user: user(c) },
+                });
+                let t1 = match rng.gen_range(0..10) {
+                    0..5 => None,
+                    5..8 => Some(t0 + rng.gen_range(0..6 * 3_600_000)),
+                    _ => Some(t0 + rng.gen_range(20..70) * 86_400_000),
+                };
+                if let Some(t1) = t1 {
+                    events.push(UsageEvent {
+                        app_id,
+                        ts: Timestamp(t1),
+                        action: Action::Disconnect { conn },
+                    });
+                }
+                mine.push((Timestamp(t0), t1.map(Timestamp)));
+            }
+        }
+        intervals.push(mine);
+    }
+    let retries: Vec<UsageEvent> = events.iter().filter(|_| rng.gen_bool(0.2)).copied().collect();
+    events.extend(retries);
+    events.shuffle(&mut rng);
+    SilentMonths { events, intervals }
+}
+
 fn settings(interval_secs: u64) -> MeterSettings {
     MeterSettings {
         grid: SampleGrid::new(Duration::from_secs(interval_secs)).unwrap(),
@@ -154,6 +211,41 @@ fn brute_force_pcc(
     best
 }
 
+/// The documented rule for connections that never disconnect (README, Decisions →
+/// Metering), as a model: an app has usage in a month when one of its events is dated in
+/// it or one of its connections is known to be open throughout it (connected before the
+/// month, disconnected after it); a connection without a disconnect ends at the start of
+/// the first month after its connect in which its app has no usage (never, if there is
+/// none through `last`).
+fn end_open_connections(
+    events: &[UsageEvent],
+    intervals: &[(Timestamp, Option<Timestamp>)],
+    last: Month,
+) -> Vec<(Timestamp, Option<Timestamp>)> {
+    let tz = BillingTz::default();
+    let has_usage = |month: Month| {
+        let (start, end) = (tz.start_of_month(month), tz.end_of_month(month));
+        events.iter().any(|e| tz.month_of(e.ts) == month)
+            || intervals.iter().any(|&(t0, t1)| t0 < start && t1.is_some_and(|t1| t1 >= end))
+    };
+    intervals
+        .iter()
+        .map(|&(t0, t1)| {
+            if t1.is_some() {
+                return (t0, t1);
+            }
+            let mut month = tz.month_of(t0).next();
+            while month <= last {
+                if !has_usage(month) {
+                    return (t0, Some(tz.start_of_month(month)));
+                }
+                month = month.next();
+            }
+            (t0, None)
+        })
+        .collect()
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
 
@@ -161,14 +253,48 @@ proptest! {
     fn pcc_matches_a_brute_force_sweep(seed in any::<u64>(), connections in 0usize..40, grid in prop_oneof![Just(900u64), Just(3600u64)]) {
         let s = scenario(seed, connections, 0);
         let (oct, nov_agg) = meter_november(&settings(grid), &s.events);
+        let intervals = end_open_connections(&s.events, &s.intervals, nov());
         for (month, aggregate) in [("2026-10".parse::<Month>().unwrap(), oct), (nov(), nov_agg)] {
             let grid_ms = SampleGrid::new(Duration::from_secs(grid)).unwrap();
             let got = aggregate.map(|mut a| {
                 let u = a.usage(APP, month, grid_ms);
                 (u.pcc, u.pcc_at)
             }).unwrap_or((0, None));
-            prop_assert_eq!(got, brute_force_pcc(&s.intervals, month, grid as i64), "month {}", month);
+            prop_assert_eq!(got, brute_force_pcc(&intervals, month, grid as i64), "month {}", month);
         }
+    }
+
+    #[test]
+    fn open_connections_end_with_their_apps_last_month_with_usage(seed in any::<u64>(), apps in 1u64..5) {
+        let s = silent_months(seed, apps);
+        let mut meter = Meter::new(settings(900));
+        for e in &s.events {
+            meter.apply(e);
+        }
+        let grid = SampleGrid::new(Duration::from_secs(900)).unwrap();
+        let last: Month = "2026-12".parse().unwrap();
+        let mut month: Month = "2026-10".parse().unwrap();
+        while month <= last {
+            let mut closed: BTreeMap<u64, AppMonthAggregate> = meter.close_month(month).into_iter().collect();
+            for app in 0..apps {
+                let events: Vec<UsageEvent> = s.events.iter().filter(|e| e.app_id == APP + app).copied().collect();
+                let intervals = end_open_connections(&events, &s.intervals[app as usize], last);
+                let got = closed.get_mut(&(APP + app)).map_or((0, None), |a| {
+                    let u = a.usage(APP + app, month, grid);
+                    (u.pcc, u.pcc_at)
+                });
+                prop_assert_eq!(got, brute_force_pcc(&intervals, month, 900), "app {} month {}", app, month);
+            }
+            month = month.next();
+        }
+        // What ended is gone from the state; what is still open stays.
+        let still_open: usize = (0..apps)
+            .map(|app| {
+                let events: Vec<UsageEvent> = s.events.iter().filter(|e| e.app_id == APP + app).copied().collect();
+                end_open_connections(&events, &s.intervals[app as usize], last).iter().filter(|(_, t1)| t1.is_none()).count()
+            })
+            .sum();
+        prop_assert_eq!(meter.open_connections(), still_open);
     }
 
     #[test]
@@ -370,7 +496,8 @@ fn run_streaming(
             (meter.app_months(), meter.connections(), meter.watermark())
         );
     }
-    for month in ["2026-10", "2026-11"] {
+    // Input end closes every month still open (as replay does).
+    for month in ["2026-10", "2026-11", "2026-12"] {
         for (app, mut agg) in meter.close_month(month.parse().unwrap()) {
             emitted.push((month.to_string(), app, agg.encode()));
         }
@@ -428,6 +555,26 @@ proptest! {
 
 proptest! {
     #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
+
+    /// The same with apps that go silent for months, so that months close ending their
+    /// open connections: a crash anywhere still changes no figure.
+    #[test]
+    fn a_crash_changes_no_figure_when_apps_go_silent(
+        seed in any::<u64>(),
+        apps in 1u64..5,
+        before in 1usize..30,
+        after in 1usize..30,
+        crash_at in any::<proptest::sample::Index>(),
+        crash_after in 0usize..30,
+    ) {
+        let mut s = silent_months(seed, apps);
+        s.events.sort_by_key(|e| e.ts.millis() / 3_600_000);
+        let at = crash_at.index(s.events.len().max(1));
+        let settings = settings(900);
+        let uninterrupted = run_streaming(&settings, &s.events, Chunking { before, after: before, crash: None });
+        let crashed = run_streaming(&settings, &s.events, Chunking { before, after, crash: Some((at, crash_after)) });
+        prop_assert_eq!(uninterrupted, crashed);
+    }
 
     /// A new owner reads the changelog to its last stable offset, which can lag the
     /// committed offsets (the previous owner's last commit markers are still being

@@ -9,7 +9,8 @@
 //! Keys are short text, readable with any Kafka tool: `p` (the partition's progress),
 //! `m/{app}/{YYYY-MM}` (an app-month aggregate without its DAU sketches),
 //! `d/{app}/{YYYY-MM}/{day}` (one day's DAU sketch of it), `c/{app}/{conn hash, 16 hex
-//! digits}` (a pending connection), `k/{n}` (segment n of counted connections). What
+//! digits}` (a pending connection), `k/{n}` (segment n of counted connections: hashes of
+//! one month's, small segments merged as they accumulate). What
 //! metering hands to billing: `u/{app}/{YYYY-MM}/{source}` (a source's usage of a closed
 //! month), `w/{source}` (how far the source has closed months), `x/…` (quota crossings).
 

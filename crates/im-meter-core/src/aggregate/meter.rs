@@ -6,6 +6,13 @@
 //! connections still open into it and hands its aggregates out; events for a closed month
 //! are refused as late.
 //!
+//! An open connection ends with the last month in which its app had usage in this slice:
+//! when a month closes, the open connections of apps without usage in it (no event dated
+//! in it, no connection known to be open throughout it) end at its start — counted through
+//! the previous month, not in this one — and are dropped ([`Meter::close_month`]). So a
+//! connection whose `disconnect` was lost neither counts nor stays in the state forever
+//! once its app falls silent, even without an idle timeout.
+//!
 //! With an allowed lateness set (the worker), a month closes the moment the watermark
 //! reaches its end plus the lateness — inside [`Meter::apply`] or
 //! [`Meter::advance_watermark`], before the event that moved it is applied — so whether an
@@ -130,9 +137,9 @@ impl Meter {
     pub fn new(settings: MeterSettings) -> Self {
         Meter {
             days: DayCache::new(settings.tz),
+            connections: ConnectionTable::new(settings.tz),
             settings,
             months: FxHashMap::default(),
-            connections: ConnectionTable::default(),
             month_samples: FxHashMap::default(),
             closed_through: None,
             watermark: None,
@@ -180,6 +187,11 @@ impl Meter {
     /// Number of connections tracked.
     pub fn connections(&self) -> usize {
         self.connections.len()
+    }
+
+    /// Number of connections open (connected, no disconnect yet).
+    pub fn open_connections(&self) -> usize {
+        self.connections.open().count()
     }
 
     /// Every aggregate held, in no particular order.
@@ -322,15 +334,26 @@ impl Meter {
         }
     }
 
-    /// Closes `month` (and drops any earlier month not closed yet): counts the connections
-    /// still open into it and returns its aggregates, sorted by app. Later events dated in
-    /// it or before are late. Closing a month at or before the last closed one returns
-    /// nothing.
+    /// Closes `month` (and drops any earlier month not closed yet): ends the open
+    /// connections of apps without usage in it (and in each month dropped on the way),
+    /// counts the connections still open into it and returns its aggregates, sorted by
+    /// app. Later events dated in it or before are late. Closing a month at or before the
+    /// last closed one returns nothing.
     pub fn close_month(&mut self, month: Month) -> ClosedMonth {
         if self.is_closed(month) {
             return Vec::new();
         }
         self.expire_idle();
+        // In order, each month not closed yet: replay closes only the months holding
+        // events, and a month without any is one in which every app was silent.
+        let mut open = match self.closed_through {
+            Some(closed) => closed.next(),
+            None => self.months.keys().map(|&(_, m)| m).min().map_or(month, |m| m.min(month)),
+        };
+        while open <= month {
+            self.end_connections_without_usage(open);
+            open = open.next();
+        }
         let samples = self.samples(month);
         let grid = self.settings.grid;
         let open: Vec<(AppId, Timestamp)> = self.connections.open().collect();
@@ -354,10 +377,22 @@ impl Meter {
         closed.sort_by_key(|(app_id, _)| *app_id);
         self.closed_through = Some(month);
         self.progress_changed = true;
-        let cutoff = self.settings.tz.end_of_month(month);
-        self.connections.forget_before(cutoff);
+        self.connections.forget_through(month);
         self.month_samples.retain(|&m, _| m > month);
         closed
+    }
+
+    /// Ends, at the start of `month`, the open connections of apps without usage in it in
+    /// this slice — no event dated in it, and no connection known to be open throughout it
+    /// (which [`Meter::count_interval`] counted there): their disconnects were lost, and an
+    /// app that shows no sign of life for a whole month is not billed for connections it
+    /// may no longer hold. They counted through the end of the previous month; they are
+    /// not counted in this one, nor remembered. Decided before the open connections are
+    /// counted into `month`, which creates the aggregates this looks at.
+    fn end_connections_without_usage(&mut self, month: Month) {
+        let start = self.settings.tz.start_of_month(month);
+        let months = &self.months;
+        self.connections.end_open(start, |app_id| !months.contains_key(&(app_id, month)));
     }
 
     /// App-months whose MAU in this slice passed [`QUOTA_WATCH`] since the last call: each
@@ -504,7 +539,6 @@ impl Meter {
         records: impl IntoIterator<Item = (StateKey, Vec<u8>)>,
     ) -> Result<Meter, CodecError> {
         let mut meter = Meter::new(settings);
-        let mut segments = Vec::new();
         let mut days = Vec::new();
         for (key, value) in records {
             match key {
@@ -521,8 +555,10 @@ impl Meter {
                 StateKey::Connection { app_id, conn } => {
                     meter.connections.restore(app_id, conn, ConnRecord::decode(&value)?);
                 }
+                // In any order: a pending connection is looked up before the counted ones
+                // (a connection's own record is newer than a segment).
                 StateKey::CountedConnections { segment } => {
-                    segments.push((segment, value));
+                    meter.connections.restore_segment(segment, &value)?;
                 }
                 StateKey::AppMonthDay { app_id, month, day } => days.push((app_id, month, day, value)),
             }
@@ -535,12 +571,7 @@ impl Meter {
                 .merge(&AppMonthAggregate::decode(&value)?)
                 .map_err(|e| CodecError::Corrupt(e.to_string()))?;
         }
-        // After the single records: a connection's own record is newer than a segment.
-        for (segment, value) in segments {
-            meter.connections.restore_segment(segment, &value)?;
-        }
-        let cutoff = meter.closed_through.map(|m| meter.settings.tz.end_of_month(m));
-        meter.connections.finish_restore(cutoff);
+        meter.connections.finish_restore(meter.closed_through);
         Ok(meter)
     }
 }
@@ -622,6 +653,81 @@ mod tests {
         meter.apply(&login_at(1, 2, "2027-03-01T00:00:00+08:00"));
         assert!(meter.take_closed().is_none());
         assert_eq!(meter.apply(&login_at(1, 3, "2026-10-01T00:00:00+08:00")), Outcome::Accepted);
+    }
+
+    fn connect(app_id: AppId, conn: &str, at: &str) -> UsageEvent {
+        let ts = Timestamp::parse_rfc3339(at).expect("valid");
+        let conn = crate::ingest::ConnKey::of(conn);
+        UsageEvent { app_id, ts, action: Action::Connect { conn, user: UserKey::of("u") } }
+    }
+
+    /// PCC of each app in a closed month.
+    fn pcc_of(meter: &Meter, closed: ClosedMonth, month: Month) -> Vec<(AppId, u64)> {
+        let grid = meter.settings().grid;
+        closed.into_iter().map(|(app_id, mut a)| (app_id, a.usage(app_id, month, grid).pcc)).collect()
+    }
+
+    #[test]
+    fn an_open_connection_ends_with_the_last_month_its_app_had_usage_in() {
+        let mut meter = Meter::new(MeterSettings::default());
+        // Both apps open a connection in October and never disconnect it; only app 2 has
+        // any event in November.
+        meter.apply(&connect(1, "c", "2026-10-10T10:00:00+08:00"));
+        meter.apply(&connect(2, "c", "2026-10-10T10:00:00+08:00"));
+        meter.apply(&login_at(2, 1, "2026-11-20T10:00:00+08:00"));
+        let closed = meter.close_month(month("2026-10"));
+        assert_eq!(pcc_of(&meter, closed, month("2026-10")), vec![(1, 1), (2, 1)]);
+        let conn = crate::ingest::ConnKey::of("c");
+        let recorded = StateKey::Connection { app_id: 1, conn };
+        assert!(meter.checkpoint().iter().any(|r| r.key == recorded && r.value.is_some()));
+        let closed = meter.close_month(month("2026-11"));
+        assert_eq!(
+            pcc_of(&meter, closed, month("2026-11")),
+            vec![(2, 1)],
+            "app 1's connection ended at November's start"
+        );
+        assert_eq!(meter.connections(), 1, "app 1's connection is gone");
+        let records = meter.checkpoint();
+        assert!(records.contains(&StateRecord { key: recorded, value: None }), "its record is deleted");
+        // Its id used again later is a new connection.
+        let dec = "2026-12-05T10:00:00+08:00";
+        assert_eq!(meter.apply(&connect(1, "c", dec)), Outcome::Accepted);
+        assert_eq!(meter.open_connections(), 2);
+        // App 2 had no event in December: its connection ends there, not counted.
+        let closed = meter.close_month(month("2026-12"));
+        assert_eq!(pcc_of(&meter, closed, month("2026-12")), vec![(1, 1)]);
+        assert_eq!(meter.open_connections(), 1);
+    }
+
+    #[test]
+    fn a_month_closed_in_passing_still_ends_the_connections_of_apps_silent_in_it() {
+        let mut meter = Meter::new(MeterSettings::default());
+        meter.apply(&connect(1, "c", "2026-10-10T10:00:00+08:00"));
+        meter.apply(&login_at(1, 1, "2026-12-20T10:00:00+08:00"));
+        meter.close_month(month("2026-10"));
+        // November had no event at all: replay closes December without it.
+        let closed = meter.close_month(month("2026-12"));
+        assert_eq!(pcc_of(&meter, closed, month("2026-12")), vec![(1, 0)]);
+        assert_eq!(meter.open_connections(), 0);
+    }
+
+    #[test]
+    fn the_worker_ends_the_open_connections_of_silent_apps_at_the_same_close() {
+        let mut meter = Meter::new(streaming());
+        meter.apply(&connect(1, "c", "2026-10-10T10:00:00+08:00"));
+        meter.apply(&connect(2, "c", "2026-10-10T10:00:00+08:00"));
+        meter.apply(&login_at(2, 1, "2026-11-20T10:00:00+08:00"));
+        // An hour past November's end closes it.
+        meter.apply(&login_at(2, 1, "2026-12-01T01:00:00+08:00"));
+        let closed = meter.take_closed().expect("closed through November");
+        let months: Vec<_> =
+            closed.months.into_iter().map(|(m, apps)| (m, pcc_of(&meter, apps, m))).collect();
+        assert_eq!(months, vec![(month("2026-10"), vec![(1, 1), (2, 1)]), (month("2026-11"), vec![(2, 1)])]);
+        // Restored from its checkpoint, the meter holds the same connections.
+        let state: Vec<_> =
+            meter.checkpoint().into_iter().filter_map(|r| r.value.map(|v| (r.key, v))).collect();
+        let restored = Meter::restore(streaming(), state).expect("restores");
+        assert_eq!((restored.connections(), restored.open_connections()), (1, 1));
     }
 
     #[test]
