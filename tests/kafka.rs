@@ -15,6 +15,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use im_meter_core::time::{BillingTz, Month};
+use rand::{Rng, SeedableRng};
 use serde_json::Value;
 use support::*;
 
@@ -377,4 +378,53 @@ fn the_plan_book_survives_the_subscriptions_topics_retention() {
     let mut workers = vec![d.worker("a")];
     assert_same_as_replay(&d, &mut workers);
     workers.pop().unwrap().stop();
+}
+
+#[test]
+fn state_larger_than_a_record_is_written_in_parts() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    // At HLL precision 18, an app-month with 20,000 users a day holds about 1.3 MB of
+    // sketches, over the broker's 1 MB record limit; a 10 s sample interval makes its PCC
+    // timeline long too.
+    let settings =
+        [("IM_METER__METERING__HLL_PRECISION", "18"), ("IM_METER__METERING__SAMPLE_INTERVAL", "10s")];
+    let d = Deployment::new("large");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(18);
+    let mut lines = Vec::new();
+    for day in 1..=31 {
+        for user in 0..20_000 {
+            let at =
+                format!("2026-10-{day:02}T{:02}:{:02}:{:02}+08:00", user % 24, user / 24 % 60, user % 60);
+            lines.push(format!(r#"{{"type":"login","app_id":1400000003,"user_id":"u{user}","ts":"{at}"}}"#));
+        }
+        for conn in 0..1_500 {
+            let start = rng.gen_range(0..86_000);
+            let end = (start + rng.gen_range(60..7_200)).min(86_399);
+            let at =
+                |s: i32| format!("2026-10-{day:02}T{:02}:{:02}:{:02}+08:00", s / 3600, s / 60 % 60, s % 60);
+            let id = format!("c{day}-{conn}");
+            lines.push(format!(
+                r#"{{"type":"connect","app_id":1400000003,"user_id":"u{conn}","conn_id":"{id}","ts":"{}"}}"#,
+                at(start)
+            ));
+            lines.push(format!(
+                r#"{{"type":"disconnect","app_id":1400000003,"conn_id":"{id}","ts":"{}"}}"#,
+                at(end)
+            ));
+        }
+    }
+    let events = d.file("events.ndjson", &lines);
+    let want = Expected::with_settings(&events, &sample_subscriptions(), &settings);
+    assert!(want.usage["1400000003/2026-10"]["mau"].as_u64().is_some_and(|mau| mau.abs_diff(20_000) < 200));
+    d.produce_files(&events, &sample_subscriptions());
+    let mut workers = vec![d.worker_with("a", &settings, &[])];
+    assert_same_as(&want, &d, &mut workers);
+    workers.pop().unwrap().stop();
+    // The usage share went in parts (and went once billed).
+    let keys: Vec<String> = read_all(&d.topic("changelog"))
+        .into_iter()
+        .map(|r| String::from_utf8(r.key.unwrap()).unwrap())
+        .filter(|k| k.starts_with("u/1400000003/2026-10/") && k.contains('#'))
+        .collect();
+    assert!(!keys.is_empty(), "no usage written in parts");
 }

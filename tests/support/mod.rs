@@ -76,8 +76,14 @@ pub fn expected() -> &'static Expected {
 impl Expected {
     /// What `replay` says about these inputs.
     pub fn of(events: &Path, subscriptions: &Path) -> Expected {
+        Self::with_settings(events, subscriptions, &[])
+    }
+
+    /// What `replay` says about these inputs with extra settings (`IM_METER__...`).
+    pub fn with_settings(events: &Path, subscriptions: &Path, env: &[(&str, &str)]) -> Expected {
         let dlq = events.with_extension("dlq");
         let out = Command::new(env!("CARGO_BIN_EXE_im-meter"))
+            .envs(env.iter().copied())
             .args(["replay", "--format", "json", "--events"])
             .arg(events)
             .arg("--subscriptions")

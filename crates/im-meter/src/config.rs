@@ -261,6 +261,9 @@ pub struct WorkerSettings {
     pub transaction_timeout: Duration,
     /// Poll silence after which a consumer leaves its group.
     pub max_poll_interval: Duration,
+    /// The largest value written as one changelog record; larger ones go in parts. Found
+    /// at start from the topics' and the producer's limits ([`crate::kafka::worker`]).
+    pub max_value_bytes: usize,
     /// Metering consumers (threads) of this worker.
     pub meter_threads: usize,
 }
@@ -410,6 +413,7 @@ impl FileConfig {
             idle_partition_timeout: Duration::from_secs(30),
             transaction_timeout: Duration::from_secs(30),
             max_poll_interval: Duration::from_secs(300),
+            max_value_bytes: crate::kafka::admin::value_limit(crate::kafka::admin::PRODUCER_MAX_BYTES),
             meter_threads: 1,
         };
         check(

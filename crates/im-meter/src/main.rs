@@ -238,11 +238,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Run { config, role, log_format } => {
             init_logs(log_format);
-            let config = Config::load(config.as_deref(), std::env::vars())?;
+            let mut config = Config::load(config.as_deref(), std::env::vars())?;
             // The effective settings, for whoever reads the log later (secrets redacted).
             tracing::info!(config = ?config.file, "worker: starting");
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            runtime.block_on(worker::prepare_topics(&config))?;
+            config.worker.max_value_bytes = runtime.block_on(worker::prepare_topics(&config))?;
             let shutdown = Arc::new(AtomicBool::new(false));
             let signals = Arc::clone(&shutdown);
             std::thread::spawn(move || runtime.block_on(wait_for_signals(signals)));

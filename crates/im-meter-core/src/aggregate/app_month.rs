@@ -100,6 +100,11 @@ impl AppMonthAggregate {
         self.unsaved.any = true;
     }
 
+    /// The HLL++ precision its sketches were made at.
+    pub fn precision(&self) -> super::unique::Precision {
+        self.mau.precision()
+    }
+
     /// Notes a change the aggregate cannot see (the PCC timeline was handed out, an event
     /// made the app-month known).
     pub(crate) fn touch(&mut self) {
@@ -245,6 +250,18 @@ pub enum CodecError {
     /// The payload is damaged.
     #[error("corrupt aggregate: {0}")]
     Corrupt(String),
+    /// State counted at another HLL++ precision than the one configured: sketches of two
+    /// precisions do not merge.
+    #[error(
+        "state counted at HLL precision {stored}, but metering.hll_precision is {configured}: the precision \
+         may only change when no month is open (set it back to {stored} until the open months are billed)"
+    )]
+    PrecisionChanged {
+        /// The precision the state was counted at.
+        stored: u8,
+        /// The precision configured now.
+        configured: u8,
+    },
 }
 
 #[cfg(test)]

@@ -550,7 +550,15 @@ impl Meter {
                     meter.input_offset = progress.input_offset;
                 }
                 StateKey::AppMonth { app_id, month } => {
-                    meter.months.insert((app_id, month), AppMonthAggregate::decode(&value)?);
+                    let aggregate = AppMonthAggregate::decode(&value)?;
+                    let (stored, configured) = (aggregate.precision(), meter.settings.precision);
+                    if stored != configured {
+                        return Err(CodecError::PrecisionChanged {
+                            stored: stored.get(),
+                            configured: configured.get(),
+                        });
+                    }
+                    meter.months.insert((app_id, month), aggregate);
                 }
                 StateKey::Connection { app_id, conn } => {
                     meter.connections.restore(app_id, conn, ConnRecord::decode(&value)?);
@@ -596,6 +604,19 @@ mod tests {
 
     fn streaming() -> MeterSettings {
         MeterSettings { allowed_lateness: Some(Duration::from_secs(3600)), ..MeterSettings::default() }
+    }
+
+    #[test]
+    fn a_precision_change_on_open_months_is_refused_by_name() {
+        let mut meter = Meter::new(MeterSettings::default());
+        meter.apply(&login(1, 1));
+        let state: Vec<(StateKey, Vec<u8>)> =
+            meter.checkpoint().into_iter().filter_map(|r| r.value.map(|v| (r.key, v))).collect();
+        let settings = MeterSettings { precision: Precision::new(16).unwrap(), ..MeterSettings::default() };
+        let why = Meter::restore(settings, state.clone()).unwrap_err();
+        assert_eq!(why, CodecError::PrecisionChanged { stored: 14, configured: 16 });
+        assert!(why.to_string().contains("metering.hll_precision"), "{why}");
+        assert!(Meter::restore(MeterSettings::default(), state).is_ok());
     }
 
     #[test]

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use anyhow::Context;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::ClientConfig;
@@ -43,4 +43,36 @@ pub async fn ensure_topics(client: &ClientConfig, specs: &[TopicSpec<'_>]) -> an
         }
     }
     Ok(())
+}
+
+/// librdkafka's `message.max.bytes`, which the worker's producers keep: no record may be
+/// larger, whatever the topic allows.
+pub const PRODUCER_MAX_BYTES: usize = 1_000_000;
+
+/// The largest value to write as one record when records may be `record_limit` bytes: a
+/// sixteenth is left for the key, headers and batch overhead (compression of a sketch
+/// can even grow it a little).
+pub fn value_limit(record_limit: usize) -> usize {
+    record_limit - record_limit / 16
+}
+
+/// A topic's `max.message.bytes` (its own setting or the broker's default).
+pub async fn max_message_bytes(client: &ClientConfig, topic: &str) -> anyhow::Result<usize> {
+    let admin: AdminClient<DefaultClientContext> =
+        client.create().context("cannot create Kafka admin client")?;
+    let options = AdminOptions::new().request_timeout(Some(Duration::from_secs(30)));
+    let results = admin
+        .describe_configs(&[ResourceSpecifier::Topic(topic)], &options)
+        .await
+        .with_context(|| format!("cannot read the configuration of topic {topic}"))?;
+    let resource = results
+        .into_iter()
+        .next()
+        .context("no configuration returned")?
+        .map_err(|code| anyhow::anyhow!("cannot read the configuration of topic {topic}: {code}"))?;
+    let value = resource
+        .get("max.message.bytes")
+        .and_then(|entry| entry.value.as_deref())
+        .with_context(|| format!("topic {topic} has no max.message.bytes"))?;
+    value.parse().with_context(|| format!("topic {topic}: max.message.bytes {value:?} is not a number"))
 }

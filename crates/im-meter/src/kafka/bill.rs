@@ -32,6 +32,8 @@ use rdkafka::message::Message;
 use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 use tracing::{error, info, warn};
 
+use im_meter_core::aggregate::parts::Assembler;
+
 use super::changelog::{self, QuietEof};
 use super::fetch::Fetched;
 use super::output::{DeadLetter, Outbox, TransactionFailed};
@@ -48,8 +50,11 @@ struct Task {
     outbox: Outbox,
     /// Records before this offset were read when the task was restored.
     skip_until: i64,
-    /// (month, app) → source partition → that partition's final usage.
-    usage: BTreeMap<(Month, AppId), BTreeMap<u32, AppMonthAggregate>>,
+    /// (month, app) → source partition → that partition's final usage, and the number of
+    /// parts its record was written in.
+    usage: BTreeMap<(Month, AppId), BTreeMap<u32, (AppMonthAggregate, usize)>>,
+    /// Keeps the parts of values written in parts until their header comes.
+    assembler: Assembler,
     /// Source partition → how far it has closed months.
     closed: BTreeMap<u32, ClosedMark>,
     billed_through: Option<Month>,
@@ -65,12 +70,12 @@ struct Task {
 }
 
 impl Task {
-    fn absorb(&mut self, key: ChangelogKey, value: Option<&[u8]>) -> anyhow::Result<()> {
+    fn absorb(&mut self, key: ChangelogKey, value: Option<&[u8]>, parts: usize) -> anyhow::Result<()> {
         match (key, value) {
             (ChangelogKey::Usage { app_id, month, source }, Some(bytes)) => {
                 let aggregate =
                     AppMonthAggregate::decode(bytes).context("unreadable usage in the changelog")?;
-                self.usage.entry((month, app_id)).or_default().insert(source, aggregate);
+                self.usage.entry((month, app_id)).or_default().insert(source, (aggregate, parts));
             }
             (ChangelogKey::Usage { app_id, month, source }, None) => {
                 if let Some(sources) = self.usage.get_mut(&(month, app_id)) {
@@ -392,9 +397,13 @@ pub fn run(config: &Config, shutdown: &AtomicBool, board: &Board) -> anyhow::Res
             Some(Ok(m)) => {
                 if let Some(task) = tasks.get_mut(&m.partition()) {
                     if m.offset() >= task.skip_until {
-                        if let Some(key) = m.key().and_then(|k| ChangelogKey::from_bytes(k).ok()) {
-                            task.absorb(key, m.payload())?;
-                        }
+                        let mut assembler = std::mem::take(&mut task.assembler);
+                        let absorbed =
+                            changelog::assemble(&mut assembler, m.key(), m.payload(), &mut |k, v, n| {
+                                task.absorb(k, v, n)
+                            });
+                        task.assembler = assembler;
+                        absorbed?;
                     }
                 }
             }
@@ -457,10 +466,19 @@ fn restore(config: &Config, client: &ClientConfig, partition: i32) -> anyhow::Re
         alerted: BTreeSet::new(),
         declined: BTreeSet::new(),
         copied: BTreeMap::new(),
+        assembler: Assembler::default(),
     };
-    let read = changelog::read_partition(client, &config.file.topics.changelog, partition, |key, value| {
-        task.absorb(key, value)
-    })?;
+    // The same assembler goes on with the group consumer: a value's parts and header can
+    // lie on both sides of where this read stops.
+    let mut assembler = Assembler::default();
+    let read = changelog::read_partition(
+        client,
+        &config.file.topics.changelog,
+        partition,
+        &mut assembler,
+        |key, value, parts| task.absorb(key, value, parts),
+    )?;
+    task.assembler = assembler;
     // The group consumer starts from the beginning too; what was read here is skipped.
     task.skip_until = read.next_offset;
     metrics().restore_duration.with_label_values(&["bill"]).observe(started.elapsed().as_secs_f64());
@@ -502,8 +520,14 @@ fn bill(
         let usage = match task.usage.get(&(month, app_id)) {
             Some(parts) => {
                 let mut merged = AppMonthAggregate::new(config.meter.precision, false);
-                for part in parts.values() {
-                    merged.merge(part).context("cannot merge usage")?;
+                for (source, (part, _)) in parts {
+                    merged.merge(part).map_err(|e| {
+                        anyhow::anyhow!(
+                            "cannot merge the usage of app {app_id} in {month} from partition {source}: {e}; \
+                             metering.hll_precision must be the same in every worker and must not change \
+                             while a month is open"
+                        )
+                    })?;
                 }
                 merged.usage(app_id, month, config.meter.grid)
             }
@@ -528,11 +552,17 @@ fn bill(
         .filter(|r| r.month <= month && task.billed_through.is_none_or(|b| r.month > b))
         .map(|r| &r.letter)
         .collect();
-    let usage_keys: Vec<ChangelogKey> = task
+    // Each share's record, and its parts if it was written in parts.
+    let usage_keys: Vec<Vec<u8>> = task
         .usage
         .range((month, 0)..=(month, AppId::MAX))
-        .flat_map(|((_, app_id), parts)| {
-            parts.keys().map(move |&source| ChangelogKey::Usage { app_id: *app_id, month, source })
+        .flat_map(|((_, app_id), shares)| {
+            shares.iter().flat_map(move |(&source, &(_, parts))| {
+                let key = ChangelogKey::Usage { app_id: *app_id, month, source }.to_bytes();
+                let mut keys = im_meter_core::aggregate::parts::part_keys(&key, 0..parts);
+                keys.push(key);
+                keys
+            })
         })
         .collect();
     let result = task.outbox.transaction(|tx| {
@@ -558,7 +588,7 @@ fn bill(
         )?;
         // The month is done: its usage and markers can go (compaction removes them).
         for key in &usage_keys {
-            tx.send(&topics.changelog, Some(partition), &key.to_bytes(), None, None)?;
+            tx.send(&topics.changelog, Some(partition), key, None, None)?;
         }
         for (&(_, app_id), sources) in task.crossed.range((month, 0)..=(month, AppId::MAX)) {
             for &source in sources {

@@ -4,6 +4,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use im_meter_core::aggregate::parts::Assembler;
 use im_meter_core::aggregate::ChangelogKey;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -64,25 +65,43 @@ pub struct ReadBack {
     pub next_offset: i64,
 }
 
-/// Calls `each(key, value)` for every committed record of one changelog partition, oldest
-/// first, until its last stable offset (`None` values are deletions). Unreadable keys are
-/// skipped: they cannot have been written by this program.
+/// Calls `each(key, value, parts)` for every committed record of one changelog partition,
+/// oldest first, until its last stable offset (`None` values are deletions), with values
+/// written in parts handed over whole (`parts`: how many they were written in, 0 for a
+/// value written whole). `assembler` keeps the parts of a value whose header comes after
+/// the end of this read: pass the same one on to whatever reads on from there. Unreadable
+/// keys are skipped: they cannot have been written by this program.
 pub fn read_partition(
     client: &ClientConfig,
     topic: &str,
     partition: i32,
-    mut each: impl FnMut(ChangelogKey, Option<&[u8]>) -> anyhow::Result<()>,
+    assembler: &mut Assembler,
+    mut each: impl FnMut(ChangelogKey, Option<&[u8]>, usize) -> anyhow::Result<()>,
 ) -> anyhow::Result<ReadBack> {
     let mut read = ReadBack::default();
     read_to_end(client, topic, &[partition], |record| {
         read.records += 1;
         read.next_offset = record.offset + 1;
-        match record.key.and_then(|k| ChangelogKey::from_bytes(k).ok()) {
-            Some(key) => each(key, record.value),
-            None => Ok(()),
-        }
+        assemble(assembler, record.key, record.value, &mut each)
     })?;
     Ok(read)
+}
+
+/// Feeds one changelog record to `assembler` and hands what it completes to `each`.
+pub fn assemble(
+    assembler: &mut Assembler,
+    key: Option<&[u8]>,
+    value: Option<&[u8]>,
+    each: &mut impl FnMut(ChangelogKey, Option<&[u8]>, usize) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let Some(key) = key else { return Ok(()) };
+    let Some(whole) = assembler.feed(key, value).context("a value written in parts is damaged")? else {
+        return Ok(());
+    };
+    match ChangelogKey::from_bytes(whole.key) {
+        Ok(key) => each(key, whole.value.as_deref(), whole.parts),
+        Err(_) => Ok(()),
+    }
 }
 
 /// A record read back.

@@ -27,7 +27,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use im_meter_core::aggregate::{
-    billing_partition, AppMonthAggregate, ChangelogKey, ClosedMark, Meter, MonthlyUsage, Outcome, StateKey,
+    billing_partition, parts, AppMonthAggregate, ChangelogKey, ClosedMark, Meter, MonthlyUsage, Outcome,
+    StateKey,
 };
 use im_meter_core::ingest::{decode_usage_event, RejectReason, Rejection};
 use im_meter_core::plan::AppId;
@@ -71,7 +72,12 @@ struct Task {
     /// Bytes of the latest value of each state key in the changelog, and their sum.
     state_sizes: HashMap<StateKey, usize>,
     state_bytes: u64,
+    /// State keys whose latest value is written in parts, and how many.
+    state_parts: HashMap<StateKey, usize>,
 }
+
+/// A changelog record to write: partition, key, value (`None` deletes the key).
+type Outgoing = (i32, Vec<u8>, Option<Vec<u8>>);
 
 impl Task {
     /// Notes a state record written (or read back): `None` deletes the key.
@@ -82,6 +88,41 @@ impl Task {
         };
         self.state_bytes = self.state_bytes + len.unwrap_or(0) as u64 - old.unwrap_or(0) as u64;
     }
+
+    /// Queues the records that write state `key` ← `value` to changelog partition `p`: in
+    /// parts when the value is over `max_value` bytes, with deletions of the parts of its
+    /// previous value that are no longer used.
+    fn write_state(
+        &mut self,
+        p: i32,
+        key: StateKey,
+        value: Option<Vec<u8>>,
+        max_value: usize,
+        out: &mut Vec<Outgoing>,
+    ) {
+        self.sized(key, value.as_ref().map(Vec::len));
+        let bytes = ChangelogKey::State(key).to_bytes();
+        let before = self.state_parts.remove(&key).unwrap_or(0);
+        let now = match value {
+            Some(value) => write_value(p, &bytes, value, max_value, out),
+            None => {
+                out.push((p, bytes.clone(), None));
+                0
+            }
+        };
+        out.extend(parts::part_keys(&bytes, now..before).into_iter().map(|k| (p, k, None)));
+        if now > 0 {
+            self.state_parts.insert(key, now);
+        }
+    }
+}
+
+/// Queues the records that write `key` ← `value` to partition `p`, in parts when over
+/// `max_value` bytes; returns the number of parts (0: written whole).
+fn write_value(p: i32, key: &[u8], value: Vec<u8>, max_value: usize, out: &mut Vec<Outgoing>) -> usize {
+    let (records, parts) = parts::split(key, value, max_value);
+    out.extend(records.into_iter().map(|(k, v)| (p, k, Some(v))));
+    parts
 }
 
 /// Everything the poll loop and the rebalance callbacks share.
@@ -287,18 +328,22 @@ impl Stage {
             &client,
             &self.config.file.topics.changelog,
             partition,
-            |key, value| {
+            &mut Default::default(),
+            |key, value, parts| {
                 // Only this partition's own state; usage and markers in it belong to billing.
                 if let ChangelogKey::State(key) = key {
-                    latest.insert(key, value.map(<[u8]>::to_vec));
+                    latest.insert(key, value.map(|v| (v.to_vec(), parts)));
                 }
                 Ok(())
             },
         )?;
-        let state: Vec<(StateKey, Vec<u8>)> =
+        let state: Vec<(StateKey, (Vec<u8>, usize))> =
             latest.into_iter().filter_map(|(k, v)| v.map(|v| (k, v))).collect();
-        let sizes: HashMap<StateKey, usize> = state.iter().map(|(k, v)| (*k, v.len())).collect();
+        let sizes: HashMap<StateKey, usize> = state.iter().map(|(k, (v, _))| (*k, v.len())).collect();
+        let state_parts: HashMap<StateKey, usize> =
+            state.iter().filter(|(_, (_, n))| *n > 0).map(|(k, (_, n))| (*k, *n)).collect();
         let state_bytes = sizes.values().map(|&n| n as u64).sum();
+        let state = state.into_iter().map(|(k, (v, _))| (k, v));
         let meter = Meter::restore(self.config.meter.clone(), state)
             .with_context(|| format!("cannot restore the meter of partition {partition}"))?;
         metrics().restore_duration.with_label_values(&["meter"]).observe(started.elapsed().as_secs_f64());
@@ -317,6 +362,7 @@ impl Stage {
             last_record: Instant::now(),
             state_sizes: sizes,
             state_bytes,
+            state_parts,
         })
     }
 
@@ -515,7 +561,8 @@ impl Stage {
         self.last_commit = Instant::now();
         let topics = self.config.file.topics.clone();
         let mut offsets = TopicPartitionList::new();
-        let mut records = Vec::new();
+        let mut records: Vec<Outgoing> = Vec::new();
+        let max_value = self.config.worker.max_value_bytes;
         let mut closes_month = false;
         let mut anything = false;
         for (&p, task) in self.tasks.iter_mut() {
@@ -526,23 +573,22 @@ impl Stage {
                     for (app_id, mut aggregate) in closed {
                         let key = ChangelogKey::Usage { app_id, month, source: p as u32 };
                         let q = billing_partition(app_id, self.changelog_partitions) as i32;
-                        records.push((q, key, Some(aggregate.encode())));
+                        // Written once; billing deletes it, parts included, once billed.
+                        write_value(q, &key.to_bytes(), aggregate.encode(), max_value, &mut records);
                     }
                 }
                 // After the usage it covers, in the same transaction: a billing task that
                 // reads the mark has read that usage.
                 let mark = ClosedMark { through: closing.through, first_active: closing.first_active };
+                let key = ChangelogKey::ClosedThrough { source: p as u32 }.to_bytes();
                 for q in 0..self.changelog_partitions as i32 {
-                    records.push((q, ChangelogKey::ClosedThrough { source: p as u32 }, Some(mark.encode())));
+                    records.push((q, key.clone(), Some(mark.encode())));
                 }
             }
             for (app_id, month) in task.meter.take_quota_crossings() {
                 let q = billing_partition(app_id, self.changelog_partitions) as i32;
-                records.push((
-                    q,
-                    ChangelogKey::QuotaCrossed { app_id, month, source: p as u32 },
-                    Some(Vec::new()),
-                ));
+                let key = ChangelogKey::QuotaCrossed { app_id, month, source: p as u32 };
+                records.push((q, key.to_bytes(), Some(Vec::new())));
             }
             if let Some(next) = task.next_offset {
                 // The state says which input it reflects, in the transaction that commits
@@ -550,8 +596,7 @@ impl Stage {
                 task.meter.set_input_offset(next);
             }
             for record in task.meter.checkpoint() {
-                task.sized(record.key, record.value.as_ref().map(Vec::len));
-                records.push((p, ChangelogKey::State(record.key), record.value));
+                task.write_state(p, record.key, record.value, max_value, &mut records);
             }
             if task.dirty {
                 // Records arrived since the last commit: not idle (one clock read per commit).
@@ -590,7 +635,7 @@ impl Stage {
         // were lost (those applied meanwhile for the next commit included).
         let began = self.outbox.begin(move |tx| {
             for (partition, key, value) in &records {
-                tx.send(&topics.changelog, Some(*partition), &key.to_bytes(), value.as_deref(), None)?;
+                tx.send(&topics.changelog, Some(*partition), key, value.as_deref(), None)?;
             }
             for letter in &dead_letters {
                 tx.dead_letter(&topics.dead_letters, letter)?;

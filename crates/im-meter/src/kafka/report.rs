@@ -25,7 +25,7 @@ pub fn read_billed_month(config: &Config, month: Month, wait: Duration) -> anyho
     'waiting: loop {
         for p in 0..partitions {
             let mut billed = None;
-            read_partition(&client, &topics.changelog, p, |key, value| {
+            read_partition(&client, &topics.changelog, p, &mut Default::default(), |key, value, _| {
                 if let (ChangelogKey::Billed, Some(v)) = (key, value) {
                     billed = std::str::from_utf8(v).ok().and_then(|t| t.parse::<Month>().ok());
                 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use tracing::{error, info};
 
-use super::admin::{ensure_topics, TopicSpec};
+use super::admin::{ensure_topics, max_message_bytes, value_limit, TopicSpec, PRODUCER_MAX_BYTES};
 use super::{bill, changelog, client_config, meter};
 use crate::config::Config;
 use crate::status::Board;
@@ -25,8 +25,9 @@ pub enum Role {
 
 /// Creates every topic the worker uses that does not exist yet. The changelog gets as many
 /// partitions as the events topic (the state of events partition p lives in changelog
-/// partition p) and is compacted.
-pub async fn prepare_topics(config: &Config) -> anyhow::Result<()> {
+/// partition p) and is compacted. Returns the largest value to write as one changelog
+/// record, from the limits it finds (said in the log): larger ones are written in parts.
+pub async fn prepare_topics(config: &Config) -> anyhow::Result<usize> {
     let client = client_config(config);
     let t = &config.file.topics;
     let n = config.worker.partitions;
@@ -62,7 +63,16 @@ pub async fn prepare_topics(config: &Config) -> anyhow::Result<()> {
         t.changelog,
         t.events
     );
-    Ok(())
+    let topic_limit = max_message_bytes(&client, &t.changelog).await?;
+    let limit = value_limit(topic_limit.min(PRODUCER_MAX_BYTES));
+    info!(
+        topic = %t.changelog,
+        topic_max_message_bytes = topic_limit,
+        producer_message_max_bytes = PRODUCER_MAX_BYTES,
+        max_value_bytes = limit,
+        "worker: record limits found; larger state values are written in parts"
+    );
+    Ok(limit)
 }
 
 /// A stage's entry point: runs until the flag is set or it fails.
