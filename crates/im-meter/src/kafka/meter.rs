@@ -374,6 +374,16 @@ impl Stage {
         if missing.is_empty() {
             return Ok(());
         }
+        if let Some(p) = missing.iter().find(|p| **p as u32 >= self.changelog_partitions) {
+            // Its state would go to a changelog partition that does not exist, and every
+            // commit would abort: stop with the reason instead.
+            anyhow::bail!(
+                "events partition {p} has no changelog partition ({} has {}): the events topic grew while \
+                 the worker ran, which is not supported yet (docs/operations.md, \"Adding partitions\")",
+                self.config.file.topics.changelog,
+                self.changelog_partitions
+            );
+        }
         // Restore after our own transaction in flight, if any, has settled.
         self.settle(consumer)?;
         let topic = &self.config.file.topics.events;
