@@ -27,7 +27,7 @@ use im_meter_core::ingest::decode_subscription_event;
 use im_meter_core::plan::AppId;
 use im_meter_core::time::{Month, Timestamp};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::message::Message;
 use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 use tracing::{error, info, warn};
@@ -222,40 +222,58 @@ impl SubscriptionFeed {
         self.refused.push(Refused { app_id, source_partition: record.partition, month, letter });
     }
 
+    /// Applies the subscription events fetched so far, without waiting for more.
+    fn follow(&mut self) {
+        while let Some(message) = self.next(Duration::ZERO) {
+            self.handle(message);
+        }
+    }
+
     /// Applies every subscription event up to the end of the topic as fetched now.
     fn catch_up(&mut self) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
             anyhow::ensure!(Instant::now() < deadline, "reading subscriptions took too long");
-            // Owned, so that the feed can change while it is handled.
-            let message = self.consumer.poll(Duration::from_millis(50)).map(|r| {
-                r.map(|m| {
-                    let record = SourceRecord {
-                        partition: m.partition(),
-                        offset: m.offset(),
-                        timestamp: m.timestamp().to_millis(),
-                        payload: m.payload().unwrap_or_default().to_vec(),
-                    };
-                    (record, m.key().map(<[u8]>::to_vec))
-                })
-            });
-            match message {
-                Some(Ok((record, key))) => {
-                    if let Some(end) = self.at_end.get_mut(record.partition as usize) {
-                        *end = false;
-                    }
-                    self.absorb(&record, key.as_deref());
-                }
-                Some(Err(KafkaError::PartitionEOF(p))) => {
-                    if let Some(end) = self.at_end.get_mut(p as usize) {
-                        *end = true;
-                    }
-                }
-                Some(Err(e)) => warn!(error = %e, "subscriptions reader error"),
+            match self.next(Duration::from_millis(50)) {
+                Some(message) => self.handle(message),
                 // Nothing more fetched: done once every partition reported its end.
                 None if self.at_end.iter().all(|e| *e) => return Ok(()),
                 None => {}
             }
+        }
+    }
+
+    /// The next message of the subscriptions reader, owned (so that the feed can change
+    /// while it is handled), waiting up to `wait`.
+    fn next(&mut self, wait: Duration) -> Option<KafkaResult<(SourceRecord, Option<Vec<u8>>)>> {
+        self.consumer.poll(wait).map(|r| {
+            r.map(|m| {
+                let record = SourceRecord {
+                    partition: m.partition(),
+                    offset: m.offset(),
+                    timestamp: m.timestamp().to_millis(),
+                    payload: m.payload().unwrap_or_default().to_vec(),
+                };
+                (record, m.key().map(<[u8]>::to_vec))
+            })
+        })
+    }
+
+    /// Applies a record, or notes where a partition ends.
+    fn handle(&mut self, message: KafkaResult<(SourceRecord, Option<Vec<u8>>)>) {
+        match message {
+            Ok((record, key)) => {
+                if let Some(end) = self.at_end.get_mut(record.partition as usize) {
+                    *end = false;
+                }
+                self.absorb(&record, key.as_deref());
+            }
+            Err(KafkaError::PartitionEOF(p)) => {
+                if let Some(end) = self.at_end.get_mut(p as usize) {
+                    *end = true;
+                }
+            }
+            Err(e) => warn!(error = %e, "subscriptions reader error"),
         }
     }
 }
@@ -364,6 +382,7 @@ pub fn run(config: &Config, shutdown: &AtomicBool, board: &Board) -> anyhow::Res
 
     let mut tasks: BTreeMap<i32, Task> = BTreeMap::new();
     let mut last_report = Instant::now();
+    let mut last_round = Instant::now();
     while !shutdown.load(Ordering::Relaxed) {
         let message = consumer.poll(POLL);
         status.polled();
@@ -393,6 +412,7 @@ pub fn run(config: &Config, shutdown: &AtomicBool, board: &Board) -> anyhow::Res
             }
             metrics().assigned_partitions.with_label_values(&["bill", "0"]).set(tasks.len() as i64);
         }
+        let busy = matches!(message, Some(Ok(_)));
         match message {
             Some(Ok(m)) => {
                 if let Some(task) = tasks.get_mut(&m.partition()) {
@@ -414,11 +434,15 @@ pub fn run(config: &Config, shutdown: &AtomicBool, board: &Board) -> anyhow::Res
             last_report = Instant::now();
             report_positions(&consumer, &topics.changelog, &status);
         }
-        // The oldest month some source has closed and this worker has not billed yet.
         // The oldest month waiting to be billed (closed by every source or not).
         status.state().oldest_open_month_end =
             tasks.values().filter_map(Task::next_to_bill).min().map(|m| config.meter.tz.end_of_month(m));
-        subscriptions.catch_up()?;
+        // Records keep coming: read them first, but look at the rest at least once a second.
+        if busy && last_round.elapsed() < ROUND_EVERY {
+            continue;
+        }
+        last_round = Instant::now();
+        subscriptions.follow();
         for (&p, task) in tasks.iter_mut() {
             copy_subscriptions(config, &client, Shape { partition: p, partitions }, task, &subscriptions)?;
             alert_as_it_happens(config, p, task, &mut subscriptions)?;
@@ -437,6 +461,10 @@ pub fn run(config: &Config, shutdown: &AtomicBool, board: &Board) -> anyhow::Res
 
 /// How often the billing consumer's positions are reported.
 const REPORT_EVERY: Duration = Duration::from_millis(500);
+
+/// How often, at least, billing looks for months to bill, alerts and subscriptions to copy
+/// while changelog records keep coming.
+const ROUND_EVERY: Duration = Duration::from_secs(1);
 
 /// Reports how far the consumer has read each partition (its position steps over
 /// transaction markers, which carry no record).
