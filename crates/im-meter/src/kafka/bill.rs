@@ -278,16 +278,18 @@ impl SubscriptionFeed {
     }
 }
 
-/// Copies what the feed has seen of the subscriptions partitions that task `partition`
-/// copies (`j % partitions == partition`) and it has not copied yet into the plan book, with
-/// the task's copy marks, in one transaction of the task.
+/// Copies into the plan book what the feed has seen of one subscriptions partition that
+/// task `partition` copies (`j % partitions == partition`) and has not copied yet, with the
+/// task's copy mark, in one transaction of the task. One partition a call: a copy reads the
+/// topic back (about half a second), and the loop must keep polling in between. Returns
+/// whether it copied anything.
 fn copy_subscriptions(
     config: &Config,
     client: &ClientConfig,
     shape: Shape,
     task: &mut Task,
     feed: &SubscriptionFeed,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<bool> {
     let topics = &config.file.topics;
     for (j, seen) in feed.seen.iter().enumerate() {
         let j = j as i32;
@@ -335,8 +337,9 @@ fn copy_subscriptions(
             }
             Err(fatal @ TransactionFailed::Fatal(_)) => return Err(fatal.into()),
         }
+        return Ok(true);
     }
-    Ok(())
+    Ok(false)
 }
 
 /// Shared between the poll loop and the rebalance callbacks.
@@ -443,8 +446,12 @@ pub fn run(config: &Config, shutdown: &AtomicBool, board: &Board) -> anyhow::Res
         }
         last_round = Instant::now();
         subscriptions.follow();
+        let mut copied = false;
         for (&p, task) in tasks.iter_mut() {
-            copy_subscriptions(config, &client, Shape { partition: p, partitions }, task, &subscriptions)?;
+            if !copied {
+                let shape = Shape { partition: p, partitions };
+                copied = copy_subscriptions(config, &client, shape, task, &subscriptions)?;
+            }
             alert_as_it_happens(config, p, task, &mut subscriptions)?;
             while let Some(month) = task.next_billable(sources) {
                 subscriptions.catch_up()?;
