@@ -35,6 +35,9 @@ pub fn reader(client: &ClientConfig) -> ClientConfig {
         .set("group.id", "im-meter-reader")
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "true")
+        // A start offset the partition no longer (or not yet) has: read what it has rather
+        // than skip to its end (librdkafka's default), so nothing is passed over silently.
+        .set("auto.offset.reset", "earliest")
         // Reading back is latency-bound: do not let the broker hold fetches open.
         .set("fetch.wait.max.ms", "20")
         .set("isolation.level", "read_committed");
