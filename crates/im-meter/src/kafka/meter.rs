@@ -141,6 +141,9 @@ struct Stage {
     status: Arc<ConsumerStatus>,
     /// Events counted since the metrics were last updated.
     tally: EventTally,
+    /// The clock, read once per batch: events dated beyond it plus the allowed skew are
+    /// refused (a batch takes milliseconds; the skew is minutes).
+    now: Timestamp,
 }
 
 struct StageContext {
@@ -225,6 +228,7 @@ pub fn run(config: &Config, member: usize, shutdown: &AtomicBool, board: &Board)
         failure: None,
         status: board.consumer(StageKind::Meter, &member.to_string(), &topics.events),
         tally: EventTally::default(),
+        now: Timestamp(now_ms()),
     }));
     board.live(Arc::new(MeterHandle(Arc::clone(&stage))));
     let consumer: BaseConsumer<StageContext> = super::group_member(config, &config.file.kafka.group_id)
@@ -263,6 +267,7 @@ pub fn run(config: &Config, member: usize, shutdown: &AtomicBool, board: &Board)
             if let Some(e) = stage.failure.take() {
                 return Err(e);
             }
+            stage.now = Timestamp(now_ms());
             let mut taken = 0;
             match message {
                 // Only records fetched before their partition's queue was split come here.
@@ -456,8 +461,7 @@ impl Stage {
         let decoded = decode_usage_event(record.payload).and_then(|event| {
             // Never applied, so it never moves event time: one broken clock must not close
             // months for everyone.
-            Rejection::check_not_future(event.ts, Timestamp(now_ms()), self.config.max_clock_skew)
-                .map(|()| event)
+            Rejection::check_not_future(event.ts, self.now, self.config.max_clock_skew).map(|()| event)
         });
         let rejection = match decoded {
             Ok(event) => {
