@@ -435,15 +435,14 @@ impl Meter {
         // The latest month whose end lies at or before the horizon.
         let due = tz.month_of(Timestamp(horizon)).prev();
         self.close_at = tz.end_of_month(due.next()).millis().saturating_add(lateness_ms);
-        let first = match self.closed_through {
+        if self.closed_through >= Some(due) {
+            return;
+        }
+        let mut month = match self.closed_through {
             Some(closed) => closed.next(),
             // Never closed: from the first month holding data (nothing before it exists here).
             None => self.months.keys().map(|&(_, m)| m).min().unwrap_or(due.next()),
         };
-        if self.closed_through >= Some(due) {
-            return;
-        }
-        let mut month = first;
         while month <= due {
             let closed = self.close_month(month);
             if !closed.is_empty() {

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use im_meter_core::aggregate::meter::QUOTA_WATCH;
+use im_meter_core::aggregate::parts::Assembler;
 use im_meter_core::aggregate::{
     billing_partition, AppMonthAggregate, ChangelogKey, ClosedMark, MonthlyUsage,
 };
@@ -31,8 +32,6 @@ use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::message::Message;
 use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 use tracing::{error, info, warn};
-
-use im_meter_core::aggregate::parts::Assembler;
 
 use super::changelog::{self, QuietEof};
 use super::fetch::Fetched;
@@ -128,6 +127,7 @@ impl Task {
     /// The next month to bill, if every one of the `sources` partitions has closed it.
     /// Months are billed one after the other: none is ever skipped.
     fn next_billable(&self, sources: u32) -> Option<Month> {
+        // `None` sorts first: one source without a mark yet holds every month back.
         let through = (0..sources).map(|s| self.closed.get(&s).map(|m| m.through)).min()??;
         self.next_to_bill().filter(|next| *next <= through)
     }

@@ -34,6 +34,17 @@ pub struct SourceRecord {
     pub payload: Vec<u8>,
 }
 
+impl From<changelog::Record<'_>> for SourceRecord {
+    fn from(record: changelog::Record<'_>) -> Self {
+        SourceRecord {
+            partition: record.partition,
+            offset: record.offset,
+            timestamp: record.timestamp,
+            payload: record.value.unwrap_or_default().to_vec(),
+        }
+    }
+}
+
 /// What the copy holds: the copied records, by partition then offset, and for each
 /// partition the subscriptions offset from which the topic is read on.
 #[derive(Debug, Default)]
@@ -61,12 +72,8 @@ pub fn read(client: &ClientConfig, topic: &str) -> anyhow::Result<Copy> {
             )?;
         let end = copy.ends.entry(record.partition).or_default();
         *end = (*end).max(offset + 1);
-        copy.records.push(SourceRecord {
-            partition: record.partition,
-            offset,
-            timestamp: record.timestamp,
-            payload: record.value.unwrap_or_default().to_vec(),
-        });
+        // The copy's own offset is not the source's: the key says where it came from.
+        copy.records.push(SourceRecord { offset, ..SourceRecord::from(record) });
         Ok(())
     })?;
     // Read per partition in offset order already; sorted to say so.
@@ -84,12 +91,7 @@ pub fn read_source(
 ) -> anyhow::Result<(Vec<SourceRecord>, Option<i64>)> {
     let mut records = Vec::new();
     let ends = changelog::read_from(client, topic, &[(partition, from)], |record| {
-        records.push(SourceRecord {
-            partition: record.partition,
-            offset: record.offset,
-            timestamp: record.timestamp,
-            payload: record.value.unwrap_or_default().to_vec(),
-        });
+        records.push(SourceRecord::from(record));
         Ok(())
     })?;
     let end = ends.iter().find(|(p, _)| *p == partition).map(|(_, o)| *o);
