@@ -55,6 +55,14 @@ fn assert_same_as(want: &Expected, d: &Deployment, workers: &mut [Worker]) {
     }
 }
 
+/// Runs one worker (`instance` a, with extra `settings`) until it has billed what replay
+/// billed of `want`, checks it did so alike, and stops it.
+fn one_worker_bills_as(want: &Expected, d: &Deployment, settings: &[(&str, &str)]) {
+    let mut workers = vec![d.worker_with("a", settings, &[])];
+    assert_same_as(want, d, &mut workers);
+    workers.pop().unwrap().stop();
+}
+
 /// Records by key; a key published twice fails the test.
 fn by_key(records: Vec<Record>) -> BTreeMap<String, Value> {
     let mut by_key = BTreeMap::new();
@@ -78,9 +86,7 @@ fn same_charges_as_replay_and_poison_records_go_to_dead_letters() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let d = Deployment::new("same");
     d.produce();
-    let mut workers = vec![d.worker("a")];
-    assert_same_as_replay(&d, &mut workers);
-    workers.pop().unwrap().stop();
+    one_worker_bills_as(expected(), &d, &[]);
 
     let letters = read_all(&d.topic("dead_letters"));
     let (events, subscriptions): (Vec<_>, Vec<_>) =
@@ -134,9 +140,7 @@ fn kill_9_at_any_moment_changes_no_charge() {
         std::thread::sleep(Duration::from_millis(delay_ms));
         w.kill9();
     }
-    let mut workers = vec![d.worker("a")];
-    assert_same_as_replay(&d, &mut workers);
-    workers.pop().unwrap().stop();
+    one_worker_bills_as(expected(), &d, &[]);
 }
 
 #[test]
@@ -227,9 +231,7 @@ fn six_partitions_and_two_apps_bill_the_month_once() {
         .file("events.ndjson", &lines_of_apps(&sample_lines(input_month()), &[1_400_000_001, 1_400_000_003]));
     let want = Expected::of(&events, &sample_subscriptions());
     d.produce_files(&events, &sample_subscriptions());
-    let mut workers = vec![d.worker("a")];
-    assert_same_as(&want, &d, &mut workers);
-    workers.pop().unwrap().stop();
+    one_worker_bills_as(&want, &d, &[]);
 }
 
 #[test]
@@ -249,9 +251,7 @@ fn a_partition_whose_first_event_is_a_month_later_holds_no_month_back() {
         |app: &str| records.iter().find(|r| r.key.as_deref() == Some(app.as_bytes())).unwrap().partition;
     let late = partition_of("1400000005");
     assert!(late != partition_of("1400000001") && late != partition_of("1400000003"));
-    let mut workers = vec![d.worker("a")];
-    assert_same_as(&want, &d, &mut workers);
-    workers.pop().unwrap().stop();
+    one_worker_bills_as(&want, &d, &[]);
 }
 
 #[test]
@@ -270,10 +270,8 @@ fn an_event_from_the_future_closes_no_month() {
         "replay refuses it too"
     );
     d.produce_files(&events, &sample_subscriptions());
-    let mut workers = vec![d.worker("a")];
-    assert_same_as(&want, &d, &mut workers);
+    one_worker_bills_as(&want, &d, &[]);
     assert_no_charge_for_open_months(&d);
-    workers.pop().unwrap().stop();
     let letters = read_all(&d.topic("dead_letters"));
     let future: Vec<&Record> = letters.iter().filter(|r| r.headers["reason"] == "future").collect();
     assert_eq!(future.len(), 1, "{letters:?}");
@@ -289,9 +287,7 @@ fn events_produced_in_transactions_close_their_month() {
     let (events, subscriptions) = input();
     let id = format!("{}-backend", d.prefix);
     d.produce_files_with(events, subscriptions, &["--transactional-id", &id]);
-    let mut workers = vec![d.worker("a")];
-    assert_same_as_replay(&d, &mut workers);
-    workers.pop().unwrap().stop();
+    one_worker_bills_as(expected(), &d, &[]);
 }
 
 #[test]
@@ -363,21 +359,16 @@ fn the_plan_book_survives_the_subscriptions_topics_retention() {
     d.produce_files(&nothing, subscriptions);
     let billing = d.worker_with("a", &[], &["--role", "bill"]);
     let history = std::fs::read_to_string(subscriptions).unwrap().lines().count();
-    let kept = || read_all(&d.topic("plan_book")).iter().filter(|r| !r.tombstone).count();
-    // Not required to pass: it only lets the worker keep what it keeps before it stops.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while kept() < history && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    eventually(Duration::from_secs(120), "the plan book to hold the whole history", || {
+        (read_all(&d.topic("plan_book")).len() >= history).then_some(())
+    });
     billing.stop();
     // Retention removes the whole history from the subscriptions topic.
     delete_all_records(&d.topic("subscriptions"));
     assert!(read_all(&d.topic("subscriptions")).is_empty());
     // A restarted worker bills the month under the same plans as before.
     d.produce_files(events, &nothing);
-    let mut workers = vec![d.worker("a")];
-    assert_same_as_replay(&d, &mut workers);
-    workers.pop().unwrap().stop();
+    one_worker_bills_as(expected(), &d, &[]);
 }
 
 #[test]
@@ -417,9 +408,7 @@ fn state_larger_than_a_record_is_written_in_parts() {
     let want = Expected::with_settings(&events, &sample_subscriptions(), &settings);
     assert!(want.usage["1400000003/2026-10"]["mau"].as_u64().is_some_and(|mau| mau.abs_diff(20_000) < 200));
     d.produce_files(&events, &sample_subscriptions());
-    let mut workers = vec![d.worker_with("a", &settings, &[])];
-    assert_same_as(&want, &d, &mut workers);
-    workers.pop().unwrap().stop();
+    one_worker_bills_as(&want, &d, &settings);
     // The usage share went in parts (and went once billed).
     let keys: Vec<String> = read_all(&d.topic("changelog"))
         .into_iter()
