@@ -47,7 +47,16 @@ fn main() -> anyhow::Result<()> {
             ("IM_METER__TOPICS__EVENTS".into(), events_topic.clone()),
             ("IM_METER__HTTP__LISTEN".into(), "127.0.0.1:0".into()),
         ];
-        for t in ["subscriptions", "dead_letters", "changelog", "charges", "alerts", "usage", "plan_book"] {
+        for t in [
+            "subscriptions",
+            "dead_letters",
+            "changelog",
+            "billing_changelog",
+            "charges",
+            "alerts",
+            "usage",
+            "plan_book",
+        ] {
             env.push((format!("IM_METER__TOPICS__{}", t.to_uppercase()), format!("{prefix}.{run}.{t}")));
         }
         env

@@ -32,7 +32,7 @@ export IM_METER__KAFKA__GROUP_ID="$run" IM_METER__KAFKA__INSTANCE_ID="$run"
 # The default six partitions: most of them never see an event of the six sample apps, and
 # close October all the same. Idle partitions follow the clock after 2 s instead of 30 s.
 export IM_METER__KAFKA__IDLE_PARTITION_TIMEOUT=2s
-for topic in events subscriptions dead_letters changelog charges alerts usage plan_book; do
+for topic in events subscriptions dead_letters changelog billing_changelog charges alerts usage plan_book; do
   export "IM_METER__TOPICS__${topic^^}=$run.$topic"
 done
 

@@ -6,7 +6,8 @@ use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
 use im_meter_core::aggregate::{
-    AppMonthAggregate, Meter, MeterSettings, Outcome, Precision, SampleGrid, StateKey, UniqueUsers,
+    merge_shares, AppMonthAggregate, Meter, MeterSettings, Outcome, Precision, SampleGrid, StateKey,
+    UniqueUsers,
 };
 use im_meter_core::ingest::{Action, ConnKey, UsageEvent, UserKey};
 use im_meter_core::time::{BillingTz, Month, Timestamp};
@@ -349,6 +350,45 @@ proptest! {
         if let Some(whole) = whole {
             prop_assert_eq!(&l, &whole);
         }
+    }
+
+    /// The events topic grew and the app moved partition at `move_at` in November: its
+    /// events before go to one partition, after to another, and in between (producers
+    /// learning the new partition count at different times) to either — connections whose
+    /// connect and disconnect land apart included. The shares, merged, give the figures of
+    /// one pass.
+    #[test]
+    fn an_app_that_moves_partition_mid_month_keeps_its_figures(
+        seed in any::<u64>(),
+        connections in 0usize..40,
+        logins in 0usize..300,
+        move_after in 0i64..(42 * 3_600_000),
+        window in 0i64..(2 * 3_600_000),
+    ) {
+        let s = scenario(seed, connections, logins);
+        let nov1 = Timestamp::parse_rfc3339("2026-11-01T00:00:00+08:00").unwrap().millis();
+        let moved = nov1 + 3_600_000 + move_after;
+        let mut events = s.events.clone();
+        // The app sends something in November before it moves.
+        events.push(UsageEvent { app_id: APP, ts: Timestamp(nov1), action: Action::Login { user: user(0), ok: true } });
+        // A retried event goes where its original went: the same bytes, the same choice.
+        let either = |e: &UsageEvent| (xxhash_rust::xxh3::xxh3_64(format!("{e:?}").as_bytes()) % 2) as usize;
+        let partition = |e: &UsageEvent| match e.ts.millis() {
+            t if t < moved => 0,
+            t if t < moved + window => either(e),
+            _ => 1,
+        };
+        let settings = settings(60);
+        let shares: Vec<AppMonthAggregate> = (0..2)
+            .filter_map(|p| {
+                let part: Vec<UsageEvent> = events.iter().filter(|e| partition(e) == p).copied().collect();
+                meter_november(&settings, &part).1
+            })
+            .collect();
+        let grid = SampleGrid::new(Duration::from_secs(60)).unwrap();
+        let mut merged = merge_shares(Precision::default(), &shares).unwrap();
+        let mut whole = meter_november(&settings, &events).1.unwrap();
+        prop_assert_eq!(merged.usage(APP, nov(), grid), whole.usage(APP, nov(), grid));
     }
 
     #[test]

@@ -107,10 +107,10 @@ fn same_charges_as_replay_and_poison_records_go_to_dead_letters() {
         assert!(headers["source_offset"].parse::<i64>().is_ok());
         assert!(!raw.is_empty());
     }
-    // What billing needed of October is gone from the changelog (compaction drops it):
-    // usage shares and quota crossings.
+    // What billing needed of October is gone from the billing changelog (compaction drops
+    // it): usage shares and quota crossings.
     let mut latest: BTreeMap<String, bool> = BTreeMap::new();
-    for r in read_all(&d.topic("changelog")) {
+    for r in read_all(&d.topic("billing_changelog")) {
         latest.insert(String::from_utf8(r.key.unwrap()).unwrap(), !r.tombstone);
     }
     let october = format!("/{}", input_month());
@@ -336,7 +336,7 @@ fn a_member_that_lost_its_partitions_writes_nothing_for_them() {
     });
     // Each source partition's October usage of an app was written once, by b.
     let mut written: BTreeMap<String, usize> = BTreeMap::new();
-    for r in read_all(&d.topic("changelog")).into_iter().filter(|r| !r.tombstone) {
+    for r in read_all(&d.topic("billing_changelog")).into_iter().filter(|r| !r.tombstone) {
         let key = String::from_utf8(r.key.unwrap()).unwrap();
         if key.starts_with("u/") {
             *written.entry(key).or_default() += 1;
@@ -410,10 +410,153 @@ fn state_larger_than_a_record_is_written_in_parts() {
     d.produce_files(&events, &sample_subscriptions());
     one_worker_bills_as(&want, &d, &settings);
     // The usage share went in parts (and went once billed).
-    let keys: Vec<String> = read_all(&d.topic("changelog"))
+    let keys: Vec<String> = read_all(&d.topic("billing_changelog"))
         .into_iter()
         .map(|r| String::from_utf8(r.key.unwrap()).unwrap())
         .filter(|k| k.starts_with("u/1400000003/2026-10/") && k.contains('#'))
         .collect();
     assert!(!keys.is_empty(), "no usage written in parts");
+}
+
+/// Lines of a month in which the events topic grows on October 15 (+08:00): per app, logins,
+/// connections on either side, connections open across the growth (connected before it,
+/// disconnected after it), one connection that never disconnects, and group counts. Returns
+/// the lines dated before the growth and those dated after.
+fn a_month_that_grows(apps: &[u64]) -> (Vec<String>, Vec<String>) {
+    let at = |day: u32, hour: u32, minute: u32| format!("2026-10-{day:02}T{hour:02}:{minute:02}:00+08:00");
+    let (mut before, mut after) = (Vec::new(), Vec::new());
+    for &app in apps {
+        let login = |user: u32, ts: String| {
+            format!(r#"{{"type":"login","app_id":{app},"user_id":"u-{user}","ts":"{ts}"}}"#)
+        };
+        let conn = |kind: &str, id: String, ts: String| {
+            format!(r#"{{"type":"{kind}","app_id":{app},"user_id":"u-0","conn_id":"{id}","ts":"{ts}"}}"#)
+        };
+        before.push(format!(
+            r#"{{"type":"group_stats","app_id":{app},"group_count":{},"ts":"{}"}}"#,
+            app % 97,
+            at(4, 9, 0)
+        ));
+        before.push(conn("connect", "forever".into(), at(1, 0, 30)));
+        for user in 0..10 {
+            before.push(login(user, at(3, 10, user)));
+            after.push(login(user + 5, at(20, 10, user)));
+        }
+        for k in 0..5 {
+            before.push(conn("connect", format!("early-{k}"), at(5, 10, k)));
+            before.push(conn("disconnect", format!("early-{k}"), at(5, 12, k)));
+            // Open across the growth: connect and disconnect may land in different partitions.
+            before.push(conn("connect", format!("across-{k}"), at(14, 22, k)));
+            after.push(conn("disconnect", format!("across-{k}"), at(15, 1, k)));
+        }
+        for k in 0..3 {
+            after.push(conn("connect", format!("late-{k}"), at(20, 10, k)));
+            after.push(conn("disconnect", format!("late-{k}"), at(20, 11, k)));
+        }
+        after.push(format!(
+            r#"{{"type":"group_stats","app_id":{app},"group_count":{},"ts":"{}"}}"#,
+            app % 89,
+            at(21, 9, 0)
+        ));
+    }
+    (before, after)
+}
+
+#[test]
+fn the_events_topic_grows_from_three_to_six_partitions_mid_month() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let d = Deployment::with_partitions("grow", 3);
+    // The sample's apps (their plans) and enough others that every partition has some.
+    let apps: Vec<u64> = (1_400_000_001..=1_400_000_006).chain(1_400_000_100..1_400_000_124).collect();
+    let (before, after) = a_month_that_grows(&apps);
+    // One login per app after October's end + lateness closes October in every partition
+    // by event time (the worker's idle timeout is too long to close it by the clock).
+    let closers: Vec<String> = apps
+        .iter()
+        .map(|a| {
+            format!(r#"{{"type":"login","app_id":{a},"user_id":"u-0","ts":"2026-11-01T02:00:00+08:00"}}"#)
+        })
+        .collect();
+    let october = d.file("october.ndjson", &[before.clone(), after.clone()].concat());
+    let want = Expected::of(&october, &sample_subscriptions());
+    assert_eq!(want.months().into_iter().collect::<Vec<_>>(), ["2026-10"]);
+
+    d.produce_files(&d.file("before.ndjson", &before), &sample_subscriptions());
+    let settings = [("IM_METER__KAFKA__IDLE_PARTITION_TIMEOUT", "10m")];
+    let mut workers = vec![d.worker_with("a", &settings, &[])];
+    // The worker is at work on three partitions when the topic grows.
+    eventually(Duration::from_secs(60), "the first state commit", || {
+        (!read_all(&d.topic("changelog")).is_empty()).then_some(())
+    });
+    grow_topic(&d.topic("events"), 6);
+    produce_keyed(&d.topic("events"), &[after, closers].concat());
+    assert_same_as(&want, &d, &mut workers);
+
+    // The premises: apps moved (their events are in two partitions), connections open
+    // across the growth among them; the worker grew the metering changelog, and the billing
+    // changelog kept its partitions.
+    let mut partitions: BTreeMap<Vec<u8>, std::collections::BTreeSet<i32>> = BTreeMap::new();
+    for r in read_all(&d.topic("events")) {
+        partitions.entry(r.key.unwrap()).or_default().insert(r.partition);
+    }
+    let moved = partitions.values().filter(|p| p.len() == 2).count();
+    assert!(moved > 0 && moved < apps.len(), "{moved} of {} apps moved", apps.len());
+    assert_eq!(partitions.values().flatten().collect::<std::collections::BTreeSet<_>>().len(), 6);
+    assert_eq!(partition_count(&d.topic("changelog")), 6);
+    assert_eq!(partition_count(&d.topic("billing_changelog")), 3);
+    let log = workers[0].log_text();
+    assert!(log.contains("growing the changelog"), "{log}");
+    workers.pop().unwrap().stop();
+}
+
+/// A version that kept billing's records in the metering changelog billed October; the new
+/// one, finding its own billing changelog empty, goes on from there: it bills November only,
+/// and October's usage, which now arrives for a billed month, goes to the dead letters.
+#[test]
+fn billing_goes_on_from_the_old_layout_and_never_changes_a_billed_month() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let d = Deployment::new("upgrade");
+    let (october, november) = (input_month(), input_month().next());
+    // Other apps in November: the sample reuses connection ids from month to month, which
+    // replay (closing months only at the input's end) takes for retries.
+    let apps = [1_400_000_001, 1_400_000_003, 1_400_000_004];
+    let mut lines = lines_of_apps(&sample_lines(october), &apps);
+    lines.extend(lines_of_apps(&sample_lines(november), &[1_400_000_005, 1_400_000_006]));
+    let events = d.file("events.ndjson", &lines);
+    let mut want = Expected::of(&events, &sample_subscriptions());
+    let in_november = |key: &String| key.contains(&format!("/{november}"));
+    want.charges.retain(|k, _| in_november(k));
+    want.usage.retain(|k, _| in_november(k));
+    assert!(!want.charges.is_empty());
+    d.produce_files(&events, &sample_subscriptions());
+    // The old layout's billed-through marks, in the metering changelog.
+    for p in 0..d.partitions as i32 {
+        write_record(&d.topic("changelog"), p, b"b", october.to_string().as_bytes());
+    }
+    let mut workers = vec![d.worker("a")];
+    assert_same_as(&want, &d, &mut workers);
+    let october_charges: Vec<String> = by_key(read_all(&d.topic("charges")))
+        .into_keys()
+        .filter(|k| k.contains(&format!("/{october}")))
+        .collect();
+    assert!(october_charges.is_empty(), "October billed again: {october_charges:?}");
+    // Each app's October usage share was refused once, as late.
+    let late: Vec<String> = read_all(&d.topic("dead_letters"))
+        .into_iter()
+        .filter(|r| {
+            r.headers["reason"] == "late" && r.headers["source_topic"] == d.topic("billing_changelog")
+        })
+        .map(|r| String::from_utf8(r.key.unwrap()).unwrap())
+        .collect();
+    let refused: std::collections::BTreeSet<String> =
+        late.iter().map(|k| k.rsplit_once('/').unwrap().0.to_string()).collect();
+    let expected: std::collections::BTreeSet<String> =
+        apps.iter().map(|a| format!("u/{a}/{october}")).collect();
+    assert_eq!(refused, expected, "{late:?}");
+    assert_eq!(
+        late.len(),
+        late.iter().collect::<std::collections::BTreeSet<_>>().len(),
+        "refused twice: {late:?}"
+    );
+    workers.pop().unwrap().stop();
 }

@@ -183,6 +183,7 @@ impl Deployment {
             ("IM_METER__KAFKA__COMMIT_INTERVAL".into(), "100ms".into()),
             ("IM_METER__KAFKA__IDLE_PARTITION_TIMEOUT".into(), "1s".into()),
             ("IM_METER__KAFKA__TRANSACTION_TIMEOUT".into(), "10s".into()),
+            ("IM_METER__KAFKA__METADATA_REFRESH_INTERVAL".into(), "1s".into()),
             // Several workers run at once: each on a port of its own.
             ("IM_METER__HTTP__LISTEN".into(), "127.0.0.1:0".into()),
         ];
@@ -191,6 +192,7 @@ impl Deployment {
             "subscriptions",
             "dead_letters",
             "changelog",
+            "billing_changelog",
             "charges",
             "alerts",
             "usage",
@@ -439,4 +441,57 @@ pub fn delete_all_records(topic: &str) {
     for e in deleted.elements() {
         assert!(e.error().is_ok(), "{topic}/{}: {:?}", e.partition(), e.error());
     }
+}
+
+/// Adds partitions to `topic` until it has `partitions`, as an operator would.
+pub fn grow_topic(topic: &str, partitions: usize) {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewPartitions};
+    use rdkafka::client::DefaultClientContext;
+    let admin: AdminClient<DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", brokers()).create().unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    let grown = runtime.block_on(admin.create_partitions(&[NewPartitions::new(topic, partitions)], &options));
+    for result in grown.unwrap() {
+        result.unwrap();
+    }
+}
+
+/// The partition count of `topic`.
+pub fn partition_count(topic: &str) -> usize {
+    let reader: BaseConsumer = ClientConfig::new().set("bootstrap.servers", brokers()).create().unwrap();
+    let metadata = reader.fetch_metadata(Some(topic), Duration::from_secs(10)).unwrap();
+    metadata.topics()[0].partitions().len()
+}
+
+/// Sends event lines to `topic` keyed by their app, with librdkafka's default partitioner —
+/// as the IM backend would, with a producer of its own (not `im-meter produce`, which also
+/// prepares the worker's topics).
+pub fn produce_keyed(topic: &str, lines: &[String]) {
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("enable.idempotence", "true")
+        // A fresh producer sees the partitions the topic has now.
+        .set("topic.metadata.refresh.interval.ms", "1000")
+        .create()
+        .unwrap();
+    for line in lines {
+        let event: Value = serde_json::from_str(line).unwrap();
+        let key = event["app_id"].to_string();
+        producer.send(BaseRecord::to(topic).key(&key).payload(line)).map_err(|(e, _)| e).unwrap();
+        producer.poll(Duration::ZERO);
+    }
+    producer.flush(Duration::from_secs(30)).unwrap();
+}
+
+/// Writes one record, `key` ← `value`, to partition `partition` of `topic`.
+pub fn write_record(topic: &str, partition: i32, key: &[u8], value: &[u8]) {
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    let producer: BaseProducer = ClientConfig::new().set("bootstrap.servers", brokers()).create().unwrap();
+    producer
+        .send(BaseRecord::to(topic).partition(partition).key(key).payload(value))
+        .map_err(|(e, _)| e)
+        .unwrap();
+    producer.flush(Duration::from_secs(30)).unwrap();
 }

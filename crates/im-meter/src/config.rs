@@ -48,6 +48,7 @@ impl Default for FileConfig {
                 idle_partition_timeout: "30s".into(),
                 transaction_timeout: "30s".into(),
                 max_poll_interval: "5m".into(),
+                metadata_refresh_interval: "1m".into(),
                 meter_threads: 0,
                 security_protocol: "plaintext".into(),
                 sasl_mechanism: String::new(),
@@ -59,6 +60,7 @@ impl Default for FileConfig {
                 subscriptions: "im.subscriptions".into(),
                 dead_letters: "im.meter.dead-letters".into(),
                 changelog: "im.meter.changelog".into(),
+                billing_changelog: "im.billing.changelog".into(),
                 charges: "im.billing.charges".into(),
                 alerts: "im.billing.alerts".into(),
                 usage: "im.billing.usage".into(),
@@ -111,6 +113,9 @@ pub struct KafkaSection {
     /// A consumer that has not polled for this long leaves the group and its partitions
     /// move (librdkafka `max.poll.interval.ms`).
     pub max_poll_interval: String,
+    /// How often the worker looks for partitions added to the topics it reads (librdkafka
+    /// `topic.metadata.refresh.interval.ms`): how soon new events partitions are read.
+    pub metadata_refresh_interval: String,
     /// Metering consumers this worker runs, each a member of the group on a thread of its
     /// own with its own transactional id; 0: one per CPU the process may use.
     pub meter_threads: i64,
@@ -159,8 +164,12 @@ pub struct TopicsSection {
     pub subscriptions: String,
     /// Refused records out.
     pub dead_letters: String,
-    /// Compacted state changelog.
+    /// Compacted changelog of the metering state: events partition p's in partition p.
     pub changelog: String,
+    /// Compacted changelog of the billing stage: closed months' usage shares, closed-through
+    /// marks and billing's own marks, partitioned by app. Its partition count is fixed at
+    /// creation, so that an app's billing partition never moves.
+    pub billing_changelog: String,
     /// Charges out.
     pub charges: String,
     /// Quota alerts out.
@@ -261,6 +270,8 @@ pub struct WorkerSettings {
     pub transaction_timeout: Duration,
     /// Poll silence after which a consumer leaves its group.
     pub max_poll_interval: Duration,
+    /// How often topic metadata (the partition count) is refreshed.
+    pub metadata_refresh_interval: Duration,
     /// The largest value written as one changelog record; larger ones go in parts. Found
     /// at start from the topics' and the producer's limits ([`crate::kafka::worker`]).
     pub max_value_bytes: usize,
@@ -413,6 +424,7 @@ impl FileConfig {
             idle_partition_timeout: Duration::from_secs(30),
             transaction_timeout: Duration::from_secs(30),
             max_poll_interval: Duration::from_secs(300),
+            metadata_refresh_interval: Duration::from_secs(60),
             max_value_bytes: crate::kafka::admin::value_limit(crate::kafka::admin::PRODUCER_MAX_BYTES),
             meter_threads: 1,
         };
@@ -451,6 +463,12 @@ impl FileConfig {
                         .ok_or_else(|| "must be between 1s and 24h".to_string())
                 })
                 .map(|d| worker.max_poll_interval = d),
+        );
+        check(
+            "kafka.metadata_refresh_interval",
+            duration(&self.kafka.metadata_refresh_interval)
+                .and_then(positive)
+                .map(|d| worker.metadata_refresh_interval = d),
         );
         let meter_threads = match usize::try_from(self.kafka.meter_threads) {
             Ok(0) => Ok(std::thread::available_parallelism().map_or(1, usize::from)),
@@ -533,6 +551,7 @@ impl FileConfig {
             ("topics.subscriptions", &t.subscriptions),
             ("topics.dead_letters", &t.dead_letters),
             ("topics.changelog", &t.changelog),
+            ("topics.billing_changelog", &t.billing_changelog),
             ("topics.charges", &t.charges),
             ("topics.alerts", &t.alerts),
             ("topics.usage", &t.usage),

@@ -26,6 +26,11 @@ pub struct AppMonthAggregate {
     dau: BTreeMap<u8, UniqueUsers>,
     pcc: PccTimeline,
     group_count_peak: u64,
+    /// Disconnects whose connect this share never saw, each counted like a connection from
+    /// its time to the month's end. Where an app's shares come from several partitions the
+    /// connect was counted in another share, open through the month's end, and merging
+    /// takes these away from the sum ([`merge_shares`]); alone they count nothing.
+    unpaired: PccTimeline,
     /// Exact user sets, kept only when auditing the sketches (`replay --exact`).
     #[serde(skip)]
     exact: Option<Box<ExactUsers>>,
@@ -68,6 +73,7 @@ impl AppMonthAggregate {
             dau: BTreeMap::new(),
             pcc: PccTimeline::new(),
             group_count_peak: 0,
+            unpaired: PccTimeline::new(),
             exact: exact.then(Box::default),
             unsaved: Unsaved { any: true, days: 0 },
         }
@@ -133,6 +139,11 @@ impl AppMonthAggregate {
         &self.pcc
     }
 
+    /// The disconnects without a connect in this share (see [`merge_shares`]).
+    pub fn unpaired_mut(&mut self) -> &mut PccTimeline {
+        &mut self.unpaired
+    }
+
     /// Adds the usage of `other`, an aggregate of other events of the same app-month.
     pub fn merge(&mut self, other: &AppMonthAggregate) -> Result<(), PrecisionMismatch> {
         self.mau.merge(&other.mau)?;
@@ -145,6 +156,7 @@ impl AppMonthAggregate {
             }
         }
         self.pcc.merge(&other.pcc);
+        self.unpaired.merge(&other.unpaired);
         self.group_count_peak = self.group_count_peak.max(other.group_count_peak);
         if let (Some(mine), Some(theirs)) = (self.exact.as_deref_mut(), other.exact.as_deref()) {
             mine.mau.extend(&theirs.mau);
@@ -221,21 +233,73 @@ impl AppMonthAggregate {
         if bytes.len() < HEADER_LEN || &bytes[..4] != MAGIC {
             return Err(CodecError::NotAnAggregate);
         }
-        if bytes[4] != FORMAT_VERSION {
-            return Err(CodecError::UnknownVersion(bytes[4]));
+        let version = bytes[4];
+        if !(1..=FORMAT_VERSION).contains(&version) {
+            return Err(CodecError::UnknownVersion(version));
         }
         let (checksum, payload) = bytes[5..].split_at(8);
         let expected = u64::from_le_bytes(checksum.try_into().map_err(|_| CodecError::NotAnAggregate)?);
         if xxhash_rust::xxh3::xxh3_64(payload) != expected {
             return Err(CodecError::Corrupt("checksum mismatch".into()));
         }
-        postcard::from_bytes(payload).map_err(|e| CodecError::Corrupt(e.to_string()))
+        let corrupt = |e: postcard::Error| CodecError::Corrupt(e.to_string());
+        match version {
+            FORMAT_VERSION => postcard::from_bytes(payload).map_err(corrupt),
+            _ => postcard::from_bytes::<AggregateV1>(payload).map_err(corrupt).map(AggregateV1::upgrade),
+        }
     }
 }
 
+/// The layout of format 1, before shares kept their unpaired disconnects.
+#[derive(Deserialize)]
+struct AggregateV1 {
+    mau: UniqueUsers,
+    dau: BTreeMap<u8, UniqueUsers>,
+    pcc: PccTimeline,
+    group_count_peak: u64,
+}
+
+impl AggregateV1 {
+    fn upgrade(self) -> AppMonthAggregate {
+        let AggregateV1 { mau, dau, pcc, group_count_peak } = self;
+        AppMonthAggregate {
+            mau,
+            dau,
+            pcc,
+            group_count_peak,
+            unpaired: PccTimeline::new(),
+            exact: None,
+            unsaved: Unsaved::default(),
+        }
+    }
+}
+
+/// Merges the shares of one app-month written by different source partitions, and pairs
+/// disconnects across them: a disconnect in one share whose connect is in another (the app
+/// moved partition when the events topic grew, or its producers do not key by app) ends,
+/// at its time, the connection the other share counted open through the month's end. With
+/// one share there is nothing to pair (a disconnect without its connect counts nothing).
+pub fn merge_shares<'a>(
+    precision: Precision,
+    shares: impl IntoIterator<Item = &'a AppMonthAggregate>,
+) -> Result<AppMonthAggregate, PrecisionMismatch> {
+    let mut merged = AppMonthAggregate::new(precision, false);
+    let mut count = 0;
+    for share in shares {
+        merged.merge(share)?;
+        count += 1;
+    }
+    if count > 1 {
+        let unpaired = std::mem::take(&mut merged.unpaired);
+        merged.pcc.subtract(&unpaired);
+    }
+    Ok(merged)
+}
+
 const MAGIC: &[u8; 4] = b"IMAM";
-/// Version 1: postcard of `AppMonthAggregate` with hyperloglogplus 0.4.1 sketches.
-const FORMAT_VERSION: u8 = 1;
+/// Version 2: postcard of `AppMonthAggregate` with hyperloglogplus 0.4.1 sketches (version
+/// 1, still read, had no unpaired disconnects).
+const FORMAT_VERSION: u8 = 2;
 const HEADER_LEN: usize = 4 + 1 + 8;
 
 /// Why bytes could not be decoded into an aggregate.
@@ -291,12 +355,58 @@ mod tests {
     #[test]
     fn the_encoding_is_pinned() {
         let bytes = golden_aggregate().encode();
-        assert_eq!(&bytes[..5], b"IMAM\x01");
+        assert_eq!(&bytes[..5], b"IMAM\x02");
         assert_eq!(
             (bytes.len(), xxhash_rust::xxh3::xxh3_64(&bytes)),
-            (15_920, 0x1a48_8ce2_ed0b_90f9),
-            "format changed: bump FORMAT_VERSION and keep a decoder for version 1"
+            (15_921, 0xcb26_f7f3_cf0b_3c83),
+            "format changed: bump FORMAT_VERSION and keep a decoder for version 2"
         );
+    }
+
+    /// Bytes as format 1 wrote them: version 2's without the (empty) unpaired timeline,
+    /// which postcard writes last, as one byte (its length, 0).
+    fn as_version_1(v2: &[u8]) -> Vec<u8> {
+        let payload = &v2[HEADER_LEN..v2.len() - 1];
+        let mut out = b"IMAM\x01".to_vec();
+        out.extend_from_slice(&xxhash_rust::xxh3::xxh3_64(payload).to_le_bytes());
+        out.extend_from_slice(payload);
+        out
+    }
+
+    #[test]
+    fn version_1_aggregates_are_still_read() {
+        let mut agg = golden_aggregate();
+        let v2 = agg.encode();
+        assert_eq!(*v2.last().unwrap(), 0, "an empty unpaired timeline is the last byte");
+        let mut read = AppMonthAggregate::decode(&as_version_1(&v2)).unwrap();
+        assert_eq!(read.encode(), v2);
+    }
+
+    /// One connection's connect in one share and its disconnect in another: merged, they
+    /// count as that one connection; a share alone keeps its unpaired disconnect out.
+    #[test]
+    fn a_disconnect_pairs_with_a_connect_of_another_share() {
+        let samples = MonthSamples { first: 1_000, end: 2_000 };
+        let month: Month = "2026-11".parse().unwrap();
+        let grid = crate::aggregate::SampleGrid::new(std::time::Duration::from_secs(60)).unwrap();
+        let (mut opened, mut closed) = (
+            AppMonthAggregate::new(Precision::default(), false),
+            AppMonthAggregate::new(Precision::default(), false),
+        );
+        opened.pcc_mut().add_connection(samples, 1_100, None);
+        opened.pcc_mut().add_connection(samples, 1_200, Some(1_300));
+        closed.unpaired_mut().add_connection(samples, 1_250, None);
+        closed.pcc_mut().add_connection(samples, 1_500, Some(1_600));
+        let mut merged = merge_shares(Precision::default(), [&opened, &closed]).unwrap();
+        let mut expected = AppMonthAggregate::new(Precision::default(), false);
+        for (from, until) in [(1_100, 1_250), (1_200, 1_300), (1_500, 1_600)] {
+            expected.pcc_mut().add_connection(samples, from, Some(until));
+        }
+        assert_eq!(merged.pcc(), expected.pcc());
+        assert_eq!(merged.usage(1, month, grid).pcc, 2);
+        // Alone, the disconnect's share counts only its own connection.
+        let mut alone = merge_shares(Precision::default(), [&closed]).unwrap();
+        assert_eq!(alone.usage(1, month, grid).pcc, 1);
     }
 
     #[test]
@@ -321,8 +431,8 @@ mod tests {
         let bytes = golden_aggregate().encode();
         assert_eq!(AppMonthAggregate::decode(b"nope").unwrap_err(), CodecError::NotAnAggregate);
         let mut newer = bytes.clone();
-        newer[4] = 2;
-        assert_eq!(AppMonthAggregate::decode(&newer).unwrap_err(), CodecError::UnknownVersion(2));
+        newer[4] = 3;
+        assert_eq!(AppMonthAggregate::decode(&newer).unwrap_err(), CodecError::UnknownVersion(3));
         let mut flipped = bytes.clone();
         flipped[20] ^= 1;
         assert!(matches!(AppMonthAggregate::decode(&flipped), Err(CodecError::Corrupt(_))));

@@ -341,6 +341,23 @@ impl ConnectionTable {
         })
     }
 
+    /// The disconnects dated in `[from, until)` whose connect never came: app and time.
+    pub fn unpaired_disconnects(&self, from: Timestamp, until: Timestamp) -> Vec<(AppId, Timestamp)> {
+        let mut unpaired: Vec<(AppId, Timestamp)> = self
+            .pending
+            .iter()
+            .filter_map(|(&(app_id, _), p)| match *p {
+                Pending { connected: None, disconnected: Some(t1), .. } if from <= t1 && t1 < until => {
+                    Some((app_id, t1))
+                }
+                _ => None,
+            })
+            .collect();
+        // Map order is arbitrary; callers get a stable order.
+        unpaired.sort_unstable();
+        unpaired
+    }
+
     /// Closes, at their last-seen time, open connections silent for at least `timeout`
     /// as of `now` (a gateway died and their disconnects were lost).
     pub fn expire_idle(&mut self, now: Timestamp, timeout_ms: i64) -> Vec<Interval> {

@@ -363,6 +363,13 @@ impl Meter {
                 self.aggregate_mut(app_id, month).pcc_mut().add_connection(samples, from, None);
             }
         }
+        // Disconnects whose connect this slice never saw: noted for billing, which pairs
+        // them with a connect another slice counted open (`merge_shares`). Forgotten below.
+        let (start, end) = (self.settings.tz.start_of_month(month), self.settings.tz.end_of_month(month));
+        for (app_id, at) in self.connections.unpaired_disconnects(start, end) {
+            let at = grid.first_at_or_after(at);
+            self.aggregate_mut(app_id, month).unpaired_mut().add_connection(samples, at, None);
+        }
         let dropped = &mut self.dropped;
         let mut closed: ClosedMonth = self
             .months

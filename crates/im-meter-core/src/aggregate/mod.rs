@@ -18,7 +18,7 @@ pub mod pcc;
 pub mod unique;
 mod usage;
 
-pub use app_month::{AppMonthAggregate, CodecError, ExactCounts};
+pub use app_month::{merge_shares, AppMonthAggregate, CodecError, ExactCounts};
 pub use checkpoint::{billing_partition, ChangelogKey, ClosedMark, StateKey, StateRecord};
 pub use meter::{ClosedMonth, Meter, MeterSettings, MonthsClosed, Outcome};
 pub use pcc::{SampleGrid, SampleIntervalError};

@@ -125,6 +125,13 @@ impl PccTimeline {
         }
     }
 
+    /// Takes `other`'s connections away from these (instant-wise difference).
+    pub fn subtract(&mut self, other: &PccTimeline) {
+        for (&index, &delta) in &other.deltas {
+            self.add(index, -delta);
+        }
+    }
+
     /// The peak count and the first sample index reaching it (`None` when nothing was open).
     pub fn peak(&self) -> (u64, Option<u32>) {
         let mut open: i64 = 0;

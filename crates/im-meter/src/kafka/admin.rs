@@ -3,7 +3,9 @@
 use std::time::Duration;
 
 use anyhow::Context;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
+use rdkafka::admin::{
+    AdminClient, AdminOptions, NewPartitions, NewTopic, ResourceSpecifier, TopicReplication,
+};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::ClientConfig;
@@ -75,4 +77,26 @@ pub async fn max_message_bytes(client: &ClientConfig, topic: &str) -> anyhow::Re
         .and_then(|entry| entry.value.as_deref())
         .with_context(|| format!("topic {topic} has no max.message.bytes"))?;
     value.parse().with_context(|| format!("topic {topic}: max.message.bytes {value:?} is not a number"))
+}
+
+/// Gives `topic` at least `partitions` partitions (it never shrinks). Several workers may
+/// grow it at once: a request the broker refuses because the topic already has that many
+/// is success.
+pub async fn grow_topic(client: &ClientConfig, topic: &str, partitions: usize) -> anyhow::Result<()> {
+    let admin: AdminClient<DefaultClientContext> =
+        client.create().context("cannot create Kafka admin client")?;
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    let results = admin
+        .create_partitions(&[NewPartitions::new(topic, partitions)], &options)
+        .await
+        .with_context(|| format!("cannot add partitions to topic {topic}"))?;
+    for result in results {
+        match result {
+            Ok(_) => tracing::info!(topic, partitions, "topic grown"),
+            // "Topic already has N partitions": another worker got there first.
+            Err((_, RDKafkaErrorCode::InvalidPartitions)) => {}
+            Err((topic, code)) => anyhow::bail!("cannot add partitions to topic {topic}: {code}"),
+        }
+    }
+    Ok(())
 }

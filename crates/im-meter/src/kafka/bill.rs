@@ -2,10 +2,12 @@
 //! priced under the subscriptions → charges and quota alerts, exactly once.
 //!
 //! Billing is partitioned by app: the metering stage writes an app's usage of a closed month
-//! to the changelog partition [`billing_partition`] gives, so one billing task sees every
-//! source partition's share of an app and merges them (HLL union, instant-wise PCC sums,
-//! max). A month is billed in a changelog partition once every source partition has written
-//! its month-closed marker there. Each billing task has its own transactional producer
+//! to the billing changelog partition [`billing_partition`] gives, so one billing task sees
+//! every source partition's share of an app and merges them (HLL union, instant-wise PCC
+//! sums, max). The billing changelog's partition count is fixed at creation, so an app's
+//! billing partition never moves, even when the events topic grows. A month is billed in a
+//! billing changelog partition once every events partition there is now has written its
+//! month-closed marker there. Each billing task has its own transactional producer
 //! (`{group}-billing-{partition}`): a new owner's `init_transactions` fences the previous
 //! one, and one transaction carries the month's charges, alerts, the partition's
 //! billed-through mark and the deletion of the month's usage. Billing commits no consumer
@@ -21,10 +23,10 @@ use anyhow::Context;
 use im_meter_core::aggregate::meter::QUOTA_WATCH;
 use im_meter_core::aggregate::parts::Assembler;
 use im_meter_core::aggregate::{
-    billing_partition, AppMonthAggregate, ChangelogKey, ClosedMark, MonthlyUsage,
+    billing_partition, merge_shares, AppMonthAggregate, ChangelogKey, ClosedMark, MonthlyUsage,
 };
 use im_meter_core::bill::{bill_month, quota_alert, Subscriptions};
-use im_meter_core::ingest::decode_subscription_event;
+use im_meter_core::ingest::{decode_subscription_event, RejectReason, Rejection};
 use im_meter_core::plan::AppId;
 use im_meter_core::time::{Month, Timestamp};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
@@ -44,7 +46,7 @@ use crate::status::{Board, ConsumerStatus, StageKind};
 
 const POLL: Duration = Duration::from_millis(100);
 
-/// What one changelog partition holds for billing.
+/// What one billing changelog partition holds.
 struct Task {
     outbox: Outbox,
     /// Records before this offset were read when the task was restored.
@@ -66,20 +68,59 @@ struct Task {
     /// Subscriptions partitions this task copies into the plan book → the offset to copy
     /// from next.
     copied: BTreeMap<i32, i64>,
+    /// Usage shares of months already billed, to refuse: (month, app, source) → the share
+    /// and its number of parts. Only a partition added to the events topic after a month
+    /// closed can write one (its first events were late everywhere else).
+    late: BTreeMap<(Month, AppId, u32), (AppMonthAggregate, usize)>,
 }
 
 impl Task {
+    fn new(outbox: Outbox) -> Self {
+        Task {
+            outbox,
+            skip_until: 0,
+            usage: BTreeMap::new(),
+            closed: BTreeMap::new(),
+            billed_through: None,
+            crossed: BTreeMap::new(),
+            alerted: BTreeSet::new(),
+            declined: BTreeSet::new(),
+            copied: BTreeMap::new(),
+            late: BTreeMap::new(),
+            assembler: Assembler::default(),
+        }
+    }
+
+    /// Absorbs everything partition `partition` of `topic` holds, to its end (read_committed);
+    /// returns the offset after the last record read. The task's assembler goes on with the
+    /// group consumer: a value's parts and header can lie on both sides of where this stops.
+    fn read(&mut self, client: &ClientConfig, topic: &str, partition: i32) -> anyhow::Result<i64> {
+        let mut assembler = std::mem::take(&mut self.assembler);
+        let read =
+            changelog::read_partition(client, topic, partition, &mut assembler, |key, value, parts| {
+                self.absorb(key, value, parts)
+            });
+        self.assembler = assembler;
+        Ok(read?.next_offset)
+    }
+
     fn absorb(&mut self, key: ChangelogKey, value: Option<&[u8]>, parts: usize) -> anyhow::Result<()> {
         match (key, value) {
             (ChangelogKey::Usage { app_id, month, source }, Some(bytes)) => {
                 let aggregate =
                     AppMonthAggregate::decode(bytes).context("unreadable usage in the changelog")?;
-                self.usage.entry((month, app_id)).or_default().insert(source, (aggregate, parts));
+                if self.billed_through.is_some_and(|b| month <= b) {
+                    // Never changes a billed month: refused (dead letter `late`).
+                    self.late.insert((month, app_id, source), (aggregate, parts));
+                } else {
+                    self.usage.entry((month, app_id)).or_default().insert(source, (aggregate, parts));
+                }
             }
             (ChangelogKey::Usage { app_id, month, source }, None) => {
                 if let Some(sources) = self.usage.get_mut(&(month, app_id)) {
                     sources.remove(&source);
                 }
+                self.late.remove(&(month, app_id, source));
             }
             (ChangelogKey::ClosedThrough { source }, Some(bytes)) => {
                 let mark = ClosedMark::decode(bytes).context("unreadable closed mark in the changelog")?;
@@ -314,7 +355,7 @@ fn copy_subscriptions(
         let result = task.outbox.transaction(|tx| {
             plan_book::copy(tx, &topics.plan_book, &records)?;
             tx.send(
-                &topics.changelog,
+                &topics.billing_changelog,
                 Some(shape.partition),
                 &mark.to_bytes(),
                 Some(end.to_string().as_bytes()),
@@ -370,8 +411,8 @@ impl ConsumerContext for StageContext {
 pub fn run(config: &Config, shutdown: &AtomicBool, board: &Board) -> anyhow::Result<()> {
     let client = super::client_config(config);
     let topics = &config.file.topics;
-    let sources = changelog::partition_count(&client, &topics.events)?;
-    let partitions = changelog::partition_count(&client, &topics.changelog)?;
+    let mut sources = changelog::partition_count(&client, &topics.events)?;
+    let partitions = changelog::partition_count(&client, &topics.billing_changelog)?;
     let mut subscriptions = SubscriptionFeed::new(&client, config)?;
     let assignment = Arc::new(Mutex::new(Assignment::default()));
     // No offsets are ever committed in this group: every assignment starts from the beginning.
@@ -379,9 +420,9 @@ pub fn run(config: &Config, shutdown: &AtomicBool, board: &Board) -> anyhow::Res
         super::group_member(config, &format!("{}-billing", config.file.kafka.group_id))
             .create_with_context(StageContext { assignment: Arc::clone(&assignment) })
             .context("cannot create the changelog consumer")?;
-    consumer.subscribe(&[&topics.changelog]).context("cannot subscribe to the changelog")?;
-    info!(topic = %topics.changelog, sources, "billing: started");
-    let status = board.consumer(StageKind::Bill, "0", &topics.changelog);
+    consumer.subscribe(&[&topics.billing_changelog]).context("cannot subscribe to the changelog")?;
+    info!(topic = %topics.billing_changelog, sources, "billing: started");
+    let status = board.consumer(StageKind::Bill, "0", &topics.billing_changelog);
 
     let mut tasks: BTreeMap<i32, Task> = BTreeMap::new();
     let mut last_report = Instant::now();
@@ -435,7 +476,7 @@ pub fn run(config: &Config, shutdown: &AtomicBool, board: &Board) -> anyhow::Res
         }
         if last_report.elapsed() >= REPORT_EVERY {
             last_report = Instant::now();
-            report_positions(&consumer, &topics.changelog, &status);
+            report_positions(&consumer, &topics.billing_changelog, &status);
         }
         // The oldest month waiting to be billed (closed by every source or not).
         status.state().oldest_open_month_end =
@@ -453,7 +494,16 @@ pub fn run(config: &Config, shutdown: &AtomicBool, board: &Board) -> anyhow::Res
                 copied = copy_subscriptions(config, &client, shape, task, &subscriptions)?;
             }
             alert_as_it_happens(config, p, task, &mut subscriptions)?;
+            refuse_late_usage(config, p, task)?;
             while let Some(month) = task.next_billable(sources) {
+                // The events topic may have grown since it was last looked at: a month
+                // waits for every partition there is when it is billed.
+                let now = changelog::partition_count(&client, &topics.events)?;
+                if now != sources {
+                    info!(from = sources, to = now, "billing: the events topic has a new partition count");
+                    sources = now;
+                    continue;
+                }
                 subscriptions.catch_up()?;
                 let shape = Shape { partition: p, partitions };
                 if !bill(config, shape, month, task, &subscriptions)? {
@@ -489,33 +539,26 @@ fn report_positions(consumer: &BaseConsumer<StageContext>, topic: &str, status: 
 /// then everything the partition holds.
 fn restore(config: &Config, client: &ClientConfig, partition: i32) -> anyhow::Result<Task> {
     let started = Instant::now();
+    let topics = &config.file.topics;
     let id = format!("{}-billing-{partition}", config.file.kafka.group_id);
     let outbox = Outbox::transactional(client, &id, config.worker.transaction_timeout, "bill")?;
-    let mut task = Task {
-        outbox,
-        skip_until: 0,
-        usage: BTreeMap::new(),
-        closed: BTreeMap::new(),
-        billed_through: None,
-        crossed: BTreeMap::new(),
-        alerted: BTreeSet::new(),
-        declined: BTreeSet::new(),
-        copied: BTreeMap::new(),
-        assembler: Assembler::default(),
-    };
-    // The same assembler goes on with the group consumer: a value's parts and header can
-    // lie on both sides of where this read stops.
-    let mut assembler = Assembler::default();
-    let read = changelog::read_partition(
-        client,
-        &config.file.topics.changelog,
-        partition,
-        &mut assembler,
-        |key, value, parts| task.absorb(key, value, parts),
-    )?;
-    task.assembler = assembler;
+    let mut task = Task::new(outbox);
+    let mut next_offset = task.read(client, &topics.billing_changelog, partition)?;
+    if task.billed_through.is_none()
+        && (partition as u32) < changelog::partition_count(client, &topics.changelog)?
+    {
+        // Nothing billed here yet: this may be the first start after an upgrade from a
+        // version that kept billing's records in the metering changelog (same partition
+        // numbers). Those records first, then this partition's on top, so that billing
+        // goes on where it was instead of billing every month again.
+        let mut upgraded = Task::new(task.outbox);
+        upgraded.read(client, &topics.changelog, partition)?;
+        upgraded.assembler = Assembler::default();
+        next_offset = upgraded.read(client, &topics.billing_changelog, partition)?;
+        task = upgraded;
+    }
     // The group consumer starts from the beginning too; what was read here is skipped.
-    task.skip_until = read.next_offset;
+    task.skip_until = next_offset;
     metrics().restore_duration.with_label_values(&["bill"]).observe(started.elapsed().as_secs_f64());
     info!(partition, billed_through = ?task.billed_through, "billing: partition restored");
     Ok(task)
@@ -553,17 +596,18 @@ fn bill(
     let mut usages = Vec::new();
     for &app_id in &apps {
         let usage = match task.usage.get(&(month, app_id)) {
-            Some(parts) => {
-                let mut merged = AppMonthAggregate::new(config.meter.precision, false);
-                for (source, (part, _)) in parts {
-                    merged.merge(part).map_err(|e| {
-                        anyhow::anyhow!(
-                            "cannot merge the usage of app {app_id} in {month} from partition {source}: {e}; \
+            Some(shares) => {
+                let mut merged =
+                    merge_shares(config.meter.precision, shares.values().map(|(share, _)| share)).map_err(
+                        |e| {
+                            anyhow::anyhow!(
+                            "cannot merge the usage of app {app_id} in {month} from partitions {:?}: {e}; \
                              metering.hll_precision must be the same in every worker and must not change \
-                             while a month is open"
+                             while a month is open",
+                            shares.keys().collect::<Vec<_>>()
                         )
-                    })?;
-                }
+                        },
+                    )?;
                 merged.usage(app_id, month, config.meter.grid)
             }
             None => MonthlyUsage::empty(app_id, month),
@@ -593,10 +637,7 @@ fn bill(
         .range((month, 0)..=(month, AppId::MAX))
         .flat_map(|((_, app_id), shares)| {
             shares.iter().flat_map(move |(&source, &(_, parts))| {
-                let key = ChangelogKey::Usage { app_id: *app_id, month, source }.to_bytes();
-                let mut keys = im_meter_core::aggregate::parts::part_keys(&key, 0..parts);
-                keys.push(key);
-                keys
+                share_keys(&ChangelogKey::Usage { app_id: *app_id, month, source }.to_bytes(), parts)
             })
         })
         .collect();
@@ -615,7 +656,7 @@ fn bill(
             tx.send_json(&topics.alerts, &alert.alert_id, alert)?;
         }
         tx.send(
-            &topics.changelog,
+            &topics.billing_changelog,
             Some(partition),
             &ChangelogKey::Billed.to_bytes(),
             Some(month.to_string().as_bytes()),
@@ -623,17 +664,17 @@ fn bill(
         )?;
         // The month is done: its usage and markers can go (compaction removes them).
         for key in &usage_keys {
-            tx.send(&topics.changelog, Some(partition), key, None, None)?;
+            tx.send(&topics.billing_changelog, Some(partition), key, None, None)?;
         }
         for (&(_, app_id), sources) in task.crossed.range((month, 0)..=(month, AppId::MAX)) {
             for &source in sources {
                 let key = ChangelogKey::QuotaCrossed { app_id, month, source };
-                tx.send(&topics.changelog, Some(partition), &key.to_bytes(), None, None)?;
+                tx.send(&topics.billing_changelog, Some(partition), &key.to_bytes(), None, None)?;
             }
         }
         for &(m, app_id) in task.alerted.iter().filter(|(m, _)| *m == month) {
             tx.send(
-                &topics.changelog,
+                &topics.billing_changelog,
                 Some(partition),
                 &ChangelogKey::Alerted { app_id, month: m }.to_bytes(),
                 None,
@@ -668,6 +709,59 @@ fn bill(
         }
         Err(fatal @ TransactionFailed::Fatal(_)) => Err(fatal.into()),
     }
+}
+
+/// Sends the usage shares of months already billed to the dead letters (reason `late`,
+/// the share's figures as JSON) and deletes them, in one transaction. A billed month's
+/// charges never change.
+fn refuse_late_usage(config: &Config, partition: i32, task: &mut Task) -> anyhow::Result<()> {
+    if task.late.is_empty() {
+        return Ok(());
+    }
+    let topics = &config.file.topics;
+    let mut letters = Vec::new();
+    let mut deletions = Vec::new();
+    for (&(month, app_id, source), (share, parts)) in &mut task.late {
+        let usage = share.usage(app_id, month, config.meter.grid);
+        warn!(partition, app_id, %month, source, "billing: usage of a month already billed; refused as late");
+        let why = Rejection::new(
+            RejectReason::Late,
+            format!("usage of events partition {source} for {month}, which was already billed"),
+        );
+        let raw = serde_json::to_vec(&UsageItem::new(&usage, &config.meter.tz))?;
+        let key = ChangelogKey::Usage { app_id, month, source }.to_bytes();
+        letters.push(DeadLetter::written(key.clone(), raw, why, &topics.billing_changelog, partition));
+        deletions.extend(share_keys(&key, *parts));
+    }
+    let result = task.outbox.transaction(|tx| {
+        for letter in &letters {
+            tx.dead_letter(&topics.dead_letters, letter)?;
+        }
+        for key in &deletions {
+            tx.send(&topics.billing_changelog, Some(partition), key, None, None)?;
+        }
+        Ok(())
+    });
+    match result {
+        Ok(()) => {
+            metrics().dead_letters.with_label_values(&["usage"]).inc_by(letters.len() as u64);
+            task.late.clear();
+            Ok(())
+        }
+        // Nothing published; tried again on the next pass.
+        Err(TransactionFailed::Aborted(e)) => {
+            warn!(partition, error = %format!("{e:#}"), "billing: late usage transaction aborted, will retry");
+            Ok(())
+        }
+        Err(fatal @ TransactionFailed::Fatal(_)) => Err(fatal.into()),
+    }
+}
+
+/// The record keys of a usage share: its key, and its parts' if it was written in parts.
+fn share_keys(key: &[u8], parts: usize) -> Vec<Vec<u8>> {
+    let mut keys = im_meter_core::aggregate::parts::part_keys(key, 0..parts);
+    keys.push(key.to_vec());
+    keys
 }
 
 /// Publishes the quota alert of every app-month whose MAU just passed the Developer cap in
@@ -709,7 +803,7 @@ fn alert_as_it_happens(
         for alert in &alerts {
             tx.send_json(&topics.alerts, &alert.alert_id, alert)?;
             let mark = ChangelogKey::Alerted { app_id: alert.app_id, month: alert.month };
-            tx.send(&topics.changelog, Some(partition), &mark.to_bytes(), Some(b"1"), None)?;
+            tx.send(&topics.billing_changelog, Some(partition), &mark.to_bytes(), Some(b"1"), None)?;
         }
         Ok(())
     });

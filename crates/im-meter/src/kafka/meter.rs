@@ -1,12 +1,12 @@
-//! The metering stage: SDK events → one [`Meter`] per assigned partition → changelog.
+//! The metering stage: SDK events → one [`Meter`] per assigned partition → changelogs.
 //!
 //! Guarantee: exactly once. Every `commit_interval` one Kafka transaction carries the
 //! consumed offsets (`send_offsets_to_transaction`), the changed metering state (changelog
 //! partition = events partition), the final usage of every month closed since the last
-//! commit (to the billing partition of its app), month-closed markers (to every changelog
-//! partition) and the dead letters. Either all of it becomes visible or none of it does,
-//! so the committed state always matches the committed offsets. Preconditions: the
-//! changelog is compacted, readers use `read_committed`, and a restarted worker keeps its
+//! commit (to the billing changelog's partition of its app), month-closed markers (to every
+//! billing changelog partition) and the dead letters. Either all of it becomes visible or
+//! none of it does, so the committed state always matches the committed offsets.
+//! Preconditions: the changelogs are compacted, readers use `read_committed`, and a restarted worker keeps its
 //! `instance_id` (its transactional id), which fences its crashed predecessor at once.
 //!
 //! On assignment a partition's meter is rebuilt from its changelog partition before any of
@@ -37,6 +37,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tracing::{info, warn};
 
+use super::admin::grow_topic;
 use super::fetch::{self, Batch, Fetched, PartitionQueue};
 use super::output::{BackgroundOutbox, DeadLetter, Outbox, TransactionFailed};
 use super::{changelog, with_retries};
@@ -76,7 +77,7 @@ struct Task {
     state_parts: HashMap<StateKey, usize>,
 }
 
-/// A changelog record to write: partition, key, value (`None` deletes the key).
+/// A record to write to one of the changelogs: partition, key, value (`None` deletes the key).
 type Outgoing = (i32, Vec<u8>, Option<Vec<u8>>);
 
 impl Task {
@@ -129,7 +130,10 @@ fn write_value(p: i32, key: &[u8], value: Vec<u8>, max_value: usize, out: &mut V
 struct Stage {
     config: Config,
     outbox: BackgroundOutbox,
+    /// Partitions of the metering changelog: grown when the events topic grows.
     changelog_partitions: u32,
+    /// Partitions of the billing changelog: fixed, so an app's billing partition never moves.
+    billing_partitions: u32,
     tasks: BTreeMap<i32, Task>,
     /// Partitions assigned to this worker; their tasks are restored before use.
     assigned: BTreeSet<i32>,
@@ -208,6 +212,7 @@ pub fn run(config: &Config, member: usize, shutdown: &AtomicBool, board: &Board)
     let client = super::client_config(config);
     let topics = &config.file.topics;
     let changelog_partitions = changelog::partition_count(&client, &topics.changelog)?;
+    let billing_partitions = changelog::partition_count(&client, &topics.billing_changelog)?;
     // Stable across restarts of this worker with as many threads, so that it fences its
     // crashed predecessor at once.
     let mut transactional_id = format!("{}-meter-{}", config.file.kafka.group_id, config.worker.instance_id);
@@ -221,6 +226,7 @@ pub fn run(config: &Config, member: usize, shutdown: &AtomicBool, board: &Board)
         config: config.clone(),
         outbox,
         changelog_partitions,
+        billing_partitions,
         tasks: BTreeMap::new(),
         assigned: BTreeSet::new(),
         dead_letters: Vec::new(),
@@ -335,7 +341,8 @@ impl Stage {
             partition,
             &mut Default::default(),
             |key, value, parts| {
-                // Only this partition's own state; usage and markers in it belong to billing.
+                // Only state: a changelog written before billing had one of its own also
+                // holds usage and markers, which belong to billing.
                 if let ChangelogKey::State(key) = key {
                     latest.insert(key, value.map(|v| (v.to_vec(), parts)));
                 }
@@ -379,15 +386,10 @@ impl Stage {
         if missing.is_empty() {
             return Ok(());
         }
-        if let Some(p) = missing.iter().find(|p| **p as u32 >= self.changelog_partitions) {
-            // Its state would go to a changelog partition that does not exist, and every
-            // commit would abort: stop with the reason instead.
-            anyhow::bail!(
-                "events partition {p} has no changelog partition ({} has {}): the events topic grew while \
-                 the worker ran, which is not supported yet (docs/operations.md, \"Adding partitions\")",
-                self.config.file.topics.changelog,
-                self.changelog_partitions
-            );
+        if missing.iter().any(|p| *p as u32 >= self.changelog_partitions) {
+            // The events topic grew: the new partitions' state needs changelog partitions
+            // (docs/operations.md, "Adding partitions"). A commit before they exist aborts.
+            self.grow_changelog()?;
         }
         // Restore after our own transaction in flight, if any, has settled.
         self.settle(consumer)?;
@@ -415,6 +417,31 @@ impl Stage {
             self.tasks.insert(p, task);
         }
         Ok(())
+    }
+
+    /// Grows the metering changelog to the events topic's partition count.
+    fn grow_changelog(&mut self) -> anyhow::Result<()> {
+        let client = super::client_config(&self.config);
+        let topics = &self.config.file.topics;
+        let events = changelog::partition_count(&client, &topics.events)?;
+        info!(topic = %topics.changelog, from = self.changelog_partitions, to = events, "meter: the events topic grew; growing the changelog");
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        runtime.block_on(grow_topic(&client, &topics.changelog, events as usize))?;
+        // The new partitions reach every broker's metadata a moment later.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            self.changelog_partitions = changelog::partition_count(&client, &topics.changelog)?;
+            if self.changelog_partitions >= events {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "topic {} has {} partitions 30 s after growing it to {events}",
+                topics.changelog,
+                self.changelog_partitions
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
 
     /// Restores partition `p` as of its committed offset. The changelog is read to its last
@@ -576,6 +603,7 @@ impl Stage {
         let topics = self.config.file.topics.clone();
         let mut offsets = TopicPartitionList::new();
         let mut records: Vec<Outgoing> = Vec::new();
+        let mut for_billing: Vec<Outgoing> = Vec::new();
         let max_value = self.config.worker.max_value_bytes;
         let mut closes_month = false;
         let mut anything = false;
@@ -586,23 +614,23 @@ impl Stage {
                     info!(partition = p, %month, apps = closed.len(), "meter: month closed");
                     for (app_id, mut aggregate) in closed {
                         let key = ChangelogKey::Usage { app_id, month, source: p as u32 };
-                        let q = billing_partition(app_id, self.changelog_partitions) as i32;
+                        let q = billing_partition(app_id, self.billing_partitions) as i32;
                         // Written once; billing deletes it, parts included, once billed.
-                        write_value(q, &key.to_bytes(), aggregate.encode(), max_value, &mut records);
+                        write_value(q, &key.to_bytes(), aggregate.encode(), max_value, &mut for_billing);
                     }
                 }
                 // After the usage it covers, in the same transaction: a billing task that
                 // reads the mark has read that usage.
                 let mark = ClosedMark { through: closing.through, first_active: closing.first_active };
                 let key = ChangelogKey::ClosedThrough { source: p as u32 }.to_bytes();
-                for q in 0..self.changelog_partitions as i32 {
-                    records.push((q, key.clone(), Some(mark.encode())));
+                for q in 0..self.billing_partitions as i32 {
+                    for_billing.push((q, key.clone(), Some(mark.encode())));
                 }
             }
             for (app_id, month) in task.meter.take_quota_crossings() {
-                let q = billing_partition(app_id, self.changelog_partitions) as i32;
+                let q = billing_partition(app_id, self.billing_partitions) as i32;
                 let key = ChangelogKey::QuotaCrossed { app_id, month, source: p as u32 };
-                records.push((q, key.to_bytes(), Some(Vec::new())));
+                for_billing.push((q, key.to_bytes(), Some(Vec::new())));
             }
             if let Some(next) = task.next_offset {
                 // The state says which input it reflects, in the transaction that commits
@@ -625,7 +653,7 @@ impl Stage {
             }
             task.dirty = false;
         }
-        if records.is_empty() && !anything && self.dead_letters.is_empty() {
+        if records.is_empty() && for_billing.is_empty() && !anything && self.dead_letters.is_empty() {
             return Ok(());
         }
         if consumer.assignment_lost() {
@@ -650,6 +678,9 @@ impl Stage {
         let began = self.outbox.begin(move |tx| {
             for (partition, key, value) in &records {
                 tx.send(&topics.changelog, Some(*partition), key, value.as_deref(), None)?;
+            }
+            for (partition, key, value) in &for_billing {
+                tx.send(&topics.billing_changelog, Some(*partition), key, value.as_deref(), None)?;
             }
             for letter in &dead_letters {
                 tx.dead_letter(&topics.dead_letters, letter)?;

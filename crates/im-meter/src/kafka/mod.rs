@@ -51,7 +51,12 @@ pub fn group_member(config: &Config, group: &str) -> ClientConfig {
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest")
         .set("isolation.level", "read_committed")
-        .set("partition.assignment.strategy", "cooperative-sticky");
+        .set("partition.assignment.strategy", "cooperative-sticky")
+        // A subscription sees partitions added to its topics at the next refresh.
+        .set(
+            "topic.metadata.refresh.interval.ms",
+            config.worker.metadata_refresh_interval.as_millis().to_string(),
+        );
     member
 }
 

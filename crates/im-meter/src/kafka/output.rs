@@ -28,6 +28,20 @@ pub struct DeadLetter {
 }
 
 impl DeadLetter {
+    /// The dead letter of a record this worker wrote itself (`offset` -1: it was not
+    /// consumed from anywhere), e.g. usage that reached billing after its month was billed.
+    pub fn written(key: Vec<u8>, raw: Vec<u8>, why: Rejection, topic: &str, partition: i32) -> Self {
+        DeadLetter {
+            key: Some(key),
+            raw,
+            reason: why.reason.code(),
+            detail: why.detail,
+            topic: topic.to_string(),
+            partition,
+            offset: -1,
+        }
+    }
+
     /// The dead letter of a consumed record.
     pub fn of(record: &Fetched<'_>, why: Rejection) -> Self {
         DeadLetter {
@@ -90,6 +104,7 @@ impl Transaction<'_> {
     }
 
     fn queue<'r>(&self, topic: &str, mut record: BaseRecord<'r, [u8], [u8]>) -> anyhow::Result<()> {
+        let deadline = Instant::now() + self.timeout;
         loop {
             match self.producer.send(record) {
                 Ok(()) => {
@@ -99,6 +114,17 @@ impl Transaction<'_> {
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
                     record = back;
                     self.producer.poll(Duration::from_millis(10));
+                }
+                // A partition added since the producer last refreshed its metadata (the
+                // changelog grows with the events topic; the periodic refresh is minutes
+                // away): refresh it now — a metadata request updates the producer's cache.
+                Err((e @ KafkaError::MessageProduction(RDKafkaErrorCode::UnknownPartition), back))
+                    if Instant::now() < deadline =>
+                {
+                    record = back;
+                    tracing::info!(error = %e, topic, "a partition unknown to the producer; refreshing its metadata");
+                    let _ = self.producer.client().fetch_metadata(Some(topic), self.timeout);
+                    std::thread::sleep(Duration::from_millis(100));
                 }
                 Err((e, _)) => return Err(e).with_context(|| format!("cannot send to {topic}")),
             }

@@ -15,26 +15,32 @@ use crate::config::Config;
 use crate::replay::ReplayReport;
 use crate::report::UsageItem;
 
-/// Waits (up to `wait`) until every changelog partition's billed-through mark has reached
+/// Waits (up to `wait`) until every billing changelog partition's billed-through mark has reached
 /// `month`, then reads the month's usage, charges and alerts, sorted like replay's.
 pub fn read_billed_month(config: &Config, month: Month, wait: Duration) -> anyhow::Result<ReplayReport> {
     let client = client_config(config);
     let topics = &config.file.topics;
-    let partitions = partition_count(&client, &topics.changelog)? as i32;
+    let partitions = partition_count(&client, &topics.billing_changelog)? as i32;
     let deadline = Instant::now() + wait;
     'waiting: loop {
         for p in 0..partitions {
             let mut billed = None;
-            read_partition(&client, &topics.changelog, p, &mut Default::default(), |key, value, _| {
-                if let (ChangelogKey::Billed, Some(v)) = (key, value) {
-                    billed = std::str::from_utf8(v).ok().and_then(|t| t.parse::<Month>().ok());
-                }
-                Ok(())
-            })?;
+            read_partition(
+                &client,
+                &topics.billing_changelog,
+                p,
+                &mut Default::default(),
+                |key, value, _| {
+                    if let (ChangelogKey::Billed, Some(v)) = (key, value) {
+                        billed = std::str::from_utf8(v).ok().and_then(|t| t.parse::<Month>().ok());
+                    }
+                    Ok(())
+                },
+            )?;
             if billed.is_none_or(|b| b < month) {
                 anyhow::ensure!(
                     Instant::now() < deadline,
-                    "{month} is not billed yet (changelog partition {p})"
+                    "{month} is not billed yet (billing changelog partition {p})"
                 );
                 std::thread::sleep(Duration::from_secs(1));
                 continue 'waiting;

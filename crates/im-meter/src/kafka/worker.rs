@@ -7,7 +7,9 @@ use std::sync::Arc;
 use anyhow::Context;
 use tracing::{error, info};
 
-use super::admin::{ensure_topics, max_message_bytes, value_limit, TopicSpec, PRODUCER_MAX_BYTES};
+use super::admin::{
+    ensure_topics, grow_topic, max_message_bytes, value_limit, TopicSpec, PRODUCER_MAX_BYTES,
+};
 use super::{bill, changelog, client_config, meter};
 use crate::config::Config;
 use crate::status::Board;
@@ -17,16 +19,18 @@ use crate::status::Board;
 pub enum Role {
     /// Both stages.
     All,
-    /// Only metering (events → changelog).
+    /// Only metering (events → changelogs).
     Meter,
-    /// Only billing (changelog → charges, alerts).
+    /// Only billing (billing changelog → charges, alerts).
     Bill,
 }
 
-/// Creates every topic the worker uses that does not exist yet. The changelog gets as many
-/// partitions as the events topic (the state of events partition p lives in changelog
-/// partition p) and is compacted. Returns the largest value to write as one changelog
-/// record, from the limits it finds (said in the log): larger ones are written in parts.
+/// Creates every topic the worker uses that does not exist yet, and grows the metering
+/// changelog to the events topic's partition count (the state of events partition p lives
+/// in changelog partition p). Both changelogs are compacted; the billing changelog gets as
+/// many partitions as the events topic when it is created and keeps them (an app's billing
+/// partition must never move). Returns the largest value to write as one changelog record,
+/// from the limits it finds (said in the log): larger ones are written in parts.
 pub async fn prepare_topics(config: &Config) -> anyhow::Result<usize> {
     let client = client_config(config);
     let t = &config.file.topics;
@@ -34,20 +38,22 @@ pub async fn prepare_topics(config: &Config) -> anyhow::Result<usize> {
     let plain = |name| TopicSpec { name, partitions: n, config: vec![] };
     ensure_topics(&client, &[plain(&t.events), plain(&t.subscriptions)]).await?;
     let events = changelog::partition_count(&client, &t.events)? as i32;
-    let compacted = TopicSpec {
-        name: &t.changelog,
-        partitions: events,
+    let compacted = |name, partitions| TopicSpec {
+        name,
+        partitions,
         config: vec![("cleanup.policy", "compact"), ("min.compaction.lag.ms", "60000")],
     };
     // One partition for each of the subscriptions topic's: a copied record keeps its place.
     let subscriptions = changelog::partition_count(&client, &t.subscriptions)? as i32;
-    let plan_book = TopicSpec {
-        name: &t.plan_book,
-        partitions: subscriptions,
-        config: vec![("cleanup.policy", "compact"), ("min.compaction.lag.ms", "60000")],
-    };
-    let outputs =
-        [compacted, plan_book, plain(&t.dead_letters), plain(&t.charges), plain(&t.alerts), plain(&t.usage)];
+    let outputs = [
+        compacted(&t.changelog, events),
+        compacted(&t.billing_changelog, events),
+        compacted(&t.plan_book, subscriptions),
+        plain(&t.dead_letters),
+        plain(&t.charges),
+        plain(&t.alerts),
+        plain(&t.usage),
+    ];
     ensure_topics(&client, &outputs).await?;
     let copies = changelog::partition_count(&client, &t.plan_book)? as i32;
     anyhow::ensure!(
@@ -56,17 +62,17 @@ pub async fn prepare_topics(config: &Config) -> anyhow::Result<usize> {
         t.plan_book,
         t.subscriptions
     );
-    let changelog = changelog::partition_count(&client, &t.changelog)? as i32;
-    anyhow::ensure!(
-        changelog >= events,
-        "topic {} has {changelog} partitions but {} has {events}: the changelog needs at least as many",
-        t.changelog,
-        t.events
-    );
-    let topic_limit = max_message_bytes(&client, &t.changelog).await?;
+    // The events topic grew while no worker ran (docs/operations.md, "Adding partitions").
+    if changelog::partition_count(&client, &t.changelog)? < events as u32 {
+        grow_topic(&client, &t.changelog, events as usize).await?;
+    }
+    let mut topic_limit = usize::MAX;
+    for topic in [&t.changelog, &t.billing_changelog] {
+        topic_limit = topic_limit.min(max_message_bytes(&client, topic).await?);
+    }
     let limit = value_limit(topic_limit.min(PRODUCER_MAX_BYTES));
     info!(
-        topic = %t.changelog,
+        topics = ?[&t.changelog, &t.billing_changelog],
         topic_max_message_bytes = topic_limit,
         producer_message_max_bytes = PRODUCER_MAX_BYTES,
         max_value_bytes = limit,
