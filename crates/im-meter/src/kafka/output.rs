@@ -104,7 +104,8 @@ impl Transaction<'_> {
     }
 
     fn queue<'r>(&self, topic: &str, mut record: BaseRecord<'r, [u8], [u8]>) -> anyhow::Result<()> {
-        let deadline = Instant::now() + self.timeout;
+        // Set at the first unknown partition only: no clock read per record.
+        let mut deadline = None;
         loop {
             match self.producer.send(record) {
                 Ok(()) => {
@@ -119,7 +120,7 @@ impl Transaction<'_> {
                 // changelog grows with the events topic; the periodic refresh is minutes
                 // away): refresh it now — a metadata request updates the producer's cache.
                 Err((e @ KafkaError::MessageProduction(RDKafkaErrorCode::UnknownPartition), back))
-                    if Instant::now() < deadline =>
+                    if Instant::now() < *deadline.get_or_insert_with(|| Instant::now() + self.timeout) =>
                 {
                     record = back;
                     tracing::info!(error = %e, topic, "a partition unknown to the producer; refreshing its metadata");
