@@ -312,7 +312,14 @@ proptest! {
 
     #[test]
     fn merge_is_associative_commutative_and_equals_the_union(seed in any::<u64>(), connections in 0usize..30, logins in 0usize..3_000) {
-        let s = scenario(seed, connections, logins);
+        let mut s = scenario(seed, connections, logins);
+        // A login in November in each part: a part where the app is silent all November
+        // ends its open connections there (the state bound, tested on its own above), which
+        // one pass over all the events does not.
+        let nov2 = Timestamp::parse_rfc3339("2026-11-02T12:00:00+08:00").unwrap();
+        for u in 0..3 {
+            s.events.push(UsageEvent { app_id: APP, ts: nov2, action: Action::Login { user: user(u), ok: true } });
+        }
         // Split like Kafka partitions would: each connection's events stay together,
         // logins and samples go anywhere.
         let part = |e: &UsageEvent, i: usize| -> usize {
