@@ -12,7 +12,8 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use im_meter::config::Config;
-use im_meter::replay::{self, input, ReplayInput, Source};
+use im_meter::input::{self, Source};
+use im_meter::replay::{self, ReplayInput};
 use im_meter::workload::Workload;
 use im_meter_core::time::Month;
 use serde::Deserialize;

@@ -18,7 +18,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
-use im_meter::config::Config;
+use im_meter::config::{Config, FileConfig};
 use im_meter::kafka::produce::{LineKind, LineProducer};
 use im_meter::kafka::{client_config, worker};
 use im_meter::workload::Workload;
@@ -47,16 +47,7 @@ fn main() -> anyhow::Result<()> {
             ("IM_METER__TOPICS__EVENTS".into(), events_topic.clone()),
             ("IM_METER__HTTP__LISTEN".into(), "127.0.0.1:0".into()),
         ];
-        for t in [
-            "subscriptions",
-            "dead_letters",
-            "changelog",
-            "billing_changelog",
-            "charges",
-            "alerts",
-            "usage",
-            "plan_book",
-        ] {
+        for (t, _) in FileConfig::default().topics.fields().into_iter().filter(|(t, _)| *t != "events") {
             env.push((format!("IM_METER__TOPICS__{}", t.to_uppercase()), format!("{prefix}.{run}.{t}")));
         }
         env

@@ -560,3 +560,36 @@ fn billing_goes_on_from_the_old_layout_and_never_changes_a_billed_month() {
     );
     workers.pop().unwrap().stop();
 }
+
+/// A bill's commit succeeds but is reported failed (its answer lost, the abort refused):
+/// billing learns from Kafka whether the month was published before it bills again, so
+/// every `charge_id` and every alert is published once.
+#[test]
+fn a_bill_whose_commit_is_reported_failed_is_published_once() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let d = Deployment::new("lost-commit");
+    d.produce();
+    let failpoint = std::env::temp_dir().join(format!("{}.fail-after-bill", d.prefix));
+    std::fs::write(&failpoint, b"").unwrap();
+    let path = failpoint.to_str().unwrap();
+    let mut workers = vec![d.worker_with("a", &[("IM_METER_TEST_FAIL_AFTER_BILL_FILE", path)], &[])];
+    assert_same_as_replay(&d, &mut workers);
+    assert!(!failpoint.exists(), "the failpoint did not fire");
+    // What that billing task did next: read its partition back, or (the failure this test
+    // is for) bill the month again.
+    let again = eventually(Duration::from_secs(60), "billing's next step after the failure", || {
+        let log = workers[0].log_text();
+        let (_, after) = log.split_once("this bill's commit will be reported failed")?;
+        // "partition=N month=YYYY-MM", as the line that bills it again would say.
+        let words: Vec<&str> = after.lines().next()?.split_whitespace().collect();
+        let at = words.iter().position(|w| w.starts_with("partition="))?;
+        let which = format!("{} {}", words[at], words.get(at + 1)?);
+        let billed_again = after.lines().any(|l| l.contains("billing: month billed") && l.contains(&which));
+        (billed_again || after.contains("read back after an unknown outcome")).then_some(billed_again)
+    });
+    assert!(!again, "the month was billed again:\n{}", workers[0].log_text());
+    // Each key once (by_key fails on a second), and the same as replay.
+    assert_same_as_replay(&d, &mut workers);
+    by_key(read_all(&d.topic("alerts")));
+    workers.pop().unwrap().stop();
+}

@@ -12,6 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use im_meter::config::FileConfig;
 use im_meter::workload::Workload;
 use im_meter_core::time::{BillingTz, Month};
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -187,17 +188,7 @@ impl Deployment {
             // Several workers run at once: each on a port of its own.
             ("IM_METER__HTTP__LISTEN".into(), "127.0.0.1:0".into()),
         ];
-        for t in [
-            "events",
-            "subscriptions",
-            "dead_letters",
-            "changelog",
-            "billing_changelog",
-            "charges",
-            "alerts",
-            "usage",
-            "plan_book",
-        ] {
+        for (t, _) in FileConfig::default().topics.fields() {
             env.push((format!("IM_METER__TOPICS__{}", t.to_uppercase()), self.topic(t)));
         }
         env

@@ -181,6 +181,23 @@ pub struct TopicsSection {
     pub plan_book: String,
 }
 
+impl TopicsSection {
+    /// Every topic setting: its field name and value.
+    pub fn fields(&self) -> [(&'static str, &String); 9] {
+        [
+            ("events", &self.events),
+            ("subscriptions", &self.subscriptions),
+            ("dead_letters", &self.dead_letters),
+            ("changelog", &self.changelog),
+            ("billing_changelog", &self.billing_changelog),
+            ("charges", &self.charges),
+            ("alerts", &self.alerts),
+            ("usage", &self.usage),
+            ("plan_book", &self.plan_book),
+        ]
+    }
+}
+
 /// `[billing]`: the calendar and the price book.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -545,19 +562,8 @@ impl FileConfig {
             "kafka.group_id",
             (!self.kafka.group_id.trim().is_empty()).then_some(()).ok_or_else(|| "must not be empty".into()),
         );
-        let t = &self.topics;
-        for (field, name) in [
-            ("topics.events", &t.events),
-            ("topics.subscriptions", &t.subscriptions),
-            ("topics.dead_letters", &t.dead_letters),
-            ("topics.changelog", &t.changelog),
-            ("topics.billing_changelog", &t.billing_changelog),
-            ("topics.charges", &t.charges),
-            ("topics.alerts", &t.alerts),
-            ("topics.usage", &t.usage),
-            ("topics.plan_book", &t.plan_book),
-        ] {
-            check(field, topic_name(name));
+        for (field, name) in self.topics.fields() {
+            check(&format!("topics.{field}"), topic_name(name));
         }
         let mut http = HttpSettings {
             listen: SocketAddr::from(([127, 0, 0, 1], 9464)),

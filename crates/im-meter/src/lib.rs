@@ -5,8 +5,10 @@
 //!
 //! - [`config`]: the TOML file and `IM_METER__*` overrides, validated into core settings.
 //! - [`workload`]: synthetic SDK and subscription events, for samples, tests and load.
+//! - [`input`]: NDJSON input (a file or stdin), line by line.
 //! - [`replay`]: the pipeline over NDJSON files (ingest → aggregate → bill).
-//! - [`report`]: a replay's result as JSON or tables.
+//! - [`report`]: the published shapes — usage items, billed months' usage, charges and
+//!   alerts — and their printing as JSON or tables; `replay` and the worker both use it.
 //! - [`kafka`]: Kafka clients, topics, `produce`, and the worker's stages.
 //! - [`metrics`]: every Prometheus metric, in one place.
 //! - [`status`]: what the stages report about themselves, for the operator endpoints.
@@ -14,6 +16,7 @@
 
 pub mod config;
 pub mod http;
+pub mod input;
 pub mod kafka;
 pub mod metrics;
 pub mod replay;

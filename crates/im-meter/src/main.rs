@@ -18,14 +18,14 @@ use im_meter_core::time::Month;
 
 use im_meter::config::Config;
 use im_meter::http;
+use im_meter::input::{for_each_line, Source};
 use im_meter::kafka::ledger::Ledger;
 use im_meter::kafka::worker::{self, Role};
 use im_meter::kafka::{
     self,
     produce::{LineKind, LineProducer},
 };
-use im_meter::replay::input::for_each_line;
-use im_meter::replay::{self, ReplayInput, Source};
+use im_meter::replay::{self, ReplayInput};
 use im_meter::report;
 use im_meter::status::Board;
 use im_meter::workload::Workload;

@@ -1,15 +1,61 @@
-//! Printing a replay's result: the JSON document of SPEC §5, or readable tables.
+//! The published shapes: an app-month's usage as it is published ([`UsageItem`]), the
+//! bills of one or more months ([`Report`]: usage, charges, alerts, and what replay refused
+//! and read), and their printing — the JSON document of SPEC §5, or readable tables.
+//! `replay` and the worker's `im-meter report` both produce a [`Report`].
 
 use std::io::Write;
 
+use std::collections::BTreeMap;
+
 use im_meter_core::aggregate::MonthlyUsage;
-use im_meter_core::bill::Charge;
+use im_meter_core::bill::{Charge, QuotaAlert};
 use im_meter_core::plan::AppId;
 use im_meter_core::time::{BillingTz, Month, Timestamp};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
-use crate::replay::{AuditRow, ReplayReport};
+use crate::input::ReadStats;
+
+/// Billed months as printed: by `replay`, or read back from the worker's output topics.
+#[derive(Debug, Default)]
+pub struct Report {
+    /// Usage of every billed app-month, by app then month.
+    pub usage: Vec<MonthlyUsage>,
+    /// Every charge, by app, month and item.
+    pub charges: Vec<Charge>,
+    /// Quota alerts (Developer apps past the MAU cap), by app and month.
+    pub alerts: Vec<QuotaAlert>,
+    /// Refused lines of both inputs, by reason (replay).
+    pub rejected: BTreeMap<&'static str, u64>,
+    /// Sketch audit rows (`replay --exact` only).
+    pub audit: Option<Vec<AuditRow>>,
+    /// Event input counters (replay).
+    pub events_read: ReadStats,
+}
+
+impl Report {
+    /// Number of refused lines, both inputs.
+    pub fn rejected_total(&self) -> u64 {
+        self.rejected.values().sum()
+    }
+}
+
+/// The sketch's estimates against exact counts for one app-month.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuditRow {
+    /// The app.
+    pub app_id: AppId,
+    /// The month.
+    pub month: Month,
+    /// Estimated MAU.
+    pub mau: u64,
+    /// Exact MAU.
+    pub mau_exact: u64,
+    /// Estimated peak DAU.
+    pub dau_peak: u64,
+    /// Exact peak DAU.
+    pub dau_peak_exact: u64,
+}
 
 /// One app-month's usage as published: an item of replay's JSON `usage` array, and the
 /// value of a record on the usage topic.
@@ -105,7 +151,7 @@ struct JsonReport<'a> {
 
 /// Writes the single JSON object `{"usage":[...],"charges":[...],"rejected":N}` (plus
 /// `"audit"` with `--exact`).
-pub fn write_json(out: &mut impl Write, report: &ReplayReport, tz: &BillingTz) -> anyhow::Result<()> {
+pub fn write_json(out: &mut impl Write, report: &Report, tz: &BillingTz) -> anyhow::Result<()> {
     let doc = JsonReport {
         usage: report.usage.iter().map(|u| UsageItem::new(u, tz)).collect(),
         charges: &report.charges,
@@ -118,7 +164,7 @@ pub fn write_json(out: &mut impl Write, report: &ReplayReport, tz: &BillingTz) -
 }
 
 /// Writes the usage table, then the charges of each app with totals.
-pub fn write_tables(out: &mut impl Write, report: &ReplayReport, tz: &BillingTz) -> anyhow::Result<()> {
+pub fn write_tables(out: &mut impl Write, report: &Report, tz: &BillingTz) -> anyhow::Result<()> {
     writeln!(out, "Usage")?;
     writeln!(
         out,

@@ -8,6 +8,8 @@
 //!   app-month.
 //! - [`alert`]: quota alerts for Developer apps past their MAU cap.
 //! - [`projection`]: an open month's usage projected to its end.
+//! - [`book`]: the [`BillingBook`] of one billing partition: usage shares and marks in,
+//!   the next billable month, and each month's bill out.
 //!
 //! ```
 //! use im_meter_core::aggregate::MonthlyUsage;
@@ -29,12 +31,14 @@
 //! ```
 
 pub mod alert;
+pub mod book;
 pub mod charge;
 pub mod pricing;
 pub mod projection;
 pub mod subscription;
 
 pub use alert::{quota_alert, QuotaAlert};
+pub use book::{BilledMonth, BillingBook, BookError, LateShare, Pricing, Share};
 pub use charge::{bill_month, Charge, ChargeItem};
 pub use pricing::{round_cents, PriceBook};
 pub use projection::project_month_end;

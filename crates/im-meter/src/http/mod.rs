@@ -18,7 +18,7 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use im_meter_core::aggregate::{AppMonthAggregate, MonthlyUsage};
+use im_meter_core::aggregate::{merge_shares, AppMonthAggregate, MonthlyUsage, Precision};
 use im_meter_core::plan::AppId;
 use im_meter_core::time::Month;
 use serde_json::json;
@@ -174,25 +174,27 @@ fn refresh_top_apps(api: &Api) {
     }
 }
 
-/// The shares of each app (from several partitions) merged into one aggregate per app; a
-/// share that cannot merge (another HLL precision: a misconfiguration) is left out.
+/// The shares of each app (from several partitions) merged into one aggregate per app, as
+/// billing merges them ([`merge_shares`]); an app whose shares cannot merge (another HLL
+/// precision: a misconfiguration) is left out.
 fn merge_by_app(
+    precision: Precision,
     parts: impl IntoIterator<Item = (AppId, Month, AppMonthAggregate)>,
 ) -> BTreeMap<AppId, AppMonthAggregate> {
-    let mut merged: BTreeMap<AppId, AppMonthAggregate> = BTreeMap::new();
+    let mut by_app: BTreeMap<AppId, Vec<AppMonthAggregate>> = BTreeMap::new();
     for (app_id, _, aggregate) in parts {
-        match merged.get_mut(&app_id) {
-            Some(mine) => {
-                if let Err(e) = mine.merge(&aggregate) {
-                    warn!(app_id, error = %e, "http: a share of the app's usage cannot be merged");
-                }
-            }
-            None => {
-                merged.insert(app_id, aggregate);
-            }
-        }
+        by_app.entry(app_id).or_default().push(aggregate);
     }
-    merged
+    by_app
+        .into_iter()
+        .filter_map(|(app_id, shares)| match merge_shares(precision, &shares) {
+            Ok(merged) => Some((app_id, merged)),
+            Err(e) => {
+                warn!(app_id, error = %e, "http: the shares of the app's usage cannot be merged");
+                None
+            }
+        })
+        .collect()
 }
 
 /// The usage so far of the `http.top_apps` apps with the most MAU in the latest month held,
@@ -213,7 +215,8 @@ fn top_apps(api: &Api) -> Vec<MonthlyUsage> {
         let wanted = |app: AppId, m: Month| m == month && split.binary_search(&app).is_ok();
         let parts = live.iter().filter_map(|l| l.aggregates(&wanted)).flatten();
         let grid = api.config.meter.grid;
-        usage.extend(merge_by_app(parts).into_iter().map(|(app, mut agg)| agg.usage(app, month, grid)));
+        let merged = merge_by_app(api.config.meter.precision, parts);
+        usage.extend(merged.into_iter().map(|(app, mut agg)| agg.usage(app, month, grid)));
     }
     usage.sort_by(|a, b| b.mau.cmp(&a.mau).then(a.app_id.cmp(&b.app_id)));
     usage.truncate(api.config.http.top_apps);

@@ -113,7 +113,8 @@ fn usage_report(api: &Api, app_id: AppId, month: Month, now: Timestamp) -> Resul
         })?);
     }
     let seen_app = !parts.is_empty();
-    let merged = merge_by_app(parts.into_iter().filter(|(_, m, _)| *m == month)).remove(&app_id);
+    let in_month = parts.into_iter().filter(|(_, m, _)| *m == month);
+    let merged = merge_by_app(api.config.meter.precision, in_month).remove(&app_id);
     let known = seen_app
         || ledger.book.created_at(app_id).is_some()
         || ledger.usage.keys().any(|(_, a)| *a == app_id);

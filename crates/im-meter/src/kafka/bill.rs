@@ -20,12 +20,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use im_meter_core::aggregate::meter::QUOTA_WATCH;
 use im_meter_core::aggregate::parts::Assembler;
-use im_meter_core::aggregate::{
-    billing_partition, merge_shares, AppMonthAggregate, ChangelogKey, ClosedMark, MonthlyUsage,
-};
-use im_meter_core::bill::{bill_month, quota_alert, Subscriptions};
+use im_meter_core::aggregate::{billing_partition, ChangelogKey};
+use im_meter_core::bill::{BillingBook, Pricing, Subscriptions};
 use im_meter_core::ingest::{decode_subscription_event, RejectReason, Rejection};
 use im_meter_core::plan::AppId;
 use im_meter_core::time::{Month, Timestamp};
@@ -46,32 +43,25 @@ use crate::status::{Board, ConsumerStatus, StageKind};
 
 const POLL: Duration = Duration::from_millis(100);
 
-/// What one billing changelog partition holds.
+/// A failpoint for tests (`tests/kafka.rs`): when the file this variable names exists, the
+/// next billing transaction that commits a month is reported as failed after its commit
+/// succeeded (the file is removed) — a commit whose answer was lost.
+const FAIL_AFTER_BILL_FILE: &str = "IM_METER_TEST_FAIL_AFTER_BILL_FILE";
+
+/// What one billing changelog partition holds: its billing book, and what the shell keeps
+/// around it (its producer, where the restore read stopped, the plan book copy marks).
 struct Task {
     outbox: Outbox,
     /// Records before this offset were read when the task was restored.
     skip_until: i64,
-    /// (month, app) → source partition → that partition's final usage, and the number of
-    /// parts its record was written in.
-    usage: BTreeMap<(Month, AppId), BTreeMap<u32, (AppMonthAggregate, usize)>>,
     /// Keeps the parts of values written in parts until their header comes.
     assembler: Assembler,
-    /// Source partition → how far it has closed months.
-    closed: BTreeMap<u32, ClosedMark>,
-    billed_through: Option<Month>,
-    /// App-months whose MAU passed the Developer cap in some source partition, and where.
-    crossed: BTreeMap<(Month, AppId), BTreeSet<u32>>,
-    /// App-months whose quota alert is published.
-    alerted: BTreeSet<(Month, AppId)>,
-    /// Crossings found not to need an alert (the app is not on Developer): not re-checked.
-    declined: BTreeSet<(Month, AppId)>,
+    book: BillingBook,
+    /// A transaction's outcome is unknown: restore the task before it writes again.
+    reload: bool,
     /// Subscriptions partitions this task copies into the plan book → the offset to copy
     /// from next.
     copied: BTreeMap<i32, i64>,
-    /// Usage shares of months already billed, to refuse: (month, app, source) → the share
-    /// and its number of parts. Only a partition added to the events topic after a month
-    /// closed can write one (its first events were late everywhere else).
-    late: BTreeMap<(Month, AppId, u32), (AppMonthAggregate, usize)>,
 }
 
 impl Task {
@@ -79,15 +69,10 @@ impl Task {
         Task {
             outbox,
             skip_until: 0,
-            usage: BTreeMap::new(),
-            closed: BTreeMap::new(),
-            billed_through: None,
-            crossed: BTreeMap::new(),
-            alerted: BTreeSet::new(),
-            declined: BTreeSet::new(),
-            copied: BTreeMap::new(),
-            late: BTreeMap::new(),
             assembler: Assembler::default(),
+            book: BillingBook::new(),
+            reload: false,
+            copied: BTreeMap::new(),
         }
     }
 
@@ -105,72 +90,14 @@ impl Task {
     }
 
     fn absorb(&mut self, key: ChangelogKey, value: Option<&[u8]>, parts: usize) -> anyhow::Result<()> {
-        match (key, value) {
-            (ChangelogKey::Usage { app_id, month, source }, Some(bytes)) => {
-                let aggregate =
-                    AppMonthAggregate::decode(bytes).context("unreadable usage in the changelog")?;
-                if self.billed_through.is_some_and(|b| month <= b) {
-                    // Never changes a billed month: refused (dead letter `late`).
-                    self.late.insert((month, app_id, source), (aggregate, parts));
-                } else {
-                    self.usage.entry((month, app_id)).or_default().insert(source, (aggregate, parts));
-                }
-            }
-            (ChangelogKey::Usage { app_id, month, source }, None) => {
-                if let Some(sources) = self.usage.get_mut(&(month, app_id)) {
-                    sources.remove(&source);
-                }
-                self.late.remove(&(month, app_id, source));
-            }
-            (ChangelogKey::ClosedThrough { source }, Some(bytes)) => {
-                let mark = ClosedMark::decode(bytes).context("unreadable closed mark in the changelog")?;
-                self.closed.insert(source, mark);
-            }
-            (ChangelogKey::ClosedThrough { source }, None) => {
-                self.closed.remove(&source);
-            }
-            (ChangelogKey::Billed, Some(bytes)) => {
-                let text = std::str::from_utf8(bytes).context("unreadable billed-through mark")?;
-                let month: Month = text.parse().context("unreadable billed-through mark")?;
-                // Only forward: the task reads its own earlier marks back after it billed on.
-                self.billed_through = self.billed_through.max(Some(month));
-            }
-            // Metering state of the partition's own source: not billing's business.
-            (ChangelogKey::QuotaCrossed { app_id, month, source }, Some(_)) => {
-                self.crossed.entry((month, app_id)).or_default().insert(source);
-            }
-            (ChangelogKey::Alerted { app_id, month }, Some(_)) => {
-                self.alerted.insert((month, app_id));
-            }
-            // Deletions of markers come with the month's billing, which forgets them anyway.
-            (ChangelogKey::QuotaCrossed { .. } | ChangelogKey::Alerted { .. }, None) => {}
-            (ChangelogKey::PlanCopied { partition }, Some(bytes)) => {
-                let next = std::str::from_utf8(bytes).ok().and_then(|t| t.parse().ok());
-                let next: i64 = next.context("unreadable plan book copy mark")?;
-                let mark = self.copied.entry(partition as i32).or_default();
-                // Only forward: the task reads its own earlier marks back.
-                *mark = (*mark).max(next);
-            }
-            (ChangelogKey::State(_), _) | (ChangelogKey::Billed | ChangelogKey::PlanCopied { .. }, None) => {}
+        if let (ChangelogKey::PlanCopied { partition }, Some(bytes)) = (&key, value) {
+            let next = std::str::from_utf8(bytes).ok().and_then(|t| t.parse().ok());
+            let next: i64 = next.context("unreadable plan book copy mark")?;
+            let mark = self.copied.entry(*partition as i32).or_default();
+            // Only forward: the task reads its own earlier marks back.
+            *mark = (*mark).max(next);
         }
-        Ok(())
-    }
-
-    /// The month to bill next, closed everywhere or not: the one after the last billed,
-    /// or, before the first bill, the first month any source applied an event for.
-    fn next_to_bill(&self) -> Option<Month> {
-        match self.billed_through {
-            Some(billed) => Some(billed.next()),
-            None => self.closed.values().filter_map(|m| m.first_active).min(),
-        }
-    }
-
-    /// The next month to bill, if every one of the `sources` partitions has closed it.
-    /// Months are billed one after the other: none is ever skipped.
-    fn next_billable(&self, sources: u32) -> Option<Month> {
-        // `None` sorts first: one source without a mark yet holds every month back.
-        let through = (0..sources).map(|s| self.closed.get(&s).map(|m| m.through)).min()??;
-        self.next_to_bill().filter(|next| *next <= through)
+        self.book.absorb(key, value, parts).context("in the billing changelog")
     }
 }
 
@@ -372,11 +299,7 @@ fn copy_subscriptions(
                 );
                 task.copied.insert(j, end);
             }
-            // Nothing was written; the next pass copies again.
-            Err(TransactionFailed::Aborted(e)) => {
-                warn!(partition = j, error = %format!("{e:#}"), "billing: plan book copy aborted, will retry");
-            }
-            Err(fatal @ TransactionFailed::Fatal(_)) => return Err(fatal.into()),
+            Err(failure) => failed(task, "plan book copy", failure)?,
         }
         return Ok(true);
     }
@@ -479,8 +402,11 @@ pub fn run(config: &Config, shutdown: &AtomicBool, board: &Board) -> anyhow::Res
             report_positions(&consumer, &topics.billing_changelog, &status);
         }
         // The oldest month waiting to be billed (closed by every source or not).
-        status.state().oldest_open_month_end =
-            tasks.values().filter_map(Task::next_to_bill).min().map(|m| config.meter.tz.end_of_month(m));
+        status.state().oldest_open_month_end = tasks
+            .values()
+            .filter_map(|t| t.book.next_to_bill())
+            .min()
+            .map(|m| config.meter.tz.end_of_month(m));
         // Records keep coming: read them first, but look at the rest at least once a second.
         if busy && last_round.elapsed() < ROUND_EVERY {
             continue;
@@ -493,9 +419,15 @@ pub fn run(config: &Config, shutdown: &AtomicBool, board: &Board) -> anyhow::Res
                 let shape = Shape { partition: p, partitions };
                 copied = copy_subscriptions(config, &client, shape, task, &subscriptions)?;
             }
-            alert_as_it_happens(config, p, task, &mut subscriptions)?;
-            refuse_late_usage(config, p, task)?;
-            while let Some(month) = task.next_billable(sources) {
+            // After a transaction whose outcome is unknown, nothing more until the task is
+            // read back (below).
+            if !task.reload {
+                alert_as_it_happens(config, p, task, &mut subscriptions)?;
+            }
+            if !task.reload {
+                refuse_late_usage(config, p, task)?;
+            }
+            while let Some(month) = task.book.next_billable(sources).filter(|_| !task.reload) {
                 // The events topic may have grown since it was last looked at: a month
                 // waits for every partition there is when it is billed.
                 let now = changelog::partition_count(&client, &topics.events)?;
@@ -510,6 +442,13 @@ pub fn run(config: &Config, shutdown: &AtomicBool, board: &Board) -> anyhow::Res
                     break;
                 }
             }
+        }
+        for (&p, task) in tasks.iter_mut().filter(|(_, t)| t.reload) {
+            // A new producer with the task's transactional id fences the old one (the broker
+            // then completes or aborts its transaction), and the partition read back says
+            // what was published.
+            *task = restore(config, &client, p)?;
+            info!(partition = p, billed_through = ?task.book.billed_through(), "billing: partition read back after an unknown outcome");
         }
     }
     info!("billing: stopped");
@@ -544,7 +483,7 @@ fn restore(config: &Config, client: &ClientConfig, partition: i32) -> anyhow::Re
     let outbox = Outbox::transactional(client, &id, config.worker.transaction_timeout, "bill")?;
     let mut task = Task::new(outbox);
     let mut next_offset = task.read(client, &topics.billing_changelog, partition)?;
-    if task.billed_through.is_none()
+    if task.book.billed_through().is_none()
         && (partition as u32) < changelog::partition_count(client, &topics.changelog)?
     {
         // Nothing billed here yet: this may be the first start after an upgrade from a
@@ -557,10 +496,11 @@ fn restore(config: &Config, client: &ClientConfig, partition: i32) -> anyhow::Re
         next_offset = upgraded.read(client, &topics.billing_changelog, partition)?;
         task = upgraded;
     }
+    task.book.finish_restore();
     // The group consumer starts from the beginning too; what was read here is skipped.
     task.skip_until = next_offset;
     metrics().restore_duration.with_label_values(&["bill"]).observe(started.elapsed().as_secs_f64());
-    info!(partition, billed_through = ?task.billed_through, "billing: partition restored");
+    info!(partition, billed_through = ?task.book.billed_through(), "billing: partition restored");
     Ok(task)
 }
 
@@ -582,77 +522,49 @@ fn bill(
 ) -> anyhow::Result<bool> {
     let subscriptions = &feed.book;
     let Shape { partition, partitions } = shape;
-    let month_end = config.meter.tz.end_of_month(month);
-    let mut apps: BTreeSet<AppId> =
-        task.usage.range((month, 0)..=(month, AppId::MAX)).map(|((_, a), _)| *a).collect();
-    apps.extend(
-        subscriptions
-            .apps()
-            .filter(|a| billing_partition(*a, partitions) as i32 == partition)
-            .filter(|a| subscriptions.created_at(*a).is_none_or(|c| c < month_end)),
-    );
-    let mut charges = Vec::new();
-    let mut alerts = Vec::new();
-    let mut usages = Vec::new();
-    for &app_id in &apps {
-        let usage = match task.usage.get(&(month, app_id)) {
-            Some(shares) => {
-                let mut merged =
-                    merge_shares(config.meter.precision, shares.values().map(|(share, _)| share)).map_err(
-                        |e| {
-                            anyhow::anyhow!(
-                            "cannot merge the usage of app {app_id} in {month} from partitions {:?}: {e}; \
-                             metering.hll_precision must be the same in every worker and must not change \
-                             while a month is open",
-                            shares.keys().collect::<Vec<_>>()
-                        )
-                        },
-                    )?;
-                merged.usage(app_id, month, config.meter.grid)
-            }
-            None => MonthlyUsage::empty(app_id, month),
-        };
-        charges.extend(bill_month(subscriptions, &usage, &config.prices));
-        // Alerted during the month already: once per app and month.
-        if !task.alerted.contains(&(month, app_id)) {
-            alerts.extend(quota_alert(subscriptions, &usage));
-        }
-        usages.push(usage);
-    }
+    let pricing = Pricing {
+        subscriptions,
+        prices: &config.prices,
+        precision: config.meter.precision,
+        grid: config.meter.grid,
+    };
+    let ours = subscriptions.apps().filter(|a| billing_partition(*a, partitions) as i32 == partition);
+    let billed = task.book.bill(month, pricing, ours)?;
     let topics = &config.file.topics;
     let ours = |r: &&Refused| match r.app_id {
         Some(app_id) => billing_partition(app_id, partitions) as i32 == partition,
         None => r.source_partition % partitions as i32 == partition,
     };
+    let billed_before = task.book.billed_through();
     let refused: Vec<&DeadLetter> = feed
         .refused
         .iter()
         .filter(ours)
-        .filter(|r| r.month <= month && task.billed_through.is_none_or(|b| r.month > b))
+        .filter(|r| r.month <= month && billed_before.is_none_or(|b| r.month > b))
         .map(|r| &r.letter)
         .collect();
-    // Each share's record, and its parts if it was written in parts.
-    let usage_keys: Vec<Vec<u8>> = task
-        .usage
-        .range((month, 0)..=(month, AppId::MAX))
-        .flat_map(|((_, app_id), shares)| {
-            shares.iter().flat_map(move |(&source, &(_, parts))| {
-                share_keys(&ChangelogKey::Usage { app_id: *app_id, month, source }.to_bytes(), parts)
-            })
-        })
-        .collect();
+    // Each record the month no longer needs, and its parts if it was written in parts.
+    let deletions: Vec<Vec<u8>> =
+        billed.dropped.iter().flat_map(|(key, parts)| share_keys(&key.to_bytes(), *parts)).collect();
+    if let Some(file) = std::env::var_os(FAIL_AFTER_BILL_FILE).filter(|f| std::fs::remove_file(f).is_ok()) {
+        warn!(partition, %month, file = ?file, "failpoint: this bill's commit will be reported failed");
+        task.outbox.fail_next_commit();
+    }
+    // A crash anywhere before commit_transaction returns publishes nothing of this: the
+    // restarted (or new) owner fences this producer, restores the book from the changelog
+    // as it was, and bills the month again.
     let result = task.outbox.transaction(|tx| {
-        for charge in &charges {
+        for charge in &billed.charges {
             tx.send_json(&topics.charges, &charge.charge_id, charge)?;
         }
-        for usage in &usages {
+        for usage in &billed.usage {
             let key = format!("{}/{}", usage.app_id, usage.month);
             tx.send_json(&topics.usage, &key, &UsageItem::new(usage, &config.meter.tz))?;
         }
         for letter in &refused {
             tx.dead_letter(&topics.dead_letters, letter)?;
         }
-        for alert in &alerts {
+        for alert in &billed.alerts {
             tx.send_json(&topics.alerts, &alert.alert_id, alert)?;
         }
         tx.send(
@@ -662,32 +574,18 @@ fn bill(
             Some(month.to_string().as_bytes()),
             None,
         )?;
-        // The month is done: its usage and markers can go (compaction removes them).
-        for key in &usage_keys {
+        // After the mark: the month is done, its records can go (compaction removes them).
+        for key in &deletions {
             tx.send(&topics.billing_changelog, Some(partition), key, None, None)?;
-        }
-        for (&(_, app_id), sources) in task.crossed.range((month, 0)..=(month, AppId::MAX)) {
-            for &source in sources {
-                let key = ChangelogKey::QuotaCrossed { app_id, month, source };
-                tx.send(&topics.billing_changelog, Some(partition), &key.to_bytes(), None, None)?;
-            }
-        }
-        for &(m, app_id) in task.alerted.iter().filter(|(m, _)| *m == month) {
-            tx.send(
-                &topics.billing_changelog,
-                Some(partition),
-                &ChangelogKey::Alerted { app_id, month: m }.to_bytes(),
-                None,
-                None,
-            )?;
         }
         Ok(())
     });
     match result {
         Ok(()) => {
-            info!(partition, %month, apps = apps.len(), charges = charges.len(), alerts = alerts.len(), "billing: month billed");
+            let (charges, alerts) = (&billed.charges, &billed.alerts);
+            info!(partition, %month, apps = billed.usage.len(), charges = charges.len(), alerts = alerts.len(), "billing: month billed");
             let m = metrics();
-            for charge in &charges {
+            for charge in charges {
                 m.charges.with_label_values(&[charge.item.id()]).inc();
                 let usd = rust_decimal::prelude::ToPrimitive::to_f64(&charge.amount).unwrap_or(0.0);
                 m.billed_usd.with_label_values(&[charge.item.id()]).inc_by(usd);
@@ -695,19 +593,13 @@ fn bill(
             m.quota_alerts.inc_by(alerts.len() as u64);
             m.dead_letters.with_label_values(&["subscriptions"]).inc_by(refused.len() as u64);
             m.months_billed.inc();
-            task.billed_through = Some(month);
-            task.usage.retain(|(m, _), _| *m != month);
-            task.crossed.retain(|(m, _), _| *m != month);
-            task.alerted.retain(|(m, _)| *m != month);
-            task.declined.retain(|(m, _)| *m != month);
+            task.book.billed(month);
             Ok(true)
         }
-        // Nothing was published and the task's state is unchanged: the next pass retries.
-        Err(TransactionFailed::Aborted(e)) => {
-            warn!(partition, %month, error = %format!("{e:#}"), "billing: transaction aborted, will retry");
+        Err(failure) => {
+            failed(task, "bill", failure)?;
             Ok(false)
         }
-        Err(fatal @ TransactionFailed::Fatal(_)) => Err(fatal.into()),
     }
 }
 
@@ -715,23 +607,21 @@ fn bill(
 /// the share's figures as JSON) and deletes them, in one transaction. A billed month's
 /// charges never change.
 fn refuse_late_usage(config: &Config, partition: i32, task: &mut Task) -> anyhow::Result<()> {
-    if task.late.is_empty() {
+    if !task.book.has_late_shares() {
         return Ok(());
     }
     let topics = &config.file.topics;
     let mut letters = Vec::new();
     let mut deletions = Vec::new();
-    for (&(month, app_id, source), (share, parts)) in &mut task.late {
-        let usage = share.usage(app_id, month, config.meter.grid);
-        warn!(partition, app_id, %month, source, "billing: usage of a month already billed; refused as late");
-        let why = Rejection::new(
-            RejectReason::Late,
-            format!("usage of events partition {source} for {month}, which was already billed"),
-        );
-        let raw = serde_json::to_vec(&UsageItem::new(&usage, &config.meter.tz))?;
-        let key = ChangelogKey::Usage { app_id, month, source }.to_bytes();
-        letters.push(DeadLetter::written(key.clone(), raw, why, &topics.billing_changelog, partition));
-        deletions.extend(share_keys(&key, *parts));
+    for late in task.book.late_shares(config.meter.grid) {
+        let (app_id, month) = (late.usage.app_id, late.usage.month);
+        warn!(partition, app_id, %month, key = ?late.key, "billing: usage of a month already billed; refused as late");
+        let why =
+            Rejection::new(RejectReason::Late, format!("usage share of {month}, which was already billed"));
+        let raw = serde_json::to_vec(&UsageItem::new(&late.usage, &config.meter.tz))?;
+        let key = late.key.to_bytes();
+        deletions.extend(share_keys(&key, late.parts));
+        letters.push(DeadLetter::written(key, raw, why, &topics.billing_changelog, partition));
     }
     let result = task.outbox.transaction(|tx| {
         for letter in &letters {
@@ -745,15 +635,10 @@ fn refuse_late_usage(config: &Config, partition: i32, task: &mut Task) -> anyhow
     match result {
         Ok(()) => {
             metrics().dead_letters.with_label_values(&["usage"]).inc_by(letters.len() as u64);
-            task.late.clear();
+            task.book.refused_late();
             Ok(())
         }
-        // Nothing published; tried again on the next pass.
-        Err(TransactionFailed::Aborted(e)) => {
-            warn!(partition, error = %format!("{e:#}"), "billing: late usage transaction aborted, will retry");
-            Ok(())
-        }
-        Err(fatal @ TransactionFailed::Fatal(_)) => Err(fatal.into()),
+        Err(failure) => failed(task, "late usage", failure),
     }
 }
 
@@ -773,28 +658,11 @@ fn alert_as_it_happens(
     task: &mut Task,
     feed: &mut SubscriptionFeed,
 ) -> anyhow::Result<()> {
-    let pending: Vec<(Month, AppId)> = task
-        .crossed
-        .keys()
-        .filter(|k| !task.alerted.contains(k) && !task.declined.contains(k))
-        .filter(|(m, _)| task.billed_through.is_none_or(|b| *m > b))
-        .copied()
-        .collect();
-    if pending.is_empty() {
+    if !task.book.has_crossings_to_check() {
         return Ok(());
     }
     feed.catch_up()?;
-    let mut alerts = Vec::new();
-    for (month, app_id) in pending {
-        // The crossing says the MAU is now past the cap: it is at least cap + 1.
-        let usage = MonthlyUsage { mau: QUOTA_WATCH + 1, ..MonthlyUsage::empty(app_id, month) };
-        match quota_alert(&feed.book, &usage) {
-            Some(alert) => alerts.push(alert),
-            None => {
-                task.declined.insert((month, app_id));
-            }
-        }
-    }
+    let alerts = task.book.alerts_due(&feed.book);
     if alerts.is_empty() {
         return Ok(());
     }
@@ -810,17 +678,32 @@ fn alert_as_it_happens(
     match result {
         Ok(()) => {
             metrics().quota_alerts.inc_by(alerts.len() as u64);
-            for alert in alerts {
+            for alert in &alerts {
                 info!(partition, app_id = alert.app_id, month = %alert.month, "billing: quota alert");
-                task.alerted.insert((alert.month, alert.app_id));
             }
+            task.book.alerted(&alerts);
             Ok(())
         }
-        // Nothing published; the crossings stay pending and are tried again.
-        Err(TransactionFailed::Aborted(e)) => {
-            warn!(partition, error = %format!("{e:#}"), "billing: alert transaction aborted, will retry");
+        Err(failure) => failed(task, "quota alert", failure),
+    }
+}
+
+/// What a billing transaction that did not commit means for its task. Aborted: nothing
+/// was published and the book is unchanged, so the next pass does it again. Outcome
+/// unknown: it may have been published — doing it again could publish every charge twice —
+/// so the task is restored from its changelog partition first, where the transaction's
+/// marks (billed through, alerted, copied) say whether it committed. Fatal: stop.
+fn failed(task: &mut Task, what: &str, failure: TransactionFailed) -> anyhow::Result<()> {
+    match failure {
+        TransactionFailed::Aborted(e) => {
+            warn!(error = %format!("{e:#}"), "billing: {what} transaction aborted, will retry");
             Ok(())
         }
-        Err(fatal @ TransactionFailed::Fatal(_)) => Err(fatal.into()),
+        TransactionFailed::Unknown(e) => {
+            warn!(error = %format!("{e:#}"), "billing: {what} transaction outcome unknown; reading the partition back");
+            task.reload = true;
+            Ok(())
+        }
+        fatal @ TransactionFailed::Fatal(_) => Err(fatal.into()),
     }
 }

@@ -707,10 +707,12 @@ impl Stage {
             // Committed (or nothing was in flight): state, outputs and offsets are durable
             // together.
             Ok(()) => Ok(true),
-            // Nothing of it is visible, but the meters have moved on in memory: go back to
-            // the last commit (state from the changelog, input from the committed offsets).
-            Err(TransactionFailed::Aborted(e)) => {
-                warn!(error = %format!("{e:#}"), "meter: commit aborted, rewinding to the last commit");
+            // Nothing of it is visible (or, outcome unknown, maybe all of it: the producer
+            // was replaced, which settled it on the broker), and the meters have moved on in
+            // memory: go back to what Kafka holds — state from the changelog, input from the
+            // committed offsets, which agree either way.
+            Err(TransactionFailed::Aborted(e) | TransactionFailed::Unknown(e)) => {
+                warn!(error = %format!("{e:#}"), "meter: commit failed, rewinding to the last commit");
                 self.rewind(consumer)?;
                 Ok(false)
             }

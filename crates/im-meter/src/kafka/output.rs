@@ -167,6 +167,13 @@ pub enum TransactionFailed {
     /// committed before (it had already moved on in memory).
     #[error("transaction aborted: {0:#}")]
     Aborted(anyhow::Error),
+    /// The commit was attempted and then failed, and the abort could not confirm that
+    /// nothing was committed: the producer was replaced (fencing the old one, which makes
+    /// the broker complete or abort the transaction), and the transaction may or may not be
+    /// visible. The caller must learn the outcome from Kafka — re-read its state — before
+    /// it writes again: redoing the work could publish it twice.
+    #[error("transaction outcome unknown: {0:#}")]
+    Unknown(anyhow::Error),
     /// The producer cannot go on (fenced by a newer worker with the same id, or a fatal
     /// broker error): the worker must stop.
     #[error("transactional producer failed: {0:#}")]
@@ -180,6 +187,8 @@ pub struct Outbox {
     timeout: Duration,
     /// The stage it writes for (the `stage` label of its metrics).
     stage: &'static str,
+    /// A failpoint for tests: the next commit that succeeds is reported as failed.
+    fail_next_commit: bool,
 }
 
 /// How long the worker keeps trying to (re)initialise transactions, e.g. while the broker
@@ -188,6 +197,12 @@ const INIT_DEADLINE: Duration = Duration::from_secs(180);
 
 fn is_fatal(e: &KafkaError) -> bool {
     matches!(e, KafkaError::Transaction(t) if t.is_fatal())
+}
+
+/// An operation not valid in the producer's transactional state (e.g. an abort with no
+/// transaction in progress).
+fn is_state_error(e: &KafkaError) -> bool {
+    matches!(e, KafkaError::Transaction(t) if t.code() == RDKafkaErrorCode::State)
 }
 
 impl Outbox {
@@ -206,7 +221,7 @@ impl Outbox {
             .set("linger.ms", "5")
             .set("compression.type", "lz4");
         let producer = Self::connect(&client, timeout)?;
-        Ok(Outbox { client, producer, timeout, stage })
+        Ok(Outbox { client, producer, timeout, stage, fail_next_commit: false })
     }
 
     /// Creates and initialises the producer, retrying what is not fatal (a broker down,
@@ -251,18 +266,37 @@ impl Outbox {
         result
     }
 
+    /// A failpoint for tests: the next transaction that commits is reported as failed
+    /// after its commit succeeded (as when the commit's answer is lost), and goes down the
+    /// failure path from there.
+    pub fn fail_next_commit(&mut self) {
+        self.fail_next_commit = true;
+    }
+
     fn run_transaction(
         &mut self,
         fill: impl FnOnce(&Transaction<'_>) -> anyhow::Result<()>,
         records: &mut usize,
     ) -> Result<(), TransactionFailed> {
+        // Whether commit_transaction was called: from then on a failure may hide a commit.
+        let mut committing = false;
         let result = self.producer.begin_transaction().map_err(anyhow::Error::from).and_then(|()| {
             let tx =
                 Transaction { producer: &self.producer, timeout: self.timeout, sent: Default::default() };
             let filled = fill(&tx);
             *records = tx.sent.get();
-            filled.and_then(|()| self.commit_with_retries())
+            filled.and_then(|()| {
+                committing = true;
+                self.commit_with_retries()
+            })
         });
+        let result = match result {
+            Ok(()) if std::mem::take(&mut self.fail_next_commit) => {
+                warn!("failpoint: a commit that succeeded is reported as failed");
+                Err(anyhow::anyhow!("failpoint: commit reported failed"))
+            }
+            other => other,
+        };
         let Err(e) = result else { return Ok(()) };
         // Fenced by a newer worker with our id, or a broken protocol: this worker must stop.
         if e.downcast_ref::<KafkaError>().is_some_and(is_fatal) {
@@ -275,15 +309,25 @@ impl Outbox {
         self.serve_deliveries(deadline);
         loop {
             match self.producer.abort_transaction(self.timeout) {
+                // The coordinator aborted it: nothing of it is visible.
                 Ok(()) => return Err(TransactionFailed::Aborted(e)),
-                Err(abort) if !is_fatal(&abort) && Instant::now() < deadline => {
+                // "No transaction in progress" (it committed after all, or never began)
+                // never changes with retries.
+                Err(abort) if !is_fatal(&abort) && !is_state_error(&abort) && Instant::now() < deadline => {
                     warn!(error = %abort, "abort failed; retrying");
                 }
                 Err(abort) => {
                     warn!(error = %abort, "cannot abort; replacing the producer");
+                    // Its init_transactions fences the old producer: the broker completes
+                    // a transaction prepared to commit, or aborts it.
                     self.producer =
                         Self::connect(&self.client, self.timeout).map_err(TransactionFailed::Fatal)?;
-                    return Err(TransactionFailed::Aborted(e));
+                    return Err(if committing {
+                        warn!("the transaction may have committed: its outcome must be read back");
+                        TransactionFailed::Unknown(e)
+                    } else {
+                        TransactionFailed::Aborted(e)
+                    });
                 }
             }
         }

@@ -12,12 +12,11 @@ use serde::de::DeserializeOwned;
 use super::changelog::{partition_count, read_partition, read_to_end};
 use super::client_config;
 use crate::config::Config;
-use crate::replay::ReplayReport;
-use crate::report::UsageItem;
+use crate::report::{Report, UsageItem};
 
 /// Waits (up to `wait`) until every billing changelog partition's billed-through mark has reached
 /// `month`, then reads the month's usage, charges and alerts, sorted like replay's.
-pub fn read_billed_month(config: &Config, month: Month, wait: Duration) -> anyhow::Result<ReplayReport> {
+pub fn read_billed_month(config: &Config, month: Month, wait: Duration) -> anyhow::Result<Report> {
     let client = client_config(config);
     let topics = &config.file.topics;
     let partitions = partition_count(&client, &topics.billing_changelog)? as i32;
@@ -63,14 +62,7 @@ pub fn read_billed_month(config: &Config, month: Month, wait: Duration) -> anyho
     // Within an app, charge lines keep the order billing published them in.
     charges.sort_by_key(|c| c.app_id);
     alerts.sort_by_key(|a| a.app_id);
-    Ok(ReplayReport {
-        usage,
-        charges,
-        alerts,
-        rejected: Default::default(),
-        audit: None,
-        events_read: Default::default(),
-    })
+    Ok(Report { usage, charges, alerts, ..Report::default() })
 }
 
 /// Every value of a topic, as JSON of type `T`.

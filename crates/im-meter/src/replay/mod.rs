@@ -2,7 +2,7 @@
 //!
 //! ingest (decode each line, refuse bad ones to the dead-letter output) → aggregate (one
 //! [`Meter`] over all events) → bill (subscriptions applied in time order, every billed
-//! month closed at input end and priced) → a [`ReplayReport`] value the caller prints.
+//! month closed at input end and priced) → a [`Report`] value the caller prints.
 //!
 //! Reading and decoding run on the calling thread, metering on a second one (the two
 //! stages of [`meter_events`]), so a replay uses up to two cores.
@@ -12,15 +12,14 @@
 //! are applied, and every output list is sorted.
 
 mod dead_letters;
-pub mod input;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::sync::mpsc;
 use std::thread;
 
-use im_meter_core::aggregate::{AppMonthAggregate, Meter, MonthlyUsage};
-use im_meter_core::bill::{bill_month, quota_alert, Charge, QuotaAlert, Subscriptions};
+use im_meter_core::aggregate::Meter;
+use im_meter_core::bill::{BillingBook, Pricing, Share, Subscriptions};
 use im_meter_core::ingest::{
     decode_subscription_event, decode_usage_event, Rejection, SubscriptionEvent, UsageEvent,
 };
@@ -28,8 +27,9 @@ use im_meter_core::plan::AppId;
 use im_meter_core::time::{Month, Timestamp};
 
 use crate::config::Config;
+use crate::input::{self, ReadStats, Source};
+use crate::report::{AuditRow, Report};
 pub use dead_letters::DeadLetters;
-pub use input::{ReadStats, Source};
 
 /// What to replay.
 #[derive(Debug, Clone)]
@@ -46,49 +46,8 @@ pub struct ReplayInput {
     pub progress: bool,
 }
 
-/// The outcome of a replay.
-#[derive(Debug)]
-pub struct ReplayReport {
-    /// Usage of every billed app-month, by app then month.
-    pub usage: Vec<MonthlyUsage>,
-    /// Every charge, by app, month and item.
-    pub charges: Vec<Charge>,
-    /// Quota alerts (Developer apps past the MAU cap), by app and month.
-    pub alerts: Vec<QuotaAlert>,
-    /// Refused lines of both inputs, by reason.
-    pub rejected: BTreeMap<&'static str, u64>,
-    /// Sketch audit rows (`--exact` only).
-    pub audit: Option<Vec<AuditRow>>,
-    /// Event input counters.
-    pub events_read: ReadStats,
-}
-
-impl ReplayReport {
-    /// Number of refused lines, both inputs.
-    pub fn rejected_total(&self) -> u64 {
-        self.rejected.values().sum()
-    }
-}
-
-/// The sketch's estimates against exact counts for one app-month.
-#[derive(Debug, Clone, PartialEq)]
-pub struct AuditRow {
-    /// The app.
-    pub app_id: AppId,
-    /// The month.
-    pub month: Month,
-    /// Estimated MAU.
-    pub mau: u64,
-    /// Exact MAU.
-    pub mau_exact: u64,
-    /// Estimated peak DAU.
-    pub dau_peak: u64,
-    /// Exact peak DAU.
-    pub dau_peak_exact: u64,
-}
-
 /// Runs the pipeline over the inputs.
-pub fn replay(config: &Config, input: &ReplayInput) -> anyhow::Result<ReplayReport> {
+pub fn replay(config: &Config, input: &ReplayInput) -> anyhow::Result<Report> {
     if input.events == Source::Stdin && input.subscriptions.as_ref() == Some(&Source::Stdin) {
         anyhow::bail!("--events and --subscriptions cannot both read stdin");
     }
@@ -105,7 +64,7 @@ pub fn replay(config: &Config, input: &ReplayInput) -> anyhow::Result<ReplayRepo
     let (mut meter, events_read) = meter_events(config, input, &mut dead)?;
     dead.finish()?;
 
-    let mut report = ReplayReport {
+    let mut report = Report {
         usage: Vec::new(),
         charges: Vec::new(),
         alerts: Vec::new(),
@@ -113,7 +72,7 @@ pub fn replay(config: &Config, input: &ReplayInput) -> anyhow::Result<ReplayRepo
         audit: input.exact.then(Vec::new),
         events_read,
     };
-    close_and_bill(config, &mut meter, &subscriptions, &mut report);
+    close_and_bill(config, &mut meter, &subscriptions, &mut report)?;
     Ok(report)
 }
 
@@ -208,33 +167,23 @@ fn load_subscriptions(
 }
 
 /// Closes every month holding an event and bills every known app for it from its creation
-/// on, filling `report`'s usage, charges, alerts and (when present) audit rows.
+/// on (through a [`BillingBook`] fed the closed months as one source), filling `report`'s
+/// usage, charges, alerts and (when present) audit rows.
 fn close_and_bill(
     config: &Config,
     meter: &mut Meter,
     subscriptions: &Subscriptions,
-    report: &mut ReplayReport,
-) {
-    let tz = config.meter.tz;
+    report: &mut Report,
+) -> anyhow::Result<()> {
     let grid = config.meter.grid;
     let billed_months: Vec<Month> = meter.active_months().iter().copied().collect();
     let apps: BTreeSet<AppId> = meter.apps().into_iter().chain(subscriptions.apps()).collect();
-
+    let pricing = Pricing { subscriptions, prices: &config.prices, precision: config.meter.precision, grid };
+    let mut book = BillingBook::new();
     for month in billed_months {
-        let mut closed: BTreeMap<AppId, AppMonthAggregate> = meter.close_month(month).into_iter().collect();
-        let month_end = tz.end_of_month(month);
-        for &app_id in &apps {
-            let exists = subscriptions.created_at(app_id).is_none_or(|created| created < month_end);
-            if !exists {
-                continue;
-            }
-            let figures = match closed.get_mut(&app_id) {
-                Some(aggregate) => aggregate.usage(app_id, month, grid),
-                None => MonthlyUsage::empty(app_id, month),
-            };
-            if let (Some(rows), Some(counts)) =
-                (report.audit.as_mut(), closed.get(&app_id).and_then(AppMonthAggregate::exact_counts))
-            {
+        for (app_id, mut aggregate) in meter.close_month(month) {
+            if let (Some(rows), Some(counts)) = (report.audit.as_mut(), aggregate.exact_counts()) {
+                let figures = aggregate.usage(app_id, month, grid);
                 rows.push(AuditRow {
                     app_id,
                     month,
@@ -244,18 +193,22 @@ fn close_and_bill(
                     dau_peak_exact: counts.dau_peak,
                 });
             }
-            report.charges.extend(bill_month(subscriptions, &figures, &config.prices));
-            report.alerts.extend(quota_alert(subscriptions, &figures));
-            report.usage.push(figures);
+            book.add_share(month, app_id, 0, Share { aggregate, parts: 0 });
         }
+        let billed = book.bill(month, pricing, apps.iter().copied())?;
+        report.charges.extend(billed.charges);
+        report.alerts.extend(billed.alerts);
+        report.usage.extend(billed.usage);
+        book.billed(month);
     }
-    // Months are closed in order and apps visited in order within each, so the lists are
-    // sorted by month then app; the report is by app then month. Within an app-month,
-    // charges keep the item order bill_month gives (the sort is stable).
+    // Months are billed in order and apps in order within each, so the lists are sorted
+    // by month then app; the report is by app then month. Within an app-month, charges
+    // keep the item order bill_month gives (the sort is stable).
     report.usage.sort_by_key(|u| (u.app_id, u.month));
     report.charges.sort_by_key(|c| (c.app_id, c.month));
     report.alerts.sort_by_key(|a| (a.app_id, a.month));
     if let Some(rows) = report.audit.as_mut() {
         rows.sort_by_key(|r| (r.app_id, r.month));
     }
+    Ok(())
 }

@@ -1,0 +1,532 @@
+//! The billing book: what billing knows of one billing partition, and the rules that turn
+//! it into bills. No Kafka, no clock, no I/O.
+//!
+//! It absorbs what metering publishes for billing — each source partition's usage share of
+//! a closed month, the sources' closed-through marks, quota crossings — and billing's own
+//! marks (billed through, alerts published). It says which month is billable next, and
+//! bills a month into everything the month produces ([`BilledMonth`]): usage, charges,
+//! alerts and the records the month no longer needs. The caller publishes that, then tells
+//! the book ([`BillingBook::billed`]). The worker's billing stage feeds it the billing
+//! changelog; `replay` feeds it its meter's closed months, as one source.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use super::{bill_month, quota_alert, Charge, PriceBook, QuotaAlert, Subscriptions};
+use crate::aggregate::meter::QUOTA_WATCH;
+use crate::aggregate::{
+    merge_shares, AppMonthAggregate, ChangelogKey, ClosedMark, CodecError, MonthlyUsage, Precision,
+    SampleGrid,
+};
+use crate::plan::AppId;
+use crate::time::Month;
+
+/// One source partition's usage of an app-month, and the number of parts its record was
+/// written in (0: whole), so that billing deletes every one of them.
+#[derive(Clone, Debug)]
+pub struct Share {
+    /// The usage.
+    pub aggregate: AppMonthAggregate,
+    /// Parts of its record.
+    pub parts: usize,
+}
+
+/// What billing needs besides the book: the plans, the prices, and how usage was measured.
+#[derive(Clone, Copy)]
+pub struct Pricing<'a> {
+    /// The plan book.
+    pub subscriptions: &'a Subscriptions,
+    /// The prices.
+    pub prices: &'a PriceBook,
+    /// HLL++ precision of the shares.
+    pub precision: Precision,
+    /// PCC sample instants.
+    pub grid: SampleGrid,
+}
+
+/// Everything billing one month produces.
+#[derive(Debug)]
+pub struct BilledMonth {
+    /// The month.
+    pub month: Month,
+    /// Each billed app's usage, by app.
+    pub usage: Vec<MonthlyUsage>,
+    /// Charge lines, by app (in [`bill_month`]'s order within an app).
+    pub charges: Vec<Charge>,
+    /// Quota alerts not published during the month, by app.
+    pub alerts: Vec<QuotaAlert>,
+    /// Records the month no longer needs, to delete with the bill: usage shares (with
+    /// their number of parts), quota crossings and alert marks.
+    pub dropped: Vec<(ChangelogKey, usize)>,
+}
+
+/// A share of a month already billed: it is refused (`late`), never billed.
+#[derive(Debug)]
+pub struct LateShare {
+    /// Its key.
+    pub key: ChangelogKey,
+    /// Parts of its record.
+    pub parts: usize,
+    /// Its figures, for the dead letter.
+    pub usage: MonthlyUsage,
+}
+
+/// Why a record could not be absorbed or a month billed.
+#[derive(Debug, thiserror::Error)]
+pub enum BookError {
+    /// A record's value is damaged or of an unknown format.
+    #[error("unreadable {what}: {source}")]
+    Unreadable {
+        /// What the record is.
+        what: &'static str,
+        /// Why.
+        source: CodecError,
+    },
+    /// Shares of one app-month counted at different HLL++ precisions.
+    #[error(
+        "cannot merge the usage of app {app_id} in {month} from partitions {sources:?}: metering.hll_precision \
+         must be the same in every worker and must not change while a month is open"
+    )]
+    PrecisionMismatch {
+        /// The app.
+        app_id: AppId,
+        /// The month.
+        month: Month,
+        /// The source partitions of its shares.
+        sources: Vec<u32>,
+    },
+}
+
+/// What one billing partition knows. See the module documentation.
+#[derive(Debug, Default)]
+pub struct BillingBook {
+    /// (month, app) → source partition → its share.
+    usage: BTreeMap<(Month, AppId), BTreeMap<u32, Share>>,
+    /// Source partition → how far it has closed months.
+    closed: BTreeMap<u32, ClosedMark>,
+    billed_through: Option<Month>,
+    /// App-months whose MAU passed the Developer cap in some source partition, and where.
+    crossed: BTreeMap<(Month, AppId), BTreeSet<u32>>,
+    /// App-months whose quota alert is published.
+    alerted: BTreeSet<(Month, AppId)>,
+    /// Crossings found not to need an alert (the app is not on Developer): not re-checked.
+    declined: BTreeSet<(Month, AppId)>,
+    /// Shares of months already billed, to refuse.
+    late: BTreeMap<(Month, AppId, u32), Share>,
+}
+
+impl BillingBook {
+    /// An empty book.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Absorbs one record of the billing changelog (`value: None` deletes the key). Keys
+    /// that are not billing's (metering state, the plan book copy marks) are ignored.
+    pub fn absorb(&mut self, key: ChangelogKey, value: Option<&[u8]>, parts: usize) -> Result<(), BookError> {
+        let unreadable = |what| move |source| BookError::Unreadable { what, source };
+        match (key, value) {
+            (ChangelogKey::Usage { app_id, month, source }, Some(bytes)) => {
+                let aggregate = AppMonthAggregate::decode(bytes).map_err(unreadable("usage share"))?;
+                self.add_share(month, app_id, source, Share { aggregate, parts });
+            }
+            (ChangelogKey::Usage { app_id, month, source }, None) => {
+                if let Some(shares) = self.usage.get_mut(&(month, app_id)) {
+                    shares.remove(&source);
+                }
+                self.late.remove(&(month, app_id, source));
+            }
+            (ChangelogKey::ClosedThrough { source }, Some(bytes)) => {
+                self.close_through(source, ClosedMark::decode(bytes).map_err(unreadable("closed mark"))?);
+            }
+            (ChangelogKey::ClosedThrough { source }, None) => {
+                self.closed.remove(&source);
+            }
+            (ChangelogKey::Billed, Some(bytes)) => {
+                let month = std::str::from_utf8(bytes).ok().and_then(|t| t.parse().ok());
+                let month: Month = month.ok_or_else(|| {
+                    unreadable("billed-through mark")(CodecError::Corrupt(format!("{bytes:?}")))
+                })?;
+                // Only forward: a task reads its own earlier marks back after it billed on.
+                // What the month held is deleted after the mark, in the same transaction.
+                self.billed_through = self.billed_through.max(Some(month));
+            }
+            (ChangelogKey::QuotaCrossed { app_id, month, source }, Some(_)) => {
+                self.crossed.entry((month, app_id)).or_default().insert(source);
+            }
+            (ChangelogKey::Alerted { app_id, month }, Some(_)) => {
+                self.alerted.insert((month, app_id));
+            }
+            // Deletions of markers come with the month's bill, which forgets them anyway.
+            (
+                ChangelogKey::QuotaCrossed { .. } | ChangelogKey::Alerted { .. } | ChangelogKey::Billed,
+                None,
+            ) => {}
+            (ChangelogKey::State(_) | ChangelogKey::PlanCopied { .. }, _) => {}
+        }
+        Ok(())
+    }
+
+    /// Adds source partition `source`'s share of an app-month. A share of a month already
+    /// billed is kept apart, to be refused ([`BillingBook::late_shares`]).
+    pub fn add_share(&mut self, month: Month, app_id: AppId, source: u32, share: Share) {
+        if self.billed_through.is_some_and(|b| month <= b) {
+            self.late.insert((month, app_id, source), share);
+        } else {
+            self.usage.entry((month, app_id)).or_default().insert(source, share);
+        }
+    }
+
+    /// Notes how far source partition `source` has closed months.
+    pub fn close_through(&mut self, source: u32, mark: ClosedMark) {
+        self.closed.insert(source, mark);
+    }
+
+    /// The last month billed.
+    pub fn billed_through(&self) -> Option<Month> {
+        self.billed_through
+    }
+
+    /// The month to bill next, closed everywhere or not: the one after the last billed,
+    /// or, before the first bill, the first month any source applied an event for.
+    pub fn next_to_bill(&self) -> Option<Month> {
+        match self.billed_through {
+            Some(billed) => Some(billed.next()),
+            None => self.closed.values().filter_map(|m| m.first_active).min(),
+        }
+    }
+
+    /// The next month to bill, if every one of the `sources` partitions has closed it.
+    /// Months are billed one after the other: none is ever skipped.
+    pub fn next_billable(&self, sources: u32) -> Option<Month> {
+        // `None` sorts first: one source without a mark yet holds every month back.
+        let through = (0..sources).map(|s| self.closed.get(&s).map(|m| m.through)).min()??;
+        self.next_to_bill().filter(|next| *next <= through)
+    }
+
+    /// Bills `month`: every app with usage in it, and every app of `known` (apps billing
+    /// knows otherwise, e.g. from the plan book) that existed before the month's end — each
+    /// app's shares merged into one usage ([`merge_shares`]) and priced. Changes nothing:
+    /// call [`BillingBook::billed`] once the result is published.
+    pub fn bill(
+        &self,
+        month: Month,
+        pricing: Pricing<'_>,
+        known: impl IntoIterator<Item = AppId>,
+    ) -> Result<BilledMonth, BookError> {
+        let subscriptions = pricing.subscriptions;
+        let month_end = subscriptions.tz().end_of_month(month);
+        let with_usage = self.usage.range((month, 0)..=(month, AppId::MAX));
+        let mut apps: BTreeSet<AppId> = with_usage.clone().map(|((_, app), _)| *app).collect();
+        apps.extend(
+            known
+                .into_iter()
+                .filter(|a| subscriptions.created_at(*a).is_none_or(|created| created < month_end)),
+        );
+        let mut billed = BilledMonth {
+            month,
+            usage: Vec::new(),
+            charges: Vec::new(),
+            alerts: Vec::new(),
+            dropped: Vec::new(),
+        };
+        for app_id in apps {
+            let usage = match self.usage.get(&(month, app_id)) {
+                Some(shares) => merge_shares(pricing.precision, shares.values().map(|s| &s.aggregate))
+                    .map_err(|_| BookError::PrecisionMismatch {
+                        app_id,
+                        month,
+                        sources: shares.keys().copied().collect(),
+                    })?
+                    .usage(app_id, month, pricing.grid),
+                None => MonthlyUsage::empty(app_id, month),
+            };
+            billed.charges.extend(bill_month(subscriptions, &usage, pricing.prices));
+            // Alerted during the month already: once per app and month.
+            if !self.alerted.contains(&(month, app_id)) {
+                billed.alerts.extend(quota_alert(subscriptions, &usage));
+            }
+            billed.usage.push(usage);
+        }
+        for ((_, app_id), shares) in with_usage {
+            for (&source, share) in shares {
+                billed.dropped.push((ChangelogKey::Usage { app_id: *app_id, month, source }, share.parts));
+            }
+        }
+        for (&(_, app_id), sources) in self.crossed.range((month, 0)..=(month, AppId::MAX)) {
+            for &source in sources {
+                billed.dropped.push((ChangelogKey::QuotaCrossed { app_id, month, source }, 0));
+            }
+        }
+        for &(_, app_id) in self.alerted.range((month, 0)..=(month, AppId::MAX)) {
+            billed.dropped.push((ChangelogKey::Alerted { app_id, month }, 0));
+        }
+        Ok(billed)
+    }
+
+    /// Notes `month` billed (its [`BilledMonth`] published, with the deletion of what it
+    /// dropped): what the book kept for it is forgotten.
+    pub fn billed(&mut self, month: Month) {
+        self.billed_through = self.billed_through.max(Some(month));
+        self.forget_through(month);
+    }
+
+    /// Ends a restore from the billing changelog: shares still held for months already
+    /// billed were written after the bill's snapshot was taken (the bill deleted only the
+    /// shares it had) — they are late, as they would have been had they been read live.
+    pub fn finish_restore(&mut self) {
+        let Some(billed) = self.billed_through else { return };
+        let keep = self.usage.split_off(&(billed.next(), 0));
+        for ((month, app_id), shares) in std::mem::replace(&mut self.usage, keep) {
+            for (source, share) in shares {
+                self.late.insert((month, app_id, source), share);
+            }
+        }
+        self.forget_through(billed);
+    }
+
+    fn forget_through(&mut self, month: Month) {
+        let keep = (month.next(), 0);
+        self.usage = self.usage.split_off(&keep);
+        self.crossed = self.crossed.split_off(&keep);
+        self.alerted = self.alerted.split_off(&keep);
+        self.declined = self.declined.split_off(&keep);
+    }
+
+    /// Whether quota crossings wait to be checked against the plans
+    /// ([`BillingBook::alerts_due`]).
+    pub fn has_crossings_to_check(&self) -> bool {
+        self.crossed.keys().any(|k| {
+            !self.alerted.contains(k)
+                && !self.declined.contains(k)
+                && self.billed_through.is_none_or(|b| k.0 > b)
+        })
+    }
+
+    /// Quota alerts to publish now: app-months of months not billed yet whose MAU passed
+    /// the Developer cap in some source partition, for apps on Developer, not alerted yet.
+    /// A crossing of an app on another plan is declined for good. Publish them, then call
+    /// [`BillingBook::alerted`].
+    pub fn alerts_due(&mut self, subscriptions: &Subscriptions) -> Vec<QuotaAlert> {
+        let pending: Vec<(Month, AppId)> = self
+            .crossed
+            .keys()
+            .filter(|k| !self.alerted.contains(k) && !self.declined.contains(k))
+            .filter(|(m, _)| self.billed_through.is_none_or(|b| *m > b))
+            .copied()
+            .collect();
+        let mut alerts = Vec::new();
+        for (month, app_id) in pending {
+            // The crossing says the MAU is now past the cap: it is at least cap + 1.
+            let usage = MonthlyUsage { mau: QUOTA_WATCH + 1, ..MonthlyUsage::empty(app_id, month) };
+            match quota_alert(subscriptions, &usage) {
+                Some(alert) => alerts.push(alert),
+                None => {
+                    self.declined.insert((month, app_id));
+                }
+            }
+        }
+        alerts
+    }
+
+    /// Notes alerts published.
+    pub fn alerted(&mut self, alerts: &[QuotaAlert]) {
+        self.alerted.extend(alerts.iter().map(|a| (a.month, a.app_id)));
+    }
+
+    /// Whether shares of billed months wait to be refused.
+    pub fn has_late_shares(&self) -> bool {
+        !self.late.is_empty()
+    }
+
+    /// The shares of months already billed, with their figures: refuse them (dead letter
+    /// `late`, and delete their records), then call [`BillingBook::refused_late`].
+    pub fn late_shares(&self, grid: SampleGrid) -> Vec<LateShare> {
+        self.late
+            .iter()
+            .map(|(&(month, app_id, source), share)| LateShare {
+                key: ChangelogKey::Usage { app_id, month, source },
+                parts: share.parts,
+                usage: share.aggregate.clone().usage(app_id, month, grid),
+            })
+            .collect()
+    }
+
+    /// Notes the late shares refused.
+    pub fn refused_late(&mut self) {
+        self.late.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::ingest::{decode_subscription_event, UserKey};
+    use crate::time::BillingTz;
+
+    const STANDARD: AppId = 1;
+    const DEVELOPER: AppId = 2;
+
+    fn month(text: &str) -> Month {
+        text.parse().unwrap()
+    }
+
+    fn grid() -> SampleGrid {
+        SampleGrid::new(Duration::from_secs(60)).unwrap()
+    }
+
+    /// App 1 on Standard since 2025, app 2 on Developer, app 3 created in December 2026.
+    fn plans() -> Subscriptions {
+        let mut subs = Subscriptions::new(BillingTz::default());
+        for line in [
+            r#"{"type":"app_created","app_id":1,"ts":"2025-01-01T00:00:00+08:00","account_id":"a"}"#,
+            r#"{"type":"plan_changed","app_id":1,"ts":"2025-02-01T00:00:00+08:00","plan":"standard"}"#,
+            r#"{"type":"app_created","app_id":2,"ts":"2025-01-01T00:00:00+08:00","account_id":"a"}"#,
+            r#"{"type":"app_created","app_id":3,"ts":"2026-12-05T00:00:00+08:00","account_id":"a"}"#,
+        ] {
+            subs.apply(&decode_subscription_event(line.as_bytes()).unwrap()).unwrap();
+        }
+        subs
+    }
+
+    /// A share with the users `users` logged in on the month's first day.
+    fn share(of: Month, users: std::ops::Range<u32>) -> Share {
+        let mut aggregate = AppMonthAggregate::new(Precision::default(), false);
+        for u in users {
+            aggregate.record_login(of.day(1).unwrap(), UserKey::of(&format!("u-{u}")));
+        }
+        Share { aggregate, parts: 0 }
+    }
+
+    fn mark(through: &str, first: &str) -> ClosedMark {
+        ClosedMark { through: month(through), first_active: Some(month(first)) }
+    }
+
+    fn bill(book: &BillingBook, m: &str, subs: &Subscriptions) -> BilledMonth {
+        let prices = PriceBook::default();
+        let pricing =
+            Pricing { subscriptions: subs, prices: &prices, precision: Precision::default(), grid: grid() };
+        book.bill(month(m), pricing, subs.apps()).unwrap()
+    }
+
+    #[test]
+    fn months_are_billed_in_order_once_every_source_closed_them() {
+        let mut book = BillingBook::new();
+        assert_eq!(book.next_billable(2), None);
+        book.close_through(0, mark("2026-11", "2026-10"));
+        assert_eq!(book.next_billable(2), None, "source 1 has no mark yet");
+        // Source 1 started a month later: October is still the first to bill.
+        book.close_through(1, mark("2026-10", "2026-11"));
+        assert_eq!(book.next_to_bill(), Some(month("2026-10")));
+        assert_eq!(book.next_billable(2), Some(month("2026-10")));
+        book.billed(month("2026-10"));
+        assert_eq!(book.next_billable(2), None, "November is not closed in source 1");
+        book.close_through(1, mark("2026-12", "2026-11"));
+        assert_eq!(book.next_billable(2), Some(month("2026-11")));
+        // A third source appears: it holds the month back until it has a mark.
+        assert_eq!(book.next_billable(3), None);
+    }
+
+    #[test]
+    fn an_apps_shares_merge_and_every_known_app_is_billed_from_its_creation() {
+        let subs = plans();
+        let mut book = BillingBook::new();
+        let nov = month("2026-11");
+        // Users 0..10,300 in one partition, 5,000..10,600 in another: 10,600 in all.
+        book.add_share(nov, STANDARD, 0, share(nov, 0..10_300));
+        book.add_share(nov, STANDARD, 1, Share { parts: 2, ..share(nov, 5_000..10_600) });
+        let billed = bill(&book, "2026-11", &subs);
+        let apps: Vec<AppId> = billed.usage.iter().map(|u| u.app_id).collect();
+        assert_eq!(apps, [STANDARD, DEVELOPER], "app 3 did not exist in November");
+        let mau = billed.usage[0].mau;
+        assert!(mau.abs_diff(10_600) <= 212, "MAU {mau}: the union (10,600), not the sum (15,900)");
+        let items: Vec<&str> =
+            billed.charges.iter().filter(|c| c.app_id == STANDARD).map(|c| c.item.id()).collect();
+        assert_eq!(items, ["plan_fee", "mau_overage", "pcc"]);
+        assert_eq!(billed.usage[1], MonthlyUsage::empty(DEVELOPER, nov));
+        // The month's shares go, parts included.
+        let dropped: Vec<(Vec<u8>, usize)> = billed.dropped.iter().map(|(k, n)| (k.to_bytes(), *n)).collect();
+        assert_eq!(dropped, [(b"u/1/2026-11/0".to_vec(), 0), (b"u/1/2026-11/1".to_vec(), 2)]);
+        let december = bill(&book, "2026-12", &subs);
+        assert_eq!(december.usage.iter().map(|u| u.app_id).collect::<Vec<_>>(), [1, 2, 3]);
+    }
+
+    #[test]
+    fn a_share_of_a_billed_month_is_refused_never_billed() {
+        let subs = plans();
+        let (oct, nov) = (month("2026-10"), month("2026-11"));
+        let mut book = BillingBook::new();
+        book.add_share(oct, STANDARD, 0, share(oct, 0..5));
+        bill(&book, "2026-10", &subs);
+        book.billed(oct);
+        assert!(!book.has_late_shares());
+        book.add_share(oct, STANDARD, 3, share(oct, 0..7));
+        let late = book.late_shares(grid());
+        assert_eq!(late.len(), 1);
+        assert_eq!((late[0].key.to_bytes(), late[0].usage.mau), (b"u/1/2026-10/3".to_vec(), 7));
+        let november = bill(&book, "2026-11", &subs);
+        assert!(november.usage.iter().all(|u| u.month == nov && u.mau == 0));
+        book.refused_late();
+        assert!(!book.has_late_shares());
+    }
+
+    /// Restored from the changelog, the book is the one that wrote it: a share written
+    /// after the bill took its snapshot (before the mark in the log, never deleted) is late.
+    #[test]
+    fn a_restore_from_the_records_gives_the_same_book() {
+        let subs = plans();
+        let oct = month("2026-10");
+        let mut restored = BillingBook::new();
+        let mut records: Vec<(ChangelogKey, Option<Vec<u8>>)> = vec![
+            (
+                ChangelogKey::Usage { app_id: STANDARD, month: oct, source: 0 },
+                Some(share(oct, 0..5).aggregate.encode()),
+            ),
+            (ChangelogKey::QuotaCrossed { app_id: DEVELOPER, month: oct, source: 0 }, Some(Vec::new())),
+            (ChangelogKey::Alerted { app_id: DEVELOPER, month: oct }, Some(b"1".to_vec())),
+            (
+                ChangelogKey::Usage { app_id: STANDARD, month: oct, source: 1 },
+                Some(share(oct, 5..9).aggregate.encode()),
+            ),
+            (ChangelogKey::ClosedThrough { source: 0 }, Some(mark("2026-10", "2026-10").encode())),
+            (ChangelogKey::Billed, Some(b"2026-10".to_vec())),
+        ];
+        // The bill deleted the one share it had.
+        records.push((ChangelogKey::Usage { app_id: STANDARD, month: oct, source: 0 }, None));
+        for (key, value) in &records {
+            restored.absorb(*key, value.as_deref(), 0).unwrap();
+        }
+        restored.finish_restore();
+        assert_eq!(restored.billed_through(), Some(oct));
+        let late: Vec<Vec<u8>> = restored.late_shares(grid()).iter().map(|l| l.key.to_bytes()).collect();
+        assert_eq!(late, [b"u/1/2026-10/1".to_vec()]);
+        assert!(bill(&restored, "2026-11", &subs).usage.iter().all(|u| u.mau == 0));
+        assert!(restored.alerts_due(&subs).is_empty(), "October's crossing is billed and gone");
+        assert!(matches!(
+            restored.absorb(ChangelogKey::Billed, Some(b"not a month"), 0),
+            Err(BookError::Unreadable { .. })
+        ));
+    }
+
+    #[test]
+    fn quota_alerts_are_due_once_and_only_for_developer_apps() {
+        let subs = plans();
+        let nov = month("2026-11");
+        let mut book = BillingBook::new();
+        for (app_id, source) in [(DEVELOPER, 0), (DEVELOPER, 1), (STANDARD, 0)] {
+            book.absorb(ChangelogKey::QuotaCrossed { app_id, month: nov, source }, Some(b""), 0).unwrap();
+        }
+        assert!(book.has_crossings_to_check());
+        let due = book.alerts_due(&subs);
+        assert_eq!(due.iter().map(|a| (a.app_id, a.mau)).collect::<Vec<_>>(), [(DEVELOPER, 101)]);
+        assert!(book.has_crossings_to_check(), "due until published");
+        book.alerted(&due);
+        assert!(!book.has_crossings_to_check(), "published, and the Standard app declined");
+        // At the month's end the alert is not repeated; its mark goes with the month.
+        book.add_share(nov, DEVELOPER, 0, share(nov, 0..150));
+        let billed = bill(&book, "2026-11", &subs);
+        assert!(billed.alerts.is_empty());
+        assert!(billed.dropped.iter().any(|(k, _)| k.to_bytes() == b"a/2/2026-11"));
+    }
+}
