@@ -45,11 +45,10 @@ impl fmt::Display for BillingMode {
     }
 }
 
-/// The first calendar day (in the billing time zone) on which new apps get the current
-/// billing mode; apps created earlier stay on the original mode unless migrated.
-pub fn current_mode_start() -> chrono::NaiveDate {
-    chrono::NaiveDate::from_ymd_opt(2022, 12, 26).expect("2022-12-26 is a valid date")
-}
+/// The instant from which new apps get the current billing mode, 2022-12-26T00:00:00+08:00
+/// (the product's own zone), whatever zone bills are made in; apps created earlier stay on
+/// the original mode unless migrated.
+pub const CURRENT_MODE_START: crate::time::Timestamp = crate::time::Timestamp(1_671_984_000_000);
 
 /// A resource plan.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]

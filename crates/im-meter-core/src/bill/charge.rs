@@ -66,7 +66,7 @@ pub struct Charge {
     /// How many units (days, users, connections, blocks).
     #[serde(with = "rust_decimal::serde::str")]
     pub quantity: Decimal,
-    /// USD per unit (for `plan_fee`: the monthly fee of the month-end plan).
+    /// USD per unit (for `plan_fee`, one unit: the month's fee, prorated by day).
     #[serde(with = "rust_decimal::serde::str")]
     pub unit_price: Decimal,
     /// USD, rounded to cents half away from zero.
@@ -204,7 +204,7 @@ pub fn bill_month(subs: &Subscriptions, usage: &MonthlyUsage, prices: &PriceBook
 
 /// The plan fee, charged by day: each calendar day goes to the plan in force at its end
 /// (free if the app did not exist then); `Σ fee × days_on_plan / days_in_month`, summed
-/// exactly and rounded once. `None` when nothing is owed.
+/// exactly and rounded once, billed as one unit at that price. `None` when nothing is owed.
 fn plan_fee(subs: &Subscriptions, head: &Head) -> Option<Charge> {
     let tz = subs.tz();
     let days = head.month.days();
@@ -237,8 +237,10 @@ fn plan_fee(subs: &Subscriptions, head: &Head) -> Option<Charge> {
             format!("Plan fee by day: {}", parts.join(" + "))
         }
     };
-    let quantity = paid.iter().map(|(_, n)| u64::from(*n)).sum();
-    Some(head.charge(ChargeItem::PlanFee, quantity, head.plan.monthly_fee(), total, description))
+    // One unit, the month's prorated fee: amount = quantity × unit price holds to the cent,
+    // as invoice systems check; the days and plans are in the description.
+    let fee = round_cents(total);
+    Some(head.charge(ChargeItem::PlanFee, 1, fee, fee, description))
 }
 
 /// The `av_call` line of a month overlapping a free trial: quantity = the month's calendar
@@ -303,8 +305,12 @@ mod tests {
         u
     }
 
-    /// (item, quantity, unit_price, amount) as strings, for compact assertions.
+    /// (item, quantity, unit_price, amount) as strings, for compact assertions. Every line
+    /// must also hold as invoice systems check it: amount = quantity × unit price, to the cent.
     fn lines(charges: &[Charge]) -> Vec<(&'static str, String, String, String)> {
+        for c in charges {
+            assert_eq!(round_cents(c.quantity * c.unit_price), c.amount, "{c:?}");
+        }
         charges
             .iter()
             .map(|c| (c.item.id(), c.quantity.to_string(), c.unit_price.to_string(), c.amount.to_string()))
@@ -326,7 +332,7 @@ mod tests {
         assert_eq!(
             lines(&charges),
             vec![
-                line("plan_fee", "30", "399.00", "399.00"),
+                line("plan_fee", "1", "399.00", "399.00"),
                 line("mau_overage", "13457", "0.015", "201.86"),
                 line("pcc", "57", "0.00", "0.00"),
             ]
@@ -349,7 +355,7 @@ mod tests {
         assert_eq!(
             lines(&charges),
             vec![
-                line("plan_fee", "20", "699.00", "466.00"),
+                line("plan_fee", "1", "466.00", "466.00"),
                 line("mau_overage", "300", "0.015", "4.50"),
                 line("pcc", "0", "0.00", "0.00"),
             ]
@@ -367,7 +373,10 @@ mod tests {
         ]);
         let charges = bill_month(&subs, &usage(nov(), |_| ()), &PriceBook::default());
         assert_eq!(charges[0].amount.to_string(), "599.00");
-        assert_eq!(charges[0].quantity.to_string(), "30");
+        assert_eq!(
+            (charges[0].quantity.to_string(), charges[0].unit_price.to_string()),
+            ("1".into(), "599.00".into())
+        );
         assert_eq!(
             charges[0].description,
             "Plan fee by day: Standard 10 of 30 days (399.00 × 10/30) + Premium 20 of 30 days (699.00 × 20/30)"
@@ -378,7 +387,7 @@ mod tests {
             changed(APP, "2026-11-24T08:00:00+08:00", Plan::Pro),
         ]);
         let charges = bill_month(&subs, &usage(nov(), |_| ()), &PriceBook::default());
-        assert_eq!(lines(&charges), vec![line("plan_fee", "7", "449.99", "105.00")]);
+        assert_eq!(lines(&charges), vec![line("plan_fee", "1", "105.00", "105.00")]);
     }
 
     #[test]
@@ -397,7 +406,7 @@ mod tests {
         assert_eq!(
             lines(&charges),
             vec![
-                line("plan_fee", "30", "449.99", "449.99"),
+                line("plan_fee", "1", "449.99", "449.99"),
                 line("dau_overage", "3", "449.99", "1349.97"),
                 line("group_overage", "1", "449.99", "449.99"),
             ]
@@ -427,7 +436,7 @@ mod tests {
         let charges = bill_month(&subs, &usage(nov(), |_| ()), &PriceBook::default());
         assert_eq!(
             lines(&charges),
-            vec![line("plan_fee", "30", "699.00", "699.00"), line("pcc", "0", "0.00", "0.00")]
+            vec![line("plan_fee", "1", "699.00", "699.00"), line("pcc", "0", "0.00", "0.00")]
         );
     }
 
@@ -447,7 +456,7 @@ mod tests {
         let charges = bill_month(&subs, &usage(nov(), |u| u.pcc = 1_234), &prices);
         assert_eq!(
             lines(&charges),
-            vec![line("plan_fee", "30", "399.00", "399.00"), line("pcc", "1234", "0.20", "246.80")]
+            vec![line("plan_fee", "1", "399.00", "399.00"), line("pcc", "1234", "0.20", "246.80")]
         );
         assert_eq!(charges[1].description, "Peak concurrent connections 1234 × 0.20 USD");
     }
@@ -463,14 +472,14 @@ mod tests {
         let nov_charges = bill_month(&subs, &u(nov()), &PriceBook::default());
         assert_eq!(
             lines(&nov_charges),
-            vec![line("plan_fee", "30", "449.99", "449.99"), line("dau_overage", "1", "449.99", "449.99")]
+            vec![line("plan_fee", "1", "449.99", "449.99"), line("dau_overage", "1", "449.99", "449.99")]
         );
         assert_eq!(nov_charges[0].billing_mode, BillingMode::Original);
         let dec_charges = bill_month(&subs, &u(nov().next()), &PriceBook::default());
         assert_eq!(
             lines(&dec_charges),
             vec![
-                line("plan_fee", "31", "399.00", "399.00"),
+                line("plan_fee", "1", "399.00", "399.00"),
                 line("mau_overage", "2000", "0.015", "30.00"),
                 line("pcc", "0", "0.00", "0.00")
             ]

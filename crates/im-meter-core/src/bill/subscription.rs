@@ -8,7 +8,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::ingest::{RejectReason, Rejection, SubscriptionChange, SubscriptionEvent};
-use crate::plan::{current_mode_start, AppId, BillingMode, Plan};
+use crate::plan::{AppId, BillingMode, Plan, CURRENT_MODE_START};
 use crate::time::{BillingTz, Month, Timestamp};
 
 /// Length of an audio/video call free trial: 60 days of 24 hours, `[start, start + 60 d)`.
@@ -178,11 +178,7 @@ impl Subscriptions {
 
         let tz = self.tz;
         if let SubscriptionChange::AppCreated { account_id } = &ev.change {
-            let mode = if tz.date_of(ev.ts) < current_mode_start() {
-                BillingMode::Original
-            } else {
-                BillingMode::Current
-            };
+            let mode = if ev.ts < CURRENT_MODE_START { BillingMode::Original } else { BillingMode::Current };
             let created = Some((ev.ts, account_id.clone()));
             self.apps.insert(ev.app_id, AppBook::starting(ev.ts, created, mode.entry_plan()));
         }
@@ -331,6 +327,14 @@ impl Subscriptions {
                         at(running.end)
                     )));
                 }
+                let own = book.created.as_ref().and_then(|(_, a)| a.as_deref());
+                if let (Some(own), Some(named)) = (own, account_id.as_deref()) {
+                    if own != named {
+                        return Err(invalid(format!(
+                            "the trial names account {named}, but the app belongs to account {own}: a trial counts against the app's own account"
+                        )));
+                    }
+                }
                 if let Some(account) = trial_account(account_id, book) {
                     let apps = self.trial_apps.get(&account);
                     let count = apps.map_or(0, BTreeSet::len);
@@ -347,9 +351,10 @@ impl Subscriptions {
     }
 }
 
-/// The account a trial counts against: the event's, else the app's creator, else none.
+/// The account a trial counts against: the app's own (from `app_created`), else the
+/// event's, else none.
 fn trial_account(event_account: &Option<String>, book: &AppBook) -> Option<String> {
-    event_account.clone().or_else(|| book.created.as_ref().and_then(|(_, a)| a.clone()))
+    book.created.as_ref().and_then(|(_, a)| a.clone()).or_else(|| event_account.clone())
 }
 
 #[cfg(test)]
@@ -408,6 +413,42 @@ pub(crate) mod tests {
         assert_eq!(subs.plan_at(99, ts("2001-01-01T00:00:00Z")), Some(Plan::Developer));
         assert_eq!(subs.created_at(1), Some(ts("2022-12-25T23:30:00+08:00")));
         assert_eq!(subs.apps().collect::<Vec<_>>(), vec![1, 2]);
+    }
+
+    /// The original-mode cut-off is one instant, 2022-12-26T00:00+08:00, whatever zone the
+    /// bills are made in.
+    #[test]
+    fn the_original_mode_cut_off_is_one_instant_in_every_billing_zone() {
+        for zone in ["UTC", "+08:00", "America/Los_Angeles", "+14:00"] {
+            let mut subs = Subscriptions::new(zone.parse().unwrap());
+            subs.apply(&created(1, "2022-12-25T15:59:59Z", None)).unwrap();
+            subs.apply(&created(2, "2022-12-26T00:00:00+08:00", None)).unwrap();
+            let later = ts("2023-02-01T00:00:00Z");
+            assert_eq!(subs.billing_mode_at(1, later), Some(BillingMode::Original), "{zone}");
+            assert_eq!(subs.billing_mode_at(2, later), Some(BillingMode::Current), "{zone}");
+        }
+    }
+
+    /// A trial counts against the app's own account: a trial event naming another account
+    /// cannot move it elsewhere (and so past the 10-app limit).
+    #[test]
+    fn a_trial_counts_against_the_apps_own_account() {
+        let mut subs = book();
+        for app in 1..=11 {
+            subs.apply(&created(app, "2026-01-01T00:00:00Z", Some("acct"))).unwrap();
+        }
+        for app in 1..=10 {
+            subs.apply(&trial(app, "2026-02-01T00:00:00Z", None)).unwrap();
+        }
+        rejected(&mut subs, trial(11, "2026-02-01T00:00:00Z", Some("elsewhere")), "account acct");
+        rejected(&mut subs, trial(11, "2026-02-01T00:00:00Z", None), "at most 10");
+        // An app created without an account: the event's account is the one there is.
+        subs.apply(&created(12, "2026-01-01T00:00:00Z", None)).unwrap();
+        subs.apply(&trial(12, "2026-02-01T00:00:00Z", Some("solo"))).unwrap();
+        assert_eq!(subs.trials(12)[0].account_id.as_deref(), Some("solo"));
+        // Naming its own account is fine.
+        subs.apply(&created(13, "2026-01-01T00:00:00Z", Some("other"))).unwrap();
+        subs.apply(&trial(13, "2026-02-01T00:00:00Z", Some("other"))).unwrap();
     }
 
     #[test]
