@@ -345,3 +345,29 @@ fn an_event_from_the_future_is_refused_and_bills_nothing() {
     let letter: Value = serde_json::from_str(std::fs::read_to_string(&dlq).unwrap().trim()).unwrap();
     assert_eq!((letter["reason"].as_str(), letter["raw"].as_str()), (Some("future"), Some(stray.as_str())));
 }
+
+/// One `group_count` of 2⁶⁴ − 1 from a broken sender would bill an original-mode app 83
+/// quadrillion USD: it is refused as `implausible` and bills nothing.
+#[test]
+fn an_implausible_group_count_is_refused_and_bills_nothing() {
+    let dir = temp_dir("implausible");
+    let group = |n: &str| {
+        format!(r#"{{"type":"group_stats","app_id":23,"group_count":{n},"ts":"2026-11-05T10:00:00+08:00"}}"#)
+    };
+    let stray = group("18446744073709551615");
+    let events = write(&dir, "events.ndjson", &[group("120000"), stray.clone()]);
+    let subs = write(
+        &dir,
+        "subs.ndjson",
+        &[r#"{"type":"app_created","app_id":23,"ts":"2021-01-01T00:00:00+08:00"}"#.to_string()],
+    );
+    let dlq = dir.join("implausible.dlq");
+    let doc = replay_json(&events, Some(&subs), &["--dlq", dlq.to_str().unwrap()]);
+    assert_eq!(doc["usage"][0]["group_count_peak"], 120_000, "{doc}");
+    assert_eq!(doc["rejected"], 1);
+    let letter: Value = serde_json::from_str(std::fs::read_to_string(&dlq).unwrap().trim()).unwrap();
+    assert_eq!(
+        (letter["reason"].as_str(), letter["raw"].as_str()),
+        (Some("implausible"), Some(stray.as_str()))
+    );
+}

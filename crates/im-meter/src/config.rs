@@ -77,6 +77,7 @@ impl Default for FileConfig {
                 hll_precision: i64::from(Precision::default().get()),
                 sample_interval: "60s".into(),
                 connection_idle_timeout: "off".into(),
+                max_group_count: 100_000_000,
             },
             http: HttpSection {
                 listen: "127.0.0.1:9464".into(),
@@ -224,6 +225,8 @@ pub struct MeteringSection {
     pub sample_interval: String,
     /// Close connections silent this long (`30m`), or `off`.
     pub connection_idle_timeout: String,
+    /// The largest plausible `group_count`; larger ones are dead-lettered as `implausible`.
+    pub max_group_count: i64,
 }
 
 /// `[http]`: the operator endpoints.
@@ -257,6 +260,8 @@ pub struct Config {
     /// Events dated further than this after the clock of whoever receives them (the
     /// worker, or replay) are refused as `future` and never move event time.
     pub max_clock_skew: Duration,
+    /// The largest plausible `group_count`: a larger one is refused as `implausible`.
+    pub max_group_count: u64,
 }
 
 /// The operator endpoints' settings, validated.
@@ -607,8 +612,15 @@ impl FileConfig {
                 .then_some(())
                 .ok_or_else(|| format!("must be one of {}", PROTOCOLS.join(", "))),
         );
+        let max_group_count = u64::try_from(self.metering.max_group_count).unwrap_or(0);
+        check(
+            "metering.max_group_count",
+            (max_group_count > 0)
+                .then_some(())
+                .ok_or_else(|| format!("must be a positive number, got {}", self.metering.max_group_count)),
+        );
         if problems.is_empty() {
-            Ok(Config { file: self, meter, prices, worker, http, max_clock_skew })
+            Ok(Config { file: self, meter, prices, worker, http, max_clock_skew, max_group_count })
         } else {
             Err(ConfigErrors(problems))
         }

@@ -27,7 +27,12 @@ enum Scalar<'a> {
     Bool(bool),
     Unsigned(u64),
     Negative(i64),
+    /// A number with a fractional part.
     Fractional,
+    /// An integer too large for 64 bits (JSON reads it as a float).
+    OutOfRange,
+    /// An integral value written with a decimal point or an exponent (`1.0`, `1e3`).
+    NotInteger,
     Str(Cow<'a, str>),
     Container,
 }
@@ -39,6 +44,8 @@ impl Scalar<'_> {
             Scalar::Bool(_) => "a boolean",
             Scalar::Unsigned(_) | Scalar::Negative(_) => "an integer",
             Scalar::Fractional => "a fractional number",
+            Scalar::OutOfRange => "an integer out of range (at most 64 bits)",
+            Scalar::NotInteger => "a number not written as an integer",
             Scalar::Str(_) => "a string",
             Scalar::Container => "an array or object",
         }
@@ -65,8 +72,19 @@ impl<'de: 'a, 'a> Deserialize<'de> for Scalar<'a> {
             fn visit_i64<E>(self, v: i64) -> Result<Self::Value, E> {
                 Ok(if v >= 0 { Scalar::Unsigned(v as u64) } else { Scalar::Negative(v) })
             }
-            fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
-                Ok(Scalar::Fractional)
+            fn visit_f64<E>(self, v: f64) -> Result<Self::Value, E> {
+                // JSON integers that fit 64 bits arrive as u64/i64; a float is a literal
+                // with a fraction or exponent, an integer too large, or `-0`.
+                Ok(if v.fract() != 0.0 || !v.is_finite() {
+                    Scalar::Fractional
+                } else if v == 0.0 && v.is_sign_negative() {
+                    // `-0`: the integer zero with a sign.
+                    Scalar::Unsigned(0)
+                } else if v.abs() >= 9_223_372_036_854_775_808.0 {
+                    Scalar::OutOfRange
+                } else {
+                    Scalar::NotInteger
+                })
             }
             fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
                 Ok(Scalar::Str(Cow::Borrowed(v)))
@@ -473,6 +491,29 @@ mod tests {
             assert_eq!(got, code, "{}: {detail}", String::from_utf8_lossy(&input));
             assert!(detail.contains(needle), "{detail:?} should mention {needle:?}");
         }
+    }
+
+    /// Numbers are refused for what they are: an integer too large is out of range, not
+    /// fractional; `-0` is the integer zero; `1.5` and `1e3` are not integers.
+    #[test]
+    fn numbers_are_refused_for_what_they_are() {
+        let group =
+            |n: &str| format!(r#"{{"type":"group_stats","app_id":1,"group_count":{n},"ts":1700000000000}}"#);
+        for (n, needle) in [
+            ("18446744073709551616", "out of range"),
+            ("99999999999999999999999", "out of range"),
+            ("-9223372036854775809", "out of range"),
+            ("1.5", "a fractional number"),
+            ("1e3", "not written as an integer"),
+        ] {
+            let (got, detail) = reason(group(n).as_bytes());
+            assert_eq!(got, "invalid_field", "{n}: {detail}");
+            assert!(detail.contains(needle), "{n}: {detail:?} should mention {needle:?}");
+        }
+        let zero = decode_usage_event(group("-0").as_bytes()).unwrap();
+        assert_eq!(zero.action, Action::GroupStats { group_count: 0 });
+        let (got, detail) = reason(br#"{"type":"login","app_id":18446744073709551616,"user_id":"a","ts":1}"#);
+        assert!(got == "invalid_field" && detail.contains("out of range"), "{detail}");
     }
 
     #[test]

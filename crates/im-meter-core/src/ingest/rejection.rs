@@ -31,11 +31,14 @@ pub enum RejectReason {
     Future,
     /// A well-formed subscription event that breaks a subscription rule.
     InvalidChange,
+    /// A figure outside the plausible range (e.g. a `group_count` of 2⁶⁴ − 1): never
+    /// billed, since one broken sender could otherwise bill millions.
+    Implausible,
 }
 
 impl RejectReason {
     /// Every reason, for pre-registering metric series.
-    pub const ALL: [RejectReason; 11] = [
+    pub const ALL: [RejectReason; 12] = [
         RejectReason::NotUtf8,
         RejectReason::NotJson,
         RejectReason::NotObject,
@@ -47,6 +50,7 @@ impl RejectReason {
         RejectReason::Late,
         RejectReason::Future,
         RejectReason::InvalidChange,
+        RejectReason::Implausible,
     ];
 
     /// The stable snake_case code written to dead letters and used as a metric label.
@@ -63,6 +67,7 @@ impl RejectReason {
             RejectReason::Late => "late",
             RejectReason::Future => "future",
             RejectReason::InvalidChange => "invalid_change",
+            RejectReason::Implausible => "implausible",
         }
     }
 }
@@ -116,6 +121,18 @@ impl Rejection {
         ))
     }
 
+    /// Refuses a usage event whose figure lies outside the plausible range, as
+    /// [`RejectReason::Implausible`]: a `group_count` over `max_group_count`.
+    pub fn check_plausible(event: &super::UsageEvent, max_group_count: u64) -> Result<(), Rejection> {
+        match event.action {
+            super::Action::GroupStats { group_count } if group_count > max_group_count => Err(Rejection::new(
+                RejectReason::Implausible,
+                format!("`group_count` {group_count} is over the plausible {max_group_count} (metering.max_group_count)"),
+            )),
+            _ => Ok(()),
+        }
+    }
+
     /// A field has the wrong type or value.
     pub fn invalid(field: &str, why: impl fmt::Display) -> Self {
         Rejection::new(RejectReason::InvalidField, format!("`{field}` {why}"))
@@ -142,6 +159,20 @@ mod tests {
     use super::*;
     use crate::time::Timestamp;
     use std::time::Duration;
+
+    #[test]
+    fn implausible_group_counts_are_refused() {
+        let at = Timestamp(1_800_000_000_000);
+        let event = |group_count| super::super::UsageEvent {
+            app_id: 1,
+            ts: at,
+            action: super::super::Action::GroupStats { group_count },
+        };
+        assert_eq!(Rejection::check_plausible(&event(100), 100), Ok(()));
+        let refused = Rejection::check_plausible(&event(u64::MAX), 100).unwrap_err();
+        assert_eq!(refused.reason.code(), "implausible");
+        assert!(refused.detail.contains("metering.max_group_count"), "{}", refused.detail);
+    }
 
     #[test]
     fn only_events_beyond_the_skew_are_from_the_future() {

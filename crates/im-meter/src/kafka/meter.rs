@@ -488,7 +488,9 @@ impl Stage {
         let decoded = decode_usage_event(record.payload).and_then(|event| {
             // Never applied, so it never moves event time: one broken clock must not close
             // months for everyone.
-            Rejection::check_not_future(event.ts, self.now, self.config.max_clock_skew).map(|()| event)
+            Rejection::check_not_future(event.ts, self.now, self.config.max_clock_skew)
+                .and_then(|()| Rejection::check_plausible(&event, self.config.max_group_count))
+                .map(|()| event)
         });
         let rejection = match decoded {
             Ok(event) => {

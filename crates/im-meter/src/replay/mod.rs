@@ -112,7 +112,9 @@ fn meter_events(
         let now = Timestamp(crate::status::now_ms());
         let read = input::for_each_line(&input.events, input.progress, |line, bytes| {
             let decoded = decode_usage_event(bytes).and_then(|event| {
-                Rejection::check_not_future(event.ts, now, config.max_clock_skew).map(|()| event)
+                Rejection::check_not_future(event.ts, now, config.max_clock_skew)
+                    .and_then(|()| Rejection::check_plausible(&event, config.max_group_count))
+                    .map(|()| event)
             });
             match decoded {
                 Ok(event) => batch.push(event),
