@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use im_meter_core::aggregate::{MeterSettings, Precision, SampleGrid};
 use im_meter_core::bill::PriceBook;
-use im_meter_core::time::{BillingTz, Timestamp};
+use im_meter_core::time::Timestamp;
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
@@ -72,12 +72,12 @@ impl Default for FileConfig {
                 max_clock_skew: "5m".into(),
                 pcc_promotion_end: String::new(),
                 av_call_price: String::new(),
+                max_group_count: 100_000_000,
             },
             metering: MeteringSection {
                 hll_precision: i64::from(Precision::default().get()),
                 sample_interval: "60s".into(),
                 connection_idle_timeout: "off".into(),
-                max_group_count: 100_000_000,
             },
             http: HttpSection {
                 listen: "127.0.0.1:9464".into(),
@@ -213,6 +213,9 @@ pub struct BillingSection {
     pub pcc_promotion_end: String,
     /// Price of audio/video calls outside trials; empty = unpriced.
     pub av_call_price: String,
+    /// The largest plausible `group_count`; larger ones are dead-lettered as `implausible`
+    /// and never billed.
+    pub max_group_count: i64,
 }
 
 /// `[metering]`: how usage is measured.
@@ -225,8 +228,6 @@ pub struct MeteringSection {
     pub sample_interval: String,
     /// Close connections silent this long (`30m`), or `off`.
     pub connection_idle_timeout: String,
-    /// The largest plausible `group_count`; larger ones are dead-lettered as `implausible`.
-    pub max_group_count: i64,
 }
 
 /// `[http]`: the operator endpoints.
@@ -244,19 +245,27 @@ pub struct HttpSection {
     pub history_months: i64,
 }
 
-/// A validated configuration, in the types the program uses.
+/// A validated configuration, in the types the program uses: one field per section of the
+/// file (`[metering]` and the calendar of `[billing]` make the meter's settings).
 #[derive(Debug, Clone)]
 pub struct Config {
     /// The file form (names of brokers, topics, group).
     pub file: FileConfig,
-    /// How the meter measures.
+    /// How the meter measures (`[metering]`, and `[billing]`'s time zone and lateness).
     pub meter: MeterSettings,
+    /// `[billing]`: prices and the bounds on what is billed.
+    pub billing: BillingSettings,
+    /// `[kafka]`: how the Kafka worker runs.
+    pub kafka: KafkaSettings,
+    /// `[http]`: the operator endpoints.
+    pub http: HttpSettings,
+}
+
+/// The billing settings, validated.
+#[derive(Debug, Clone)]
+pub struct BillingSettings {
     /// Prices that vary by date or deal.
     pub prices: PriceBook,
-    /// How the Kafka worker runs.
-    pub worker: WorkerSettings,
-    /// The operator endpoints.
-    pub http: HttpSettings,
     /// Events dated further than this after the clock of whoever receives them (the
     /// worker, or replay) are refused as `future` and never move event time.
     pub max_clock_skew: Duration,
@@ -279,7 +288,7 @@ pub struct HttpSettings {
 
 /// The Kafka worker's settings, validated.
 #[derive(Debug, Clone)]
-pub struct WorkerSettings {
+pub struct KafkaSettings {
     /// This worker's stable name in the group.
     pub instance_id: String,
     /// Partitions of topics the worker creates.
@@ -423,206 +432,188 @@ fn topic_name(name: &str) -> Result<(), String> {
     legal.then_some(()).ok_or_else(|| format!("{name:?} is not a legal Kafka topic name"))
 }
 
+/// The problems found so far, each naming its field.
+#[derive(Default)]
+struct Problems(Vec<String>);
+
+impl Problems {
+    /// The value of `field`, or `None` with the problem noted.
+    fn take<T>(&mut self, field: &str, value: Result<T, String>) -> Option<T> {
+        value.map_err(|e| self.0.push(format!("{field}: {e}"))).ok()
+    }
+}
+
+/// `Some(value)` unless `text` says the setting is off (empty or `off`).
+fn unless_off<T>(text: &str, parse: impl FnOnce(&str) -> Result<T, String>) -> Result<Option<T>, String> {
+    let text = text.trim();
+    if text.is_empty() || text.eq_ignore_ascii_case("off") {
+        Ok(None)
+    } else {
+        parse(text).map(Some)
+    }
+}
+
+/// A non-empty text.
+fn not_empty(text: &str, what: &str) -> Result<(), String> {
+    (!text.trim().is_empty()).then_some(()).ok_or_else(|| what.to_string())
+}
+
+/// An integer setting converted to `T` when `accept` holds, else `why`.
+fn within<T: TryFrom<i64>>(value: i64, accept: impl FnOnce(&T) -> bool, why: &str) -> Result<T, String> {
+    T::try_from(value).ok().filter(accept).ok_or_else(|| format!("{why}, got {value}"))
+}
+
 impl FileConfig {
     /// Checks every field and converts to the program's types, reporting all problems.
+    /// Every default lives in [`FileConfig::default`]; this only reads and checks.
     pub fn validate(self) -> Result<Config, ConfigErrors> {
-        let mut problems = Vec::new();
-        let mut check = |field: &str, result: Result<(), String>| {
-            if let Err(e) = result {
-                problems.push(format!("{field}: {e}"));
-            }
-        };
-        let mut tz = BillingTz::default();
-        check("billing.timezone", self.billing.timezone.parse().map(|t| tz = t).map_err(|e| format!("{e}")));
-        let mut allowed_lateness = Duration::from_secs(3600);
-        let mut max_clock_skew = Duration::from_secs(300);
-        let mut worker = WorkerSettings {
-            instance_id: match self.kafka.instance_id.trim() {
-                "" => default_instance_id(),
-                id => id.to_string(),
-            },
-            partitions: 6,
-            commit_interval: Duration::from_secs(1),
-            idle_partition_timeout: Duration::from_secs(30),
-            transaction_timeout: Duration::from_secs(30),
-            max_poll_interval: Duration::from_secs(300),
-            metadata_refresh_interval: Duration::from_secs(60),
-            max_value_bytes: crate::kafka::admin::value_limit(crate::kafka::admin::PRODUCER_MAX_BYTES),
-            meter_threads: 1,
-        };
-        check(
-            "billing.allowed_lateness",
-            duration(&self.billing.allowed_lateness).map(|d| allowed_lateness = d),
+        let mut p = Problems::default();
+        let (k, b, m, h) = (&self.kafka, &self.billing, &self.metering, &self.http);
+
+        let tz = p.take("billing.timezone", b.timezone.parse().map_err(|e| format!("{e}")));
+        let allowed_lateness = p.take("billing.allowed_lateness", duration(&b.allowed_lateness));
+        let max_clock_skew = p.take("billing.max_clock_skew", duration(&b.max_clock_skew));
+        let pcc_promotion_end = p.take(
+            "billing.pcc_promotion_end",
+            unless_off(&b.pcc_promotion_end, |t| Timestamp::parse_rfc3339(t).map_err(|e| e.to_string())),
         );
-        check("billing.max_clock_skew", duration(&self.billing.max_clock_skew).map(|d| max_clock_skew = d));
-        check(
-            "kafka.partitions",
-            i32::try_from(self.kafka.partitions)
-                .ok()
-                .filter(|p| *p > 0)
-                .map(|p| worker.partitions = p)
-                .ok_or_else(|| {
-                    format!("must be a positive number of partitions, got {}", self.kafka.partitions)
-                }),
-        );
-        check(
-            "kafka.commit_interval",
-            duration(&self.kafka.commit_interval).and_then(positive).map(|d| worker.commit_interval = d),
-        );
-        check(
-            "kafka.idle_partition_timeout",
-            duration(&self.kafka.idle_partition_timeout)
-                .and_then(positive)
-                .map(|d| worker.idle_partition_timeout = d),
-        );
-        check(
-            "kafka.max_poll_interval",
-            duration(&self.kafka.max_poll_interval)
-                .and_then(|d| {
-                    (Duration::from_secs(1)..=Duration::from_secs(86_400))
-                        .contains(&d)
-                        .then_some(d)
-                        .ok_or_else(|| "must be between 1s and 24h".to_string())
-                })
-                .map(|d| worker.max_poll_interval = d),
-        );
-        check(
-            "kafka.metadata_refresh_interval",
-            duration(&self.kafka.metadata_refresh_interval)
-                .and_then(positive)
-                .map(|d| worker.metadata_refresh_interval = d),
-        );
-        let meter_threads = match usize::try_from(self.kafka.meter_threads) {
-            Ok(0) => Ok(std::thread::available_parallelism().map_or(1, usize::from)),
-            Ok(n) if n <= 256 => Ok(n),
-            _ => Err(format!("must be 0 (one per CPU) to 256, got {}", self.kafka.meter_threads)),
-        };
-        check("kafka.meter_threads", meter_threads.map(|n| worker.meter_threads = n));
-        check(
-            "kafka.transaction_timeout",
-            duration(&self.kafka.transaction_timeout)
-                .and_then(|d| {
-                    (d >= Duration::from_secs(1))
-                        .then_some(d)
-                        .ok_or_else(|| "must be at least 1s".to_string())
-                })
-                .map(|d| worker.transaction_timeout = d),
-        );
-        let mut prices = PriceBook::default();
-        if !self.billing.pcc_promotion_end.trim().is_empty() {
-            check(
-                "billing.pcc_promotion_end",
-                Timestamp::parse_rfc3339(self.billing.pcc_promotion_end.trim())
-                    .map(|t| prices.pcc_promotion_end = Some(t))
-                    .map_err(|e| e.to_string()),
-            );
-        }
-        if !self.billing.av_call_price.trim().is_empty() {
-            check(
-                "billing.av_call_price",
-                self.billing
-                    .av_call_price
-                    .trim()
-                    .parse::<Decimal>()
+        let av_call_price = p.take(
+            "billing.av_call_price",
+            unless_off(&b.av_call_price, |t| {
+                t.parse::<Decimal>()
                     .ok()
                     .filter(|p| !p.is_sign_negative())
-                    .map(|p| prices.av_call_price = Some(p))
-                    .ok_or_else(|| {
-                        format!("{:?} is not a non-negative decimal price", self.billing.av_call_price)
-                    }),
-            );
-        }
-        let mut meter =
-            MeterSettings { tz, allowed_lateness: Some(allowed_lateness), ..MeterSettings::default() };
-        check(
-            "metering.hll_precision",
-            Precision::new(self.metering.hll_precision)
-                .map(|p| meter.precision = p)
-                .map_err(|e| e.to_string()),
+                    .ok_or_else(|| format!("{t:?} is not a non-negative decimal price"))
+            }),
         );
-        check(
+        let max_group_count = p
+            .take("billing.max_group_count", within(b.max_group_count, |n: &u64| *n > 0, "must be positive"));
+
+        let precision =
+            p.take("metering.hll_precision", Precision::new(m.hll_precision).map_err(|e| e.to_string()));
+        let grid = p.take(
             "metering.sample_interval",
-            duration(&self.metering.sample_interval)
-                .and_then(|d| SampleGrid::new(d).map_err(|e| e.to_string()))
-                .map(|g| meter.grid = g),
+            duration(&m.sample_interval).and_then(|d| SampleGrid::new(d).map_err(|e| e.to_string())),
         );
-        let idle = self.metering.connection_idle_timeout.trim();
-        if !idle.eq_ignore_ascii_case("off") && !idle.is_empty() {
-            check(
-                "metering.connection_idle_timeout",
-                duration(idle).and_then(|d| {
-                    (!d.is_zero())
-                        .then(|| meter.idle_timeout = Some(d))
-                        .ok_or_else(|| "must be positive or \"off\"".into())
-                }),
-            );
-        }
-        check(
-            "kafka.brokers",
-            (!self.kafka.brokers.trim().is_empty())
-                .then_some(())
-                .ok_or_else(|| "must name at least one broker".into()),
+        let idle_timeout = p.take(
+            "metering.connection_idle_timeout",
+            unless_off(&m.connection_idle_timeout, |t| duration(t).and_then(positive))
+                .map_err(|e| format!("{e} (or \"off\")")),
         );
-        check(
-            "kafka.group_id",
-            (!self.kafka.group_id.trim().is_empty()).then_some(()).ok_or_else(|| "must not be empty".into()),
-        );
-        for (field, name) in self.topics.fields() {
-            check(&format!("topics.{field}"), topic_name(name));
-        }
-        let mut http = HttpSettings {
-            listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
-            top_apps: 10,
-            stall_timeout: Duration::from_secs(60),
-            history_months: 3,
-        };
-        check(
-            "http.listen",
-            self.http
-                .listen
-                .parse::<SocketAddr>()
-                .map(|a| http.listen = a)
-                .map_err(|_| format!("{:?} is not an address like 127.0.0.1:9464", self.http.listen)),
-        );
-        check(
-            "http.top_apps",
-            usize::try_from(self.http.top_apps)
-                .ok()
-                .filter(|n| *n <= 1000)
-                .map(|n| http.top_apps = n)
-                .ok_or_else(|| format!("must be 0 to 1000 apps, got {}", self.http.top_apps)),
-        );
-        check(
-            "http.stall_timeout",
-            duration(&self.http.stall_timeout).and_then(positive).map(|d| http.stall_timeout = d),
-        );
-        check(
-            "http.history_months",
-            usize::try_from(self.http.history_months)
-                .ok()
-                .filter(|n| (1..=120).contains(n))
-                .map(|n| http.history_months = n)
-                .ok_or_else(|| format!("must be 1 to 120 months, got {}", self.http.history_months)),
-        );
+
+        p.take("kafka.brokers", not_empty(&k.brokers, "must name at least one broker"));
+        p.take("kafka.group_id", not_empty(&k.group_id, "must not be empty"));
         const PROTOCOLS: [&str; 4] = ["plaintext", "ssl", "sasl_plaintext", "sasl_ssl"];
-        check(
+        p.take(
             "kafka.security_protocol",
             PROTOCOLS
-                .contains(&self.kafka.security_protocol.to_ascii_lowercase().as_str())
+                .contains(&k.security_protocol.to_ascii_lowercase().as_str())
                 .then_some(())
                 .ok_or_else(|| format!("must be one of {}", PROTOCOLS.join(", "))),
         );
-        let max_group_count = u64::try_from(self.metering.max_group_count).unwrap_or(0);
-        check(
-            "metering.max_group_count",
-            (max_group_count > 0)
-                .then_some(())
-                .ok_or_else(|| format!("must be a positive number, got {}", self.metering.max_group_count)),
+        let partitions = p.take(
+            "kafka.partitions",
+            within(k.partitions, |n: &i32| *n > 0, "must be a positive number of partitions"),
         );
-        if problems.is_empty() {
-            Ok(Config { file: self, meter, prices, worker, http, max_clock_skew, max_group_count })
-        } else {
-            Err(ConfigErrors(problems))
+        let commit_interval =
+            p.take("kafka.commit_interval", duration(&k.commit_interval).and_then(positive));
+        let idle_partition_timeout =
+            p.take("kafka.idle_partition_timeout", duration(&k.idle_partition_timeout).and_then(positive));
+        let max_poll_interval = p.take(
+            "kafka.max_poll_interval",
+            duration(&k.max_poll_interval).and_then(|d| {
+                (Duration::from_secs(1)..=Duration::from_secs(86_400))
+                    .contains(&d)
+                    .then_some(d)
+                    .ok_or_else(|| "must be between 1s and 24h".to_string())
+            }),
+        );
+        let metadata_refresh_interval = p.take(
+            "kafka.metadata_refresh_interval",
+            duration(&k.metadata_refresh_interval).and_then(positive),
+        );
+        let transaction_timeout = p.take(
+            "kafka.transaction_timeout",
+            duration(&k.transaction_timeout).and_then(|d| {
+                (d >= Duration::from_secs(1)).then_some(d).ok_or_else(|| "must be at least 1s".to_string())
+            }),
+        );
+        let meter_threads = p.take(
+            "kafka.meter_threads",
+            within(k.meter_threads, |n: &usize| *n <= 256, "must be 0 (one per CPU) to 256").map(
+                |n| match n {
+                    0 => std::thread::available_parallelism().map_or(1, usize::from),
+                    n => n,
+                },
+            ),
+        );
+        for (field, name) in self.topics.fields() {
+            p.take(&format!("topics.{field}"), topic_name(name));
+        }
+
+        let listen = p.take(
+            "http.listen",
+            h.listen
+                .parse::<SocketAddr>()
+                .map_err(|_| format!("{:?} is not an address like 127.0.0.1:9464", h.listen)),
+        );
+        let top_apps =
+            p.take("http.top_apps", within(h.top_apps, |n: &usize| *n <= 1000, "must be 0 to 1000 apps"));
+        let stall_timeout = p.take("http.stall_timeout", duration(&h.stall_timeout).and_then(positive));
+        let history_months = p.take(
+            "http.history_months",
+            within(h.history_months, |n: &usize| (1..=120).contains(n), "must be 1 to 120 months"),
+        );
+
+        // Every value is `Some` exactly when no problem was found.
+        let built = (|| {
+            Some(Config {
+                meter: MeterSettings {
+                    tz: tz?,
+                    precision: precision?,
+                    grid: grid?,
+                    idle_timeout: idle_timeout?,
+                    exact: false,
+                    allowed_lateness: Some(allowed_lateness?),
+                },
+                billing: BillingSettings {
+                    prices: PriceBook {
+                        pcc_promotion_end: pcc_promotion_end?,
+                        av_call_price: av_call_price?,
+                        ..PriceBook::default()
+                    },
+                    max_clock_skew: max_clock_skew?,
+                    max_group_count: max_group_count?,
+                },
+                kafka: KafkaSettings {
+                    instance_id: match k.instance_id.trim() {
+                        "" => default_instance_id(),
+                        id => id.to_string(),
+                    },
+                    partitions: partitions?,
+                    commit_interval: commit_interval?,
+                    idle_partition_timeout: idle_partition_timeout?,
+                    transaction_timeout: transaction_timeout?,
+                    max_poll_interval: max_poll_interval?,
+                    metadata_refresh_interval: metadata_refresh_interval?,
+                    // Replaced at start by what the topics allow (`kafka::worker`).
+                    max_value_bytes: crate::kafka::admin::value_limit(
+                        crate::kafka::admin::PRODUCER_MAX_BYTES,
+                    ),
+                    meter_threads: meter_threads?,
+                },
+                http: HttpSettings {
+                    listen: listen?,
+                    top_apps: top_apps?,
+                    stall_timeout: stall_timeout?,
+                    history_months: history_months?,
+                },
+                file: self.clone(),
+            })
+        })();
+        match built {
+            Some(config) if p.0.is_empty() => Ok(config),
+            _ => Err(ConfigErrors(p.0)),
         }
     }
 }
@@ -642,7 +633,7 @@ mod tests {
         assert_eq!(c.file.topics.changelog, "im.meter.changelog");
         assert_eq!(c.meter.tz.to_string(), "+08:00");
         assert_eq!(c.meter.allowed_lateness, Some(Duration::from_secs(3600)));
-        assert_eq!(c.max_clock_skew, Duration::from_secs(300));
+        assert_eq!(c.billing.max_clock_skew, Duration::from_secs(300));
         assert_eq!(c.file.http.listen, "127.0.0.1:9464");
         assert_eq!(c.meter.precision.get(), 14);
         assert!(c.meter.idle_timeout.is_none());
@@ -720,5 +711,11 @@ mod tests {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/im-meter.toml");
         let c = Config::load(Some(&path), env(&[])).unwrap();
         assert_eq!(c.file.topics.events, "im.sdk-events");
+        // The example documents every key with its default: the file is the defaults,
+        // written once in `FileConfig::default`, spelled out (a changed default fails here).
+        let text = std::fs::read_to_string(&path).unwrap();
+        let example: toml::Value = toml::from_str(&text).unwrap();
+        let defaults = toml::Value::try_from(FileConfig::default()).unwrap();
+        assert_eq!(example, defaults, "deploy/im-meter.toml and FileConfig::default disagree");
     }
 }

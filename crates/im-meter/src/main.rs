@@ -242,7 +242,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             // The effective settings, for whoever reads the log later (secrets redacted).
             tracing::info!(config = ?config.file, "worker: starting");
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            config.worker.max_value_bytes = runtime.block_on(worker::prepare_topics(&config))?;
+            config.kafka.max_value_bytes = runtime.block_on(worker::prepare_topics(&config))?;
             let shutdown = Arc::new(AtomicBool::new(false));
             let signals = Arc::clone(&shutdown);
             std::thread::spawn(move || runtime.block_on(wait_for_signals(signals)));
@@ -304,7 +304,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 fn produce(args: ProduceArgs) -> anyhow::Result<()> {
     let mut config = Config::load(args.config.as_deref(), std::env::vars())?;
     if let Some(partitions) = args.partitions {
-        config.worker.partitions = partitions;
+        config.kafka.partitions = partitions;
     }
     let client = kafka::client_config(&config);
     let topics = &config.file.topics;

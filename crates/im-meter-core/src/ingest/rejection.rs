@@ -127,7 +127,7 @@ impl Rejection {
         match event.action {
             super::Action::GroupStats { group_count } if group_count > max_group_count => Err(Rejection::new(
                 RejectReason::Implausible,
-                format!("`group_count` {group_count} is over the plausible {max_group_count} (metering.max_group_count)"),
+                format!("`group_count` {group_count} is over the plausible {max_group_count} (billing.max_group_count)"),
             )),
             _ => Ok(()),
         }
@@ -171,7 +171,7 @@ mod tests {
         assert_eq!(Rejection::check_plausible(&event(100), 100), Ok(()));
         let refused = Rejection::check_plausible(&event(u64::MAX), 100).unwrap_err();
         assert_eq!(refused.reason.code(), "implausible");
-        assert!(refused.detail.contains("metering.max_group_count"), "{}", refused.detail);
+        assert!(refused.detail.contains("billing.max_group_count"), "{}", refused.detail);
     }
 
     #[test]

@@ -126,9 +126,9 @@ fn usage_report(api: &Api, app_id: AppId, month: Month, now: Timestamp) -> Resul
         None => MonthlyUsage::empty(app_id, month),
     };
     let (start, end) = (tz.start_of_month(month), tz.end_of_month(month));
-    let charges = bill_month(&ledger.book, &usage, &api.config.prices);
+    let charges = bill_month(&ledger.book, &usage, &api.config.billing.prices);
     let projected = project_month_end(&usage, now.millis() - start.millis(), end.millis() - start.millis());
-    let projected_charges = bill_month(&ledger.book, &projected, &api.config.prices);
+    let projected_charges = bill_month(&ledger.book, &projected, &api.config.billing.prices);
     let elapsed_days =
         ((now.millis().clamp(start.millis(), end.millis()) - start.millis()) as f64) / 86_400_000.0;
     Ok(json!({

@@ -480,7 +480,7 @@ fn restore(config: &Config, client: &ClientConfig, partition: i32) -> anyhow::Re
     let started = Instant::now();
     let topics = &config.file.topics;
     let id = format!("{}-billing-{partition}", config.file.kafka.group_id);
-    let outbox = Outbox::transactional(client, &id, config.worker.transaction_timeout, "bill")?;
+    let outbox = Outbox::transactional(client, &id, config.kafka.transaction_timeout, "bill")?;
     let mut task = Task::new(outbox);
     let mut next_offset = task.read(client, &topics.billing_changelog, partition)?;
     if task.book.billed_through().is_none()
@@ -524,7 +524,7 @@ fn bill(
     let Shape { partition, partitions } = shape;
     let pricing = Pricing {
         subscriptions,
-        prices: &config.prices,
+        prices: &config.billing.prices,
         precision: config.meter.precision,
         grid: config.meter.grid,
     };

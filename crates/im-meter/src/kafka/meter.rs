@@ -215,12 +215,12 @@ pub fn run(config: &Config, member: usize, shutdown: &AtomicBool, board: &Board)
     let billing_partitions = changelog::partition_count(&client, &topics.billing_changelog)?;
     // Stable across restarts of this worker with as many threads, so that it fences its
     // crashed predecessor at once.
-    let mut transactional_id = format!("{}-meter-{}", config.file.kafka.group_id, config.worker.instance_id);
+    let mut transactional_id = format!("{}-meter-{}", config.file.kafka.group_id, config.kafka.instance_id);
     if member > 0 {
         transactional_id.push_str(&format!("-{member}"));
     }
     let outbox =
-        Outbox::transactional(&client, &transactional_id, config.worker.transaction_timeout, "meter")?;
+        Outbox::transactional(&client, &transactional_id, config.kafka.transaction_timeout, "meter")?;
     let outbox = BackgroundOutbox::start(outbox, &format!("im-meter-commit-{member}"))?;
     let stage = Arc::new(Mutex::new(Stage {
         config: config.clone(),
@@ -246,9 +246,9 @@ pub fn run(config: &Config, member: usize, shutdown: &AtomicBool, board: &Board)
     consumer.subscribe(&[&topics.events]).context("cannot subscribe to the events topic")?;
     info!(topic = %topics.events, %transactional_id, "meter: started");
 
-    let commit_interval = config.worker.commit_interval;
+    let commit_interval = config.kafka.commit_interval;
     // Idle checks ask the broker for partition ends: not on every commit.
-    let idle_check_every = (config.worker.idle_partition_timeout / 2).max(Duration::from_millis(500));
+    let idle_check_every = (config.kafka.idle_partition_timeout / 2).max(Duration::from_millis(500));
     let mut last_idle_check = Instant::now();
     // Declared after the consumer, so dropped before it (the borrow checker insists).
     let mut queues: BTreeMap<i32, PartitionQueue<'_>> = BTreeMap::new();
@@ -398,7 +398,7 @@ impl Stage {
         for p in &missing {
             wanted.add_partition(topic, *p);
         }
-        let timeout = self.config.worker.transaction_timeout;
+        let timeout = self.config.kafka.transaction_timeout;
         let committed = with_retries("reading committed offsets", || {
             consumer.committed_offsets(wanted.clone(), timeout)
         })?;
@@ -450,7 +450,7 @@ impl Stage {
     /// from state older than the offsets would lose the events in between, so the read is
     /// repeated until the state says it reflects exactly the committed offset.
     fn restore_at(&self, p: i32, committed: i64) -> anyhow::Result<Task> {
-        let deadline = Instant::now() + self.config.worker.transaction_timeout + Duration::from_secs(30);
+        let deadline = Instant::now() + self.config.kafka.transaction_timeout + Duration::from_secs(30);
         loop {
             let mut task = self.restore(p)?;
             match task.meter.input_offset() {
@@ -488,8 +488,8 @@ impl Stage {
         let decoded = decode_usage_event(record.payload).and_then(|event| {
             // Never applied, so it never moves event time: one broken clock must not close
             // months for everyone.
-            Rejection::check_not_future(event.ts, self.now, self.config.max_clock_skew)
-                .and_then(|()| Rejection::check_plausible(&event, self.config.max_group_count))
+            Rejection::check_not_future(event.ts, self.now, self.config.billing.max_clock_skew)
+                .and_then(|()| Rejection::check_plausible(&event, self.config.billing.max_group_count))
                 .map(|()| event)
         });
         let rejection = match decoded {
@@ -522,7 +522,7 @@ impl Stage {
     /// caught up with the partition's end *and* silent for `idle_partition_timeout`; a
     /// partition with a backlog is never idle, however long its records take to arrive.
     fn follow_idle_partitions(&mut self, consumer: &BaseConsumer<StageContext>) {
-        let idle_after = self.config.worker.idle_partition_timeout;
+        let idle_after = self.config.kafka.idle_partition_timeout;
         let topic = &self.config.file.topics.events;
         let positions = consumer.position().unwrap_or_default();
         let idle: BTreeSet<i32> = self
@@ -606,7 +606,7 @@ impl Stage {
         let mut offsets = TopicPartitionList::new();
         let mut records: Vec<Outgoing> = Vec::new();
         let mut for_billing: Vec<Outgoing> = Vec::new();
-        let max_value = self.config.worker.max_value_bytes;
+        let max_value = self.config.kafka.max_value_bytes;
         let mut closes_month = false;
         let mut anything = false;
         for (&p, task) in self.tasks.iter_mut() {
@@ -727,7 +727,7 @@ impl Stage {
     fn rewind(&mut self, consumer: &BaseConsumer<StageContext>) -> anyhow::Result<()> {
         self.tasks.clear();
         self.dead_letters.clear();
-        let timeout = self.config.worker.transaction_timeout;
+        let timeout = self.config.kafka.transaction_timeout;
         let assignment = consumer.assignment().context("cannot read the assignment")?;
         let committed = with_retries("reading committed offsets", || {
             consumer.committed_offsets(assignment.clone(), timeout)

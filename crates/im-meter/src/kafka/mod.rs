@@ -40,7 +40,7 @@ pub fn client_config(config: &Config) -> ClientConfig {
 /// ever committed inside transactions, read_committed, cooperative rebalancing, and a new
 /// group starting at the beginning of its topics.
 pub fn group_member(config: &Config, group: &str) -> ClientConfig {
-    let max_poll = config.worker.max_poll_interval;
+    let max_poll = config.kafka.max_poll_interval;
     // librdkafka requires the session timeout not to exceed the poll interval.
     let session = max_poll.min(std::time::Duration::from_secs(45));
     let mut member = client_config(config);
@@ -55,7 +55,7 @@ pub fn group_member(config: &Config, group: &str) -> ClientConfig {
         // A subscription sees partitions added to its topics at the next refresh.
         .set(
             "topic.metadata.refresh.interval.ms",
-            config.worker.metadata_refresh_interval.as_millis().to_string(),
+            config.kafka.metadata_refresh_interval.as_millis().to_string(),
         );
     member
 }

@@ -34,7 +34,7 @@ pub enum Role {
 pub async fn prepare_topics(config: &Config) -> anyhow::Result<usize> {
     let client = client_config(config);
     let t = &config.file.topics;
-    let n = config.worker.partitions;
+    let n = config.kafka.partitions;
     let plain = |name| TopicSpec { name, partitions: n, config: vec![] };
     ensure_topics(&client, &[plain(&t.events), plain(&t.subscriptions)]).await?;
     let events = changelog::partition_count(&client, &t.events)? as i32;
@@ -90,7 +90,7 @@ type Stage<'a> = Box<dyn FnOnce(&AtomicBool) -> anyhow::Result<()> + Send + 'a>;
 pub fn run(config: &Config, role: Role, shutdown: Arc<AtomicBool>, board: &Board) -> anyhow::Result<()> {
     let mut stages: Vec<(String, Stage<'_>)> = Vec::new();
     if matches!(role, Role::All | Role::Meter) {
-        for member in 0..config.worker.meter_threads {
+        for member in 0..config.kafka.meter_threads {
             let stage: Stage<'_> = Box::new(move |stop| meter::run(config, member, stop, board));
             stages.push((format!("meter-{member}"), stage));
         }

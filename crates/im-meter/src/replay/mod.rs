@@ -112,8 +112,8 @@ fn meter_events(
         let now = Timestamp(crate::status::now_ms());
         let read = input::for_each_line(&input.events, input.progress, |line, bytes| {
             let decoded = decode_usage_event(bytes).and_then(|event| {
-                Rejection::check_not_future(event.ts, now, config.max_clock_skew)
-                    .and_then(|()| Rejection::check_plausible(&event, config.max_group_count))
+                Rejection::check_not_future(event.ts, now, config.billing.max_clock_skew)
+                    .and_then(|()| Rejection::check_plausible(&event, config.billing.max_group_count))
                     .map(|()| event)
             });
             match decoded {
@@ -180,7 +180,8 @@ fn close_and_bill(
     let grid = config.meter.grid;
     let billed_months: Vec<Month> = meter.active_months().iter().copied().collect();
     let apps: BTreeSet<AppId> = meter.apps().into_iter().chain(subscriptions.apps()).collect();
-    let pricing = Pricing { subscriptions, prices: &config.prices, precision: config.meter.precision, grid };
+    let pricing =
+        Pricing { subscriptions, prices: &config.billing.prices, precision: config.meter.precision, grid };
     let mut book = BillingBook::new();
     for month in billed_months {
         for (app_id, mut aggregate) in meter.close_month(month) {
