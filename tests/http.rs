@@ -331,3 +331,38 @@ fn sasl_passwords_never_reach_the_logs_or_the_printed_config() {
     assert!(log.contains("sasl_password: Secret(<redacted>)"), "{log}");
     assert!(!log.contains(SECRET), "the password leaked into the log");
 }
+
+/// With `http.api_token` set, the usage API answers 401 without the bearer token (or with
+/// another), and the token opens it; the operator endpoints stay open; the token is never
+/// printed.
+#[test]
+fn the_usage_api_requires_the_token_when_one_is_set() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    const TOKEN: &str = "s3cret-api-token-5521";
+    let printed = Command::new(env!("CARGO_BIN_EXE_im-meter"))
+        .arg("config")
+        .env("IM_METER__HTTP__API_TOKEN", TOKEN)
+        .output()
+        .unwrap();
+    let printed = String::from_utf8_lossy(&printed.stdout).into_owned();
+    assert!(printed.contains(r#"api_token = "<redacted>""#) && !printed.contains(TOKEN), "{printed}");
+
+    let d = Deployment::new("token");
+    let mut worker = json_worker(&d, &[("IM_METER__HTTP__API_TOKEN", TOKEN)]);
+    let address = worker.http_address();
+    let path = "/v1/months/2026-09/charges";
+    for headers in
+        ["", "Authorization: Bearer wrong-token-0000000000\r\n", "Authorization: s3cret-api-token-5521\r\n"]
+    {
+        let (status, body) = http_get_with(address, path, headers);
+        assert_eq!(status, 401, "{headers:?}: {body}");
+        assert!(body.contains("Authorization: Bearer"), "{body}");
+    }
+    let (status, body) = http_get_with(address, path, &format!("Authorization: Bearer {TOKEN}\r\n"));
+    assert_eq!(status, 404, "the token opens the API (September is not billed): {body}");
+    for open in ["/healthz", "/metrics"] {
+        assert_eq!(http_get(address, open).0, 200, "{open} stays open");
+    }
+    assert!(!worker.log_text().contains(TOKEN), "the token leaked into the log");
+    worker.stop();
+}

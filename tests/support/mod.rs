@@ -367,10 +367,15 @@ pub fn read_all(topic: &str) -> Vec<Record> {
 /// `GET path` on `address`: the status code and the body. A small HTTP/1.1 client: the
 /// endpoints answer with a Content-Length and close the connection when asked.
 pub fn http_get(address: std::net::SocketAddr, path: &str) -> (u16, String) {
+    http_get_with(address, path, "")
+}
+
+/// [`http_get`] with extra header lines (each ending in `\r\n`).
+pub fn http_get_with(address: std::net::SocketAddr, path: &str, headers: &str) -> (u16, String) {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect_timeout(&address, Duration::from_secs(5)).unwrap();
     stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n").unwrap();
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {address}\r\n{headers}Connection: close\r\n\r\n").unwrap();
     let mut response = Vec::new();
     stream.read_to_end(&mut response).unwrap();
     let text = String::from_utf8(response).unwrap();

@@ -84,6 +84,8 @@ impl Default for FileConfig {
                 top_apps: 10,
                 stall_timeout: "60s".into(),
                 history_months: 3,
+                api_token: Secret::default(),
+                api_token_file: String::new(),
             },
         }
     }
@@ -243,6 +245,11 @@ pub struct HttpSection {
     pub stall_timeout: String,
     /// Closed months whose usage and charges the usage API keeps in memory.
     pub history_months: i64,
+    /// Bearer token the usage API (`/v1/...`) requires; empty: open. Set it from an
+    /// environment variable (`IM_METER__HTTP__API_TOKEN`) or `api_token_file`, not in the file.
+    pub api_token: Secret,
+    /// A file holding the API token (e.g. a mounted Kubernetes secret); empty: none.
+    pub api_token_file: String,
 }
 
 /// A validated configuration, in the types the program uses: one field per section of the
@@ -284,6 +291,8 @@ pub struct HttpSettings {
     pub stall_timeout: Duration,
     /// Closed months the usage API holds.
     pub history_months: usize,
+    /// The bearer token `/v1/...` requires (`None`: the API is open).
+    pub api_token: Option<Secret>,
 }
 
 /// The Kafka worker's settings, validated.
@@ -432,6 +441,24 @@ fn topic_name(name: &str) -> Result<(), String> {
     legal.then_some(()).ok_or_else(|| format!("{name:?} is not a legal Kafka topic name"))
 }
 
+/// The usage API's token: `http.api_token`, or the trimmed content of `http.api_token_file`.
+fn api_token(token: &Secret, file: &str) -> Result<Option<Secret>, String> {
+    let file = file.trim();
+    match (token.expose().is_empty(), file.is_empty()) {
+        (true, true) => Ok(None),
+        (false, true) => Ok(Some(token.clone())),
+        (true, false) => {
+            let text = std::fs::read_to_string(file).map_err(|e| format!("cannot read {file:?}: {e}"))?;
+            let text = text.trim();
+            if text.is_empty() {
+                return Err(format!("{file:?} is empty"));
+            }
+            Ok(Some(Secret(text.to_string())))
+        }
+        (false, false) => Err("set http.api_token or http.api_token_file, not both".into()),
+    }
+}
+
 /// The problems found so far, each naming its field.
 #[derive(Default)]
 struct Problems(Vec<String>);
@@ -464,6 +491,14 @@ fn within<T: TryFrom<i64>>(value: i64, accept: impl FnOnce(&T) -> bool, why: &st
 }
 
 impl FileConfig {
+    /// The configuration with every secret replaced by `<redacted>`, to print or log.
+    pub fn redacted(&self) -> FileConfig {
+        let mut shown = self.clone();
+        shown.kafka.sasl_password = self.kafka.sasl_password.redacted();
+        shown.http.api_token = self.http.api_token.redacted();
+        shown
+    }
+
     /// Checks every field and converts to the program's types, reporting all problems.
     /// Every default lives in [`FileConfig::default`]; this only reads and checks.
     pub fn validate(self) -> Result<Config, ConfigErrors> {
@@ -564,6 +599,7 @@ impl FileConfig {
             "http.history_months",
             within(h.history_months, |n: &usize| (1..=120).contains(n), "must be 1 to 120 months"),
         );
+        let api_token = p.take("http.api_token_file", api_token(&h.api_token, &h.api_token_file));
 
         // Every value is `Some` exactly when no problem was found.
         let built = (|| {
@@ -607,6 +643,7 @@ impl FileConfig {
                     top_apps: top_apps?,
                     stall_timeout: stall_timeout?,
                     history_months: history_months?,
+                    api_token: api_token?,
                 },
                 file: self.clone(),
             })
@@ -704,6 +741,26 @@ mod tests {
         let err = Config::load(Some(&path), env(&[])).unwrap_err();
         assert!(err.to_string().contains("billing"), "{err}");
         assert!(err.to_string().contains("timezon"), "{err}");
+    }
+
+    #[test]
+    fn the_api_token_comes_from_the_environment_or_a_file_and_never_shows() {
+        let file = std::env::temp_dir().join(format!("im-meter-api-token-{}", std::process::id()));
+        std::fs::write(&file, "from-a-file\n").unwrap();
+        let path = file.to_str().unwrap();
+        let from_file = Config::load(None, env(&[("IM_METER__HTTP__API_TOKEN_FILE", path)])).unwrap();
+        assert_eq!(from_file.http.api_token.as_ref().map(Secret::expose), Some("from-a-file"));
+        assert!(!format!("{from_file:?}").contains("from-a-file"), "the token shows in Debug");
+        let from_env = Config::load(None, env(&[("IM_METER__HTTP__API_TOKEN", "from-env")])).unwrap();
+        assert_eq!(from_env.http.api_token.as_ref().map(Secret::expose), Some("from-env"));
+        assert!(Config::load(None, env(&[])).unwrap().http.api_token.is_none(), "open by default");
+        let both = env(&[("IM_METER__HTTP__API_TOKEN", "x"), ("IM_METER__HTTP__API_TOKEN_FILE", path)]);
+        let missing = env(&[("IM_METER__HTTP__API_TOKEN_FILE", "/nonexistent/token")]);
+        for bad in [both, missing] {
+            let err = Config::load(None, bad).unwrap_err().to_string();
+            assert!(err.contains("http.api_token_file"), "{err}");
+        }
+        std::fs::remove_file(&file).unwrap();
     }
 
     #[test]

@@ -293,9 +293,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Config { config } => {
-            let mut config = Config::load(config.as_deref(), std::env::vars())?;
-            config.file.kafka.sasl_password = config.file.kafka.sasl_password.redacted();
-            print!("{}", toml::to_string(&config.file)?);
+            let config = Config::load(config.as_deref(), std::env::vars())?;
+            print!("{}", toml::to_string(&config.file.redacted())?);
             Ok(())
         }
     }

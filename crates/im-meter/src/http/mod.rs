@@ -67,14 +67,48 @@ pub fn start(api: Api) -> anyhow::Result<SocketAddr> {
 
 /// Every route.
 pub fn router(api: Arc<Api>) -> Router {
+    // The usage API shows what each app pays: behind `http.api_token` when one is set.
+    let usage_api = Router::new()
+        .route("/v1/apps/{app_id}/usage", get(usage::app_usage))
+        .route("/v1/months/{month}/charges", get(usage::month_charges))
+        .route_layer(axum::middleware::from_fn_with_state(Arc::clone(&api), require_token));
     Router::new()
         .route("/metrics", get(metrics_text))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .route("/v1/apps/{app_id}/usage", get(usage::app_usage))
-        .route("/v1/months/{month}/charges", get(usage::month_charges))
+        .merge(usage_api)
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") })
         .with_state(api)
+}
+
+/// Lets a request through when no token is configured or it carries
+/// `Authorization: Bearer <token>`; answers 401 otherwise.
+async fn require_token(
+    State(api): State<Arc<Api>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let Some(token) = &api.config.http.api_token else {
+        return next.run(request).await;
+    };
+    let given = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if given.is_some_and(|g| same_secret(g.as_bytes(), token.expose().as_bytes())) {
+        return next.run(request).await;
+    }
+    let mut response =
+        ApiError::new(StatusCode::UNAUTHORIZED, "this endpoint needs Authorization: Bearer <http.api_token>")
+            .into_response();
+    response.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+    response
+}
+
+/// Compares two secrets in time that depends on their lengths only, not on where they differ.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |diff, (x, y)| diff | (x ^ y)) == 0
 }
 
 /// An error as the API returns it: a status and `{"error": "..."}`.

@@ -255,6 +255,8 @@ pub fn run(config: &Config, member: usize, shutdown: &AtomicBool, board: &Board)
     let mut batch = Batch::with_capacity(BATCH);
     let mut wait = Duration::ZERO;
     let status = lock(&stage)?.status.clone();
+    // The stage's lock, for the moments the loop lets go of it (the name is shadowed below).
+    let stage_handle = Arc::clone(&stage);
     let pause = std::env::var_os(PAUSE_FILE).map(std::path::PathBuf::from);
     loop {
         // A failpoint for the stall test: the loop stops polling while the file exists.
@@ -321,7 +323,20 @@ pub fn run(config: &Config, member: usize, shutdown: &AtomicBool, board: &Board)
         }
         if last_idle_check.elapsed() >= idle_check_every {
             last_idle_check = Instant::now();
-            stage.follow_idle_partitions(&consumer);
+            // Which silent partitions have read everything is a broker round trip each: asked
+            // without the stage locked, so the usage API and the metrics never wait for it.
+            // Nothing else changes the stage meanwhile: records and rebalances are handled on
+            // this thread only.
+            let silent = stage.silent_partitions(&consumer);
+            drop(stage);
+            let topic = &config.file.topics.events;
+            let idle: BTreeSet<i32> = silent
+                .into_iter()
+                .filter(|&(p, next)| caught_up(&consumer, topic, p, next))
+                .map(|(p, _)| p)
+                .collect();
+            stage = lock(&stage_handle)?;
+            stage.follow_idle_partitions(&idle);
         }
         if stage.last_commit.elapsed() >= commit_interval {
             stage.commit(&consumer)?;
@@ -517,23 +532,24 @@ impl Stage {
         Ok(())
     }
 
-    /// Moves the event time of idle partitions forward: to the latest event time of this
-    /// worker's busy partitions, or, when every partition is idle, to the clock. Idle means
-    /// caught up with the partition's end *and* silent for `idle_partition_timeout`; a
-    /// partition with a backlog is never idle, however long its records take to arrive.
-    fn follow_idle_partitions(&mut self, consumer: &BaseConsumer<StageContext>) {
+    /// The partitions silent for `idle_partition_timeout`, each with the offset it will
+    /// read next: idle once that is the partition's end ([`caught_up`]).
+    fn silent_partitions(&self, consumer: &BaseConsumer<StageContext>) -> Vec<(i32, Option<i64>)> {
         let idle_after = self.config.kafka.idle_partition_timeout;
         let topic = &self.config.file.topics.events;
         let positions = consumer.position().unwrap_or_default();
-        let idle: BTreeSet<i32> = self
-            .tasks
+        self.tasks
             .iter()
             .filter(|(_, t)| t.last_record.elapsed() >= idle_after)
-            .filter(|(p, t)| {
-                caught_up(consumer, topic, **p, t.next_offset.max(position(&positions, topic, **p)))
-            })
-            .map(|(p, _)| *p)
-            .collect();
+            .map(|(&p, t)| (p, t.next_offset.max(position(&positions, topic, p))))
+            .collect()
+    }
+
+    /// Moves the event time of the `idle` partitions forward: to the latest event time of
+    /// this worker's busy partitions, or, when every partition is idle, to the clock. Idle
+    /// means caught up with the partition's end *and* silent for `idle_partition_timeout`; a
+    /// partition with a backlog is never idle, however long its records take to arrive.
+    fn follow_idle_partitions(&mut self, idle: &BTreeSet<i32>) {
         let busy_watermark = self
             .tasks
             .iter()
@@ -547,7 +563,7 @@ impl Stage {
             None if idle.len() == self.tasks.len() => Timestamp(now_ms() / 60_000 * 60_000),
             None => return,
         };
-        for p in &idle {
+        for p in idle {
             if let Some(task) = self.tasks.get_mut(p) {
                 task.meter.advance_watermark(target);
             }
