@@ -564,6 +564,13 @@ fn billing_goes_on_from_the_old_layout_and_never_changes_a_billed_month() {
 /// A bill's commit succeeds but is reported failed (its answer lost, the abort refused):
 /// billing learns from Kafka whether the month was published before it bills again, so
 /// every `charge_id` and every alert is published once.
+///
+/// What this checks, and what it cannot: each output key once, and that the task read its
+/// partition back before its next step. Code that simply retried would usually read its own
+/// billed-through mark back before its next round here (the failure path is quick) and not
+/// publish twice in this run; it fails this test by never reading the partition back. A
+/// duplicate needs the next round to come before that read (a long abort while other records
+/// queue up), which a test cannot arrange reliably.
 #[test]
 fn a_bill_whose_commit_is_reported_failed_is_published_once() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());

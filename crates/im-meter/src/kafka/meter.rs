@@ -6,8 +6,9 @@
 //! commit (to the billing changelog's partition of its app), month-closed markers (to every
 //! billing changelog partition) and the dead letters. Either all of it becomes visible or
 //! none of it does, so the committed state always matches the committed offsets.
-//! Preconditions: the changelogs are compacted, readers use `read_committed`, and a restarted worker keeps its
-//! `instance_id` (its transactional id), which fences its crashed predecessor at once.
+//! Preconditions: the changelogs are compacted, readers use `read_committed`, and a
+//! restarted worker keeps its `instance_id` (its transactional id), which fences its
+//! crashed predecessor at once.
 //!
 //! On assignment a partition's meter is rebuilt from its changelog partition before any of
 //! its records is applied; on revocation the open work is committed inside the rebalance
