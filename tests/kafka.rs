@@ -600,3 +600,70 @@ fn a_bill_whose_commit_is_reported_failed_is_published_once() {
     by_key(read_all(&d.topic("alerts")));
     workers.pop().unwrap().stop();
 }
+
+/// A plan change dated September 30, 23:30 that arrives after October was billed never
+/// changes September: it goes to the dead letters as `late` and takes effect from October,
+/// the first open month. A plan change produced just before September closes is in
+/// September's bill (billing reads the subscriptions to their end before it bills).
+#[test]
+fn a_plan_change_read_after_its_month_was_billed_takes_effect_from_the_next_month() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    // One partition, closed by event time only (never by the clock): which months are
+    // open does not depend on today's date.
+    let d = Deployment::with_partitions("late-plan", 1);
+    let app = 1_400_000_001u64;
+    let login =
+        |user: &str, ts: &str| format!(r#"{{"type":"login","app_id":{app},"user_id":"{user}","ts":"{ts}"}}"#);
+    let created = format!(r#"{{"type":"app_created","app_id":{app},"ts":"2026-01-01T00:00:00+08:00"}}"#);
+    let standard = format!(
+        r#"{{"type":"plan_changed","app_id":{app},"ts":"2026-09-10T00:00:00+08:00","plan":"standard"}}"#
+    );
+    let premium = format!(
+        r#"{{"type":"plan_changed","app_id":{app},"ts":"2026-09-30T23:30:00+08:00","plan":"premium"}}"#
+    );
+    let settings = [("IM_METER__KAFKA__IDLE_PARTITION_TIMEOUT", "1h")];
+    let mut worker = d.worker_with("a", &settings, &[]);
+    let usage_topic = d.topic("usage");
+    let usage_of = |month: &str| {
+        let (key, topic) = (format!("{app}/{month}"), usage_topic.clone());
+        move || read_all(&topic).into_iter().find(|r| r.key.as_deref() == Some(key.as_bytes()))
+    };
+    // September, its Standard plan sent just before the event that closes it.
+    let september = [login("u1", "2026-09-05T10:00:00+08:00"), login("u2", "2026-10-02T10:00:00+08:00")];
+    d.produce_files(&d.file("september.ndjson", &september), &d.file("subs-1.ndjson", &[created, standard]));
+    eventually(Duration::from_secs(90), "September's usage", usage_of("2026-09"));
+    // The late change, then the event that closes October.
+    let november = [login("u3", "2026-11-02T10:00:00+08:00")];
+    d.produce_files(
+        &d.file("november.ndjson", &november),
+        &d.file("subs-2.ndjson", std::slice::from_ref(&premium)),
+    );
+    eventually(Duration::from_secs(90), "October's usage", usage_of("2026-10"));
+    worker.assert_alive();
+
+    let charges = by_key(read_all(&d.topic("charges")));
+    let fee = |month: &str| &charges[&format!("{app}/{month}/plan_fee")];
+    assert_eq!(fee("2026-09")["plan"], "standard", "{charges:?}");
+    assert_eq!(fee("2026-10")["plan"], "premium", "{charges:?}");
+    assert_eq!(fee("2026-10")["amount"], "699.00", "a whole month of Premium");
+    let late: Vec<Record> =
+        read_all(&d.topic("dead_letters")).into_iter().filter(|r| r.headers["reason"] == "late").collect();
+    assert_eq!(late.len(), 1, "{late:?}");
+    assert_eq!(late[0].value, premium.as_bytes());
+    assert!(late[0].headers["detail"].contains("2026-10-01T00:00:00+08:00"), "{:?}", late[0].headers);
+
+    // A new process, restored from Kafka, reads the change as late too: November is
+    // Premium, nothing is published twice (by_key), no second dead letter.
+    worker.stop();
+    let mut worker = d.worker_with("a", &settings, &[]);
+    let december = [login("u4", "2026-12-01T02:00:00+08:00")];
+    d.produce_lines(&december);
+    eventually(Duration::from_secs(90), "November's usage", usage_of("2026-11"));
+    worker.assert_alive();
+    let charges = by_key(read_all(&d.topic("charges")));
+    assert_eq!(charges[&format!("{app}/2026-11/plan_fee")]["plan"], "premium", "{charges:?}");
+    assert_eq!(charges[&format!("{app}/2026-09/plan_fee")]["plan"], "standard", "{charges:?}");
+    let letters = read_all(&d.topic("dead_letters"));
+    assert_eq!(letters.iter().filter(|r| r.headers["reason"] == "late").count(), 1, "{letters:?}");
+    worker.stop();
+}

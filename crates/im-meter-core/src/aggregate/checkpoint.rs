@@ -14,6 +14,8 @@
 //! metering hands to billing: `u/{app}/{YYYY-MM}/{source}` (a source's usage of a closed
 //! month), `w/{source}` (how far the source has closed months), `x/…` (quota crossings).
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 use super::CodecError;
@@ -142,6 +144,12 @@ pub enum ChangelogKey {
         /// The subscriptions partition.
         partition: u32,
     },
+    /// `s/{YYYY-MM}`: how far each subscriptions partition had been read when the month was
+    /// billed in the partition the record sits in (a [`SubscriptionsRead`]).
+    SubscriptionsRead {
+        /// The month billed.
+        month: Month,
+    },
     /// `a/{app}/{YYYY-MM}`: the quota alert of the app-month was published.
     Alerted {
         /// The app.
@@ -166,6 +174,7 @@ impl ChangelogKey {
             }
             ChangelogKey::Alerted { app_id, month } => format!("a/{app_id}/{month}").into_bytes(),
             ChangelogKey::PlanCopied { partition } => format!("o/{partition}").into_bytes(),
+            ChangelogKey::SubscriptionsRead { month } => format!("s/{month}").into_bytes(),
         }
     }
 
@@ -175,7 +184,7 @@ impl ChangelogKey {
             || CodecError::Corrupt(format!("not a changelog key: {:?}", String::from_utf8_lossy(bytes)));
         match bytes.first() {
             Some(b'b') if bytes.len() == 1 => Ok(ChangelogKey::Billed),
-            Some(b'u' | b'w' | b'x' | b'a' | b'o') => {
+            Some(b'u' | b'w' | b'x' | b'a' | b'o' | b's') => {
                 let text = std::str::from_utf8(bytes).map_err(|_| bad())?;
                 let parts: Vec<&str> = text.split('/').collect();
                 match parts.as_slice() {
@@ -194,6 +203,9 @@ impl ChangelogKey {
                     }),
                     ["o", partition] => {
                         Ok(ChangelogKey::PlanCopied { partition: partition.parse().map_err(|_| bad())? })
+                    }
+                    ["s", month] => {
+                        Ok(ChangelogKey::SubscriptionsRead { month: month.parse().map_err(|_| bad())? })
                     }
                     ["a", app, month] => Ok(ChangelogKey::Alerted {
                         app_id: app.parse().map_err(|_| bad())?,
@@ -244,6 +256,40 @@ impl ClosedMark {
             month => Some(month.parse().map_err(|_| bad())?),
         };
         Ok(ClosedMark { through, first_active })
+    }
+}
+
+/// How far each subscriptions partition had been read (the offset after the last record
+/// applied; a partition not named: none) when a month was billed. Records at or after these
+/// offsets were read after the bill, so they cannot have changed it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SubscriptionsRead(pub BTreeMap<u32, i64>);
+
+impl SubscriptionsRead {
+    /// The record's value, readable text: `0=15 1=7`.
+    pub fn encode(&self) -> Vec<u8> {
+        let pairs: Vec<String> = self.0.iter().map(|(p, o)| format!("{p}={o}")).collect();
+        pairs.join(" ").into_bytes()
+    }
+
+    /// Reads a value written by [`SubscriptionsRead::encode`].
+    pub fn decode(bytes: &[u8]) -> Result<Self, CodecError> {
+        let bad = || {
+            CodecError::Corrupt(format!("not subscription positions: {:?}", String::from_utf8_lossy(bytes)))
+        };
+        let text = std::str::from_utf8(bytes).map_err(|_| bad())?;
+        text.split_whitespace()
+            .map(|pair| {
+                let (p, o) = pair.split_once('=').ok_or_else(bad)?;
+                Ok((p.parse().map_err(|_| bad())?, o.parse().map_err(|_| bad())?))
+            })
+            .collect::<Result<_, _>>()
+            .map(SubscriptionsRead)
+    }
+
+    /// How far partition `partition` had been read.
+    pub fn of(&self, partition: u32) -> i64 {
+        self.0.get(&partition).copied().unwrap_or(0)
     }
 }
 

@@ -19,7 +19,7 @@ pub mod unique;
 mod usage;
 
 pub use app_month::{merge_shares, AppMonthAggregate, CodecError, ExactCounts};
-pub use checkpoint::{billing_partition, ChangelogKey, ClosedMark, StateKey, StateRecord};
+pub use checkpoint::{billing_partition, ChangelogKey, ClosedMark, StateKey, StateRecord, SubscriptionsRead};
 pub use meter::{ClosedMonth, Meter, MeterSettings, MonthsClosed, Outcome};
 pub use pcc::{SampleGrid, SampleIntervalError};
 pub use unique::{Precision, PrecisionError, UniqueUsers, EXACT_LIMIT};

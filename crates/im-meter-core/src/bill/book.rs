@@ -15,7 +15,7 @@ use super::{bill_month, quota_alert, Charge, PriceBook, QuotaAlert, Subscription
 use crate::aggregate::meter::QUOTA_WATCH;
 use crate::aggregate::{
     merge_shares, AppMonthAggregate, ChangelogKey, ClosedMark, CodecError, MonthlyUsage, Precision,
-    SampleGrid,
+    SampleGrid, SubscriptionsRead,
 };
 use crate::plan::AppId;
 use crate::time::Month;
@@ -96,6 +96,36 @@ pub enum BookError {
     },
 }
 
+/// When each month of a billing partition was billed, as how far the subscriptions had been
+/// read then: what says, for any subscription record, which months were billed before it
+/// was read — the same answer live and after a restore.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BilledPositions(BTreeMap<Month, SubscriptionsRead>);
+
+impl BilledPositions {
+    /// Notes how far the subscriptions had been read when `month` was billed.
+    pub fn insert(&mut self, month: Month, read: SubscriptionsRead) {
+        self.0.insert(month, read);
+    }
+
+    /// The first month that was not billed yet when the record at `offset` of subscriptions
+    /// partition `partition` was read (`None`: no month with known positions was billed
+    /// before it). An event dated before that month is late.
+    pub fn first_open_when_read(&self, partition: u32, offset: i64) -> Option<Month> {
+        // Reading only moves forward: a later bill had read at least what an earlier one had
+        // (a partition a bill does not name had nothing new).
+        let mut read = 0;
+        let mut first_open = None;
+        for (month, positions) in &self.0 {
+            read = read.max(positions.of(partition));
+            if read <= offset {
+                first_open = Some(month.next());
+            }
+        }
+        first_open
+    }
+}
+
 /// What one billing partition knows. See the module documentation.
 #[derive(Debug, Default)]
 pub struct BillingBook {
@@ -112,6 +142,8 @@ pub struct BillingBook {
     declined: BTreeSet<(Month, AppId)>,
     /// Shares of months already billed, to refuse.
     late: BTreeMap<(Month, AppId, u32), Share>,
+    /// Per billed month, how far the subscriptions had been read when it was billed.
+    subscriptions_read: BilledPositions,
 }
 
 impl BillingBook {
@@ -150,6 +182,10 @@ impl BillingBook {
                 // What the month held is deleted after the mark, in the same transaction.
                 self.billed_through = self.billed_through.max(Some(month));
             }
+            (ChangelogKey::SubscriptionsRead { month }, Some(bytes)) => {
+                let read = SubscriptionsRead::decode(bytes).map_err(unreadable("subscription positions"))?;
+                self.subscriptions_read.insert(month, read);
+            }
             (ChangelogKey::QuotaCrossed { app_id, month, source }, Some(_)) => {
                 self.crossed.entry((month, app_id)).or_default().insert(source);
             }
@@ -158,7 +194,10 @@ impl BillingBook {
             }
             // Deletions of markers come with the month's bill, which forgets them anyway.
             (
-                ChangelogKey::QuotaCrossed { .. } | ChangelogKey::Alerted { .. } | ChangelogKey::Billed,
+                ChangelogKey::QuotaCrossed { .. }
+                | ChangelogKey::Alerted { .. }
+                | ChangelogKey::Billed
+                | ChangelogKey::SubscriptionsRead { .. },
                 None,
             ) => {}
             (ChangelogKey::State(_) | ChangelogKey::PlanCopied { .. }, _) => {}
@@ -268,6 +307,17 @@ impl BillingBook {
     pub fn billed(&mut self, month: Month) {
         self.billed_through = self.billed_through.max(Some(month));
         self.forget_through(month);
+    }
+
+    /// Notes how far the subscriptions had been read when `month` was billed (written with
+    /// its bill as [`ChangelogKey::SubscriptionsRead`]).
+    pub fn subscriptions_read(&mut self, month: Month, read: SubscriptionsRead) {
+        self.subscriptions_read.insert(month, read);
+    }
+
+    /// When each month was billed, in subscription positions.
+    pub fn billed_positions(&self) -> &BilledPositions {
+        &self.subscriptions_read
     }
 
     /// Ends a restore from the billing changelog: shares still held for months already
@@ -528,5 +578,29 @@ mod tests {
         let billed = bill(&book, "2026-11", &subs);
         assert!(billed.alerts.is_empty());
         assert!(billed.dropped.iter().any(|(k, _)| k.to_bytes() == b"a/2/2026-11"));
+    }
+
+    /// Which months were billed before a subscription record was read, from the positions
+    /// each bill wrote: the same from the records as live.
+    #[test]
+    fn the_months_billed_before_a_subscription_record_was_read() {
+        let month = |m: &str| m.parse::<Month>().unwrap();
+        let mut book = BillingBook::new();
+        let sep = SubscriptionsRead([(0, 5), (1, 2)].into_iter().collect());
+        let oct = SubscriptionsRead([(0, 9)].into_iter().collect());
+        assert_eq!(SubscriptionsRead::decode(&sep.encode()).unwrap(), sep);
+        assert!(SubscriptionsRead::decode(b"0=x").is_err());
+        let key = ChangelogKey::SubscriptionsRead { month: month("2026-09") };
+        assert_eq!(ChangelogKey::from_bytes(&key.to_bytes()).unwrap(), key);
+        book.absorb(key, Some(&sep.encode()), 0).unwrap();
+        book.subscriptions_read(month("2026-10"), oct);
+        let positions = book.billed_positions();
+        // Partition 0: offsets 0..5 read before September's bill, 5..9 before October's.
+        assert_eq!(positions.first_open_when_read(0, 4), None);
+        assert_eq!(positions.first_open_when_read(0, 5), Some(month("2026-10")));
+        assert_eq!(positions.first_open_when_read(0, 9), Some(month("2026-11")));
+        // Partition 1 is not named in October's positions: nothing new of it was read then.
+        assert_eq!(positions.first_open_when_read(1, 1), None);
+        assert_eq!(positions.first_open_when_read(1, 2), Some(month("2026-11")));
     }
 }

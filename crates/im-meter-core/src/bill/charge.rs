@@ -414,6 +414,22 @@ mod tests {
         assert!(charges.iter().all(|c| c.billing_mode == BillingMode::Original && c.plan == Plan::Pro));
     }
 
+    /// A stray trial dated before the app's creation, read first, does not unmake the
+    /// creation: the app is an original-mode Pro app and pays for its groups.
+    #[test]
+    fn a_stray_event_before_the_creation_does_not_unmake_it() {
+        let subs = subs_with(&[
+            trial(APP, "2020-03-01T00:00:00+08:00", Some("acct")),
+            created(APP, "2021-05-01T00:00:00+08:00", Some("acct")),
+            changed(APP, "2021-06-01T00:00:00+08:00", Plan::Pro),
+        ]);
+        let u = usage(nov(), |u| u.group_count_peak = 300_000);
+        let charges = bill_month(&subs, &u, &PriceBook::default());
+        let total: Decimal = charges.iter().map(|c| c.amount).sum();
+        assert_eq!(total.to_string(), "1349.97", "{:?}", lines(&charges));
+        assert!(charges.iter().all(|c| c.billing_mode == BillingMode::Original && c.plan == Plan::Pro));
+    }
+
     #[test]
     fn free_plans_have_no_charges() {
         let busy =

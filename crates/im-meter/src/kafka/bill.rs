@@ -21,10 +21,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use im_meter_core::aggregate::parts::Assembler;
-use im_meter_core::aggregate::{billing_partition, ChangelogKey};
-use im_meter_core::bill::{BillingBook, Pricing, Subscriptions};
+use im_meter_core::aggregate::{billing_partition, ChangelogKey, SubscriptionsRead};
+use im_meter_core::bill::{BilledPositions, BillingBook, Pricing, Subscriptions};
 use im_meter_core::ingest::{decode_subscription_event, RejectReason, Rejection};
-use im_meter_core::plan::AppId;
 use im_meter_core::time::{Month, Timestamp};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::{KafkaError, KafkaResult};
@@ -103,6 +102,11 @@ impl Task {
 
 /// The subscription book, fed from the plan book's copy and then the whole subscriptions
 /// topic (small: every billing task needs the plans of its apps, and reads them all).
+///
+/// Whether an event is late depends on which months its app's billing partition had billed
+/// when the event was read: the feed keeps every record and, for each task of this process,
+/// the subscription positions its months were billed at ([`BilledPositions`]); when a task
+/// is restored the book is derived again from the records, so it says what it said live.
 struct SubscriptionFeed {
     consumer: BaseConsumer<QuietEof>,
     topic: String,
@@ -110,42 +114,39 @@ struct SubscriptionFeed {
     at_end: Vec<bool>,
     /// Per partition: the offset after the last record applied (from the copy or the topic).
     seen: Vec<Option<i64>>,
+    /// Every record read, with its key; an event's origin in the book is its index here.
+    records: Vec<(SourceRecord, Option<Vec<u8>>)>,
     book: Subscriptions,
-    /// Refused subscription records, each dead-lettered by one billing task (see
-    /// [`Refused`]) with the month it belongs to.
-    refused: Vec<Refused>,
-}
-
-/// A refused subscription record and who publishes its dead letter: the billing task of the
-/// app's partition (or, when no app can be read, of the source partition's number), in
-/// the transaction billing the month of the event (or, when it has no readable time, of
-/// the record's Kafka timestamp). The billed-through mark makes that exactly once.
-struct Refused {
-    /// Which app's billing partition publishes it (`None`: by source partition).
-    app_id: Option<AppId>,
-    source_partition: i32,
-    month: Month,
-    letter: DeadLetter,
+    /// Billing partitions this process holds → when their months were billed.
+    billed: BTreeMap<i32, BilledPositions>,
+    /// Billing changelog partitions (an app's billing partition says whose it is).
+    partitions: u32,
+    /// Records that are not subscription events at all, each dead-lettered by the billing
+    /// task of the source partition's number, in the bill of the month of its Kafka time.
+    unreadable: Vec<(usize, Month, Rejection)>,
 }
 
 impl SubscriptionFeed {
     /// A feed that has applied the plan book's copy and reads the topic on from its end.
-    fn new(client: &ClientConfig, config: &Config) -> anyhow::Result<Self> {
+    fn new(client: &ClientConfig, config: &Config, billing_partitions: u32) -> anyhow::Result<Self> {
         let topics = &config.file.topics;
         let consumer: BaseConsumer<QuietEof> = changelog::reader(client)
             .create_with_context(QuietEof)
             .context("cannot create the subscriptions reader")?;
         let partitions = changelog::partition_count(client, &topics.subscriptions)? as usize;
-        let copy = plan_book::read(client, &topics.plan_book)?;
+        let mut copy = plan_book::read(client, &topics.plan_book)?;
         let mut feed = SubscriptionFeed {
             consumer,
             topic: topics.subscriptions.clone(),
             at_end: vec![false; partitions],
             seen: vec![None; partitions],
+            records: Vec::new(),
             book: Subscriptions::new(config.meter.tz),
-            refused: Vec::new(),
+            billed: BTreeMap::new(),
+            partitions: billing_partitions,
+            unreadable: Vec::new(),
         };
-        for record in &copy.records {
+        for record in std::mem::take(&mut copy.records) {
             feed.absorb(record, None);
         }
         let mut assignment = TopicPartitionList::new();
@@ -157,37 +158,95 @@ impl SubscriptionFeed {
         }
         feed.consumer.assign(&assignment)?;
         info!(
-            copied = copy.records.len(),
+            copied = feed.records.len(),
             apps = feed.book.apps().count(),
             "billing: plan book restored from its copy"
         );
         Ok(feed)
     }
 
-    /// Applies one subscription record, or notes it refused.
-    fn absorb(&mut self, record: &SourceRecord, key: Option<&[u8]>) {
+    /// Keeps one subscription record and records its event in the book, as read now.
+    fn absorb(&mut self, record: SourceRecord, key: Option<Vec<u8>>) {
         if let Some(seen) = self.seen.get_mut(record.partition as usize) {
             *seen = (*seen).max(Some(record.offset + 1));
         }
-        let (app_id, ts, why) = match decode_subscription_event(&record.payload) {
-            Ok(event) => match self.book.apply(&event) {
-                Ok(()) => return,
-                Err(why) => (Some(event.app_id), Some(event.ts), why),
-            },
-            Err(why) => (None, None, why),
+        self.records.push((record, key));
+        self.record(self.records.len() - 1);
+    }
+
+    /// Records the event of `self.records[index]` in the book, late if its app's billing
+    /// partition had billed its month before the record was read.
+    fn record(&mut self, index: usize) {
+        let (record, _) = &self.records[index];
+        match decode_subscription_event(&record.payload) {
+            Ok(event) => {
+                let partition = billing_partition(event.app_id, self.partitions) as i32;
+                let first_open = self
+                    .billed
+                    .get(&partition)
+                    .and_then(|b| b.first_open_when_read(record.partition as u32, record.offset));
+                self.book.record(&event, index as u64, first_open);
+            }
+            Err(why) => {
+                warn!(reason = why.reason.code(), detail = %why.detail, "subscription record unreadable");
+                let record_time = record.timestamp.map(Timestamp).unwrap_or(Timestamp::MIN);
+                self.unreadable.push((index, self.book.tz().month_of(record_time), why));
+            }
+        }
+    }
+
+    /// Notes that billing partition `partition` of this process billed its months at
+    /// `billed`; derives the book again from every record, as this process would have read
+    /// them live.
+    fn billed_at(&mut self, partition: i32, billed: &BilledPositions) {
+        if self.billed.get(&partition) == Some(billed) {
+            return;
+        }
+        self.billed.insert(partition, billed.clone());
+        self.book = Subscriptions::new(*self.book.tz());
+        self.unreadable.clear();
+        for index in 0..self.records.len() {
+            self.record(index);
+        }
+    }
+
+    /// How far every partition has been read: what a bill made now has seen.
+    fn read_positions(&self) -> SubscriptionsRead {
+        let seen = self.seen.iter().enumerate();
+        SubscriptionsRead(seen.map(|(p, seen)| (p as u32, seen.unwrap_or(0))).collect())
+    }
+
+    /// The dead letters billing partition `partition` publishes with its bill of `month`,
+    /// whose previous bill was of `billed_before`: the refused (and late) events of its apps
+    /// dated in the months in between, and the unreadable records of source partitions of
+    /// its number, by their Kafka time.
+    fn dead_letters(&self, partition: i32, month: Month, billed_before: Option<Month>) -> Vec<DeadLetter> {
+        let due = |m: Month| m <= month && billed_before.is_none_or(|b| m > b);
+        let letter = |index: usize, why: Rejection| {
+            let (record, key) = &self.records[index];
+            let source = Fetched {
+                topic: &self.topic,
+                partition: record.partition,
+                offset: record.offset,
+                key: key.as_deref(),
+                payload: &record.payload,
+            };
+            DeadLetter::of(&source, why)
         };
-        warn!(app_id, reason = why.reason.code(), detail = %why.detail, "subscription event refused");
-        let record_time = record.timestamp.map(Timestamp).unwrap_or(Timestamp::MIN);
-        let month = self.book.tz().month_of(ts.unwrap_or(record_time));
-        let source = Fetched {
-            topic: &self.topic,
-            partition: record.partition,
-            offset: record.offset,
-            key,
-            payload: &record.payload,
-        };
-        let letter = DeadLetter::of(&source, why);
-        self.refused.push(Refused { app_id, source_partition: record.partition, month, letter });
+        let ours = |app| billing_partition(app, self.partitions) as i32 == partition;
+        let refused = self.book.apps_logged().filter(|a| ours(*a)).flat_map(|a| self.book.refusals(a));
+        let mut letters: Vec<(usize, Rejection)> =
+            refused.filter(|r| due(r.month)).map(|r| (r.origin as usize, r.rejection)).collect();
+        letters.extend(
+            self.unreadable
+                .iter()
+                .filter(|(index, month, _)| {
+                    due(*month) && self.records[*index].0.partition % self.partitions as i32 == partition
+                })
+                .map(|(index, _, why)| (*index, why.clone())),
+        );
+        letters.sort_by_key(|(index, _)| *index);
+        letters.into_iter().map(|(index, why)| letter(index, why)).collect()
     }
 
     /// Applies the subscription events fetched so far, without waiting for more.
@@ -197,16 +256,41 @@ impl SubscriptionFeed {
         }
     }
 
-    /// Applies every subscription event up to the end of the topic as fetched now.
-    fn catch_up(&mut self) -> anyhow::Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(120);
+    /// Applies every subscription event produced before this call: reads each partition up
+    /// to its end as the broker gives it now (not as last fetched, which may be older).
+    /// `false` if that took longer than [`CATCH_UP_WAIT`] (an open transaction holds the
+    /// partition back): the caller tries again later, billing nothing meanwhile.
+    fn catch_up(&mut self) -> anyhow::Result<bool> {
+        let mut ends = Vec::with_capacity(self.seen.len());
+        for p in 0..self.seen.len() as i32 {
+            let (_, high) = self
+                .consumer
+                .fetch_watermarks(&self.topic, p, CATCH_UP_WAIT)
+                .with_context(|| format!("cannot read where {} [{p}] ends", self.topic))?;
+            ends.push(high);
+        }
+        let deadline = Instant::now() + CATCH_UP_WAIT;
         loop {
-            anyhow::ensure!(Instant::now() < deadline, "reading subscriptions took too long");
-            match self.next(Duration::from_millis(50)) {
-                Some(message) => self.handle(message),
-                // Nothing more fetched: done once every partition reported its end.
-                None if self.at_end.iter().all(|e| *e) => return Ok(()),
-                None => {}
+            let positions =
+                self.consumer.position().context("cannot read the subscriptions reader's positions")?;
+            let reached = |p: usize, end: i64| {
+                let position =
+                    positions.find_partition(&self.topic, p as i32).and_then(|e| match e.offset() {
+                        Offset::Offset(o) => Some(o),
+                        _ => None,
+                    });
+                // Past a transaction's marker the position moves on without a record.
+                end <= 0 || self.seen[p].max(position).is_some_and(|o| o >= end)
+            };
+            if ends.iter().enumerate().all(|(p, end)| reached(p, *end)) {
+                return Ok(true);
+            }
+            if Instant::now() >= deadline {
+                warn!(topic = %self.topic, ?ends, seen = ?self.seen, "billing: the subscriptions could not be read to their end in time; billing waits");
+                return Ok(false);
+            }
+            if let Some(message) = self.next(Duration::from_millis(50)) {
+                self.handle(message);
             }
         }
     }
@@ -234,7 +318,7 @@ impl SubscriptionFeed {
                 if let Some(end) = self.at_end.get_mut(record.partition as usize) {
                     *end = false;
                 }
-                self.absorb(&record, key.as_deref());
+                self.absorb(record, key);
             }
             Err(KafkaError::PartitionEOF(p)) => {
                 if let Some(end) = self.at_end.get_mut(p as usize) {
@@ -336,7 +420,7 @@ pub fn run(config: &Config, shutdown: &AtomicBool, board: &Board) -> anyhow::Res
     let topics = &config.file.topics;
     let mut sources = changelog::partition_count(&client, &topics.events)?;
     let partitions = changelog::partition_count(&client, &topics.billing_changelog)?;
-    let mut subscriptions = SubscriptionFeed::new(&client, config)?;
+    let mut subscriptions = SubscriptionFeed::new(&client, config, partitions)?;
     let assignment = Arc::new(Mutex::new(Assignment::default()));
     // No offsets are ever committed in this group: every assignment starts from the beginning.
     let consumer: BaseConsumer<StageContext> =
@@ -371,6 +455,7 @@ pub fn run(config: &Config, shutdown: &AtomicBool, board: &Board) -> anyhow::Res
             for p in added {
                 status.state().partitions.entry(p).or_default().restored = false;
                 let task = restore(config, &client, p)?;
+                subscriptions.billed_at(p, task.book.billed_positions());
                 let mut state = status.state();
                 let entry = state.partitions.entry(p).or_default();
                 (entry.restored, entry.next_offset) = (true, Some(task.skip_until));
@@ -436,9 +521,8 @@ pub fn run(config: &Config, shutdown: &AtomicBool, board: &Board) -> anyhow::Res
                     sources = now;
                     continue;
                 }
-                subscriptions.catch_up()?;
                 let shape = Shape { partition: p, partitions };
-                if !bill(config, shape, month, task, &subscriptions)? {
+                if !subscriptions.catch_up()? || !bill(config, shape, month, task, &mut subscriptions)? {
                     break;
                 }
             }
@@ -448,12 +532,17 @@ pub fn run(config: &Config, shutdown: &AtomicBool, board: &Board) -> anyhow::Res
             // then completes or aborts its transaction), and the partition read back says
             // what was published.
             *task = restore(config, &client, p)?;
+            subscriptions.billed_at(p, task.book.billed_positions());
             info!(partition = p, billed_through = ?task.book.billed_through(), "billing: partition read back after an unknown outcome");
         }
     }
     info!("billing: stopped");
     Ok(())
 }
+
+/// How long billing waits, at most, for the subscriptions to be read to their end before it
+/// bills (or alerts), and for the broker to say where they end.
+const CATCH_UP_WAIT: Duration = Duration::from_secs(30);
 
 /// How often the billing consumer's positions are reported.
 const REPORT_EVERY: Duration = Duration::from_millis(500);
@@ -518,7 +607,7 @@ fn bill(
     shape: Shape,
     month: Month,
     task: &mut Task,
-    feed: &SubscriptionFeed,
+    feed: &mut SubscriptionFeed,
 ) -> anyhow::Result<bool> {
     let subscriptions = &feed.book;
     let Shape { partition, partitions } = shape;
@@ -531,18 +620,10 @@ fn bill(
     let ours = subscriptions.apps().filter(|a| billing_partition(*a, partitions) as i32 == partition);
     let billed = task.book.bill(month, pricing, ours)?;
     let topics = &config.file.topics;
-    let ours = |r: &&Refused| match r.app_id {
-        Some(app_id) => billing_partition(app_id, partitions) as i32 == partition,
-        None => r.source_partition % partitions as i32 == partition,
-    };
-    let billed_before = task.book.billed_through();
-    let refused: Vec<&DeadLetter> = feed
-        .refused
-        .iter()
-        .filter(ours)
-        .filter(|r| r.month <= month && billed_before.is_none_or(|b| r.month > b))
-        .map(|r| &r.letter)
-        .collect();
+    let refused = feed.dead_letters(partition, month, task.book.billed_through());
+    // Every subscription record below these positions was read before this bill; one at or
+    // after them, dated in this month or before, is late (see `SubscriptionFeed`).
+    let read = feed.read_positions();
     // Each record the month no longer needs, and its parts if it was written in parts.
     let deletions: Vec<Vec<u8>> =
         billed.dropped.iter().flat_map(|(key, parts)| share_keys(&key.to_bytes(), *parts)).collect();
@@ -567,6 +648,8 @@ fn bill(
         for alert in &billed.alerts {
             tx.send_json(&topics.alerts, &alert.alert_id, alert)?;
         }
+        let read_at = ChangelogKey::SubscriptionsRead { month };
+        tx.send(&topics.billing_changelog, Some(partition), &read_at.to_bytes(), Some(&read.encode()), None)?;
         tx.send(
             &topics.billing_changelog,
             Some(partition),
@@ -592,8 +675,13 @@ fn bill(
             }
             m.quota_alerts.inc_by(alerts.len() as u64);
             m.dead_letters.with_label_values(&["subscriptions"]).inc_by(refused.len() as u64);
+            for letter in &refused {
+                m.events_rejected.with_label_values(&[letter.reason()]).inc();
+            }
             m.months_billed.inc();
             task.book.billed(month);
+            task.book.subscriptions_read(month, read.clone());
+            feed.billed.entry(partition).or_default().insert(month, read);
             Ok(true)
         }
         Err(failure) => {
@@ -661,7 +749,9 @@ fn alert_as_it_happens(
     if !task.book.has_crossings_to_check() {
         return Ok(());
     }
-    feed.catch_up()?;
+    if !feed.catch_up()? {
+        return Ok(());
+    }
     let alerts = task.book.alerts_due(&feed.book);
     if alerts.is_empty() {
         return Ok(());

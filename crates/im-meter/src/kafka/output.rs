@@ -28,6 +28,11 @@ pub struct DeadLetter {
 }
 
 impl DeadLetter {
+    /// Its reason's code (`late`, `invalid_change`, …).
+    pub fn reason(&self) -> &'static str {
+        self.reason
+    }
+
     /// The dead letter of a record this worker wrote itself (`offset` -1: it was not
     /// consumed from anywhere), e.g. usage that reached billing after its month was billed.
     pub fn written(key: Vec<u8>, raw: Vec<u8>, why: Rejection, topic: &str, partition: i32) -> Self {

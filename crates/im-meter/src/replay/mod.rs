@@ -159,11 +159,18 @@ fn load_subscriptions(
     // Rules such as "one paid-plan switch a month" depend on order: apply by event time,
     // ties broken by content so that input order never matters.
     events.sort_by(|(a, _, _), (b, _, _)| (a.ts, a.app_id, &a.change).cmp(&(b.ts, b.app_id, &b.change)));
+    // Nothing is billed before the whole input is read: no event is late. Refusals are
+    // final only once every event is in (a creation can refuse an event read before it).
     let mut subscriptions = Subscriptions::new(config.meter.tz);
-    for (event, line, raw) in &events {
-        if let Err(why) = subscriptions.apply(event) {
-            dead.reject("subscriptions", *line, raw, &why)?;
-        }
+    for (i, (event, _, _)) in events.iter().enumerate() {
+        subscriptions.record(event, i as u64, None);
+    }
+    let mut refusals: Vec<_> =
+        subscriptions.apps_logged().flat_map(|app| subscriptions.refusals(app)).collect();
+    refusals.sort_by_key(|r| r.origin);
+    for refusal in refusals {
+        let (_, line, raw) = &events[refusal.origin as usize];
+        dead.reject("subscriptions", *line, raw, &refusal.rejection)?;
     }
     Ok(subscriptions)
 }
