@@ -288,21 +288,115 @@ fn the_usage_api_answers_billed_and_open_months_and_errors_in_json() {
     });
     assert_eq!(current["month"], month.to_string());
 
-    // Errors, each JSON with a message.
-    for (path, status, words) in [
-        ("/v1/apps/42/usage?month=2026-10", 404, "unknown app 42"),
-        ("/v1/apps/abc/usage", 400, "positive integer"),
-        ("/v1/apps/0/usage", 400, "positive integer"),
-        ("/v1/apps/1400000003/usage?month=2026-13", 400, "YYYY-MM"),
-        ("/v1/months/October/charges", 400, "YYYY-MM"),
-        ("/v1/months/2026-09/charges", 404, "not billed"),
-        ("/v2/nothing", 404, "no such endpoint"),
+    // Errors, each JSON with a message. Months neither billed nor open are not answered
+    // "open": January 2026 (billing has gone past it), year 0, year 9999, and a month
+    // before the app existed (app 1400000001 was created in March 2025).
+    let long_path = format!("/v1/apps/{app}/usage?month={}", "9".repeat(9000));
+    let big_header = format!("X-Filler: {}\r\n", "x".repeat(20_000));
+    for (method, path, headers, status, words) in [
+        ("GET", "/v1/apps/42/usage?month=2026-10", "", 404, "unknown app 42"),
+        ("GET", "/v1/apps/abc/usage", "", 400, "positive integer"),
+        ("GET", "/v1/apps/0/usage", "", 400, "positive integer"),
+        ("GET", "/v1/apps/+1400000003/usage", "", 400, "positive integer"),
+        ("GET", "/v1/apps/001400000003/usage", "", 400, "leading zeros"),
+        ("GET", "/v1/apps/9223372036854775808/usage", "", 400, "positive integer"),
+        ("GET", "/v1/apps/1400000003/usage?month=2026-13", "", 400, "YYYY-MM"),
+        ("GET", "/v1/apps/1400000003/usage?month=2026-10&month=2026-11", "", 400, "more than once"),
+        ("GET", "/v1/apps/1400000003/usage?mnth=2026-10", "", 400, "unknown query parameter"),
+        ("GET", "/v1/apps/%FF/usage", "", 400, "unreadable path"),
+        ("GET", "/v1/apps/1400000003/usage?month=2026-01", "", 404, "neither billed nor open"),
+        ("GET", "/v1/apps/1400000003/usage?month=0000-01", "", 404, "neither billed nor open"),
+        ("GET", "/v1/apps/1400000003/usage?month=9999-12", "", 404, "has not begun"),
+        ("GET", "/v1/apps/1400000001/usage?month=2025-02", "", 404, "neither billed nor open"),
+        ("GET", "/v1/months/October/charges", "", 400, "YYYY-MM"),
+        ("GET", "/v1/months/2026-09/charges", "", 404, "not billed"),
+        ("GET", "/v2/nothing", "", 404, "no such endpoint"),
+        ("POST", "/v1/apps/1400000003/usage", "Content-Length: 0\r\n", 405, "only GET"),
+        ("DELETE", "/v1/months/2026-10/charges", "", 405, "only GET"),
+        ("GET", &long_path, "", 414, "request target"),
+        ("GET", "/v1/months/2026-10/charges", &big_header, 431, "headers"),
     ] {
-        let (got, body) = http_json(address, path);
-        assert_eq!(got, status, "{path}: {body}");
-        assert!(body["error"].as_str().unwrap().contains(words), "{path}: {body}");
+        let (got, head, body) = http_request(address, method, path, headers);
+        let shown = &path[..path.len().min(80)];
+        assert_eq!(got, status, "{method} {shown}: {body}");
+        assert!(head.contains("content-type: application/json"), "{method} {shown}: {head}");
+        let body: Value =
+            serde_json::from_str(&body).unwrap_or_else(|e| panic!("{shown}: not JSON ({e}): {body}"));
+        assert!(body["error"].as_str().unwrap().contains(words), "{method} {shown}: {body}");
     }
     worker.stop();
+}
+
+/// Any worker answers for any app, with the same body: two workers share the partitions;
+/// every app of the sample is asked from both for its billed month and for the open one.
+#[test]
+fn every_worker_answers_for_every_app_with_the_same_body() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let d = Deployment::new("any-worker");
+    d.produce();
+    // This month's logins of every sample app, so that the open month has figures.
+    let tz = BillingTz::default();
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as i64;
+    let month = tz.month_of(Timestamp(now));
+    let apps: Vec<u64> = expected().usage.keys().filter_map(|k| k.split('/').next()?.parse().ok()).collect();
+    let lines: Vec<String> = apps
+        .iter()
+        .flat_map(|app| {
+            (0..(app % 7 + 1))
+                .map(move |i| format!(r#"{{"type":"login","app_id":{app},"user_id":"now-{i}","ts":{now}}}"#))
+        })
+        .collect();
+    d.produce_lines(&lines);
+    let mut workers = [json_worker(&d, &[]), d.worker_with("b", &[], &["--log-format", "json"])];
+    let addresses = [workers[0].http_address(), workers[1].http_address()];
+    // The premise: each worker holds some of the events partitions, not all.
+    eventually(Duration::from_secs(120), "the partitions shared by both workers", || {
+        let held = |a| {
+            let (_, text) = http_get(a, "/metrics");
+            let meter = text
+                .lines()
+                .filter(|l| l.starts_with("im_meter_assigned_partitions{") && l.contains(r#"stage="meter""#));
+            meter.filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum::<f64>()
+        };
+        let (a, b) = (held(addresses[0]), held(addresses[1]));
+        (a > 0.0 && b > 0.0 && a + b == 3.0).then_some(())
+    });
+    // Billed October: read from the ledger every worker keeps.
+    eventually(Duration::from_secs(120), "October billed, as both workers read it", || {
+        addresses.iter().all(|a| http_json(*a, "/v1/months/2026-10/charges").0 == 200).then_some(())
+    });
+    // Time moves on between the two requests: `as_of` and the projection say so.
+    let comparable = |mut body: Value| {
+        if let Some(object) = body.as_object_mut() {
+            object.remove("as_of");
+            object.remove("projection");
+        }
+        body
+    };
+    for app in &apps {
+        for m in ["2026-10".to_string(), month.to_string()] {
+            let path = format!("/v1/apps/{app}/usage?month={m}");
+            let answers: Vec<Value> = addresses
+                .iter()
+                .map(|a| {
+                    eventually(Duration::from_secs(60), &format!("{path} from {a}"), || {
+                        let (status, body) = http_json(*a, &path);
+                        (status == 200).then(|| comparable(body))
+                    })
+                })
+                .collect();
+            assert_eq!(answers[0], answers[1], "{path}");
+            if m == month.to_string() {
+                assert_eq!(answers[0]["usage"]["mau"], app % 7 + 1, "{path}: {}", answers[0]);
+            }
+        }
+    }
+    for w in workers.iter_mut() {
+        w.assert_alive();
+    }
+    let [a, b] = workers;
+    a.stop();
+    b.stop();
 }
 
 #[test]
@@ -358,11 +452,62 @@ fn the_usage_api_requires_the_token_when_one_is_set() {
         assert_eq!(status, 401, "{headers:?}: {body}");
         assert!(body.contains("Authorization: Bearer"), "{body}");
     }
-    let (status, body) = http_get_with(address, path, &format!("Authorization: Bearer {TOKEN}\r\n"));
-    assert_eq!(status, 404, "the token opens the API (September is not billed): {body}");
+    // The token opens the API: September is not billed (503 until the ledger has read the
+    // topics, then 404).
+    eventually(Duration::from_secs(60), "an answer with the token", || {
+        let (status, _) = http_get_with(address, path, &format!("Authorization: Bearer {TOKEN}\r\n"));
+        assert!(status == 404 || status == 503, "{status}");
+        (status == 404).then_some(())
+    });
     for open in ["/healthz", "/metrics"] {
         assert_eq!(http_get(address, open).0, 200, "{open} stays open");
     }
     assert!(!worker.log_text().contains(TOKEN), "the token leaked into the log");
+    worker.stop();
+}
+
+/// The usage API and `/healthz` never wait for a metering stage: with a stage's lock held
+/// (as a long restore or a commit waiting for the broker holds it), both answer at once.
+#[test]
+fn the_api_answers_while_a_metering_stage_holds_its_lock() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let d = Deployment::new("no-wait");
+    let tz = BillingTz::default();
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as i64;
+    let month = tz.month_of(Timestamp(now));
+    let app = 1_400_000_003u64;
+    d.produce_lines(&[format!(r#"{{"type":"login","app_id":{app},"user_id":"u","ts":{now}}}"#)]);
+    let hold = std::env::temp_dir().join(format!("{}.hold", d.prefix));
+    let mut worker = json_worker(&d, &[("IM_METER_TEST_HOLD_LOCK_FILE", hold.to_str().unwrap())]);
+    let address = worker.http_address();
+    let path = format!("/v1/apps/{app}/usage?month={month}");
+    eventually(Duration::from_secs(120), "this month's usage", || {
+        let (status, body) = http_json(address, &path);
+        (status == 200 && body["usage"]["mau"] == 1).then_some(())
+    });
+    std::fs::write(&hold, b"").unwrap();
+    eventually(Duration::from_secs(30), "the stage holding its lock", || {
+        worker.log_text().contains("failpoint: holding the metering stage's lock").then_some(())
+    });
+    let mut latencies = Vec::new();
+    for _ in 0..20 {
+        for p in ["/healthz", path.as_str()] {
+            let started = std::time::Instant::now();
+            let (status, body) = http_get(address, p);
+            latencies.push(started.elapsed());
+            assert_eq!(status, 200, "{p}: {body}");
+        }
+    }
+    std::fs::remove_file(&hold).unwrap();
+    latencies.sort();
+    let (median, worst) = (latencies[latencies.len() / 2], latencies[latencies.len() - 1]);
+    eprintln!(
+        "with the stage's lock held: median {median:?}, worst {worst:?} over {} requests",
+        latencies.len()
+    );
+    // The lock was held throughout: an answer that waited for it would take until now.
+    assert!(median < Duration::from_millis(50), "median {median:?}");
+    assert!(worst < Duration::from_secs(1), "worst {worst:?}");
+    worker.assert_alive();
     worker.stop();
 }

@@ -372,17 +372,31 @@ pub fn http_get(address: std::net::SocketAddr, path: &str) -> (u16, String) {
 
 /// [`http_get`] with extra header lines (each ending in `\r\n`).
 pub fn http_get_with(address: std::net::SocketAddr, path: &str, headers: &str) -> (u16, String) {
+    let (status, _, body) = http_request(address, "GET", path, headers);
+    (status, body)
+}
+
+/// `method path` on `address` with extra header lines: the status, the head (status line
+/// and headers, lower-cased) and the body.
+pub fn http_request(
+    address: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &str,
+) -> (u16, String, String) {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect_timeout(&address, Duration::from_secs(5)).unwrap();
     stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: {address}\r\n{headers}Connection: close\r\n\r\n").unwrap();
+    write!(stream, "{method} {path} HTTP/1.1\r\nHost: {address}\r\n{headers}Connection: close\r\n\r\n")
+        .unwrap();
     let mut response = Vec::new();
     stream.read_to_end(&mut response).unwrap();
     let text = String::from_utf8(response).unwrap();
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
     let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    let chunked = head.to_ascii_lowercase().contains("transfer-encoding: chunked");
-    (status, if chunked { dechunk(body) } else { body.to_string() })
+    let head = head.to_ascii_lowercase();
+    let body = if head.contains("transfer-encoding: chunked") { dechunk(body) } else { body.to_string() };
+    (status, head, body)
 }
 
 /// The body of a chunked response (Prometheus' API answers so).

@@ -86,6 +86,7 @@ impl Default for FileConfig {
                 history_months: 3,
                 api_token: Secret::default(),
                 api_token_file: String::new(),
+                advertised_address: String::new(),
             },
         }
     }
@@ -250,6 +251,9 @@ pub struct HttpSection {
     pub api_token: Secret,
     /// A file holding the API token (e.g. a mounted Kubernetes secret); empty: none.
     pub api_token_file: String,
+    /// `host:port` where the other workers reach this one's usage API; empty: this host's
+    /// name (or the listen address, when it names one) and the port listened on.
+    pub advertised_address: String,
 }
 
 /// A validated configuration, in the types the program uses: one field per section of the
@@ -293,6 +297,8 @@ pub struct HttpSettings {
     pub history_months: usize,
     /// The bearer token `/v1/...` requires (`None`: the API is open).
     pub api_token: Option<Secret>,
+    /// Where the other workers reach this one (`None`: derived when listening).
+    pub advertised_address: Option<String>,
 }
 
 /// The Kafka worker's settings, validated.
@@ -439,6 +445,20 @@ fn topic_name(name: &str) -> Result<(), String> {
         && name != ".."
         && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
     legal.then_some(()).ok_or_else(|| format!("{name:?} is not a legal Kafka topic name"))
+}
+
+/// `http.advertised_address`: empty, or `host:port` with a port.
+fn advertised_address(text: &str) -> Result<Option<String>, String> {
+    let text = text.trim();
+    if text.is_empty() {
+        return Ok(None);
+    }
+    match text.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => {
+            Ok(Some(text.to_string()))
+        }
+        _ => Err(format!("{text:?} is not host:port (e.g. 10.0.0.5:9464)")),
+    }
 }
 
 /// The usage API's token: `http.api_token`, or the trimmed content of `http.api_token_file`.
@@ -600,6 +620,7 @@ impl FileConfig {
             within(h.history_months, |n: &usize| (1..=120).contains(n), "must be 1 to 120 months"),
         );
         let api_token = p.take("http.api_token_file", api_token(&h.api_token, &h.api_token_file));
+        let advertised_address = p.take("http.advertised_address", advertised_address(&h.advertised_address));
 
         // Every value is `Some` exactly when no problem was found.
         let built = (|| {
@@ -644,6 +665,7 @@ impl FileConfig {
                     stall_timeout: stall_timeout?,
                     history_months: history_months?,
                     api_token: api_token?,
+                    advertised_address: advertised_address?,
                 },
                 file: self.clone(),
             })

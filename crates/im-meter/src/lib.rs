@@ -22,4 +22,5 @@ pub mod metrics;
 pub mod replay;
 pub mod report;
 pub mod status;
+pub mod view;
 pub mod workload;

@@ -248,11 +248,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             std::thread::spawn(move || runtime.block_on(wait_for_signals(signals)));
             let board = Board::new();
             let ledger = Arc::new(Ledger::new(&config));
-            http::start(http::Api {
-                config: config.clone(),
-                board: Arc::clone(&board),
-                ledger: Arc::clone(&ledger),
-            })?;
+            // The metering consumers announce where this worker's usage API is.
+            let advertised = http::start(config.clone(), Arc::clone(&board), Arc::clone(&ledger))?;
+            config.http.advertised_address = Some(advertised);
             // Helpers of the endpoints: a failure is logged, and metering goes on.
             helper("lag", &shutdown, {
                 let (config, board) = (config.clone(), Arc::clone(&board));

@@ -10,9 +10,9 @@ use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use im_meter_core::aggregate::{AppMonthAggregate, MonthlyUsage};
-use im_meter_core::plan::AppId;
-use im_meter_core::time::{Month, Timestamp};
+use im_meter_core::time::Timestamp;
+
+use crate::view::MeterView;
 
 /// Which stage a consumer belongs to.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -103,29 +103,11 @@ impl ConsumerStatus {
     }
 }
 
-/// Live metering state, read by the usage API and the per-app metrics.
-pub trait LiveUsage: Send + Sync {
-    /// Copies of the aggregates held for which `wanted(app, month)` is true; `None` when
-    /// the state is busy (a partition being restored) and cannot be read now.
-    fn aggregates(
-        &self,
-        wanted: &dyn Fn(AppId, Month) -> bool,
-    ) -> Option<Vec<(AppId, Month, AppMonthAggregate)>>;
-    /// The usage so far of every app with state in `month`, computed where it is held (an
-    /// app whose events are spread over several partitions appears once per partition);
-    /// `None` when busy.
-    fn usage_in(&self, month: Month) -> Option<Vec<MonthlyUsage>>;
-    /// The latest month with state.
-    fn latest_month(&self) -> Option<Month>;
-    /// Events partitions whose state is held here.
-    fn partitions(&self) -> Vec<i32>;
-}
-
 /// Everything the stages report, shared with the operator endpoints.
 #[derive(Default)]
 pub struct Board {
     consumers: Mutex<Vec<Arc<ConsumerStatus>>>,
-    live: Mutex<Vec<Arc<dyn LiveUsage>>>,
+    view: Arc<MeterView>,
     /// How many consumers the worker starts: not ready until all have registered.
     expected: AtomicUsize,
 }
@@ -154,19 +136,14 @@ impl Board {
         status
     }
 
-    /// Registers live metering state.
-    pub fn live(&self, live: Arc<dyn LiveUsage>) {
-        self.live.lock().unwrap_or_else(|e| e.into_inner()).push(live);
+    /// The metering view the stages publish into.
+    pub fn view(&self) -> Arc<MeterView> {
+        Arc::clone(&self.view)
     }
 
     /// Every registered consumer.
     pub fn consumers(&self) -> Vec<Arc<ConsumerStatus>> {
         self.consumers.lock().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-
-    /// Every registered source of live metering state.
-    pub fn live_usage(&self) -> Vec<Arc<dyn LiveUsage>> {
-        self.live.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Why the worker is not ready, if it is not: a consumer not started, a partition being

@@ -228,6 +228,19 @@ impl AppMonthAggregate {
         (whole, parts)
     }
 
+    /// Rebuilds an app-month from its checkpoint records ([`AppMonthAggregate::encode_parts`]):
+    /// the month's, and its days' DAU sketches.
+    pub fn from_parts<'a>(
+        month: &[u8],
+        days: impl IntoIterator<Item = &'a [u8]>,
+    ) -> Result<Self, CodecError> {
+        let mut aggregate = Self::decode(month)?;
+        for day in days {
+            aggregate.merge(&Self::decode(day)?).map_err(|e| CodecError::Corrupt(e.to_string()))?;
+        }
+        Ok(aggregate)
+    }
+
     /// Decodes an encoded aggregate, checking magic, version and checksum.
     pub fn decode(bytes: &[u8]) -> Result<Self, CodecError> {
         if bytes.len() < HEADER_LEN || &bytes[..4] != MAGIC {

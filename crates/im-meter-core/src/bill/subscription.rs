@@ -512,6 +512,11 @@ impl Subscriptions {
         }
     }
 
+    /// Whether some event counts for the app (it is one of [`Subscriptions::apps`]).
+    pub fn knows(&self, app: AppId) -> bool {
+        self.apps.get(&app).is_some_and(|log| self.counts_for(app, &log.book))
+    }
+
     /// Every app some event was recorded for, applied or refused, in ascending id order.
     pub fn apps_logged(&self) -> impl Iterator<Item = AppId> + '_ {
         self.apps.keys().copied()

@@ -6,10 +6,10 @@
 //! stages' state (which a stage may hold locked for a moment) run on its blocking pool, so
 //! a busy stage never stalls the health checks.
 
+pub mod cluster;
 pub mod usage;
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -20,7 +20,6 @@ use axum::routing::get;
 use axum::{Json, Router};
 use im_meter_core::aggregate::{merge_shares, AppMonthAggregate, MonthlyUsage, Precision};
 use im_meter_core::plan::AppId;
-use im_meter_core::time::Month;
 use serde_json::json;
 use tracing::{info, warn};
 
@@ -28,27 +27,38 @@ use crate::config::Config;
 use crate::kafka::ledger::Ledger;
 use crate::metrics::metrics;
 use crate::status::{Board, StageKind};
+use cluster::Cluster;
 
 /// What the handlers read.
 pub struct Api {
     /// The configuration in force.
     pub config: Config,
-    /// What the stages report.
+    /// What the stages report, and the metering view they publish.
     pub board: Arc<Board>,
     /// Closed months and the subscription book.
     pub ledger: Arc<Ledger>,
+    /// The other workers of the metering group.
+    pub cluster: Arc<Cluster>,
 }
 
 /// Binds `http.listen` now (so that a taken port fails start-up, naming the field) and
-/// serves on a thread of its own until the process ends. Returns the bound address.
-pub fn start(api: Api) -> anyhow::Result<SocketAddr> {
-    let listen = api.config.http.listen;
+/// serves on a thread of its own until the process ends. Returns the address the other
+/// workers reach this one at (`http.advertised_address`, or derived from the bound one),
+/// which the metering consumers announce in the group.
+pub fn start(config: Config, board: Arc<Board>, ledger: Arc<Ledger>) -> anyhow::Result<String> {
+    let listen = config.http.listen;
     let listener = std::net::TcpListener::bind(listen)
         .with_context(|| format!("http.listen: cannot listen on {listen}"))?;
     listener.set_nonblocking(true)?;
     let local = listener.local_addr()?;
+    let advertised = match &config.http.advertised_address {
+        Some(address) => address.clone(),
+        None if local.ip().is_unspecified() => format!("{}:{}", host_name(), local.port()),
+        None => local.to_string(),
+    };
+    let cluster = Arc::new(Cluster::new(&config, advertised.clone())?);
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    let app = router(Arc::new(api));
+    let app = router(Arc::new(Api { config, board, ledger, cluster }));
     std::thread::Builder::new().name("im-meter-http".into()).spawn(move || {
         runtime.block_on(async move {
             match tokio::net::TcpListener::from_std(listener) {
@@ -61,16 +71,35 @@ pub fn start(api: Api) -> anyhow::Result<SocketAddr> {
             }
         });
     })?;
-    info!(address = %local, "http: serving /metrics, /healthz, /readyz, /v1");
-    Ok(local)
+    info!(address = %local, %advertised, "http: serving /metrics, /healthz, /readyz, /v1");
+    Ok(advertised)
 }
+
+/// This host's name, for the advertised address of a worker listening on every interface.
+fn host_name() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+/// Longest request target (path and query) answered; longer ones get a JSON 414 (hyper
+/// itself answers, with an empty body, only far beyond this).
+const MAX_URI_BYTES: usize = 8 * 1024;
+
+/// Most header bytes answered; more get a JSON 431 (hyper's own limit is far beyond).
+const MAX_HEADER_BYTES: usize = 16 * 1024;
 
 /// Every route.
 pub fn router(api: Arc<Api>) -> Router {
-    // The usage API shows what each app pays: behind `http.api_token` when one is set.
+    // The usage API shows what each app pays: behind `http.api_token` when one is set. The
+    // internal route serves the other workers of the group (see `cluster`).
     let usage_api = Router::new()
         .route("/v1/apps/{app_id}/usage", get(usage::app_usage))
         .route("/v1/months/{month}/charges", get(usage::month_charges))
+        .route("/internal/v1/apps/{app_id}/months/{month}", get(usage::holding))
         .route_layer(axum::middleware::from_fn_with_state(Arc::clone(&api), require_token));
     Router::new()
         .route("/metrics", get(metrics_text))
@@ -78,7 +107,28 @@ pub fn router(api: Arc<Api>) -> Router {
         .route("/readyz", get(readyz))
         .merge(usage_api)
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "only GET is allowed here")
+        })
+        .layer(axum::middleware::from_fn(within_limits))
         .with_state(api)
+}
+
+/// Answers an over-long request target (414) or too many header bytes (431) in JSON.
+async fn within_limits(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let target = request.uri().path_and_query().map_or(0, |pq| pq.as_str().len());
+    if target > MAX_URI_BYTES {
+        let message = format!("the request target is {target} bytes; at most {MAX_URI_BYTES} are answered");
+        return ApiError::new(StatusCode::URI_TOO_LONG, message).into_response();
+    }
+    let headers: usize = request.headers().iter().map(|(k, v)| k.as_str().len() + v.len() + 4).sum();
+    if headers > MAX_HEADER_BYTES {
+        let message = format!(
+            "the request carries {headers} bytes of headers; at most {MAX_HEADER_BYTES} are answered"
+        );
+        return ApiError::new(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, message).into_response();
+    }
+    next.run(request).await
 }
 
 /// Lets a request through when no token is configured or it carries
@@ -116,18 +166,29 @@ fn same_secret(a: &[u8], b: &[u8]) -> bool {
 pub struct ApiError {
     status: StatusCode,
     message: String,
+    /// Seconds after which to try again (`Retry-After`).
+    retry_after: Option<u64>,
 }
 
 impl ApiError {
     /// An error with `status` saying `message`.
     pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
-        ApiError { status, message: message.into() }
+        ApiError { status, message: message.into(), retry_after: None }
+    }
+
+    /// The same, saying to try again after `seconds`.
+    pub fn retry_after(self, seconds: u64) -> Self {
+        ApiError { retry_after: Some(seconds), ..self }
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, Json(json!({ "error": self.message }))).into_response()
+        let mut response = (self.status, Json(json!({ "error": self.message }))).into_response();
+        if let Some(seconds) = self.retry_after {
+            response.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from(seconds));
+        }
+        response
     }
 }
 
@@ -213,10 +274,10 @@ fn refresh_top_apps(api: &Api) {
 /// precision: a misconfiguration) is left out.
 fn merge_by_app(
     precision: Precision,
-    parts: impl IntoIterator<Item = (AppId, Month, AppMonthAggregate)>,
+    parts: impl IntoIterator<Item = (AppId, AppMonthAggregate)>,
 ) -> BTreeMap<AppId, AppMonthAggregate> {
     let mut by_app: BTreeMap<AppId, Vec<AppMonthAggregate>> = BTreeMap::new();
-    for (app_id, _, aggregate) in parts {
+    for (app_id, aggregate) in parts {
         by_app.entry(app_id).or_default().push(aggregate);
     }
     by_app
@@ -231,24 +292,22 @@ fn merge_by_app(
         .collect()
 }
 
-/// The usage so far of the `http.top_apps` apps with the most MAU in the latest month held,
-/// most first. Usage is computed where it is held; only an app spread over several
-/// partitions is merged from copies.
+/// The usage so far of the `http.top_apps` apps with the most MAU in the latest month held
+/// here (the metrics of each worker cover its own partitions), most first. Only an app
+/// spread over several partitions is merged from its shares.
 fn top_apps(api: &Api) -> Vec<MonthlyUsage> {
-    let live = api.board.live_usage();
-    let Some(month) = live.iter().filter_map(|l| l.latest_month()).max() else { return Vec::new() };
-    // A source busy restoring is left out of this scrape.
+    let view = api.board.view();
+    let Some(month) = view.latest_month() else { return Vec::new() };
+    let grid = api.config.meter.grid;
     let mut by_app: BTreeMap<AppId, Vec<MonthlyUsage>> = BTreeMap::new();
-    for u in live.iter().filter_map(|l| l.usage_in(month)).flatten() {
+    for u in view.usage_in(month, grid) {
         by_app.entry(u.app_id).or_default().push(u);
     }
     let split: Vec<AppId> = by_app.iter().filter(|(_, parts)| parts.len() > 1).map(|(a, _)| *a).collect();
     let mut usage: Vec<MonthlyUsage> =
         by_app.into_values().filter(|parts| parts.len() == 1).flatten().collect();
     if !split.is_empty() {
-        let wanted = |app: AppId, m: Month| m == month && split.binary_search(&app).is_ok();
-        let parts = live.iter().filter_map(|l| l.aggregates(&wanted)).flatten();
-        let grid = api.config.meter.grid;
+        let parts = view.aggregates(month, &|app| split.binary_search(&app).is_ok());
         let merged = merge_by_app(api.config.meter.precision, parts);
         usage.extend(merged.into_iter().map(|(app, mut agg)| agg.usage(app, month, grid)));
     }
@@ -261,50 +320,31 @@ fn top_apps(api: &Api) -> Vec<MonthlyUsage> {
 mod tests {
     use std::sync::Arc;
 
-    use im_meter_core::aggregate::{AppMonthAggregate, MonthlyUsage, Precision};
+    use im_meter_core::aggregate::{AppMonthAggregate, Precision, StateKey};
     use im_meter_core::ingest::UserKey;
     use im_meter_core::plan::AppId;
     use im_meter_core::time::Month;
 
     use super::*;
-    use crate::status::LiveUsage;
 
-    /// A partition's worth of live state: app → users who logged in.
-    struct Fake(Vec<(AppId, std::ops::Range<u32>)>);
-
-    impl Fake {
-        fn aggregate(&self, app: AppId) -> Option<AppMonthAggregate> {
-            let month: Month = "2026-12".parse().ok()?;
-            let (_, users) = self.0.iter().find(|(a, _)| *a == app)?;
+    /// Publishes a partition's worth of committed state: app → users who logged in.
+    fn publish(board: &Board, partition: i32, apps: &[(AppId, std::ops::Range<u32>)]) {
+        let month: Month = "2026-12".parse().unwrap();
+        let records = apps.iter().flat_map(|(app_id, users)| {
             let mut agg = AppMonthAggregate::new(Precision::default(), false);
             for u in users.clone() {
-                agg.record_login(month.day(1)?, UserKey::of(&format!("user-{u}")));
+                agg.record_login(month.day(1).unwrap(), UserKey::of(&format!("user-{u}")));
             }
-            Some(agg)
-        }
-    }
-
-    impl LiveUsage for Fake {
-        fn aggregates(
-            &self,
-            wanted: &dyn Fn(AppId, Month) -> bool,
-        ) -> Option<Vec<(AppId, Month, AppMonthAggregate)>> {
-            let month: Month = "2026-12".parse().ok()?;
-            let apps = self.0.iter().map(|(a, _)| *a).filter(|a| wanted(*a, month));
-            Some(apps.filter_map(|a| Some((a, month, self.aggregate(a)?))).collect())
-        }
-        fn usage_in(&self, month: Month) -> Option<Vec<MonthlyUsage>> {
-            let grid = im_meter_core::aggregate::SampleGrid::new(std::time::Duration::from_secs(60)).ok()?;
-            Some(
-                self.0.iter().filter_map(|(a, _)| Some(self.aggregate(*a)?.usage(*a, month, grid))).collect(),
+            let days: Vec<u8> = agg.days().collect();
+            let (whole, parts) = agg.encode_parts(days);
+            let app_id = *app_id;
+            std::iter::once((StateKey::AppMonth { app_id, month }, whole.into())).chain(
+                parts
+                    .into_iter()
+                    .map(move |(day, bytes)| (StateKey::AppMonthDay { app_id, month, day }, bytes.into())),
             )
-        }
-        fn latest_month(&self) -> Option<Month> {
-            "2026-12".parse().ok()
-        }
-        fn partitions(&self) -> Vec<i32> {
-            Vec::new()
-        }
+        });
+        board.view().restored(0, partition, records.collect::<Vec<_>>());
     }
 
     #[test]
@@ -315,13 +355,11 @@ mod tests {
         let board = Board::new();
         // App 7's users are spread over two partitions, half of them in both: 150 in all,
         // not 200. App 8 has 120, app 9 has 10 (not in the top 2).
-        board.live(Arc::new(Fake(vec![(7, 0..100), (9, 0..10)])));
-        board.live(Arc::new(Fake(vec![(7, 50..150), (8, 0..120)])));
-        let api = Api {
-            config,
-            board,
-            ledger: Arc::new(Ledger::new(&crate::config::Config::load(None, []).expect("valid"))),
-        };
+        publish(&board, 0, &[(7, 0..100), (9, 0..10)]);
+        publish(&board, 1, &[(7, 50..150), (8, 0..120)]);
+        let ledger = Arc::new(Ledger::new(&config));
+        let cluster = Arc::new(Cluster::new(&config, "127.0.0.1:1".into()).expect("a client"));
+        let api = Api { config, board, ledger, cluster };
         let top: Vec<(AppId, u64)> = top_apps(&api).iter().map(|u| (u.app_id, u.mau)).collect();
         assert_eq!(top, vec![(7, 150), (8, 120)]);
     }

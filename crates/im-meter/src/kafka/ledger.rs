@@ -48,6 +48,11 @@ impl LedgerState {
         self.usage.range((month, 0)..=(month, AppId::MAX)).next().is_some()
     }
 
+    /// The latest month billed (as far as read).
+    pub fn newest_billed(&self) -> Option<Month> {
+        self.usage.keys().next_back().map(|(m, _)| *m)
+    }
+
     /// Whether records of `month` are kept: it is among the newest `keep_months` seen.
     fn keeps(&self, month: Month) -> bool {
         self.forgotten_before.is_none_or(|cutoff| month >= cutoff)

@@ -28,12 +28,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use im_meter_core::aggregate::{
-    billing_partition, parts, AppMonthAggregate, ChangelogKey, ClosedMark, Meter, MonthlyUsage, Outcome,
-    StateKey,
+    billing_partition, parts, ChangelogKey, ClosedMark, Meter, Outcome, StateKey,
 };
 use im_meter_core::ingest::{decode_usage_event, RejectReason, Rejection};
-use im_meter_core::plan::AppId;
-use im_meter_core::time::{Month, Timestamp};
+use im_meter_core::time::Timestamp;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tracing::{info, warn};
@@ -44,7 +42,8 @@ use super::output::{BackgroundOutbox, DeadLetter, Outbox, TransactionFailed};
 use super::{changelog, with_retries};
 use crate::config::Config;
 use crate::metrics::{metrics, EventTally};
-use crate::status::{now_ms, Board, ConsumerStatus, LiveUsage, StageKind};
+use crate::status::{now_ms, Board, ConsumerStatus, StageKind};
+use crate::view::{is_app_month, MeterView, StateBytes, ViewUpdate};
 
 /// How long a poll waits when nothing was fetched: bounds how late a commit, a shutdown or
 /// the first records after a quiet spell can be.
@@ -56,6 +55,11 @@ const BATCH: usize = 4096;
 /// A failpoint for tests (`tests/http.rs`): while the file this variable names exists, the
 /// metering loop stops polling, as a consumer stuck in a blocking call would.
 const PAUSE_FILE: &str = "IM_METER_TEST_PAUSE_FILE";
+
+/// A failpoint for tests (`tests/http.rs`): while the file this variable names exists, the
+/// metering loop holds its stage locked, as a long restore or a commit waiting for the
+/// broker does — the usage API and the metrics must not wait for it.
+const HOLD_LOCK_FILE: &str = "IM_METER_TEST_HOLD_LOCK_FILE";
 
 /// A failpoint for tests (`tests/kafka.rs`): while the file this variable names exists, a
 /// metering transaction that closes a month stalls after writing its records, before it
@@ -149,6 +153,12 @@ struct Stage {
     /// The clock, read once per batch: events dated beyond it plus the allowed skew are
     /// refused (a batch takes milliseconds; the skew is minutes).
     now: Timestamp,
+    /// This consumer's number within the worker.
+    member: usize,
+    /// Where the committed state is published for the usage API and the metrics.
+    view: Arc<MeterView>,
+    /// The app-month records of the transaction in flight: published once it committed.
+    in_flight_view: Vec<ViewUpdate>,
 }
 
 struct StageContext {
@@ -177,6 +187,9 @@ impl ConsumerContext for StageContext {
             }
             stage.tasks.clear();
             stage.dead_letters.clear();
+            // Whether that transaction committed is not known here: the view keeps the last
+            // state it knows was.
+            stage.in_flight_view.clear();
             metrics().rebalances.with_label_values(&["meter", "lost"]).inc();
         } else if let Err(e) = stage.commit(consumer).and_then(|()| stage.settle(consumer)) {
             // Commit while the partitions are still ours: after the callback another worker
@@ -187,6 +200,7 @@ impl ConsumerContext for StageContext {
         for p in &partitions {
             stage.tasks.remove(p);
             stage.assigned.remove(p);
+            stage.view.revoked(stage.member, *p);
         }
         metrics().rebalances.with_label_values(&["meter", "revoke"]).inc();
         stage.report_assignment();
@@ -198,6 +212,9 @@ impl ConsumerContext for StageContext {
         let Ok(mut stage) = self.stage.lock() else { return };
         let partitions: Vec<i32> = assigned.elements().iter().map(|e| e.partition()).collect();
         stage.assigned.extend(&partitions);
+        for &p in &partitions {
+            stage.view.assigned(stage.member, p);
+        }
         stage.report_assignment();
         info!(partitions = ?partitions, "meter: partitions assigned");
     }
@@ -236,9 +253,16 @@ pub fn run(config: &Config, member: usize, shutdown: &AtomicBool, board: &Board)
         status: board.consumer(StageKind::Meter, &member.to_string(), &topics.events),
         tally: EventTally::default(),
         now: Timestamp(now_ms()),
+        member,
+        view: board.view(),
+        in_flight_view: Vec::new(),
     }));
-    board.live(Arc::new(MeterHandle(Arc::clone(&stage))));
-    let consumer: BaseConsumer<StageContext> = super::group_member(config, &config.file.kafka.group_id)
+    let mut member_config = super::group_member(config, &config.file.kafka.group_id);
+    if let Some(address) = &config.http.advertised_address {
+        // How the other workers' usage API finds this one (`http::cluster`).
+        member_config.set("client.id", crate::http::cluster::client_id(address));
+    }
+    let consumer: BaseConsumer<StageContext> = member_config
         // A partition whose queue holds `queued.min.messages` is not fetched for this long;
         // librdkafka's default (1 s) leaves a fast reader idle for most of that second.
         .set("fetch.queue.backoff.ms", "10")
@@ -259,6 +283,7 @@ pub fn run(config: &Config, member: usize, shutdown: &AtomicBool, board: &Board)
     // The stage's lock, for the moments the loop lets go of it (the name is shadowed below).
     let stage_handle = Arc::clone(&stage);
     let pause = std::env::var_os(PAUSE_FILE).map(std::path::PathBuf::from);
+    let hold = std::env::var_os(HOLD_LOCK_FILE).map(std::path::PathBuf::from);
     loop {
         // A failpoint for the stall test: the loop stops polling while the file exists.
         while pause.as_ref().is_some_and(|f| f.exists()) {
@@ -314,6 +339,12 @@ pub fn run(config: &Config, member: usize, shutdown: &AtomicBool, board: &Board)
             }
         }
         let mut stage = lock(&stage)?;
+        if hold.as_ref().is_some_and(|f| f.exists()) {
+            warn!("failpoint: holding the metering stage's lock");
+            while hold.as_ref().is_some_and(|f| f.exists()) {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
         stage.restore_assigned(&consumer)?;
         stage.report_progress(&consumer);
         if shutdown.load(Ordering::Relaxed) {
@@ -367,6 +398,11 @@ impl Stage {
         )?;
         let state: Vec<(StateKey, (Vec<u8>, usize))> =
             latest.into_iter().filter_map(|(k, v)| v.map(|v| (k, v))).collect();
+        let published: Vec<(StateKey, StateBytes)> = state
+            .iter()
+            .filter(|(k, _)| is_app_month(k))
+            .map(|(k, (v, _))| (*k, StateBytes::from(&v[..])))
+            .collect();
         let sizes: HashMap<StateKey, usize> = state.iter().map(|(k, (v, _))| (*k, v.len())).collect();
         let state_parts: HashMap<StateKey, usize> =
             state.iter().filter(|(_, (_, n))| *n > 0).map(|(k, (_, n))| (*k, *n)).collect();
@@ -383,6 +419,7 @@ impl Stage {
             ms = started.elapsed().as_millis() as u64,
             "meter: partition restored"
         );
+        self.view.restored(self.member, partition, published);
         Ok(Task {
             meter,
             next_offset: None,
@@ -657,6 +694,10 @@ impl Stage {
                 task.meter.set_input_offset(next);
             }
             for record in task.meter.checkpoint() {
+                if is_app_month(&record.key) {
+                    let value = record.value.as_deref().map(StateBytes::from);
+                    self.in_flight_view.push((p, record.key, value));
+                }
                 task.write_state(p, record.key, record.value, max_value, &mut records);
             }
             if task.dirty {
@@ -681,6 +722,7 @@ impl Stage {
             warn!("meter: assignment lost; dropping what was applied since the last commit");
             self.tasks.clear();
             self.dead_letters.clear();
+            self.in_flight_view.clear();
             return Ok(());
         }
         let group = consumer.group_metadata().context("the consumer has no group metadata")?;
@@ -722,10 +764,14 @@ impl Stage {
     /// Waits for the transaction in flight, if any. Returns whether the state in memory
     /// is still good: after an aborted transaction it is not, and the stage rewinds.
     fn settle(&mut self, consumer: &BaseConsumer<StageContext>) -> anyhow::Result<bool> {
+        let published = std::mem::take(&mut self.in_flight_view);
         match self.outbox.settle() {
             // Committed (or nothing was in flight): state, outputs and offsets are durable
-            // together.
-            Ok(()) => Ok(true),
+            // together, and the usage API may show them.
+            Ok(()) => {
+                self.view.committed(published);
+                Ok(true)
+            }
             // Nothing of it is visible (or, outcome unknown, maybe all of it: the producer
             // was replaced, which settled it on the broker), and the meters have moved on in
             // memory: go back to what Kafka holds — state from the changelog, input from the
@@ -777,55 +823,5 @@ fn caught_up(consumer: &BaseConsumer<StageContext>, topic: &str, partition: i32,
     match consumer.fetch_watermarks(topic, partition, Duration::from_secs(2)) {
         Ok((low, high)) => next.unwrap_or(low) >= high,
         Err(_) => false,
-    }
-}
-
-/// The live state of one metering consumer, for the usage API and the per-app metrics.
-struct MeterHandle(Arc<Mutex<Stage>>);
-
-impl MeterHandle {
-    /// The stage, if it can be had within a moment: a stage restoring a partition holds
-    /// its lock for as long as the restore takes, and a scrape must not wait that long.
-    fn stage(&self) -> Option<MutexGuard<'_, Stage>> {
-        // Longer than a round of records or a commit's build takes; far shorter than a
-        // scrape's timeout.
-        let deadline = Instant::now() + Duration::from_millis(500);
-        loop {
-            match self.0.try_lock() {
-                Ok(stage) => return Some(stage),
-                Err(std::sync::TryLockError::WouldBlock) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                Err(_) => return None,
-            }
-        }
-    }
-}
-
-impl LiveUsage for MeterHandle {
-    fn aggregates(
-        &self,
-        wanted: &dyn Fn(AppId, Month) -> bool,
-    ) -> Option<Vec<(AppId, Month, AppMonthAggregate)>> {
-        let stage = self.stage()?;
-        let mut found = Vec::new();
-        for task in stage.tasks.values() {
-            let matching = task.meter.aggregates().filter(|&(app_id, month, _)| wanted(app_id, month));
-            found.extend(matching.map(|(app_id, month, aggregate)| (app_id, month, aggregate.clone())));
-        }
-        Some(found)
-    }
-
-    fn usage_in(&self, month: Month) -> Option<Vec<MonthlyUsage>> {
-        let mut stage = self.stage()?;
-        Some(stage.tasks.values_mut().flat_map(|t| t.meter.usage_in(month)).collect())
-    }
-
-    fn latest_month(&self) -> Option<Month> {
-        self.stage()?.tasks.values().filter_map(|t| t.meter.active_months().last().copied()).max()
-    }
-
-    fn partitions(&self) -> Vec<i32> {
-        self.stage().map(|s| s.tasks.keys().copied().collect()).unwrap_or_default()
     }
 }

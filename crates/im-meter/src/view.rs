@@ -1,0 +1,224 @@
+//! The metering view: the month-to-date state of the events partitions this worker holds,
+//! as last committed — what the usage API and the per-app metrics read.
+//!
+//! The metering stages publish into it; readers never touch a stage. A stage notes a
+//! partition assigned (not readable yet), restored (the app-month records it read back from
+//! the changelog) or revoked, and after each transaction that committed, the app-month
+//! records it wrote (the same bytes as in the changelog). So the view always shows state
+//! that is durable in Kafka, at most one commit behind the stage, and a reader holds its
+//! lock only to copy a few shared buffers: never across a broker round trip, a restore or a
+//! commit.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use im_meter_core::aggregate::{AppMonthAggregate, CodecError, MonthlyUsage, SampleGrid, StateKey};
+use im_meter_core::plan::AppId;
+use im_meter_core::time::Month;
+
+/// An app-month record as written to the changelog (shared, never copied).
+pub type StateBytes = Arc<[u8]>;
+
+/// One app-month of one partition: its checkpoint records, and its figures once computed.
+#[derive(Default)]
+struct Stored {
+    month: Option<StateBytes>,
+    days: BTreeMap<u8, StateBytes>,
+    /// Its usage, computed on first use (the per-app metrics ask for every app).
+    usage: OnceLock<Option<MonthlyUsage>>,
+}
+
+impl Stored {
+    fn aggregate(&self) -> Result<Option<AppMonthAggregate>, CodecError> {
+        let Some(month) = &self.month else { return Ok(None) };
+        AppMonthAggregate::from_parts(month, self.days.values().map(|d| &d[..])).map(Some)
+    }
+}
+
+/// One events partition as a stage published it.
+struct PartitionView {
+    /// The metering consumer (of this worker) that holds it.
+    member: usize,
+    /// Whether its state has been restored (before that, it cannot be read).
+    restored: bool,
+    months: BTreeMap<(AppId, Month), Stored>,
+}
+
+/// A partition held here, as the usage API reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Held {
+    /// The events partition.
+    pub partition: i32,
+    /// Whether its state can be read (restored).
+    pub restored: bool,
+}
+
+/// See the module documentation.
+#[derive(Default)]
+pub struct MeterView {
+    partitions: RwLock<BTreeMap<i32, PartitionView>>,
+}
+
+/// An app-month record a commit wrote (`None`: deleted).
+pub type ViewUpdate = (i32, StateKey, Option<StateBytes>);
+
+impl MeterView {
+    fn read(&self) -> RwLockReadGuard<'_, BTreeMap<i32, PartitionView>> {
+        self.partitions.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, BTreeMap<i32, PartitionView>> {
+        self.partitions.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Consumer `member` was assigned `partition`: held, not readable until restored.
+    pub fn assigned(&self, member: usize, partition: i32) {
+        self.write().insert(partition, PartitionView { member, restored: false, months: BTreeMap::new() });
+    }
+
+    /// Consumer `member` lost `partition` (another consumer of this worker may hold it now).
+    pub fn revoked(&self, member: usize, partition: i32) {
+        let mut partitions = self.write();
+        if partitions.get(&partition).is_some_and(|v| v.member == member) {
+            partitions.remove(&partition);
+        }
+    }
+
+    /// `partition` was restored from these records (any state key; app-months are kept).
+    pub fn restored(
+        &self,
+        member: usize,
+        partition: i32,
+        records: impl IntoIterator<Item = (StateKey, StateBytes)>,
+    ) {
+        let mut view = PartitionView { member, restored: true, months: BTreeMap::new() };
+        for (key, value) in records {
+            put(&mut view.months, key, Some(value));
+        }
+        self.write().insert(partition, view);
+    }
+
+    /// A commit of these records succeeded.
+    pub fn committed(&self, updates: Vec<ViewUpdate>) {
+        if updates.is_empty() {
+            return;
+        }
+        let mut partitions = self.write();
+        for (partition, key, value) in updates {
+            if let Some(view) = partitions.get_mut(&partition) {
+                put(&mut view.months, key, value);
+            }
+        }
+    }
+
+    /// The partitions held here.
+    pub fn held(&self) -> Vec<Held> {
+        self.read().iter().map(|(&partition, v)| Held { partition, restored: v.restored }).collect()
+    }
+
+    /// The app's shares of `month`, one per partition holding any (decoded now, outside the
+    /// lock), and whether the app has state in any month here.
+    pub fn shares(
+        &self,
+        app_id: AppId,
+        month: Month,
+    ) -> Result<(Vec<(i32, AppMonthAggregate)>, bool), CodecError> {
+        let mut found = Vec::new();
+        let mut seen = false;
+        {
+            let partitions = self.read();
+            for (&p, view) in partitions.iter() {
+                seen |= view.months.range((app_id, month)..).next().is_some_and(|((a, _), _)| *a == app_id)
+                    || view
+                        .months
+                        .range(..(app_id, month))
+                        .next_back()
+                        .is_some_and(|((a, _), _)| *a == app_id);
+                if let Some(stored) = view.months.get(&(app_id, month)) {
+                    found.push((p, stored.month.clone(), stored.days.values().cloned().collect::<Vec<_>>()));
+                }
+            }
+        }
+        let mut shares = Vec::new();
+        for (p, month_bytes, days) in found {
+            if let Some(month_bytes) = month_bytes {
+                shares.push((p, AppMonthAggregate::from_parts(&month_bytes, days.iter().map(|d| &d[..]))?));
+            }
+        }
+        Ok((shares, seen))
+    }
+
+    /// The usage so far of every app with state in `month`, per partition (an app spread
+    /// over several partitions appears once per partition), and the shares of those spread
+    /// apps, to merge.
+    pub fn usage_in(&self, month: Month, grid: SampleGrid) -> Vec<MonthlyUsage> {
+        let partitions = self.read();
+        let mut usage = Vec::new();
+        for view in partitions.values() {
+            for ((app_id, m), stored) in &view.months {
+                if *m != month {
+                    continue;
+                }
+                let figures = stored.usage.get_or_init(|| {
+                    stored.aggregate().ok().flatten().map(|mut a| a.usage(*app_id, month, grid))
+                });
+                usage.extend(figures.clone());
+            }
+        }
+        usage
+    }
+
+    /// Every app-month share held of the apps `wanted` names in `month`.
+    pub fn aggregates(
+        &self,
+        month: Month,
+        wanted: &dyn Fn(AppId) -> bool,
+    ) -> Vec<(AppId, AppMonthAggregate)> {
+        let partitions = self.read();
+        let mut found = Vec::new();
+        for view in partitions.values() {
+            for ((app_id, m), stored) in &view.months {
+                if *m == month && wanted(*app_id) {
+                    if let Ok(Some(aggregate)) = stored.aggregate() {
+                        found.push((*app_id, aggregate));
+                    }
+                }
+            }
+        }
+        found
+    }
+
+    /// The latest month with state here.
+    pub fn latest_month(&self) -> Option<Month> {
+        self.read().values().flat_map(|v| v.months.keys().map(|(_, m)| *m)).max()
+    }
+}
+
+/// Puts one record into a partition's app-months (other state keys are not the view's).
+fn put(months: &mut BTreeMap<(AppId, Month), Stored>, key: StateKey, value: Option<StateBytes>) {
+    let (app_id, month, day) = match key {
+        StateKey::AppMonth { app_id, month } => (app_id, month, None),
+        StateKey::AppMonthDay { app_id, month, day } => (app_id, month, Some(day)),
+        _ => return,
+    };
+    let stored = months.entry((app_id, month)).or_default();
+    // Its figures change with it.
+    stored.usage = OnceLock::new();
+    match (day, value) {
+        (None, Some(value)) => stored.month = Some(value),
+        (None, None) => {
+            months.remove(&(app_id, month));
+        }
+        (Some(day), Some(value)) => {
+            stored.days.insert(day, value);
+        }
+        (Some(day), None) => {
+            stored.days.remove(&day);
+        }
+    }
+}
+
+/// Whether a state key belongs in the view.
+pub fn is_app_month(key: &StateKey) -> bool {
+    matches!(key, StateKey::AppMonth { .. } | StateKey::AppMonthDay { .. })
+}
