@@ -283,8 +283,8 @@ else
 fi
 
 # --- scripts and docs ---------------------------------------------------------------------
-shellcheck_scripts() { "$VENV/bin/shellcheck" scripts/prometheus.sh scripts/deploy-check.sh && echo "no findings"; }
-check "shellcheck scripts/prometheus.sh, deploy-check.sh" shellcheck_scripts
+shellcheck_scripts() { "$VENV/bin/shellcheck" scripts/prometheus.sh scripts/deploy-check.sh scripts/contract-test.sh && echo "no findings"; }
+check "shellcheck scripts/prometheus.sh, deploy-check.sh, contract-test.sh" shellcheck_scripts
 check "docs/operations.md: every metric and alert" "${KIT[@]}" docs
 openapi_validate() { "$VENV/bin/openapi-spec-validator" docs/openapi.yaml; }
 check "docs/openapi.yaml: OpenAPI 3 schema" openapi_validate

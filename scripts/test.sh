@@ -23,6 +23,9 @@ export IM_METER_TEST_BROKERS="${IM_METER_TEST_BROKERS:-127.0.0.1:${KAFKA_PORT:-9
 
 cargo test --workspace --locked
 
+# The usage API against its OpenAPI document, on a live worker (Schemathesis).
+scripts/contract-test.sh
+
 # The main job as a user runs it: the quick start must work on this (clean) machine too.
 out=$(scripts/quickstart.sh)
 grep -q "Charges (USD)" <<<"$out" && grep -q "1349.97" <<<"$out" || {
