@@ -31,7 +31,7 @@ use crate::report::UsageItem;
 pub struct LedgerState {
     /// Billed usage by month and app.
     pub usage: BTreeMap<(Month, AppId), MonthlyUsage>,
-    /// Charge lines by month and app, in the order they were published.
+    /// Charge lines by month and app, in the order billing emits them (by item).
     pub charges: BTreeMap<(Month, AppId), Vec<Charge>>,
     /// Every subscription event applied (refused ones left out, as billing does).
     pub book: Subscriptions,
@@ -175,6 +175,9 @@ pub fn follow(config: &Config, ledger: &Ledger, shutdown: &AtomicBool) -> anyhow
                     let lines = state.charges.entry((charge.month, charge.app_id)).or_default();
                     lines.retain(|c| c.charge_id != charge.charge_id);
                     lines.push(charge);
+                    // In the order billing emits them, whatever order the charges topic's
+                    // partitions were read in: every worker answers alike.
+                    lines.sort_by_key(|c| c.item);
                 }
             })
         } else {
