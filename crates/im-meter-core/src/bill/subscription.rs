@@ -174,13 +174,12 @@ impl AppLog {
         let mut book = AppBook::implicit();
         let creation =
             events.iter().position(|l| matches!(l.event.change, SubscriptionChange::AppCreated { .. }));
-        if let Some(l) = creation.map(|i| &events[i]) {
+        if let Some(i) = creation {
+            let l = &events[i];
             let month = tz.month_of(l.event.ts);
             // An earlier-read event of the app dated in a month that was billed before the
             // creation was read: the app was billed as one that always existed.
-            let billed_before = creation
-                .map(|i| &events[..i])
-                .unwrap_or_default()
+            let billed_before = events[..i]
                 .iter()
                 .map(|e| tz.month_of(effective(e).0))
                 .find(|m| l.first_open.is_some_and(|open| *m < open));
@@ -481,10 +480,10 @@ impl Subscriptions {
     pub fn record(&mut self, ev: &SubscriptionEvent, origin: Origin, first_open: Option<Month>) {
         self.recorded += 1;
         let app_id = ev.app_id;
-        let mut events = self.apps.remove(&app_id).map(|log| log.events).unwrap_or_default();
         if let Some(old) = self.book(app_id).and_then(trial_key) {
             self.unlist_trials(app_id, old);
         }
+        let mut events = self.apps.remove(&app_id).map(|log| log.events).unwrap_or_default();
         events.push(Logged { event: ev.clone(), origin, first_open });
         let (book, refused) = AppLog::derive(app_id, &events, &self.tz);
         if let Some((account, start)) = trial_key(&book) {
@@ -772,6 +771,23 @@ pub(crate) mod tests {
         let refused: Vec<Origin> = first.1.iter().map(|r| r.origin).collect();
         assert_eq!(refused, vec![1, 2, 3, 4], "{:?}", first.1);
         assert!(first.1.iter().all(|r| r.rejection.detail.contains("at most 10")));
+    }
+
+    /// An app whose trial stops counting for an account (its creation, read later, names
+    /// another) no longer takes one of that account's ten places.
+    #[test]
+    fn a_trial_that_stops_counting_frees_its_place() {
+        let mut subs = book();
+        subs.apply(&trial(1, "2026-01-01T00:00:00Z", Some("a"))).unwrap();
+        for app in 2..=11 {
+            subs.apply(&trial(app, "2026-02-01T00:00:00Z", Some("a"))).unwrap_or(());
+        }
+        assert!(subs.trials(11).is_empty(), "app 1 holds a place: app 11 is the eleventh");
+        subs.apply(&created(1, "2025-01-01T00:00:00Z", Some("b"))).unwrap();
+        assert!(subs.trials(1).is_empty());
+        assert!(subs.refusals(1)[0].rejection.detail.contains("count against account b"));
+        assert_eq!(subs.trials(11).len(), 1, "app 11 is among account a's ten now");
+        assert!(subs.refusals(11).is_empty());
     }
 
     #[test]
