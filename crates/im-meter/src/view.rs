@@ -125,15 +125,12 @@ impl MeterView {
     ) -> Result<(Vec<(i32, AppMonthAggregate)>, bool), CodecError> {
         let mut found = Vec::new();
         let mut seen = false;
+        let earliest = Month::new(i32::MIN, 1).expect("January is a month");
         {
             let partitions = self.read();
             for (&p, view) in partitions.iter() {
-                seen |= view.months.range((app_id, month)..).next().is_some_and(|((a, _), _)| *a == app_id)
-                    || view
-                        .months
-                        .range(..(app_id, month))
-                        .next_back()
-                        .is_some_and(|((a, _), _)| *a == app_id);
+                seen |=
+                    view.months.range((app_id, earliest)..).next().is_some_and(|((a, _), _)| *a == app_id);
                 if let Some(stored) = view.months.get(&(app_id, month)) {
                     found.push((p, stored.month.clone(), stored.days.values().cloned().collect::<Vec<_>>()));
                 }
@@ -221,4 +218,66 @@ fn put(months: &mut BTreeMap<(AppId, Month), Stored>, key: StateKey, value: Opti
 /// Whether a state key belongs in the view.
 pub fn is_app_month(key: &StateKey) -> bool {
     matches!(key, StateKey::AppMonth { .. } | StateKey::AppMonthDay { .. })
+}
+
+#[cfg(test)]
+mod tests {
+    use im_meter_core::aggregate::{AppMonthAggregate, Precision, StateKey};
+    use im_meter_core::ingest::UserKey;
+    use im_meter_core::time::Month;
+
+    use super::*;
+
+    /// The records of an app-month with `users` logged in on the 1st.
+    fn records(app_id: AppId, month: Month, users: std::ops::Range<u32>) -> Vec<(StateKey, StateBytes)> {
+        let mut agg = AppMonthAggregate::new(Precision::default(), false);
+        for u in users {
+            agg.record_login(month.day(1).unwrap(), UserKey::of(&format!("user-{u}")));
+        }
+        let days: Vec<u8> = agg.days().collect();
+        let (whole, parts) = agg.encode_parts(days);
+        let mut out = vec![(StateKey::AppMonth { app_id, month }, StateBytes::from(whole))];
+        out.extend(
+            parts.into_iter().map(|(day, b)| (StateKey::AppMonthDay { app_id, month, day }, b.into())),
+        );
+        out
+    }
+
+    fn grid() -> SampleGrid {
+        SampleGrid::new(std::time::Duration::from_secs(60)).unwrap()
+    }
+
+    fn mau(view: &MeterView, app_id: AppId, month: Month) -> Vec<(i32, u64)> {
+        let (shares, _) = view.shares(app_id, month).unwrap();
+        shares.into_iter().map(|(p, mut a)| (p, a.usage(app_id, month, grid()).mau)).collect()
+    }
+
+    #[test]
+    fn the_view_shows_what_was_restored_and_committed_and_nothing_revoked() {
+        let month: Month = "2026-12".parse().unwrap();
+        let view = MeterView::default();
+        view.assigned(0, 3);
+        assert_eq!(view.held(), vec![Held { partition: 3, restored: false }]);
+        view.restored(0, 3, records(7, month, 0..10));
+        assert_eq!(view.held(), vec![Held { partition: 3, restored: true }]);
+        assert_eq!(mau(&view, 7, month), vec![(3, 10)]);
+        // A commit rewrites the app-month; the figures follow (the cached ones too).
+        assert_eq!(view.usage_in(month, grid())[0].mau, 10);
+        let update = records(7, month, 0..25).into_iter().map(|(k, v)| (3, k, Some(v))).collect();
+        view.committed(update);
+        assert_eq!(mau(&view, 7, month), vec![(3, 25)]);
+        assert_eq!(view.usage_in(month, grid())[0].mau, 25);
+        // A record of a partition not held is not the view's.
+        view.committed(records(8, month, 0..5).into_iter().map(|(k, v)| (4, k, Some(v))).collect());
+        assert!(view.shares(8, month).unwrap().0.is_empty());
+        // Deleted once billed (a tombstone), then gone.
+        view.committed(vec![(3, StateKey::AppMonth { app_id: 7, month }, None)]);
+        let (shares, seen) = view.shares(7, month).unwrap();
+        assert!(shares.is_empty() && !seen);
+        // Only the consumer holding a partition lets go of it.
+        view.revoked(1, 3);
+        assert_eq!(view.held().len(), 1);
+        view.revoked(0, 3);
+        assert!(view.held().is_empty());
+    }
 }
