@@ -34,6 +34,7 @@
 //! ```text
 //! cargo bench -p im-meter-core --bench state_size
 //! cargo bench -p im-meter-core --bench state_size -- connections   # one table
+//! cargo bench -p im-meter-core --bench state_size -- user-sets     # exact user sets
 //! ```
 
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -45,6 +46,7 @@ use std::collections::BTreeMap;
 
 use im_meter_core::aggregate::connections::ConnectionTable;
 use im_meter_core::aggregate::pcc::MonthSamples;
+use im_meter_core::aggregate::user_set::UserSet;
 use im_meter_core::aggregate::{AppMonthAggregate, Precision, SampleGrid};
 use im_meter_core::ingest::{ConnKey, UserKey};
 use im_meter_core::time::{BillingTz, Month, Timestamp};
@@ -288,11 +290,47 @@ fn main() {
     // `cargo bench` passes `--bench`; a filter `app-month` or `connections` runs one table.
     let filter = std::env::args().skip(1).find(|a| !a.starts_with("--"));
     let month: Month = "2026-11".parse().expect("valid month");
-    if filter.as_deref() != Some("connections") {
+    if filter.is_none() || filter.as_deref() == Some("app-month") {
         app_month_table(month);
     }
-    if filter.as_deref() != Some("app-month") {
+    if filter.is_none() || filter.as_deref() == Some("connections") {
         connection_table(month);
+    }
+    if filter.is_none() || filter.as_deref() == Some("user-sets") {
+        user_set_table();
+    }
+}
+
+/// Exact sets of user hashes ([`UserSet`]): heap and encoded bytes per user, and inserts a
+/// second, at the sizes issue 10 names.
+fn user_set_table() {
+    println!();
+    println!("exact user sets (64-bit user hashes)");
+    println!(
+        "{:>9} {:>12} {:>10} {:>12} {:>10} {:>12} {:>14}",
+        "users", "heap B", "heap B/usr", "encoded B", "enc B/usr", "peak B", "inserts/s"
+    );
+    for users in [10u64, 1_000, 100_000, 1_000_000] {
+        let started = Instant::now();
+        let (mut set, heap, peak) = measure(|| {
+            let mut set = UserSet::new();
+            for n in 0..users {
+                set.insert(user(n).0);
+            }
+            set
+        });
+        let rate = users as f64 / started.elapsed().as_secs_f64();
+        let encoded = set.encode().len();
+        println!(
+            "{:>9} {:>12} {:>10.2} {:>12} {:>10.2} {:>12} {:>14.0}",
+            users,
+            heap,
+            heap as f64 / users as f64,
+            encoded,
+            encoded as f64 / users as f64,
+            peak,
+            rate
+        );
     }
 }
 

@@ -17,6 +17,7 @@ pub mod parts;
 pub mod pcc;
 pub mod unique;
 mod usage;
+pub mod user_set;
 
 pub use app_month::{merge_shares, AppMonthAggregate, CodecError, ExactCounts};
 pub use checkpoint::{billing_partition, ChangelogKey, ClosedMark, StateKey, StateRecord, SubscriptionsRead};
