@@ -110,8 +110,6 @@ impl Task {
 struct SubscriptionFeed {
     consumer: BaseConsumer<QuietEof>,
     topic: String,
-    /// Per partition: whether everything up to its end has been applied.
-    at_end: Vec<bool>,
     /// Per partition: the offset after the last record applied (from the copy or the topic).
     seen: Vec<Option<i64>>,
     /// Every record read, with its key; an event's origin in the book is its index here.
@@ -138,7 +136,6 @@ impl SubscriptionFeed {
         let mut feed = SubscriptionFeed {
             consumer,
             topic: topics.subscriptions.clone(),
-            at_end: vec![false; partitions],
             seen: vec![None; partitions],
             records: Vec::new(),
             book: Subscriptions::new(config.meter.tz),
@@ -311,20 +308,11 @@ impl SubscriptionFeed {
         })
     }
 
-    /// Applies a record, or notes where a partition ends.
+    /// Applies a record. (A partition's end is found by position, in `catch_up`.)
     fn handle(&mut self, message: KafkaResult<(SourceRecord, Option<Vec<u8>>)>) {
         match message {
-            Ok((record, key)) => {
-                if let Some(end) = self.at_end.get_mut(record.partition as usize) {
-                    *end = false;
-                }
-                self.absorb(record, key);
-            }
-            Err(KafkaError::PartitionEOF(p)) => {
-                if let Some(end) = self.at_end.get_mut(p as usize) {
-                    *end = true;
-                }
-            }
+            Ok((record, key)) => self.absorb(record, key),
+            Err(KafkaError::PartitionEOF(_)) => {}
             Err(e) => warn!(error = %e, "subscriptions reader error"),
         }
     }
