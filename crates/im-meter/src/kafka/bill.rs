@@ -168,12 +168,13 @@ impl SubscriptionFeed {
             *seen = (*seen).max(Some(record.offset + 1));
         }
         self.records.push((record, key));
-        self.record(self.records.len() - 1);
+        self.record(self.records.len() - 1, true);
     }
 
     /// Records the event of `self.records[index]` in the book, late if its app's billing
-    /// partition had billed its month before the record was read.
-    fn record(&mut self, index: usize) {
+    /// partition had billed its month before the record was read; `first_time`: it was just
+    /// read (an unreadable one is logged once, not at every re-derivation).
+    fn record(&mut self, index: usize, first_time: bool) {
         let (record, _) = &self.records[index];
         match decode_subscription_event(&record.payload) {
             Ok(event) => {
@@ -185,7 +186,9 @@ impl SubscriptionFeed {
                 self.book.record(&event, index as u64, first_open);
             }
             Err(why) => {
-                warn!(reason = why.reason.code(), detail = %why.detail, "subscription record unreadable");
+                if first_time {
+                    warn!(reason = why.reason.code(), detail = %why.detail, "subscription record unreadable");
+                }
                 let record_time = record.timestamp.map(Timestamp).unwrap_or(Timestamp::MIN);
                 self.unreadable.push((index, self.book.tz().month_of(record_time), why));
             }
@@ -203,7 +206,7 @@ impl SubscriptionFeed {
         self.book = Subscriptions::new(*self.book.tz());
         self.unreadable.clear();
         for index in 0..self.records.len() {
-            self.record(index);
+            self.record(index, false);
         }
     }
 
