@@ -1,12 +1,13 @@
 //! Topic administration: create the topics a stage needs, if they are missing.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use rdkafka::admin::{
     AdminClient, AdminOptions, NewPartitions, NewTopic, ResourceSpecifier, TopicReplication,
 };
 use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::ClientConfig;
 
@@ -42,6 +43,34 @@ pub async fn ensure_topics(client: &ClientConfig, specs: &[TopicSpec<'_>]) -> an
         match result {
             Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
             Err((topic, code)) => anyhow::bail!("cannot create topic {topic}: {code}"),
+        }
+    }
+    // The controller has created them; the broker's metadata says so a moment later (right
+    // after a broker start, long enough for a reader to find "no partitions").
+    let names: Vec<String> = specs.iter().map(|s| s.name.to_string()).collect();
+    let client = client.clone();
+    tokio::task::spawn_blocking(move || wait_for_metadata(&client, &names))
+        .await
+        .context("waiting for the topics' metadata")?
+}
+
+/// Waits (up to 30 s) until the metadata shows every topic of `names` with partitions.
+fn wait_for_metadata(client: &ClientConfig, names: &[String]) -> anyhow::Result<()> {
+    let reader: BaseConsumer = client.create().context("cannot create a metadata client")?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for name in names {
+        loop {
+            let known = reader
+                .fetch_metadata(Some(name), Duration::from_secs(5))
+                .map(|m| m.topics().first().is_some_and(|t| !t.partitions().is_empty()));
+            if known.unwrap_or(false) {
+                break;
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "topic {name} has no partitions 30 s after it was created"
+            );
+            std::thread::sleep(Duration::from_millis(100));
         }
     }
     Ok(())
