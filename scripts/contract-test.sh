@@ -21,6 +21,9 @@ export IM_METER__KAFKA__GROUP_ID="$prefix"
 export IM_METER__KAFKA__IDLE_PARTITION_TIMEOUT=1s
 export IM_METER__KAFKA__COMMIT_INTERVAL=100ms
 export IM_METER__HTTP__LISTEN=127.0.0.1:0
+# The examples ask for October 2026, and the worker bills every month since by the clock:
+# keep ten years of billed months in the API, whatever the date.
+export IM_METER__HTTP__HISTORY_MONTHS=120
 for topic in events subscriptions dead_letters changelog billing_changelog charges alerts usage plan_book; do
   export "IM_METER__TOPICS__${topic^^}=$prefix.$topic"
 done

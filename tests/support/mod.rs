@@ -187,6 +187,9 @@ impl Deployment {
             ("IM_METER__KAFKA__METADATA_REFRESH_INTERVAL".into(), "1s".into()),
             // Several workers run at once: each on a port of its own.
             ("IM_METER__HTTP__LISTEN".into(), "127.0.0.1:0".into()),
+            // The sample is October 2026 and the worker bills every month since by the
+            // clock: the usage API must keep October whatever the date (10 years).
+            ("IM_METER__HTTP__HISTORY_MONTHS".into(), "120".into()),
         ];
         for (t, _) in FileConfig::default().topics.fields() {
             env.push((format!("IM_METER__TOPICS__{}", t.to_uppercase()), self.topic(t)));
