@@ -202,7 +202,7 @@ impl Cluster {
                 Ok(h) => holdings.push((address, h)),
                 Err(e) => {
                     warn!(worker = %address, error = %format!("{e:#}"), "http: a worker of the group did not answer");
-                    return Err(moving(format!(
+                    return Err(ApiError::try_again(format!(
                         "worker {address} of the metering group does not answer: {e:#}"
                     )));
                 }
@@ -224,13 +224,21 @@ fn combine(partitions: i32, holdings: Vec<(String, Holding)>) -> Result<Gathered
         match holders.get(&p).map(Vec::as_slice) {
             Some([(_, true)]) => {}
             Some([(address, false)]) => {
-                return Err(moving(format!("events partition {p} is being restored by worker {address}")))
+                return Err(ApiError::try_again(format!(
+                    "events partition {p} is being restored by worker {address}"
+                )))
             }
             Some(many) if many.len() > 1 => {
                 let who: Vec<&str> = many.iter().map(|(a, _)| *a).collect();
-                return Err(moving(format!("events partition {p} is moving between workers {who:?}")));
+                return Err(ApiError::try_again(format!(
+                    "events partition {p} is moving between workers {who:?}"
+                )));
             }
-            _ => return Err(moving(format!("events partition {p} is not held by any worker right now"))),
+            _ => {
+                return Err(ApiError::try_again(format!(
+                    "events partition {p} is not held by any worker right now"
+                )))
+            }
         }
     }
     let mut shares = Vec::new();
@@ -252,11 +260,6 @@ fn combine(partitions: i32, holdings: Vec<(String, Holding)>) -> Result<Gathered
         }
     }
     Ok(Gathered { shares, seen: holdings.iter().any(|(_, h)| h.seen) })
-}
-
-/// A 503 that says to try again shortly.
-pub fn moving(message: String) -> ApiError {
-    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, message).retry_after(RETRY_AFTER_SECS)
 }
 
 /// Asks the worker at `address` what it holds (one request, one connection).

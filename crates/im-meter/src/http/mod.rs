@@ -2,9 +2,10 @@
 //! (the process is alive), `GET /readyz` (ready to carry load, see
 //! [`Board::not_ready`]) and the usage API ([`usage`], described in `docs/openapi.yaml`).
 //!
-//! The server runs on a small tokio runtime of its own thread; handlers that read the
-//! stages' state (which a stage may hold locked for a moment) run on its blocking pool, so
-//! a busy stage never stalls the health checks.
+//! The server runs on a small tokio runtime of its own thread. Handlers never touch a
+//! stage: month-to-date state comes from the metering view (`crate::view`) and the other
+//! workers (`cluster`); what takes a lock or asks the broker (the ledger, the group's
+//! members) runs on the blocking pool, so the health checks never wait behind it.
 
 pub mod cluster;
 pub mod usage;
@@ -176,9 +177,13 @@ impl ApiError {
         ApiError { status, message: message.into(), retry_after: None }
     }
 
-    /// The same, saying to try again after `seconds`.
-    pub fn retry_after(self, seconds: u64) -> Self {
-        ApiError { retry_after: Some(seconds), ..self }
+    /// A 503 saying `message` and to try again after [`cluster::RETRY_AFTER_SECS`].
+    pub fn try_again(message: impl Into<String>) -> Self {
+        ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            message: message.into(),
+            retry_after: Some(cluster::RETRY_AFTER_SECS),
+        }
     }
 }
 

@@ -26,7 +26,7 @@ use im_meter_core::time::{Month, Timestamp};
 use rust_decimal::Decimal;
 use serde_json::{json, Value};
 
-use super::cluster::{self, Gathered, Holding, RETRY_AFTER_SECS};
+use super::cluster::{self, Gathered, Holding};
 use super::{blocking, Api, ApiError};
 use crate::report::UsageItem;
 use crate::status::now_ms;
@@ -119,7 +119,7 @@ pub async fn month_charges(
                     "{month} is older than the months this worker keeps (from {oldest}; http.history_months); use `im-meter report --month {month}`"
                 ),
                 _ if !ledger.caught_up => {
-                    return Err(not_yet(format!("{month} is not billed as far as read so far (still reading the topics)")))
+                    return Err(ApiError::try_again(format!("{month} is not billed as far as read so far (still reading the topics)")))
                 }
                 _ => format!("{month} is not billed (yet)"),
             };
@@ -131,11 +131,6 @@ pub async fn month_charges(
         Ok(Json(json!({ "month": month, "charges": charges, "total": money(total), "currency": "USD" })))
     })
     .await?
-}
-
-/// A 503: try again shortly.
-fn not_yet(message: String) -> ApiError {
-    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, message).retry_after(RETRY_AFTER_SECS)
 }
 
 fn not_found(message: String) -> ApiError {
@@ -168,7 +163,7 @@ fn billed_or_open(api: &Api, app_id: AppId, month: Month, now: Timestamp) -> Res
         })));
     }
     if !ledger.caught_up {
-        return Err(not_yet(format!(
+        return Err(ApiError::try_again(format!(
             "{month} is not billed as far as read so far (still reading the topics)"
         )));
     }
