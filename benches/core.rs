@@ -30,7 +30,7 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, SamplingMode, Throughput};
 use im_meter_core::aggregate::pcc::MonthSamples;
 use im_meter_core::aggregate::{
-    AppMonthAggregate, Meter, MeterSettings, MonthlyUsage, Precision, SampleGrid, UniqueUsers,
+    AppMonthAggregate, Counting, ExactLimit, Meter, MeterSettings, MonthlyUsage, SampleGrid, UniqueUsers,
 };
 use im_meter_core::bill::{bill_month, PriceBook, Subscriptions};
 use im_meter_core::ingest::{
@@ -258,8 +258,18 @@ fn keys(range: std::ops::Range<u64>) -> Vec<UserKey> {
     range.map(user).collect()
 }
 
-fn sketch_of(keys: &[UserKey]) -> UniqueUsers {
-    let mut s = UniqueUsers::new(Precision::default());
+/// A count of `keys`: exact at the default limit, a sketch past [`ExactLimit::MIN`] with
+/// `sketched`.
+fn sketch_of(keys: &[UserKey], sketched: bool) -> UniqueUsers {
+    let counting = if sketched {
+        Counting {
+            exact_limit: ExactLimit::new(ExactLimit::MIN as i64).expect("the minimum"),
+            ..Counting::default()
+        }
+    } else {
+        Counting::default()
+    };
+    let mut s = UniqueUsers::new(counting);
     for &k in keys {
         s.insert(k);
     }
@@ -272,19 +282,19 @@ fn bench_sketch(c: &mut Criterion) {
     let small_b = keys(500..1_500);
     let million = keys(0..1_000_000);
     let fresh = keys(1_000_000..1_100_000);
-    let mut dense = sketch_of(&million);
-    let dense_b = sketch_of(&keys(500_000..1_500_000));
-    let sparse_a = sketch_of(&small);
-    let sparse_b = sketch_of(&small_b);
+    let mut dense = sketch_of(&million, true);
+    let dense_b = sketch_of(&keys(500_000..1_500_000), true);
+    let exact_a = sketch_of(&small, false);
+    let exact_b = sketch_of(&small_b, false);
     drop(million);
 
     let mut g = c.benchmark_group("sketch");
     g.throughput(Throughput::Elements(small.len() as u64));
-    // 1,000 distinct users into an empty sketch: stays sparse (buffered set, merged into the
-    // sorted varint list every ~131 new keys).
-    g.bench_function("insert_sparse_1k_users", |b| {
+    // 1,000 distinct users into an empty count: stays exact (a hash set of recent users,
+    // merged into the sorted part as it grows).
+    g.bench_function("insert_exact_1k_users", |b| {
         b.iter_batched_ref(
-            || UniqueUsers::new(Precision::default()),
+            || UniqueUsers::new(Counting::default()),
             |s| {
                 for &k in &small {
                     s.insert(k);
@@ -293,9 +303,9 @@ fn bench_sketch(c: &mut Criterion) {
             BatchSize::SmallInput,
         )
     });
-    // 1,000 repeat logins of users already in a small app's sketch.
-    let mut warm = sketch_of(&small);
-    g.bench_function("insert_sparse_1k_repeats", |b| {
+    // 1,000 repeat logins of users already in a small app's count.
+    let mut warm = sketch_of(&small, false);
+    g.bench_function("insert_exact_1k_repeats", |b| {
         b.iter(|| {
             for &k in &small {
                 warm.insert(black_box(k));
@@ -318,19 +328,19 @@ fn bench_sketch(c: &mut Criterion) {
             BatchSize::SmallInput,
         )
     });
-    g.bench_function("merge_sparse_sparse_1k", |b| {
+    g.bench_function("merge_exact_exact_1k", |b| {
         b.iter_batched_ref(
-            || sparse_a.clone(),
+            || exact_a.clone(),
             |s| {
-                s.merge(&sparse_b).expect("same precision");
+                s.merge(&exact_b).expect("same precision");
                 s.flush();
             },
             BatchSize::SmallInput,
         )
     });
     g.bench_function("estimate_dense_1m", |b| b.iter(|| dense.estimate()));
-    let mut sparse_est = sparse_a.clone();
-    g.bench_function("estimate_sparse_1k", |b| b.iter(|| sparse_est.estimate()));
+    let mut exact_est = exact_a.clone();
+    g.bench_function("estimate_exact_1k", |b| b.iter(|| exact_est.estimate()));
     g.finish();
 }
 
@@ -342,7 +352,7 @@ fn bench_sketch(c: &mut Criterion) {
 fn big_aggregate() -> AppMonthAggregate {
     let mut rng = StdRng::seed_from_u64(3);
     let m = month();
-    let mut agg = AppMonthAggregate::new(Precision::default(), false);
+    let mut agg = AppMonthAggregate::new(Counting::default(), false);
     for u in 0..100_000u64 {
         let key = user(u);
         for _ in 0..3 {
@@ -412,6 +422,7 @@ fn usage_of(app_id: u64) -> MonthlyUsage {
         pcc: 8_765,
         pcc_at: Some(Timestamp(month_bounds().0 + 3_600_000)),
         group_count_peak: 250_001,
+        ..MonthlyUsage::empty(app_id, month())
     }
 }
 

@@ -47,14 +47,14 @@ use std::collections::BTreeMap;
 use im_meter_core::aggregate::connections::ConnectionTable;
 use im_meter_core::aggregate::pcc::MonthSamples;
 use im_meter_core::aggregate::user_set::UserSet;
-use im_meter_core::aggregate::{AppMonthAggregate, Precision, SampleGrid};
+use im_meter_core::aggregate::{AppMonthAggregate, Counting, Precision, SampleGrid};
 use im_meter_core::ingest::{ConnKey, UserKey};
 use im_meter_core::time::{BillingTz, Month, Timestamp};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 /// Counts live heap bytes (and their high-water mark) on top of the system allocator.
-struct Counting;
+struct CountingAlloc;
 
 static LIVE: AtomicIsize = AtomicIsize::new(0);
 static PEAK: AtomicIsize = AtomicIsize::new(0);
@@ -65,7 +65,7 @@ fn grew(by: isize) {
 }
 
 // SAFETY: every call is forwarded unchanged to `System`; only counters are updated.
-unsafe impl GlobalAlloc for Counting {
+unsafe impl GlobalAlloc for CountingAlloc {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         let p = unsafe { System.alloc(layout) };
         if !p.is_null() {
@@ -97,7 +97,7 @@ unsafe impl GlobalAlloc for Counting {
 }
 
 #[global_allocator]
-static ALLOC: Counting = Counting;
+static ALLOC: CountingAlloc = CountingAlloc;
 
 fn live() -> isize {
     LIVE.load(Ordering::Relaxed)
@@ -148,7 +148,7 @@ struct Case {
 }
 
 fn build(case: &Case, month: Month) -> AppMonthAggregate {
-    let mut agg = AppMonthAggregate::new(Precision::default(), false);
+    let mut agg = AppMonthAggregate::new(Counting::default(), false);
     let days = month.days();
     for u in 0..case.users {
         let key = user(u);
@@ -312,7 +312,7 @@ fn user_set_table() {
     );
     for users in [10u64, 1_000, 100_000, 1_000_000] {
         let started = Instant::now();
-        let (mut set, heap, peak) = measure(|| {
+        let (set, heap, peak) = measure(|| {
             let mut set = UserSet::new();
             for n in 0..users {
                 set.insert(user(n).0);

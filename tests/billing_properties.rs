@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use im_meter_core::aggregate::{
-    AppMonthAggregate, ChangelogKey, ClosedMark, MonthlyUsage, Precision, SampleGrid,
+    AppMonthAggregate, ChangelogKey, ClosedMark, Counting, MonthlyUsage, Precision, SampleGrid,
 };
 use im_meter_core::bill::{BillingBook, Charge, PriceBook, Pricing, Share, Subscriptions};
 use im_meter_core::ingest::{decode_subscription_event, UserKey};
@@ -62,7 +62,7 @@ fn usage(seed: u64) -> Usage {
 }
 
 fn aggregate(month: Month, logins: &[(u32, u32)], groups: &[u64]) -> AppMonthAggregate {
-    let mut aggregate = AppMonthAggregate::new(Precision::default(), false);
+    let mut aggregate = AppMonthAggregate::new(Counting::default(), false);
     for &(user, day) in logins {
         aggregate.record_login(month.day(day).unwrap(), UserKey::of(&format!("u-{user}")));
     }

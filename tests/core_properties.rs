@@ -1,4 +1,4 @@
-//! Property tests of the core against exact models: sketches vs hash sets, PCC vs a
+//! Property tests of the core against exact models: counts vs hash sets, PCC vs a
 //! brute-force sweep, merges vs aggregating the union, encodings round-tripping, and
 //! order-independence.
 
@@ -6,8 +6,8 @@ use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
 use im_meter_core::aggregate::{
-    merge_shares, AppMonthAggregate, Meter, MeterSettings, Outcome, Precision, SampleGrid, StateKey,
-    UniqueUsers,
+    merge_shares, AppMonthAggregate, Counted, Counting, ExactLimit, Meter, MeterSettings, Outcome, Precision,
+    SampleGrid, StateKey, UniqueUsers,
 };
 use im_meter_core::ingest::{Action, ConnKey, UsageEvent, UserKey};
 use im_meter_core::time::{BillingTz, Month, Timestamp};
@@ -30,28 +30,68 @@ fn bound(precision: Precision) -> f64 {
     5.0 * precision.standard_error()
 }
 
+fn counting(precision: Precision, limit: i64) -> Counting {
+    Counting { precision, exact_limit: ExactLimit::new(limit).unwrap() }
+}
+
+fn count_of(counting: Counting, users: &[u64]) -> UniqueUsers {
+    let mut count = UniqueUsers::new(counting);
+    users.iter().for_each(|&u| count.insert(user(u)));
+    count
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
 
+    /// Below the limit a count is a set: exactly the distinct users, said to be exact.
     #[test]
-    fn mau_is_exact_up_to_a_thousand_users(users in proptest::collection::vec(0u64..5_000, 0..1_000)) {
-        let mut sketch = UniqueUsers::new(Precision::default());
-        for &u in &users {
-            sketch.insert(user(u));
-        }
+    fn counts_below_the_limit_equal_a_hash_set(users in proptest::collection::vec(0u64..40_000, 0..30_000)) {
+        let mut count = count_of(Counting::default(), &users);
         let exact = users.iter().collect::<HashSet<_>>().len() as u64;
-        prop_assert_eq!(sketch.estimate(), exact);
+        prop_assert_eq!((count.estimate(), count.counted()), (exact, Counted::Exact));
     }
 
+    /// Above it, an estimate within the documented bound, said to be one.
     #[test]
-    fn mau_stays_within_the_documented_bound(n in 1_000u64..300_000, offset in 0u64..1_000_000_000, p in 10i64..=18) {
+    fn counts_above_the_limit_stay_within_the_documented_bound(n in 1_001u64..300_000, offset in 0u64..1_000_000_000, p in 10i64..=18) {
         let precision = Precision::new(p).unwrap();
-        let mut sketch = UniqueUsers::new(precision);
-        for u in offset..offset + n {
-            sketch.insert(user(u));
-        }
-        let error = (sketch.estimate() as f64 - n as f64).abs() / n as f64;
+        let users: Vec<u64> = (offset..offset + n).collect();
+        let mut count = count_of(counting(precision, 1_000), &users);
+        let error = (count.estimate() as f64 - n as f64).abs() / n as f64;
         prop_assert!(error <= bound(precision), "p={} n={} error={}", p, n, error);
+        prop_assert_eq!(count.counted(), Counted::Estimated(precision));
+    }
+
+    /// The same users give the same state however they are ordered and split into merged
+    /// shares: below the limit, across the switch (shares exact, their union not), and
+    /// with shares that switched merged with shares that did not. Merging is commutative
+    /// and associative.
+    #[test]
+    fn counts_are_canonical_across_orders_and_splits(
+        users in proptest::collection::vec(0u64..4_000, 0..3_500),
+        limit in 1_000i64..2_500,
+        shares in 1usize..5,
+        seed in any::<u64>(),
+    ) {
+        let counting = counting(Precision::default(), limit);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let whole = count_of(counting, &users);
+        let mut shuffled = users.clone();
+        shuffled.shuffle(&mut rng);
+        let mut split: Vec<Vec<u64>> = vec![Vec::new(); shares];
+        for u in shuffled {
+            split[rng.gen_range(0..shares)].push(u);
+        }
+        let mut parts: Vec<UniqueUsers> = split.iter().map(|part| count_of(counting, part)).collect();
+        let forward = parts.iter().skip(1).fold(parts[0].clone(), |mut acc, p| { acc.merge(p).unwrap(); acc });
+        parts.reverse();
+        // Right to left, each merged into the next: (a ∪ (b ∪ c)) against ((a ∪ b) ∪ c).
+        let backward = parts.iter().skip(1).fold(parts[0].clone(), |acc, p| { let mut p = p.clone(); p.merge(&acc).unwrap(); p });
+        let want = canonical_bytes(&whole);
+        prop_assert_eq!(canonical_bytes(&forward), want.clone());
+        prop_assert_eq!(canonical_bytes(&backward), want);
+        let distinct = users.iter().collect::<HashSet<_>>().len() as i64;
+        prop_assert_eq!(whole.is_exact(), distinct <= limit);
     }
 }
 
@@ -332,7 +372,7 @@ proptest! {
         let mut parts: Vec<AppMonthAggregate> = (0..3)
             .map(|p| {
                 let events: Vec<UsageEvent> = s.events.iter().enumerate().filter(|(i, e)| part(e, *i) == p).map(|(_, e)| *e).collect();
-                meter_november(&settings, &events).1.unwrap_or_else(|| AppMonthAggregate::new(Precision::default(), false))
+                meter_november(&settings, &events).1.unwrap_or_else(|| AppMonthAggregate::new(Counting::default(), false))
             })
             .collect();
         let whole = meter_november(&settings, &s.events).1.map(|mut a| a.encode());
@@ -418,8 +458,9 @@ proptest! {
 #[test]
 fn large_sketches_merge_into_the_union_byte_for_byte() {
     // Past the sparse→dense switch: each part dense, and one part sparse.
-    let mut parts: Vec<UniqueUsers> = (0..3).map(|_| UniqueUsers::new(Precision::default())).collect();
-    let mut whole = UniqueUsers::new(Precision::default());
+    let counting = counting(Precision::default(), 1_000);
+    let mut parts: Vec<UniqueUsers> = (0..3).map(|_| UniqueUsers::new(counting)).collect();
+    let mut whole = UniqueUsers::new(counting);
     for u in 0..60_000u64 {
         let p = if u < 200 { 2 } else { (u % 2) as usize };
         parts[p].insert(user(u));

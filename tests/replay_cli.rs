@@ -1,5 +1,6 @@
 //! `im-meter replay` end to end: the CLI contract of SPEC §5 on real files and stdin.
 
+use std::collections::HashSet;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -127,14 +128,26 @@ fn output_has_exactly_the_documented_shape() {
     let doc = replay_json(&write(&dir, "e.ndjson", &events), Some(&write(&dir, "s.ndjson", &subs)), &[]);
     let keys = |v: &Value| v.as_object().unwrap().keys().cloned().collect::<Vec<_>>();
     assert_eq!(keys(&doc), ["charges", "rejected", "usage"]);
+    // SPEC §5's fields, and how the unique-user figures were counted.
     assert_eq!(
         keys(&doc["usage"][0]),
-        ["app_id", "dau_peak", "group_count_peak", "mau", "month", "pcc", "pcc_at"]
+        [
+            "app_id",
+            "dau_peak",
+            "dau_peak_counted",
+            "group_count_peak",
+            "mau",
+            "mau_counted",
+            "month",
+            "pcc",
+            "pcc_at"
+        ]
     );
     assert_eq!(
         doc["usage"][0],
         serde_json::json!({"app_id":7,"month":"2026-11","mau":1,"dau_peak":1,"pcc":1,
-            "pcc_at":"2026-11-03T16:15:00+08:00","group_count_peak":12})
+            "pcc_at":"2026-11-03T16:15:00+08:00","group_count_peak":12,
+            "mau_counted":"exact","dau_peak_counted":"exact"})
     );
     let fee = charge(&doc, "7/2026-11/plan_fee");
     assert_eq!(
@@ -250,12 +263,73 @@ fn shuffled_input_prints_identical_json_and_stdin_works() {
     assert!(doc["rejected"].as_u64().unwrap() > 0);
 }
 
+/// The sample's busiest app is billed for exactly the users who logged in (derived from the
+/// sample here), and says its figures are exact.
+#[test]
+fn the_sample_is_billed_for_exactly_the_users_who_logged_in() {
+    let sample = repo().join("deploy/sample");
+    let events = std::fs::read(sample.join("events.ndjson")).unwrap();
+    let app = 1_400_000_003u64;
+    let users: HashSet<String> = events
+        .split(|&b| b == b'\n')
+        .filter_map(|line| serde_json::from_slice::<Value>(line).ok())
+        .filter(|e| e["type"] == "login" && e["app_id"] == app && e["ok"] != false && !e["ts"].is_null())
+        .filter_map(|e| e["user_id"].as_str().map(str::to_string))
+        .collect();
+    assert!(users.len() > 10_000, "the sample's app {app} is past Standard's 10,000 included MAU");
+    let doc = replay_json(&sample.join("events.ndjson"), Some(&sample.join("subscriptions.ndjson")), &[]);
+    let usage = doc["usage"].as_array().unwrap().iter().find(|u| u["app_id"] == app).unwrap();
+    assert_eq!(usage["mau"], users.len());
+    assert_eq!(
+        (&usage["mau_counted"], &usage["dau_peak_counted"]),
+        (&Value::from("exact"), &Value::from("exact"))
+    );
+    assert!(usage.get("hll_precision").is_none());
+    let overage = charge(&doc, &format!("{app}/2026-11/mau_overage"));
+    assert_eq!(overage["quantity"], (users.len() - 10_000).to_string());
+}
+
+/// Past `metering.exact_limit` a count is an estimate, and the item and the bill say so.
+#[test]
+fn an_estimate_says_so_on_the_usage_and_the_bill() {
+    let dir = temp_dir("estimate");
+    let events: Vec<String> =
+        (0..12_000).map(|u| login(3, &format!("u{u}"), "2026-11-09T12:00:00Z")).collect();
+    let subs = vec![
+        r#"{"type":"plan_changed","app_id":3,"ts":"2026-10-01T00:00:00+08:00","plan":"standard"}"#.into(),
+    ];
+    let config = write(&dir, "c.toml", &["[metering]".into(), "exact_limit = 1000".into()]);
+    let doc = replay_json(
+        &write(&dir, "e.ndjson", &events),
+        Some(&write(&dir, "s.ndjson", &subs)),
+        &["--config", config.to_str().unwrap()],
+    );
+    let usage = &doc["usage"][0];
+    assert_eq!(
+        (&usage["mau_counted"], &usage["dau_peak_counted"]),
+        (&Value::from("estimated"), &Value::from("estimated"))
+    );
+    assert_eq!(usage["hll_precision"], 14);
+    let mau = usage["mau"].as_u64().unwrap();
+    assert!(mau.abs_diff(12_000) < 12_000 * 5 * 81 / 10_000, "{mau}");
+    let overage = charge(&doc, "3/2026-11/mau_overage");
+    let description = overage["description"].as_str().unwrap();
+    assert!(description.contains("HyperLogLog++ estimate, relative standard error 0.81 %"), "{description}");
+}
+
 #[test]
 fn exact_mode_audits_the_sketch() {
     let dir = temp_dir("exact");
     let events: Vec<String> =
         (0..2_000).map(|u| login(3, &format!("u{u}"), "2026-11-09T12:00:00Z")).collect();
-    let doc = replay_json(&write(&dir, "e.ndjson", &events), None, &["--exact"]);
+    // Counted exactly to 1,000 users only, so that the figures are estimates to audit.
+    let config = write(&dir, "c.toml", &["[metering]".into(), "exact_limit = 1000".into()]);
+    let doc = replay_json(
+        &write(&dir, "e.ndjson", &events),
+        None,
+        &["--exact", "--config", config.to_str().unwrap()],
+    );
+    assert_eq!(doc["usage"][0]["mau_counted"], "estimated");
     let audit = &doc["audit"][0];
     assert_eq!(audit["mau_exact"], 2000);
     assert_eq!(audit["dau_peak_exact"], 2000);

@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use im_meter_core::aggregate::{MeterSettings, Precision, SampleGrid};
+use im_meter_core::aggregate::{ExactLimit, MeterSettings, Precision, SampleGrid};
 use im_meter_core::bill::PriceBook;
 use im_meter_core::time::Timestamp;
 use rust_decimal::Decimal;
@@ -76,6 +76,7 @@ impl Default for FileConfig {
             },
             metering: MeteringSection {
                 hll_precision: i64::from(Precision::default().get()),
+                exact_limit: ExactLimit::DEFAULT.get() as i64,
                 sample_interval: "60s".into(),
                 connection_idle_timeout: "off".into(),
             },
@@ -227,6 +228,8 @@ pub struct BillingSection {
 pub struct MeteringSection {
     /// HLL++ precision, 10–18.
     pub hll_precision: i64,
+    /// Distinct users a MAU or DAU count keeps exactly before HLL++ takes over (≥ 1,000).
+    pub exact_limit: i64,
     /// PCC sample interval; must divide an hour.
     pub sample_interval: String,
     /// Close connections silent this long (`30m`), or `off`.
@@ -546,6 +549,8 @@ impl FileConfig {
 
         let precision =
             p.take("metering.hll_precision", Precision::new(m.hll_precision).map_err(|e| e.to_string()));
+        let exact_limit =
+            p.take("metering.exact_limit", ExactLimit::new(m.exact_limit).map_err(|e| e.to_string()));
         let grid = p.take(
             "metering.sample_interval",
             duration(&m.sample_interval).and_then(|d| SampleGrid::new(d).map_err(|e| e.to_string())),
@@ -628,6 +633,7 @@ impl FileConfig {
                 meter: MeterSettings {
                     tz: tz?,
                     precision: precision?,
+                    exact_limit: exact_limit?,
                     grid: grid?,
                     idle_timeout: idle_timeout?,
                     exact: false,
@@ -695,6 +701,7 @@ mod tests {
         assert_eq!(c.billing.max_clock_skew, Duration::from_secs(300));
         assert_eq!(c.file.http.listen, "127.0.0.1:9464");
         assert_eq!(c.meter.precision.get(), 14);
+        assert_eq!(c.meter.exact_limit.get(), 1_000_000);
         assert!(c.meter.idle_timeout.is_none());
     }
 
@@ -731,6 +738,7 @@ mod tests {
                 ("IM_METER__BILLING__MAX_CLOCK_SKEW", "-5m"),
                 ("IM_METER__METERING__HLL_PRECISION", "22"),
                 ("IM_METER__METERING__SAMPLE_INTERVAL", "7s"),
+                ("IM_METER__METERING__EXACT_LIMIT", "999"),
                 ("IM_METER__TOPICS__CHARGES", "bad topic"),
                 ("IM_METER__HTTP__LISTEN", "nowhere"),
             ]),
@@ -743,6 +751,7 @@ mod tests {
             "billing.max_clock_skew",
             "metering.hll_precision",
             "metering.sample_interval",
+            "metering.exact_limit",
             "topics.charges",
             "http.listen",
         ] {

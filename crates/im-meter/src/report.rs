@@ -7,7 +7,7 @@ use std::io::Write;
 
 use std::collections::BTreeMap;
 
-use im_meter_core::aggregate::MonthlyUsage;
+use im_meter_core::aggregate::{Counted, MonthlyUsage, Precision};
 use im_meter_core::bill::{Charge, QuotaAlert};
 use im_meter_core::plan::AppId;
 use im_meter_core::time::{BillingTz, Month, Timestamp};
@@ -58,7 +58,8 @@ pub struct AuditRow {
 }
 
 /// One app-month's usage as published: an item of replay's JSON `usage` array, and the
-/// value of a record on the usage topic.
+/// value of a record on the usage topic. Beyond SPEC §5's fields, it says how each unique
+/// user figure was counted (`exact`, or `estimated` by HLL++ at `hll_precision`).
 #[derive(Debug, Serialize, Deserialize)]
 pub struct UsageItem {
     app_id: AppId,
@@ -69,16 +70,49 @@ pub struct UsageItem {
     /// The first instant of the PCC peak, RFC 3339 in the billing zone.
     pcc_at: Option<String>,
     group_count_peak: u64,
+    /// How `mau` was counted (absent from records published before it existed).
+    #[serde(default)]
+    mau_counted: Option<CountedAs>,
+    /// How `dau_peak` was counted.
+    #[serde(default)]
+    dau_peak_counted: Option<CountedAs>,
+    /// The HLL++ precision of the estimates, when a figure is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    hll_precision: Option<u8>,
+}
+
+/// How a unique-user figure was counted, as published.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CountedAs {
+    /// Exactly (a set of user hashes).
+    Exact,
+    /// Estimated by HLL++.
+    Estimated,
 }
 
 impl UsageItem {
-    /// Back to the figures (reading the usage topic).
+    /// Back to the figures (reading the usage topic). Items published before they said how
+    /// they were counted were exact up to 512 users and estimated at the default precision
+    /// above (the rule then).
     pub fn into_usage(self) -> anyhow::Result<MonthlyUsage> {
+        let precision = match self.hll_precision {
+            Some(p) => Precision::new(i64::from(p))?,
+            None => Precision::default(),
+        };
+        let counted = |given: Option<CountedAs>, n: u64| match given {
+            Some(CountedAs::Exact) => Counted::Exact,
+            Some(CountedAs::Estimated) => Counted::Estimated(precision),
+            None if n <= 512 => Counted::Exact,
+            None => Counted::Estimated(precision),
+        };
         Ok(MonthlyUsage {
             app_id: self.app_id,
             month: self.month,
             mau: self.mau,
+            mau_counted: counted(self.mau_counted, self.mau),
             dau_peak: self.dau_peak,
+            dau_peak_counted: counted(self.dau_peak_counted, self.dau_peak),
             pcc: self.pcc,
             pcc_at: self.pcc_at.as_deref().map(Timestamp::parse_rfc3339).transpose()?,
             group_count_peak: self.group_count_peak,
@@ -87,6 +121,12 @@ impl UsageItem {
 
     /// The published form of `u`, instants in the billing zone `tz`.
     pub fn new(u: &MonthlyUsage, tz: &BillingTz) -> Self {
+        let published = |counted: Counted| match counted {
+            Counted::Exact => (CountedAs::Exact, None),
+            Counted::Estimated(p) => (CountedAs::Estimated, Some(p.get())),
+        };
+        let (mau_counted, mau_precision) = published(u.mau_counted);
+        let (dau_peak_counted, dau_precision) = published(u.dau_peak_counted);
         UsageItem {
             app_id: u.app_id,
             month: u.month,
@@ -95,6 +135,9 @@ impl UsageItem {
             pcc: u.pcc,
             pcc_at: u.pcc_at.map(|t| t.to_rfc3339(tz)),
             group_count_peak: u.group_count_peak,
+            mau_counted: Some(mau_counted),
+            dau_peak_counted: Some(dau_peak_counted),
+            hll_precision: mau_precision.or(dau_precision),
         }
     }
 }

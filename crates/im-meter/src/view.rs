@@ -222,7 +222,7 @@ pub fn is_app_month(key: &StateKey) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use im_meter_core::aggregate::{AppMonthAggregate, Precision, StateKey};
+    use im_meter_core::aggregate::{AppMonthAggregate, Counting, StateKey};
     use im_meter_core::ingest::UserKey;
     use im_meter_core::time::Month;
 
@@ -230,7 +230,7 @@ mod tests {
 
     /// The records of an app-month with `users` logged in on the 1st.
     fn records(app_id: AppId, month: Month, users: std::ops::Range<u32>) -> Vec<(StateKey, StateBytes)> {
-        let mut agg = AppMonthAggregate::new(Precision::default(), false);
+        let mut agg = AppMonthAggregate::new(Counting::default(), false);
         for u in users {
             agg.record_login(month.day(1).unwrap(), UserKey::of(&format!("user-{u}")));
         }

@@ -1,8 +1,9 @@
 //! The usage aggregate of one app in one billing month, and its versioned encoding.
 //!
-//! [`AppMonthAggregate`] holds MAU and per-day DAU sketches, the PCC timeline and the
-//! group-count peak. Aggregates of disjoint event sets (e.g. two Kafka partitions) merge
-//! into the aggregate of their union: HLL union, instant-wise sums, max. The encoding is
+//! [`AppMonthAggregate`] holds the MAU and per-day DAU counts (exact sets up to the exact
+//! limit, HLL++ sketches beyond), the PCC timeline and the group-count peak. Aggregates of
+//! disjoint event sets (e.g. two Kafka partitions) merge into the aggregate of their union:
+//! set (or HLL) union, instant-wise sums, max. The encoding is
 //! what a worker checkpoints: a magic, a format version and a checksum around a postcard
 //! payload, canonical (equal aggregates encode to equal bytes).
 
@@ -12,7 +13,7 @@ use rustc_hash::FxHashSet;
 use serde::{Deserialize, Serialize};
 
 use super::pcc::PccTimeline;
-use super::unique::{Precision, PrecisionMismatch, UniqueUsers};
+use super::unique::{Counted, Counting, Precision, PrecisionMismatch, UniqueUsers, UniqueUsersV2};
 use super::usage::MonthlyUsage;
 use crate::ingest::UserKey;
 use crate::plan::AppId;
@@ -66,10 +67,11 @@ pub struct ExactCounts {
 }
 
 impl AppMonthAggregate {
-    /// An empty aggregate; `exact` also keeps exact user sets for auditing.
-    pub fn new(precision: Precision, exact: bool) -> Self {
+    /// An empty aggregate counting users as `counting` says; `exact` also keeps exact user
+    /// sets whatever the limit, to audit the estimates (`replay --exact`).
+    pub fn new(counting: Counting, exact: bool) -> Self {
         AppMonthAggregate {
-            mau: UniqueUsers::new(precision),
+            mau: UniqueUsers::new(counting),
             dau: BTreeMap::new(),
             pcc: PccTimeline::new(),
             group_count_peak: 0,
@@ -82,10 +84,10 @@ impl AppMonthAggregate {
     /// A successful login of `user` on `day`.
     #[inline]
     pub fn record_login(&mut self, day: Day, user: UserKey) {
-        let precision = self.mau.precision();
+        let counting = self.mau.counting();
         self.mau.insert(user);
         let d = day.number() as u8;
-        self.dau.entry(d).or_insert_with(|| UniqueUsers::new(precision)).insert(user);
+        self.dau.entry(d).or_insert_with(|| UniqueUsers::new(counting)).insert(user);
         self.unsaved.any = true;
         self.unsaved.days |= 1 << d;
         if let Some(exact) = self.exact.as_deref_mut() {
@@ -94,8 +96,7 @@ impl AppMonthAggregate {
         }
     }
 
-    /// The MAU while it is still counted exactly (up to
-    /// [`EXACT_LIMIT`](super::unique::EXACT_LIMIT) users).
+    /// The MAU while it is still counted exactly (up to the exact limit).
     pub fn exact_mau(&self) -> Option<usize> {
         self.mau.exact_len()
     }
@@ -107,7 +108,7 @@ impl AppMonthAggregate {
     }
 
     /// The HLL++ precision its sketches were made at.
-    pub fn precision(&self) -> super::unique::Precision {
+    pub fn precision(&self) -> Precision {
         self.mau.precision()
     }
 
@@ -174,7 +175,10 @@ impl AppMonthAggregate {
             app_id,
             month,
             mau: self.mau.estimate(),
+            mau_counted: self.mau.counted(),
             dau_peak: self.dau.values_mut().map(UniqueUsers::estimate).max().unwrap_or(0),
+            // The peak is exact only if every day is: an estimated day might be the busiest.
+            dau_peak_counted: self.dau.values().map(UniqueUsers::counted).fold(Counted::Exact, Counted::and),
             pcc,
             pcc_at: peak_index.map(|i| grid.instant(i)),
             group_count_peak: self.group_count_peak,
@@ -189,8 +193,8 @@ impl AppMonthAggregate {
         })
     }
 
-    /// Encodes the aggregate (flushing the sketches first, so equal aggregates give
-    /// equal bytes).
+    /// Encodes the aggregate (flushing the counts first, so equal aggregates give equal
+    /// bytes).
     pub fn encode(&mut self) -> Vec<u8> {
         self.mau.flush();
         self.dau.values_mut().for_each(UniqueUsers::flush);
@@ -215,7 +219,7 @@ impl AppMonthAggregate {
     pub fn encode_parts(&mut self, days: impl IntoIterator<Item = u8>) -> (Vec<u8>, Vec<(u8, Vec<u8>)>) {
         let mut dau = std::mem::take(&mut self.dau);
         let whole = self.encode();
-        let mut part = AppMonthAggregate::new(self.mau.precision(), false);
+        let mut part = AppMonthAggregate::new(self.mau.counting(), false);
         let mut parts = Vec::new();
         for d in days {
             if let Some(sketch) = dau.remove(&d) {
@@ -258,7 +262,33 @@ impl AppMonthAggregate {
         let corrupt = |e: postcard::Error| CodecError::Corrupt(e.to_string());
         match version {
             FORMAT_VERSION => postcard::from_bytes(payload).map_err(corrupt),
+            2 => postcard::from_bytes::<AggregateV2>(payload).map_err(corrupt).map(AggregateV2::upgrade),
             _ => postcard::from_bytes::<AggregateV1>(payload).map_err(corrupt).map(AggregateV1::upgrade),
+        }
+    }
+}
+
+/// The layout of format 2: counts exact up to 512 users, as sorted lists.
+#[derive(Deserialize)]
+struct AggregateV2 {
+    mau: UniqueUsersV2,
+    dau: BTreeMap<u8, UniqueUsersV2>,
+    pcc: PccTimeline,
+    group_count_peak: u64,
+    unpaired: PccTimeline,
+}
+
+impl AggregateV2 {
+    fn upgrade(self) -> AppMonthAggregate {
+        let AggregateV2 { mau, dau, pcc, group_count_peak, unpaired } = self;
+        AppMonthAggregate {
+            mau: mau.upgrade(),
+            dau: dau.into_iter().map(|(d, users)| (d, users.upgrade())).collect(),
+            pcc,
+            group_count_peak,
+            unpaired,
+            exact: None,
+            unsaved: Unsaved::default(),
         }
     }
 }
@@ -266,8 +296,8 @@ impl AppMonthAggregate {
 /// The layout of format 1, before shares kept their unpaired disconnects.
 #[derive(Deserialize)]
 struct AggregateV1 {
-    mau: UniqueUsers,
-    dau: BTreeMap<u8, UniqueUsers>,
+    mau: UniqueUsersV2,
+    dau: BTreeMap<u8, UniqueUsersV2>,
     pcc: PccTimeline,
     group_count_peak: u64,
 }
@@ -275,15 +305,7 @@ struct AggregateV1 {
 impl AggregateV1 {
     fn upgrade(self) -> AppMonthAggregate {
         let AggregateV1 { mau, dau, pcc, group_count_peak } = self;
-        AppMonthAggregate {
-            mau,
-            dau,
-            pcc,
-            group_count_peak,
-            unpaired: PccTimeline::new(),
-            exact: None,
-            unsaved: Unsaved::default(),
-        }
+        AggregateV2 { mau, dau, pcc, group_count_peak, unpaired: PccTimeline::new() }.upgrade()
     }
 }
 
@@ -296,7 +318,7 @@ pub fn merge_shares<'a>(
     precision: Precision,
     shares: impl IntoIterator<Item = &'a AppMonthAggregate>,
 ) -> Result<AppMonthAggregate, PrecisionMismatch> {
-    let mut merged = AppMonthAggregate::new(precision, false);
+    let mut merged = AppMonthAggregate::new(Counting::merging(precision), false);
     let mut count = 0;
     for share in shares {
         merged.merge(share)?;
@@ -310,9 +332,10 @@ pub fn merge_shares<'a>(
 }
 
 const MAGIC: &[u8; 4] = b"IMAM";
-/// Version 2: postcard of `AppMonthAggregate` with hyperloglogplus 0.4.1 sketches (version
-/// 1, still read, had no unpaired disconnects).
-const FORMAT_VERSION: u8 = 2;
+/// Version 3: postcard of `AppMonthAggregate`: exact counts as `UserSet` bytes up to their
+/// stored limit, hyperloglogplus 0.4.1 sketches beyond. Still read: version 2 (exact as a
+/// sorted list up to 512 users) and 1 (also without unpaired disconnects).
+const FORMAT_VERSION: u8 = 3;
 const HEADER_LEN: usize = 4 + 1 + 8;
 
 /// Why bytes could not be decoded into an aggregate.
@@ -346,11 +369,12 @@ mod tests {
     use super::*;
     use crate::aggregate::pcc::MonthSamples;
 
-    /// An aggregate exercising every part of the format: a sketch past the exact limit, a
-    /// sparse day, an exact day, a PCC timeline and a group peak.
-    fn golden_aggregate() -> AppMonthAggregate {
+    /// An aggregate exercising every part of the format: 3,000 users over three days and one
+    /// on a fourth (exact counts by default; under format 2's limit of 512, a sketch past
+    /// it, sparse days and an exact day), a PCC timeline and a group peak.
+    fn golden_aggregate(counting: Counting) -> AppMonthAggregate {
         let month: Month = "2026-11".parse().unwrap();
-        let mut agg = AppMonthAggregate::new(Precision::default(), false);
+        let mut agg = AppMonthAggregate::new(counting, false);
         for u in 0..3_000u32 {
             let day = month.day(1 + u % 3).unwrap();
             agg.record_login(day, UserKey::of(&format!("user-{u}")));
@@ -367,13 +391,38 @@ mod tests {
     /// field): a changed encoding needs a new FORMAT_VERSION and a migration.
     #[test]
     fn the_encoding_is_pinned() {
-        let bytes = golden_aggregate().encode();
-        assert_eq!(&bytes[..5], b"IMAM\x02");
+        let mut exact = golden_aggregate(Counting::default());
+        let mut sketched = golden_aggregate(format_2_counting());
+        let pins =
+            [exact.encode(), sketched.encode()].map(|b| (b[4], b.len(), xxhash_rust::xxh3::xxh3_64(&b)));
         assert_eq!(
-            (bytes.len(), xxhash_rust::xxh3::xxh3_64(&bytes)),
-            (15_921, 0xcb26_f7f3_cf0b_3c83),
-            "format changed: bump FORMAT_VERSION and keep a decoder for version 2"
+            pins,
+            [(3, 41_491, 0xf1ad_c741_68f2_2b26), (3, 15_932, 0x75b3_1fd8_b962_e155)],
+            "format changed: bump FORMAT_VERSION and keep a decoder for version 3"
         );
+        let month = "2026-11".parse().unwrap();
+        let grid = crate::aggregate::SampleGrid::new(std::time::Duration::from_secs(60)).unwrap();
+        let usage = exact.usage(1, month, grid);
+        assert_eq!(
+            (usage.mau, usage.mau_counted, usage.dau_peak, usage.dau_peak_counted),
+            (3_001, Counted::Exact, 1_000, Counted::Exact)
+        );
+        let usage = sketched.usage(1, month, grid);
+        let estimated = Counted::Estimated(Precision::default());
+        assert_eq!((usage.mau_counted, usage.dau_peak_counted), (estimated, estimated));
+    }
+
+    fn format_2_counting() -> Counting {
+        Counting { exact_limit: super::super::unique::ExactLimit::FORMAT_2, ..Counting::default() }
+    }
+
+    /// `golden_aggregate(Counting::default())` as format 2 wrote it (exact up to 512 users).
+    const VERSION_2: &[u8] = include_bytes!("testdata/aggregate_v2.bin");
+
+    #[test]
+    fn version_2_aggregates_are_still_read_with_their_limit() {
+        let mut read = AppMonthAggregate::decode(VERSION_2).unwrap();
+        assert_eq!(read.encode(), golden_aggregate(format_2_counting()).encode());
     }
 
     /// Bytes as format 1 wrote them: version 2's without the (empty) unpaired timeline,
@@ -388,11 +437,9 @@ mod tests {
 
     #[test]
     fn version_1_aggregates_are_still_read() {
-        let mut agg = golden_aggregate();
-        let v2 = agg.encode();
-        assert_eq!(*v2.last().unwrap(), 0, "an empty unpaired timeline is the last byte");
-        let mut read = AppMonthAggregate::decode(&as_version_1(&v2)).unwrap();
-        assert_eq!(read.encode(), v2);
+        assert_eq!(*VERSION_2.last().unwrap(), 0, "an empty unpaired timeline is the last byte");
+        let mut read = AppMonthAggregate::decode(&as_version_1(VERSION_2)).unwrap();
+        assert_eq!(read.encode(), golden_aggregate(format_2_counting()).encode());
     }
 
     /// One connection's connect in one share and its disconnect in another: merged, they
@@ -403,15 +450,15 @@ mod tests {
         let month: Month = "2026-11".parse().unwrap();
         let grid = crate::aggregate::SampleGrid::new(std::time::Duration::from_secs(60)).unwrap();
         let (mut opened, mut closed) = (
-            AppMonthAggregate::new(Precision::default(), false),
-            AppMonthAggregate::new(Precision::default(), false),
+            AppMonthAggregate::new(Counting::default(), false),
+            AppMonthAggregate::new(Counting::default(), false),
         );
         opened.pcc_mut().add_connection(samples, 1_100, None);
         opened.pcc_mut().add_connection(samples, 1_200, Some(1_300));
         closed.unpaired_mut().add_connection(samples, 1_250, None);
         closed.pcc_mut().add_connection(samples, 1_500, Some(1_600));
         let mut merged = merge_shares(Precision::default(), [&opened, &closed]).unwrap();
-        let mut expected = AppMonthAggregate::new(Precision::default(), false);
+        let mut expected = AppMonthAggregate::new(Counting::default(), false);
         for (from, until) in [(1_100, 1_250), (1_200, 1_300), (1_500, 1_600)] {
             expected.pcc_mut().add_connection(samples, from, Some(until));
         }
@@ -424,7 +471,7 @@ mod tests {
 
     #[test]
     fn parts_merge_into_the_whole() {
-        let mut agg = golden_aggregate();
+        let mut agg = golden_aggregate(format_2_counting());
         let whole = agg.encode();
         let days: Vec<u8> = agg.days().collect();
         assert_eq!(days, vec![1, 2, 3, 30]);
@@ -441,11 +488,11 @@ mod tests {
 
     #[test]
     fn damaged_or_foreign_bytes_are_refused() {
-        let bytes = golden_aggregate().encode();
+        let bytes = golden_aggregate(Counting::default()).encode();
         assert_eq!(AppMonthAggregate::decode(b"nope").unwrap_err(), CodecError::NotAnAggregate);
         let mut newer = bytes.clone();
-        newer[4] = 3;
-        assert_eq!(AppMonthAggregate::decode(&newer).unwrap_err(), CodecError::UnknownVersion(3));
+        newer[4] = 4;
+        assert_eq!(AppMonthAggregate::decode(&newer).unwrap_err(), CodecError::UnknownVersion(4));
         let mut flipped = bytes.clone();
         flipped[20] ^= 1;
         assert!(matches!(AppMonthAggregate::decode(&flipped), Err(CodecError::Corrupt(_))));

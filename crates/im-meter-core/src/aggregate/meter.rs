@@ -31,7 +31,7 @@ use super::app_month::{AppMonthAggregate, CodecError};
 use super::checkpoint::{Progress, StateKey, StateRecord};
 use super::connections::{ConnEffect, ConnRecord, ConnectionTable, Interval};
 use super::pcc::{MonthSamples, SampleGrid};
-use super::unique::Precision;
+use super::unique::{Counting, ExactLimit, Precision};
 use super::usage::MonthlyUsage;
 use crate::ingest::{Action, UsageEvent};
 use crate::plan::AppId;
@@ -44,6 +44,8 @@ pub struct MeterSettings {
     pub tz: BillingTz,
     /// HLL++ precision of the MAU and DAU sketches.
     pub precision: Precision,
+    /// Distinct users a MAU or DAU count keeps exactly before it becomes a sketch.
+    pub exact_limit: ExactLimit,
     /// The PCC sample instants.
     pub grid: SampleGrid,
     /// Open connections silent this long are closed at their last-seen time (`None`: off).
@@ -55,11 +57,19 @@ pub struct MeterSettings {
     pub allowed_lateness: Option<Duration>,
 }
 
+impl MeterSettings {
+    /// How users are counted.
+    pub fn counting(&self) -> Counting {
+        Counting { precision: self.precision, exact_limit: self.exact_limit }
+    }
+}
+
 impl Default for MeterSettings {
     fn default() -> Self {
         MeterSettings {
             tz: BillingTz::default(),
             precision: Precision::default(),
+            exact_limit: ExactLimit::default(),
             grid: SampleGrid::new(Duration::from_secs(60)).expect("60 s divides an hour"),
             idle_timeout: None,
             exact: false,
@@ -129,8 +139,8 @@ pub struct Meter {
 /// the app is on that plan is for billing to say; the meter reports the crossing.
 pub const QUOTA_WATCH: u64 = crate::plan::Plan::Developer.included_mau();
 
-// Crossings are detected on the exact count: the watch must lie below the exact limit.
-const _: () = assert!(QUOTA_WATCH < super::unique::EXACT_LIMIT as u64);
+// Crossings are detected on the exact count: the watch must lie below any exact limit.
+const _: () = assert!(QUOTA_WATCH < ExactLimit::MIN);
 
 impl Meter {
     /// An empty meter.
@@ -254,10 +264,9 @@ impl Meter {
             Action::Login { .. } | Action::Logout { .. } | Action::GroupStats { .. } => ConnEffect::Recorded,
         };
         // Every accepted event makes its app-month known, even when it counts nothing.
-        let precision = self.settings.precision;
-        let exact = self.settings.exact;
+        let (counting, exact) = (self.settings.counting(), self.settings.exact);
         let aggregate =
-            self.months.entry((app_id, month)).or_insert_with(|| AppMonthAggregate::new(precision, exact));
+            self.months.entry((app_id, month)).or_insert_with(|| AppMonthAggregate::new(counting, exact));
         aggregate.touch();
         match event.action {
             Action::Login { user, ok: true } => {
@@ -292,9 +301,9 @@ impl Meter {
     }
 
     fn aggregate_mut(&mut self, app_id: AppId, month: Month) -> &mut AppMonthAggregate {
-        let (precision, exact) = (self.settings.precision, self.settings.exact);
+        let (counting, exact) = (self.settings.counting(), self.settings.exact);
         let aggregate =
-            self.months.entry((app_id, month)).or_insert_with(|| AppMonthAggregate::new(precision, exact));
+            self.months.entry((app_id, month)).or_insert_with(|| AppMonthAggregate::new(counting, exact));
         aggregate.touch();
         aggregate
     }

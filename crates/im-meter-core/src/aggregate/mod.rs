@@ -1,6 +1,7 @@
 //! Aggregate: validated usage events → per app and billing month usage.
 //!
-//! - [`unique`]: HLL++ unique-user sketches (MAU, DAU).
+//! - [`unique`]: unique-user counts (MAU, DAU): exact sets up to a limit, HLL++ beyond.
+//! - [`user_set`]: the exact sets.
 //! - [`pcc`]: sample instants and the PCC timeline of an app-month.
 //! - [`connections`]: each connection's lifecycle (duplicates, reordering, idle close).
 //! - [`app_month`]: the mergeable, serializable aggregate of one app-month.
@@ -23,5 +24,5 @@ pub use app_month::{merge_shares, AppMonthAggregate, CodecError, ExactCounts};
 pub use checkpoint::{billing_partition, ChangelogKey, ClosedMark, StateKey, StateRecord, SubscriptionsRead};
 pub use meter::{ClosedMonth, Meter, MeterSettings, MonthsClosed, Outcome};
 pub use pcc::{SampleGrid, SampleIntervalError};
-pub use unique::{Precision, PrecisionError, UniqueUsers, EXACT_LIMIT};
+pub use unique::{Counted, Counting, ExactLimit, ExactLimitError, Precision, PrecisionError, UniqueUsers};
 pub use usage::MonthlyUsage;

@@ -113,9 +113,18 @@ impl UserSet {
         &self.sorted
     }
 
-    /// The canonical encoding (see the module documentation).
-    pub fn encode(&mut self) -> Vec<u8> {
-        let keys = self.sorted();
+    /// The canonical encoding (see the module documentation). Cheapest right after
+    /// [`UserSet::compact`]; otherwise the recent users are merged into a copy.
+    pub fn encode(&self) -> Vec<u8> {
+        let merged;
+        let keys: &[u64] = if self.recent.is_empty() {
+            &self.sorted
+        } else {
+            let mut recent: Vec<u64> = self.recent.iter().copied().collect();
+            recent.sort_unstable();
+            merged = sorted_union(&self.sorted, &recent);
+            &merged
+        };
         let n = keys.len();
         let mut out = Vec::with_capacity(n * 8 + 10);
         put_varint(&mut out, n as u64);
@@ -293,14 +302,14 @@ mod tests {
         #[test]
         fn holds_exactly_the_distinct_keys(keys in prop::collection::vec(any::<u64>(), 0..3000), split in 0usize..3000) {
             let want: BTreeSet<u64> = keys.iter().copied().collect();
-            let mut one = set_of(&keys);
+            let one = set_of(&keys);
             prop_assert_eq!(one.len(), want.len());
             let split = split.min(keys.len());
             let mut merged = set_of(&keys[split..]);
             merged.union(&set_of(&keys[..split]));
             let mut reversed: Vec<u64> = keys.clone();
             reversed.reverse();
-            let mut backwards = set_of(&reversed);
+            let backwards = set_of(&reversed);
             let bytes = one.encode();
             prop_assert_eq!(&bytes, &merged.encode());
             prop_assert_eq!(&bytes, &backwards.encode());
@@ -320,7 +329,7 @@ mod tests {
     #[test]
     fn extreme_keys_and_sizes_round_trip() {
         for keys in [vec![], vec![0], vec![u64::MAX], vec![0, u64::MAX], vec![1, 2, 3, u64::MAX - 1]] {
-            let mut s = set_of(&keys);
+            let s = set_of(&keys);
             let (back, _) = UserSet::decode(&s.encode()).unwrap();
             assert_eq!(back, s, "{keys:?}");
         }
@@ -337,7 +346,7 @@ mod tests {
                 k = k.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
                 keys.push(k);
             }
-            let mut s = set_of(&keys);
+            let s = set_of(&keys);
             let encoded = s.encode().len() as f64 / s.len() as f64;
             assert!(encoded <= 8.0, "{encoded} encoded bytes per user at {n}");
         }

@@ -442,7 +442,7 @@ mod tests {
 
     /// A share with the users `users` logged in on the month's first day.
     fn share(of: Month, users: std::ops::Range<u32>) -> Share {
-        let mut aggregate = AppMonthAggregate::new(Precision::default(), false);
+        let mut aggregate = AppMonthAggregate::new(crate::aggregate::Counting::default(), false);
         for u in users {
             aggregate.record_login(of.day(1).unwrap(), UserKey::of(&format!("u-{u}")));
         }

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use super::pricing::{round_cents, unit_price, PriceBook};
 use super::subscription::{Subscriptions, MAX_TRIALS_PER_APP};
-use crate::aggregate::MonthlyUsage;
+use crate::aggregate::{Counted, MonthlyUsage};
 use crate::plan::{AppId, BillingMode, Plan};
 use crate::time::{Month, Timestamp};
 
@@ -78,6 +78,18 @@ pub struct Charge {
     pub description: String,
 }
 
+/// A unique-user figure as a description shows it: the number, and for an estimate, that it
+/// is one and its relative standard error.
+fn figure(n: u64, counted: Counted) -> String {
+    match counted {
+        Counted::Exact => n.to_string(),
+        Counted::Estimated(precision) => format!(
+            "{n} (HyperLogLog++ estimate, relative standard error {:.2} %)",
+            precision.standard_error() * 100.0
+        ),
+    }
+}
+
 /// What every line of one app-month shares.
 struct Head {
     app_id: AppId,
@@ -139,7 +151,7 @@ pub fn bill_month(subs: &Subscriptions, usage: &MonthlyUsage, prices: &PriceBook
                 if over > 0 {
                     let description = format!(
                         "MAU {} over the {} included in {}: {over} × {} USD",
-                        usage.mau,
+                        figure(usage.mau, usage.mau_counted),
                         plan.included_mau(),
                         plan.name(),
                         unit_price(prices.mau_overage)
@@ -165,6 +177,7 @@ pub fn bill_month(subs: &Subscriptions, usage: &MonthlyUsage, prices: &PriceBook
                     (
                         ChargeItem::DauOverage,
                         "Peak DAU",
+                        figure(usage.dau_peak, usage.dau_peak_counted),
                         usage.dau_peak,
                         plan.included_dau(),
                         prices.dau_block_size,
@@ -173,13 +186,14 @@ pub fn bill_month(subs: &Subscriptions, usage: &MonthlyUsage, prices: &PriceBook
                     (
                         ChargeItem::GroupOverage,
                         "Peak group count",
+                        usage.group_count_peak.to_string(),
                         usage.group_count_peak,
                         plan.included_groups(),
                         prices.group_block_size,
                         prices.group_block_price,
                     ),
                 ];
-                for (item, what, peak, quota, size, price) in blocks {
+                for (item, what, shown, peak, quota, size, price) in blocks {
                     // A zero block size is a configuration error; count single units rather
                     // than divide by zero.
                     let size = size.max(1);
@@ -187,7 +201,7 @@ pub fn bill_month(subs: &Subscriptions, usage: &MonthlyUsage, prices: &PriceBook
                     if over > 0 {
                         let n = over.div_ceil(size);
                         let description = format!(
-                            "{what} {peak} over the {quota} included in {}: {n} started block(s) of {size} × {} USD",
+                            "{what} {shown} over the {quota} included in {}: {n} started block(s) of {size} × {} USD",
                             plan.name(),
                             unit_price(price)
                         );
@@ -462,6 +476,35 @@ mod tests {
         let subs = subs_with(&[changed(APP, "2026-10-15T00:00:00+08:00", Plan::Standard)]);
         let charges = bill_month(&subs, &usage(nov(), |u| u.mau = 10_003), &PriceBook::default());
         assert_eq!(lines(&charges[1..2]), vec![line("mau_overage", "3", "0.015", "0.05")]);
+    }
+
+    /// An estimated figure says so on its line, with the sketch's relative standard error;
+    /// an exact one is just the number.
+    #[test]
+    fn an_estimated_figure_states_its_error_on_the_bill() {
+        let estimated = Counted::Estimated(crate::aggregate::Precision::default());
+        let standard = subs_with(&[changed(APP, "2026-10-15T00:00:00+08:00", Plan::Standard)]);
+        for (counted, shown) in [
+            (Counted::Exact, "MAU 12000 over"),
+            (estimated, "MAU 12000 (HyperLogLog++ estimate, relative standard error 0.81 %) over"),
+        ] {
+            let u = usage(nov(), |u| (u.mau, u.mau_counted) = (12_000, counted));
+            let charges = bill_month(&standard, &u, &PriceBook::default());
+            assert!(charges[1].description.starts_with(shown), "{}", charges[1].description);
+        }
+        let pro = subs_with(&[
+            created(APP, "2021-05-01T00:00:00+08:00", None),
+            changed(APP, "2021-06-01T00:00:00+08:00", Plan::Pro),
+        ]);
+        let u = usage(nov(), |u| (u.dau_peak, u.dau_peak_counted) = (12_000, estimated));
+        let charges = bill_month(&pro, &u, &PriceBook::default());
+        assert!(
+            charges[1]
+                .description
+                .starts_with("Peak DAU 12000 (HyperLogLog++ estimate, relative standard error 0.81 %)"),
+            "{}",
+            charges[1].description
+        );
     }
 
     #[test]

@@ -325,7 +325,7 @@ fn top_apps(api: &Api) -> Vec<MonthlyUsage> {
 mod tests {
     use std::sync::Arc;
 
-    use im_meter_core::aggregate::{AppMonthAggregate, Precision, StateKey};
+    use im_meter_core::aggregate::{AppMonthAggregate, Counting, StateKey};
     use im_meter_core::ingest::UserKey;
     use im_meter_core::plan::AppId;
     use im_meter_core::time::Month;
@@ -336,7 +336,7 @@ mod tests {
     fn publish(board: &Board, partition: i32, apps: &[(AppId, std::ops::Range<u32>)]) {
         let month: Month = "2026-12".parse().unwrap();
         let records = apps.iter().flat_map(|(app_id, users)| {
-            let mut agg = AppMonthAggregate::new(Precision::default(), false);
+            let mut agg = AppMonthAggregate::new(Counting::default(), false);
             for u in users.clone() {
                 agg.record_login(month.day(1).unwrap(), UserKey::of(&format!("user-{u}")));
             }
