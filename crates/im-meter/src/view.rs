@@ -12,7 +12,9 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use im_meter_core::aggregate::{AppMonthAggregate, CodecError, MonthlyUsage, SampleGrid, StateKey};
+use im_meter_core::aggregate::{
+    AppMonthAggregate, CodecError, MonthlyUsage, SampleGrid, StateKey, UserCount,
+};
 use im_meter_core::plan::AppId;
 use im_meter_core::time::Month;
 
@@ -20,10 +22,12 @@ use im_meter_core::time::Month;
 pub type StateBytes = Arc<[u8]>;
 
 /// One app-month of one partition: its checkpoint records, and its figures once computed.
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct Stored {
     month: Option<StateBytes>,
     days: BTreeMap<u8, StateBytes>,
+    /// The user segments of its counts.
+    users: BTreeMap<(UserCount, u64), StateBytes>,
     /// Its usage, computed on first use (the per-app metrics ask for every app).
     usage: OnceLock<Option<MonthlyUsage>>,
 }
@@ -31,7 +35,8 @@ struct Stored {
 impl Stored {
     fn aggregate(&self) -> Result<Option<AppMonthAggregate>, CodecError> {
         let Some(month) = &self.month else { return Ok(None) };
-        AppMonthAggregate::from_parts(month, self.days.values().map(|d| &d[..])).map(Some)
+        let users = self.users.iter().map(|(&(count, segment), bytes)| (count, segment, &bytes[..]));
+        AppMonthAggregate::from_parts(month, self.days.values().map(|d| &d[..]), users).map(Some)
     }
 }
 
@@ -132,14 +137,15 @@ impl MeterView {
                 seen |=
                     view.months.range((app_id, earliest)..).next().is_some_and(|((a, _), _)| *a == app_id);
                 if let Some(stored) = view.months.get(&(app_id, month)) {
-                    found.push((p, stored.month.clone(), stored.days.values().cloned().collect::<Vec<_>>()));
+                    // Shared buffers: a copy of their handles, decoded outside the lock.
+                    found.push((p, stored.clone()));
                 }
             }
         }
         let mut shares = Vec::new();
-        for (p, month_bytes, days) in found {
-            if let Some(month_bytes) = month_bytes {
-                shares.push((p, AppMonthAggregate::from_parts(&month_bytes, days.iter().map(|d| &d[..]))?));
+        for (p, stored) in found {
+            if let Some(aggregate) = stored.aggregate()? {
+                shares.push((p, aggregate));
             }
         }
         Ok((shares, seen))
@@ -193,31 +199,47 @@ impl MeterView {
 
 /// Puts one record into a partition's app-months (other state keys are not the view's).
 fn put(months: &mut BTreeMap<(AppId, Month), Stored>, key: StateKey, value: Option<StateBytes>) {
-    let (app_id, month, day) = match key {
-        StateKey::AppMonth { app_id, month } => (app_id, month, None),
-        StateKey::AppMonthDay { app_id, month, day } => (app_id, month, Some(day)),
+    let (app_id, month) = match key {
+        StateKey::AppMonth { app_id, month }
+        | StateKey::AppMonthDay { app_id, month, .. }
+        | StateKey::Users { app_id, month, .. } => (app_id, month),
         _ => return,
     };
-    let stored = months.entry((app_id, month)).or_default();
+    if value.is_none() && matches!(key, StateKey::AppMonth { .. }) {
+        months.remove(&(app_id, month));
+        return;
+    }
+    // A deletion of a part of an app-month already gone leaves nothing behind.
+    let stored = match value {
+        Some(_) => months.entry((app_id, month)).or_default(),
+        None => match months.get_mut(&(app_id, month)) {
+            Some(stored) => stored,
+            None => return,
+        },
+    };
     // Its figures change with it.
     stored.usage = OnceLock::new();
-    match (day, value) {
-        (None, Some(value)) => stored.month = Some(value),
-        (None, None) => {
-            months.remove(&(app_id, month));
-        }
-        (Some(day), Some(value)) => {
+    match (key, value) {
+        (StateKey::AppMonth { .. }, value) => stored.month = value,
+        (StateKey::AppMonthDay { day, .. }, Some(value)) => {
             stored.days.insert(day, value);
         }
-        (Some(day), None) => {
+        (StateKey::AppMonthDay { day, .. }, None) => {
             stored.days.remove(&day);
         }
+        (StateKey::Users { count, segment, .. }, Some(value)) => {
+            stored.users.insert((count, segment), value);
+        }
+        (StateKey::Users { count, segment, .. }, None) => {
+            stored.users.remove(&(count, segment));
+        }
+        _ => {}
     }
 }
 
 /// Whether a state key belongs in the view.
 pub fn is_app_month(key: &StateKey) -> bool {
-    matches!(key, StateKey::AppMonth { .. } | StateKey::AppMonthDay { .. })
+    matches!(key, StateKey::AppMonth { .. } | StateKey::AppMonthDay { .. } | StateKey::Users { .. })
 }
 
 #[cfg(test)]
@@ -234,13 +256,10 @@ mod tests {
         for u in users {
             agg.record_login(month.day(1).unwrap(), UserKey::of(&format!("user-{u}")));
         }
-        let days: Vec<u8> = agg.days().collect();
-        let (whole, parts) = agg.encode_parts(days);
-        let mut out = vec![(StateKey::AppMonth { app_id, month }, StateBytes::from(whole))];
-        out.extend(
-            parts.into_iter().map(|(day, b)| (StateKey::AppMonthDay { app_id, month, day }, b.into())),
-        );
-        out
+        agg.checkpoint(app_id, month)
+            .into_iter()
+            .filter_map(|r| Some((r.key, StateBytes::from(r.value?))))
+            .collect()
     }
 
     fn grid() -> SampleGrid {

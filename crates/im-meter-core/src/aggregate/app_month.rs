@@ -12,7 +12,9 @@ use std::collections::BTreeMap;
 use rustc_hash::FxHashSet;
 use serde::{Deserialize, Serialize};
 
+use super::checkpoint::{StateKey, StateRecord};
 use super::pcc::PccTimeline;
+use super::segments::SegmentWrites;
 use super::unique::{Counted, Counting, Precision, PrecisionMismatch, UniqueUsers, UniqueUsersV2};
 use super::usage::MonthlyUsage;
 use crate::ingest::UserKey;
@@ -55,6 +57,15 @@ struct Unsaved {
 struct ExactUsers {
     mau: FxHashSet<u64>,
     dau: BTreeMap<u8, FxHashSet<u64>>,
+}
+
+/// Which unique-user count of an app-month.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum UserCount {
+    /// The month's (MAU).
+    Mau,
+    /// One day's (DAU), by day of the month.
+    Dau(u8),
 }
 
 /// Exactly counted unique users of an app-month, from an audit run.
@@ -125,7 +136,7 @@ impl AppMonthAggregate {
 
     /// The days whose DAU changed since the last call, ascending; the aggregate counts as
     /// saved afterwards.
-    pub(crate) fn take_unsaved_days(&mut self) -> Vec<u8> {
+    fn take_unsaved_days(&mut self) -> Vec<u8> {
         let days = std::mem::take(&mut self.unsaved).days;
         (1..=31u8).filter(|d| days & (1 << d) != 0).collect()
     }
@@ -212,35 +223,96 @@ impl AppMonthAggregate {
         self.dau.keys().copied()
     }
 
-    /// Encodes the aggregate in parts, as the worker checkpoints it: the aggregate without
-    /// its DAU sketches, and, for each of `days` it has, an aggregate holding only that
-    /// day's sketch. Merging the parts gives the aggregate back. Why: a commit then writes
-    /// the sketches of the days that changed (usually one) instead of every day's.
-    pub fn encode_parts(&mut self, days: impl IntoIterator<Item = u8>) -> (Vec<u8>, Vec<(u8, Vec<u8>)>) {
+    /// The count `count` names, if the aggregate has it.
+    fn count_mut(&mut self, count: UserCount) -> Option<&mut UniqueUsers> {
+        match count {
+            UserCount::Mau => Some(&mut self.mau),
+            UserCount::Dau(day) => self.dau.get_mut(&day),
+        }
+    }
+
+    /// The changelog records of what changed since the last checkpoint, as the worker
+    /// writes them ([`StateKey`]): the aggregate without its DAU counts and without the
+    /// users of its exact counts (`m/…`); for each day whose DAU changed, an aggregate
+    /// holding only that day's count, again without exact users (`d/…`); and the users added
+    /// to each exact count since, as segments of it (`e/…`, [`UserSet::checkpoint`]). Why:
+    /// a commit then writes the days that changed (usually one) instead of every day, and
+    /// the users that are new instead of every user. [`AppMonthAggregate::from_parts`]
+    /// reads them back.
+    pub fn checkpoint(&mut self, app_id: AppId, month: Month) -> Vec<StateRecord> {
+        let days = self.take_unsaved_days();
+        let mut users: Vec<(UserCount, SegmentWrites)> = Vec::new();
+        for count in std::iter::once(UserCount::Mau).chain(days.iter().map(|&d| UserCount::Dau(d))) {
+            if let Some(unique) = self.count_mut(count) {
+                let mut writes = SegmentWrites::new();
+                unique.checkpoint(&mut writes);
+                users.push((count, writes));
+            }
+        }
+        // The counts themselves, their exact users taken out meanwhile.
+        let mau_users = self.mau.take_users();
         let mut dau = std::mem::take(&mut self.dau);
-        let whole = self.encode();
+        let mut records =
+            vec![StateRecord { key: StateKey::AppMonth { app_id, month }, value: Some(self.encode()) }];
         let mut part = AppMonthAggregate::new(self.mau.counting(), false);
-        let mut parts = Vec::new();
-        for d in days {
-            if let Some(sketch) = dau.remove(&d) {
-                part.dau.insert(d, sketch);
-                parts.push((d, part.encode()));
-                dau.extend(part.dau.remove(&d).map(|sketch| (d, sketch)));
+        for day in days {
+            let Some(mut count) = dau.remove(&day) else { continue };
+            let taken = count.take_users();
+            part.dau.insert(day, count);
+            records.push(StateRecord {
+                key: StateKey::AppMonthDay { app_id, month, day },
+                value: Some(part.encode()),
+            });
+            if let Some(mut count) = part.dau.remove(&day) {
+                count.put_users(taken);
+                dau.insert(day, count);
             }
         }
         self.dau = dau;
-        (whole, parts)
+        self.mau.put_users(mau_users);
+        for (count, writes) in users {
+            records.extend(writes.into_iter().map(|(segment, value)| StateRecord {
+                key: StateKey::Users { app_id, month, count, segment },
+                value,
+            }));
+        }
+        records
     }
 
-    /// Rebuilds an app-month from its checkpoint records ([`AppMonthAggregate::encode_parts`]):
-    /// the month's, and its days' DAU sketches.
+    /// The deletions of every record [`AppMonthAggregate::checkpoint`] wrote for it: what a
+    /// checkpoint writes when the app-month leaves the state.
+    pub fn deletions(&self, app_id: AppId, month: Month) -> Vec<StateRecord> {
+        let mut records = vec![StateRecord { key: StateKey::AppMonth { app_id, month }, value: None }];
+        let counts = std::iter::once((UserCount::Mau, &self.mau))
+            .chain(self.dau.iter().map(|(&day, count)| (UserCount::Dau(day), count)));
+        for (count, unique) in counts {
+            if let UserCount::Dau(day) = count {
+                records.push(StateRecord { key: StateKey::AppMonthDay { app_id, month, day }, value: None });
+            }
+            records.extend(unique.segments().into_iter().map(|segment| StateRecord {
+                key: StateKey::Users { app_id, month, count, segment },
+                value: None,
+            }));
+        }
+        records
+    }
+
+    /// Rebuilds an app-month from its checkpoint records ([`AppMonthAggregate::checkpoint`]):
+    /// the month's, its days', and its counts' user segments.
     pub fn from_parts<'a>(
         month: &[u8],
         days: impl IntoIterator<Item = &'a [u8]>,
+        users: impl IntoIterator<Item = (UserCount, u64, &'a [u8])>,
     ) -> Result<Self, CodecError> {
         let mut aggregate = Self::decode(month)?;
         for day in days {
             aggregate.merge(&Self::decode(day)?).map_err(|e| CodecError::Corrupt(e.to_string()))?;
+        }
+        for (count, segment, bytes) in users {
+            let unique = aggregate.count_mut(count).ok_or_else(|| {
+                CodecError::Corrupt(format!("user segment {segment} of {count:?} without its count"))
+            })?;
+            unique.restore_segment(segment, bytes)?;
         }
         Ok(aggregate)
     }
@@ -368,6 +440,7 @@ pub enum CodecError {
 mod tests {
     use super::*;
     use crate::aggregate::pcc::MonthSamples;
+    use crate::aggregate::ExactLimit;
 
     /// An aggregate exercising every part of the format: 3,000 users over three days and one
     /// on a fourth (exact counts by default; under format 2's limit of 512, a sketch past
@@ -469,21 +542,87 @@ mod tests {
         assert_eq!(alone.usage(1, month, grid).pcc, 1);
     }
 
-    #[test]
-    fn parts_merge_into_the_whole() {
-        let mut agg = golden_aggregate(format_2_counting());
-        let whole = agg.encode();
-        let days: Vec<u8> = agg.days().collect();
-        assert_eq!(days, vec![1, 2, 3, 30]);
-        let (base, parts) = agg.encode_parts(days.iter().copied().chain([17]));
-        assert_eq!(parts.iter().map(|(d, _)| *d).collect::<Vec<_>>(), days, "only days it has");
-        assert_eq!(agg.encode(), whole, "encoding in parts leaves the aggregate as it was");
-        let mut rebuilt = AppMonthAggregate::decode(&base).unwrap();
-        assert_eq!(rebuilt.days().count(), 0);
-        for (_, part) in &parts {
-            rebuilt.merge(&AppMonthAggregate::decode(part).unwrap()).unwrap();
+    /// A compacted changelog of one app-month's records: the latest value of each key.
+    #[derive(Default)]
+    struct Log(BTreeMap<StateKey, Vec<u8>>);
+
+    impl Log {
+        /// Applies a checkpoint's records; returns the bytes of the user segments written.
+        fn commit(&mut self, records: Vec<StateRecord>) -> usize {
+            let mut user_bytes = 0;
+            for StateRecord { key, value } in records {
+                match value {
+                    Some(value) => {
+                        user_bytes += if matches!(key, StateKey::Users { .. }) { value.len() } else { 0 };
+                        self.0.insert(key, value);
+                    }
+                    None => {
+                        self.0.remove(&key);
+                    }
+                }
+            }
+            user_bytes
         }
-        assert_eq!(rebuilt.encode(), whole);
+
+        fn rebuild(&self) -> AppMonthAggregate {
+            let month = self.0.iter().find(|(k, _)| matches!(k, StateKey::AppMonth { .. })).unwrap().1;
+            let days =
+                self.0.iter().filter(|(k, _)| matches!(k, StateKey::AppMonthDay { .. })).map(|(_, v)| &v[..]);
+            let users = self.0.iter().filter_map(|(k, v)| match k {
+                StateKey::Users { count, segment, .. } => Some((*count, *segment, &v[..])),
+                _ => None,
+            });
+            AppMonthAggregate::from_parts(month, days, users).unwrap()
+        }
+    }
+
+    /// Checkpoints write the days that changed and the users added since the last one; the
+    /// records read back give the aggregate whole, through the switch to a sketch too.
+    #[test]
+    fn checkpoints_write_what_changed_and_read_back_whole() {
+        let month: Month = "2026-11".parse().unwrap();
+        let counting = Counting { exact_limit: ExactLimit::new(5_000).unwrap(), ..Counting::default() };
+        let mut agg = AppMonthAggregate::new(counting, false);
+        let mut log = Log::default();
+        let login = |agg: &mut AppMonthAggregate, day: u32, users: std::ops::Range<u32>| {
+            for u in users {
+                agg.record_login(month.day(day).unwrap(), UserKey::of(&format!("user-{u}")));
+            }
+        };
+        login(&mut agg, 1, 0..3_000);
+        login(&mut agg, 2, 0..1_000);
+        let first = log.commit(agg.checkpoint(1, month));
+        assert_eq!(log.rebuild().encode(), agg.encode());
+        // Ten new users on day 2: the segments written hold them, not the 3,000 (twice: the
+        // MAU's and the day's).
+        login(&mut agg, 2, 3_000..3_010);
+        let records = agg.checkpoint(1, month);
+        assert!(
+            !records.iter().any(|r| r.key == StateKey::AppMonthDay { app_id: 1, month, day: 1 }),
+            "day 1 unchanged"
+        );
+        let second = log.commit(records);
+        assert!(second < 2 * 10 * 9 + 64, "{second} bytes for 10 users (first: {first})");
+        assert_eq!(log.rebuild().encode(), agg.encode());
+        // Many checkpoints: merged, read back the same, and a bounded number of segments.
+        for batch in 0..100 {
+            login(&mut agg, 3, 3_010 + batch * 10..3_020 + batch * 10);
+            log.commit(agg.checkpoint(1, month));
+        }
+        let segments = log.0.keys().filter(|k| matches!(k, StateKey::Users { .. })).count();
+        assert!(segments <= 2 * 3 * 8, "{segments} segments");
+        assert_eq!(log.rebuild().encode(), agg.encode());
+        // Past the limit the MAU becomes a sketch: its segments go, the sketch is in `m/…`.
+        login(&mut agg, 4, 4_000..6_000);
+        log.commit(agg.checkpoint(1, month));
+        assert!(!log.0.keys().any(|k| matches!(k, StateKey::Users { count: UserCount::Mau, .. })));
+        let mut rebuilt = log.rebuild();
+        assert_eq!(rebuilt.encode(), agg.encode());
+        let grid = crate::aggregate::SampleGrid::new(std::time::Duration::from_secs(60)).unwrap();
+        assert_eq!(rebuilt.usage(1, month, grid), agg.usage(1, month, grid));
+        // Gone from the state: every record is deleted.
+        log.commit(agg.deletions(1, month));
+        assert!(log.0.is_empty(), "{:?}", log.0.keys().collect::<Vec<_>>());
     }
 
     #[test]

@@ -8,7 +8,8 @@
 //!
 //! Keys are short text, readable with any Kafka tool: `p` (the partition's progress),
 //! `m/{app}/{YYYY-MM}` (an app-month aggregate without its DAU sketches),
-//! `d/{app}/{YYYY-MM}/{day}` (one day's DAU sketch of it), `c/{app}/{conn hash, 16 hex
+//! `d/{app}/{YYYY-MM}/{day}` (one day's DAU count of it), `e/{app}/{YYYY-MM}/{m or
+//! day}/{n}` (segment n of the exact users of its MAU or of a day's DAU), `c/{app}/{conn hash, 16 hex
 //! digits}` (a pending connection), `k/{n}` (segment n of counted connections: hashes of
 //! one month's, small segments merged as they accumulate). What
 //! metering hands to billing: `u/{app}/{YYYY-MM}/{source}` (a source's usage of a closed
@@ -18,6 +19,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use super::app_month::UserCount;
 use super::CodecError;
 use crate::ingest::ConnKey;
 use crate::plan::AppId;
@@ -44,6 +46,17 @@ pub enum StateKey {
         /// The day of the month.
         day: u8,
     },
+    /// A segment of the exact users of one count of an app-month.
+    Users {
+        /// The app.
+        app_id: AppId,
+        /// The month.
+        month: Month,
+        /// Its MAU, or one day's DAU.
+        count: UserCount,
+        /// The segment's number (within the count).
+        segment: u64,
+    },
     /// One connection's state.
     Connection {
         /// The app.
@@ -65,6 +78,13 @@ impl StateKey {
             StateKey::Progress => b"p".to_vec(),
             StateKey::AppMonth { app_id, month } => format!("m/{app_id}/{month}").into_bytes(),
             StateKey::AppMonthDay { app_id, month, day } => format!("d/{app_id}/{month}/{day}").into_bytes(),
+            StateKey::Users { app_id, month, count, segment } => {
+                let count = match count {
+                    UserCount::Mau => "m".to_string(),
+                    UserCount::Dau(day) => day.to_string(),
+                };
+                format!("e/{app_id}/{month}/{count}/{segment}").into_bytes()
+            }
             StateKey::Connection { app_id, conn } => format!("c/{app_id}/{:016x}", conn.0).into_bytes(),
             StateKey::CountedConnections { segment } => format!("k/{segment}").into_bytes(),
         }
@@ -85,15 +105,23 @@ impl StateKey {
             return Err(bad());
         };
         let app_id: AppId = app.parse().map_err(|_| bad())?;
+        let day = |text: &str| text.parse::<u8>().ok().filter(|d| (1..=31).contains(d)).ok_or_else(bad);
         match kind {
             "m" => Ok(StateKey::AppMonth { app_id, month: rest.parse().map_err(|_| bad())? }),
             "d" => {
-                let (month, day) = rest.split_once('/').ok_or_else(bad)?;
-                let day: u8 = day.parse().map_err(|_| bad())?;
-                if !(1..=31).contains(&day) {
+                let (month, d) = rest.split_once('/').ok_or_else(bad)?;
+                Ok(StateKey::AppMonthDay { app_id, month: month.parse().map_err(|_| bad())?, day: day(d)? })
+            }
+            "e" => {
+                let [month, count, segment] = rest.splitn(3, '/').collect::<Vec<_>>()[..] else {
                     return Err(bad());
-                }
-                Ok(StateKey::AppMonthDay { app_id, month: month.parse().map_err(|_| bad())?, day })
+                };
+                let count = match count {
+                    "m" => UserCount::Mau,
+                    d => UserCount::Dau(day(d)?),
+                };
+                let segment = segment.parse().map_err(|_| bad())?;
+                Ok(StateKey::Users { app_id, month: month.parse().map_err(|_| bad())?, count, segment })
             }
             "c" if rest.len() == 16 => Ok(StateKey::Connection {
                 app_id,
@@ -360,6 +388,18 @@ mod tests {
             StateKey::Connection { app_id: 7, conn: ConnKey(0xdead_beef) },
             StateKey::CountedConnections { segment: 12 },
             StateKey::AppMonthDay { app_id: 7, month: "2026-11".parse().unwrap(), day: 30 },
+            StateKey::Users {
+                app_id: 7,
+                month: "2026-11".parse().unwrap(),
+                count: UserCount::Mau,
+                segment: 3,
+            },
+            StateKey::Users {
+                app_id: 7,
+                month: "2026-11".parse().unwrap(),
+                count: UserCount::Dau(9),
+                segment: 0,
+            },
         ];
         for key in keys {
             assert_eq!(StateKey::from_bytes(&key.to_bytes()).unwrap(), key);
@@ -368,6 +408,8 @@ mod tests {
         assert_eq!(keys[2].to_bytes(), b"c/7/00000000deadbeef");
         assert_eq!(keys[3].to_bytes(), b"k/12");
         assert_eq!(keys[4].to_bytes(), b"d/7/2026-11/30");
+        assert_eq!(keys[5].to_bytes(), b"e/7/2026-11/m/3");
+        assert_eq!(keys[6].to_bytes(), b"e/7/2026-11/9/0");
         for bad in [
             &b"x/1/2"[..],
             b"m/x/2026-11",
@@ -377,6 +419,9 @@ mod tests {
             b"k/-1",
             b"d/7/2026-11/0",
             b"d/7/2026-11",
+            b"e/7/2026-11/0/1",
+            b"e/7/2026-11/m",
+            b"e/7/2026-11/m/x",
             b"\xff",
         ] {
             assert!(StateKey::from_bytes(bad).is_err());

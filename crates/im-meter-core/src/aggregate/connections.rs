@@ -21,15 +21,11 @@
 //! record of its own, since it may change again, but counted connections only in bulk:
 //! those counted since the last checkpoint go into new, immutable *segments* — one
 //! month's sorted hashes, at most [`MAX_SEGMENT_BYTES`] encoded — and a connection that
-//! opened and closed between two checkpoints never gets a record of its own. Small
-//! segments are merged size-tiered: once [`MERGE_FANOUT`] segments of a month fall in one
-//! size tier (lengths within a factor of [`MERGE_FANOUT`]), the checkpoint writes their
-//! union as new segments and deletes them, in the same checkpoint (so the same
-//! transaction). Full segments are never merged again. So a month of N counted
-//! connections leaves about N / [`SEGMENT_CAPACITY`] full segments plus at most
-//! `MERGE_FANOUT − 1` per tier, however many checkpoints wrote them, and every hash is
-//! rewritten about once per tier (eight tiers). A month's segments are deleted when it
-//! closes. Why: one changelog record per connection made the changelog, not the events,
+//! opened and closed between two checkpoints never gets a record of its own. Segments are
+//! merged size-tiered ([`super::segments`]): a month of N counted connections leaves about
+//! N / [`SEGMENT_CAPACITY`] full segments plus at most `MERGE_FANOUT − 1` per tier, and
+//! every hash is rewritten about once per tier (eight tiers). A month's segments are deleted
+//! when it closes. Why: one changelog record per connection made the changelog, not the events,
 //! the worker's bottleneck (a record per four events), and one segment per checkpoint
 //! left millions of small records for a restore to read.
 //!
@@ -41,6 +37,7 @@ use std::collections::BTreeMap;
 use rustc_hash::{FxHashMap, FxHashSet};
 use serde::{Deserialize, Serialize};
 
+use super::segments::{SegmentWrites, Segments};
 use crate::ingest::ConnKey;
 use crate::plan::AppId;
 use crate::time::{BillingTz, DayCache, Month, Timestamp};
@@ -132,9 +129,6 @@ const SEGMENT_HEADER_BYTES: usize = 6;
 /// Most hashes in one segment (8 bytes each): 65,535.
 pub const SEGMENT_CAPACITY: usize = (MAX_SEGMENT_BYTES - SEGMENT_HEADER_BYTES) / 8;
 
-/// Segments of a month in one size tier that are merged into one.
-pub const MERGE_FANOUT: usize = 4;
-
 /// Version byte of an encoded segment: 2 holds one month's sorted hashes; 1 held app,
 /// connection and end time per connection, of any months (still read).
 const SEGMENT_FORMAT_VERSION: u8 = 2;
@@ -152,7 +146,7 @@ pub struct ConnChanges {
     /// Pending connections, and deletions of records no longer needed.
     pub records: Vec<((AppId, ConnKey), Option<ConnRecord>)>,
     /// New segments (encoded) and deleted ones, by sequence number.
-    pub segments: Vec<(u64, Option<Vec<u8>>)>,
+    pub segments: SegmentWrites,
 }
 
 /// The key a counted connection is remembered by: xxh3-64 of its app and connection key
@@ -171,10 +165,8 @@ struct CountedMonth {
     keys: FxHashSet<u64>,
     /// Those counted since the last checkpoint, not in a segment yet.
     fresh: Vec<u64>,
-    /// Full segments (never merged again): only their numbers.
-    full: Vec<u64>,
-    /// The other segments, by number, with their (sorted) keys, which a merge rewrites.
-    runs: Vec<(u64, Box<[u64]>)>,
+    /// The segments holding the others (their keys are in `keys` too).
+    segments: Segments,
 }
 
 /// Every connection of the apps one meter owns.
@@ -207,11 +199,6 @@ pub struct ConnectionTable {
 fn is_counted(counted: &BTreeMap<Month, CountedMonth>, key: u64) -> bool {
     // One set per open month holding counted connections: one or two in the worker.
     counted.values().any(|month| month.keys.contains(&key))
-}
-
-/// The size tier of a segment of `len` hashes.
-fn tier(len: usize) -> u32 {
-    len.max(1).ilog(MERGE_FANOUT)
 }
 
 impl ConnectionTable {
@@ -416,8 +403,7 @@ impl ConnectionTable {
         });
         let open = self.counted.split_off(&month.next());
         for (_, gone) in std::mem::replace(&mut self.counted, open) {
-            self.dropped_segments.extend(gone.full);
-            self.dropped_segments.extend(gone.runs.into_iter().map(|(segment, _)| segment));
+            self.dropped_segments.extend(gone.segments.numbers());
         }
         let dropped = &mut self.dropped_segments;
         self.legacy.retain(|&segment, &mut latest| {
@@ -473,11 +459,8 @@ impl ConnectionTable {
             Segment::Month { month, keys } => {
                 let counted = self.counted.entry(month).or_default();
                 counted.keys.extend(keys.iter().copied());
-                if keys.len() >= SEGMENT_CAPACITY {
-                    counted.full.push(segment);
-                } else {
-                    counted.runs.push((segment, keys.into_boxed_slice()));
-                }
+                // A full segment's keys are in `keys` already.
+                counted.segments.restore(segment, keys.into_boxed_slice(), SEGMENT_CAPACITY);
             }
             Segment::V1(tombstones) => {
                 let mut latest = None;
@@ -505,87 +488,20 @@ impl ConnectionTable {
             self.pending.retain(|_, conn| Self::outlives(conn, cutoff));
             self.counted = self.counted.split_off(&closed.next());
         }
-        for counted in self.counted.values_mut() {
-            // Merges look at segments oldest first, as the live table holds them.
-            counted.full.sort_unstable();
-            counted.runs.sort_unstable_by_key(|&(segment, _)| segment);
-        }
     }
 }
 
 impl CountedMonth {
-    /// Writes what was counted since the last checkpoint into new segments, then merges
-    /// every size tier holding [`MERGE_FANOUT`] segments or more, until none does. Writes
-    /// go to `out` (a segment made and merged away in one checkpoint is never written).
-    fn checkpoint(&mut self, month: Month, next_segment: &mut u64, out: &mut Vec<(u64, Option<Vec<u8>>)>) {
-        // Segments made by this checkpoint, not written yet.
-        let mut made: Vec<Box<[u64]>> = Vec::new();
-        if !self.fresh.is_empty() {
-            let mut fresh = std::mem::take(&mut self.fresh);
-            fresh.sort_unstable();
-            fresh.dedup();
-            self.split(fresh, month, next_segment, out, &mut made);
-        }
-        loop {
-            let mut tiers: BTreeMap<u32, usize> = BTreeMap::new();
-            for len in self.runs.iter().map(|(_, keys)| keys.len()).chain(made.iter().map(|k| k.len())) {
-                *tiers.entry(tier(len)).or_default() += 1;
-            }
-            let Some((&due, _)) = tiers.iter().find(|&(_, &n)| n >= MERGE_FANOUT) else { break };
-            let mut merged: Vec<u64> = Vec::new();
-            self.runs.retain(|(segment, keys)| {
-                let member = tier(keys.len()) == due;
-                if member {
-                    merged.extend_from_slice(keys);
-                    out.push((*segment, None));
-                }
-                !member
-            });
-            made.retain(|keys| {
-                let member = tier(keys.len()) == due;
-                if member {
-                    merged.extend_from_slice(keys);
-                }
-                !member
-            });
-            merged.sort_unstable();
-            merged.dedup();
-            self.split(merged, month, next_segment, out, &mut made);
-        }
-        for keys in made {
-            let segment = take_number(next_segment);
-            out.push((segment, Some(encode_segment(month, &keys))));
-            self.runs.push((segment, keys));
-        }
+    /// Writes what was counted since the last checkpoint into new segments, merging them
+    /// as [`Segments::checkpoint`] does. Writes go to `out`.
+    fn checkpoint(&mut self, month: Month, next_segment: &mut u64, out: &mut SegmentWrites) {
+        let mut fresh = std::mem::take(&mut self.fresh);
+        fresh.sort_unstable();
+        fresh.dedup();
+        let encode = |keys: &[u64]| encode_segment(month, keys);
+        // A full segment's keys stay in `keys`, for lookups.
+        self.segments.checkpoint(fresh, SEGMENT_CAPACITY, next_segment, &encode, out, &mut |_| {});
     }
-
-    /// Cuts sorted keys into segments: full ones are written at once; the rest, if any,
-    /// joins `made` (it may still be merged).
-    fn split(
-        &mut self,
-        keys: Vec<u64>,
-        month: Month,
-        next_segment: &mut u64,
-        out: &mut Vec<(u64, Option<Vec<u8>>)>,
-        made: &mut Vec<Box<[u64]>>,
-    ) {
-        for chunk in keys.chunks(SEGMENT_CAPACITY) {
-            if chunk.len() == SEGMENT_CAPACITY {
-                let segment = take_number(next_segment);
-                out.push((segment, Some(encode_segment(month, chunk))));
-                self.full.push(segment);
-            } else {
-                made.push(chunk.into());
-            }
-        }
-    }
-}
-
-/// The next segment number.
-fn take_number(next_segment: &mut u64) -> u64 {
-    let segment = *next_segment;
-    *next_segment += 1;
-    segment
 }
 
 /// A decoded segment.
@@ -650,6 +566,7 @@ fn decode_segment(bytes: &[u8]) -> Result<Segment, super::CodecError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::aggregate::segments::{tier, MERGE_FANOUT};
     use proptest::prelude::*;
 
     const APP: AppId = 7;
@@ -731,7 +648,7 @@ mod tests {
     /// Everything a table holds, in a comparable form.
     type Snapshot = (
         Vec<((AppId, ConnKey), Pending)>,
-        Vec<(Month, Vec<u64>, Vec<u64>, Vec<(u64, Box<[u64]>)>)>,
+        Vec<(Month, Vec<u64>, Segments)>,
         Vec<(u64, Month)>,
         Option<Month>,
     );
@@ -745,7 +662,7 @@ mod tests {
             .map(|(&month, c)| {
                 let mut keys: Vec<u64> = c.keys.iter().copied().collect();
                 keys.sort_unstable();
-                (month, keys, c.full.clone(), c.runs.clone())
+                (month, keys, c.segments.clone())
             })
             .collect();
         (pending, counted, t.legacy.iter().map(|(s, m)| (*s, *m)).collect(), t.closed)
@@ -979,39 +896,6 @@ mod tests {
         log.commit(merge);
         assert_eq!(log.segments.keys().copied().collect::<Vec<_>>(), added);
         assert_eq!(log.restore(None).len(), i as usize);
-    }
-
-    #[test]
-    fn merges_of_large_segments_are_cut_at_the_cap() {
-        let nov = month("2026-11");
-        let mut counted = CountedMonth::default();
-        let mut next = 10;
-        let mut out = Vec::new();
-        // Three segments in the top tier, and as many fresh keys again.
-        let len = SEGMENT_CAPACITY - 5_000;
-        let mut all: Vec<u64> = (0..4 * len as u64).map(|i| i * 7919).collect();
-        for (n, run) in all.chunks(len).take(3).enumerate() {
-            counted.runs.push((n as u64, run.into()));
-        }
-        counted.fresh = all[3 * len..].to_vec();
-        counted.checkpoint(nov, &mut next, &mut out);
-        let deleted: Vec<u64> = out.iter().filter(|(_, b)| b.is_none()).map(|(s, _)| *s).collect();
-        assert_eq!(deleted, vec![0, 1, 2]);
-        let mut union = Vec::new();
-        for (_, bytes) in out.iter().filter_map(|(s, b)| b.as_ref().map(|b| (s, b))) {
-            assert!(bytes.len() <= MAX_SEGMENT_BYTES);
-            let Ok(Segment::Month { month, keys }) = decode_segment(bytes) else { panic!("a segment") };
-            assert_eq!(month, nov);
-            union.extend(keys);
-        }
-        union.sort_unstable();
-        all.sort_unstable();
-        assert_eq!(union, all, "the union, each key once");
-        assert_eq!(counted.full.len(), 3, "full segments, never merged again");
-        assert_eq!(
-            counted.runs.iter().map(|(_, k)| k.len()).collect::<Vec<_>>(),
-            vec![4 * len - 3 * SEGMENT_CAPACITY]
-        );
     }
 
     /// One step of a random run of a table.

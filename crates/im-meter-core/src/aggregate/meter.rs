@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use rustc_hash::FxHashMap;
 
-use super::app_month::{AppMonthAggregate, CodecError};
+use super::app_month::{AppMonthAggregate, CodecError, UserCount};
 use super::checkpoint::{Progress, StateKey, StateRecord};
 use super::connections::{ConnEffect, ConnRecord, ConnectionTable, Interval};
 use super::pcc::{MonthSamples, SampleGrid};
@@ -117,9 +117,9 @@ pub struct Meter {
     watermark: Option<Timestamp>,
     /// Months holding at least one applied event.
     active_months: BTreeSet<Month>,
-    /// App-months gone from the state since the last checkpoint, with their days. (What
-    /// changed in the others, each aggregate knows itself.)
-    dropped: Vec<(AppId, Month, Vec<u8>)>,
+    /// The deletions of the records of app-months gone from the state since the last
+    /// checkpoint. (What changed in the others, each aggregate knows itself.)
+    dropped: Vec<StateRecord>,
     /// Whether the progress changed since the last checkpoint.
     progress_changed: bool,
     /// App-months whose MAU here just passed [`QUOTA_WATCH`], not yet taken.
@@ -385,7 +385,7 @@ impl Meter {
             .extract_if(|&(_, m), _| m <= month)
             .inspect(|((app_id, m), aggregate)| {
                 // Gone from the state: the checkpoint deletes it.
-                dropped.push((*app_id, *m, aggregate.days().collect()));
+                dropped.extend(aggregate.deletions(*app_id, *m));
             })
             .filter(|((_, m), _)| *m == month)
             .map(|((app_id, _), aggregate)| (app_id, aggregate))
@@ -512,20 +512,9 @@ impl Meter {
         months.sort_unstable();
         for (app_id, month) in months {
             let Some(aggregate) = self.months.get_mut(&(app_id, month)) else { continue };
-            let days = aggregate.take_unsaved_days();
-            let (whole, parts) = aggregate.encode_parts(days);
-            records.push(StateRecord { key: StateKey::AppMonth { app_id, month }, value: Some(whole) });
-            for (day, part) in parts {
-                let key = StateKey::AppMonthDay { app_id, month, day };
-                records.push(StateRecord { key, value: Some(part) });
-            }
+            records.extend(aggregate.checkpoint(app_id, month));
         }
-        for (app_id, month, days) in self.dropped.drain(..) {
-            records.push(StateRecord { key: StateKey::AppMonth { app_id, month }, value: None });
-            for day in days {
-                records.push(StateRecord { key: StateKey::AppMonthDay { app_id, month, day }, value: None });
-            }
-        }
+        records.append(&mut self.dropped);
         let connections = self.connections.take_changes();
         for ((app_id, conn), record) in connections.records {
             let value = record.map(|r| r.encode());
@@ -554,7 +543,9 @@ impl Meter {
         records: impl IntoIterator<Item = (StateKey, Vec<u8>)>,
     ) -> Result<Meter, CodecError> {
         let mut meter = Meter::new(settings);
-        let mut days = Vec::new();
+        // App-month → its month record, its days' and its user segments.
+        type Parts = (Option<Vec<u8>>, Vec<Vec<u8>>, Vec<(UserCount, u64, Vec<u8>)>);
+        let mut app_months: FxHashMap<(AppId, Month), Parts> = FxHashMap::default();
         for (key, value) in records {
             match key {
                 StateKey::Progress => {
@@ -565,15 +556,13 @@ impl Meter {
                     meter.input_offset = progress.input_offset;
                 }
                 StateKey::AppMonth { app_id, month } => {
-                    let aggregate = AppMonthAggregate::decode(&value)?;
-                    let (stored, configured) = (aggregate.precision(), meter.settings.precision);
-                    if stored != configured {
-                        return Err(CodecError::PrecisionChanged {
-                            stored: stored.get(),
-                            configured: configured.get(),
-                        });
-                    }
-                    meter.months.insert((app_id, month), aggregate);
+                    app_months.entry((app_id, month)).or_default().0 = Some(value)
+                }
+                StateKey::AppMonthDay { app_id, month, .. } => {
+                    app_months.entry((app_id, month)).or_default().1.push(value);
+                }
+                StateKey::Users { app_id, month, count, segment } => {
+                    app_months.entry((app_id, month)).or_default().2.push((count, segment, value));
                 }
                 StateKey::Connection { app_id, conn } => {
                     meter.connections.restore(app_id, conn, ConnRecord::decode(&value)?);
@@ -583,16 +572,25 @@ impl Meter {
                 StateKey::CountedConnections { segment } => {
                     meter.connections.restore_segment(segment, &value)?;
                 }
-                StateKey::AppMonthDay { app_id, month, day } => days.push((app_id, month, day, value)),
             }
         }
-        for (app_id, month, day, value) in days {
-            let aggregate = meter.months.get_mut(&(app_id, month)).ok_or_else(|| {
-                CodecError::Corrupt(format!("DAU of {app_id}/{month} day {day} without its month"))
+        for ((app_id, month), (whole, days, users)) in app_months {
+            let whole = whole.ok_or_else(|| {
+                CodecError::Corrupt(format!("a part of app-month {app_id}/{month} without it"))
             })?;
-            aggregate
-                .merge(&AppMonthAggregate::decode(&value)?)
-                .map_err(|e| CodecError::Corrupt(e.to_string()))?;
+            let aggregate = AppMonthAggregate::from_parts(
+                &whole,
+                days.iter().map(Vec::as_slice),
+                users.iter().map(|(count, segment, bytes)| (*count, *segment, bytes.as_slice())),
+            )?;
+            let (stored, configured) = (aggregate.precision(), meter.settings.precision);
+            if stored != configured {
+                return Err(CodecError::PrecisionChanged {
+                    stored: stored.get(),
+                    configured: configured.get(),
+                });
+            }
+            meter.months.insert((app_id, month), aggregate);
         }
         meter.connections.finish_restore(meter.closed_through);
         Ok(meter)

@@ -7,6 +7,7 @@
 //! - [`app_month`]: the mergeable, serializable aggregate of one app-month.
 //! - [`meter`]: applies events, closes months.
 //! - [`checkpoint`]: the meter's state as changelog records, and back.
+//! - [`segments`]: growing key sets checkpointed as size-tiered segments.
 //! - [`parts`]: values larger than one record, written as parts.
 //! - [`usage`]: the figures reported and priced.
 
@@ -16,11 +17,12 @@ pub mod connections;
 pub mod meter;
 pub mod parts;
 pub mod pcc;
+pub mod segments;
 pub mod unique;
 mod usage;
 pub mod user_set;
 
-pub use app_month::{merge_shares, AppMonthAggregate, CodecError, ExactCounts};
+pub use app_month::{merge_shares, AppMonthAggregate, CodecError, ExactCounts, UserCount};
 pub use checkpoint::{billing_partition, ChangelogKey, ClosedMark, StateKey, StateRecord, SubscriptionsRead};
 pub use meter::{ClosedMonth, Meter, MeterSettings, MonthsClosed, Outcome};
 pub use pcc::{SampleGrid, SampleIntervalError};

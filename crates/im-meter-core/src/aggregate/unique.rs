@@ -24,6 +24,7 @@ use std::hash::{BuildHasher, Hasher};
 use hyperloglogplus::{HyperLogLog, HyperLogLogPlus};
 use serde::{Deserialize, Serialize};
 
+use super::segments::SegmentWrites;
 use super::user_set::UserSet;
 use crate::ingest::UserKey;
 
@@ -171,6 +172,10 @@ pub struct UniqueUsers {
     precision: Precision,
     limit: ExactLimit,
     users: Users,
+    /// Segments of the exact set this count was until it switched to a sketch, to delete at
+    /// the next checkpoint.
+    #[serde(skip)]
+    retired: Vec<u64>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -200,6 +205,7 @@ impl UniqueUsers {
             precision: counting.precision,
             limit: counting.exact_limit,
             users: Users::Exact(UserSet::new()),
+            retired: Vec::new(),
         }
     }
 
@@ -244,7 +250,55 @@ impl UniqueUsers {
         if let Users::Exact(users) = &self.users {
             let mut sketch = empty_sketch(self.precision);
             users.iter_unordered().for_each(|key| sketch.insert(&key));
+            self.retired.extend(users.segments());
             self.users = Users::Sketch(sketch);
+        }
+    }
+
+    /// What changed since the last checkpoint, as user segments ([`UserSet::checkpoint`];
+    /// a count that switched to a sketch deletes its set's segments, the sketch being
+    /// written with the count itself).
+    pub fn checkpoint(&mut self, out: &mut SegmentWrites) {
+        out.extend(self.retired.drain(..).map(|segment| (segment, None)));
+        if let Users::Exact(users) = &mut self.users {
+            users.checkpoint(out);
+        }
+    }
+
+    /// Puts back a segment of its exact set (restoring). A count that is a sketch already
+    /// holds every user of its set: a segment left over is deleted at the next checkpoint.
+    pub fn restore_segment(&mut self, segment: u64, bytes: &[u8]) -> Result<(), super::CodecError> {
+        match &mut self.users {
+            Users::Exact(users) => users.restore_segment(segment, bytes),
+            Users::Sketch(_) => {
+                self.retired.push(segment);
+                Ok(())
+            }
+        }
+    }
+
+    /// The numbers of its segments (to delete them with the count).
+    pub fn segments(&self) -> Vec<u64> {
+        let mut segments = self.retired.clone();
+        if let Users::Exact(users) = &self.users {
+            segments.extend(users.segments());
+        }
+        segments
+    }
+
+    /// Takes its exact set out, leaving an empty one (to encode the count without its users,
+    /// which checkpoints write as segments); `None` for a sketch.
+    pub(crate) fn take_users(&mut self) -> Option<UserSet> {
+        match &mut self.users {
+            Users::Exact(users) => Some(std::mem::take(users)),
+            Users::Sketch(_) => None,
+        }
+    }
+
+    /// Puts back what [`UniqueUsers::take_users`] took.
+    pub(crate) fn put_users(&mut self, taken: Option<UserSet>) {
+        if let (Users::Exact(users), Some(taken)) = (&mut self.users, taken) {
+            *users = taken;
         }
     }
 
@@ -266,6 +320,7 @@ impl UniqueUsers {
             (Users::Exact(mine), Users::Sketch(theirs)) => {
                 let mut sketch = theirs.clone();
                 mine.iter_unordered().for_each(|k| sketch.insert(&k));
+                self.retired.extend(mine.segments());
                 self.users = Users::Sketch(sketch);
             }
             (Users::Exact(mine), Users::Exact(theirs)) => mine.union(theirs),
@@ -379,7 +434,7 @@ impl UniqueUsersV2 {
             }
             UsersV2::Sketch(sketch) => Users::Sketch(sketch),
         };
-        UniqueUsers { precision: self.precision, limit: ExactLimit::FORMAT_2, users }
+        UniqueUsers { precision: self.precision, limit: ExactLimit::FORMAT_2, users, retired: Vec::new() }
     }
 }
 

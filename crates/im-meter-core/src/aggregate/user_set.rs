@@ -1,13 +1,22 @@
 //! An exact set of 64-bit user hashes ([`UserSet`]): compact in memory, fast to add to,
-//! and encoded canonically in little more than the information it holds.
+//! encoded canonically in little more than the information it holds, and checkpointed by
+//! what was added.
 //!
 //! In memory: a sorted, exactly sized `Vec<u64>` holds most users (8 bytes each), and a
-//! hash set of the users added since it was last rebuilt holds the rest; when that set
-//! grows past a sixteenth of the sorted part (at least [`MIN_RECENT`]), the two are merged
-//! into a new sorted vector. So a user costs 8 bytes plus its share of the recent users'
-//! hash table (8.1 bytes in all, measured by `benches/state_size.rs` from 1,000 to a
-//! million users; a merge briefly holds the set twice), and an insert costs a binary search,
-//! a hash lookup and, amortized, about sixteen element moves.
+//! hash set the users added since it was last rebuilt; when that set grows past a sixteenth
+//! of the sorted part (at least [`MIN_RECENT`]), the two are merged into a new sorted
+//! vector. So a user costs 8 bytes plus its share of the recent users' hash table (8.1 bytes
+//! in all, measured by `benches/state_size.rs` from 1,000 to a million users; a merge
+//! briefly holds the set twice), and an insert costs a binary search, a hash lookup and,
+//! amortized, about sixteen element moves.
+//!
+//! Checkpointed ([`UserSet::checkpoint`], the worker): each checkpoint writes the users added
+//! since the last one as immutable segments ([`super::segments`]: size-tiered, merged as
+//! they accumulate, full at [`SEGMENT_CAPACITY`] users, at most [`MAX_SEGMENT_BYTES`]). The
+//! recent users then wait for the next checkpoint instead of being merged on the way, the
+//! users of segments not full yet are kept as those segments' sorted runs (each user is
+//! still held once), and those of full segments in the sorted vector. A restore reads the
+//! segments back: about n / 65,536 full ones plus at most three per size tier.
 //!
 //! Encoded: Elias–Fano over the sorted hashes (a varint count, each hash's low
 //! `l = 64 − ⌈log₂ n⌉` bits packed, its high bits in unary): about `66 − log₂ n` bits per
@@ -20,6 +29,7 @@
 use std::collections::HashSet;
 use std::hash::BuildHasherDefault;
 
+use super::segments::{SegmentWrites, Segments};
 use super::unique::PassThroughHasher;
 use super::CodecError;
 
@@ -27,13 +37,35 @@ use super::CodecError;
 /// the sorted part is.
 pub const MIN_RECENT: usize = 64;
 
+/// Users in a full segment: 65,536, at most 6.3 encoded bytes each.
+pub const SEGMENT_CAPACITY: usize = 1 << 16;
+
+/// The largest encoded segment: well under the broker's default record limit (1 MB).
+pub const MAX_SEGMENT_BYTES: usize = 1 + 10 + SEGMENT_CAPACITY * 8;
+
+/// Version byte of an encoded segment.
+const SEGMENT_FORMAT_VERSION: u8 = 1;
+
 /// See the module documentation.
 #[derive(Clone, Debug, Default)]
 pub struct UserSet {
-    /// Sorted ascending, no repeats, exactly sized.
+    /// Sorted ascending, no repeats, exactly sized; checkpointed: the users of full segments.
     sorted: Vec<u64>,
-    /// Users not in `sorted`.
+    /// Users in no other part.
     recent: HashSet<u64, BuildHasherDefault<PassThroughHasher>>,
+    /// Its segments, once checkpointed (`None`: no user is in a segment).
+    checkpointed: Option<Box<Checkpointed>>,
+}
+
+/// The segments of a checkpointed set.
+#[derive(Clone, Debug, Default)]
+struct Checkpointed {
+    /// Their runs hold the users of the segments not full.
+    segments: Segments,
+    /// Users in `segments`' runs.
+    in_runs: usize,
+    /// The number of the next segment.
+    next_segment: u64,
 }
 
 impl PartialEq for UserSet {
@@ -52,7 +84,7 @@ impl UserSet {
 
     /// How many users it holds.
     pub fn len(&self) -> usize {
-        self.sorted.len() + self.recent.len()
+        self.sorted.len() + self.recent.len() + self.checkpointed.as_ref().map_or(0, |c| c.in_runs)
     }
 
     /// Whether it holds none.
@@ -62,13 +94,22 @@ impl UserSet {
 
     /// Whether it holds `key`.
     pub fn contains(&self, key: u64) -> bool {
-        self.sorted.binary_search(&key).is_ok() || self.recent.contains(&key)
+        self.sorted.binary_search(&key).is_ok()
+            || self.recent.contains(&key)
+            || self.checkpointed.as_ref().is_some_and(|c| c.segments.runs_contain(key))
     }
 
     /// Adds `key`; `true` if it was not there yet.
     #[inline]
     pub fn insert(&mut self, key: u64) -> bool {
-        if self.sorted.binary_search(&key).is_ok() || !self.recent.insert(key) {
+        if self.sorted.binary_search(&key).is_ok() {
+            return false;
+        }
+        if let Some(c) = &self.checkpointed {
+            // The recent users wait for the next checkpoint.
+            return !c.segments.runs_contain(key) && self.recent.insert(key);
+        }
+        if !self.recent.insert(key) {
             return false;
         }
         if self.recent.len() > MIN_RECENT.max(self.sorted.len() / 16) {
@@ -83,13 +124,18 @@ impl UserSet {
         if theirs.is_empty() {
             return;
         }
+        if self.checkpointed.is_some() {
+            self.recent.extend(theirs);
+            return;
+        }
         theirs.sort_unstable();
         self.compact_with(theirs);
     }
 
-    /// Merges the recent users into the sorted part.
+    /// Merges the recent users into the sorted part (a set never checkpointed; a
+    /// checkpointed one keeps them for its next checkpoint).
     pub fn compact(&mut self) {
-        if !self.recent.is_empty() {
+        if !self.recent.is_empty() && self.checkpointed.is_none() {
             self.compact_with(Vec::new());
         }
     }
@@ -104,91 +150,156 @@ impl UserSet {
 
     /// The users, in no particular order.
     pub fn iter_unordered(&self) -> impl Iterator<Item = u64> + '_ {
-        self.sorted.iter().copied().chain(self.recent.iter().copied())
-    }
-
-    /// The users in ascending order (the recent ones are merged in first).
-    pub fn sorted(&mut self) -> &[u64] {
-        self.compact();
-        &self.sorted
+        let runs =
+            self.checkpointed.iter().flat_map(|c| c.segments.runs.iter().flat_map(|(_, keys)| keys.iter()));
+        self.sorted.iter().chain(runs).chain(self.recent.iter()).copied()
     }
 
     /// The canonical encoding (see the module documentation). Cheapest right after
-    /// [`UserSet::compact`]; otherwise the recent users are merged into a copy.
+    /// [`UserSet::compact`] of a set never checkpointed; otherwise its parts are merged into
+    /// a copy.
     pub fn encode(&self) -> Vec<u8> {
-        let merged;
-        let keys: &[u64] = if self.recent.is_empty() {
-            &self.sorted
-        } else {
-            let mut recent: Vec<u64> = self.recent.iter().copied().collect();
-            recent.sort_unstable();
-            merged = sorted_union(&self.sorted, &recent);
-            &merged
-        };
-        let n = keys.len();
-        let mut out = Vec::with_capacity(n * 8 + 10);
-        put_varint(&mut out, n as u64);
-        if n == 0 {
-            return out;
+        if self.recent.is_empty() && self.checkpointed.as_ref().is_none_or(|c| c.in_runs == 0) {
+            return encode_sorted(&self.sorted);
         }
-        let l = low_bits(n);
-        let mut bits = BitWriter::new(&mut out);
-        for &k in keys {
-            bits.put(k, l);
+        let mut all: Vec<u64> = self.iter_unordered().collect();
+        all.sort_unstable();
+        encode_sorted(&all)
+    }
+
+    /// Writes the users added since the last checkpoint (all of them, the first time) as
+    /// new segments, merging segments as [`super::segments`] says; writes and deletions go
+    /// to `out`, by segment number.
+    pub fn checkpoint(&mut self, out: &mut SegmentWrites) {
+        let first = self.checkpointed.is_none();
+        let c = self.checkpointed.get_or_insert_with(Box::default);
+        let mut fresh: Vec<u64> = self.recent.drain().collect();
+        if first {
+            fresh.extend(std::mem::take(&mut self.sorted));
         }
-        bits.finish();
-        // High parts in unary: user i sets bit (k >> l) + i.
-        let highs = (keys[n - 1] >> l) as usize + n;
-        let mut unary = vec![0u8; highs.div_ceil(8)];
-        for (i, &k) in keys.iter().enumerate() {
-            let at = (k >> l) as usize + i;
-            unary[at / 8] |= 1 << (at % 8);
+        self.recent.shrink_to_fit();
+        fresh.sort_unstable();
+        let mut full: Vec<u64> = Vec::new();
+        let encode = |keys: &[u64]| encode_segment(keys);
+        c.segments.checkpoint(fresh, SEGMENT_CAPACITY, &mut c.next_segment, &encode, out, &mut |keys| {
+            full.extend_from_slice(keys)
+        });
+        c.in_runs = c.segments.runs_len();
+        if !full.is_empty() {
+            full.sort_unstable();
+            self.sorted = sorted_union(&self.sorted, &full);
         }
-        out.extend(unary);
-        out
+    }
+
+    /// Puts back a segment [`UserSet::checkpoint`] wrote (restoring).
+    pub fn restore_segment(&mut self, segment: u64, bytes: &[u8]) -> Result<(), CodecError> {
+        let keys = decode_segment(bytes)?;
+        let c = self.checkpointed.get_or_insert_with(Box::default);
+        c.next_segment = c.next_segment.max(segment + 1);
+        if let Some(full) = c.segments.restore(segment, keys.into_boxed_slice(), SEGMENT_CAPACITY) {
+            self.sorted = sorted_union(&self.sorted, &full);
+        }
+        c.in_runs = c.segments.runs_len();
+        Ok(())
+    }
+
+    /// The numbers of its segments (to delete them when the set goes).
+    pub fn segments(&self) -> Vec<u64> {
+        self.checkpointed.as_ref().map(|c| c.segments.numbers().collect()).unwrap_or_default()
     }
 
     /// Reads a set written by [`UserSet::encode`]; the bytes must be exactly one.
     pub fn decode(bytes: &[u8]) -> Result<(Self, usize), CodecError> {
-        let corrupt = |why: &str| CodecError::Corrupt(format!("user set: {why}"));
-        let (n, mut at) = get_varint(bytes).ok_or_else(|| corrupt("no count"))?;
-        let n = usize::try_from(n).map_err(|_| corrupt("count out of range"))?;
-        if n == 0 {
-            return Ok((UserSet::new(), at));
-        }
-        // Each user takes at least one bit: a count larger than the bytes is damage.
-        if n > bytes.len().saturating_sub(at).saturating_mul(8) {
-            return Err(corrupt("count larger than the data"));
-        }
-        let l = low_bits(n);
-        let low_bytes = (n * l as usize).div_ceil(8);
-        let lows = bytes.get(at..at + low_bytes).ok_or_else(|| corrupt("low bits cut short"))?;
-        at += low_bytes;
-        let mut reader = BitReader { bytes: lows, at: 0 };
-        let mut keys = Vec::with_capacity(n);
-        let mut bit = 0usize;
-        for i in 0..n {
-            // The next set bit of the unary part.
-            loop {
-                let byte = *bytes.get(at + bit / 8).ok_or_else(|| corrupt("high bits cut short"))?;
-                if byte >> (bit % 8) & 1 == 1 {
-                    break;
-                }
-                bit += 1;
+        let (keys, used) = decode_sorted(bytes)?;
+        Ok((UserSet { sorted: keys, ..UserSet::default() }, used))
+    }
+}
+
+/// A segment's bytes: the format version, then the users' Elias–Fano encoding.
+fn encode_segment(keys: &[u64]) -> Vec<u8> {
+    let mut out = vec![SEGMENT_FORMAT_VERSION];
+    out.extend(encode_sorted(keys));
+    debug_assert!(out.len() <= MAX_SEGMENT_BYTES);
+    out
+}
+
+/// Reads a segment written by [`encode_segment`].
+fn decode_segment(bytes: &[u8]) -> Result<Vec<u64>, CodecError> {
+    match bytes.split_first() {
+        Some((&SEGMENT_FORMAT_VERSION, encoded)) => match decode_sorted(encoded)? {
+            (keys, used) if used == encoded.len() => Ok(keys),
+            _ => Err(CodecError::Corrupt("user segment: trailing bytes".into())),
+        },
+        Some((&version, _)) => Err(CodecError::UnknownVersion(version)),
+        None => Err(CodecError::Corrupt("empty user segment".into())),
+    }
+}
+
+/// The Elias–Fano encoding of sorted keys without repeats.
+fn encode_sorted(keys: &[u64]) -> Vec<u8> {
+    let n = keys.len();
+    let mut out = Vec::with_capacity(n * 8 + 10);
+    put_varint(&mut out, n as u64);
+    if n == 0 {
+        return out;
+    }
+    let l = low_bits(n);
+    let mut bits = BitWriter::new(&mut out);
+    for &k in keys {
+        bits.put(k, l);
+    }
+    bits.finish();
+    // High parts in unary: user i sets bit (k >> l) + i.
+    let highs = (keys[n - 1] >> l) as usize + n;
+    let mut unary = vec![0u8; highs.div_ceil(8)];
+    for (i, &k) in keys.iter().enumerate() {
+        let at = (k >> l) as usize + i;
+        unary[at / 8] |= 1 << (at % 8);
+    }
+    out.extend(unary);
+    out
+}
+
+/// Reads keys written by [`encode_sorted`], and how many bytes they took.
+fn decode_sorted(bytes: &[u8]) -> Result<(Vec<u64>, usize), CodecError> {
+    let corrupt = |why: &str| CodecError::Corrupt(format!("user set: {why}"));
+    let (n, mut at) = get_varint(bytes).ok_or_else(|| corrupt("no count"))?;
+    let n = usize::try_from(n).map_err(|_| corrupt("count out of range"))?;
+    if n == 0 {
+        return Ok((Vec::new(), at));
+    }
+    // Each user takes at least one bit: a count larger than the bytes is damage.
+    if n > bytes.len().saturating_sub(at).saturating_mul(8) {
+        return Err(corrupt("count larger than the data"));
+    }
+    let l = low_bits(n);
+    let low_bytes = (n * l as usize).div_ceil(8);
+    let lows = bytes.get(at..at + low_bytes).ok_or_else(|| corrupt("low bits cut short"))?;
+    at += low_bytes;
+    let mut reader = BitReader { bytes: lows, at: 0 };
+    let mut keys = Vec::with_capacity(n);
+    let mut bit = 0usize;
+    for i in 0..n {
+        // The next set bit of the unary part.
+        loop {
+            let byte = *bytes.get(at + bit / 8).ok_or_else(|| corrupt("high bits cut short"))?;
+            if byte >> (bit % 8) & 1 == 1 {
+                break;
             }
-            let high = (bit - i) as u64;
-            // `l` is at most 63: the shift never overflows its amount (damaged data may lose
-            // high bits, and is then refused as out of order or read as some set).
-            let key = (high << l) | reader.get(l);
-            if keys.last().is_some_and(|last| *last >= key) {
-                return Err(corrupt("users not strictly ascending"));
-            }
-            keys.push(key);
             bit += 1;
         }
-        at += bit.div_ceil(8);
-        Ok((UserSet { sorted: keys, recent: HashSet::default() }, at))
+        let high = (bit - i) as u64;
+        // `l` is at most 63: the shift never overflows its amount (damaged data may lose
+        // high bits, and is then refused as out of order or read as some set).
+        let key = (high << l) | reader.get(l);
+        if keys.last().is_some_and(|last| *last >= key) {
+            return Err(corrupt("users not strictly ascending"));
+        }
+        keys.push(key);
+        bit += 1;
     }
+    at += bit.div_ceil(8);
+    Ok((keys, at))
 }
 
 /// Low bits per user for `n` users: `64 − ⌈log₂ n⌉`, at most 63.

@@ -325,7 +325,7 @@ fn top_apps(api: &Api) -> Vec<MonthlyUsage> {
 mod tests {
     use std::sync::Arc;
 
-    use im_meter_core::aggregate::{AppMonthAggregate, Counting, StateKey};
+    use im_meter_core::aggregate::{AppMonthAggregate, Counting};
     use im_meter_core::ingest::UserKey;
     use im_meter_core::plan::AppId;
     use im_meter_core::time::Month;
@@ -340,14 +340,7 @@ mod tests {
             for u in users.clone() {
                 agg.record_login(month.day(1).unwrap(), UserKey::of(&format!("user-{u}")));
             }
-            let days: Vec<u8> = agg.days().collect();
-            let (whole, parts) = agg.encode_parts(days);
-            let app_id = *app_id;
-            std::iter::once((StateKey::AppMonth { app_id, month }, whole.into())).chain(
-                parts
-                    .into_iter()
-                    .map(move |(day, bytes)| (StateKey::AppMonthDay { app_id, month, day }, bytes.into())),
-            )
+            agg.checkpoint(*app_id, month).into_iter().filter_map(|r| Some((r.key, r.value?.into())))
         });
         board.view().restored(0, partition, records.collect::<Vec<_>>());
     }

@@ -1,0 +1,202 @@
+//! A growing set of 64-bit keys checkpointed as immutable, size-tiered *segments*: what the
+//! counted connections ([`super::connections`]) and the exact user sets
+//! ([`super::user_set`]) write to the changelog instead of themselves whole.
+//!
+//! Each checkpoint writes the keys added since the last one as new segments of at most a
+//! capacity of keys each. Small segments are merged size-tiered: once [`MERGE_FANOUT`]
+//! segments fall in one size tier (lengths within a factor of [`MERGE_FANOUT`]), the
+//! checkpoint writes their union as new segments and deletes them, in the same checkpoint (so
+//! the same transaction). Full segments are never merged again. So a set of N keys leaves
+//! about N / capacity full segments plus at most `MERGE_FANOUT − 1` per tier, however many
+//! checkpoints wrote it — a restore reads that many records — and every key is rewritten
+//! about once per tier. The keys of the segments not full yet stay here (a merge needs them);
+//! the owner keeps the full ones' keys as it needs.
+
+/// Segments in one size tier that are merged into one.
+pub const MERGE_FANOUT: usize = 4;
+
+/// Segment writes: a segment's number and its bytes (`None` deletes it).
+pub type SegmentWrites = Vec<(u64, Option<Vec<u8>>)>;
+
+/// The size tier of a segment of `len` keys.
+pub(crate) fn tier(len: usize) -> u32 {
+    len.max(1).ilog(MERGE_FANOUT)
+}
+
+/// The segments of one set: see the module documentation.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Segments {
+    /// Full segments (never merged again), by number: only their numbers.
+    pub full: Vec<u64>,
+    /// The other segments, by number, with their sorted keys, which a merge rewrites.
+    pub runs: Vec<(u64, Box<[u64]>)>,
+}
+
+impl Segments {
+    /// Writes `fresh` (sorted, without repeats, in no segment yet) into new segments of at
+    /// most `capacity` keys, then merges every size tier holding [`MERGE_FANOUT`] segments or
+    /// more, until none does. Writes (made by `encode`) and deletions go to `out` (a segment
+    /// made and merged away in one checkpoint is never written); the keys of each segment
+    /// made full go to `made_full`.
+    pub fn checkpoint(
+        &mut self,
+        fresh: Vec<u64>,
+        capacity: usize,
+        next_segment: &mut u64,
+        encode: &dyn Fn(&[u64]) -> Vec<u8>,
+        out: &mut SegmentWrites,
+        made_full: &mut dyn FnMut(&[u64]),
+    ) {
+        let mut cut = Cut { capacity, next_segment, encode, out, made_full, made: Vec::new() };
+        cut.split(&mut self.full, fresh);
+        loop {
+            let mut tiers = std::collections::BTreeMap::<u32, usize>::new();
+            for len in self.runs.iter().map(|(_, keys)| keys.len()).chain(cut.made.iter().map(|k| k.len())) {
+                *tiers.entry(tier(len)).or_default() += 1;
+            }
+            let Some((&due, _)) = tiers.iter().find(|&(_, &n)| n >= MERGE_FANOUT) else { break };
+            let mut merged: Vec<u64> = Vec::new();
+            self.runs.retain(|(segment, keys)| {
+                let member = tier(keys.len()) == due;
+                if member {
+                    merged.extend_from_slice(keys);
+                    cut.out.push((*segment, None));
+                }
+                !member
+            });
+            cut.made.retain(|keys| {
+                let member = tier(keys.len()) == due;
+                if member {
+                    merged.extend_from_slice(keys);
+                }
+                !member
+            });
+            merged.sort_unstable();
+            merged.dedup();
+            cut.split(&mut self.full, merged);
+        }
+        for keys in std::mem::take(&mut cut.made) {
+            let segment = take_number(cut.next_segment);
+            cut.out.push((segment, Some((cut.encode)(&keys))));
+            self.runs.push((segment, keys));
+        }
+    }
+
+    /// Puts back a segment read from the changelog (restoring), in number order. Returns
+    /// the keys of a full segment, which are the caller's to keep.
+    pub fn restore(&mut self, segment: u64, keys: Box<[u64]>, capacity: usize) -> Option<Box<[u64]>> {
+        if keys.len() >= capacity {
+            let at = self.full.partition_point(|&s| s < segment);
+            self.full.insert(at, segment);
+            Some(keys)
+        } else {
+            // Merges look at segments oldest first, as the live set holds them.
+            let at = self.runs.partition_point(|(s, _)| *s < segment);
+            self.runs.insert(at, (segment, keys));
+            None
+        }
+    }
+
+    /// Every segment's number.
+    pub fn numbers(&self) -> impl Iterator<Item = u64> + '_ {
+        self.full.iter().copied().chain(self.runs.iter().map(|(segment, _)| *segment))
+    }
+
+    /// Whether a key is in a segment that is not full.
+    pub fn runs_contain(&self, key: u64) -> bool {
+        self.runs.iter().any(|(_, keys)| keys.binary_search(&key).is_ok())
+    }
+
+    /// How many keys the segments that are not full hold.
+    pub fn runs_len(&self) -> usize {
+        self.runs.iter().map(|(_, keys)| keys.len()).sum()
+    }
+}
+
+/// One checkpoint's cutting of sorted keys into segments.
+struct Cut<'a> {
+    capacity: usize,
+    next_segment: &'a mut u64,
+    encode: &'a dyn Fn(&[u64]) -> Vec<u8>,
+    out: &'a mut SegmentWrites,
+    made_full: &'a mut dyn FnMut(&[u64]),
+    /// Segments made by this checkpoint and not full, not written yet (they may still merge).
+    made: Vec<Box<[u64]>>,
+}
+
+impl Cut<'_> {
+    /// Cuts sorted keys into segments: full ones are written at once; the rest, if any, is
+    /// made (it may still be merged).
+    fn split(&mut self, full: &mut Vec<u64>, keys: Vec<u64>) {
+        for chunk in keys.chunks(self.capacity) {
+            if chunk.len() == self.capacity {
+                let segment = take_number(self.next_segment);
+                self.out.push((segment, Some((self.encode)(chunk))));
+                (self.made_full)(chunk);
+                full.push(segment);
+            } else {
+                self.made.push(chunk.into());
+            }
+        }
+    }
+}
+
+/// The next segment number.
+fn take_number(next_segment: &mut u64) -> u64 {
+    let segment = *next_segment;
+    *next_segment += 1;
+    segment
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn encode(keys: &[u64]) -> Vec<u8> {
+        keys.iter().flat_map(|k| k.to_le_bytes()).collect()
+    }
+
+    #[test]
+    fn merges_of_large_segments_are_cut_at_the_capacity() {
+        let capacity = 1_000;
+        let mut segments = Segments::default();
+        let (mut next, mut out, mut full_keys) = (10, Vec::new(), Vec::new());
+        // Three segments in the top tier, and as many fresh keys again.
+        let len = capacity - 100;
+        let mut all: Vec<u64> = (0..4 * len as u64).map(|i| i * 7919).collect();
+        for (n, run) in all.chunks(len).take(3).enumerate() {
+            segments.runs.push((n as u64, run.into()));
+        }
+        let fresh = all[3 * len..].to_vec();
+        segments.checkpoint(fresh, capacity, &mut next, &encode, &mut out, &mut |k| {
+            full_keys.extend_from_slice(k)
+        });
+        let deleted: Vec<u64> = out.iter().filter(|(_, b)| b.is_none()).map(|(s, _)| *s).collect();
+        assert_eq!(deleted, vec![0, 1, 2]);
+        let mut union: Vec<u64> = Vec::new();
+        for bytes in out.iter().filter_map(|(_, b)| b.as_ref()) {
+            assert!(bytes.len() <= capacity * 8);
+            union.extend(bytes.chunks(8).map(|b| u64::from_le_bytes(b.try_into().unwrap())));
+        }
+        union.sort_unstable();
+        all.sort_unstable();
+        assert_eq!(union, all, "the union, each key once");
+        assert_eq!(segments.full.len(), 3, "full segments, never merged again");
+        assert_eq!(full_keys.len(), 3 * capacity, "their keys handed out");
+        assert_eq!(
+            segments.runs.iter().map(|(_, k)| k.len()).collect::<Vec<_>>(),
+            vec![4 * len - 3 * capacity]
+        );
+    }
+
+    #[test]
+    fn restored_segments_are_kept_in_number_order() {
+        let mut segments = Segments::default();
+        for n in [5u64, 2, 9] {
+            assert!(segments.restore(n, vec![n].into(), 10).is_none());
+        }
+        assert!(segments.restore(4, (0..10).collect::<Vec<u64>>().into(), 10).is_some());
+        assert_eq!(segments.numbers().collect::<Vec<_>>(), vec![4, 2, 5, 9]);
+        assert!(segments.runs_contain(9) && !segments.runs_contain(3));
+    }
+}
