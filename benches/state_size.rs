@@ -47,7 +47,7 @@ use std::collections::BTreeMap;
 use im_meter_core::aggregate::connections::ConnectionTable;
 use im_meter_core::aggregate::pcc::MonthSamples;
 use im_meter_core::aggregate::user_set::UserSet;
-use im_meter_core::aggregate::{AppMonthAggregate, Counting, Precision, SampleGrid};
+use im_meter_core::aggregate::{AppMonthAggregate, Counting, Precision, SampleGrid, StateKey};
 use im_meter_core::ingest::{ConnKey, UserKey};
 use im_meter_core::time::{BillingTz, Month, Timestamp};
 use rand::rngs::StdRng;
@@ -298,6 +298,96 @@ fn main() {
     }
     if filter.is_none() || filter.as_deref() == Some("user-sets") {
         user_set_table();
+    }
+    if filter.is_none() || filter.as_deref() == Some("busy-app") {
+        busy_app_table(month);
+    }
+}
+
+/// A busy app's month of checkpoints: `users` distinct users, each logging in on
+/// [`LOGIN_DAYS`] days, in day order, a checkpoint after every `per_commit` logins; the
+/// changelog kept as compaction leaves it. What each commit writes for the app-month (all
+/// its records: `m/`, the changed days' `d/`, the user segments `e/`), against rewriting
+/// its counts whole, and what a restore reads at the month's end.
+fn busy_app_table(month: Month) {
+    println!();
+    println!("a busy app's checkpoints over a month (exact counts, {LOGIN_DAYS} login days per user)");
+    println!(
+        "{:>9} {:>8} {:>10} {:>12} {:>12} {:>12} {:>12} {:>9} {:>10}",
+        "users",
+        "commits",
+        "logins/c",
+        "mean B/c",
+        "max B/c",
+        "whole B/c",
+        "max rec B",
+        "records",
+        "restore ms"
+    );
+    for (users, per_commit) in [(100_000u64, 1_000usize), (1_000_000, 5_000)] {
+        let days = month.days();
+        let mut logins: Vec<(u32, u64)> =
+            (0..users).flat_map(|u| (0..LOGIN_DAYS).map(move |k| (login_day(u, k, days), u))).collect();
+        logins.sort_unstable();
+        let mut agg = AppMonthAggregate::new(Counting::default(), false);
+        let mut log: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
+        let (mut commits, mut written, mut max_commit, mut max_record) = (0usize, 0usize, 0usize, 0usize);
+        for chunk in logins.chunks(per_commit) {
+            for &(day, u) in chunk {
+                agg.record_login(month.day(day).expect("valid day"), user(u));
+            }
+            let mut bytes = 0;
+            for record in agg.checkpoint(1, month) {
+                let key = record.key.to_bytes();
+                match record.value {
+                    Some(value) => {
+                        bytes += key.len() + value.len();
+                        max_record = max_record.max(value.len());
+                        log.insert(key, value);
+                    }
+                    None => {
+                        log.remove(&key);
+                    }
+                }
+            }
+            commits += 1;
+            written += bytes;
+            max_commit = max_commit.max(bytes);
+        }
+        // Rewriting the counts whole instead: the MAU's set and one (average) day's.
+        let mut mau = UserSet::new();
+        (0..users).for_each(|u| {
+            mau.insert(user(u).0);
+        });
+        let mau_bytes = mau.encode().len();
+        let whole_commit = mau_bytes + mau_bytes * LOGIN_DAYS as usize / days as usize;
+        let started = Instant::now();
+        let records: Vec<(StateKey, &[u8])> =
+            log.iter().map(|(k, v)| (StateKey::from_bytes(k).expect("a state key"), &v[..])).collect();
+        let month_record =
+            records.iter().find(|(k, _)| matches!(k, StateKey::AppMonth { .. })).expect("m/").1;
+        let day_records =
+            records.iter().filter(|(k, _)| matches!(k, StateKey::AppMonthDay { .. })).map(|r| r.1);
+        let user_records = records.iter().filter_map(|(k, v)| match k {
+            StateKey::Users { count, segment, .. } => Some((*count, *segment, *v)),
+            _ => None,
+        });
+        let mut restored =
+            AppMonthAggregate::from_parts(month_record, day_records, user_records).expect("restores");
+        let restore_ms = started.elapsed().as_secs_f64() * 1000.0;
+        assert_eq!(restored.encode(), agg.encode(), "the records give the aggregate back");
+        println!(
+            "{:>9} {:>8} {:>10} {:>12} {:>12} {:>12} {:>12} {:>9} {:>10.1}",
+            users,
+            commits,
+            per_commit,
+            written / commits,
+            max_commit,
+            whole_commit,
+            max_record,
+            log.len(),
+            restore_ms
+        );
     }
 }
 

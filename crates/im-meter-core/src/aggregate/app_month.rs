@@ -308,11 +308,15 @@ impl AppMonthAggregate {
         for day in days {
             aggregate.merge(&Self::decode(day)?).map_err(|e| CodecError::Corrupt(e.to_string()))?;
         }
+        let mut by_count: BTreeMap<UserCount, Vec<(u64, &[u8])>> = BTreeMap::new();
         for (count, segment, bytes) in users {
+            by_count.entry(count).or_default().push((segment, bytes));
+        }
+        for (count, segments) in by_count {
             let unique = aggregate.count_mut(count).ok_or_else(|| {
-                CodecError::Corrupt(format!("user segment {segment} of {count:?} without its count"))
+                CodecError::Corrupt(format!("user segments of {count:?} without their count"))
             })?;
-            unique.restore_segment(segment, bytes)?;
+            unique.restore_segments(segments)?;
         }
         Ok(aggregate)
     }

@@ -265,13 +265,17 @@ impl UniqueUsers {
         }
     }
 
-    /// Puts back a segment of its exact set (restoring). A count that is a sketch already
-    /// holds every user of its set: a segment left over is deleted at the next checkpoint.
-    pub fn restore_segment(&mut self, segment: u64, bytes: &[u8]) -> Result<(), super::CodecError> {
+    /// Puts back segments of its exact set (restoring), by number and bytes. A count that is
+    /// a sketch already holds every user of its set: segments left over are deleted at the
+    /// next checkpoint.
+    pub fn restore_segments<'a>(
+        &mut self,
+        segments: impl IntoIterator<Item = (u64, &'a [u8])>,
+    ) -> Result<(), super::CodecError> {
         match &mut self.users {
-            Users::Exact(users) => users.restore_segment(segment, bytes),
+            Users::Exact(users) => users.restore_segments(segments),
             Users::Sketch(_) => {
-                self.retired.push(segment);
+                self.retired.extend(segments.into_iter().map(|(segment, _)| segment));
                 Ok(())
             }
         }

@@ -191,15 +191,26 @@ impl UserSet {
         }
     }
 
-    /// Puts back a segment [`UserSet::checkpoint`] wrote (restoring).
-    pub fn restore_segment(&mut self, segment: u64, bytes: &[u8]) -> Result<(), CodecError> {
-        let keys = decode_segment(bytes)?;
+    /// Puts back segments [`UserSet::checkpoint`] wrote (restoring), by number and bytes.
+    /// The full ones' users are merged into the sorted part once, all together.
+    pub fn restore_segments<'a>(
+        &mut self,
+        segments: impl IntoIterator<Item = (u64, &'a [u8])>,
+    ) -> Result<(), CodecError> {
         let c = self.checkpointed.get_or_insert_with(Box::default);
-        c.next_segment = c.next_segment.max(segment + 1);
-        if let Some(full) = c.segments.restore(segment, keys.into_boxed_slice(), SEGMENT_CAPACITY) {
-            self.sorted = sorted_union(&self.sorted, &full);
+        let mut full: Vec<u64> = Vec::new();
+        for (segment, bytes) in segments {
+            let keys = decode_segment(bytes)?;
+            c.next_segment = c.next_segment.max(segment + 1);
+            if let Some(keys) = c.segments.restore(segment, keys.into_boxed_slice(), SEGMENT_CAPACITY) {
+                full.extend_from_slice(&keys);
+            }
         }
         c.in_runs = c.segments.runs_len();
+        if !full.is_empty() {
+            full.sort_unstable();
+            self.sorted = sorted_union(&self.sorted, &full);
+        }
         Ok(())
     }
 
@@ -280,13 +291,15 @@ fn decode_sorted(bytes: &[u8]) -> Result<(Vec<u64>, usize), CodecError> {
     let mut keys = Vec::with_capacity(n);
     let mut bit = 0usize;
     for i in 0..n {
-        // The next set bit of the unary part.
+        // The next set bit of the unary part, a byte at a time.
         loop {
             let byte = *bytes.get(at + bit / 8).ok_or_else(|| corrupt("high bits cut short"))?;
-            if byte >> (bit % 8) & 1 == 1 {
+            let ahead = byte >> (bit % 8);
+            if ahead != 0 {
+                bit += ahead.trailing_zeros() as usize;
                 break;
             }
-            bit += 1;
+            bit += 8 - bit % 8;
         }
         let high = (bit - i) as u64;
         // `l` is at most 63: the shift never overflows its amount (damaged data may lose
@@ -379,15 +392,18 @@ struct BitReader<'a> {
 }
 
 impl BitReader<'_> {
+    /// The next `width` (at most 64) bits, least significant first; bits past the end read
+    /// as zeros.
     fn get(&mut self, width: u32) -> u64 {
-        let mut value = 0u64;
-        for b in 0..width as usize {
-            let at = self.at + b;
-            let bit = self.bytes.get(at / 8).map_or(0, |byte| byte >> (at % 8) & 1);
-            value |= u64::from(bit) << b;
-        }
+        // The (at most nine) bytes holding them, as one little-endian number.
+        let (first, shift) = (self.at / 8, self.at % 8);
+        let mut window = [0u8; 16];
+        let available = self.bytes.len().saturating_sub(first).min(9);
+        window[..available].copy_from_slice(&self.bytes[first..first + available]);
+        let bits = u128::from_le_bytes(window) >> shift;
         self.at += width as usize;
-        value
+        let mask = if width == 64 { u64::MAX } else { (1u64 << width) - 1 };
+        (bits as u64) & mask
     }
 }
 
