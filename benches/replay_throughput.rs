@@ -1,9 +1,16 @@
-//! Replay throughput against a bare typed parse of the same bytes, measured in one run.
+//! Replay throughput against a lean single-core parse of the same bytes, measured in one run.
 //!
 //! Generates a synthetic month (~2 M events by default; `IM_METER_BENCH_USERS` scales it),
-//! writes it to a temporary file, then alternately times `replay` (decode, validate,
-//! aggregate, bill) and a bare `serde_json` parse of each line into a typed struct, read
-//! through the same line reader. Prints events/s for both and their ratio (target ≥ 0.8).
+//! writes it to a temporary file, then alternately times, best of three each:
+//!
+//! - `replay` on every core (decode, validate, aggregate with exact counts, bill), and on
+//!   one thread;
+//! - the *lean parse*: a typed `serde_json` parse of each line with borrowed `&str` fields
+//!   and `ts` kept as a raw value (no allocation), on one core, through the same reader;
+//! - the earlier baseline: a typed parse into `Cow` fields and a `serde_json::Value` `ts`.
+//!
+//! Prints events/s for each and the ratio of replay (every core) to the lean parse
+//! (target ≥ 0.8).
 //!
 //! Run: `cargo bench -p im-meter --bench replay_throughput`
 
@@ -17,6 +24,7 @@ use im_meter::replay::{self, ReplayInput};
 use im_meter::workload::Workload;
 use im_meter_core::time::Month;
 use serde::Deserialize;
+use serde_json::value::RawValue;
 
 /// The event as a plain typed struct: what any consumer would parse, nothing checked.
 #[derive(Deserialize)]
@@ -36,6 +44,39 @@ struct TypedEvent<'a> {
     platform: Option<Cow<'a, str>>,
 }
 
+/// The lean parse: borrowed fields, `ts` raw; nothing allocated.
+#[derive(Deserialize)]
+#[allow(dead_code)] // fields are parsed to be measured, not read
+struct LeanEvent<'a> {
+    #[serde(rename = "type")]
+    kind: &'a str,
+    app_id: u64,
+    #[serde(borrow)]
+    ts: &'a RawValue,
+    user_id: Option<&'a str>,
+    conn_id: Option<&'a str>,
+    ok: Option<bool>,
+    group_count: Option<u64>,
+    platform: Option<&'a str>,
+}
+
+/// Times `parse` over every line, on this thread.
+fn time_parse(
+    source: &Source,
+    lines: u64,
+    parse: impl Fn(&[u8]) -> anyhow::Result<()>,
+) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    let mut parsed = 0u64;
+    input::for_each_line(source, false, |_, line| {
+        parse(line)?;
+        parsed += 1;
+        Ok(())
+    })?;
+    assert_eq!(parsed, lines);
+    Ok(started.elapsed())
+}
+
 fn main() -> anyhow::Result<()> {
     let users: u64 =
         std::env::var("IM_METER_BENCH_USERS").ok().and_then(|v| v.parse().ok()).unwrap_or(400_000);
@@ -46,49 +87,50 @@ fn main() -> anyhow::Result<()> {
     let lines = workload.write_events(&config.meter.tz, &mut file)?;
     drop(file);
     let bytes = std::fs::metadata(&path)?.len();
-    println!("input: {lines} events, {:.1} MB, 200 apps, {users} users", bytes as f64 / 1e6);
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    println!("input: {lines} events, {:.1} MB, 200 apps, {users} users; {cores} cores", bytes as f64 / 1e6);
 
     let source = Source::File(path.clone());
-    let replay_input = ReplayInput {
+    let replay_on = |threads: usize| ReplayInput {
         events: source.clone(),
         subscriptions: None,
         dead_letters: None,
         exact: false,
         progress: false,
+        threads: Some(threads),
     };
-    let mut best_replay = Duration::MAX;
-    let mut best_parse = Duration::MAX;
+    let mut best = [Duration::MAX; 4];
     for _ in 0..3 {
-        let started = Instant::now();
-        let report = replay::replay(&config, &replay_input)?;
-        best_replay = best_replay.min(started.elapsed());
-        assert_eq!(report.events_read.lines, lines);
-        black_box(report);
-
-        let started = Instant::now();
-        let mut parsed = 0u64;
-        input::for_each_line(&source, false, |_, line| {
-            let event: TypedEvent = serde_json::from_slice(line)?;
-            black_box(&event);
-            parsed += 1;
+        for (i, threads) in [cores, 1].into_iter().enumerate() {
+            let started = Instant::now();
+            let report = replay::replay(&config, &replay_on(threads))?;
+            best[i] = best[i].min(started.elapsed());
+            assert_eq!(report.events_read.lines, lines);
+            black_box(report);
+        }
+        let lean = time_parse(&source, lines, |line| {
+            black_box(serde_json::from_slice::<LeanEvent>(line)?);
             Ok(())
         })?;
-        best_parse = best_parse.min(started.elapsed());
-        assert_eq!(parsed, lines);
+        best[2] = best[2].min(lean);
+        let typed = time_parse(&source, lines, |line| {
+            black_box(serde_json::from_slice::<TypedEvent>(line)?);
+            Ok(())
+        })?;
+        best[3] = best[3].min(typed);
     }
     std::fs::remove_file(&path)?;
 
     let rate = |d: Duration| lines as f64 / d.as_secs_f64();
-    println!(
-        "replay (decode + validate + aggregate + bill): {:>12.0} events/s  ({:.3} s)",
-        rate(best_replay),
-        best_replay.as_secs_f64()
-    );
-    println!(
-        "bare typed serde_json parse:                    {:>12.0} events/s  ({:.3} s)",
-        rate(best_parse),
-        best_parse.as_secs_f64()
-    );
-    println!("ratio replay / bare parse: {:.2}", rate(best_replay) / rate(best_parse));
+    let names = [
+        format!("replay, {cores} threads (decode + validate + aggregate + bill)"),
+        "replay, 1 thread".to_string(),
+        "lean parse, 1 core (&str fields, raw ts)".to_string(),
+        "typed parse, 1 core (Cow fields, Value ts)".to_string(),
+    ];
+    for (name, d) in names.iter().zip(best) {
+        println!("{name:<62} {:>12.0} events/s  ({:.3} s)", rate(d), d.as_secs_f64());
+    }
+    println!("ratio replay ({cores} threads) / lean parse: {:.2}", rate(best[0]) / rate(best[2]));
     Ok(())
 }

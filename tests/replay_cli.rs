@@ -5,6 +5,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
+use im_meter_core::aggregate::billing_partition;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde_json::Value;
@@ -261,6 +262,85 @@ fn shuffled_input_prints_identical_json_and_stdin_works() {
     assert_eq!(charge(&doc, "1400000004/2026-11/plan_fee")["amount"], "466.00");
     assert_eq!(charge(&doc, "1400000005/2026-11/group_overage")["quantity"], "2");
     assert!(doc["rejected"].as_u64().unwrap() > 0);
+}
+
+/// Replay splits its input over threads (decoding by chunks, metering by app) and prints
+/// the same bytes — usage, charges and dead letters in line order — whatever their number,
+/// with idle connections closed by the whole input's event time.
+#[test]
+fn any_number_of_threads_gives_the_same_output() {
+    let sample = repo().join("deploy/sample");
+    let dir = temp_dir("threads");
+    // Ten copies of the sample, apps renumbered, so that every thread has work.
+    let events = std::fs::read_to_string(sample.join("events.ndjson")).unwrap();
+    let copies: Vec<String> = (0..10)
+        .flat_map(|copy| {
+            events
+                .lines()
+                .map(move |l| l.replace("\"app_id\":1400000", &format!("\"app_id\":{}400000", copy + 1)))
+        })
+        .collect();
+    let events = write(&dir, "e.ndjson", &copies);
+    let config = write(&dir, "c.toml", &["[metering]".into(), "connection_idle_timeout = \"30m\"".into()]);
+    let run = |threads: &str| {
+        let dlq = dir.join(format!("dlq-{threads}.ndjson"));
+        let out = run_ok(
+            bin()
+                .args(["replay", "--format", "json", "--threads", threads, "--events"])
+                .arg(&events)
+                .arg("--subscriptions")
+                .arg(sample.join("subscriptions.ndjson"))
+                .arg("--config")
+                .arg(&config)
+                .arg("--dlq")
+                .arg(&dlq),
+        );
+        (String::from_utf8(out.stdout).unwrap(), std::fs::read_to_string(dlq).unwrap())
+    };
+    let one = run("1");
+    let doc: Value = serde_json::from_str(&one.0).unwrap();
+    assert!(doc["usage"].as_array().unwrap().len() >= 60, "every copy's apps are billed");
+    assert!(one.1.lines().count() > 10, "dead letters written");
+    for threads in ["2", "5"] {
+        let many = run(threads);
+        assert!(many.0 == one.0, "usage and charges differ with {threads} threads");
+        assert!(many.1 == one.1, "dead letters differ with {threads} threads");
+    }
+}
+
+/// An app whose events end early is metered by the whole input's event time, whichever
+/// thread meters it: with an idle timeout, its connection silent for hours before the input
+/// ends is closed at its last sign of life (here: counting nothing), not left open.
+#[test]
+fn idle_connections_close_by_the_whole_input_s_event_time() {
+    let dir = temp_dir("idle-threads");
+    let a = 11u64;
+    // An app metered by another of the 8 meters two threads use.
+    let b = (12..).find(|&b| billing_partition(b, 8) != billing_partition(a, 8)).unwrap();
+    let conn = |app: u64, kind: &str, id: &str, ts: &str| {
+        format!(r#"{{"type":"{kind}","app_id":{app},"user_id":"u","conn_id":"{id}","ts":"{ts}"}}"#)
+    };
+    let events = vec![
+        conn(a, "connect", "c1", "2026-11-12T00:00:00+08:00"),
+        conn(a, "connect", "c2", "2026-11-12T00:10:00+08:00"),
+        conn(a, "disconnect", "c2", "2026-11-12T00:20:00+08:00"),
+        login(b, "late", "2026-11-20T00:00:00Z"),
+    ];
+    let events = write(&dir, "e.ndjson", &events);
+    let config = write(&dir, "c.toml", &["[metering]".into(), "connection_idle_timeout = \"30m\"".into()]);
+    let pcc = |threads: &str| {
+        let out = run_ok(
+            bin()
+                .args(["replay", "--format", "json", "--threads", threads, "--events"])
+                .arg(&events)
+                .arg("--config")
+                .arg(&config),
+        );
+        let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
+        doc["usage"].as_array().unwrap().iter().find(|u| u["app_id"] == a).unwrap()["pcc"].clone()
+    };
+    assert_eq!(pcc("1"), 1, "c1 closed at its connect, c2 alone");
+    assert_eq!(pcc("2"), 1);
 }
 
 /// The sample's busiest app is billed for exactly the users who logged in (derived from the

@@ -57,48 +57,55 @@ pub struct ReadStats {
 }
 
 const READ_BUFFER: usize = 1 << 20;
-const PROGRESS_EVERY_LINES: u64 = 1 << 14;
 const PROGRESS_AFTER: Duration = Duration::from_millis(300);
 
-/// Calls `each(line_number, bytes)` for every non-blank line (1-based numbers, line end
-/// stripped). A progress bar appears on stderr when it is a terminal and the input takes
-/// long enough to be worth watching.
-pub fn for_each_line(
+/// Whole lines of the input, about [`READ_BUFFER`] bytes of them, to hand to another thread.
+#[derive(Debug)]
+pub struct Chunk {
+    /// Its place among the chunks (0, 1, ...).
+    pub index: u64,
+    /// The number of its first line (1-based, blank lines counted).
+    pub first_line: u64,
+    /// The lines, each ending with a newline (but the input's last, which may not).
+    pub bytes: Vec<u8>,
+}
+
+impl Chunk {
+    /// Calls `each(line_number, bytes)` for every non-blank line (line end stripped);
+    /// returns how many there were.
+    pub fn for_each_line(
+        &self,
+        mut each: impl FnMut(u64, &[u8]) -> anyhow::Result<()>,
+    ) -> anyhow::Result<u64> {
+        let mut lines = 0;
+        for (i, line) in self.bytes.split_inclusive(|&b| b == b'\n').enumerate() {
+            let content = trim_line_end(line);
+            if content.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
+            lines += 1;
+            each(self.first_line + i as u64, content)?;
+        }
+        Ok(lines)
+    }
+}
+
+/// Reads the input as [`Chunk`]s of whole lines, in order, and hands each to `each`. A
+/// progress bar appears on stderr when it is a terminal and the input takes long enough to
+/// be worth watching. Returns the bytes read (the caller counts the lines it handed on:
+/// [`ReadStats::lines`] is left 0).
+pub fn for_each_chunk(
     source: &Source,
     show_progress: bool,
-    mut each: impl FnMut(u64, &[u8]) -> anyhow::Result<()>,
+    mut each: impl FnMut(Chunk) -> anyhow::Result<()>,
 ) -> anyhow::Result<ReadStats> {
     let (mut reader, len) = source.open()?;
     let mut progress = Progress::new(show_progress && io::stderr().is_terminal(), len);
     let mut stats = ReadStats::default();
-    let mut number = 0u64;
-    let mut on_line = |line: &[u8], stats: &mut ReadStats| -> anyhow::Result<()> {
-        number += 1;
-        let content = trim_line_end(line);
-        if content.iter().all(u8::is_ascii_whitespace) {
-            return Ok(());
-        }
-        stats.lines += 1;
-        each(number, content)?;
-        if stats.lines.is_multiple_of(PROGRESS_EVERY_LINES) {
-            progress.update(*stats);
-        }
-        Ok(())
-    };
-    // Lines are handed out straight from the read buffer (no per-line copy); only a line
-    // cut by the end of a read moves, to the buffer's front.
+    let (mut index, mut first_line) = (0u64, 1u64);
     let mut buf = vec![0u8; READ_BUFFER];
-    let (mut start, mut end) = (0, 0);
+    let mut end = 0;
     loop {
-        while let Some(pos) = memchr::memchr(b'\n', &buf[start..end]) {
-            let line = &buf[start..=start + pos];
-            stats.bytes += line.len() as u64;
-            on_line(line, &mut stats)?;
-            start += pos + 1;
-        }
-        buf.copy_within(start..end, 0);
-        end -= start;
-        start = 0;
         if end == buf.len() {
             // A line longer than the buffer: grow it.
             buf.resize(buf.len() * 2, 0);
@@ -108,16 +115,44 @@ pub fn for_each_line(
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e).with_context(|| format!("cannot read {}", source.name())),
         };
+        end += n;
+        // Whole lines go; a line cut by the end of the read moves to the next buffer.
+        let whole = if n == 0 { end } else { memchr::memrchr(b'\n', &buf[..end]).map_or(0, |at| at + 1) };
+        if whole > 0 && (n == 0 || end * 2 >= buf.len()) {
+            let mut next = vec![0u8; buf.len().max(READ_BUFFER)];
+            next[..end - whole].copy_from_slice(&buf[whole..end]);
+            let mut bytes = std::mem::replace(&mut buf, next);
+            bytes.truncate(whole);
+            end -= whole;
+            stats.bytes += whole as u64;
+            let lines = memchr::memchr_iter(b'\n', &bytes).count() as u64;
+            let chunk = Chunk { index, first_line, bytes };
+            index += 1;
+            first_line += lines;
+            each(chunk)?;
+            progress.update(stats);
+        }
         if n == 0 {
-            if end > 0 {
-                stats.bytes += end as u64;
-                on_line(&buf[..end], &mut stats)?;
-            }
             break;
         }
-        end += n;
     }
     progress.finish();
+    Ok(stats)
+}
+
+/// Calls `each(line_number, bytes)` for every non-blank line (1-based numbers, line end
+/// stripped), in order, on this thread. A progress bar appears as [`for_each_chunk`] says.
+pub fn for_each_line(
+    source: &Source,
+    show_progress: bool,
+    mut each: impl FnMut(u64, &[u8]) -> anyhow::Result<()>,
+) -> anyhow::Result<ReadStats> {
+    let mut lines = 0;
+    let mut stats = for_each_chunk(source, show_progress, |chunk| {
+        lines += chunk.for_each_line(&mut each)?;
+        Ok(())
+    })?;
+    stats.lines = lines;
     Ok(stats)
 }
 
@@ -161,12 +196,7 @@ impl Progress {
             // Rates over the whole run: indicatif's own estimate starts only when the bar
             // appears, after a jump of position, and overshoots.
             let secs = elapsed.as_secs_f64().max(1e-9);
-            bar.set_message(format!(
-                "{:.1} MB/s, {} events, {:.0} events/s",
-                stats.bytes as f64 / secs / 1e6,
-                stats.lines,
-                stats.lines as f64 / secs
-            ));
+            bar.set_message(format!("{:.1} MB/s", stats.bytes as f64 / secs / 1e6));
         }
     }
 
@@ -200,6 +230,24 @@ mod tests {
         let (seen, stats) = lines_of(b"a\r\n\n  \nb\nc");
         assert_eq!(seen, vec![(1, b"a".to_vec()), (4, b"b".to_vec()), (5, b"c".to_vec())]);
         assert_eq!(stats, ReadStats { lines: 3, bytes: 10 });
+    }
+
+    /// Across chunks, every line keeps the number it has in the input.
+    #[test]
+    fn lines_keep_their_numbers_across_chunks() {
+        let content: Vec<u8> = (0..500_000u32)
+            .flat_map(|i| if i % 7 == 3 { b"\n".to_vec() } else { format!("{i}\n").into_bytes() })
+            .collect();
+        assert!(content.len() > 2 * READ_BUFFER);
+        let (seen, stats) = lines_of(&content);
+        let want: Vec<(u64, Vec<u8>)> = content
+            .split(|&b| b == b'\n')
+            .enumerate()
+            .filter(|(_, l)| !l.is_empty())
+            .map(|(i, l)| (i as u64 + 1, l.to_vec()))
+            .collect();
+        assert_eq!(seen, want);
+        assert_eq!(stats, ReadStats { lines: want.len() as u64, bytes: content.len() as u64 });
     }
 
     #[test]

@@ -103,10 +103,14 @@ struct ReplayArgs {
     /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Table)]
     format: Format,
-    /// Also count MAU and DAU exactly and report the sketches' error (uses memory
-    /// proportional to users).
+    /// Also count MAU and DAU exactly whatever `metering.exact_limit` says, and report
+    /// the estimates' error (uses memory proportional to users).
     #[arg(long)]
     exact: bool,
+    /// Threads decoding and metering (default: one per CPU). The output is the same for
+    /// any number.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    threads: Option<u16>,
 }
 
 /// What synthetic month to make (`generate`, `produce --sample | --synthetic`).
@@ -225,6 +229,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 dead_letters: args.dlq,
                 exact: args.exact,
                 progress: true,
+                threads: args.threads.map(usize::from),
             };
             let result = replay::replay(&config, &input)?;
             let stdout = io::stdout();

@@ -1,11 +1,12 @@
 //! `im-meter replay`: the whole pipeline over NDJSON files, no Kafka.
 //!
 //! ingest (decode each line, refuse bad ones to the dead-letter output) → aggregate (one
-//! [`Meter`] over all events) → bill (subscriptions applied in time order, every billed
+//! [`Meter`] per shard of the apps) → bill (subscriptions applied in time order, every billed
 //! month closed at input end and priced) → a [`Report`] value the caller prints.
 //!
-//! Reading and decoding run on the calling thread, metering on a second one (the two
-//! stages of [`meter_events`]), so a replay uses up to two cores.
+//! Reading runs on the calling thread, decoding and metering on one thread per core
+//! ([`meter_events`]); the meters split the apps, so their union is what one meter over the
+//! whole input holds.
 //!
 //! The result does not depend on the order of the input lines: the meter is
 //! order-insensitive by construction, subscription events are sorted by time before they
@@ -13,12 +14,12 @@
 
 mod dead_letters;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
-use std::sync::mpsc;
+use std::sync::{mpsc, Mutex};
 use std::thread;
 
-use im_meter_core::aggregate::Meter;
+use im_meter_core::aggregate::{billing_partition, Meter};
 use im_meter_core::bill::{BillingBook, Pricing, Share, Subscriptions};
 use im_meter_core::ingest::{
     decode_subscription_event, decode_usage_event, Rejection, SubscriptionEvent, UsageEvent,
@@ -27,7 +28,7 @@ use im_meter_core::plan::AppId;
 use im_meter_core::time::{Month, Timestamp};
 
 use crate::config::Config;
-use crate::input::{self, ReadStats, Source};
+use crate::input::{self, Chunk, ReadStats, Source};
 use crate::report::{AuditRow, Report};
 pub use dead_letters::DeadLetters;
 
@@ -44,6 +45,8 @@ pub struct ReplayInput {
     pub exact: bool,
     /// Show a progress bar on a terminal.
     pub progress: bool,
+    /// Threads decoding and metering (`None`: one per CPU).
+    pub threads: Option<usize>,
 }
 
 /// Runs the pipeline over the inputs.
@@ -61,7 +64,7 @@ pub fn replay(config: &Config, input: &ReplayInput) -> anyhow::Result<Report> {
         None => Subscriptions::new(config.meter.tz),
     };
 
-    let (mut meter, events_read) = meter_events(config, input, &mut dead)?;
+    let (mut meters, events_read) = meter_events(config, input, &mut dead)?;
     dead.finish()?;
 
     let mut report = Report {
@@ -72,69 +75,140 @@ pub fn replay(config: &Config, input: &ReplayInput) -> anyhow::Result<Report> {
         audit: input.exact.then(Vec::new),
         events_read,
     };
-    close_and_bill(config, &mut meter, &subscriptions, &mut report)?;
+    close_and_bill(config, &mut meters, &subscriptions, &mut report)?;
     Ok(report)
 }
 
-/// Events decoded per hand-over between the two threads of [`meter_events`].
-const BATCH: usize = 4096;
+/// Meters per thread: more shards than threads, so that two threads rarely want the same
+/// one at once.
+const SHARDS_PER_THREAD: usize = 4;
 
-/// Decodes the event lines and applies them to one [`Meter`], as a two-stage pipeline:
-/// this thread reads and decodes (refusing bad lines to `dead`), a second thread applies
-/// batches of decoded events. The meter is insensitive to order, and the batches keep it
-/// anyway; the stages only overlap in time.
+/// A line refused while decoding: its number, bytes and why.
+type Refused = (u64, Vec<u8>, Rejection);
+
+/// Decodes the event lines and applies them to meters, on every core: this thread reads the
+/// input in chunks of whole lines and writes the dead letters in line order; one thread per
+/// core decodes chunks (refusing bad lines) and applies each event to the meter of its
+/// app's shard. Every app's events meet in one meter, which is insensitive to their order,
+/// so the shards hold exactly what one meter over the whole input would, split by app.
 fn meter_events(
     config: &Config,
     input: &ReplayInput,
     dead: &mut DeadLetters,
-) -> anyhow::Result<(Meter, ReadStats)> {
+) -> anyhow::Result<(Vec<Meter>, ReadStats)> {
+    let threads =
+        input.threads.unwrap_or_else(|| thread::available_parallelism().map_or(1, usize::from)).max(1);
     let settings = meter_settings(config, input.exact);
-    let (batches, received) = mpsc::sync_channel::<Vec<UsageEvent>>(4);
-    let (recycle, recycled) = mpsc::channel::<Vec<UsageEvent>>();
+    // One thread meters with one meter, as replay always did.
+    let shards = if threads == 1 { 1 } else { threads * SHARDS_PER_THREAD };
+    let shards: Vec<Mutex<Meter>> = (0..shards).map(|_| Mutex::new(Meter::new(settings.clone()))).collect();
+    let (chunks, to_decode) = mpsc::sync_channel::<Chunk>(threads * 2);
+    let to_decode = Mutex::new(to_decode);
+    let (refusals, refused) = mpsc::channel::<(u64, Vec<Refused>, u64)>();
+    // Replay's own clock, read once: an event dated further ahead is refused as the worker
+    // would refuse it, so one broken clock cannot create a month to bill.
+    let now = Timestamp(crate::status::now_ms());
+    let decode = |bytes: &[u8]| {
+        decode_usage_event(bytes).and_then(|event| {
+            Rejection::check_not_future(event.ts, now, config.billing.max_clock_skew)
+                .and_then(|()| Rejection::check_plausible(&event, config.billing.max_group_count))
+                .map(|()| event)
+        })
+    };
     thread::scope(|scope| {
-        let aggregator = scope.spawn(move || {
-            let mut meter = Meter::new(settings);
-            for mut batch in received {
-                // In replay nothing is late (months close only at input end) and duplicates
-                // are absorbed by the meter: no outcome needs handling here.
-                batch.iter().for_each(|event| {
-                    meter.apply(event);
-                });
-                batch.clear();
-                // The reader may have finished already; then the buffer is simply dropped.
-                let _ = recycle.send(batch);
+        let decoders: Vec<_> = (0..threads)
+            .map(|_| {
+                let refusals = refusals.clone();
+                let (to_decode, shards) = (&to_decode, &shards);
+                scope.spawn(move || -> anyhow::Result<()> {
+                    let mut by_shard: Vec<Vec<UsageEvent>> = vec![Vec::new(); shards.len()];
+                    loop {
+                        let next = to_decode.lock().unwrap_or_else(|e| e.into_inner()).recv();
+                        let Ok(chunk) = next else { return Ok(()) };
+                        let mut refused = Vec::new();
+                        let lines = chunk.for_each_line(|line, bytes| {
+                            match decode(bytes) {
+                                Ok(event) => by_shard[shard_of(event.app_id, shards.len())].push(event),
+                                Err(why) => refused.push((line, bytes.to_vec(), why)),
+                            }
+                            Ok(())
+                        })?;
+                        apply(shards, &mut by_shard);
+                        // The reader may have stopped on an error; then nobody listens.
+                        let _ = refusals.send((chunk.index, refused, lines));
+                    }
+                })
+            })
+            .collect();
+        drop(refusals);
+        // Dead letters in line order: chunks' refusals, written as their turn comes.
+        let mut waiting = BTreeMap::new();
+        let (mut next_chunk, mut lines) = (0u64, 0u64);
+        let mut write_in_order = |dead: &mut DeadLetters, (index, letters, n): (u64, Vec<Refused>, u64)| {
+            lines += n;
+            waiting.insert(index, letters);
+            while let Some(letters) = waiting.remove(&next_chunk) {
+                for (line, bytes, why) in letters {
+                    dead.reject("events", line, &bytes, &why)?;
+                }
+                next_chunk += 1;
             }
-            meter
-        });
-        let mut batch = Vec::with_capacity(BATCH);
-        // Replay's own clock, read once: an event dated further ahead is refused as the
-        // worker would refuse it, so one broken clock cannot create a month to bill.
-        let now = Timestamp(crate::status::now_ms());
-        let read = input::for_each_line(&input.events, input.progress, |line, bytes| {
-            let decoded = decode_usage_event(bytes).and_then(|event| {
-                Rejection::check_not_future(event.ts, now, config.billing.max_clock_skew)
-                    .and_then(|()| Rejection::check_plausible(&event, config.billing.max_group_count))
-                    .map(|()| event)
-            });
-            match decoded {
-                Ok(event) => batch.push(event),
-                Err(why) => dead.reject("events", line, bytes, &why)?,
-            }
-            if batch.len() == BATCH {
-                let next = recycled.try_recv().unwrap_or_else(|_| Vec::with_capacity(BATCH));
-                batches
-                    .send(std::mem::replace(&mut batch, next))
-                    .map_err(|_| anyhow::anyhow!("the metering thread stopped"))?;
+            anyhow::Ok(())
+        };
+        let read = input::for_each_chunk(&input.events, input.progress, |chunk| {
+            chunks.send(chunk).map_err(|_| anyhow::anyhow!("the decoding threads stopped"))?;
+            while let Ok(done) = refused.try_recv() {
+                write_in_order(dead, done)?;
             }
             Ok(())
         });
-        let sent_last = batches.send(batch);
-        drop(batches);
-        let meter = aggregator.join().map_err(|_| anyhow::anyhow!("the metering thread panicked"))?;
-        let read = read?;
-        sent_last.map_err(|_| anyhow::anyhow!("the metering thread stopped"))?;
-        Ok((meter, read))
+        drop(chunks);
+        for done in refused {
+            write_in_order(dead, done)?;
+        }
+        for decoder in decoders {
+            decoder.join().map_err(|_| anyhow::anyhow!("a decoding thread panicked"))??;
+        }
+        let mut read = read?;
+        read.lines = lines;
+        anyhow::Ok(read)
     })
+    .map(|read| {
+        (shards.into_iter().map(|m| m.into_inner().unwrap_or_else(|e| e.into_inner())).collect(), read)
+    })
+}
+
+/// The shard metering an app's events: a fixed hash of the app id (the one that spreads
+/// apps over billing partitions).
+fn shard_of(app_id: AppId, shards: usize) -> usize {
+    billing_partition(app_id, shards as u32) as usize
+}
+
+/// Applies each shard's events to its meter, taking first the meters no other thread
+/// holds, and empties the lists. In replay nothing is late (months close only at input end)
+/// and duplicates are absorbed by the meter: no outcome needs handling here.
+fn apply(shards: &[Mutex<Meter>], by_shard: &mut [Vec<UsageEvent>]) {
+    let mut pending: Vec<usize> = (0..shards.len()).filter(|&s| !by_shard[s].is_empty()).collect();
+    while !pending.is_empty() {
+        let before = pending.len();
+        pending.retain(|&s| match shards[s].try_lock() {
+            Ok(mut meter) => {
+                by_shard[s].drain(..).for_each(|event| {
+                    meter.apply(&event);
+                });
+                false
+            }
+            Err(_) => true,
+        });
+        if pending.len() == before {
+            // Every one is held elsewhere: wait for the first.
+            let s = pending.remove(0);
+            let mut meter = shards[s].lock().unwrap_or_else(|e| e.into_inner());
+            by_shard[s].drain(..).for_each(|event| {
+                meter.apply(&event);
+            });
+        }
+    }
 }
 
 /// Replay's input has no order, so months close only at its end (no lateness).
@@ -180,18 +254,25 @@ fn load_subscriptions(
 /// usage, charges, alerts and (when present) audit rows.
 fn close_and_bill(
     config: &Config,
-    meter: &mut Meter,
+    meters: &mut [Meter],
     subscriptions: &Subscriptions,
     report: &mut Report,
 ) -> anyhow::Result<()> {
     let grid = config.meter.grid;
-    let billed_months: Vec<Month> = meter.active_months().iter().copied().collect();
-    let apps: BTreeSet<AppId> = meter.apps().into_iter().chain(subscriptions.apps()).collect();
+    let billed_months: BTreeSet<Month> =
+        meters.iter().flat_map(|m| m.active_months().iter().copied()).collect();
+    let apps: BTreeSet<AppId> = meters.iter().flat_map(Meter::apps).chain(subscriptions.apps()).collect();
+    // Event time is the whole input's, in every shard (idle connections close by it).
+    if let Some(watermark) = meters.iter().filter_map(Meter::watermark).max() {
+        meters.iter_mut().for_each(|m| m.advance_watermark(watermark));
+    }
     let pricing =
         Pricing { subscriptions, prices: &config.billing.prices, precision: config.meter.precision, grid };
     let mut book = BillingBook::new();
     for month in billed_months {
-        for (app_id, mut aggregate) in meter.close_month(month) {
+        // Shards hold disjoint apps: each app-month has one share.
+        let closed = meters.iter_mut().flat_map(|m| m.close_month(month));
+        for (app_id, mut aggregate) in closed {
             if let (Some(rows), Some(counts)) = (report.audit.as_mut(), aggregate.exact_counts()) {
                 let figures = aggregate.usage(app_id, month, grid);
                 rows.push(AuditRow {
