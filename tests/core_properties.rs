@@ -36,7 +36,9 @@ fn counting(precision: Precision, limit: i64) -> Counting {
 
 fn count_of(counting: Counting, users: &[u64]) -> UniqueUsers {
     let mut count = UniqueUsers::new(counting);
-    users.iter().for_each(|&u| count.insert(user(u)));
+    for &u in users {
+        count.insert(user(u));
+    }
     count
 }
 

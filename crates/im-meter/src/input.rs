@@ -90,20 +90,22 @@ impl Chunk {
     }
 }
 
-/// Reads the input as [`Chunk`]s of whole lines, in order, and hands each to `each`. A
-/// progress bar appears on stderr when it is a terminal and the input takes long enough to
-/// be worth watching. Returns the bytes read (the caller counts the lines it handed on:
-/// [`ReadStats::lines`] is left 0).
+/// Reads the input as [`Chunk`]s of whole lines, in order, and hands each to `each`, which
+/// may give back a buffer done with (a chunk's) to read the next one into: fresh buffers
+/// cost page faults. A progress bar appears on stderr when it is a terminal and the input
+/// takes long enough to be worth watching. Returns the bytes read (the caller counts the
+/// lines it handed on: [`ReadStats::lines`] is left 0).
 pub fn for_each_chunk(
     source: &Source,
     show_progress: bool,
-    mut each: impl FnMut(Chunk) -> anyhow::Result<()>,
+    mut each: impl FnMut(Chunk) -> anyhow::Result<Option<Vec<u8>>>,
 ) -> anyhow::Result<ReadStats> {
     let (mut reader, len) = source.open()?;
     let mut progress = Progress::new(show_progress && io::stderr().is_terminal(), len);
     let mut stats = ReadStats::default();
     let (mut index, mut first_line) = (0u64, 1u64);
     let mut buf = vec![0u8; READ_BUFFER];
+    let mut spare: Option<Vec<u8>> = None;
     let mut end = 0;
     loop {
         if end == buf.len() {
@@ -119,7 +121,8 @@ pub fn for_each_chunk(
         // Whole lines go; a line cut by the end of the read moves to the next buffer.
         let whole = if n == 0 { end } else { memchr::memrchr(b'\n', &buf[..end]).map_or(0, |at| at + 1) };
         if whole > 0 && (n == 0 || end * 2 >= buf.len()) {
-            let mut next = vec![0u8; buf.len().max(READ_BUFFER)];
+            let mut next = spare.take().unwrap_or_default();
+            next.resize(buf.len().max(READ_BUFFER), 0);
             next[..end - whole].copy_from_slice(&buf[whole..end]);
             let mut bytes = std::mem::replace(&mut buf, next);
             bytes.truncate(whole);
@@ -129,7 +132,7 @@ pub fn for_each_chunk(
             let chunk = Chunk { index, first_line, bytes };
             index += 1;
             first_line += lines;
-            each(chunk)?;
+            spare = each(chunk)?;
             progress.update(stats);
         }
         if n == 0 {
@@ -150,7 +153,7 @@ pub fn for_each_line(
     let mut lines = 0;
     let mut stats = for_each_chunk(source, show_progress, |chunk| {
         lines += chunk.for_each_line(&mut each)?;
-        Ok(())
+        Ok(Some(chunk.bytes))
     })?;
     stats.lines = lines;
     Ok(stats)

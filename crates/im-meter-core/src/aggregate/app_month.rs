@@ -96,9 +96,12 @@ impl AppMonthAggregate {
     #[inline]
     pub fn record_login(&mut self, day: Day, user: UserKey) {
         let counting = self.mau.counting();
-        self.mau.insert(user);
         let d = day.number() as u8;
-        self.dau.entry(d).or_insert_with(|| UniqueUsers::new(counting)).insert(user);
+        // Every day's users are among the month's: a user its day's count already held is
+        // in the MAU too (most logins repeat one of the same day, and that count is small).
+        if self.dau.entry(d).or_insert_with(|| UniqueUsers::new(counting)).insert(user) {
+            self.mau.insert(user);
+        }
         self.unsaved.any = true;
         self.unsaved.days |= 1 << d;
         if let Some(exact) = self.exact.as_deref_mut() {
@@ -394,8 +397,16 @@ pub fn merge_shares<'a>(
     precision: Precision,
     shares: impl IntoIterator<Item = &'a AppMonthAggregate>,
 ) -> Result<AppMonthAggregate, PrecisionMismatch> {
-    let mut merged = AppMonthAggregate::new(Counting::merging(precision), false);
-    let mut count = 0;
+    let mut shares = shares.into_iter();
+    // The first share as it is (a copy, not a merge into an empty aggregate).
+    let mut merged = match shares.next() {
+        Some(first) if first.precision() == precision => {
+            AppMonthAggregate { exact: None, unsaved: Unsaved::default(), ..first.clone() }
+        }
+        Some(first) => return Err(PrecisionMismatch(precision.get(), first.precision().get())),
+        None => return Ok(AppMonthAggregate::new(Counting::merging(precision), false)),
+    };
+    let mut count = 1;
     for share in shares {
         merged.merge(share)?;
         count += 1;

@@ -232,15 +232,22 @@ impl UniqueUsers {
         }
     }
 
-    /// Counts a user (again: repeats change nothing).
+    /// Counts a user (again: repeats change nothing). `false` when it is known to have been
+    /// counted already (an exact count held it); `true` when it is new, or a sketch cannot
+    /// tell.
     #[inline]
-    pub fn insert(&mut self, user: UserKey) {
+    pub fn insert(&mut self, user: UserKey) -> bool {
         match &mut self.users {
-            Users::Sketch(sketch) => sketch.insert(&user.0),
+            Users::Sketch(sketch) => {
+                sketch.insert(&user.0);
+                true
+            }
             Users::Exact(users) => {
-                if users.insert(user.0) && users.len() as u64 > self.limit.get() {
+                let new = users.insert(user.0);
+                if new && users.len() as u64 > self.limit.get() {
                     self.promote();
                 }
+                new
             }
         }
     }
@@ -507,7 +514,9 @@ mod tests {
         // 600 users: exact under a limit of 1,000, a sketch under the format-2 limit (512).
         let mut big_limit = count_of(1_000, 0..300);
         let mut old = UniqueUsers::new(Counting { exact_limit: ExactLimit::FORMAT_2, ..Counting::default() });
-        (300..600).for_each(|u| old.insert(UserKey::of(&format!("user-{u}"))));
+        (300..600).for_each(|u| {
+            old.insert(UserKey::of(&format!("user-{u}")));
+        });
         big_limit.merge(&old).unwrap();
         assert!(!big_limit.is_exact());
         let mut unbounded = UniqueUsers::new(Counting::merging(Precision::default()));
@@ -527,7 +536,9 @@ mod tests {
         let mut read = read.upgrade();
         assert_eq!(read.counting(), Counting { exact_limit: ExactLimit(512), ..Counting::default() });
         let mut fresh = UniqueUsers::new(Counting { exact_limit: ExactLimit(512), ..Counting::default() });
-        keys.iter().for_each(|&k| fresh.insert(UserKey(k)));
+        keys.iter().for_each(|&k| {
+            fresh.insert(UserKey(k));
+        });
         assert_eq!(bytes(&mut read), bytes(&mut fresh));
     }
 

@@ -105,6 +105,8 @@ fn meter_events(
     let (chunks, to_decode) = mpsc::sync_channel::<Chunk>(threads * 2);
     let to_decode = Mutex::new(to_decode);
     let (refusals, refused) = mpsc::channel::<(u64, Vec<Refused>, u64)>();
+    // Buffers of chunks decoded, for the reader to fill again.
+    let (recycle, recycled) = mpsc::channel::<Vec<u8>>();
     // Replay's own clock, read once: an event dated further ahead is refused as the worker
     // would refuse it, so one broken clock cannot create a month to bill.
     let now = Timestamp(crate::status::now_ms());
@@ -118,7 +120,7 @@ fn meter_events(
     thread::scope(|scope| {
         let decoders: Vec<_> = (0..threads)
             .map(|_| {
-                let refusals = refusals.clone();
+                let (refusals, recycle) = (refusals.clone(), recycle.clone());
                 let (to_decode, shards) = (&to_decode, &shards);
                 scope.spawn(move || -> anyhow::Result<()> {
                     let mut by_shard: Vec<Vec<UsageEvent>> = vec![Vec::new(); shards.len()];
@@ -136,11 +138,12 @@ fn meter_events(
                         apply(shards, &mut by_shard);
                         // The reader may have stopped on an error; then nobody listens.
                         let _ = refusals.send((chunk.index, refused, lines));
+                        let _ = recycle.send(chunk.bytes);
                     }
                 })
             })
             .collect();
-        drop(refusals);
+        drop((refusals, recycle));
         // Dead letters in line order: chunks' refusals, written as their turn comes.
         let mut waiting = BTreeMap::new();
         let (mut next_chunk, mut lines) = (0u64, 0u64);
@@ -160,7 +163,7 @@ fn meter_events(
             while let Ok(done) = refused.try_recv() {
                 write_in_order(dead, done)?;
             }
-            Ok(())
+            Ok(recycled.try_recv().ok())
         });
         drop(chunks);
         for done in refused {
