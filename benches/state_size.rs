@@ -1,9 +1,9 @@
 //! How many bytes of state one app-month takes, in memory and encoded.
 //!
-//! Builds an [`AppMonthAggregate`] at the default precision (14) for apps with 10, 100,
-//! 10,000 and 1,000,000 distinct users, every user logging in on 5 different days of the
-//! month (so per-day DAU sketches exist as well as the MAU sketch), plus a "busy PCC
-//! timeline": random 1–240 minute connections at 60 s sampling until the timeline has
+//! Builds an [`AppMonthAggregate`] (exact counts at the default limit, precision 14 past it)
+//! for apps with 10, 100, 10,000 and 1,000,000 distinct users, every user logging in on 5
+//! different days of the month (so per-day DAU counts exist as well as the MAU), plus a "busy
+//! PCC timeline": random 1–240 minute connections at 60 s sampling until the timeline has
 //! ~40,000 change points, alone and on top of the 1M-user app.
 //!
 //! Heap bytes are measured with a counting `#[global_allocator]` wrapped around
@@ -11,10 +11,10 @@
 //! the aggregate still holds counts, not temporaries). Columns:
 //!
 //! - `live heap`: the aggregate as the meter holds it while the month is open;
-//! - `flushed`: the same after `encode()` flushed its sketches (buffered keys merged);
-//! - `decoded`: a fresh aggregate decoded from the checkpoint bytes;
+//! - `flushed`: the same after `encode()` flushed its counts (buffered keys merged);
+//! - `decoded`: a fresh aggregate decoded from the encoded bytes;
 //! - `peak`: the highest live heap while building (transient buffers included);
-//! - `encoded`: `encode().len()`, the checkpoint size;
+//! - `encoded`: `encode().len()`, the bytes of a closed month's usage share;
 //! - `B/user`: live heap and encoded bytes divided by the number of users.
 //!
 //! A second table measures the connection table ([`ConnectionTable`]): a month of
@@ -29,12 +29,16 @@
 //! - `written MB`: all segment bytes written over the month (merges rewrite some);
 //! - `restore ms`: rebuilding a table from the segments left.
 //!
-//! Not a criterion benchmark: it prints two tables and exits (under a minute). Run with:
+//! Further tables: one exact user set at 10 to 1,000,000 users (`user-sets`), and a busy
+//! app's month of checkpoints (`busy-app`, see [`busy_app_table`]).
+//!
+//! Not a criterion benchmark: it prints its tables and exits (under a minute). Run with:
 //!
 //! ```text
 //! cargo bench -p im-meter-core --bench state_size
 //! cargo bench -p im-meter-core --bench state_size -- connections   # one table
 //! cargo bench -p im-meter-core --bench state_size -- user-sets     # exact user sets
+//! cargo bench -p im-meter-core --bench state_size -- busy-app      # checkpoints of a busy app
 //! ```
 
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -478,7 +482,7 @@ fn app_month_table(month: Month) {
             per_user(encoded as isize, case.users),
             started.elapsed().as_secs_f64()
         );
-        // Sanity: the sketches still count what was inserted (within HLL error).
+        // Sanity: the counts hold what was inserted (exact here).
         let err = (figures.mau as f64 - case.users as f64).abs() / (case.users.max(1) as f64);
         assert!(err < 0.05, "{}: MAU {} for {} users", case.name, figures.mau, case.users);
     }
