@@ -483,7 +483,6 @@ fn app_month_table(month: Month) {
             started.elapsed().as_secs_f64()
         );
         // Sanity: the counts hold what was inserted (exact here).
-        let err = (figures.mau as f64 - case.users as f64).abs() / (case.users.max(1) as f64);
-        assert!(err < 0.05, "{}: MAU {} for {} users", case.name, figures.mau, case.users);
+        assert_eq!(figures.mau, case.users, "{}", case.name);
     }
 }
