@@ -595,6 +595,21 @@ fn run_streaming(
     (emitted, outcomes)
 }
 
+/// Runs `events` in batches of `before` events with a commit after each, once without
+/// interruption and once crashing at `crash` (event index, events applied of that batch
+/// before dying) and going on in batches of `after`: both give the same output.
+fn same_with_a_crash(
+    settings: &MeterSettings,
+    events: &[UsageEvent],
+    before: usize,
+    after: usize,
+    crash: (usize, usize),
+) {
+    let uninterrupted = run_streaming(settings, events, Chunking { before, after: before, crash: None });
+    let crashed = run_streaming(settings, events, Chunking { before, after, crash: Some(crash) });
+    assert_eq!(uninterrupted, crashed);
+}
+
 /// Logins dated just before October's end (+08:00) that reach the partition after events
 /// dated up to two hours into November: some within the allowed lateness (1 h), some past
 /// it.
@@ -636,10 +651,8 @@ proptest! {
             idle_timeout: idle.then(|| Duration::from_secs(2 * 3600)),
             ..settings(60)
         };
-        let at = crash_at.index(s.events.len());
-        let uninterrupted = run_streaming(&settings, &s.events, Chunking { before, after: before, crash: None });
-        let crashed = run_streaming(&settings, &s.events, Chunking { before, after, crash: Some((at, crash_after)) });
-        prop_assert_eq!(uninterrupted, crashed);
+        let crash = (crash_at.index(s.events.len()), crash_after);
+        same_with_a_crash(&settings, &s.events, before, after, crash);
     }
 }
 
@@ -670,10 +683,8 @@ proptest! {
             .collect();
         events.sort_by_key(|e| e.ts);
         let settings = MeterSettings { exact_limit: ExactLimit::new(1_000).unwrap(), ..settings(60) };
-        let at = crash_at.index(events.len());
-        let uninterrupted = run_streaming(&settings, &events, Chunking { before, after: before, crash: None });
-        let crashed = run_streaming(&settings, &events, Chunking { before, after, crash: Some((at, crash_after)) });
-        prop_assert_eq!(uninterrupted, crashed);
+        let crash = (crash_at.index(events.len()), crash_after);
+        same_with_a_crash(&settings, &events, before, after, crash);
     }
 }
 
@@ -693,11 +704,8 @@ proptest! {
     ) {
         let mut s = silent_months(seed, apps);
         s.events.sort_by_key(|e| e.ts.millis() / 3_600_000);
-        let at = crash_at.index(s.events.len().max(1));
-        let settings = settings(900);
-        let uninterrupted = run_streaming(&settings, &s.events, Chunking { before, after: before, crash: None });
-        let crashed = run_streaming(&settings, &s.events, Chunking { before, after, crash: Some((at, crash_after)) });
-        prop_assert_eq!(uninterrupted, crashed);
+        let crash = (crash_at.index(s.events.len().max(1)), crash_after);
+        same_with_a_crash(&settings(900), &s.events, before, after, crash);
     }
 
     /// A new owner reads the changelog to its last stable offset, which can lag the
