@@ -186,6 +186,9 @@ pub struct ConnectionTable {
     closed: Option<Month>,
     /// Pending connections changed (or gone) since the last [`ConnectionTable::take_changes`].
     changed: FxHashSet<(AppId, ConnKey)>,
+    /// Whether changes are noted: from the first checkpoint (or a restore) on. Before it,
+    /// everything held is new; a table never checkpointed (replay) notes nothing.
+    tracking: bool,
     /// Connections with a record of their own in the changelog.
     recorded: FxHashSet<(AppId, ConnKey)>,
     /// Segments to delete at the next checkpoint.
@@ -211,6 +214,7 @@ impl ConnectionTable {
             legacy: BTreeMap::new(),
             closed: None,
             changed: FxHashSet::default(),
+            tracking: false,
             recorded: FxHashSet::default(),
             dropped_segments: Vec::new(),
             next_segment: 0,
@@ -244,14 +248,18 @@ impl ConnectionTable {
                 entry.insert(Pending { connected: None, disconnected: None, last_seen: ts })
             }
         };
-        self.changed.insert((app_id, conn));
+        if self.tracking {
+            self.changed.insert((app_id, conn));
+        }
         Some(entry)
     }
 
     /// Moves a pending connection to the counted ones, ending at `until`.
     fn count(&mut self, app_id: AppId, conn: ConnKey, until: Timestamp) {
         self.pending.remove(&(app_id, conn));
-        self.changed.insert((app_id, conn));
+        if self.tracking {
+            self.changed.insert((app_id, conn));
+        }
         let mut month = self.days.day_of(until).month();
         if let Some(closed) = self.closed.filter(|&closed| month <= closed) {
             // Its month is closed, but a retry dated later must still find it.
@@ -259,7 +267,7 @@ impl ConnectionTable {
         }
         let key = counted_key(app_id, conn);
         let counted = self.counted.entry(month).or_default();
-        if counted.keys.insert(key) {
+        if counted.keys.insert(key) && self.tracking {
             counted.fresh.push(key);
         }
     }
@@ -373,12 +381,12 @@ impl ConnectionTable {
     /// checkpoint), so a later event of theirs is that of an unknown connection. Returns
     /// how many ended.
     pub fn end_open(&mut self, before: Timestamp, mut ends: impl FnMut(AppId) -> bool) -> usize {
-        let (changed, held) = (&mut self.changed, self.pending.len());
+        let (changed, held, tracking) = (&mut self.changed, self.pending.len(), self.tracking);
         self.pending.retain(|&(app_id, conn), p| {
             let open_before =
                 matches!(*p, Pending { connected: Some(t0), disconnected: None, .. } if t0 < before);
             let end = open_before && ends(app_id);
-            if end {
+            if end && tracking {
                 changed.insert((app_id, conn));
             }
             !end
@@ -393,10 +401,10 @@ impl ConnectionTable {
     pub fn forget_through(&mut self, month: Month) {
         self.closed = self.closed.max(Some(month));
         let cutoff = self.days.tz().end_of_month(month);
-        let changed = &mut self.changed;
+        let (changed, tracking) = (&mut self.changed, self.tracking);
         self.pending.retain(|key, conn| {
             let keep = Self::outlives(conn, cutoff);
-            if !keep {
+            if !keep && tracking {
                 changed.insert(*key);
             }
             keep
@@ -428,6 +436,13 @@ impl ConnectionTable {
     /// counted since in new segments, merged segments and the deletion of those they
     /// replace, and deletions of the segments of closed months.
     pub fn take_changes(&mut self) -> ConnChanges {
+        if !std::mem::replace(&mut self.tracking, true) {
+            // The first checkpoint: everything held is new.
+            self.changed.extend(self.pending.keys().copied());
+            for counted in self.counted.values_mut() {
+                counted.fresh.extend(counted.keys.iter().copied());
+            }
+        }
         let mut keys: Vec<(AppId, ConnKey)> = self.changed.drain().collect();
         keys.sort_unstable();
         let mut changes = ConnChanges::default();
@@ -482,6 +497,8 @@ impl ConnectionTable {
     /// already forgotten (a version-1 segment outlives some of its connections until its
     /// last one is forgotten).
     pub fn finish_restore(&mut self, closed: Option<Month>) {
+        // Restored state is what the changelog holds: changes are noted from here on.
+        self.tracking = true;
         self.closed = closed;
         if let Some(closed) = closed {
             let cutoff = self.days.tz().end_of_month(closed);

@@ -104,7 +104,7 @@ impl Segments {
 
     /// Whether a key is in a segment that is not full.
     pub fn runs_contain(&self, key: u64) -> bool {
-        self.runs.iter().any(|(_, keys)| keys.binary_search(&key).is_ok())
+        self.runs.iter().any(|(_, keys)| super::user_set::search(keys, key).is_ok())
     }
 
     /// How many keys the segments that are not full hold.
