@@ -77,14 +77,17 @@ impl Chunk {
         &self,
         mut each: impl FnMut(u64, &[u8]) -> anyhow::Result<()>,
     ) -> anyhow::Result<u64> {
-        let mut lines = 0;
-        for (i, line) in self.bytes.split_inclusive(|&b| b == b'\n').enumerate() {
-            let content = trim_line_end(line);
-            if content.iter().all(u8::is_ascii_whitespace) {
-                continue;
+        let (mut lines, mut number, mut start) = (0, self.first_line, 0);
+        let bytes = &self.bytes[..];
+        while start < bytes.len() {
+            let end = memchr::memchr(b'\n', &bytes[start..]).map_or(bytes.len(), |at| start + at + 1);
+            let content = trim_line_end(&bytes[start..end]);
+            if !content.iter().all(u8::is_ascii_whitespace) {
+                lines += 1;
+                each(number, content)?;
             }
-            lines += 1;
-            each(self.first_line + i as u64, content)?;
+            number += 1;
+            start = end;
         }
         Ok(lines)
     }
