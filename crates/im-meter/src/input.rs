@@ -1,12 +1,16 @@
-//! Reading NDJSON input: files or stdin, line by line, with a progress bar for long runs.
+//! Reading NDJSON input: files or stdin, line by line or in chunks of whole lines, with a
+//! progress bar for long runs.
 
 use std::fs::File;
 use std::io::{self, IsTerminal, Read};
+use std::ops::Range;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use memmap2::Mmap;
 
 /// Where NDJSON comes from: a file, or stdin for `-`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,10 +71,35 @@ pub struct Chunk {
     /// The number of its first line (1-based, blank lines counted).
     pub first_line: u64,
     /// The lines, each ending with a newline (but the input's last, which may not).
-    pub bytes: Vec<u8>,
+    bytes: ChunkBytes,
+}
+
+/// Where a chunk's bytes are.
+#[derive(Debug)]
+enum ChunkBytes {
+    /// Read into a buffer of its own.
+    Read(Vec<u8>),
+    /// A range of the mapped input file.
+    Mapped(Arc<Mmap>, Range<usize>),
 }
 
 impl Chunk {
+    /// Its lines' bytes.
+    pub fn bytes(&self) -> &[u8] {
+        match &self.bytes {
+            ChunkBytes::Read(buffer) => buffer,
+            ChunkBytes::Mapped(map, range) => &map[range.clone()],
+        }
+    }
+
+    /// The buffer it was read into, to read another chunk into (`None` when mapped).
+    pub fn into_buffer(self) -> Option<Vec<u8>> {
+        match self.bytes {
+            ChunkBytes::Read(buffer) => Some(buffer),
+            ChunkBytes::Mapped(..) => None,
+        }
+    }
+
     /// Calls `each(line_number, bytes)` for every non-blank line (line end stripped);
     /// returns how many there were.
     pub fn for_each_line(
@@ -78,7 +107,7 @@ impl Chunk {
         mut each: impl FnMut(u64, &[u8]) -> anyhow::Result<()>,
     ) -> anyhow::Result<u64> {
         let (mut lines, mut number, mut start) = (0, self.first_line, 0);
-        let bytes = &self.bytes[..];
+        let bytes = self.bytes();
         while start < bytes.len() {
             let end = memchr::memchr(b'\n', &bytes[start..]).map_or(bytes.len(), |at| start + at + 1);
             let content = trim_line_end(&bytes[start..end]);
@@ -95,15 +124,39 @@ impl Chunk {
 
 /// Reads the input as [`Chunk`]s of whole lines, in order, and hands each to `each`, which
 /// may give back a buffer done with (a chunk's) to read the next one into: fresh buffers
-/// cost page faults. A progress bar appears on stderr when it is a terminal and the input
-/// takes long enough to be worth watching. Returns the bytes read (the caller counts the
-/// lines it handed on: [`ReadStats::lines`] is left 0).
+/// cost page faults. A regular file is mapped instead of read, so its bytes are never
+/// copied. A progress bar appears on stderr when it is a terminal and the input takes long
+/// enough to be worth watching. Returns the bytes read (the caller counts the lines it
+/// handed on: [`ReadStats::lines`] is left 0).
 pub fn for_each_chunk(
     source: &Source,
     show_progress: bool,
+    each: impl FnMut(Chunk) -> anyhow::Result<Option<Vec<u8>>>,
+) -> anyhow::Result<ReadStats> {
+    if let Source::File(path) = source {
+        let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+        if file.metadata().is_ok_and(|m| m.is_file() && m.len() > 0) {
+            // SAFETY: the map is only read, and replay's inputs are files at rest: one changed
+            // while it runs is not supported (its lines could be read half old, half new), and
+            // one cut short meanwhile ends the process (SIGBUS), as for any program that maps
+            // its input. Reading it would copy every byte once more.
+            let map =
+                unsafe { Mmap::map(&file) }.with_context(|| format!("cannot map {}", path.display()))?;
+            return for_each_mapped_chunk(Arc::new(map), show_progress, each);
+        }
+    }
+    let (reader, len) = source.open()?;
+    read_chunks(reader, len, &source.name(), show_progress, each)
+}
+
+/// [`for_each_chunk`] through `read()`: stdin, and files that cannot be mapped.
+fn read_chunks(
+    mut reader: impl Read,
+    len: Option<u64>,
+    name: &str,
+    show_progress: bool,
     mut each: impl FnMut(Chunk) -> anyhow::Result<Option<Vec<u8>>>,
 ) -> anyhow::Result<ReadStats> {
-    let (mut reader, len) = source.open()?;
     let mut progress = Progress::new(show_progress && io::stderr().is_terminal(), len);
     let mut stats = ReadStats::default();
     let (mut index, mut first_line) = (0u64, 1u64);
@@ -118,7 +171,7 @@ pub fn for_each_chunk(
         let n = match reader.read(&mut buf[end..]) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e).with_context(|| format!("cannot read {}", source.name())),
+            Err(e) => return Err(e).with_context(|| format!("cannot read {name}")),
         };
         end += n;
         // Whole lines go; a line cut by the end of the read moves to the next buffer.
@@ -132,7 +185,7 @@ pub fn for_each_chunk(
             end -= whole;
             stats.bytes += whole as u64;
             let lines = memchr::memchr_iter(b'\n', &bytes).count() as u64;
-            let chunk = Chunk { index, first_line, bytes };
+            let chunk = Chunk { index, first_line, bytes: ChunkBytes::Read(bytes) };
             index += 1;
             first_line += lines;
             spare = each(chunk)?;
@@ -141,6 +194,32 @@ pub fn for_each_chunk(
         if n == 0 {
             break;
         }
+    }
+    progress.finish();
+    Ok(stats)
+}
+
+/// [`for_each_chunk`] over a mapped file: chunks are ranges of it, cut after a newline.
+fn for_each_mapped_chunk(
+    map: Arc<Mmap>,
+    show_progress: bool,
+    mut each: impl FnMut(Chunk) -> anyhow::Result<Option<Vec<u8>>>,
+) -> anyhow::Result<ReadStats> {
+    #[cfg(unix)]
+    // Only a hint: read ahead; nothing depends on it.
+    let _ = map.advise(memmap2::Advice::Sequential);
+    let len = map.len();
+    let mut progress = Progress::new(show_progress && io::stderr().is_terminal(), Some(len as u64));
+    let mut stats = ReadStats::default();
+    let (mut index, mut first_line, mut start) = (0u64, 1u64, 0usize);
+    while start < len {
+        let cut = (start + READ_BUFFER).min(len);
+        let end = memchr::memchr(b'\n', &map[cut - 1..]).map_or(len, |at| cut + at);
+        let lines = memchr::memchr_iter(b'\n', &map[start..end]).count() as u64;
+        stats.bytes += (end - start) as u64;
+        each(Chunk { index, first_line, bytes: ChunkBytes::Mapped(Arc::clone(&map), start..end) })?;
+        progress.update(stats);
+        (index, first_line, start) = (index + 1, first_line + lines, end);
     }
     progress.finish();
     Ok(stats)
@@ -156,7 +235,7 @@ pub fn for_each_line(
     let mut lines = 0;
     let mut stats = for_each_chunk(source, show_progress, |chunk| {
         lines += chunk.for_each_line(&mut each)?;
-        Ok(Some(chunk.bytes))
+        Ok(chunk.into_buffer())
     })?;
     stats.lines = lines;
     Ok(stats)
@@ -217,6 +296,7 @@ impl Progress {
 mod tests {
     use super::*;
 
+    /// The lines of `content` as a mapped file gives them, checked against reading it.
     fn lines_of(content: &[u8]) -> (Vec<(u64, Vec<u8>)>, ReadStats) {
         let path =
             std::env::temp_dir().join(format!("im-meter-input-{}-{}", std::process::id(), content.len()));
@@ -228,6 +308,18 @@ mod tests {
         })
         .unwrap();
         std::fs::remove_file(path).unwrap();
+        // Read (as stdin is), the same lines and counts.
+        let (mut read, mut lines) = (Vec::new(), 0);
+        let mut read_stats = read_chunks(content, None, "bytes", false, |chunk| {
+            lines += chunk.for_each_line(|n, line| {
+                read.push((n, line.to_vec()));
+                Ok(())
+            })?;
+            Ok(chunk.into_buffer())
+        })
+        .unwrap();
+        read_stats.lines = lines;
+        assert_eq!((&read, read_stats), (&seen, stats), "read and mapped differ");
         (seen, stats)
     }
 

@@ -138,7 +138,9 @@ fn meter_events(
                         apply(shards, &mut by_shard);
                         // The reader may have stopped on an error; then nobody listens.
                         let _ = refusals.send((chunk.index, refused, lines));
-                        let _ = recycle.send(chunk.bytes);
+                        if let Some(buffer) = chunk.into_buffer() {
+                            let _ = recycle.send(buffer);
+                        }
                     }
                 })
             })
