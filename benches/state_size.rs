@@ -317,7 +317,7 @@ fn busy_app_table(month: Month) {
     println!();
     println!("a busy app's checkpoints over a month (exact counts, {LOGIN_DAYS} login days per user)");
     println!(
-        "{:>9} {:>8} {:>10} {:>12} {:>12} {:>12} {:>12} {:>9} {:>10}",
+        "{:>9} {:>8} {:>10} {:>12} {:>12} {:>12} {:>12} {:>9} {:>10} {:>11}",
         "users",
         "commits",
         "logins/c",
@@ -326,7 +326,8 @@ fn busy_app_table(month: Month) {
         "whole B/c",
         "max rec B",
         "records",
-        "restore ms"
+        "restore ms",
+        "heap B/entry"
     );
     for (users, per_commit) in [(100_000u64, 1_000usize), (1_000_000, 5_000)] {
         let days = month.days();
@@ -380,8 +381,14 @@ fn busy_app_table(month: Month) {
             AppMonthAggregate::from_parts(month_record, day_records, user_records).expect("restores");
         let restore_ms = started.elapsed().as_secs_f64() * 1000.0;
         assert_eq!(restored.encode(), agg.encode(), "the records give the aggregate back");
+        // The live aggregate's heap (what dropping it frees), per counted entry: the MAU's
+        // and each login day's.
+        drop((restored, records));
+        let with = live();
+        drop(agg);
+        let per_entry = (with - live()) as f64 / (users * (1 + u64::from(LOGIN_DAYS))) as f64;
         println!(
-            "{:>9} {:>8} {:>10} {:>12} {:>12} {:>12} {:>12} {:>9} {:>10.1}",
+            "{:>9} {:>8} {:>10} {:>12} {:>12} {:>12} {:>12} {:>9} {:>10.1} {:>11.2}",
             users,
             commits,
             per_commit,
@@ -390,7 +397,8 @@ fn busy_app_table(month: Month) {
             whole_commit,
             max_record,
             log.len(),
-            restore_ms
+            restore_ms,
+            per_entry
         );
     }
 }
