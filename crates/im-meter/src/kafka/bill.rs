@@ -14,7 +14,7 @@
 //! offsets: on assignment a task reads its partition from the beginning (the compacted log
 //! holds only unbilled usage and the billed-through mark) before it bills anything.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -423,6 +423,11 @@ pub fn run(config: &Config, shutdown: &AtomicBool, board: &Board) -> anyhow::Res
     let status = board.consumer(StageKind::Bill, "0", &topics.billing_changelog);
 
     let mut tasks: BTreeMap<i32, Task> = BTreeMap::new();
+    // Assigned, not restored yet: one a poll, so that restoring several partitions never keeps
+    // the consumer from polling for longer than one restore (past `kafka.max_poll_interval`
+    // the member would leave the group and its producer be fenced). A record of one of them
+    // that arrives meanwhile is dropped: its restore reads the partition to an end past it.
+    let mut to_restore: VecDeque<i32> = VecDeque::new();
     let mut last_report = Instant::now();
     let mut last_round = Instant::now();
     while !shutdown.load(Ordering::Relaxed) {
@@ -440,11 +445,15 @@ pub fn run(config: &Config, shutdown: &AtomicBool, board: &Board) -> anyhow::Res
             }
             for p in revoked {
                 tasks.remove(&p);
+                to_restore.retain(|&q| q != p);
                 status.state().partitions.remove(&p);
                 info!(partition = p, "billing: partition revoked");
             }
             for p in added {
                 status.state().partitions.entry(p).or_default().restored = false;
+                to_restore.push_back(p);
+            }
+            if let Some(p) = to_restore.pop_front() {
                 let task = restore(config, &client, p)?;
                 subscriptions.billed_at(p, task.book.billed_positions());
                 let mut state = status.state();
