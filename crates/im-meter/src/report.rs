@@ -7,7 +7,7 @@ use std::io::Write;
 
 use std::collections::BTreeMap;
 
-use im_meter_core::aggregate::{Counted, MonthlyUsage, Precision};
+use im_meter_core::aggregate::{Counted, ExactLimit, MonthlyUsage, Precision};
 use im_meter_core::bill::{Charge, QuotaAlert};
 use im_meter_core::plan::AppId;
 use im_meter_core::time::{BillingTz, Month, Timestamp};
@@ -103,7 +103,7 @@ impl UsageItem {
         let counted = |given: Option<CountedAs>, n: u64| match given {
             Some(CountedAs::Exact) => Counted::Exact,
             Some(CountedAs::Estimated) => Counted::Estimated(precision),
-            None if n <= 512 => Counted::Exact,
+            None if n <= ExactLimit::FORMAT_2.get() => Counted::Exact,
             None => Counted::Estimated(precision),
         };
         Ok(MonthlyUsage {
@@ -298,4 +298,36 @@ pub fn write_tables(out: &mut impl Write, report: &Report, tz: &BillingTz) -> an
         writeln!(out, "Rejected lines, both inputs: {rejected} ({})", reasons.join(", "))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An item says how its figures were counted and reads back the same; one published
+    /// before it said so is read with the rule of its time (exact up to 512 users).
+    #[test]
+    fn usage_items_round_trip_and_old_ones_follow_the_old_rule() {
+        let tz = BillingTz::default();
+        let month: Month = "2026-11".parse().expect("a month");
+        let usage = MonthlyUsage {
+            mau: 12_000,
+            mau_counted: Counted::Estimated(Precision::default()),
+            dau_peak: 300,
+            ..MonthlyUsage::empty(7, month)
+        };
+        let json = serde_json::to_value(UsageItem::new(&usage, &tz)).expect("serializes");
+        assert_eq!(
+            (&json["mau_counted"], &json["dau_peak_counted"], &json["hll_precision"]),
+            (&"estimated".into(), &"exact".into(), &14.into())
+        );
+        let back: UsageItem = serde_json::from_value(json).expect("reads back");
+        assert_eq!(back.into_usage().expect("valid"), usage);
+        for (mau, counted) in [(512, Counted::Exact), (513, Counted::Estimated(Precision::default()))] {
+            let old = serde_json::json!({"app_id": 7, "month": "2026-11", "mau": mau, "dau_peak": 1,
+                "pcc": 0, "pcc_at": null, "group_count_peak": 0});
+            let read = serde_json::from_value::<UsageItem>(old).expect("reads").into_usage().expect("valid");
+            assert_eq!((read.mau_counted, read.dau_peak_counted), (counted, Counted::Exact), "MAU {mau}");
+        }
+    }
 }

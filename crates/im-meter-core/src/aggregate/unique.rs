@@ -124,8 +124,9 @@ impl ExactLimit {
     pub const DEFAULT: ExactLimit = ExactLimit(1_000_000);
     /// No limit: the identity of [`UniqueUsers::merge`]'s rule (the smaller limit wins).
     pub const UNBOUNDED: ExactLimit = ExactLimit(u64::MAX);
-    /// The limit of counts written before it was configurable (aggregate format 2).
-    pub(crate) const FORMAT_2: ExactLimit = ExactLimit(512);
+    /// The limit of counts written before it was configurable (aggregate format 2, and
+    /// usage records published then).
+    pub const FORMAT_2: ExactLimit = ExactLimit(512);
 
     /// A checked limit.
     pub fn new(n: i64) -> Result<Self, ExactLimitError> {

@@ -193,25 +193,25 @@ fn shard_of(app_id: AppId, shards: usize) -> usize {
 /// holds, and empties the lists. In replay nothing is late (months close only at input end)
 /// and duplicates are absorbed by the meter: no outcome needs handling here.
 fn apply(shards: &[Mutex<Meter>], by_shard: &mut [Vec<UsageEvent>]) {
+    let drain = |meter: &mut Meter, events: &mut Vec<UsageEvent>| {
+        events.drain(..).for_each(|event| {
+            meter.apply(&event);
+        })
+    };
     let mut pending: Vec<usize> = (0..shards.len()).filter(|&s| !by_shard[s].is_empty()).collect();
-    while !pending.is_empty() {
+    while let Some(&first) = pending.first() {
         let before = pending.len();
         pending.retain(|&s| match shards[s].try_lock() {
             Ok(mut meter) => {
-                by_shard[s].drain(..).for_each(|event| {
-                    meter.apply(&event);
-                });
+                drain(&mut meter, &mut by_shard[s]);
                 false
             }
             Err(_) => true,
         });
         if pending.len() == before {
             // Every one is held elsewhere: wait for the first.
-            let s = pending.remove(0);
-            let mut meter = shards[s].lock().unwrap_or_else(|e| e.into_inner());
-            by_shard[s].drain(..).for_each(|event| {
-                meter.apply(&event);
-            });
+            pending.remove(0);
+            drain(&mut shards[first].lock().unwrap_or_else(|e| e.into_inner()), &mut by_shard[first]);
         }
     }
 }
