@@ -1,0 +1,131 @@
+//! What an open app-month costs in memory, measured with a counting allocator: a day's
+//! users are held as days of the month's users, not as sets of their own.
+//!
+//! Its own test binary (one test), so that no other test allocates while it measures.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicIsize, Ordering};
+
+use im_meter_core::aggregate::{AppMonthAggregate, Counting, StateKey, StateRecord};
+use im_meter_core::ingest::UserKey;
+use im_meter_core::time::Month;
+
+/// Counts live heap bytes on top of the system allocator.
+struct CountingAlloc;
+
+static LIVE: AtomicIsize = AtomicIsize::new(0);
+
+// SAFETY: every call is forwarded unchanged to `System`; only a counter is updated.
+unsafe impl GlobalAlloc for CountingAlloc {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let p = unsafe { System.alloc(layout) };
+        if !p.is_null() {
+            LIVE.fetch_add(layout.size() as isize, Ordering::Relaxed);
+        }
+        p
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        let p = unsafe { System.alloc_zeroed(layout) };
+        if !p.is_null() {
+            LIVE.fetch_add(layout.size() as isize, Ordering::Relaxed);
+        }
+        p
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) };
+        LIVE.fetch_sub(layout.size() as isize, Ordering::Relaxed);
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        let p = unsafe { System.realloc(ptr, layout, new_size) };
+        if !p.is_null() {
+            LIVE.fetch_add(new_size as isize - layout.size() as isize, Ordering::Relaxed);
+        }
+        p
+    }
+}
+
+#[global_allocator]
+static ALLOC: CountingAlloc = CountingAlloc;
+
+/// Heap bytes per monthly user that `aggregate` holds: what dropping it frees.
+fn heap_per_user(aggregate: AppMonthAggregate, users: u64) -> f64 {
+    let before = LIVE.load(Ordering::Relaxed);
+    drop(aggregate);
+    (before - LIVE.load(Ordering::Relaxed)) as f64 / users as f64
+}
+
+const USERS: u64 = 20_000;
+/// Days each user logs in on: 6 of 30, so a day's users are a fifth of the month's.
+const ACTIVE_DAYS: u64 = 6;
+
+/// Each day's logins of a month where every user logs in on `ACTIVE_DAYS` days.
+fn logins_of_day(month: Month, day: u32) -> impl Iterator<Item = UserKey> {
+    let days = u64::from(month.days());
+    (0..USERS)
+        .filter(move |u| (0..ACTIVE_DAYS).any(|k| (u * 7 + k * 5) % days + 1 == u64::from(day)))
+        .map(|u| UserKey::of(&format!("user-{u}")))
+}
+
+/// A compacted changelog: the latest value of each key.
+fn apply(log: &mut BTreeMap<StateKey, Vec<u8>>, records: Vec<StateRecord>) {
+    for StateRecord { key, value } in records {
+        match value {
+            Some(value) => log.insert(key, value),
+            None => log.remove(&key),
+        };
+    }
+}
+
+fn rebuild(log: &BTreeMap<StateKey, Vec<u8>>) -> AppMonthAggregate {
+    let month = log.iter().find(|(k, _)| matches!(k, StateKey::AppMonth { .. })).expect("m/ record").1;
+    let days = log.iter().filter(|(k, _)| matches!(k, StateKey::AppMonthDay { .. })).map(|(_, v)| &v[..]);
+    let users = log.iter().filter_map(|(k, v)| match k {
+        StateKey::Users { count, segment, .. } => Some((*count, *segment, &v[..])),
+        _ => None,
+    });
+    AppMonthAggregate::from_parts(month, days, users).expect("readable")
+}
+
+/// A month of 20,000 users, each active on 6 of its 30 days (140,000 counted entries: the
+/// MAU's and six days'). As sets of 8-byte hashes that is 57 bytes per monthly user; as the
+/// month's users with a bit per day, about 13, plus, in a worker, the keys of the segments
+/// its recent checkpoints wrote (the month's and the latest day's).
+#[test]
+fn a_day_s_users_cost_bits_of_the_month_s_not_a_set_of_their_own() {
+    let month: Month = "2026-11".parse().unwrap();
+    let grid = im_meter_core::aggregate::SampleGrid::new(std::time::Duration::from_secs(60)).unwrap();
+
+    // As replay holds it (never checkpointed).
+    let mut replayed = AppMonthAggregate::new(Counting::default(), false);
+    // As a worker holds it: a checkpoint after each day's logins.
+    let mut metered = AppMonthAggregate::new(Counting::default(), false);
+    let mut log = BTreeMap::new();
+    for day in 1..=month.days() {
+        for user in logins_of_day(month, day) {
+            replayed.record_login(month.day(day).unwrap(), user);
+            metered.record_login(month.day(day).unwrap(), user);
+        }
+        apply(&mut log, metered.checkpoint(1, month));
+    }
+    let usage = replayed.usage(1, month, grid);
+    assert_eq!(usage.mau, USERS);
+    assert_eq!(metered.usage(1, month, grid), usage);
+    let mut restored = rebuild(&log);
+    assert_eq!(restored.usage(1, month, grid), usage);
+    // A restore reads its days back as bits too, and checkpoints on from there.
+    restored.record_login(month.day(30).unwrap(), UserKey::of("one more"));
+    apply(&mut log, restored.checkpoint(1, month));
+    assert_eq!(rebuild(&log).usage(1, month, grid).mau, USERS + 1);
+
+    let replayed = heap_per_user(replayed, USERS);
+    let metered = heap_per_user(metered, USERS);
+    let restored = heap_per_user(restored, USERS);
+    eprintln!("heap bytes per monthly user: replay {replayed:.1}, worker {metered:.1}, restored {restored:.1}");
+    assert!(replayed <= 16.0, "replay: {replayed:.1} heap bytes per monthly user");
+    assert!(metered <= 28.0, "worker: {metered:.1} heap bytes per monthly user");
+    assert!(restored <= 28.0, "restored: {restored:.1} heap bytes per monthly user");
+}
