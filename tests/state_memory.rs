@@ -124,7 +124,9 @@ fn a_day_s_users_cost_bits_of_the_month_s_not_a_set_of_their_own() {
     let replayed = heap_per_user(replayed, USERS);
     let metered = heap_per_user(metered, USERS);
     let restored = heap_per_user(restored, USERS);
-    eprintln!("heap bytes per monthly user: replay {replayed:.1}, worker {metered:.1}, restored {restored:.1}");
+    eprintln!(
+        "heap bytes per monthly user: replay {replayed:.1}, worker {metered:.1}, restored {restored:.1}"
+    );
     assert!(replayed <= 16.0, "replay: {replayed:.1} heap bytes per monthly user");
     assert!(metered <= 28.0, "worker: {metered:.1} heap bytes per monthly user");
     assert!(restored <= 28.0, "restored: {restored:.1} heap bytes per monthly user");

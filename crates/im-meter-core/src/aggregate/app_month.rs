@@ -1,11 +1,14 @@
 //! The usage aggregate of one app in one billing month, and its versioned encoding.
 //!
-//! [`AppMonthAggregate`] holds the MAU and per-day DAU counts (exact sets up to the exact
-//! limit, HLL++ sketches beyond), the PCC timeline and the group-count peak. Aggregates of
-//! disjoint event sets (e.g. two Kafka partitions) merge into the aggregate of their union:
-//! set (or HLL) union, instant-wise sums, max. The encoding is
-//! what a worker checkpoints: a magic, a format version and a checksum around a postcard
-//! payload, canonical (equal aggregates encode to equal bytes).
+//! [`AppMonthAggregate`] holds the MAU and per-day DAU counts, the PCC timeline and the
+//! group-count peak. While the month's users are under the exact limit its counts are one
+//! table of the month's users with the days each logged in on ([`UserDays`]); past it,
+//! separate counts (the MAU an HLL++ sketch, each day an exact set up to the limit, a sketch
+//! beyond: [`UniqueUsers`]). Aggregates of disjoint event sets (e.g. two Kafka partitions)
+//! merge into the aggregate of their union: set (or HLL) union, instant-wise sums, max. The
+//! encoding is what a worker checkpoints and a month's share carries: a magic, a format
+//! version and a checksum around a postcard payload of separate counts, canonical (equal
+//! aggregates encode to equal bytes, whichever form held them).
 
 use std::collections::BTreeMap;
 
@@ -17,16 +20,15 @@ use super::pcc::PccTimeline;
 use super::segments::SegmentWrites;
 use super::unique::{Counted, Counting, Precision, PrecisionMismatch, UniqueUsers, UniqueUsersV2};
 use super::usage::MonthlyUsage;
+use super::user_days::UserDays;
 use crate::ingest::UserKey;
 use crate::plan::AppId;
 use crate::time::{Day, Month};
 
 /// Usage of one app in one month, as mergeable partial state.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug)]
 pub struct AppMonthAggregate {
-    mau: UniqueUsers,
-    /// Day of the month → that day's unique users.
-    dau: BTreeMap<u8, UniqueUsers>,
+    users: Users,
     pcc: PccTimeline,
     group_count_peak: u64,
     /// Disconnects whose connect this share never saw, each counted like a connection from
@@ -35,11 +37,133 @@ pub struct AppMonthAggregate {
     /// takes these away from the sum ([`merge_shares`]); alone they count nothing.
     unpaired: PccTimeline,
     /// Exact user sets, kept only when auditing the sketches (`replay --exact`).
-    #[serde(skip)]
     exact: Option<Box<ExactUsers>>,
     /// What changed since the meter last checkpointed it (never encoded).
-    #[serde(skip)]
     unsaved: Unsaved,
+}
+
+/// The unique users of an app-month: MAU and each day's DAU.
+#[derive(Clone, Debug)]
+enum Users {
+    /// Every count exact: one table of the month's users and their days.
+    Table { counting: Counting, users: UserDays },
+    /// Separate counts, once the MAU is a sketch (or read so).
+    Counts { mau: UniqueUsers, dau: BTreeMap<u8, UniqueUsers> },
+}
+
+impl Users {
+    /// The table if every count is an exact set, else the counts as they are.
+    fn from_counts(mut mau: UniqueUsers, mut dau: BTreeMap<u8, UniqueUsers>) -> Self {
+        if !mau.holds_exact_set() || !dau.values().all(UniqueUsers::holds_exact_set) {
+            return Users::Counts { mau, dau };
+        }
+        let counting = mau.counting();
+        let mau_set = mau.take_users().unwrap_or_default();
+        let days = dau.iter_mut().map(|(&d, count)| (d, count.take_users().unwrap_or_default())).collect();
+        Users::Table { counting, users: UserDays::from_sets(mau_set, days) }
+    }
+
+    /// Separate counts, taking the table apart if it is one (its segments go with its sets).
+    fn counts_mut(&mut self) -> (&mut UniqueUsers, &mut BTreeMap<u8, UniqueUsers>) {
+        if let Users::Table { counting, users } = self {
+            let counting = *counting;
+            let (mau, days) = std::mem::take(users).into_sets();
+            *self = Users::Counts {
+                mau: UniqueUsers::from_set(counting, mau),
+                dau: days.into_iter().map(|(d, users)| (d, UniqueUsers::from_set(counting, users))).collect(),
+            };
+        }
+        match self {
+            Users::Counts { mau, dau } => (mau, dau),
+            Users::Table { .. } => unreachable!("the table was taken apart just above"),
+        }
+    }
+
+    /// How its counts count.
+    fn counting(&self) -> Counting {
+        match self {
+            Users::Table { counting, .. } => *counting,
+            Users::Counts { mau, .. } => mau.counting(),
+        }
+    }
+}
+
+/// A table's counts as separate counts (a copy; not checkpointed).
+fn counts_of(counting: Counting, users: &UserDays) -> (UniqueUsers, BTreeMap<u8, UniqueUsers>) {
+    let (mau, days) = users.to_sets();
+    let dau = days.into_iter().map(|(d, users)| (d, UniqueUsers::from_set(counting, users))).collect();
+    (UniqueUsers::from_set(counting, mau), dau)
+}
+
+/// The encoded layout (format 3), borrowed to write.
+#[derive(Serialize)]
+struct WireRef<'a> {
+    mau: &'a UniqueUsers,
+    dau: &'a BTreeMap<u8, UniqueUsers>,
+    pcc: &'a PccTimeline,
+    group_count_peak: u64,
+    unpaired: &'a PccTimeline,
+}
+
+/// The encoded layout (format 3), read.
+#[derive(Deserialize)]
+struct Wire {
+    mau: UniqueUsers,
+    dau: BTreeMap<u8, UniqueUsers>,
+    pcc: PccTimeline,
+    group_count_peak: u64,
+    unpaired: PccTimeline,
+}
+
+impl Wire {
+    /// Adds `other`'s usage, count by count (reading an app-month's parts).
+    fn merge(&mut self, other: Wire) -> Result<(), PrecisionMismatch> {
+        self.mau.merge(&other.mau)?;
+        merge_days(&mut self.dau, other.dau.iter())?;
+        self.pcc.merge(&other.pcc);
+        self.unpaired.merge(&other.unpaired);
+        self.group_count_peak = self.group_count_peak.max(other.group_count_peak);
+        Ok(())
+    }
+
+    fn into_aggregate(self) -> AppMonthAggregate {
+        let Wire { mau, dau, pcc, group_count_peak, unpaired } = self;
+        AppMonthAggregate {
+            users: Users::from_counts(mau, dau),
+            pcc,
+            group_count_peak,
+            unpaired,
+            exact: None,
+            unsaved: Unsaved::default(),
+        }
+    }
+}
+
+/// Merges days' counts into `dau`.
+fn merge_days<'a>(
+    dau: &mut BTreeMap<u8, UniqueUsers>,
+    theirs: impl Iterator<Item = (&'a u8, &'a UniqueUsers)>,
+) -> Result<(), PrecisionMismatch> {
+    for (&d, count) in theirs {
+        match dau.get_mut(&d) {
+            Some(mine) => mine.merge(count)?,
+            None => {
+                dau.insert(d, count.clone());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The bytes of an encoded aggregate: header and checksum around the postcard payload.
+fn encode_wire(wire: WireRef<'_>) -> Vec<u8> {
+    let payload = postcard::to_allocvec(&wire).expect("in-memory aggregates always serialize");
+    let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
+    out.extend_from_slice(MAGIC);
+    out.push(FORMAT_VERSION);
+    out.extend_from_slice(&xxhash_rust::xxh3::xxh3_64(&payload).to_le_bytes());
+    out.extend_from_slice(&payload);
+    out
 }
 
 /// Changes not checkpointed yet: flags kept in the aggregate itself, so that applying an
@@ -82,8 +206,7 @@ impl AppMonthAggregate {
     /// sets whatever the limit, to audit the estimates (`replay --exact`).
     pub fn new(counting: Counting, exact: bool) -> Self {
         AppMonthAggregate {
-            mau: UniqueUsers::new(counting),
-            dau: BTreeMap::new(),
+            users: Users::Table { counting, users: UserDays::default() },
             pcc: PccTimeline::new(),
             group_count_peak: 0,
             unpaired: PccTimeline::new(),
@@ -95,12 +218,23 @@ impl AppMonthAggregate {
     /// A successful login of `user` on `day`.
     #[inline]
     pub fn record_login(&mut self, day: Day, user: UserKey) {
-        let counting = self.mau.counting();
         let d = day.number() as u8;
-        // Every day's users are among the month's: a user its day's count already held is
-        // in the MAU too (most logins repeat one of the same day, and that count is small).
-        if self.dau.entry(d).or_insert_with(|| UniqueUsers::new(counting)).insert(user) {
-            self.mau.insert(user);
+        match &mut self.users {
+            Users::Table { counting, users } => {
+                if users.insert(user.0, d) && users.len() as u64 > counting.exact_limit.get() {
+                    // Past the limit: the MAU becomes a sketch, each day a count of its own.
+                    self.users.counts_mut();
+                }
+            }
+            Users::Counts { mau, dau } => {
+                let counting = mau.counting();
+                // Every day's users are among the month's: a user its day's count already
+                // held is in the MAU too (most logins repeat one of the same day, and that
+                // count is small).
+                if dau.entry(d).or_insert_with(|| UniqueUsers::new(counting)).insert(user) {
+                    mau.insert(user);
+                }
+            }
         }
         self.unsaved.any = true;
         self.unsaved.days |= 1 << d;
@@ -112,7 +246,10 @@ impl AppMonthAggregate {
 
     /// The MAU while it is still counted exactly (up to the exact limit).
     pub fn exact_mau(&self) -> Option<usize> {
-        self.mau.exact_len()
+        match &self.users {
+            Users::Table { users, .. } => Some(users.len()),
+            Users::Counts { mau, .. } => mau.exact_len(),
+        }
     }
 
     /// A `group_stats` sample.
@@ -123,7 +260,7 @@ impl AppMonthAggregate {
 
     /// The HLL++ precision its sketches were made at.
     pub fn precision(&self) -> Precision {
-        self.mau.precision()
+        self.users.counting().precision
     }
 
     /// Notes a change the aggregate cannot see (the PCC timeline was handed out, an event
@@ -161,13 +298,31 @@ impl AppMonthAggregate {
 
     /// Adds the usage of `other`, an aggregate of other events of the same app-month.
     pub fn merge(&mut self, other: &AppMonthAggregate) -> Result<(), PrecisionMismatch> {
-        self.mau.merge(&other.mau)?;
-        for (&d, sketch) in &other.dau {
-            match self.dau.get_mut(&d) {
-                Some(mine) => mine.merge(sketch)?,
-                None => {
-                    self.dau.insert(d, sketch.clone());
+        let (mine, theirs) = (self.precision(), other.precision());
+        if mine != theirs {
+            return Err(PrecisionMismatch(mine.get(), theirs.get()));
+        }
+        match (&mut self.users, &other.users) {
+            (Users::Table { counting, users }, Users::Table { counting: their_counting, users: theirs }) => {
+                // The smaller limit, as separate counts merge theirs.
+                counting.exact_limit = counting.exact_limit.min(their_counting.exact_limit);
+                users.union(theirs);
+                if users.len() as u64 > counting.exact_limit.get() {
+                    self.users.counts_mut();
                 }
+            }
+            (_, theirs) => {
+                let copied;
+                let (their_mau, their_dau) = match theirs {
+                    Users::Counts { mau, dau } => (mau, dau),
+                    Users::Table { counting, users } => {
+                        copied = counts_of(*counting, users);
+                        (&copied.0, &copied.1)
+                    }
+                };
+                let (mau, dau) = self.users.counts_mut();
+                mau.merge(their_mau)?;
+                merge_days(dau, their_dau.iter())?;
             }
         }
         self.pcc.merge(&other.pcc);
@@ -185,14 +340,25 @@ impl AppMonthAggregate {
     /// The month's figures. `grid` turns the PCC peak's sample index into an instant.
     pub fn usage(&mut self, app_id: AppId, month: Month, grid: super::pcc::SampleGrid) -> MonthlyUsage {
         let (pcc, peak_index) = self.pcc.peak();
+        let (mau, mau_counted, dau_peak, dau_peak_counted) = match &mut self.users {
+            Users::Table { users, .. } => {
+                (users.len() as u64, Counted::Exact, users.peak_day(), Counted::Exact)
+            }
+            Users::Counts { mau, dau } => (
+                mau.estimate(),
+                mau.counted(),
+                dau.values_mut().map(UniqueUsers::estimate).max().unwrap_or(0),
+                // The peak is exact only if every day is: an estimated day might be the busiest.
+                dau.values().map(UniqueUsers::counted).fold(Counted::Exact, Counted::and),
+            ),
+        };
         MonthlyUsage {
             app_id,
             month,
-            mau: self.mau.estimate(),
-            mau_counted: self.mau.counted(),
-            dau_peak: self.dau.values_mut().map(UniqueUsers::estimate).max().unwrap_or(0),
-            // The peak is exact only if every day is: an estimated day might be the busiest.
-            dau_peak_counted: self.dau.values().map(UniqueUsers::counted).fold(Counted::Exact, Counted::and),
+            mau,
+            mau_counted,
+            dau_peak,
+            dau_peak_counted,
             pcc,
             pcc_at: peak_index.map(|i| grid.instant(i)),
             group_count_peak: self.group_count_peak,
@@ -207,30 +373,28 @@ impl AppMonthAggregate {
         })
     }
 
-    /// Encodes the aggregate (flushing the counts first, so equal aggregates give equal
-    /// bytes).
+    /// Encodes the aggregate as separate counts (flushing them first, so equal aggregates
+    /// give equal bytes).
     pub fn encode(&mut self) -> Vec<u8> {
-        self.mau.flush();
-        self.dau.values_mut().for_each(UniqueUsers::flush);
-        let payload = postcard::to_allocvec(&*self).expect("in-memory aggregates always serialize");
-        let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
-        out.extend_from_slice(MAGIC);
-        out.push(FORMAT_VERSION);
-        out.extend_from_slice(&xxhash_rust::xxh3::xxh3_64(&payload).to_le_bytes());
-        out.extend_from_slice(&payload);
-        out
+        let (pcc, group_count_peak, unpaired) = (&self.pcc, self.group_count_peak, &self.unpaired);
+        match &mut self.users {
+            Users::Table { counting, users } => {
+                let (mau, dau) = counts_of(*counting, users);
+                encode_wire(WireRef { mau: &mau, dau: &dau, pcc, group_count_peak, unpaired })
+            }
+            Users::Counts { mau, dau } => {
+                mau.flush();
+                dau.values_mut().for_each(UniqueUsers::flush);
+                encode_wire(WireRef { mau, dau, pcc, group_count_peak, unpaired })
+            }
+        }
     }
 
-    /// The days of the month with at least one login.
-    pub fn days(&self) -> impl Iterator<Item = u8> + '_ {
-        self.dau.keys().copied()
-    }
-
-    /// The count `count` names, if the aggregate has it.
-    fn count_mut(&mut self, count: UserCount) -> Option<&mut UniqueUsers> {
-        match count {
-            UserCount::Mau => Some(&mut self.mau),
-            UserCount::Dau(day) => self.dau.get_mut(&day),
+    /// The days of the month with at least one login, ascending.
+    pub fn days(&self) -> Vec<u8> {
+        match &self.users {
+            Users::Table { users, .. } => users.days().collect(),
+            Users::Counts { dau, .. } => dau.keys().copied().collect(),
         }
     }
 
@@ -242,37 +406,65 @@ impl AppMonthAggregate {
     /// a commit then writes the days that changed (usually one) instead of every day, and
     /// the users that are new instead of every user. [`AppMonthAggregate::from_parts`]
     /// reads them back.
+    ///
+    /// [`UserSet::checkpoint`]: super::user_set::UserSet::checkpoint
     pub fn checkpoint(&mut self, app_id: AppId, month: Month) -> Vec<StateRecord> {
         let days = self.take_unsaved_days();
+        let counting = self.users.counting();
+        let (pcc, group_count_peak, unpaired) = (&self.pcc, self.group_count_peak, &self.unpaired);
         let mut users: Vec<(UserCount, SegmentWrites)> = Vec::new();
-        for count in std::iter::once(UserCount::Mau).chain(days.iter().map(|&d| UserCount::Dau(d))) {
-            if let Some(unique) = self.count_mut(count) {
-                let mut writes = SegmentWrites::new();
-                unique.checkpoint(&mut writes);
-                users.push((count, writes));
+        // A count without its users, as `m/` and `d/` carry exact ones.
+        let empty = UniqueUsers::new(counting);
+        let (no_days, no_pcc) = (BTreeMap::new(), PccTimeline::new());
+        let day_record = |day: u8, count: &UniqueUsers| {
+            let dau = BTreeMap::from([(day, count.clone())]);
+            let wire =
+                WireRef { mau: &empty, dau: &dau, pcc: &no_pcc, group_count_peak: 0, unpaired: &no_pcc };
+            StateRecord { key: StateKey::AppMonthDay { app_id, month, day }, value: Some(encode_wire(wire)) }
+        };
+        let mut records = Vec::with_capacity(1 + days.len());
+        match &mut self.users {
+            Users::Table { users: table, .. } => {
+                table.checkpoint(&mut users);
+                let wire = WireRef { mau: &empty, dau: &no_days, pcc, group_count_peak, unpaired };
+                records.push(StateRecord {
+                    key: StateKey::AppMonth { app_id, month },
+                    value: Some(encode_wire(wire)),
+                });
+                records.extend(
+                    days.into_iter().filter(|&d| table.day_len(d) > 0).map(|d| day_record(d, &empty)),
+                );
+            }
+            Users::Counts { mau, dau } => {
+                for count in std::iter::once(UserCount::Mau).chain(days.iter().map(|&d| UserCount::Dau(d))) {
+                    let unique = match count {
+                        UserCount::Mau => Some(&mut *mau),
+                        UserCount::Dau(day) => dau.get_mut(&day),
+                    };
+                    if let Some(unique) = unique {
+                        let mut writes = SegmentWrites::new();
+                        unique.checkpoint(&mut writes);
+                        users.push((count, writes));
+                    }
+                }
+                // The counts themselves, their exact users taken out meanwhile.
+                mau.flush();
+                let mau_users = mau.take_users();
+                let wire = WireRef { mau, dau: &no_days, pcc, group_count_peak, unpaired };
+                records.push(StateRecord {
+                    key: StateKey::AppMonth { app_id, month },
+                    value: Some(encode_wire(wire)),
+                });
+                mau.put_users(mau_users);
+                for day in days {
+                    let Some(count) = dau.get_mut(&day) else { continue };
+                    count.flush();
+                    let taken = count.take_users();
+                    records.push(day_record(day, count));
+                    count.put_users(taken);
+                }
             }
         }
-        // The counts themselves, their exact users taken out meanwhile.
-        let mau_users = self.mau.take_users();
-        let mut dau = std::mem::take(&mut self.dau);
-        let mut records =
-            vec![StateRecord { key: StateKey::AppMonth { app_id, month }, value: Some(self.encode()) }];
-        let mut part = AppMonthAggregate::new(self.mau.counting(), false);
-        for day in days {
-            let Some(mut count) = dau.remove(&day) else { continue };
-            let taken = count.take_users();
-            part.dau.insert(day, count);
-            records.push(StateRecord {
-                key: StateKey::AppMonthDay { app_id, month, day },
-                value: Some(part.encode()),
-            });
-            if let Some(mut count) = part.dau.remove(&day) {
-                count.put_users(taken);
-                dau.insert(day, count);
-            }
-        }
-        self.dau = dau;
-        self.mau.put_users(mau_users);
         for (count, writes) in users {
             records.extend(writes.into_iter().map(|(segment, value)| StateRecord {
                 key: StateKey::Users { app_id, month, count, segment },
@@ -286,13 +478,19 @@ impl AppMonthAggregate {
     /// checkpoint writes when the app-month leaves the state.
     pub fn deletions(&self, app_id: AppId, month: Month) -> Vec<StateRecord> {
         let mut records = vec![StateRecord { key: StateKey::AppMonth { app_id, month }, value: None }];
-        let counts = std::iter::once((UserCount::Mau, &self.mau))
-            .chain(self.dau.iter().map(|(&day, count)| (UserCount::Dau(day), count)));
-        for (count, unique) in counts {
-            if let UserCount::Dau(day) = count {
-                records.push(StateRecord { key: StateKey::AppMonthDay { app_id, month, day }, value: None });
-            }
-            records.extend(unique.segments().into_iter().map(|segment| StateRecord {
+        records.extend(
+            self.days()
+                .into_iter()
+                .map(|day| StateRecord { key: StateKey::AppMonthDay { app_id, month, day }, value: None }),
+        );
+        let segments: Vec<(UserCount, Vec<u64>)> = match &self.users {
+            Users::Table { users, .. } => users.segments(),
+            Users::Counts { mau, dau } => std::iter::once((UserCount::Mau, mau.segments()))
+                .chain(dau.iter().map(|(&day, count)| (UserCount::Dau(day), count.segments())))
+                .collect(),
+        };
+        for (count, numbers) in segments {
+            records.extend(numbers.into_iter().map(|segment| StateRecord {
                 key: StateKey::Users { app_id, month, count, segment },
                 value: None,
             }));
@@ -307,43 +505,52 @@ impl AppMonthAggregate {
         days: impl IntoIterator<Item = &'a [u8]>,
         users: impl IntoIterator<Item = (UserCount, u64, &'a [u8])>,
     ) -> Result<Self, CodecError> {
-        let mut aggregate = Self::decode(month)?;
+        let mut wire = decode_wire(month)?;
         for day in days {
-            aggregate.merge(&Self::decode(day)?).map_err(|e| CodecError::Corrupt(e.to_string()))?;
+            wire.merge(decode_wire(day)?).map_err(|e| CodecError::Corrupt(e.to_string()))?;
         }
         let mut by_count: BTreeMap<UserCount, Vec<(u64, &[u8])>> = BTreeMap::new();
         for (count, segment, bytes) in users {
             by_count.entry(count).or_default().push((segment, bytes));
         }
         for (count, segments) in by_count {
-            let unique = aggregate.count_mut(count).ok_or_else(|| {
+            let unique = match count {
+                UserCount::Mau => Some(&mut wire.mau),
+                UserCount::Dau(day) => wire.dau.get_mut(&day),
+            };
+            let unique = unique.ok_or_else(|| {
                 CodecError::Corrupt(format!("user segments of {count:?} without their count"))
             })?;
             unique.restore_segments(segments)?;
         }
-        Ok(aggregate)
+        Ok(wire.into_aggregate())
     }
 
     /// Decodes an encoded aggregate, checking magic, version and checksum.
     pub fn decode(bytes: &[u8]) -> Result<Self, CodecError> {
-        if bytes.len() < HEADER_LEN || &bytes[..4] != MAGIC {
-            return Err(CodecError::NotAnAggregate);
-        }
-        let version = bytes[4];
-        if !(1..=FORMAT_VERSION).contains(&version) {
-            return Err(CodecError::UnknownVersion(version));
-        }
-        let (checksum, payload) = bytes[5..].split_at(8);
-        let expected = u64::from_le_bytes(checksum.try_into().map_err(|_| CodecError::NotAnAggregate)?);
-        if xxhash_rust::xxh3::xxh3_64(payload) != expected {
-            return Err(CodecError::Corrupt("checksum mismatch".into()));
-        }
-        let corrupt = |e: postcard::Error| CodecError::Corrupt(e.to_string());
-        match version {
-            FORMAT_VERSION => postcard::from_bytes(payload).map_err(corrupt),
-            2 => postcard::from_bytes::<AggregateV2>(payload).map_err(corrupt).map(AggregateV2::upgrade),
-            _ => postcard::from_bytes::<AggregateV1>(payload).map_err(corrupt).map(AggregateV1::upgrade),
-        }
+        decode_wire(bytes).map(Wire::into_aggregate)
+    }
+}
+
+/// Reads an encoded aggregate as separate counts.
+fn decode_wire(bytes: &[u8]) -> Result<Wire, CodecError> {
+    if bytes.len() < HEADER_LEN || &bytes[..4] != MAGIC {
+        return Err(CodecError::NotAnAggregate);
+    }
+    let version = bytes[4];
+    if !(1..=FORMAT_VERSION).contains(&version) {
+        return Err(CodecError::UnknownVersion(version));
+    }
+    let (checksum, payload) = bytes[5..].split_at(8);
+    let expected = u64::from_le_bytes(checksum.try_into().map_err(|_| CodecError::NotAnAggregate)?);
+    if xxhash_rust::xxh3::xxh3_64(payload) != expected {
+        return Err(CodecError::Corrupt("checksum mismatch".into()));
+    }
+    let corrupt = |e: postcard::Error| CodecError::Corrupt(e.to_string());
+    match version {
+        FORMAT_VERSION => postcard::from_bytes(payload).map_err(corrupt),
+        2 => postcard::from_bytes::<AggregateV2>(payload).map_err(corrupt).map(AggregateV2::upgrade),
+        _ => postcard::from_bytes::<AggregateV1>(payload).map_err(corrupt).map(AggregateV1::upgrade),
     }
 }
 
@@ -358,16 +565,14 @@ struct AggregateV2 {
 }
 
 impl AggregateV2 {
-    fn upgrade(self) -> AppMonthAggregate {
+    fn upgrade(self) -> Wire {
         let AggregateV2 { mau, dau, pcc, group_count_peak, unpaired } = self;
-        AppMonthAggregate {
+        Wire {
             mau: mau.upgrade(),
             dau: dau.into_iter().map(|(d, users)| (d, users.upgrade())).collect(),
             pcc,
             group_count_peak,
             unpaired,
-            exact: None,
-            unsaved: Unsaved::default(),
         }
     }
 }
@@ -382,7 +587,7 @@ struct AggregateV1 {
 }
 
 impl AggregateV1 {
-    fn upgrade(self) -> AppMonthAggregate {
+    fn upgrade(self) -> Wire {
         let AggregateV1 { mau, dau, pcc, group_count_peak } = self;
         AggregateV2 { mau, dau, pcc, group_count_peak, unpaired: PccTimeline::new() }.upgrade()
     }
@@ -638,6 +843,49 @@ mod tests {
         // Gone from the state: every record is deleted.
         log.commit(agg.deletions(1, month));
         assert!(log.0.is_empty(), "{:?}", log.0.keys().collect::<Vec<_>>());
+    }
+
+    /// Days past hold no keys of their own once a checkpoint leaves them alone (the table
+    /// has their users); late logins trickling into one keep its segments bounded (a
+    /// rewrite every few freezes), and every state reads back whole.
+    #[test]
+    fn past_days_drop_their_segment_keys_and_late_logins_stay_bounded() {
+        let month: Month = "2026-11".parse().unwrap();
+        let mut agg = AppMonthAggregate::new(Counting::default(), false);
+        let mut log = Log::default();
+        let login = |agg: &mut AppMonthAggregate, day: u32, u: u32| {
+            agg.record_login(month.day(day).unwrap(), UserKey::of(&format!("user-{u}")))
+        };
+        let held = |agg: &AppMonthAggregate| match &agg.users {
+            Users::Table { users, .. } => users.segment_keys_held(),
+            Users::Counts { .. } => panic!("under the limit: a table"),
+        };
+        (0..3_000).for_each(|u| login(&mut agg, 1, u));
+        (3_000..5_000).for_each(|u| login(&mut agg, 2, u));
+        log.commit(agg.checkpoint(1, month));
+        let (mau, day_1, day_2) = (5_000, 3_000, 2_000);
+        assert_eq!(held(&agg), mau + day_1 + day_2, "small segments keep their keys");
+        // Day 3 begins: days 1 and 2, untouched, drop theirs.
+        login(&mut agg, 3, 0);
+        log.commit(agg.checkpoint(1, month));
+        assert_eq!(held(&agg), mau + 1);
+        assert_eq!(log.rebuild().encode(), agg.encode());
+        let day_1_segments = |log: &Log| {
+            log.0.keys().filter(|k| matches!(k, StateKey::Users { count: UserCount::Dau(1), .. })).count()
+        };
+        let mut most = 0;
+        for late in 0..40 {
+            // A late login on day 1 (a user of day 2), then a commit without one.
+            login(&mut agg, 1, 3_000 + late);
+            log.commit(agg.checkpoint(1, month));
+            login(&mut agg, 3, 1);
+            log.commit(agg.checkpoint(1, month));
+            most = most.max(day_1_segments(&log));
+            assert_eq!(log.rebuild().encode(), agg.encode(), "after {late} late logins");
+        }
+        assert!(most <= 2 * super::super::user_days::FROZEN_REWRITE, "{most} segments of day 1");
+        let grid = crate::aggregate::SampleGrid::new(std::time::Duration::from_secs(60)).unwrap();
+        assert_eq!(agg.usage(1, month, grid).dau_peak, 3_040);
     }
 
     #[test]

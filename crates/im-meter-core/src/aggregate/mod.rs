@@ -2,6 +2,7 @@
 //!
 //! - [`unique`]: unique-user counts (MAU, DAU): exact sets up to a limit, HLL++ beyond.
 //! - [`user_set`]: the exact sets.
+//! - [`user_days`]: an app-month's exact MAU and DAU as one table of users and their days.
 //! - [`pcc`]: sample instants and the PCC timeline of an app-month.
 //! - [`connections`]: each connection's lifecycle (duplicates, reordering, idle close).
 //! - [`app_month`]: the mergeable, serializable aggregate of one app-month.
@@ -20,6 +21,7 @@ pub mod pcc;
 pub mod segments;
 pub mod unique;
 mod usage;
+mod user_days;
 pub mod user_set;
 
 pub use app_month::{merge_shares, AppMonthAggregate, CodecError, ExactCounts, UserCount};

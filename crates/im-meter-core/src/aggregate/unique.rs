@@ -210,6 +210,20 @@ impl UniqueUsers {
         }
     }
 
+    /// A count of the users of `users` (a sketch of them if they pass the limit).
+    pub(crate) fn from_set(counting: Counting, users: UserSet) -> Self {
+        let mut count = UniqueUsers { users: Users::Exact(users), ..UniqueUsers::new(counting) };
+        if count.exact_len().is_some_and(|n| n as u64 > count.limit.get()) {
+            count.promote();
+        }
+        count
+    }
+
+    /// Whether it is an exact set and nothing else (no segments of a set it was, to delete).
+    pub(crate) fn holds_exact_set(&self) -> bool {
+        self.is_exact() && self.retired.is_empty()
+    }
+
     /// The sketch's precision.
     pub fn precision(&self) -> Precision {
         self.precision

@@ -219,6 +219,46 @@ impl UserSet {
         self.checkpointed.as_ref().map(|c| c.segments.numbers().collect()).unwrap_or_default()
     }
 
+    /// A set never checkpointed holding `keys` (sorted ascending, no repeats).
+    pub(crate) fn from_sorted(keys: Vec<u64>) -> Self {
+        debug_assert!(keys.windows(2).all(|w| w[0] < w[1]));
+        UserSet { sorted: keys, ..UserSet::default() }
+    }
+
+    /// Takes the set apart: its users (sorted), those of them not checkpointed yet, and its
+    /// segments with the next segment's number, once checkpointed.
+    pub(crate) fn into_parts(self) -> SetParts {
+        let mut users: Vec<u64> = self.iter_unordered().collect();
+        users.sort_unstable();
+        let unsaved = match self.checkpointed {
+            Some(_) => self.recent.into_iter().collect(),
+            None => Vec::new(),
+        };
+        SetParts { users, unsaved, log: self.checkpointed.map(|c| (c.segments, c.next_segment)) }
+    }
+
+    /// Puts a set back together from [`UserSet::into_parts`]' parts (or parts kept
+    /// elsewhere meanwhile): `users` sorted, `unsaved` among them.
+    pub(crate) fn from_parts(parts: SetParts) -> Self {
+        let SetParts { users, unsaved, log } = parts;
+        let Some((segments, next_segment)) = log else { return UserSet::from_sorted(users) };
+        // Each user in one part: the runs' own, the recent ones, the rest sorted.
+        let mut elsewhere: Vec<u64> = segments
+            .runs
+            .iter()
+            .flat_map(|(_, keys)| keys.iter().copied())
+            .chain(unsaved.iter().copied())
+            .collect();
+        elsewhere.sort_unstable();
+        let sorted = sorted_difference(&users, &elsewhere);
+        let in_runs = segments.runs_len();
+        UserSet {
+            sorted,
+            recent: unsaved.into_iter().collect(),
+            checkpointed: Some(Box::new(Checkpointed { segments, in_runs, next_segment })),
+        }
+    }
+
     /// Reads a set written by [`UserSet::encode`]; the bytes must be exactly one.
     pub fn decode(bytes: &[u8]) -> Result<(Self, usize), CodecError> {
         let (keys, used) = decode_sorted(bytes)?;
@@ -226,8 +266,19 @@ impl UserSet {
     }
 }
 
+/// A set taken apart ([`UserSet::into_parts`]).
+#[derive(Debug, Default)]
+pub(crate) struct SetParts {
+    /// Every user, sorted ascending.
+    pub users: Vec<u64>,
+    /// The users no checkpoint wrote yet.
+    pub unsaved: Vec<u64>,
+    /// Its segments and the number of the next, once checkpointed.
+    pub log: Option<(Segments, u64)>,
+}
+
 /// A segment's bytes: the format version, then the users' Elias–Fano encoding.
-fn encode_segment(keys: &[u64]) -> Vec<u8> {
+pub(crate) fn encode_segment(keys: &[u64]) -> Vec<u8> {
     let mut out = vec![SEGMENT_FORMAT_VERSION];
     out.extend(encode_sorted(keys));
     debug_assert!(out.len() <= MAX_SEGMENT_BYTES);
@@ -373,6 +424,21 @@ pub(crate) fn search(sorted: &[u64], key: u64) -> Result<usize, usize> {
 fn low_bits(n: usize) -> u32 {
     let ceil_log2 = usize::BITS - (n.max(1) - 1).leading_zeros();
     (64 - ceil_log2).min(63)
+}
+
+/// The keys of sorted `a` that are not in sorted `b`.
+fn sorted_difference(a: &[u64], b: &[u64]) -> Vec<u64> {
+    let mut out = Vec::with_capacity(a.len().saturating_sub(b.len()));
+    let mut j = 0;
+    for &k in a {
+        while j < b.len() && b[j] < k {
+            j += 1;
+        }
+        if b.get(j) != Some(&k) {
+            out.push(k);
+        }
+    }
+    out
 }
 
 /// The union of two sorted slices without repeats.
