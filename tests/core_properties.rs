@@ -95,6 +95,55 @@ proptest! {
         let distinct = users.iter().collect::<HashSet<_>>().len() as i64;
         prop_assert_eq!(whole.is_exact(), distinct <= limit);
     }
+
+    /// The same for whole app-months, whose exact counts are one table of users and their
+    /// days until the month's users pass the limit: the same logins give the same bytes
+    /// however ordered and split into merged shares (tables, separate counts, and one of
+    /// each), and the figures of a `HashSet` per count while under the limit.
+    #[test]
+    fn app_months_are_canonical_across_orders_and_splits(
+        logins in proptest::collection::vec((0u64..3_000, 1u32..=30), 0..5_000),
+        limit in 1_000i64..2_500,
+        shares in 1usize..5,
+        seed in any::<u64>(),
+    ) {
+        let counting = counting(Precision::default(), limit);
+        let month_of = |logins: &[(u64, u32)]| {
+            let mut agg = AppMonthAggregate::new(counting, false);
+            for &(u, day) in logins {
+                agg.record_login(nov().day(day).unwrap(), user(u));
+            }
+            agg
+        };
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut whole = month_of(&logins);
+        let mut shuffled = logins.clone();
+        shuffled.shuffle(&mut rng);
+        let mut split: Vec<Vec<(u64, u32)>> = vec![Vec::new(); shares];
+        for login in shuffled {
+            split[rng.gen_range(0..shares)].push(login);
+        }
+        let mut parts: Vec<AppMonthAggregate> = split.iter().map(|part| month_of(part)).collect();
+        let forward = parts.iter().skip(1).fold(parts[0].clone(), |mut acc, p| { acc.merge(p).unwrap(); acc });
+        parts.reverse();
+        let backward = parts.iter().skip(1).fold(parts[0].clone(), |acc, p| { let mut p = p.clone(); p.merge(&acc).unwrap(); p });
+        let want = whole.encode();
+        for mut merged in [forward, backward] {
+            prop_assert_eq!(merged.encode(), want.clone());
+        }
+        let grid = SampleGrid::new(Duration::from_secs(60)).unwrap();
+        let usage = whole.usage(APP, nov(), grid);
+        let mau = logins.iter().map(|&(u, _)| u).collect::<HashSet<_>>().len() as u64;
+        let mut days: BTreeMap<u32, HashSet<u64>> = BTreeMap::new();
+        logins.iter().for_each(|&(u, d)| { days.entry(d).or_default().insert(u); });
+        let dau_peak = days.values().map(|users| users.len() as u64).max().unwrap_or(0);
+        prop_assert_eq!(usage.mau_counted.is_exact(), mau <= limit as u64);
+        if mau <= limit as u64 {
+            prop_assert_eq!((usage.mau, usage.dau_peak), (mau, dau_peak));
+        }
+        // A day is exact while under the limit, whatever the month.
+        prop_assert_eq!(usage.dau_peak_counted.is_exact(), dau_peak <= limit as u64);
+    }
 }
 
 /// A random mix of events for one app around the October/November boundary (+08:00),
