@@ -247,10 +247,28 @@ impl UserDays {
                 table.days = vec![0; users.len()];
                 table.keys = users;
             } else {
-                // Every day's user is a monthly user; one that is not is added as one.
-                users.iter().for_each(|&key| {
-                    table.add_days(key, mask);
-                });
+                // Both sorted: one walk sets the day's bits. Every day's user is a monthly
+                // user; one that is not (damaged state) is added as one.
+                let mut at = 0;
+                for key in users {
+                    // Galloping from the last one: a day holds a good share of the month's
+                    // users, so the next is usually a few places on.
+                    let mut step = 1;
+                    while table.keys.get(at + step).is_some_and(|&k| k < key) {
+                        step *= 2;
+                    }
+                    let window = &table.keys[at..table.keys.len().min(at + step + 1)];
+                    at += window.partition_point(|&k| k < key);
+                    match table.keys.get(at) {
+                        Some(&k) if k == key => {
+                            table.days[at] |= mask;
+                            table.day_len[usize::from(number)] += 1;
+                        }
+                        _ => {
+                            table.add_days(key, mask);
+                        }
+                    }
+                }
             }
             log.fresh.extend(unsaved.into_iter().map(|key| (key, number)));
             if let Some((segments, next_segment)) = segments {

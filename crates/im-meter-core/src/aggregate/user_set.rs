@@ -227,9 +227,17 @@ impl UserSet {
 
     /// Takes the set apart: its users (sorted), those of them not checkpointed yet, and its
     /// segments with the next segment's number, once checkpointed.
-    pub(crate) fn into_parts(self) -> SetParts {
-        let mut users: Vec<u64> = self.iter_unordered().collect();
-        users.sort_unstable();
+    pub(crate) fn into_parts(mut self) -> SetParts {
+        // The sorted part as it is; the few others sorted and merged in.
+        let runs =
+            self.checkpointed.iter().flat_map(|c| c.segments.runs.iter().flat_map(|(_, keys)| keys.iter()));
+        let mut rest: Vec<u64> = runs.chain(self.recent.iter()).copied().collect();
+        rest.sort_unstable();
+        let users = if rest.is_empty() {
+            std::mem::take(&mut self.sorted)
+        } else {
+            sorted_union(&self.sorted, &rest)
+        };
         let unsaved = match self.checkpointed {
             Some(_) => self.recent.into_iter().collect(),
             None => Vec::new(),
