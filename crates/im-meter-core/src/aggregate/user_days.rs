@@ -8,7 +8,7 @@
 //! partitions merge into exact per-day unions (the days of a user or-ed). In memory: a
 //! sorted `Vec<u64>` of users with a parallel `Vec<u32>` of their days, and a hash map of the
 //! users added since it was last rebuilt (merged in when it passes a sixteenth of the sorted
-//! part): about 12.8 bytes per monthly user, whatever the number of days
+//! part): about 12.2 bytes per monthly user, whatever the number of days
 //! (`tests/state_memory.rs`, `benches/state_size.rs`).
 //!
 //! The table serves while the month's users are under the exact limit (so are every day's).
