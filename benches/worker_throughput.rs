@@ -3,9 +3,10 @@
 //! Produces a synthetic month (~6 M events; `IM_METER_BENCH_USERS` scales it, 1.2 M users
 //! by default) to a fresh events topic on the local broker (`scripts/kafka.sh start`), then,
 //! in the same run and alternating, so that both see the same machine:
-//! - `kcat -C -e -o beginning` reading the whole events topic to /dev/null, three times (a
+//! - `kcat -C -e -o beginning` reading the whole events topic to /dev/null, five times (a
 //!   bare librdkafka consumer: `scripts/bench-deps.sh` installs kcat);
-//! - the worker, twice, each time with its own consumer group and output topics, timed from
+//! - the worker, four times, each time with its own consumer group and output topics
+//!   (deleted after its run, so that compacting them does not load the broker later), timed from
 //!   its first commit to the commit that covers the last event (the committed offsets of its
 //!   group, polled every 100 ms), so group join and state restore are not counted — as
 //!   kcat's own start-up is negligible.
@@ -23,10 +24,15 @@ use im_meter::kafka::produce::{LineKind, LineProducer};
 use im_meter::kafka::{client_config, worker};
 use im_meter::workload::Workload;
 use im_meter_core::time::Month;
+use rdkafka::admin::{AdminClient, AdminOptions};
+use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 
 const PARTITIONS: i32 = 6;
+/// Worker runs, each between two kcat runs: medians of 4 and 5 (single runs on this machine
+/// spread by a factor of two).
+const WORKER_RUNS: usize = 4;
 const APPS: u64 = 200;
 
 fn main() -> anyhow::Result<()> {
@@ -74,15 +80,28 @@ fn main() -> anyhow::Result<()> {
 
     let mut kcat = Vec::new();
     let mut worker = Vec::new();
-    for round in 0..3 {
+    let admin: AdminClient<DefaultClientContext> = client_config(&config).create()?;
+    for round in 0..=WORKER_RUNS {
         kcat.push(kcat_rate(&brokers, &events_topic, total)?);
         println!("kcat   run {}: {:>10.0} events/s", round + 1, kcat[round]);
-        if round < 2 {
+        if round < WORKER_RUNS {
             let env = run_env(&format!("w{round}"));
             let config = Config::load(None, env.clone())?;
             runtime.block_on(worker::prepare_topics(&config))?;
             worker.push(worker_rate(&config, env, total)?);
             println!("worker run {}: {:>10.0} events/s", round + 1, worker[round]);
+            // Its output topics go, so that the broker does not compact them under the
+            // runs that follow.
+            let topics: Vec<&str> = config
+                .file
+                .topics
+                .fields()
+                .into_iter()
+                .filter(|(t, _)| *t != "events")
+                .map(|(_, n)| n.as_str())
+                .collect();
+            let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+            runtime.block_on(admin.delete_topics(&topics, &options))?;
         }
     }
     let (kcat, worker) = (median(kcat), median(worker));

@@ -107,6 +107,11 @@ impl Segments {
         self.runs.iter().any(|(_, keys)| super::user_set::search(keys, key).is_ok())
     }
 
+    /// The keys of the segments that are not full.
+    pub fn run_keys(&self) -> impl Iterator<Item = u64> + '_ {
+        self.runs.iter().flat_map(|(_, keys)| keys.iter().copied())
+    }
+
     /// How many keys the segments that are not full hold.
     pub fn runs_len(&self) -> usize {
         self.runs.iter().map(|(_, keys)| keys.len()).sum()

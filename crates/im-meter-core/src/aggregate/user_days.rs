@@ -213,8 +213,8 @@ impl UserDays {
         users
     }
 
-    /// The month's users and each day's, as exact sets (not checkpointed).
-    pub fn to_sets(&self) -> (UserSet, BTreeMap<u8, UserSet>) {
+    /// The month's users and each day's, ascending.
+    fn split(&self) -> (Vec<u64>, BTreeMap<u8, Vec<u64>>) {
         let mut days: BTreeMap<u8, Vec<u64>> =
             self.days().map(|d| (d, Vec::with_capacity(self.day_len(d) as usize))).collect();
         let mut mau = Vec::with_capacity(self.len());
@@ -227,6 +227,12 @@ impl UserDays {
                 mask &= mask - 1;
             }
         });
+        (mau, days)
+    }
+
+    /// The month's users and each day's, as exact sets (not checkpointed).
+    pub fn to_sets(&self) -> (UserSet, BTreeMap<u8, UserSet>) {
+        let (mau, days) = self.split();
         (
             UserSet::from_sorted(mau),
             days.into_iter().map(|(d, users)| (d, UserSet::from_sorted(users))).collect(),
@@ -293,12 +299,14 @@ impl UserDays {
             let count = log.counts.remove(&number).unwrap_or_default();
             UserSet::from_parts(SetParts { users, unsaved, log: Some((count.segments, count.next_segment)) })
         };
-        let days = self.days().map(|d| (d, parts(d, self.users_of(d)))).collect();
-        (parts(MAU, self.users_of(MAU)), days)
+        let (mau, days) = self.split();
+        let days = days.into_iter().map(|(d, users)| (d, parts(d, users))).collect();
+        (parts(MAU, mau), days)
     }
 
     /// Writes the users added to each count since the last checkpoint (all of them, the
-    /// first time) as segments of that count, into `out`. Freezes the quiet days' small segments (see the module documentation).
+    /// first time) as segments of that count, into `out`, and freezes the small segments of
+    /// the days past that it leaves untouched (see the module documentation).
     pub fn checkpoint(&mut self, out: &mut Vec<(UserCount, SegmentWrites)>) {
         let fresh: Vec<(u64, u8)> = match self.log.as_deref_mut() {
             Some(log) => std::mem::take(&mut log.fresh),
@@ -319,12 +327,14 @@ impl UserDays {
             by_count.entry(number).or_default().push(key);
         }
         // Counts due a rewrite: written whole (their users read from the table).
-        let log = self.log.get_or_insert_with(Box::default);
-        let rewrites: Vec<u8> = by_count
-            .keys()
-            .copied()
-            .filter(|n| log.counts.get(n).is_some_and(|c| c.frozen >= FROZEN_REWRITE))
-            .collect();
+        let rewrites: Vec<u8> = match self.log.as_deref() {
+            Some(log) => by_count
+                .keys()
+                .copied()
+                .filter(|n| log.counts.get(n).is_some_and(|c| c.frozen >= FROZEN_REWRITE))
+                .collect(),
+            None => Vec::new(),
+        };
         for &number in &rewrites {
             by_count.insert(number, self.users_of(number));
         }

@@ -150,9 +150,8 @@ impl UserSet {
 
     /// The users, in no particular order.
     pub fn iter_unordered(&self) -> impl Iterator<Item = u64> + '_ {
-        let runs =
-            self.checkpointed.iter().flat_map(|c| c.segments.runs.iter().flat_map(|(_, keys)| keys.iter()));
-        self.sorted.iter().chain(runs).chain(self.recent.iter()).copied()
+        let runs = self.checkpointed.iter().flat_map(|c| c.segments.run_keys());
+        self.sorted.iter().copied().chain(runs).chain(self.recent.iter().copied())
     }
 
     /// The canonical encoding (see the module documentation). Cheapest right after
@@ -229,9 +228,8 @@ impl UserSet {
     /// segments with the next segment's number, once checkpointed.
     pub(crate) fn into_parts(mut self) -> SetParts {
         // The sorted part as it is; the few others sorted and merged in.
-        let runs =
-            self.checkpointed.iter().flat_map(|c| c.segments.runs.iter().flat_map(|(_, keys)| keys.iter()));
-        let mut rest: Vec<u64> = runs.chain(self.recent.iter()).copied().collect();
+        let runs = self.checkpointed.iter().flat_map(|c| c.segments.run_keys());
+        let mut rest: Vec<u64> = runs.chain(self.recent.iter().copied()).collect();
         rest.sort_unstable();
         let users = if rest.is_empty() {
             std::mem::take(&mut self.sorted)
@@ -251,12 +249,7 @@ impl UserSet {
         let SetParts { users, unsaved, log } = parts;
         let Some((segments, next_segment)) = log else { return UserSet::from_sorted(users) };
         // Each user in one part: the runs' own, the recent ones, the rest sorted.
-        let mut elsewhere: Vec<u64> = segments
-            .runs
-            .iter()
-            .flat_map(|(_, keys)| keys.iter().copied())
-            .chain(unsaved.iter().copied())
-            .collect();
+        let mut elsewhere: Vec<u64> = segments.run_keys().chain(unsaved.iter().copied()).collect();
         elsewhere.sort_unstable();
         let sorted = sorted_difference(&users, &elsewhere);
         let in_runs = segments.runs_len();
