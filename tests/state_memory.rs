@@ -7,7 +7,7 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicIsize, Ordering};
 
-use im_meter_core::aggregate::{AppMonthAggregate, Counting, StateKey, StateRecord};
+use im_meter_core::aggregate::{AppMonthAggregate, Counting, SegmentUsers, StateKey, StateRecord};
 use im_meter_core::ingest::UserKey;
 use im_meter_core::time::Month;
 
@@ -93,7 +93,8 @@ fn rebuild(log: &BTreeMap<StateKey, Vec<u8>>) -> AppMonthAggregate {
 /// A month of 20,000 users, each active on 6 of its 30 days (140,000 counted entries: the
 /// MAU's and six days'). As sets of 8-byte hashes that is 57 bytes per monthly user; as the
 /// month's users with a bit per day, about 13, plus, in a worker, the keys of the segments
-/// its recent checkpoints wrote (the month's and the latest day's).
+/// its recent checkpoints wrote (the month's and the latest day's). The usage API's view of
+/// the same changelog holds the table too (its segments would take ~45 bytes).
 #[test]
 fn a_day_s_users_cost_bits_of_the_month_s_not_a_set_of_their_own() {
     let month: Month = "2026-11".parse().unwrap();
@@ -120,6 +121,26 @@ fn a_day_s_users_cost_bits_of_the_month_s_not_a_set_of_their_own() {
     restored.record_login(month.day(30).unwrap(), UserKey::of("one more"));
     apply(&mut log, restored.checkpoint(1, month));
     assert_eq!(rebuild(&log).usage(1, month, grid).mau, USERS + 1);
+
+    // What the usage API's view keeps of the changelog: the users its segments hold, as a
+    // table, instead of the segments' bytes.
+    let before = LIVE.load(Ordering::Relaxed);
+    let mut written = SegmentUsers::default();
+    let mut segment_bytes = 0;
+    for (key, value) in &log {
+        if let StateKey::Users { count, .. } = key {
+            written.add(*count, value).expect("readable");
+            segment_bytes += value.len();
+        }
+    }
+    let view = (LIVE.load(Ordering::Relaxed) - before) as f64 / USERS as f64;
+    let segments = segment_bytes as f64 / USERS as f64;
+    let month_record = log.iter().find(|(k, _)| matches!(k, StateKey::AppMonth { .. })).expect("m/").1;
+    let days = log.iter().filter(|(k, _)| matches!(k, StateKey::AppMonthDay { .. })).map(|(_, v)| &v[..]);
+    let mut shown = AppMonthAggregate::from_written(month_record, days, &written).expect("readable");
+    assert_eq!(shown.usage(1, month, grid).mau, USERS + 1);
+    eprintln!("the view: {view:.1} heap bytes per monthly user, against {segments:.1} of segments");
+    assert!(view <= 16.0, "the view: {view:.1} heap bytes per monthly user ({segments:.1} as segments)");
 
     let replayed = heap_per_user(replayed, USERS);
     let metered = heap_per_user(metered, USERS);

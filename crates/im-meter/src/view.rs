@@ -4,7 +4,8 @@
 //! The metering stages publish into it; readers never touch a stage. A stage notes a
 //! partition assigned (not readable yet), restored (the app-month records it read back from
 //! the changelog) or revoked, and after each transaction that committed, the app-month
-//! records it wrote (the same bytes as in the changelog). So the view always shows state
+//! records it wrote (the same bytes as in the changelog; user segments are added to a table
+//! of the app-month's users rather than kept). So the view always shows state
 //! that is durable in Kafka, at most one commit behind the stage, and a reader holds its
 //! lock only to copy a few shared buffers: never across a broker round trip, a restore or a
 //! commit.
@@ -13,7 +14,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use im_meter_core::aggregate::{
-    AppMonthAggregate, CodecError, MonthlyUsage, SampleGrid, StateKey, UserCount,
+    AppMonthAggregate, CodecError, MonthlyUsage, SampleGrid, SegmentUsers, StateKey,
 };
 use im_meter_core::plan::AppId;
 use im_meter_core::time::Month;
@@ -21,22 +22,29 @@ use im_meter_core::time::Month;
 /// An app-month record as written to the changelog (shared, never copied).
 pub type StateBytes = Arc<[u8]>;
 
-/// One app-month of one partition: its checkpoint records, and its figures once computed.
+/// One app-month of one partition: its month and day records, the users its user segments
+/// hold (a table, not the segments: a third of their bytes at a fifth of the monthly users
+/// active a day), and its figures once computed.
 #[derive(Default, Clone)]
 struct Stored {
     month: Option<StateBytes>,
     days: BTreeMap<u8, StateBytes>,
-    /// The user segments of its counts.
-    users: BTreeMap<(UserCount, u64), StateBytes>,
+    /// Shared with readers, who build the aggregate outside the lock (a commit that finds
+    /// one still reading copies it).
+    users: Arc<SegmentUsers>,
+    /// Why a segment could not be read, if one could not: the app-month cannot be shown.
+    damaged: Option<CodecError>,
     /// Its usage, computed on first use (the per-app metrics ask for every app).
     usage: OnceLock<Option<MonthlyUsage>>,
 }
 
 impl Stored {
     fn aggregate(&self) -> Result<Option<AppMonthAggregate>, CodecError> {
+        if let Some(damage) = &self.damaged {
+            return Err(damage.clone());
+        }
         let Some(month) = &self.month else { return Ok(None) };
-        let users = self.users.iter().map(|(&(count, segment), bytes)| (count, segment, &bytes[..]));
-        AppMonthAggregate::from_parts(month, self.days.values().map(|d| &d[..]), users).map(Some)
+        AppMonthAggregate::from_written(month, self.days.values().map(|d| &d[..]), &self.users).map(Some)
     }
 }
 
@@ -227,12 +235,14 @@ fn put(months: &mut BTreeMap<(AppId, Month), Stored>, key: StateKey, value: Opti
         (StateKey::AppMonthDay { day, .. }, None) => {
             stored.days.remove(&day);
         }
-        (StateKey::Users { count, segment, .. }, Some(value)) => {
-            stored.users.insert((count, segment), value);
+        (StateKey::Users { count, .. }, Some(value)) => {
+            if let Err(damage) = Arc::make_mut(&mut stored.users).add(count, &value) {
+                stored.damaged = Some(damage);
+            }
         }
-        (StateKey::Users { count, segment, .. }, None) => {
-            stored.users.remove(&(count, segment));
-        }
+        // Segments only add users to their count (`SegmentUsers`): a deleted one's are in
+        // the segment that replaced it, or its count is a sketch now.
+        (StateKey::Users { .. }, None) => {}
         _ => {}
     }
 }
@@ -298,5 +308,32 @@ mod tests {
         assert_eq!(view.held().len(), 1);
         view.revoked(0, 3);
         assert!(view.held().is_empty());
+    }
+
+    /// The view keeps an app-month's users as a table fed by the segments written; through
+    /// merges that delete segments, and past the exact limit (the MAU a sketch, its segments
+    /// deleted; the days still exact), its figures and bytes are the meter's.
+    #[test]
+    fn the_view_follows_the_meter_s_counts_through_merges_and_past_the_limit() {
+        use im_meter_core::aggregate::ExactLimit;
+        let month: Month = "2026-12".parse().unwrap();
+        let counting = Counting { exact_limit: ExactLimit::new(3_000).unwrap(), ..Counting::default() };
+        let mut agg = AppMonthAggregate::new(counting, false);
+        let view = MeterView::default();
+        view.assigned(0, 1);
+        view.restored(0, 1, Vec::new());
+        for commit in 0..40u32 {
+            for u in commit * 100..commit * 100 + 100 {
+                agg.record_login(month.day(1 + u % 3).unwrap(), UserKey::of(&format!("user-{u}")));
+            }
+            let records = agg.checkpoint(7, month);
+            view.committed(records.into_iter().map(|r| (1, r.key, r.value.map(StateBytes::from))).collect());
+            let (mut shares, _) = view.shares(7, month).unwrap();
+            let (_, shown) = &mut shares[0];
+            assert_eq!(shown.usage(7, month, grid()), agg.usage(7, month, grid()), "after commit {commit}");
+            assert_eq!(shown.encode(), agg.encode(), "after commit {commit}");
+        }
+        let usage = agg.usage(7, month, grid());
+        assert!(!usage.mau_counted.is_exact() && usage.dau_peak_counted.is_exact(), "{usage:?}");
     }
 }

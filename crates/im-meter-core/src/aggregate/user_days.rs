@@ -107,9 +107,10 @@ impl UserDays {
         self.add_days(key, 1 << day)
     }
 
-    /// Adds the days `mask` to `key`'s; `true` if `key` is a new monthly user.
+    /// Adds the days `mask` to `key`'s (none: a monthly user); `true` if `key` is a new
+    /// monthly user.
     #[inline]
-    fn add_days(&mut self, key: u64, mask: u32) -> bool {
+    pub fn add_days(&mut self, key: u64, mask: u32) -> bool {
         let (known, had) = match user_set::search(&self.keys, key) {
             Ok(i) => {
                 let had = self.days[i];

@@ -287,7 +287,7 @@ pub(crate) fn encode_segment(keys: &[u64]) -> Vec<u8> {
 }
 
 /// Reads a segment written by [`encode_segment`].
-fn decode_segment(bytes: &[u8]) -> Result<Vec<u64>, CodecError> {
+pub(crate) fn decode_segment(bytes: &[u8]) -> Result<Vec<u64>, CodecError> {
     match bytes.split_first() {
         Some((&SEGMENT_FORMAT_VERSION, encoded)) => match decode_sorted(encoded)? {
             (keys, used) if used == encoded.len() => Ok(keys),
