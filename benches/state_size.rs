@@ -41,9 +41,7 @@
 //! cargo bench -p im-meter-core --bench state_size -- busy-app      # checkpoints of a busy app
 //! ```
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::io::Write as _;
-use std::sync::atomic::{AtomicIsize, Ordering};
 use std::time::{Duration, Instant};
 
 use std::collections::BTreeMap;
@@ -57,63 +55,17 @@ use im_meter_core::time::{BillingTz, Month, Timestamp};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-/// Counts live heap bytes (and their high-water mark) on top of the system allocator.
-struct CountingAlloc;
-
-static LIVE: AtomicIsize = AtomicIsize::new(0);
-static PEAK: AtomicIsize = AtomicIsize::new(0);
-
-fn grew(by: isize) {
-    let now = LIVE.fetch_add(by, Ordering::Relaxed) + by;
-    PEAK.fetch_max(now, Ordering::Relaxed);
-}
-
-// SAFETY: every call is forwarded unchanged to `System`; only counters are updated.
-unsafe impl GlobalAlloc for CountingAlloc {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let p = unsafe { System.alloc(layout) };
-        if !p.is_null() {
-            grew(layout.size() as isize);
-        }
-        p
-    }
-
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        let p = unsafe { System.alloc_zeroed(layout) };
-        if !p.is_null() {
-            grew(layout.size() as isize);
-        }
-        p
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) };
-        LIVE.fetch_sub(layout.size() as isize, Ordering::Relaxed);
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        let p = unsafe { System.realloc(ptr, layout, new_size) };
-        if !p.is_null() {
-            grew(new_size as isize - layout.size() as isize);
-        }
-        p
-    }
-}
-
-#[global_allocator]
-static ALLOC: CountingAlloc = CountingAlloc;
-
-fn live() -> isize {
-    LIVE.load(Ordering::Relaxed)
-}
+#[path = "counting_alloc.rs"]
+mod counting_alloc;
+use counting_alloc::live;
 
 /// Heap bytes `build` leaves allocated (its result kept alive), and the peak above the start.
 fn measure<T>(build: impl FnOnce() -> T) -> (T, isize, isize) {
     let before = live();
-    PEAK.store(before, Ordering::Relaxed);
+    counting_alloc::reset_peak();
     let value = build();
     let after = live();
-    (value, after - before, PEAK.load(Ordering::Relaxed) - before)
+    (value, after - before, counting_alloc::peak() - before)
 }
 
 /// The key of `user-{n}`, hashed without touching the heap.

@@ -3,59 +3,21 @@
 //!
 //! Its own test binary (one test), so that no other test allocates while it measures.
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicIsize, Ordering};
 
 use im_meter_core::aggregate::{AppMonthAggregate, Counting, SegmentUsers, StateKey, StateRecord};
 use im_meter_core::ingest::UserKey;
 use im_meter_core::time::Month;
 
-/// Counts live heap bytes on top of the system allocator.
-struct CountingAlloc;
-
-static LIVE: AtomicIsize = AtomicIsize::new(0);
-
-// SAFETY: every call is forwarded unchanged to `System`; only a counter is updated.
-unsafe impl GlobalAlloc for CountingAlloc {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let p = unsafe { System.alloc(layout) };
-        if !p.is_null() {
-            LIVE.fetch_add(layout.size() as isize, Ordering::Relaxed);
-        }
-        p
-    }
-
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        let p = unsafe { System.alloc_zeroed(layout) };
-        if !p.is_null() {
-            LIVE.fetch_add(layout.size() as isize, Ordering::Relaxed);
-        }
-        p
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) };
-        LIVE.fetch_sub(layout.size() as isize, Ordering::Relaxed);
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        let p = unsafe { System.realloc(ptr, layout, new_size) };
-        if !p.is_null() {
-            LIVE.fetch_add(new_size as isize - layout.size() as isize, Ordering::Relaxed);
-        }
-        p
-    }
-}
-
-#[global_allocator]
-static ALLOC: CountingAlloc = CountingAlloc;
+#[path = "../benches/counting_alloc.rs"]
+mod counting_alloc;
+use counting_alloc::live;
 
 /// Heap bytes per monthly user that `aggregate` holds: what dropping it frees.
 fn heap_per_user(aggregate: AppMonthAggregate, users: u64) -> f64 {
-    let before = LIVE.load(Ordering::Relaxed);
+    let before = live();
     drop(aggregate);
-    (before - LIVE.load(Ordering::Relaxed)) as f64 / users as f64
+    (before - live()) as f64 / users as f64
 }
 
 const USERS: u64 = 20_000;
@@ -124,7 +86,7 @@ fn a_day_s_users_cost_bits_of_the_month_s_not_a_set_of_their_own() {
 
     // What the usage API's view keeps of the changelog: the users its segments hold, as a
     // table, instead of the segments' bytes.
-    let before = LIVE.load(Ordering::Relaxed);
+    let before = live();
     let mut written = SegmentUsers::default();
     let mut segment_bytes = 0;
     for (key, value) in &log {
@@ -133,7 +95,7 @@ fn a_day_s_users_cost_bits_of_the_month_s_not_a_set_of_their_own() {
             segment_bytes += value.len();
         }
     }
-    let view = (LIVE.load(Ordering::Relaxed) - before) as f64 / USERS as f64;
+    let view = (live() - before) as f64 / USERS as f64;
     let segments = segment_bytes as f64 / USERS as f64;
     let month_record = log.iter().find(|(k, _)| matches!(k, StateKey::AppMonth { .. })).expect("m/").1;
     let days = log.iter().filter(|(k, _)| matches!(k, StateKey::AppMonthDay { .. })).map(|(_, v)| &v[..]);
