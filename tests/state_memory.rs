@@ -104,6 +104,25 @@ fn a_day_s_users_cost_bits_of_the_month_s_not_a_set_of_their_own() {
     eprintln!("the view: {view:.1} heap bytes per monthly user, against {segments:.1} of segments");
     assert!(view <= 16.0, "the view: {view:.1} heap bytes per monthly user ({segments:.1} as segments)");
 
+    // Past the exact limit the MAU is a sketch; the days, each under the limit, stay bits of
+    // the month's users as long as that is the cheaper form (here: six days a user).
+    let counting = Counting {
+        exact_limit: im_meter_core::aggregate::ExactLimit::new(10_000).unwrap(),
+        ..Counting::default()
+    };
+    let mut past_limit = AppMonthAggregate::new(counting, false);
+    for day in 1..=month.days() {
+        logins_of_day(month, day).for_each(|user| past_limit.record_login(month.day(day).unwrap(), user));
+    }
+    let usage = past_limit.usage(1, month, grid);
+    assert!(!usage.mau_counted.is_exact() && usage.dau_peak_counted.is_exact(), "{usage:?}");
+    let past_limit = heap_per_user(past_limit, USERS);
+    eprintln!("past the limit: {past_limit:.1} heap bytes per monthly user");
+    assert!(
+        past_limit <= 16.0 + 40_000.0 / USERS as f64,
+        "past the limit: {past_limit:.1} heap bytes per monthly user"
+    );
+
     let replayed = heap_per_user(replayed, USERS);
     let metered = heap_per_user(metered, USERS);
     let restored = heap_per_user(restored, USERS);

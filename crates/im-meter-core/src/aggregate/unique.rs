@@ -220,6 +220,14 @@ impl UniqueUsers {
         count
     }
 
+    /// A sketch of `users`, past the limit however few they are, with the segments of the
+    /// exact set it was (to delete at the next checkpoint).
+    pub(crate) fn sketch_of(counting: Counting, users: impl Iterator<Item = u64>, retired: Vec<u64>) -> Self {
+        let mut sketch = empty_sketch(counting.precision);
+        users.for_each(|key| sketch.insert(&key));
+        UniqueUsers { users: Users::Sketch(sketch), retired, ..UniqueUsers::new(counting) }
+    }
+
     /// Whether it is an exact set and nothing else (no segments of a set it was, to delete).
     pub(crate) fn holds_exact_set(&self) -> bool {
         self.is_exact() && self.retired.is_empty()

@@ -53,6 +53,9 @@ pub(crate) struct UserDays {
     day_len: [u32; 32],
     /// Checkpoint state, once checkpointed.
     log: Option<Box<Log>>,
+    /// The month's users are counted by a sketch of their own (past the exact limit): the
+    /// table writes no MAU segments.
+    month_sketched: bool,
 }
 
 /// What a checkpointed table writes next, and its counts' segments.
@@ -96,6 +99,15 @@ impl UserDays {
         (1..=31u8).filter(|&d| self.day_len[usize::from(d)] > 0)
     }
 
+    /// From now on the month's users are counted by a sketch of their own: the table writes
+    /// no MAU segments. Returns those it wrote, to delete.
+    pub fn sketch_month(&mut self) -> Vec<u64> {
+        self.month_sketched = true;
+        let Some(log) = self.log.as_deref_mut() else { return Vec::new() };
+        log.fresh.retain(|&(_, number)| number != MAU);
+        log.counts.remove(&MAU).map(|count| count.segments.numbers().collect()).unwrap_or_default()
+    }
+
     /// The busiest day's users.
     pub fn peak_day(&self) -> u64 {
         self.day_len.iter().copied().max().map_or(0, u64::from)
@@ -137,7 +149,7 @@ impl UserDays {
                 bits &= bits - 1;
             }
             if let Some(log) = &mut self.log {
-                if !known {
+                if !known && !self.month_sketched {
                     log.fresh.push((key, MAU));
                 }
                 let mut bits = added;
@@ -184,6 +196,11 @@ impl UserDays {
         }
         self.keys = keys;
         self.days = days;
+    }
+
+    /// The month's users, in no particular order.
+    pub fn users(&self) -> impl Iterator<Item = u64> + '_ {
+        self.keys.iter().chain(self.recent.keys()).copied()
     }
 
     /// Calls `f` with every user and its days, users ascending.
@@ -313,8 +330,11 @@ impl UserDays {
             Some(log) => std::mem::take(&mut log.fresh),
             None => {
                 let mut all = Vec::new();
+                let month = !self.month_sketched;
                 self.for_each_sorted(|key, mut mask| {
-                    all.push((key, MAU));
+                    if month {
+                        all.push((key, MAU));
+                    }
                     while mask != 0 {
                         all.push((key, mask.trailing_zeros() as u8));
                         mask &= mask - 1;
