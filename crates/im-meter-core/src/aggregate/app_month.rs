@@ -1,10 +1,10 @@
 //! The usage aggregate of one app in one billing month, and its versioned encoding.
 //!
 //! [`AppMonthAggregate`] holds the MAU and per-day DAU counts, the PCC timeline and the
-//! group-count peak. While the month's users are under the exact limit its counts are one
-//! table of the month's users with the days each logged in on ([`UserDays`]); past it,
-//! separate counts (the MAU an HLL++ sketch, each day an exact set up to the limit, a sketch
-//! beyond: [`UniqueUsers`]). Aggregates of disjoint event sets (e.g. two Kafka partitions)
+//! group-count peak. While every day's users are under the exact limit its counts are one
+//! table of the month's users with the days each logged in on ([`UserDays`]), the MAU a
+//! sketch of its own beside it once the month's pass the limit; once a day passes it,
+//! separate counts (each day an exact set up to the limit, a sketch beyond: [`UniqueUsers`]). Aggregates of disjoint event sets (e.g. two Kafka partitions)
 //! merge into the aggregate of their union: set (or HLL) union, instant-wise sums, max. The
 //! encoding is what a worker checkpoints and a month's share carries: a magic, a format
 //! version and a checksum around a postcard payload of separate counts, canonical (equal

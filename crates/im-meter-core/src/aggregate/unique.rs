@@ -105,10 +105,11 @@ impl BuildHasher for PassThrough {
 /// How many distinct users a count keeps exactly (`metering.exact_limit`) before the HLL++
 /// sketch takes over.
 ///
-/// Memory is what bounds it: under the limit an app-month's MAU and days are one table of
-/// about 12 bytes per monthly user (`user_days`), so the default of a million keeps an app
-/// with a million users in about 12 MB; past it a day still exact is a set of about 8 bytes
-/// per user ([`UserSet`]).
+/// Memory is what bounds it: while its days are under the limit an app-month's users are one
+/// table of about 12 bytes per monthly user (`user_days`), so the default of a million keeps
+/// an app with a million users in about 12 MB, and one with days of under a million each in
+/// at most 31 times that; once a day passes it, each day still exact is a set of about 8
+/// bytes per user ([`UserSet`]).
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct ExactLimit(u64);
 

@@ -11,9 +11,11 @@
 //! part): about 12.2 bytes per monthly user, whatever the number of days
 //! (`tests/state_memory.rs`, `benches/state_size.rs`).
 //!
-//! The table serves while the month's users are under the exact limit (so are every day's).
-//! Past it the aggregate takes the table apart into separate counts (the MAU a sketch, each
-//! day an exact set until it too passes the limit: [`super::unique`]).
+//! The table serves while every day's users are under the exact limit, and counts the MAU
+//! too while the month's are: past that, the MAU is a sketch of its own beside it
+//! ([`UserDays::sketch_month`]: no MAU segments any more). Once a day passes the limit the
+//! aggregate takes the table apart into separate counts (each day an exact set until it
+//! passes the limit: [`super::unique`]).
 //!
 //! Checkpointed (the worker), it writes what separate counts would: the MAU's and each
 //! day's users added since the last checkpoint, as segments of that count
