@@ -53,12 +53,13 @@ enum Users {
     /// user; and it is bounded as they are, by the days' limit (a day past it takes the table
     /// apart).
     Table { counting: Counting, users: UserDays, month_sketch: Option<Box<UniqueUsers>> },
-    /// Separate counts, once the MAU is a sketch (or read so).
+    /// Separate counts, once a day passed the limit (or read so).
     Counts { mau: UniqueUsers, dau: BTreeMap<u8, UniqueUsers> },
 }
 
 impl Users {
-    /// The table if every count is an exact set, else the counts as they are.
+    /// The table if every day is an exact set (and the MAU one or a sketch), else the counts
+    /// as they are.
     fn from_counts(mut mau: UniqueUsers, mut dau: BTreeMap<u8, UniqueUsers>) -> Self {
         if !dau.values().all(UniqueUsers::holds_exact_set) {
             return Users::Counts { mau, dau };
@@ -74,6 +75,10 @@ impl Users {
                 users: UserDays::from_sets(mau_set, days(&mut dau)),
                 month_sketch: None,
             };
+        }
+        if mau.is_exact() {
+            // Exact, yet with segments of a set to delete: not a form a checkpoint leaves.
+            return Users::Counts { mau, dau };
         }
         // The MAU a sketch, the days exact: a table of the days' users.
         let mut users = UserDays::from_sets(UserSet::new(), days(&mut dau));
