@@ -265,8 +265,16 @@ impl UserDays {
         let mut table = UserDays::default();
         let mut log = Log::default();
         let mut checkpointed = false;
-        for (number, set) in std::iter::once((MAU, mau)).chain(days) {
-            let SetParts { users, unsaved, log: segments } = set.into_parts();
+        let mut parts: Vec<(u8, SetParts)> =
+            std::iter::once((MAU, mau)).chain(days).map(|(number, set)| (number, set.into_parts())).collect();
+        if parts[0].1.users.is_empty() {
+            // No month's set (past the limit the MAU is a sketch): its users are the days'.
+            let month = parts[1..]
+                .iter()
+                .fold(Vec::new(), |month, (_, day)| user_set::sorted_union(&month, &day.users));
+            parts[0].1.users = month;
+        }
+        for (number, SetParts { users, unsaved, log: segments }) in parts {
             let mask = if number == MAU { 0 } else { 1 << number };
             if number == MAU {
                 // The month's users first, in order: the sorted part, built at once.

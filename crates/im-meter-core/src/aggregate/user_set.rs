@@ -443,7 +443,7 @@ fn sorted_difference(a: &[u64], b: &[u64]) -> Vec<u64> {
 }
 
 /// The union of two sorted slices without repeats.
-fn sorted_union(a: &[u64], b: &[u64]) -> Vec<u64> {
+pub(crate) fn sorted_union(a: &[u64], b: &[u64]) -> Vec<u64> {
     let mut out = Vec::with_capacity(a.len() + b.len());
     let (mut i, mut j) = (0, 0);
     while i < a.len() && j < b.len() {
