@@ -149,6 +149,43 @@ proptest! {
         // A day is exact while under the limit, whatever the month.
         prop_assert_eq!(usage.dau_peak_counted.is_exact(), dau_peak <= limit as u64);
     }
+
+    /// Shares counted at different limits (the setting changed mid-month) merge, in any
+    /// order, into the month counted at the smallest: the month's limit is every one of its
+    /// counts', whether its days are a table or counts of their own.
+    #[test]
+    fn shares_of_different_limits_merge_into_the_smallest(
+        logins in proptest::collection::vec((0u64..3_000, 0u32..30), 0..5_000),
+        days in prop_oneof![1u32..=3, 4u32..=30],
+        limits in proptest::collection::vec(1_000i64..2_500, 1..5),
+        by_day in any::<bool>(),
+        seed in any::<u64>(),
+    ) {
+        let logins: Vec<(u64, u32)> = logins.into_iter().map(|(u, d)| (u, 1 + d % days)).collect();
+        let month_of = |limit: i64, logins: &[(u64, u32)]| {
+            let mut agg = AppMonthAggregate::new(counting(Precision::default(), limit), false);
+            for &(u, day) in logins {
+                agg.record_login(nov().day(day).unwrap(), user(u));
+            }
+            agg
+        };
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        // Split at random, or by day (so that a share lacks days another has).
+        let mut split: Vec<Vec<(u64, u32)>> = vec![Vec::new(); limits.len()];
+        for &login in &logins {
+            let share = if by_day { login.1 as usize % limits.len() } else { rng.gen_range(0..limits.len()) };
+            split[share].push(login);
+        }
+        let mut parts: Vec<AppMonthAggregate> =
+            limits.iter().zip(&split).map(|(&limit, part)| month_of(limit, part)).collect();
+        let forward = parts.iter().skip(1).fold(parts[0].clone(), |mut acc, p| { acc.merge(p).unwrap(); acc });
+        parts.reverse();
+        let backward = parts.iter().skip(1).fold(parts[0].clone(), |acc, p| { let mut p = p.clone(); p.merge(&acc).unwrap(); p });
+        let want = month_of(*limits.iter().min().unwrap(), &logins).encode();
+        for mut merged in [forward, backward] {
+            prop_assert_eq!(merged.encode(), want.clone());
+        }
+    }
 }
 
 /// A random mix of events for one app around the October/November boundary (+08:00),

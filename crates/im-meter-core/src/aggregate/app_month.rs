@@ -158,8 +158,7 @@ struct Wire {
 impl Wire {
     /// Adds `other`'s usage, count by count (reading an app-month's parts).
     fn merge(&mut self, other: Wire) -> Result<(), PrecisionMismatch> {
-        self.mau.merge(&other.mau)?;
-        merge_days(&mut self.dau, other.dau.iter())?;
+        merge_counts((&mut self.mau, &mut self.dau), (&other.mau, &other.dau))?;
         self.pcc.merge(&other.pcc);
         self.unpaired.merge(&other.unpaired);
         self.group_count_peak = self.group_count_peak.max(other.group_count_peak);
@@ -179,12 +178,16 @@ impl Wire {
     }
 }
 
-/// Merges days' counts into `dau`.
-fn merge_days<'a>(
-    dau: &mut BTreeMap<u8, UniqueUsers>,
-    theirs: impl Iterator<Item = (&'a u8, &'a UniqueUsers)>,
+/// Merges separate counts into `mau` and `dau`. Every day then counts exactly up to the
+/// month's limit (the smallest any share had): a day's limit is its month's, as in the table,
+/// so that shares counted at different limits (the setting changed mid-month) merge into the
+/// same state in any order, whether their days were a table or counts of their own.
+fn merge_counts(
+    (mau, dau): (&mut UniqueUsers, &mut BTreeMap<u8, UniqueUsers>),
+    (their_mau, their_dau): (&UniqueUsers, &BTreeMap<u8, UniqueUsers>),
 ) -> Result<(), PrecisionMismatch> {
-    for (&d, count) in theirs {
+    mau.merge(their_mau)?;
+    for (&d, count) in their_dau {
         match dau.get_mut(&d) {
             Some(mine) => mine.merge(count)?,
             None => {
@@ -192,6 +195,8 @@ fn merge_days<'a>(
             }
         }
     }
+    let limit = mau.counting().exact_limit;
+    dau.values_mut().for_each(|day| day.limit_to(limit));
     Ok(())
 }
 
@@ -375,9 +380,7 @@ impl AppMonthAggregate {
                         (&copied.0, &copied.1)
                     }
                 };
-                let (mau, dau) = self.users.counts_mut();
-                mau.merge(their_mau)?;
-                merge_days(dau, their_dau.iter())?;
+                merge_counts(self.users.counts_mut(), (their_mau, their_dau))?;
             }
         }
         self.pcc.merge(&other.pcc);

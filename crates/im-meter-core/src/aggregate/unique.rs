@@ -229,6 +229,17 @@ impl UniqueUsers {
         UniqueUsers { users: Users::Sketch(sketch), retired, ..UniqueUsers::new(counting) }
     }
 
+    /// Lowers its limit to `limit` if that is smaller (a sketch from then on if it holds more
+    /// users).
+    pub(crate) fn limit_to(&mut self, limit: ExactLimit) {
+        if limit < self.limit {
+            self.limit = limit;
+            if self.exact_len().is_some_and(|n| n as u64 > limit.get()) {
+                self.promote();
+            }
+        }
+    }
+
     /// Whether it is an exact set and nothing else (no segments of a set it was, to delete).
     pub(crate) fn holds_exact_set(&self) -> bool {
         self.is_exact() && self.retired.is_empty()
