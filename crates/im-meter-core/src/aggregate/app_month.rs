@@ -364,10 +364,16 @@ impl AppMonthAggregate {
                 Users::Table { counting, users, month_sketch: None },
                 Users::Table { counting: their_counting, users: theirs, month_sketch: None },
             ) => {
-                // The smaller limit, as separate counts merge theirs.
+                // The smaller limit, as separate counts merge theirs; past it, the form a
+                // login would have left (the MAU a sketch; a day past it, counts of their own).
                 counting.exact_limit = counting.exact_limit.min(their_counting.exact_limit);
                 users.union(theirs);
-                if users.len() as u64 > counting.exact_limit.get() {
+                let limit = counting.exact_limit.get();
+                let (month_past, day_past) = (users.len() as u64 > limit, users.peak_day() > limit);
+                if month_past {
+                    self.users.pass_month_limit();
+                }
+                if day_past {
                     self.users.counts_mut();
                 }
             }
