@@ -5,7 +5,9 @@
 
 use std::collections::BTreeMap;
 
-use im_meter_core::aggregate::{AppMonthAggregate, Counting, SegmentUsers, StateKey, StateRecord};
+use im_meter_core::aggregate::{
+    AppMonthAggregate, Counting, SegmentUsers, StateKey, StateRecord, UserSegment,
+};
 use im_meter_core::ingest::UserKey;
 use im_meter_core::time::Month;
 
@@ -91,7 +93,7 @@ fn a_day_s_users_cost_bits_of_the_month_s_not_a_set_of_their_own() {
     let mut segment_bytes = 0;
     for (key, value) in &log {
         if let StateKey::Users { count, .. } = key {
-            written.add(*count, value).expect("readable");
+            written.add(&UserSegment::read(*count, value).expect("readable"));
             segment_bytes += value.len();
         }
     }

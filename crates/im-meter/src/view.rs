@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use im_meter_core::aggregate::{
-    AppMonthAggregate, CodecError, MonthlyUsage, SampleGrid, SegmentUsers, StateKey,
+    AppMonthAggregate, CodecError, MonthlyUsage, SampleGrid, SegmentUsers, StateKey, UserSegment,
 };
 use im_meter_core::plan::AppId;
 use im_meter_core::time::Month;
@@ -106,7 +106,8 @@ impl MeterView {
     ) {
         let mut view = PartitionView { member, restored: true, months: BTreeMap::new() };
         for (key, value) in records {
-            put(&mut view.months, key, Some(value));
+            let record = Record::read(&key, Some(value));
+            put(&mut view.months, key, record);
         }
         self.write().insert(partition, view);
     }
@@ -116,10 +117,16 @@ impl MeterView {
         if updates.is_empty() {
             return;
         }
+        // Segments decoded before the lock is taken: readers wait only for their users to
+        // be added.
+        let records: Vec<(i32, StateKey, Record)> = updates
+            .into_iter()
+            .map(|(partition, key, value)| (partition, key, Record::read(&key, value)))
+            .collect();
         let mut partitions = self.write();
-        for (partition, key, value) in updates {
+        for (partition, key, record) in records {
             if let Some(view) = partitions.get_mut(&partition) {
-                put(&mut view.months, key, value);
+                put(&mut view.months, key, record);
             }
         }
     }
@@ -205,44 +212,61 @@ impl MeterView {
     }
 }
 
+/// An app-month record as the view takes it: month and day records as their bytes, a user
+/// segment read into its users (`None`: deleted).
+enum Record {
+    Bytes(Option<StateBytes>),
+    Segment(Result<UserSegment, CodecError>),
+}
+
+impl Record {
+    fn read(key: &StateKey, value: Option<StateBytes>) -> Self {
+        match (key, value) {
+            (StateKey::Users { count, .. }, Some(bytes)) => {
+                Record::Segment(UserSegment::read(*count, &bytes))
+            }
+            (_, value) => Record::Bytes(value),
+        }
+    }
+}
+
 /// Puts one record into a partition's app-months (other state keys are not the view's).
-fn put(months: &mut BTreeMap<(AppId, Month), Stored>, key: StateKey, value: Option<StateBytes>) {
+fn put(months: &mut BTreeMap<(AppId, Month), Stored>, key: StateKey, record: Record) {
     let (app_id, month) = match key {
         StateKey::AppMonth { app_id, month }
         | StateKey::AppMonthDay { app_id, month, .. }
         | StateKey::Users { app_id, month, .. } => (app_id, month),
         _ => return,
     };
-    if value.is_none() && matches!(key, StateKey::AppMonth { .. }) {
+    let deleted = matches!(record, Record::Bytes(None));
+    if deleted && matches!(key, StateKey::AppMonth { .. }) {
         months.remove(&(app_id, month));
         return;
     }
     // A deletion of a part of an app-month already gone leaves nothing behind.
-    let stored = match value {
-        Some(_) => months.entry((app_id, month)).or_default(),
-        None => match months.get_mut(&(app_id, month)) {
+    let stored = match deleted {
+        false => months.entry((app_id, month)).or_default(),
+        true => match months.get_mut(&(app_id, month)) {
             Some(stored) => stored,
             None => return,
         },
     };
     // Its figures change with it.
     stored.usage = OnceLock::new();
-    match (key, value) {
-        (StateKey::AppMonth { .. }, value) => stored.month = value,
-        (StateKey::AppMonthDay { day, .. }, Some(value)) => {
+    match (key, record) {
+        (StateKey::AppMonth { .. }, Record::Bytes(value)) => stored.month = value,
+        (StateKey::AppMonthDay { day, .. }, Record::Bytes(Some(value))) => {
             stored.days.insert(day, value);
         }
-        (StateKey::AppMonthDay { day, .. }, None) => {
+        (StateKey::AppMonthDay { day, .. }, Record::Bytes(None)) => {
             stored.days.remove(&day);
         }
-        (StateKey::Users { count, .. }, Some(value)) => {
-            if let Err(damage) = Arc::make_mut(&mut stored.users).add(count, &value) {
-                stored.damaged = Some(damage);
-            }
+        (StateKey::Users { .. }, Record::Segment(Ok(segment))) => {
+            Arc::make_mut(&mut stored.users).add(&segment)
         }
+        (StateKey::Users { .. }, Record::Segment(Err(damage))) => stored.damaged = Some(damage),
         // Segments only add users to their count (`SegmentUsers`): a deleted one's are in
         // the segment that replaced it, or its count is a sketch now.
-        (StateKey::Users { .. }, None) => {}
         _ => {}
     }
 }
@@ -308,6 +332,24 @@ mod tests {
         assert_eq!(view.held().len(), 1);
         view.revoked(0, 3);
         assert!(view.held().is_empty());
+    }
+
+    /// A segment that cannot be read makes its app-month unreadable (an error, not figures
+    /// short of its users); the other app-months are shown.
+    #[test]
+    fn a_damaged_segment_is_an_error_not_fewer_users() {
+        let month: Month = "2026-12".parse().unwrap();
+        let view = MeterView::default();
+        let mut written = records(7, month, 0..10);
+        written.extend(records(8, month, 0..10));
+        for (key, value) in written.iter_mut() {
+            if matches!(key, StateKey::Users { app_id: 7, .. }) {
+                *value = StateBytes::from(&b"\x01garbage"[..]);
+            }
+        }
+        view.restored(0, 3, written);
+        assert!(view.shares(7, month).is_err());
+        assert_eq!(mau(&view, 8, month), vec![(3, 10)]);
     }
 
     /// The view keeps an app-month's users as a table fed by the segments written; through

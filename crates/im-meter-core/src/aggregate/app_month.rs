@@ -663,17 +663,32 @@ impl AppMonthAggregate {
 pub struct SegmentUsers(UserDays);
 
 impl SegmentUsers {
-    /// Adds the users of a segment of `count`, as the changelog holds it.
-    pub fn add(&mut self, count: UserCount, bytes: &[u8]) -> Result<(), CodecError> {
+    /// Adds the users of a segment.
+    pub fn add(&mut self, segment: &UserSegment) {
+        segment.keys.iter().for_each(|&key| {
+            self.0.add_days(key, segment.days);
+        });
+    }
+}
+
+/// The users of one user segment, read from the changelog's bytes: decoding is kept apart
+/// from [`SegmentUsers::add`] so that a reader can do it outside its lock.
+#[derive(Debug)]
+pub struct UserSegment {
+    /// The days its count is (none: the MAU's).
+    days: u32,
+    keys: Vec<u64>,
+}
+
+impl UserSegment {
+    /// Reads a segment of `count`, as the changelog holds it.
+    pub fn read(count: UserCount, bytes: &[u8]) -> Result<Self, CodecError> {
         let days = match count {
             UserCount::Mau => 0,
             UserCount::Dau(day @ 1..=31) => 1 << day,
             UserCount::Dau(day) => return Err(CodecError::Corrupt(format!("user segment of day {day}"))),
         };
-        for key in super::user_set::decode_segment(bytes)? {
-            self.0.add_days(key, days);
-        }
-        Ok(())
+        Ok(UserSegment { days, keys: super::user_set::decode_segment(bytes)? })
     }
 }
 

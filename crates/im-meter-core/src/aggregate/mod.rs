@@ -24,7 +24,9 @@ mod usage;
 mod user_days;
 pub mod user_set;
 
-pub use app_month::{merge_shares, AppMonthAggregate, CodecError, ExactCounts, SegmentUsers, UserCount};
+pub use app_month::{
+    merge_shares, AppMonthAggregate, CodecError, ExactCounts, SegmentUsers, UserCount, UserSegment,
+};
 pub use checkpoint::{billing_partition, ChangelogKey, ClosedMark, StateKey, StateRecord, SubscriptionsRead};
 pub use meter::{ClosedMonth, Meter, MeterSettings, MonthsClosed, Outcome};
 pub use pcc::{SampleGrid, SampleIntervalError};
