@@ -54,7 +54,12 @@ fn usage(seed: u64) -> Usage {
             }
             let users = rng.gen_range(0..(if app == 1 { 12_000 } else { 400 }));
             let logins = (0..users).map(|u| (u, rng.gen_range(1..=28))).collect();
-            let groups = (0..rng.gen_range(0..3)).map(|_| rng.gen_range(0..200_000)).collect();
+            let groups: Vec<u64> = (0..rng.gen_range(0..3)).map(|_| rng.gen_range(0..200_000)).collect();
+            // An app-month without an event has no share (sources write one per app-month
+            // they saw an event of); one pass must not be fed one either.
+            if users == 0 && groups.is_empty() {
+                continue;
+            }
             usage.insert((month.parse().unwrap(), app), (logins, groups));
         }
     }
