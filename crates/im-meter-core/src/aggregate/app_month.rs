@@ -98,16 +98,9 @@ impl Users {
     /// Separate counts, taking the table apart if it is one (its segments go with its sets).
     fn counts_mut(&mut self) -> (&mut UniqueUsers, &mut BTreeMap<u8, UniqueUsers>) {
         if let Users::Table { counting, users, month_sketch } = self {
-            let counting = *counting;
-            let (mau, days) = std::mem::take(users).into_sets();
-            let mau = match month_sketch.take() {
-                Some(sketch) => *sketch,
-                None => UniqueUsers::from_set(counting, mau),
-            };
-            *self = Users::Counts {
-                mau,
-                dau: days.into_iter().map(|(d, users)| (d, UniqueUsers::from_set(counting, users))).collect(),
-            };
+            let sets = std::mem::take(users).into_sets();
+            let (mau, dau) = counts_from(*counting, sets, month_sketch.take().map(|sketch| *sketch));
+            *self = Users::Counts { mau, dau };
         }
         match self {
             Users::Counts { mau, dau } => (mau, dau),
@@ -130,9 +123,17 @@ fn counts_of(
     users: &UserDays,
     month_sketch: Option<&UniqueUsers>,
 ) -> (UniqueUsers, BTreeMap<u8, UniqueUsers>) {
-    let (mau, days) = users.to_sets();
+    counts_from(counting, users.to_sets(), month_sketch.cloned())
+}
+
+/// Counts of a table's sets: the MAU its sketch if it has one (past the limit), else its set.
+fn counts_from(
+    counting: Counting,
+    (mau, days): (UserSet, BTreeMap<u8, UserSet>),
+    month_sketch: Option<UniqueUsers>,
+) -> (UniqueUsers, BTreeMap<u8, UniqueUsers>) {
     let dau = days.into_iter().map(|(d, users)| (d, UniqueUsers::from_set(counting, users))).collect();
-    (month_sketch.cloned().unwrap_or_else(|| UniqueUsers::from_set(counting, mau)), dau)
+    (month_sketch.unwrap_or_else(|| UniqueUsers::from_set(counting, mau)), dau)
 }
 
 /// The encoded layout (format 3), borrowed to write.

@@ -49,7 +49,7 @@ pub(crate) struct UserDays {
     keys: Vec<u64>,
     /// `days[i]`: bit d set if `keys[i]` logged in on day d.
     days: Vec<u32>,
-    /// Users in neither, with their days.
+    /// Users not in `keys` yet, with their days.
     recent: HashMap<u64, u32, BuildHasherDefault<PassThroughHasher>>,
     /// Users of each day.
     day_len: [u32; 32],
