@@ -563,14 +563,10 @@ fn billing_goes_on_from_the_old_layout_and_never_changes_a_billed_month() {
 
 /// A bill's commit succeeds but is reported failed (its answer lost, the abort refused):
 /// billing learns from Kafka whether the month was published before it bills again, so
-/// every `charge_id` and every alert is published once.
-///
-/// What this checks, and what it cannot: each output key once, and that the task read its
-/// partition back before its next step. Code that simply retried would usually read its own
-/// billed-through mark back before its next round here (the failure path is quick) and not
-/// publish twice in this run; it fails this test by never reading the partition back. A
-/// duplicate needs the next round to come before that read (a long abort while other records
-/// queue up), which a test cannot arrange reliably.
+/// every `charge_id` and every alert is published once. (Code that simply retried would
+/// usually read its own billed-through mark back before its next round and not publish twice
+/// here; it fails this test by never reading the partition back. That reading back must go to
+/// the high watermark: `a_billing_restart_behind_an_open_transaction_bills_nothing_twice`.)
 #[test]
 fn a_bill_whose_commit_is_reported_failed_is_published_once() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
@@ -666,4 +662,131 @@ fn a_plan_change_read_after_its_month_was_billed_takes_effect_from_the_next_mont
     let letters = read_all(&d.topic("dead_letters"));
     assert_eq!(letters.iter().filter(|r| r.headers["reason"] == "late").count(), 1, "{letters:?}");
     worker.stop();
+}
+
+/// The latest value of each live record of `topic` whose key starts with `prefix`.
+fn live_records(topic: &str, prefix: &str) -> BTreeMap<String, Vec<u8>> {
+    let mut live = BTreeMap::new();
+    for r in read_all(topic) {
+        let key = String::from_utf8(r.key.unwrap_or_default()).unwrap_or_default();
+        if key.starts_with(prefix) {
+            live.insert(key, (!r.tombstone).then_some(r.value));
+        }
+    }
+    live.into_iter().filter_map(|(k, v)| Some((k, v?))).collect()
+}
+
+/// Whether every one of `partitions` source partitions has closed `month`, as the
+/// closed-through marks in the billing changelog say (`through=YYYY-MM first=...`).
+fn closed_everywhere(billing_changelog: &str, partitions: u32, month: Month) -> bool {
+    let marks = live_records(billing_changelog, "w/");
+    (0..partitions).all(|p| {
+        marks.get(&format!("w/{p}")).is_some_and(|mark| {
+            let text = String::from_utf8_lossy(mark);
+            let through = text.strip_prefix("through=").and_then(|t| t.get(..7)).and_then(|m| m.parse().ok());
+            through.is_some_and(|t: Month| t >= month)
+        })
+    })
+}
+
+/// The phrase a billing stage logs while an open transaction keeps it from reading a
+/// partition to its end.
+const WAITS_FOR_OPEN_TRANSACTIONS: &str = "waiting for open transactions";
+
+/// A transaction of another producer, open in the billing changelog, holds read_committed
+/// reads below billing's own billed-through mark (a meter stalled or killed with a quota
+/// crossing in flight does this, up to its transaction timeout). A billing task restored by
+/// reading to the last stable offset would find the month unbilled and bill it again; it
+/// must read on to the high watermark it sees once it has fenced its predecessor, and wait.
+#[test]
+fn a_billing_restart_behind_an_open_transaction_bills_nothing_twice() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let d = Deployment::new("open-tx");
+    d.produce();
+    // Metering alone closes October in every partition (idle ones follow the clock) and stops.
+    let meter = d.worker_with("m", &[], &["--role", "meter"]);
+    let billing_changelog = d.topic("billing_changelog");
+    eventually(Duration::from_secs(90), "every partition to close October", || {
+        closed_everywhere(&billing_changelog, d.partitions, input_month()).then_some(())
+    });
+    meter.stop();
+    // Billing reads the marks, and holds its bills meanwhile.
+    let hold = std::env::temp_dir().join(format!("{}.hold-bills", d.prefix));
+    std::fs::write(&hold, b"").unwrap();
+    let mut billing = vec![d.worker_with(
+        "b",
+        &[("IM_METER_TEST_HOLD_BILLS_FILE", hold.to_str().unwrap())],
+        &["--role", "bill"],
+    )];
+    let restored = |w: &Worker| w.log_text().matches("billing: partition restored").count();
+    eventually(Duration::from_secs(60), "billing to read October's marks and hold", || {
+        billing[0].assert_alive();
+        let log = billing[0].log_text();
+        (restored(&billing[0]) == d.partitions as usize
+            && log.contains("failpoint: billing holds its months"))
+        .then_some(())
+    });
+    // Another producer's transaction in every billing partition, after the marks, left open;
+    // then billing bills October: its billed-through marks land after the open record.
+    let partitions: Vec<i32> = (0..d.partitions as i32).collect();
+    let id = format!("{}-other", d.prefix);
+    let open = OpenTransaction::begin(&id, &billing_changelog, &partitions, b"test/open", b"");
+    std::fs::remove_file(&hold).unwrap();
+    assert_same_as_replay(&d, &mut billing);
+    billing[0].kill9();
+    // Restarted while the transaction is still open: it must wait, not bill again.
+    let mut restarted = d.worker_with("b", &[], &["--role", "bill"]);
+    eventually(Duration::from_secs(60), "the restarted billing stage to wait", || {
+        restarted.assert_alive();
+        // A charge published twice fails here (by_key).
+        by_key(read_all(&d.topic("charges")));
+        restarted.log_text().contains(WAITS_FOR_OPEN_TRANSACTIONS).then_some(())
+    });
+    open.abort();
+    eventually(Duration::from_secs(60), "every partition restored", || {
+        restarted.assert_alive();
+        (restored(&restarted) == partitions.len()).then_some(())
+    });
+    // A round of billing after the restore, then: every charge once, as replay bills it.
+    std::thread::sleep(Duration::from_secs(3));
+    let mut workers = vec![restarted];
+    assert_same_as_replay(&d, &mut workers);
+    workers.pop().unwrap().stop();
+}
+
+/// A plan change dated in October, produced in a transaction that is still open when October
+/// closes, is in October's bill: billing reads the subscriptions to their high watermark
+/// before it bills, so it waits for the transaction instead of billing without the change
+/// (which would then arrive late and take effect from November).
+#[test]
+fn a_plan_change_in_a_transaction_open_at_the_months_end_is_billed_in_its_month() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let d = Deployment::new("open-plan");
+    let (events, subscriptions) = input();
+    let change =
+        r#"{"type":"plan_changed","app_id":1400000001,"ts":"2026-10-20T00:00:00+08:00","plan":"premium"}"#;
+    let mut lines: Vec<String> =
+        std::fs::read_to_string(subscriptions).unwrap().lines().map(str::to_string).collect();
+    lines.push(change.to_string());
+    let want = Expected::of(events, &d.file("subscriptions.ndjson", &lines));
+    assert_ne!(want.charges, expected().charges, "the premise: the change changes October's bill");
+    d.produce_files(events, subscriptions);
+    let id = format!("{}-backend", d.prefix);
+    let open = OpenTransaction::begin(&id, &d.topic("subscriptions"), &[0], b"1400000001", change.as_bytes());
+    let mut worker = d.worker("a");
+    let october = format!("/{}/", input_month());
+    eventually(Duration::from_secs(90), "billing to wait for the open transaction", || {
+        worker.assert_alive();
+        let billed: Vec<String> =
+            by_key(read_all(&d.topic("charges"))).into_keys().filter(|k| k.contains(&october)).collect();
+        assert!(billed.is_empty(), "October billed before the open plan change was read: {billed:?}");
+        worker.log_text().contains(WAITS_FOR_OPEN_TRANSACTIONS).then_some(())
+    });
+    open.commit();
+    let mut workers = vec![worker];
+    assert_same_as(&want, &d, &mut workers);
+    let late =
+        read_all(&d.topic("dead_letters")).into_iter().filter(|r| r.headers["reason"] == "late").count();
+    assert_eq!(late, 0, "the plan change was read in time");
+    workers.pop().unwrap().stop();
 }

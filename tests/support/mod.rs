@@ -508,3 +508,47 @@ pub fn write_record(topic: &str, partition: i32, key: &[u8], value: &[u8]) {
         .unwrap();
     producer.flush(Duration::from_secs(30)).unwrap();
 }
+
+/// A transaction of a producer of the test's own, left open until the test ends it: it holds
+/// the last stable offset of every partition it wrote to below its first record, as a slow
+/// or stalled producer of the deployment's (or another one's) would.
+pub struct OpenTransaction {
+    producer: rdkafka::producer::BaseProducer,
+}
+
+impl OpenTransaction {
+    /// Begins a transaction with `transactional_id` (its timeout long enough for any test)
+    /// and writes `key` ← `value` to each of `partitions` of `topic`, delivered but not
+    /// committed.
+    pub fn begin(transactional_id: &str, topic: &str, partitions: &[i32], key: &[u8], value: &[u8]) -> Self {
+        use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+        let producer: BaseProducer = ClientConfig::new()
+            .set("bootstrap.servers", brokers())
+            .set("transactional.id", transactional_id)
+            .set("transaction.timeout.ms", "600000")
+            .create()
+            .unwrap();
+        producer.init_transactions(Duration::from_secs(30)).unwrap();
+        producer.begin_transaction().unwrap();
+        for &p in partitions {
+            producer
+                .send(BaseRecord::to(topic).partition(p).key(key).payload(value))
+                .map_err(|(e, _)| e)
+                .unwrap();
+        }
+        producer.flush(Duration::from_secs(30)).unwrap();
+        OpenTransaction { producer }
+    }
+
+    /// Commits it: its records become visible.
+    pub fn commit(self) {
+        use rdkafka::producer::Producer;
+        self.producer.commit_transaction(Duration::from_secs(30)).unwrap();
+    }
+
+    /// Aborts it: none of its records is ever visible.
+    pub fn abort(self) {
+        use rdkafka::producer::Producer;
+        self.producer.abort_transaction(Duration::from_secs(30)).unwrap();
+    }
+}

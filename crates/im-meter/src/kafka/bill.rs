@@ -31,10 +31,11 @@ use rdkafka::message::Message;
 use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 use tracing::{error, info, warn};
 
-use super::changelog::{self, QuietEof};
+use super::changelog::{self, HighWatermarks, QuietEof};
 use super::fetch::Fetched;
 use super::output::{DeadLetter, Outbox, TransactionFailed};
 use super::plan_book::{self, SourceRecord};
+use super::with_retries;
 use crate::config::Config;
 use crate::metrics::metrics;
 use crate::report::UsageItem;
@@ -47,45 +48,29 @@ const POLL: Duration = Duration::from_millis(100);
 /// succeeded (the file is removed) — a commit whose answer was lost.
 const FAIL_AFTER_BILL_FILE: &str = "IM_METER_TEST_FAIL_AFTER_BILL_FILE";
 
-/// What one billing changelog partition holds: its billing book, and what the shell keeps
-/// around it (its producer, where the restore read stopped, the plan book copy marks).
-struct Task {
-    outbox: Outbox,
-    /// Records before this offset were read when the task was restored.
-    skip_until: i64,
-    /// Keeps the parts of values written in parts until their header comes.
+/// A failpoint for tests (`tests/kafka.rs`): while the file this variable names exists,
+/// billing bills no month (it reads, alerts and copies as usual) — a bill delayed while
+/// something else happens on the broker.
+const HOLD_BILLS_FILE: &str = "IM_METER_TEST_HOLD_BILLS_FILE";
+
+/// What one billing changelog partition's records say, as far as they were read: its billing
+/// book, the plan book copy marks, and the parts of values whose header has not come yet.
+#[derive(Default)]
+struct Absorbed {
     assembler: Assembler,
     book: BillingBook,
-    /// A transaction's outcome is unknown: restore the task before it writes again.
-    reload: bool,
-    /// Subscriptions partitions this task copies into the plan book → the offset to copy
-    /// from next.
+    /// Subscriptions partitions this partition's task copies into the plan book → the offset
+    /// to copy from next.
     copied: BTreeMap<i32, i64>,
 }
 
-impl Task {
-    fn new(outbox: Outbox) -> Self {
-        Task {
-            outbox,
-            skip_until: 0,
-            assembler: Assembler::default(),
-            book: BillingBook::new(),
-            reload: false,
-            copied: BTreeMap::new(),
-        }
-    }
-
-    /// Absorbs everything partition `partition` of `topic` holds, to its end (read_committed);
-    /// returns the offset after the last record read. The task's assembler goes on with the
-    /// group consumer: a value's parts and header can lie on both sides of where this stops.
-    fn read(&mut self, client: &ClientConfig, topic: &str, partition: i32) -> anyhow::Result<i64> {
+impl Absorbed {
+    /// Absorbs one record of the partition, as read (a part is kept until its value is whole).
+    fn record(&mut self, key: Option<&[u8]>, value: Option<&[u8]>) -> anyhow::Result<()> {
         let mut assembler = std::mem::take(&mut self.assembler);
-        let read =
-            changelog::read_partition(client, topic, partition, &mut assembler, |key, value, parts| {
-                self.absorb(key, value, parts)
-            });
+        let absorbed = changelog::assemble(&mut assembler, key, value, &mut |k, v, n| self.absorb(k, v, n));
         self.assembler = assembler;
-        Ok(read?.next_offset)
+        absorbed
     }
 
     fn absorb(&mut self, key: ChangelogKey, value: Option<&[u8]>, parts: usize) -> anyhow::Result<()> {
@@ -100,6 +85,58 @@ impl Task {
     }
 }
 
+/// A billing changelog partition this stage owns and has read back: it bills, alerts and
+/// copies the plan book, each in a transaction of its own producer.
+struct Task {
+    outbox: Outbox,
+    state: Absorbed,
+    /// A transaction's outcome is unknown: the partition is read back before it writes again.
+    reload: bool,
+}
+
+/// A billing changelog partition being read back. Billing commits no offsets, so the group
+/// consumer hands out its records from the beginning; they are absorbed as they come. The
+/// task is ready once the consumer's position reaches the partition's high watermark read
+/// right after the task's producer fenced the previous owner's: then it has read everything
+/// any earlier owner wrote — its billed-through marks above all — even past a transaction of
+/// another producer that was open meanwhile (reading to the last stable offset would stop
+/// below it, find the month unbilled, and bill it again).
+struct Restoring {
+    state: Absorbed,
+    /// The task's producer once it has fenced the previous owner's, and where the partition
+    /// ended just after (`None`: it held nothing).
+    fenced: Option<(Outbox, Option<i64>)>,
+    /// The records of the old layout (billing's marks in the metering changelog) were read.
+    old_layout_read: bool,
+    /// A transaction's outcome was unknown: this is its partition read back.
+    after_unknown_outcome: bool,
+    started: Instant,
+    /// When the stage last said that it waits for open transactions.
+    said_waiting: Option<Instant>,
+}
+
+impl Restoring {
+    fn new(after_unknown_outcome: bool) -> Self {
+        Restoring {
+            state: Absorbed::default(),
+            fenced: None,
+            old_layout_read: false,
+            after_unknown_outcome,
+            started: Instant::now(),
+            said_waiting: None,
+        }
+    }
+
+    /// Whether everything up to the high watermark seen after fencing is absorbed.
+    fn caught_up(&self, position: Option<i64>) -> bool {
+        match &self.fenced {
+            Some((_, None)) => true,
+            Some((_, Some(end))) => position.is_some_and(|at| at >= *end),
+            None => false,
+        }
+    }
+}
+
 /// The subscription book, fed from the plan book's copy and then the whole subscriptions
 /// topic (small: every billing task needs the plans of its apps, and reads them all).
 ///
@@ -109,6 +146,8 @@ impl Task {
 /// is restored the book is derived again from the records, so it says what it said live.
 struct SubscriptionFeed {
     consumer: BaseConsumer<QuietEof>,
+    /// Where the subscriptions partitions end, every record counted.
+    ends: HighWatermarks,
     topic: String,
     /// Per partition: the offset after the last record applied (from the copy or the topic).
     seen: Vec<Option<i64>>,
@@ -122,6 +161,9 @@ struct SubscriptionFeed {
     /// Records that are not subscription events at all, each dead-lettered by the billing
     /// task of the source partition's number, in the bill of the month of its Kafka time.
     unreadable: Vec<(usize, Month, Rejection)>,
+    /// Since when (and when it last said so) billing waits for a transaction open in the
+    /// subscriptions topic.
+    waiting: Option<(Instant, Instant)>,
 }
 
 impl SubscriptionFeed {
@@ -135,6 +177,7 @@ impl SubscriptionFeed {
         let mut copy = plan_book::read(client, &topics.plan_book)?;
         let mut feed = SubscriptionFeed {
             consumer,
+            ends: HighWatermarks::new(client)?,
             topic: topics.subscriptions.clone(),
             seen: vec![None; partitions],
             records: Vec::new(),
@@ -142,6 +185,7 @@ impl SubscriptionFeed {
             billed: BTreeMap::new(),
             partitions: billing_partitions,
             unreadable: Vec::new(),
+            waiting: None,
         };
         for record in std::mem::take(&mut copy.records) {
             feed.absorb(record, None);
@@ -257,36 +301,52 @@ impl SubscriptionFeed {
     }
 
     /// Applies every subscription event produced before this call: reads each partition up
-    /// to its end as the broker gives it now (not as last fetched, which may be older).
-    /// `false` if that took longer than [`CATCH_UP_WAIT`] (an open transaction holds the
-    /// partition back): the caller tries again later, billing nothing meanwhile.
+    /// to its high watermark as the broker gives it now — past every record written so far,
+    /// so a plan change inside a transaction still open is waited for, not billed without.
+    /// `false` if that did not happen within [`CATCH_UP_WAIT`] (a transaction open, or much
+    /// to read): the caller tries again at its next round, billing nothing meanwhile.
     fn catch_up(&mut self) -> anyhow::Result<bool> {
         let mut ends = Vec::with_capacity(self.seen.len());
         for p in 0..self.seen.len() as i32 {
-            let (_, high) = self
-                .consumer
-                .fetch_watermarks(&self.topic, p, CATCH_UP_WAIT)
-                .with_context(|| format!("cannot read where {} [{p}] ends", self.topic))?;
-            ends.push(high);
+            let (low, high) = self.ends.of(&self.topic, p, Duration::from_secs(30))?;
+            ends.push((high > low).then_some(high));
         }
         let deadline = Instant::now() + CATCH_UP_WAIT;
         loop {
             let positions =
                 self.consumer.position().context("cannot read the subscriptions reader's positions")?;
-            let reached = |p: usize, end: i64| {
-                let position =
-                    positions.find_partition(&self.topic, p as i32).and_then(|e| match e.offset() {
-                        Offset::Offset(o) => Some(o),
-                        _ => None,
-                    });
-                // Past a transaction's marker the position moves on without a record.
-                end <= 0 || self.seen[p].max(position).is_some_and(|o| o >= end)
-            };
-            if ends.iter().enumerate().all(|(p, end)| reached(p, *end)) {
+            let short: Vec<(usize, i64)> = ends
+                .iter()
+                .enumerate()
+                .filter_map(|(p, end)| Some((p, (*end)?)))
+                .filter(|&(p, end)| {
+                    // Past a transaction's marker the position moves on without a record.
+                    let at = self.seen[p].max(changelog::position_of(&positions, &self.topic, p as i32));
+                    at.is_none_or(|at| at < end)
+                })
+                .collect();
+            if short.is_empty() {
+                if let Some((since, _)) = self.waiting.take() {
+                    info!(
+                        waited_ms = since.elapsed().as_millis() as u64,
+                        "billing: the subscriptions are read to their end"
+                    );
+                }
                 return Ok(true);
             }
             if Instant::now() >= deadline {
-                warn!(topic = %self.topic, ?ends, seen = ?self.seen, "billing: the subscriptions could not be read to their end in time; billing waits");
+                let now = Instant::now();
+                let (since, said) = self.waiting.get_or_insert((now, now - SAY_WAITING_EVERY));
+                if said.elapsed() >= SAY_WAITING_EVERY {
+                    *said = now;
+                    warn!(
+                        topic = %self.topic,
+                        partitions_and_ends = ?short,
+                        seen = ?self.seen,
+                        waiting_s = since.elapsed().as_secs(),
+                        "billing: the subscriptions are not read to their high watermark yet; billing is {WAITS_FOR_OPEN_TRANSACTIONS} to end (or for the rest to be read)"
+                    );
+                }
                 return Ok(false);
             }
             if let Some(message) = self.next(Duration::from_millis(50)) {
@@ -336,7 +396,7 @@ fn copy_subscriptions(
     let topics = &config.file.topics;
     for (j, seen) in feed.seen.iter().enumerate() {
         let j = j as i32;
-        let copied = task.copied.get(&j).copied();
+        let copied = task.state.copied.get(&j).copied();
         if j % shape.partitions as i32 != shape.partition || *seen <= copied {
             continue;
         }
@@ -372,7 +432,7 @@ fn copy_subscriptions(
                     next = end,
                     "billing: subscriptions copied into the plan book"
                 );
-                task.copied.insert(j, end);
+                task.state.copied.insert(j, end);
             }
             Err(failure) => failed(task, "plan book copy", failure)?,
         }
@@ -412,6 +472,7 @@ pub fn run(config: &Config, shutdown: &AtomicBool, board: &Board) -> anyhow::Res
     let mut sources = changelog::partition_count(&client, &topics.events)?;
     let partitions = changelog::partition_count(&client, &topics.billing_changelog)?;
     let mut subscriptions = SubscriptionFeed::new(&client, config, partitions)?;
+    let ends = HighWatermarks::new(&client)?;
     let assignment = Arc::new(Mutex::new(Assignment::default()));
     // No offsets are ever committed in this group: every assignment starts from the beginning.
     let consumer: BaseConsumer<StageContext> =
@@ -423,13 +484,15 @@ pub fn run(config: &Config, shutdown: &AtomicBool, board: &Board) -> anyhow::Res
     let status = board.consumer(StageKind::Bill, "0", &topics.billing_changelog);
 
     let mut tasks: BTreeMap<i32, Task> = BTreeMap::new();
-    // Assigned, not restored yet: one a poll, so that restoring several partitions never keeps
-    // the consumer from polling for longer than one restore (past `kafka.max_poll_interval`
-    // the member would leave the group and its producer be fenced). A record of one of them
-    // that arrives meanwhile is dropped: its restore reads the partition to an end past it.
-    let mut to_restore: VecDeque<i32> = VecDeque::new();
+    let mut restoring: BTreeMap<i32, Restoring> = BTreeMap::new();
+    // Partitions being read back whose producer has not fenced the previous owner's yet: one
+    // a poll, so that fencing several never keeps the consumer from polling for longer than
+    // one producer's start (past `kafka.max_poll_interval` the member would leave the group).
+    let mut to_fence: VecDeque<i32> = VecDeque::new();
     let mut last_report = Instant::now();
     let mut last_round = Instant::now();
+    let hold_bills = std::env::var_os(HOLD_BILLS_FILE).map(std::path::PathBuf::from);
+    let mut said_holding = false;
     while !shutdown.load(Ordering::Relaxed) {
         let message = consumer.poll(POLL);
         status.polled();
@@ -445,42 +508,57 @@ pub fn run(config: &Config, shutdown: &AtomicBool, board: &Board) -> anyhow::Res
             }
             for p in revoked {
                 tasks.remove(&p);
-                to_restore.retain(|&q| q != p);
+                restoring.remove(&p);
+                to_fence.retain(|&q| q != p);
                 status.state().partitions.remove(&p);
                 info!(partition = p, "billing: partition revoked");
             }
             for p in added {
                 status.state().partitions.entry(p).or_default().restored = false;
-                to_restore.push_back(p);
+                restoring.insert(p, Restoring::new(false));
+                to_fence.push_back(p);
             }
-            if let Some(p) = to_restore.pop_front() {
-                let task = restore(config, &client, p)?;
-                subscriptions.billed_at(p, task.book.billed_positions());
-                let mut state = status.state();
-                let entry = state.partitions.entry(p).or_default();
-                (entry.restored, entry.next_offset) = (true, Some(task.skip_until));
-                drop(state);
-                tasks.insert(p, task);
+        }
+        if let Some(p) = to_fence.pop_front() {
+            if let Some(r) = restoring.get_mut(&p) {
+                r.fenced = Some(fence(config, &client, &ends, p)?);
             }
-            metrics().assigned_partitions.with_label_values(&["bill", "0"]).set(tasks.len() as i64);
         }
         let busy = matches!(message, Some(Ok(_)));
         match message {
             Some(Ok(m)) => {
-                if let Some(task) = tasks.get_mut(&m.partition()) {
-                    if m.offset() >= task.skip_until {
-                        let mut assembler = std::mem::take(&mut task.assembler);
-                        let absorbed =
-                            changelog::assemble(&mut assembler, m.key(), m.payload(), &mut |k, v, n| {
-                                task.absorb(k, v, n)
-                            });
-                        task.assembler = assembler;
-                        absorbed?;
-                    }
+                let p = m.partition();
+                if let Some(task) = tasks.get_mut(&p) {
+                    task.state.record(m.key(), m.payload())?;
+                } else if let Some(r) = restoring.get_mut(&p) {
+                    r.state.record(m.key(), m.payload())?;
                 }
             }
             Some(Err(e)) => warn!(error = %e, "billing: consumer error"),
             None => {}
+        }
+        if !restoring.is_empty() {
+            let positions = consumer.position().context("cannot read the changelog consumer's positions")?;
+            let at = |p: i32| changelog::position_of(&positions, &topics.billing_changelog, p);
+            let ready: Vec<i32> =
+                restoring.iter().filter(|(p, r)| r.caught_up(at(**p))).map(|(p, _)| *p).collect();
+            for p in ready {
+                let Some(r) = restoring.remove(&p) else { continue };
+                match finish_restore(config, &client, &consumer, p, r)? {
+                    Restored::Ready(task) => {
+                        subscriptions.billed_at(p, task.state.book.billed_positions());
+                        let mut state = status.state();
+                        let entry = state.partitions.entry(p).or_default();
+                        (entry.restored, entry.next_offset) = (true, at(p));
+                        drop(state);
+                        tasks.insert(p, task);
+                    }
+                    Restored::ReadAgain(r) => {
+                        restoring.insert(p, r);
+                    }
+                }
+            }
+            metrics().assigned_partitions.with_label_values(&["bill", "0"]).set(tasks.len() as i64);
         }
         if last_report.elapsed() >= REPORT_EVERY {
             last_report = Instant::now();
@@ -489,7 +567,7 @@ pub fn run(config: &Config, shutdown: &AtomicBool, board: &Board) -> anyhow::Res
         // The oldest month waiting to be billed (closed by every source or not).
         status.state().oldest_open_month_end = tasks
             .values()
-            .filter_map(|t| t.book.next_to_bill())
+            .filter_map(|t| t.state.book.next_to_bill())
             .min()
             .map(|m| config.meter.tz.end_of_month(m));
         // Records keep coming: read them first, but look at the rest at least once a second.
@@ -497,6 +575,9 @@ pub fn run(config: &Config, shutdown: &AtomicBool, board: &Board) -> anyhow::Res
             continue;
         }
         last_round = Instant::now();
+        for (&p, r) in restoring.iter_mut() {
+            say_if_waiting(config, &consumer, p, r)?;
+        }
         subscriptions.follow();
         let mut copied = false;
         for (&p, task) in tasks.iter_mut() {
@@ -512,7 +593,13 @@ pub fn run(config: &Config, shutdown: &AtomicBool, board: &Board) -> anyhow::Res
             if !task.reload {
                 refuse_late_usage(config, p, task)?;
             }
-            while let Some(month) = task.book.next_billable(sources).filter(|_| !task.reload) {
+            while let Some(month) = task.state.book.next_billable(sources).filter(|_| !task.reload) {
+                if hold_bills.as_ref().is_some_and(|f| f.exists()) {
+                    if !std::mem::replace(&mut said_holding, true) {
+                        warn!(partition = p, %month, "failpoint: billing holds its months");
+                    }
+                    break;
+                }
                 // The events topic may have grown since it was last looked at: a month
                 // waits for every partition there is when it is billed.
                 let now = changelog::partition_count(&client, &topics.events)?;
@@ -527,13 +614,17 @@ pub fn run(config: &Config, shutdown: &AtomicBool, board: &Board) -> anyhow::Res
                 }
             }
         }
-        for (&p, task) in tasks.iter_mut().filter(|(_, t)| t.reload) {
-            // A new producer with the task's transactional id fences the old one (the broker
-            // then completes or aborts its transaction), and the partition read back says
-            // what was published.
-            *task = restore(config, &client, p)?;
-            subscriptions.billed_at(p, task.book.billed_positions());
-            info!(partition = p, billed_through = ?task.book.billed_through(), "billing: partition read back after an unknown outcome");
+        let reload: Vec<i32> = tasks.iter().filter(|(_, t)| t.reload).map(|(p, _)| *p).collect();
+        for p in reload {
+            // Read back from the beginning: a new producer with the task's transactional id
+            // fences the old one (the broker then completes or aborts its transaction), and
+            // the partition, read to its high watermark, says what was published.
+            tasks.remove(&p);
+            read_again_from_the_beginning(&consumer, &topics.billing_changelog, p)?;
+            restoring.insert(p, Restoring::new(true));
+            to_fence.push_front(p);
+            status.state().partitions.entry(p).or_default().restored = false;
+            info!(partition = p, "billing: reading the partition back after an unknown outcome");
         }
     }
     info!("billing: stopped");
@@ -541,8 +632,19 @@ pub fn run(config: &Config, shutdown: &AtomicBool, board: &Board) -> anyhow::Res
 }
 
 /// How long billing waits, at most, for the subscriptions to be read to their end before it
-/// bills (or alerts), and for the broker to say where they end.
-const CATCH_UP_WAIT: Duration = Duration::from_secs(30);
+/// bills or alerts, in one round: it tries again at the next (the consumer must keep polling).
+const CATCH_UP_WAIT: Duration = Duration::from_secs(2);
+
+/// How often billing says that it waits for open transactions, while it does.
+const SAY_WAITING_EVERY: Duration = Duration::from_secs(30);
+
+/// How long a partition's read back may wait for other producers' open transactions before
+/// the stage gives up with an error: Kafka's default `transaction.max.timeout.ms` (15 min)
+/// bounds how long any transaction stays open, unless the cluster allows more.
+const OPEN_TRANSACTION_WAIT: Duration = Duration::from_secs(16 * 60);
+
+/// What billing logs while it waits: the tests look for it.
+const WAITS_FOR_OPEN_TRANSACTIONS: &str = "waiting for open transactions";
 
 /// How often the billing consumer's positions are reported.
 const REPORT_EVERY: Duration = Duration::from_millis(500);
@@ -563,34 +665,139 @@ fn report_positions(consumer: &BaseConsumer<StageContext>, topic: &str, status: 
     }
 }
 
-/// A task for a newly assigned partition: its producer (fencing the previous owner) first,
-/// then everything the partition holds.
-fn restore(config: &Config, client: &ClientConfig, partition: i32) -> anyhow::Result<Task> {
-    let started = Instant::now();
-    let topics = &config.file.topics;
+/// The producer of billing partition `partition`'s task, which fences the previous owner's
+/// (the broker completes or aborts its open transaction), and where the partition ends right
+/// after: every record any earlier owner wrote lies below (`None`: the partition is empty).
+fn fence(
+    config: &Config,
+    client: &ClientConfig,
+    ends: &HighWatermarks,
+    partition: i32,
+) -> anyhow::Result<(Outbox, Option<i64>)> {
     let id = format!("{}-billing-{partition}", config.file.kafka.group_id);
     let outbox = Outbox::transactional(client, &id, config.kafka.transaction_timeout, "bill")?;
-    let mut task = Task::new(outbox);
-    let mut next_offset = task.read(client, &topics.billing_changelog, partition)?;
-    if task.book.billed_through().is_none()
+    let (low, high) = ends.of(&config.file.topics.billing_changelog, partition, Duration::from_secs(30))?;
+    Ok((outbox, (high > low).then_some(high)))
+}
+
+/// What reading a partition back came to.
+enum Restored {
+    Ready(Task),
+    /// The old layout's records were found: the partition is read again on top of them.
+    ReadAgain(Restoring),
+}
+
+/// Finishes reading billing partition `partition` back, now that its records up to the high
+/// watermark are absorbed.
+///
+/// Nothing billed here yet may be the first start after an upgrade from a version that kept
+/// billing's records in the metering changelog (same partition numbers): those records
+/// first, then this partition's on top, so that billing goes on where it was instead of
+/// billing every month again. When the metering changelog holds none (the usual case), what
+/// was read stands.
+fn finish_restore(
+    config: &Config,
+    client: &ClientConfig,
+    consumer: &BaseConsumer<StageContext>,
+    partition: i32,
+    mut r: Restoring,
+) -> anyhow::Result<Restored> {
+    let topics = &config.file.topics;
+    if r.state.book.billed_through().is_none()
+        && !r.old_layout_read
         && (partition as u32) < changelog::partition_count(client, &topics.changelog)?
     {
-        // Nothing billed here yet: this may be the first start after an upgrade from a
-        // version that kept billing's records in the metering changelog (same partition
-        // numbers). Those records first, then this partition's on top, so that billing
-        // goes on where it was instead of billing every month again.
-        let mut upgraded = Task::new(task.outbox);
-        upgraded.read(client, &topics.changelog, partition)?;
-        upgraded.assembler = Assembler::default();
-        next_offset = upgraded.read(client, &topics.billing_changelog, partition)?;
-        task = upgraded;
+        r.old_layout_read = true;
+        let mut old = Absorbed::default();
+        let mut billing_records = 0;
+        let mut assembler = Assembler::default();
+        changelog::read_partition(
+            client,
+            &topics.changelog,
+            partition,
+            changelog::Until::HighWatermark,
+            &mut assembler,
+            |key, value, parts| {
+                billing_records += usize::from(!matches!(key, ChangelogKey::State(_)));
+                old.absorb(key, value, parts)
+            },
+        )?;
+        if billing_records > 0 {
+            info!(
+                partition,
+                billing_records,
+                "billing: the old layout's records found; reading the partition again on top of them"
+            );
+            r.state = old;
+            read_again_from_the_beginning(consumer, &topics.billing_changelog, partition)?;
+            return Ok(Restored::ReadAgain(r));
+        }
     }
-    task.book.finish_restore();
-    // The group consumer starts from the beginning too; what was read here is skipped.
-    task.skip_until = next_offset;
-    metrics().restore_duration.with_label_values(&["bill"]).observe(started.elapsed().as_secs_f64());
-    info!(partition, billed_through = ?task.book.billed_through(), "billing: partition restored");
-    Ok(task)
+    let Some((outbox, _)) = r.fenced else { anyhow::bail!("partition {partition} restored unfenced") };
+    r.state.book.finish_restore();
+    metrics().restore_duration.with_label_values(&["bill"]).observe(r.started.elapsed().as_secs_f64());
+    let billed_through = r.state.book.billed_through();
+    let ms = r.started.elapsed().as_millis() as u64;
+    if r.after_unknown_outcome {
+        info!(partition, ?billed_through, ms, "billing: partition read back after an unknown outcome");
+    } else {
+        info!(partition, ?billed_through, ms, "billing: partition restored");
+    }
+    Ok(Restored::Ready(Task { outbox, state: r.state, reload: false }))
+}
+
+/// Moves the group consumer back to the beginning of billing partition `partition`: its
+/// position reads as unknown at once, and records fetched before are dropped.
+fn read_again_from_the_beginning(
+    consumer: &BaseConsumer<StageContext>,
+    topic: &str,
+    partition: i32,
+) -> anyhow::Result<()> {
+    with_retries("seeking back", || {
+        consumer.seek(topic, partition, Offset::Beginning, Duration::from_secs(10))
+    })
+}
+
+/// Says (every [`SAY_WAITING_EVERY`]) that partition `partition` is read to its last stable
+/// offset and short of the high watermark its task waits for: a transaction is open in it.
+/// Past [`OPEN_TRANSACTION_WAIT`], an error: the task cannot know what it published.
+fn say_if_waiting(
+    config: &Config,
+    consumer: &BaseConsumer<StageContext>,
+    partition: i32,
+    r: &mut Restoring,
+) -> anyhow::Result<()> {
+    let Some((_, Some(end))) = &r.fenced else { return Ok(()) };
+    if r.started.elapsed() < Duration::from_secs(2)
+        || r.said_waiting.is_some_and(|t| t.elapsed() < SAY_WAITING_EVERY)
+    {
+        return Ok(());
+    }
+    let topic = &config.file.topics.billing_changelog;
+    // A read_committed client's watermark is the last stable offset.
+    let Ok((_, stable)) = consumer.fetch_watermarks(topic, partition, Duration::from_secs(5)) else {
+        return Ok(());
+    };
+    let positions = consumer.position().unwrap_or_default();
+    let at = changelog::position_of(&positions, topic, partition);
+    if stable >= *end || at.is_none_or(|at| at < stable) {
+        return Ok(()); // still reading, not waiting
+    }
+    r.said_waiting = Some(Instant::now());
+    anyhow::ensure!(
+        r.started.elapsed() < OPEN_TRANSACTION_WAIT,
+        "billing changelog {topic} [{partition}]: read_committed reads stop at {stable}, below the high watermark {end} \
+         seen when this task fenced the previous owner, for over {OPEN_TRANSACTION_WAIT:?}: a transaction of another producer \
+         is open there (docs/operations.md, \"An open transaction holds billing back\")"
+    );
+    warn!(
+        partition,
+        stable_offset = stable,
+        high_watermark = end,
+        waiting_s = r.started.elapsed().as_secs(),
+        "billing: partition read to its last stable offset, short of its high watermark: {WAITS_FOR_OPEN_TRANSACTIONS} to end before it bills"
+    );
+    Ok(())
 }
 
 /// Where a billing task sits: its changelog partition and how many there are.
@@ -618,9 +825,9 @@ fn bill(
         grid: config.meter.grid,
     };
     let ours = subscriptions.apps().filter(|a| billing_partition(*a, partitions) as i32 == partition);
-    let billed = task.book.bill(month, pricing, ours)?;
+    let billed = task.state.book.bill(month, pricing, ours)?;
     let topics = &config.file.topics;
-    let refused = feed.dead_letters(partition, month, task.book.billed_through());
+    let refused = feed.dead_letters(partition, month, task.state.book.billed_through());
     // Every subscription record below these positions was read before this bill; one at or
     // after them, dated in this month or before, is late (see `SubscriptionFeed`).
     let read = feed.read_positions();
@@ -679,8 +886,8 @@ fn bill(
                 m.events_rejected.with_label_values(&[letter.reason()]).inc();
             }
             m.months_billed.inc();
-            task.book.billed(month);
-            task.book.subscriptions_read(month, read.clone());
+            task.state.book.billed(month);
+            task.state.book.subscriptions_read(month, read.clone());
             feed.billed.entry(partition).or_default().insert(month, read);
             Ok(true)
         }
@@ -695,13 +902,13 @@ fn bill(
 /// the share's figures as JSON) and deletes them, in one transaction. A billed month's
 /// charges never change.
 fn refuse_late_usage(config: &Config, partition: i32, task: &mut Task) -> anyhow::Result<()> {
-    if !task.book.has_late_shares() {
+    if !task.state.book.has_late_shares() {
         return Ok(());
     }
     let topics = &config.file.topics;
     let mut letters = Vec::new();
     let mut deletions = Vec::new();
-    for late in task.book.late_shares(config.meter.grid) {
+    for late in task.state.book.late_shares(config.meter.grid) {
         let (app_id, month) = (late.usage.app_id, late.usage.month);
         warn!(partition, app_id, %month, key = ?late.key, "billing: usage of a month already billed; refused as late");
         let why =
@@ -723,7 +930,7 @@ fn refuse_late_usage(config: &Config, partition: i32, task: &mut Task) -> anyhow
     match result {
         Ok(()) => {
             metrics().dead_letters.with_label_values(&["usage"]).inc_by(letters.len() as u64);
-            task.book.refused_late();
+            task.state.book.refused_late();
             Ok(())
         }
         Err(failure) => failed(task, "late usage", failure),
@@ -746,13 +953,13 @@ fn alert_as_it_happens(
     task: &mut Task,
     feed: &mut SubscriptionFeed,
 ) -> anyhow::Result<()> {
-    if !task.book.has_crossings_to_check() {
+    if !task.state.book.has_crossings_to_check() {
         return Ok(());
     }
     if !feed.catch_up()? {
         return Ok(());
     }
-    let alerts = task.book.alerts_due(&feed.book);
+    let alerts = task.state.book.alerts_due(&feed.book);
     if alerts.is_empty() {
         return Ok(());
     }
@@ -771,7 +978,7 @@ fn alert_as_it_happens(
             for alert in &alerts {
                 info!(partition, app_id = alert.app_id, month = %alert.month, "billing: quota alert");
             }
-            task.book.alerted(&alerts);
+            task.state.book.alerted(&alerts);
             Ok(())
         }
         Err(failure) => failed(task, "quota alert", failure),

@@ -1,5 +1,11 @@
-//! Reading the changelog topic back: a partition from its beginning to its last stable
-//! offset, which is how both stages rebuild their state after an assignment or a crash.
+//! Reading the changelog topics back: a partition from its beginning to its end, which is
+//! how both stages rebuild their state after an assignment or a crash.
+//!
+//! Two ends: the *last stable offset* (LSO), where a `read_committed` reader stops while a
+//! transaction is open, and the *high watermark* (HW), past every record written. A reader
+//! that must see everything a fenced producer wrote (billing reading back its billed-through
+//! mark) reads to the HW: it waits for other producers' open transactions to end, because an
+//! open transaction's first record holds the LSO below whatever was committed after it.
 
 use std::time::{Duration, Instant};
 
@@ -59,6 +65,39 @@ pub fn partition_count(client: &ClientConfig, topic: &str) -> anyhow::Result<u32
     Ok(count as u32)
 }
 
+/// Asks the broker where partitions end with every record counted, committed or not: the
+/// high watermark. (A `read_committed` client's `fetch_watermarks` answers with the last
+/// stable offset instead, which an open transaction holds back.)
+pub struct HighWatermarks {
+    client: BaseConsumer,
+}
+
+impl HighWatermarks {
+    /// A client for `client`'s cluster that asks for high watermarks.
+    pub fn new(client: &ClientConfig) -> anyhow::Result<Self> {
+        let mut config = client.clone();
+        config.set("isolation.level", "read_uncommitted");
+        Ok(HighWatermarks { client: config.create().context("cannot create a watermark client")? })
+    }
+
+    /// `(low, high)`: the first offset the partition still holds and its high watermark.
+    pub fn of(&self, topic: &str, partition: i32, timeout: Duration) -> anyhow::Result<(i64, i64)> {
+        self.client
+            .fetch_watermarks(topic, partition, timeout)
+            .with_context(|| format!("cannot read where {topic} [{partition}] ends"))
+    }
+}
+
+/// Where a read back stops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Until {
+    /// The last stable offset: everything committed so far, as far as no open transaction
+    /// holds it back.
+    LastStable,
+    /// The high watermark when the read starts: waits for the transactions open then to end.
+    HighWatermark,
+}
+
 /// How far a read went.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ReadBack {
@@ -69,7 +108,7 @@ pub struct ReadBack {
 }
 
 /// Calls `each(key, value, parts)` for every committed record of one changelog partition,
-/// oldest first, until its last stable offset (`None` values are deletions), with values
+/// oldest first, until `until` (`None` values are deletions), with values
 /// written in parts handed over whole (`parts`: how many they were written in, 0 for a
 /// value written whole). `assembler` keeps the parts of a value whose header comes after
 /// the end of this read: pass the same one on to whatever reads on from there. Unreadable
@@ -78,11 +117,12 @@ pub fn read_partition(
     client: &ClientConfig,
     topic: &str,
     partition: i32,
+    until: Until,
     assembler: &mut Assembler,
     mut each: impl FnMut(ChangelogKey, Option<&[u8]>, usize) -> anyhow::Result<()>,
 ) -> anyhow::Result<ReadBack> {
     let mut read = ReadBack::default();
-    read_to_end(client, topic, &[partition], |record| {
+    read_from(client, topic, &[(partition, Offset::Beginning)], until, |record| {
         read.records += 1;
         read.next_offset = record.offset + 1;
         assemble(assembler, record.key, record.value, &mut each)
@@ -135,16 +175,17 @@ pub fn read_to_end(
         partitions.to_vec()
     };
     let from: Vec<(i32, Offset)> = partitions.into_iter().map(|p| (p, Offset::Beginning)).collect();
-    read_from(client, topic, &from, each).map(|_| ())
+    read_from(client, topic, &from, Until::LastStable, each).map(|_| ())
 }
 
 /// Calls `each` for every committed record of `topic` from the given `(partition, offset)`
-/// starts until each partition's last stable offset; returns where each partition ended
+/// starts until each partition's end as `until` says; returns where each partition ended
 /// (its position, which steps over transaction markers).
 pub fn read_from(
     client: &ClientConfig,
     topic: &str,
     from: &[(i32, Offset)],
+    until: Until,
     mut each: impl FnMut(Record<'_>) -> anyhow::Result<()>,
 ) -> anyhow::Result<Vec<(i32, i64)>> {
     let consumer: BaseConsumer<QuietEof> =
@@ -154,10 +195,44 @@ pub fn read_from(
         assignment.add_partition_offset(topic, *p, *offset)?;
     }
     consumer.assign(&assignment)?;
+    // Reading to the high watermark: where each partition ends now, aborted records and
+    // transaction markers included (the position steps over them). Empty ones are done.
+    let mut targets: Vec<(i32, i64)> = Vec::new();
+    if until == Until::HighWatermark {
+        let ends = HighWatermarks::new(client)?;
+        for (p, _) in from {
+            let (low, high) = ends.of(topic, *p, Duration::from_secs(30))?;
+            if high > low {
+                targets.push((*p, high));
+            }
+        }
+    }
     let deadline = Instant::now() + RESTORE_TIMEOUT;
     let mut at_end = 0;
-    while at_end < from.len() {
-        anyhow::ensure!(Instant::now() < deadline, "reading {topic} took over {RESTORE_TIMEOUT:?}");
+    let done = |at_end: usize, targets: &[(i32, i64)]| -> anyhow::Result<bool> {
+        match until {
+            Until::LastStable => Ok(at_end >= from.len()),
+            Until::HighWatermark => {
+                let positions = consumer.position().context("cannot read the reader's positions")?;
+                Ok(targets
+                    .iter()
+                    .all(|(p, high)| position_of(&positions, topic, *p).is_some_and(|o| o >= *high)))
+            }
+        }
+    };
+    while !done(at_end, &targets)? {
+        if Instant::now() >= deadline {
+            let positions = consumer.position().unwrap_or_default();
+            let behind: Vec<String> = targets
+                .iter()
+                .map(|(p, high)| format!("[{p}] at {:?} of {high}", position_of(&positions, topic, *p)))
+                .collect();
+            anyhow::bail!(
+                "reading {topic} took over {RESTORE_TIMEOUT:?} ({until:?}; {}): if a partition stays short of its \
+                 high watermark, a transaction is open in it (docs/operations.md, \"An open transaction holds billing back\")",
+                behind.join(", ")
+            );
+        }
         match consumer.poll(Duration::from_millis(200)) {
             Some(Ok(m)) => each(Record {
                 partition: m.partition(),
@@ -181,4 +256,13 @@ pub fn read_from(
             _ => None,
         })
         .collect())
+}
+
+/// A partition's offset in `positions` (a consumer's: after the last record it handed out,
+/// stepping over transaction markers and aborted records), if it has one yet.
+pub fn position_of(positions: &TopicPartitionList, topic: &str, partition: i32) -> Option<i64> {
+    match positions.find_partition(topic, partition).map(|e| e.offset()) {
+        Some(Offset::Offset(o)) => Some(o),
+        _ => None,
+    }
 }

@@ -386,6 +386,9 @@ impl Stage {
             &client,
             &self.config.file.topics.changelog,
             partition,
+            // The progress record says whether what was read is the committed state (see
+            // `restore_at`), so the last stable offset is enough here.
+            changelog::Until::LastStable,
             &mut Default::default(),
             |key, value, parts| {
                 // Only state: a changelog written before billing had one of its own also

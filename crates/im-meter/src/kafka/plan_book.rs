@@ -90,10 +90,11 @@ pub fn read_source(
     from: Offset,
 ) -> anyhow::Result<(Vec<SourceRecord>, Option<i64>)> {
     let mut records = Vec::new();
-    let ends = changelog::read_from(client, topic, &[(partition, from)], |record| {
-        records.push(SourceRecord::from(record));
-        Ok(())
-    })?;
+    let ends =
+        changelog::read_from(client, topic, &[(partition, from)], changelog::Until::LastStable, |record| {
+            records.push(SourceRecord::from(record));
+            Ok(())
+        })?;
     let end = ends.iter().find(|(p, _)| *p == partition).map(|(_, o)| *o);
     let last = records.last().map(|r| r.offset + 1);
     Ok((records, end.max(last)))

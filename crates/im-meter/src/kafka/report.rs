@@ -9,7 +9,7 @@ use im_meter_core::bill::{Charge, QuotaAlert};
 use im_meter_core::time::Month;
 use serde::de::DeserializeOwned;
 
-use super::changelog::{partition_count, read_partition, read_to_end};
+use super::changelog::{partition_count, read_partition, read_to_end, Until};
 use super::client_config;
 use crate::config::Config;
 use crate::report::{Report, UsageItem};
@@ -28,6 +28,8 @@ pub fn read_billed_month(config: &Config, month: Month, wait: Duration) -> anyho
                 &client,
                 &topics.billing_changelog,
                 p,
+                // A mark an open transaction hides only makes this wait for it.
+                Until::LastStable,
                 &mut Default::default(),
                 |key, value, _| {
                     if let (ChangelogKey::Billed, Some(v)) = (key, value) {
