@@ -790,3 +790,73 @@ fn a_plan_change_in_a_transaction_open_at_the_months_end_is_billed_in_its_month(
     assert_eq!(late, 0, "the plan change was read in time");
     workers.pop().unwrap().stop();
 }
+
+/// One record of about a megabyte — a login with a garbage `user_id`, a refused plan change
+/// padded with a field of garbage, both 1,010,000 bytes, as a Java producer's default
+/// `max.request.size` lets through — goes to the dead letters cut to its first 64 KiB, with
+/// its length and SHA-256; the plan book copies it whole (in parts); nothing loops on it, and
+/// the month is billed as replay bills it.
+#[test]
+fn records_of_a_megabyte_go_to_the_dead_letters_and_the_month_is_billed() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let d = Deployment::new("huge");
+    let (events, subscriptions) = input();
+    let sized = |head: &str, tail: &str| {
+        let pad = "x".repeat(1_010_000 - head.len() - tail.len());
+        format!("{head}{pad}{tail}")
+    };
+    let login =
+        sized(r#"{"type":"login","app_id":1400000003,"user_id":""#, r#"","ts":"2026-10-12T10:00:00+08:00"}"#);
+    // Standard back to Developer: refused by the plan book, so its letter goes out with
+    // October's bill (a record that is no subscription event at all is dated by its Kafka
+    // timestamp: today, a month not billed here).
+    let change = sized(
+        r#"{"type":"plan_changed","app_id":1400000003,"ts":"2026-10-20T00:00:00+08:00","plan":"developer","note":""#,
+        r#""}"#,
+    );
+    assert_eq!((login.len(), change.len()), (1_010_000, 1_010_000));
+    let with = |file: &std::path::Path, line: &String| {
+        let mut lines: Vec<String> =
+            std::fs::read_to_string(file).unwrap().lines().map(str::to_string).collect();
+        lines.push(line.clone());
+        lines
+    };
+    let want = Expected::of(
+        &d.file("events.ndjson", &with(events, &login)),
+        &d.file("subscriptions.ndjson", &with(subscriptions, &change)),
+    );
+    assert_eq!(want.refused_events, expected().refused_events + 1, "replay refuses the login");
+    d.produce();
+    produce_large(&d.topic("events"), "1400000003", login.as_bytes());
+    produce_large(&d.topic("subscriptions"), "1400000003", change.as_bytes());
+    one_worker_bills_as(&want, &d, &[]);
+
+    let letters = read_all(&d.topic("dead_letters"));
+    for (big, source, reason) in
+        [(&login, "events", "invalid_field"), (&change, "subscriptions", "invalid_change")]
+    {
+        let found: Vec<&Record> = letters
+            .iter()
+            .filter(|r| {
+                r.headers["source_topic"] == d.topic(source) && r.headers["payload_length"] == "1010000"
+            })
+            .collect();
+        assert_eq!(found.len(), 1, "one dead letter of the {source} record");
+        let letter = found[0];
+        assert_eq!(letter.headers["payload_sha256"], sha256_hex(big.as_bytes()));
+        assert_eq!(letter.headers["truncated"], "true");
+        assert!(letter.value == big.as_bytes()[..65_536], "its first 64 KiB");
+        assert_eq!(letter.headers["reason"], reason, "{:?}", letter.headers);
+    }
+    // Small dead letters are whole, and say so.
+    let small =
+        letters.iter().find(|r| r.headers["truncated"] == "false").expect("the sample's malformed lines");
+    assert_eq!(small.headers["payload_length"], small.value.len().to_string());
+    // The plan book holds the subscription record whole: it is copied in parts.
+    let copies = read_all(&d.topic("plan_book"));
+    let parts: Vec<&Record> =
+        copies.iter().filter(|r| String::from_utf8_lossy(r.key.as_deref().unwrap()).contains('#')).collect();
+    assert!(parts.len() >= 2, "copied in parts");
+    let whole: Vec<u8> = parts.iter().flat_map(|r| r.value.clone()).collect();
+    assert!(whole == change.as_bytes(), "the copy is the record");
+}

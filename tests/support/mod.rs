@@ -552,3 +552,24 @@ impl OpenTransaction {
         self.producer.abort_transaction(Duration::from_secs(30)).unwrap();
     }
 }
+
+/// Sends one record of any size up to the broker's limit (`im-meter produce` keeps
+/// librdkafka's 1,000,000-byte `message.max.bytes`; a Java producer's default
+/// `max.request.size` allows a little more, and the broker's default record limit is
+/// 1,048,588 bytes).
+pub fn produce_large(topic: &str, key: &str, value: &[u8]) {
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("message.max.bytes", "2000000")
+        .create()
+        .unwrap();
+    producer.send(BaseRecord::to(topic).key(key).payload(value)).map_err(|(e, _)| e).unwrap();
+    producer.flush(Duration::from_secs(30)).unwrap();
+}
+
+/// The SHA-256 of `bytes`, in lower-case hex.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}

@@ -415,7 +415,7 @@ fn copy_subscriptions(
         }
         let mark = ChangelogKey::PlanCopied { partition: j as u32 };
         let result = task.outbox.transaction(|tx| {
-            plan_book::copy(tx, &topics.plan_book, &records)?;
+            plan_book::copy(tx, &topics.plan_book, &records, config.kafka.max_value_bytes)?;
             tx.send(
                 &topics.billing_changelog,
                 Some(shape.partition),
@@ -916,7 +916,7 @@ fn refuse_late_usage(config: &Config, partition: i32, task: &mut Task) -> anyhow
         let raw = serde_json::to_vec(&UsageItem::new(&late.usage, &config.meter.tz))?;
         let key = late.key.to_bytes();
         deletions.extend(share_keys(&key, late.parts));
-        letters.push(DeadLetter::written(key, raw, why, &topics.billing_changelog, partition));
+        letters.push(DeadLetter::written(&key, &raw, why, &topics.billing_changelog, partition));
     }
     let result = task.outbox.transaction(|tx| {
         for letter in &letters {

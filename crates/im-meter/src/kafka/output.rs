@@ -15,11 +15,35 @@ use tracing::warn;
 
 use super::fetch::Fetched;
 
-/// A refused input record: its bytes exactly as read, where it came from, and why.
+/// The most of a refused record's payload a dead letter carries: a larger payload is cut to
+/// its first this many bytes (the whole record stays in its source topic, at the letter's
+/// coordinates, for the topic's retention). Every letter says the payload's whole length
+/// and SHA-256, so a cut one is known for what it is.
+pub const DEAD_LETTER_PAYLOAD_MAX: usize = 64 * 1024;
+
+/// The most of a refused record's key a dead letter carries (a longer one is cut too).
+pub const DEAD_LETTER_KEY_MAX: usize = 4 * 1024;
+
+/// The most of a rejection's detail a dead letter carries (details can quote the input).
+const DEAD_LETTER_DETAIL_MAX: usize = 1024;
+
+/// The largest dead letter record: payload, key, headers and the batch's overhead. The
+/// dead-letter topic must take records this large (checked at start), so that no dead letter
+/// can ever make its transaction fail.
+pub const DEAD_LETTER_RECORD_MAX: usize = DEAD_LETTER_PAYLOAD_MAX + DEAD_LETTER_KEY_MAX + 8 * 1024;
+
+/// A refused input record — its bytes as read (cut to [`DEAD_LETTER_PAYLOAD_MAX`] and
+/// [`DEAD_LETTER_KEY_MAX`]), the whole payload's length and SHA-256, where it came from,
+/// and why.
 #[derive(Debug, Clone)]
 pub struct DeadLetter {
     key: Option<Vec<u8>>,
     raw: Vec<u8>,
+    /// The whole payload's length and SHA-256 (lower-case hex).
+    length: usize,
+    sha256: String,
+    /// The key's whole length, when it was cut.
+    key_length: Option<usize>,
     reason: &'static str,
     detail: String,
     topic: String,
@@ -27,7 +51,51 @@ pub struct DeadLetter {
     offset: i64,
 }
 
+/// The first `max` bytes of `bytes`.
+fn prefix(bytes: &[u8], max: usize) -> Vec<u8> {
+    bytes[..bytes.len().min(max)].to_vec()
+}
+
 impl DeadLetter {
+    /// A letter of `payload` (and `key`) as refused, cut to the documented limits.
+    fn new(
+        key: Option<&[u8]>,
+        payload: &[u8],
+        why: Rejection,
+        topic: &str,
+        partition: i32,
+        offset: i64,
+    ) -> Self {
+        use sha2::Digest;
+        let sha256 = sha2::Sha256::digest(payload).iter().map(|b| format!("{b:02x}")).collect();
+        let mut detail = why.detail;
+        if detail.len() > DEAD_LETTER_DETAIL_MAX {
+            let mut end = DEAD_LETTER_DETAIL_MAX;
+            while !detail.is_char_boundary(end) {
+                end -= 1;
+            }
+            detail.truncate(end);
+            detail.push('…');
+        }
+        DeadLetter {
+            key: key.map(|k| prefix(k, DEAD_LETTER_KEY_MAX)),
+            key_length: key.filter(|k| k.len() > DEAD_LETTER_KEY_MAX).map(<[u8]>::len),
+            raw: prefix(payload, DEAD_LETTER_PAYLOAD_MAX),
+            length: payload.len(),
+            sha256,
+            reason: why.reason.code(),
+            detail,
+            topic: topic.to_string(),
+            partition,
+            offset,
+        }
+    }
+
+    /// Whether the letter holds less than the record it stands for.
+    pub fn truncated(&self) -> bool {
+        self.raw.len() < self.length || self.key_length.is_some()
+    }
+
     /// Its reason's code (`late`, `invalid_change`, …).
     pub fn reason(&self) -> &'static str {
         self.reason
@@ -35,29 +103,13 @@ impl DeadLetter {
 
     /// The dead letter of a record this worker wrote itself (`offset` -1: it was not
     /// consumed from anywhere), e.g. usage that reached billing after its month was billed.
-    pub fn written(key: Vec<u8>, raw: Vec<u8>, why: Rejection, topic: &str, partition: i32) -> Self {
-        DeadLetter {
-            key: Some(key),
-            raw,
-            reason: why.reason.code(),
-            detail: why.detail,
-            topic: topic.to_string(),
-            partition,
-            offset: -1,
-        }
+    pub fn written(key: &[u8], raw: &[u8], why: Rejection, topic: &str, partition: i32) -> Self {
+        Self::new(Some(key), raw, why, topic, partition, -1)
     }
 
     /// The dead letter of a consumed record.
     pub fn of(record: &Fetched<'_>, why: Rejection) -> Self {
-        DeadLetter {
-            key: record.key.map(<[u8]>::to_vec),
-            raw: record.payload.to_vec(),
-            reason: why.reason.code(),
-            detail: why.detail,
-            topic: record.topic.to_string(),
-            partition: record.partition,
-            offset: record.offset,
-        }
+        Self::new(record.key, record.payload, why, record.topic, record.partition, record.offset)
     }
 }
 
@@ -142,15 +194,26 @@ impl Transaction<'_> {
         self.send(topic, None, key.as_bytes(), Some(&serde_json::to_vec(value)?), None)
     }
 
-    /// Queues a dead letter: the raw bytes as value, the reason and source as headers.
+    /// Queues a dead letter: the raw bytes (or their first [`DEAD_LETTER_PAYLOAD_MAX`]) as
+    /// value, the reason, the source and what the whole payload was as headers.
     pub fn dead_letter(&self, topic: &str, letter: &DeadLetter) -> anyhow::Result<()> {
         let (partition, offset) = (letter.partition.to_string(), letter.offset.to_string());
-        let headers = OwnedHeaders::new()
+        let length = letter.length.to_string();
+        let mut headers = OwnedHeaders::new()
             .insert(Header { key: "reason", value: Some(letter.reason) })
             .insert(Header { key: "detail", value: Some(&letter.detail) })
             .insert(Header { key: "source_topic", value: Some(&letter.topic) })
             .insert(Header { key: "source_partition", value: Some(&partition) })
-            .insert(Header { key: "source_offset", value: Some(&offset) });
+            .insert(Header { key: "source_offset", value: Some(&offset) })
+            .insert(Header { key: "payload_length", value: Some(&length) })
+            .insert(Header { key: "payload_sha256", value: Some(&letter.sha256) })
+            .insert(Header {
+                key: "truncated",
+                value: Some(if letter.truncated() { "true" } else { "false" }),
+            });
+        if let Some(key_length) = letter.key_length {
+            headers = headers.insert(Header { key: "key_length", value: Some(&key_length.to_string()) });
+        }
         let key = letter.key.as_deref().unwrap_or_default();
         self.send(topic, None, key, Some(&letter.raw), Some(headers))
     }
@@ -430,5 +493,42 @@ impl Drop for BackgroundOutbox {
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use im_meter_core::ingest::RejectReason;
+
+    fn letter(key: &[u8], payload: &[u8], detail: &str) -> DeadLetter {
+        let record = Fetched { topic: "events", partition: 2, offset: 7, key: Some(key), payload };
+        DeadLetter::of(&record, Rejection::new(RejectReason::InvalidField, detail))
+    }
+
+    #[test]
+    fn a_letter_is_cut_to_its_limits_and_says_what_it_stood_for() {
+        let payload = vec![b'x'; DEAD_LETTER_PAYLOAD_MAX + 10];
+        let key = vec![b'k'; DEAD_LETTER_KEY_MAX + 1];
+        // A detail quoting the input, cut on a character boundary.
+        let detail = "é".repeat(DEAD_LETTER_DETAIL_MAX);
+        let cut = letter(&key, &payload, &detail);
+        assert!(cut.truncated());
+        assert_eq!((cut.raw.len(), cut.length), (DEAD_LETTER_PAYLOAD_MAX, payload.len()));
+        assert_eq!(
+            (cut.key.as_ref().map(Vec::len), cut.key_length),
+            (Some(DEAD_LETTER_KEY_MAX), Some(key.len()))
+        );
+        assert!(cut.detail.len() <= DEAD_LETTER_DETAIL_MAX + '…'.len_utf8() && cut.detail.ends_with('…'));
+        use sha2::Digest;
+        let whole: String = sha2::Sha256::digest(&payload).iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(cut.sha256, whole);
+        // The largest letter fits the record the dead-letter topic is checked for.
+        let headers = cut.detail.len() + 512;
+        assert!(cut.raw.len() + DEAD_LETTER_KEY_MAX + headers < DEAD_LETTER_RECORD_MAX);
+
+        let whole = letter(b"1400000003", b"{}", "not an object");
+        assert!(!whole.truncated());
+        assert_eq!((whole.raw.as_slice(), whole.length, whole.key_length), (&b"{}"[..], 2, None));
     }
 }

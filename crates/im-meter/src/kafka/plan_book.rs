@@ -4,7 +4,9 @@
 //!
 //! Subscriptions partition *j* is copied into plan-book partition *j*, each record keyed by
 //! its source offset (decimal text, so compaction never removes one) with its original
-//! timestamp. The copy of *j* is made by the billing task of changelog partition
+//! timestamp; a record larger than the topic takes is copied in parts
+//! ([`im_meter_core::aggregate::parts`]: `{offset}#0…` then a header under `{offset}`), and
+//! read back whole. The copy of *j* is made by the billing task of changelog partition
 //! `j % changelog partitions`, in a transaction of that task's producer that also moves the
 //! task's copy mark (`o/{j}` in its changelog partition): a task's new owner fences the old
 //! one and goes on from the mark, so every record is copied once.
@@ -16,6 +18,7 @@
 use std::collections::BTreeMap;
 
 use anyhow::Context;
+use im_meter_core::aggregate::parts::{self, Assembler};
 use rdkafka::{ClientConfig, Offset};
 
 use super::changelog;
@@ -62,18 +65,31 @@ impl Copy {
     }
 }
 
-/// Reads the whole copy (committed records only).
+/// Reads the whole copy (committed records only), values copied in parts whole.
 pub fn read(client: &ClientConfig, topic: &str) -> anyhow::Result<Copy> {
     let mut copy = Copy::default();
+    // Parts and their header are in one partition, in order: one assembler per partition.
+    let mut assemblers: BTreeMap<i32, Assembler> = BTreeMap::new();
     changelog::read_to_end(client, topic, &[], |record| {
-        let offset: i64 =
-            record.key.and_then(|k| std::str::from_utf8(k).ok()).and_then(|k| k.parse().ok()).with_context(
-                || format!("{topic}: a key that is not a source offset at {}", record.offset),
-            )?;
+        let key = record.key.unwrap_or_default();
+        let assembler = assemblers.entry(record.partition).or_default();
+        let whole = assembler
+            .feed(key, record.value)
+            .with_context(|| format!("{topic}: a record copied in parts is damaged at {}", record.offset))?;
+        let Some(whole) = whole else { return Ok(()) };
+        let offset: i64 = std::str::from_utf8(whole.key)
+            .ok()
+            .and_then(|k| k.parse().ok())
+            .with_context(|| format!("{topic}: a key that is not a source offset at {}", record.offset))?;
         let end = copy.ends.entry(record.partition).or_default();
         *end = (*end).max(offset + 1);
         // The copy's own offset is not the source's: the key says where it came from.
-        copy.records.push(SourceRecord { offset, ..SourceRecord::from(record) });
+        copy.records.push(SourceRecord {
+            partition: record.partition,
+            offset,
+            timestamp: record.timestamp,
+            payload: whole.value.map(|v| v.into_owned()).unwrap_or_default(),
+        });
         Ok(())
     })?;
     // Read per partition in offset order already; sorted to say so.
@@ -100,10 +116,19 @@ pub fn read_source(
     Ok((records, end.max(last)))
 }
 
-/// Queues the copies of `records` in transaction `tx`.
-pub fn copy(tx: &Transaction<'_>, topic: &str, records: &[SourceRecord]) -> anyhow::Result<()> {
+/// Queues the copies of `records` in transaction `tx`, each in parts if it is over
+/// `max_value` bytes.
+pub fn copy(
+    tx: &Transaction<'_>,
+    topic: &str,
+    records: &[SourceRecord],
+    max_value: usize,
+) -> anyhow::Result<()> {
     for r in records {
-        tx.send_at(topic, r.partition, r.offset.to_string().as_bytes(), &r.payload, r.timestamp)?;
+        let (copies, _) = parts::split(r.offset.to_string().as_bytes(), r.payload.clone(), max_value);
+        for (key, value) in &copies {
+            tx.send_at(topic, r.partition, key, value, r.timestamp)?;
+        }
     }
     Ok(())
 }

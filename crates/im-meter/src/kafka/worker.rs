@@ -10,6 +10,7 @@ use tracing::{error, info};
 use super::admin::{
     ensure_topics, grow_topic, max_message_bytes, value_limit, TopicSpec, PRODUCER_MAX_BYTES,
 };
+use super::output::DEAD_LETTER_RECORD_MAX;
 use super::{bill, changelog, client_config, meter};
 use crate::config::Config;
 use crate::status::Board;
@@ -66,17 +67,27 @@ pub async fn prepare_topics(config: &Config) -> anyhow::Result<usize> {
     if changelog::partition_count(&client, &t.changelog)? < events as u32 {
         grow_topic(&client, &t.changelog, events as usize).await?;
     }
+    // Values of the compacted topics (state, usage shares, plan book copies) over the limit
+    // go in parts; dead letters are cut to a bounded size, which their topic must take.
     let mut topic_limit = usize::MAX;
-    for topic in [&t.changelog, &t.billing_changelog] {
+    for topic in [&t.changelog, &t.billing_changelog, &t.plan_book] {
         topic_limit = topic_limit.min(max_message_bytes(&client, topic).await?);
     }
     let limit = value_limit(topic_limit.min(PRODUCER_MAX_BYTES));
+    let dead_letters = max_message_bytes(&client, &t.dead_letters).await?;
+    anyhow::ensure!(
+        dead_letters >= DEAD_LETTER_RECORD_MAX,
+        "topic {}: max.message.bytes is {dead_letters}, but a dead letter can take up to {DEAD_LETTER_RECORD_MAX} bytes \
+         (64 KiB of the refused payload, 4 KiB of its key, its headers); raise it",
+        t.dead_letters
+    );
     info!(
-        topics = ?[&t.changelog, &t.billing_changelog],
+        topics = ?[&t.changelog, &t.billing_changelog, &t.plan_book],
         topic_max_message_bytes = topic_limit,
         producer_message_max_bytes = PRODUCER_MAX_BYTES,
         max_value_bytes = limit,
-        "worker: record limits found; larger state values are written in parts"
+        dead_letter_max_bytes = DEAD_LETTER_RECORD_MAX,
+        "worker: record limits found; larger values are written in parts, dead letters cut to 64 KiB of payload"
     );
     Ok(limit)
 }
