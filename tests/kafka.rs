@@ -860,3 +860,37 @@ fn records_of_a_megabyte_go_to_the_dead_letters_and_the_month_is_billed() {
     let whole: Vec<u8> = parts.iter().flat_map(|r| r.value.clone()).collect();
     assert!(whole == change.as_bytes(), "the copy is the record");
 }
+
+/// A record that makes every transaction holding it fail (here a failpoint refuses any
+/// transaction that holds it; in production a broker-side policy or a topic setting changed
+/// under a running worker could) is found alone, written to the dead letters as `poison`
+/// with its coordinates, length and SHA-256 only, and skipped: metering goes on, and the
+/// month is billed as replay bills it without that record.
+#[test]
+fn a_record_that_fails_every_transaction_is_skipped_as_poison() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let d = Deployment::new("poison");
+    let marker = "poison-9f1c";
+    let poison = format!(
+        r#"{{"type":"login","app_id":1400000003,"user_id":"{marker}","ts":"2026-10-09T10:00:00+08:00"}}"#
+    );
+    d.produce();
+    produce_keyed(&d.topic("events"), std::slice::from_ref(&poison));
+    one_worker_bills_as(expected(), &d, &[("IM_METER_TEST_POISON_MARKER", marker)]);
+    let events = read_all(&d.topic("events"));
+    let source = events.iter().position(|r| r.value == poison.as_bytes()).map(|i| &events[i]).unwrap();
+    let offset =
+        events.iter().filter(|r| r.partition == source.partition).position(|r| r.value == poison.as_bytes());
+    let letters: Vec<Record> =
+        read_all(&d.topic("dead_letters")).into_iter().filter(|r| r.headers["reason"] == "poison").collect();
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    let letter = &letters[0];
+    assert!(
+        letter.value.is_empty() && letter.key.as_deref().unwrap_or_default().is_empty(),
+        "coordinates only"
+    );
+    assert_eq!(letter.headers["source_partition"], source.partition.to_string());
+    assert_eq!(letter.headers["source_offset"], offset.unwrap().to_string());
+    assert_eq!(letter.headers["payload_length"], poison.len().to_string());
+    assert_eq!(letter.headers["payload_sha256"], sha256_hex(poison.as_bytes()));
+}

@@ -34,11 +34,14 @@ pub enum RejectReason {
     /// A figure outside the plausible range (e.g. a `group_count` of 2⁶⁴ − 1): never
     /// billed, since one broken sender could otherwise bill millions.
     Implausible,
+    /// A record that made every transaction holding it fail, skipped so that its stage goes
+    /// on (its dead letter carries its coordinates, length and SHA-256 only).
+    Poison,
 }
 
 impl RejectReason {
     /// Every reason, for pre-registering metric series.
-    pub const ALL: [RejectReason; 12] = [
+    pub const ALL: [RejectReason; 13] = [
         RejectReason::NotUtf8,
         RejectReason::NotJson,
         RejectReason::NotObject,
@@ -51,6 +54,7 @@ impl RejectReason {
         RejectReason::Future,
         RejectReason::InvalidChange,
         RejectReason::Implausible,
+        RejectReason::Poison,
     ];
 
     /// The stable snake_case code written to dead letters and used as a metric label.
@@ -68,6 +72,7 @@ impl RejectReason {
             RejectReason::Future => "future",
             RejectReason::InvalidChange => "invalid_change",
             RejectReason::Implausible => "implausible",
+            RejectReason::Poison => "poison",
         }
     }
 }

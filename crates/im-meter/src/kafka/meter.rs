@@ -39,6 +39,7 @@ use tracing::{info, warn};
 use super::admin::grow_topic;
 use super::fetch::{self, Batch, Fetched, PartitionQueue};
 use super::output::{BackgroundOutbox, DeadLetter, Outbox, TransactionFailed};
+use super::poison::{AfterFailure, Covered, Hunt, RecordAt, POISON_AFTER};
 use super::{changelog, with_retries};
 use crate::config::Config;
 use crate::metrics::{metrics, EventTally};
@@ -66,6 +67,11 @@ const HOLD_LOCK_FILE: &str = "IM_METER_TEST_HOLD_LOCK_FILE";
 /// adds the consumed offsets — a member blocked past `max.poll.interval.ms` while a month
 /// is due, which must not be able to commit anything once it wakes up.
 const STALL_CLOSE_FILE: &str = "IM_METER_TEST_STALL_CLOSE_FILE";
+
+/// A failpoint for tests (`tests/kafka.rs`): a transaction holding a record whose payload
+/// contains the text this variable names fails, as one a broker refuses for that record
+/// would — a poison record ([`super::poison`]).
+const POISON_MARKER: &str = "IM_METER_TEST_POISON_MARKER";
 
 /// One assigned events partition.
 struct Task {
@@ -159,6 +165,17 @@ struct Stage {
     view: Arc<MeterView>,
     /// The app-month records of the transaction in flight: published once it committed.
     in_flight_view: Vec<ViewUpdate>,
+    /// The hunt for a record that makes every transaction fail, and what the transaction
+    /// in flight covers for it.
+    hunt: Hunt,
+    in_flight: Option<Covered>,
+    /// Records handled since the last transaction began: how many, the last one, and the
+    /// one written as `poison` instead of applied.
+    handled: (usize, Option<RecordAt>, Option<RecordAt>),
+    /// The failpoint's text ([`POISON_MARKER`]), and whether a record holding it was applied
+    /// since the last transaction began.
+    poison_marker: Option<Vec<u8>>,
+    holds_marker: bool,
 }
 
 struct StageContext {
@@ -190,6 +207,7 @@ impl ConsumerContext for StageContext {
             // Whether that transaction committed is not known here: the view keeps the last
             // state it knows was.
             stage.in_flight_view.clear();
+            stage.in_flight = None;
             metrics().rebalances.with_label_values(&["meter", "lost"]).inc();
         } else if let Err(e) = stage.commit(consumer).and_then(|()| stage.settle(consumer)) {
             // Commit while the partitions are still ours: after the callback another worker
@@ -256,6 +274,11 @@ pub fn run(config: &Config, member: usize, shutdown: &AtomicBool, board: &Board)
         member,
         view: board.view(),
         in_flight_view: Vec::new(),
+        hunt: Hunt::default(),
+        in_flight: None,
+        handled: (0, None, None),
+        poison_marker: std::env::var_os(POISON_MARKER).map(|m| m.into_encoded_bytes()),
+        holds_marker: false,
     }));
     let mut member_config = super::group_member(config, &config.file.kafka.group_id);
     if let Some(address) = &config.http.advertised_address {
@@ -278,6 +301,8 @@ pub fn run(config: &Config, member: usize, shutdown: &AtomicBool, board: &Board)
     // Declared after the consumer, so dropped before it (the borrow checker insists).
     let mut queues: BTreeMap<i32, PartitionQueue<'_>> = BTreeMap::new();
     let mut batch = Batch::with_capacity(BATCH);
+    // While the stage is careful (a poison hunt): one record per transaction.
+    let mut one = Batch::with_capacity(1);
     let mut wait = Duration::ZERO;
     let status = lock(&stage)?.status.clone();
     // The stage's lock, for the moments the loop lets go of it (the name is shadowed below).
@@ -302,6 +327,7 @@ pub fn run(config: &Config, member: usize, shutdown: &AtomicBool, board: &Board)
                 return Err(e);
             }
             stage.now = Timestamp(now_ms());
+            let careful = stage.hunt.careful();
             let mut taken = 0;
             match message {
                 // Only records fetched before their partition's queue was split come here.
@@ -324,7 +350,11 @@ pub fn run(config: &Config, member: usize, shutdown: &AtomicBool, board: &Board)
                 }
             }
             for queue in queues.values() {
-                taken += queue.fill(&mut batch, Duration::ZERO);
+                if careful && taken > 0 {
+                    break;
+                }
+                let batch = if careful { &mut one } else { &mut batch };
+                taken += queue.fill(batch, Duration::ZERO);
                 for record in batch.records() {
                     match record {
                         Ok(record) => stage.handle(&consumer, &record)?,
@@ -334,7 +364,7 @@ pub fn run(config: &Config, member: usize, shutdown: &AtomicBool, board: &Board)
             }
             // Nothing fetched: the next poll waits a little for records or a rebalance.
             wait = if taken == 0 { IDLE_WAIT } else { Duration::ZERO };
-            if taken == 0 || Instant::now() >= round_ends {
+            if taken == 0 || Instant::now() >= round_ends || careful {
                 break;
             }
         }
@@ -370,7 +400,7 @@ pub fn run(config: &Config, member: usize, shutdown: &AtomicBool, board: &Board)
             stage = lock(&stage_handle)?;
             stage.follow_idle_partitions(&idle);
         }
-        if stage.last_commit.elapsed() >= commit_interval {
+        if stage.last_commit.elapsed() >= commit_interval || stage.hunt.careful() {
             stage.commit(&consumer)?;
         }
     }
@@ -541,6 +571,28 @@ impl Stage {
         }
         let task = self.tasks.get_mut(&p).context("task restored above")?;
         self.tally.consumed(record.payload.len() + record.key.map_or(0, <[u8]>::len));
+        let at = (p, record.offset);
+        if self.hunt.suspected(at) {
+            // Every transaction that held it alone failed: written as poison, not applied.
+            tracing::error!(
+                partition = p,
+                offset = record.offset,
+                "meter: a record made every transaction holding it fail; skipping it as poison"
+            );
+            let detail = format!(
+                "{POISON_AFTER} transactions holding this record alone failed; it is skipped (its bytes are at its coordinates)"
+            );
+            self.dead_letters.push(DeadLetter::poison(record, detail));
+            self.tally.invalid(RejectReason::Poison);
+            task.next_offset = Some(record.offset + 1);
+            task.dirty = true;
+            self.handled = (self.handled.0 + 1, Some(at), Some(at));
+            return Ok(());
+        }
+        self.handled = (self.handled.0 + 1, Some(at), self.handled.2);
+        if let Some(marker) = &self.poison_marker {
+            self.holds_marker |= memchr::memmem::find(record.payload, marker).is_some();
+        }
         let decoded = decode_usage_event(record.payload).and_then(|event| {
             // Never applied, so it never moves event time: one broken clock must not close
             // months for everyone.
@@ -729,6 +781,13 @@ impl Stage {
             return Ok(());
         }
         let group = consumer.group_metadata().context("the consumer has no group metadata")?;
+        let (count, last, poisoned) = std::mem::take(&mut self.handled);
+        self.in_flight = Some(Covered {
+            offsets: self.tasks.iter().filter_map(|(p, t)| Some((*p, t.next_offset?))).collect(),
+            single: last.filter(|_| count == 1 && poisoned.is_none()),
+            poisoned,
+        });
+        let refused_by_failpoint = std::mem::take(&mut self.holds_marker);
         let dead_letters = std::mem::take(&mut self.dead_letters);
         let started = self.last_commit;
         let stall = std::env::var_os(STALL_CLOSE_FILE).filter(|_| closes_month).map(std::path::PathBuf::from);
@@ -755,6 +814,9 @@ impl Stage {
                     std::thread::sleep(Duration::from_millis(100));
                 }
             }
+            if refused_by_failpoint {
+                anyhow::bail!("failpoint: a record this transaction holds is refused");
+            }
             if offsets.count() > 0 {
                 tx.send_offsets(&offsets, &group)?;
             }
@@ -768,23 +830,45 @@ impl Stage {
     /// is still good: after an aborted transaction it is not, and the stage rewinds.
     fn settle(&mut self, consumer: &BaseConsumer<StageContext>) -> anyhow::Result<bool> {
         let published = std::mem::take(&mut self.in_flight_view);
+        // What the transaction in flight covers (`None`: nothing is in flight).
+        let covered = self.in_flight.take();
         match self.outbox.settle() {
             // Committed (or nothing was in flight): state, outputs and offsets are durable
             // together, and the usage API may show them.
             Ok(()) => {
                 self.view.committed(published);
+                if let Some(covered) = covered {
+                    self.hunt.committed(&covered);
+                }
                 Ok(true)
             }
             // Nothing of it is visible (or, outcome unknown, maybe all of it: the producer
             // was replaced, which settled it on the broker), and the meters have moved on in
             // memory: go back to what Kafka holds — state from the changelog, input from the
             // committed offsets, which agree either way.
-            Err(TransactionFailed::Aborted(e) | TransactionFailed::Unknown(e)) => {
-                warn!(error = %format!("{e:#}"), "meter: commit failed, rewinding to the last commit");
+            Err(fatal @ TransactionFailed::Fatal(_)) => Err(fatal.into()),
+            Err(failure) => {
+                warn!(error = %failure, "meter: commit failed, rewinding to the last commit");
+                let pause = match self.hunt.failed(&covered.unwrap_or_default(), failure.transient()) {
+                    AfterFailure::Retry(pause) => pause,
+                    AfterFailure::GoCareful(pause) => {
+                        warn!(failures = POISON_AFTER, "meter: transactions keep failing; committing one record at a time to find the one that fails them");
+                        pause
+                    }
+                    AfterFailure::Suspect((partition, offset)) => {
+                        warn!(partition, offset, "meter: every transaction holding this record alone failed; writing it as poison next");
+                        Duration::from_secs(1)
+                    }
+                    AfterFailure::Cleared((partition, offset)) => {
+                        warn!(partition, offset, "meter: transactions fail without that record too: it is not the cause; applying it again");
+                        Duration::from_secs(1)
+                    }
+                };
+                // Not polling meanwhile: the pauses stay far below max.poll.interval.
+                std::thread::sleep(pause);
                 self.rewind(consumer)?;
                 Ok(false)
             }
-            Err(fatal @ TransactionFailed::Fatal(_)) => Err(fatal.into()),
         }
     }
 
@@ -793,6 +877,8 @@ impl Stage {
     fn rewind(&mut self, consumer: &BaseConsumer<StageContext>) -> anyhow::Result<()> {
         self.tasks.clear();
         self.dead_letters.clear();
+        self.handled = (0, None, None);
+        self.holds_marker = false;
         let timeout = self.config.kafka.transaction_timeout;
         let assignment = consumer.assignment().context("cannot read the assignment")?;
         let committed = with_retries("reading committed offsets", || {

@@ -10,6 +10,7 @@ pub mod ledger;
 pub mod meter;
 pub mod output;
 pub mod plan_book;
+pub mod poison;
 pub mod produce;
 pub mod report;
 pub mod worker;

@@ -111,6 +111,15 @@ impl DeadLetter {
     pub fn of(record: &Fetched<'_>, why: Rejection) -> Self {
         Self::new(record.key, record.payload, why, record.topic, record.partition, record.offset)
     }
+
+    /// The dead letter of a poison record ([`super::poison`]): its coordinates, length and
+    /// SHA-256 only, since its bytes may be what made the transactions fail.
+    pub fn poison(record: &Fetched<'_>, detail: String) -> Self {
+        let why = Rejection::new(im_meter_core::ingest::RejectReason::Poison, detail);
+        let mut letter = Self::new(None, record.payload, why, record.topic, record.partition, record.offset);
+        letter.raw.clear();
+        letter
+    }
 }
 
 /// The one transaction open at a time on an [`Outbox`].
@@ -246,6 +255,41 @@ pub enum TransactionFailed {
     /// broker error): the worker must stop.
     #[error("transactional producer failed: {0:#}")]
     Fatal(anyhow::Error),
+}
+
+impl TransactionFailed {
+    /// Whether it failed for a reason that says nothing about what it held: the broker
+    /// unreachable or slow, a leader or coordinator moving, a timeout.
+    pub fn transient(&self) -> bool {
+        let (Self::Aborted(e) | Self::Unknown(e) | Self::Fatal(e)) = self;
+        e.chain().filter_map(|cause| cause.downcast_ref::<KafkaError>()).any(is_transient)
+    }
+}
+
+/// Kafka errors that come and go with the cluster, whatever a transaction holds.
+fn is_transient(e: &KafkaError) -> bool {
+    use RDKafkaErrorCode as C;
+    const TRANSIENT: &[RDKafkaErrorCode] = &[
+        C::BrokerTransportFailure,
+        C::Resolve,
+        C::MessageTimedOut,
+        C::AllBrokersDown,
+        C::OperationTimedOut,
+        C::TimedOutQueue,
+        C::LeaderNotAvailable,
+        C::NotLeaderForPartition,
+        C::RequestTimedOut,
+        C::NetworkException,
+        C::CoordinatorLoadInProgress,
+        C::CoordinatorNotAvailable,
+        C::NotCoordinator,
+        C::NotEnoughReplicas,
+        C::NotEnoughReplicasAfterAppend,
+        C::ConcurrentTransactions,
+        C::KafkaStorageError,
+    ];
+    matches!(e, KafkaError::Transaction(t) if t.is_retriable())
+        || e.rdkafka_error_code().is_some_and(|code| TRANSIENT.contains(&code))
 }
 
 /// A transactional producer.
@@ -504,6 +548,16 @@ mod tests {
     fn letter(key: &[u8], payload: &[u8], detail: &str) -> DeadLetter {
         let record = Fetched { topic: "events", partition: 2, offset: 7, key: Some(key), payload };
         DeadLetter::of(&record, Rejection::new(RejectReason::InvalidField, detail))
+    }
+
+    #[test]
+    fn an_unreachable_broker_is_transient_a_refused_record_is_not() {
+        let failed =
+            |e: KafkaError| TransactionFailed::Aborted(anyhow::Error::from(e).context("cannot commit"));
+        assert!(failed(KafkaError::MessageProduction(RDKafkaErrorCode::AllBrokersDown)).transient());
+        assert!(failed(KafkaError::Flush(RDKafkaErrorCode::OperationTimedOut)).transient());
+        assert!(!failed(KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge)).transient());
+        assert!(!TransactionFailed::Aborted(anyhow::anyhow!("a record is refused")).transient());
     }
 
     #[test]
