@@ -866,16 +866,23 @@ fn records_of_a_megabyte_go_to_the_dead_letters_and_the_month_is_billed() {
 /// under a running worker could) is found alone, written to the dead letters as `poison`
 /// with its coordinates, length and SHA-256 only, and skipped: metering goes on, and the
 /// month is billed as replay bills it without that record.
-#[test]
-fn a_record_that_fails_every_transaction_is_skipped_as_poison() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let d = Deployment::new("poison");
-    let marker = "poison-9f1c";
+/// A deployment with the sample produced and then one login of user `marker` (a new user of
+/// app 1400000003, dated in October): the deployment and the login's line.
+fn produced_with_poison(name: &str, marker: &str) -> (Deployment, String) {
+    let d = Deployment::new(name);
     let poison = format!(
         r#"{{"type":"login","app_id":1400000003,"user_id":"{marker}","ts":"2026-10-09T10:00:00+08:00"}}"#
     );
     d.produce();
     produce_keyed(&d.topic("events"), std::slice::from_ref(&poison));
+    (d, poison)
+}
+
+#[test]
+fn a_record_that_fails_every_transaction_is_skipped_as_poison() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let marker = "poison-9f1c";
+    let (d, poison) = produced_with_poison("poison", marker);
     one_worker_bills_as(expected(), &d, &[("IM_METER_TEST_POISON_MARKER", marker)]);
     let events = read_all(&d.topic("events"));
     let source = events.iter().position(|r| r.value == poison.as_bytes()).map(|i| &events[i]).unwrap();
@@ -893,4 +900,257 @@ fn a_record_that_fails_every_transaction_is_skipped_as_poison() {
     assert_eq!(letter.headers["source_offset"], offset.unwrap().to_string());
     assert_eq!(letter.headers["payload_length"], poison.len().to_string());
     assert_eq!(letter.headers["payload_sha256"], sha256_hex(poison.as_bytes()));
+}
+
+#[test]
+fn slow_restores_never_outlast_the_poll_limit() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    // A record that fails every transaction holding it: each failure rewinds the stage,
+    // which must restore again only the partitions the failed transaction touched.
+    let marker = "poison-5e2a";
+    let (d, _) = produced_with_poison("slow-restore", marker);
+    // Three partitions restored back to back take 9 s, past the 6 s poll limit: the member
+    // would be evicted, get the same partitions back, and restore them again, forever.
+    let mut workers = vec![d.worker_with(
+        "a",
+        &[
+            ("IM_METER_TEST_SLOW_RESTORE_MS", "3000"),
+            ("IM_METER_TEST_POISON_MARKER", marker),
+            ("IM_METER__KAFKA__MAX_POLL_INTERVAL", "6s"),
+            ("IM_METER__KAFKA__METER_THREADS", "1"),
+        ],
+        &[],
+    )];
+    assert_same_as_replay(&d, &mut workers);
+    let a = workers.pop().unwrap();
+    let log = a.log_text();
+    a.stop();
+    assert!(!log.contains("assignment lost"), "the member left the group: {}", a_lost(&log));
+    // Three at the start, and after each failed transaction only what it touched (once
+    // the stage narrows its transactions down to the poison: the poisoned partition alone).
+    let restores = log.matches("meter: partition restored").count();
+    let rewound: Vec<usize> = log
+        .lines()
+        .filter_map(|l| l.split("meter: rewinding partitions=[").nth(1)?.split(']').next())
+        .map(|list| list.split(',').count())
+        .collect();
+    assert!(rewound.len() >= 2 * 3, "{rewound:?}");
+    assert!(rewound.iter().rev().take(3).all(|n| *n == 1), "{rewound:?}");
+    assert_eq!(restores, 3 + rewound.iter().sum::<usize>(), "{rewound:?}");
+}
+
+/// The log lines about partitions taken away.
+fn a_lost(log: &str) -> String {
+    log.lines().filter(|l| l.contains("lost")).collect::<Vec<_>>().join("\n")
+}
+
+/// Runs `im-meter run` until it exits (within 60 s): its status and stderr.
+fn run_until_exit(d: &Deployment, env: &[(&str, &str)]) -> (bool, String) {
+    let mut worker = d.worker_with("a", env, &[]);
+    let status =
+        eventually(Duration::from_secs(60), "the worker to exit", || worker.child.try_wait().unwrap());
+    (status.success(), worker.log_text())
+}
+
+#[test]
+fn a_changelog_that_expires_records_is_refused_at_start() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let d = Deployment::new("delete-policy");
+    // Pre-created by hand with the broker's usual policy and a short retention: old user
+    // segments would expire while newer records survive, and MAU would shrink.
+    create_topic(&d.topic("changelog"), 3, &[("cleanup.policy", "delete"), ("retention.ms", "3600000")]);
+    let (ok, log) = run_until_exit(&d, &[]);
+    assert!(!ok, "the worker started: {log}");
+    let topic = d.topic("changelog");
+    assert!(
+        log.contains(&format!("topic {topic} keeps the worker's state"))
+            && log.contains("cleanup.policy=compact"),
+        "{log}"
+    );
+    // Nothing was written to it.
+    assert!(read_all(&topic).is_empty());
+}
+
+#[test]
+fn output_topics_keep_the_bill_and_refuse_a_shorter_retention() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let d = Deployment::new("retention");
+    // The charges topic exists with the broker's 7-day default: refused.
+    create_topic(&d.topic("charges"), 3, &[("retention.ms", "604800000")]);
+    let (ok, log) = run_until_exit(&d, &[]);
+    assert!(!ok && log.contains(&format!("topic {} holds the published bill", d.topic("charges"))), "{log}");
+    // Created by `produce` (which prepares the worker's topics), they keep what they must.
+    let d = Deployment::new("retention-created");
+    let (events, subscriptions) = input();
+    let out = Command::new(env!("CARGO_BIN_EXE_im-meter"))
+        .args(["produce", "--events"])
+        .arg(events)
+        .arg("--subscriptions")
+        .arg(subscriptions)
+        .envs(d.env())
+        .env("IM_METER__TOPICS__DEAD_LETTERS_RETENTION", "30d")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(topic_setting(&d.topic("charges"), "retention.ms"), "-1");
+    assert_eq!(topic_setting(&d.topic("usage"), "retention.bytes"), "-1");
+    assert_eq!(topic_setting(&d.topic("dead_letters"), "retention.ms"), (30u64 * 86_400_000).to_string());
+    assert_eq!(topic_setting(&d.topic("changelog"), "cleanup.policy"), "compact");
+}
+
+#[test]
+fn a_changelog_partition_that_lost_its_records_stops_and_the_others_go_on() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let d = Deployment::new("lost-state");
+    d.produce();
+    let one_thread = [("IM_METER__KAFKA__METER_THREADS", "1")];
+    let mut workers = vec![d.worker_with("a", &one_thread, &[])];
+    assert_same_as_replay(&d, &mut workers);
+    workers.pop().unwrap().stop();
+    // Partition 1's state is deleted (an operator's mistake, a recreated topic) while the
+    // group's committed offsets stay: resuming it would restart its months from nothing.
+    let changelog = d.topic("changelog");
+    assert!(read_all(&changelog).iter().any(|r| r.partition == 1), "partition 1 had state");
+    // (A compacted topic refuses record deletion: allowed for the moment, as someone
+    // determined to would.)
+    set_topic_config(&changelog, &[("cleanup.policy", "compact,delete")]);
+    delete_records(&changelog, Some(&[1]));
+    set_topic_config(&changelog, &[("cleanup.policy", "compact")]);
+    let mut b = d.worker_with("b", &one_thread, &["--log-format", "json"]);
+    let address = b.http_address();
+    let problems = eventually(Duration::from_secs(60), "/readyz to say partition 1 stopped", || {
+        let (status, body) = http_json(address, "/readyz");
+        let text = body["problems"].to_string();
+        (status == 503 && text.contains("partition 1 stopped")).then_some(text)
+    });
+    assert!(problems.contains("holds no progress record"), "{problems}");
+    // The others are restored and go on; the stopped one is never written.
+    eventually(Duration::from_secs(60), "partitions 0 and 2 to be restored", || {
+        let log = b.log_text();
+        let restored = |p: i32| {
+            log.lines()
+                .any(|l| l.contains("meter: partition restored") && l.contains(&format!("\"partition\":{p}")))
+        };
+        (restored(0) && restored(2)).then_some(())
+    });
+    assert!(http_get(address, "/metrics")
+        .1
+        .contains("im_meter_stopped_partitions{consumer=\"0\",stage=\"meter\"} 1"));
+    std::thread::sleep(Duration::from_secs(3));
+    b.assert_alive();
+    assert!(
+        read_all(&changelog).iter().all(|r| r.partition != 1),
+        "nothing written for the stopped partition"
+    );
+    b.stop();
+}
+
+/// Leaves the internal topics' names to the worker: named from the group id.
+const INTERNAL_TOPICS_BY_GROUP: [(&str, &str); 3] = [
+    ("IM_METER__TOPICS__CHANGELOG", ""),
+    ("IM_METER__TOPICS__BILLING_CHANGELOG", ""),
+    ("IM_METER__TOPICS__PLAN_BOOK", ""),
+];
+
+#[test]
+fn a_second_deployment_on_the_same_broker_bills_its_own_month() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    // Two deployments, each with its own group and topics, both leaving the internal topics
+    // to their defaults: the second must not restore what the first billed.
+    let first = Deployment::new("first-deployment");
+    first.produce();
+    let mut workers = vec![first.worker_with("a", &INTERNAL_TOPICS_BY_GROUP, &[])];
+    assert_same_as_replay(&first, &mut workers);
+    workers.pop().unwrap().stop();
+    let second = Deployment::new("second-deployment");
+    second.produce();
+    let mut workers = vec![second.worker_with("a", &INTERNAL_TOPICS_BY_GROUP, &[])];
+    assert_same_as_replay(&second, &mut workers);
+    workers.pop().unwrap().stop();
+    assert!(!read_all(&format!("{}.billing-changelog", second.prefix)).is_empty());
+
+    // A deployment pointed at another's state by name is refused, both groups named.
+    let third = Deployment::new("third-deployment");
+    let theirs = format!("{}.meter-changelog", first.prefix);
+    let (ok, log) = run_until_exit(&third, &[("IM_METER__TOPICS__CHANGELOG", theirs.as_str())]);
+    assert!(!ok, "the worker ran on another deployment's state: {log}");
+    assert!(
+        log.contains(&format!("holds the state of consumer group \"{}\"", first.prefix))
+            && log.contains(&format!("kafka.group_id is \"{}\"", third.prefix)),
+        "{log}"
+    );
+}
+
+/// Dead letters of `d` with reason `reason`.
+fn letters_of(d: &Deployment, reason: &str) -> usize {
+    read_all(&d.topic("dead_letters")).iter().filter(|r| r.headers["reason"] == reason).count()
+}
+
+/// October logins of app 1400000003 by new users, `n` of them: late once October is billed.
+fn late_logins(tag: &str, n: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| {
+            format!(r#"{{"type":"login","app_id":1400000003,"user_id":"{tag}-{i}","ts":"2026-10-20T10:00:00+08:00"}}"#)
+        })
+        .collect()
+}
+
+#[test]
+fn a_restart_without_the_groups_offsets_resumes_from_the_changelog() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let d = Deployment::new("offsets-gone");
+    d.produce();
+    let one_thread = [("IM_METER__KAFKA__METER_THREADS", "1")];
+    let mut workers = vec![d.worker_with("a", &one_thread, &[])];
+    assert_same_as_replay(&d, &mut workers);
+    workers.pop().unwrap().stop();
+    let late_before = letters_of(&d, "late");
+    // The group's offsets are gone (7 days after it emptied, or deleted by hand); one more
+    // October event arrives meanwhile.
+    delete_group(&d.prefix);
+    produce_keyed(&d.topic("events"), &late_logins("after-restart", 1));
+    let mut workers = vec![d.worker_with("b", &one_thread, &[])];
+    // Resumed where the changelog says, it reads only the new event: one more `late`
+    // letter, not one for every event of October read again.
+    eventually(Duration::from_secs(60), "the new event's dead letter", || {
+        workers[0].assert_alive();
+        (letters_of(&d, "late") > late_before).then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(letters_of(&d, "late"), late_before + 1);
+    assert_same_as_replay(&d, &mut workers);
+    let b = workers.pop().unwrap();
+    assert!(b.log_text().contains("resuming from the changelog's progress"));
+    b.stop();
+}
+
+#[test]
+fn offsets_reset_forward_skip_events_counted() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let d = Deployment::new("reset-forward");
+    d.produce();
+    let one_thread = [("IM_METER__KAFKA__METER_THREADS", "1")];
+    let mut workers = vec![d.worker_with("a", &one_thread, &[])];
+    assert_same_as_replay(&d, &mut workers);
+    workers.pop().unwrap().stop();
+    let late_before = letters_of(&d, "late");
+    // Five events arrive while the workers are stopped, and an operator moves the group
+    // past them (as one would past a poison record).
+    produce_keyed(&d.topic("events"), &late_logins("skipped", 5));
+    reset_group_to_latest(&d.prefix, &d.topic("events"));
+    let mut b = d.worker_with("b", &one_thread, &["--log-format", "json"]);
+    let address = b.http_address();
+    eventually(Duration::from_secs(60), "the skipped events to be counted", || {
+        b.assert_alive();
+        http_get(address, "/metrics")
+            .1
+            .contains("im_meter_events_skipped_total{reason=\"offsets_reset\"} 5")
+            .then_some(())
+    });
+    assert!(b.log_text().contains("reset forward past the changelog's progress"));
+    // Billed from where it resumed: nothing of the skipped events, the bill unchanged.
+    assert_eq!(letters_of(&d, "late"), late_before);
+    let mut workers = vec![b];
+    assert_same_as_replay(&d, &mut workers);
+    workers.pop().unwrap().stop();
 }

@@ -435,20 +435,29 @@ pub fn eventually<T>(within: Duration, what: &str, mut check: impl FnMut() -> Op
     }
 }
 
+/// An admin client of the test broker, and a runtime to wait for its answers on.
+fn admin() -> (rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext>, tokio::runtime::Runtime) {
+    let admin = ClientConfig::new().set("bootstrap.servers", brokers()).create().unwrap();
+    (admin, tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap())
+}
+
 /// Deletes every record of `topic` (all partitions, up to their ends), as retention would.
 pub fn delete_all_records(topic: &str) {
-    use rdkafka::admin::{AdminClient, AdminOptions};
-    use rdkafka::client::DefaultClientContext;
-    let admin: AdminClient<DefaultClientContext> =
-        ClientConfig::new().set("bootstrap.servers", brokers()).create().unwrap();
+    delete_records(topic, None);
+}
+
+/// Deletes every record of the `only` partitions of `topic` (all when `None`), up to their
+/// ends, as retention or an operator's `kafka-delete-records.sh` would.
+pub fn delete_records(topic: &str, only: Option<&[i32]>) {
+    use rdkafka::admin::AdminOptions;
+    let (admin, runtime) = admin();
     let reader: BaseConsumer = ClientConfig::new().set("bootstrap.servers", brokers()).create().unwrap();
     let metadata = reader.fetch_metadata(Some(topic), Duration::from_secs(10)).unwrap();
     let mut offsets = TopicPartitionList::new();
-    for p in metadata.topics()[0].partitions() {
+    for p in metadata.topics()[0].partitions().iter().filter(|p| only.is_none_or(|o| o.contains(&p.id()))) {
         let (_, high) = reader.fetch_watermarks(topic, p.id(), Duration::from_secs(10)).unwrap();
         offsets.add_partition_offset(topic, p.id(), Offset::Offset(high)).unwrap();
     }
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
     let deleted = runtime.block_on(admin.delete_records(&offsets, &options)).unwrap();
     for e in deleted.elements() {
@@ -456,13 +465,73 @@ pub fn delete_all_records(topic: &str) {
     }
 }
 
+/// Creates `topic` with `partitions` and topic `settings`, as an operator would.
+pub fn create_topic(topic: &str, partitions: i32, settings: &[(&str, &str)]) {
+    use rdkafka::admin::{AdminOptions, NewTopic, TopicReplication};
+    let (admin, runtime) = admin();
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    let new = settings
+        .iter()
+        .fold(NewTopic::new(topic, partitions, TopicReplication::Fixed(1)), |t, (k, v)| t.set(k, v));
+    for result in runtime.block_on(admin.create_topics(&[new], &options)).unwrap() {
+        result.unwrap();
+    }
+}
+
+/// The value of one setting of `topic`, as the broker reports it.
+pub fn topic_setting(topic: &str, key: &str) -> String {
+    use rdkafka::admin::{AdminOptions, ResourceSpecifier};
+    let (admin, runtime) = admin();
+    let options = AdminOptions::new().request_timeout(Some(Duration::from_secs(30)));
+    let results =
+        runtime.block_on(admin.describe_configs(&[ResourceSpecifier::Topic(topic)], &options)).unwrap();
+    let resource = results.into_iter().next().unwrap().unwrap();
+    resource.get(key).and_then(|e| e.value.clone()).unwrap_or_else(|| panic!("{topic} has no {key}"))
+}
+
+/// Sets `topic`'s configuration to `settings` (the others return to the broker's defaults),
+/// as `kafka-configs.sh --alter` would.
+pub fn set_topic_config(topic: &str, settings: &[(&str, &str)]) {
+    use rdkafka::admin::{AdminOptions, AlterConfig, ResourceSpecifier};
+    let (admin, runtime) = admin();
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    let config =
+        settings.iter().fold(AlterConfig::new(ResourceSpecifier::Topic(topic)), |c, (k, v)| c.set(k, v));
+    for result in runtime.block_on(admin.alter_configs(&[config], &options)).unwrap() {
+        result.unwrap();
+    }
+}
+
+/// Deletes consumer group `group` with its committed offsets, as Kafka does 7 days after a
+/// group empties (or `kafka-consumer-groups.sh --delete`). The group must be empty.
+pub fn delete_group(group: &str) {
+    use rdkafka::admin::AdminOptions;
+    let (admin, runtime) = admin();
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    for result in runtime.block_on(admin.delete_groups(&[group], &options)).unwrap() {
+        result.unwrap();
+    }
+}
+
+/// Moves the committed offsets of the empty group `group` on `topic` to each partition's
+/// end, as `kafka-consumer-groups.sh --reset-offsets --to-latest --execute` does.
+pub fn reset_group_to_latest(group: &str, topic: &str) {
+    use rdkafka::consumer::CommitMode;
+    let consumer: BaseConsumer =
+        ClientConfig::new().set("bootstrap.servers", brokers()).set("group.id", group).create().unwrap();
+    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).unwrap();
+    let mut offsets = TopicPartitionList::new();
+    for p in metadata.topics()[0].partitions() {
+        let (_, high) = consumer.fetch_watermarks(topic, p.id(), Duration::from_secs(10)).unwrap();
+        offsets.add_partition_offset(topic, p.id(), Offset::Offset(high)).unwrap();
+    }
+    consumer.commit(&offsets, CommitMode::Sync).unwrap();
+}
+
 /// Adds partitions to `topic` until it has `partitions`, as an operator would.
 pub fn grow_topic(topic: &str, partitions: usize) {
-    use rdkafka::admin::{AdminClient, AdminOptions, NewPartitions};
-    use rdkafka::client::DefaultClientContext;
-    let admin: AdminClient<DefaultClientContext> =
-        ClientConfig::new().set("bootstrap.servers", brokers()).create().unwrap();
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    use rdkafka::admin::{AdminOptions, NewPartitions};
+    let (admin, runtime) = admin();
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
     let grown = runtime.block_on(admin.create_partitions(&[NewPartitions::new(topic, partitions)], &options));
     for result in grown.unwrap() {

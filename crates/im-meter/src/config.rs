@@ -59,12 +59,15 @@ impl Default for FileConfig {
                 events: "im.sdk-events".into(),
                 subscriptions: "im.subscriptions".into(),
                 dead_letters: "im.meter.dead-letters".into(),
-                changelog: "im.meter.changelog".into(),
-                billing_changelog: "im.billing.changelog".into(),
+                // Named from the group id (see `TopicsSection::internal_defaults`).
+                changelog: String::new(),
+                billing_changelog: String::new(),
                 charges: "im.billing.charges".into(),
                 alerts: "im.billing.alerts".into(),
                 usage: "im.billing.usage".into(),
-                plan_book: "im.billing.plan-book".into(),
+                plan_book: String::new(),
+                dead_letters_retention: "90d".into(),
+                alerts_retention: "90d".into(),
             },
             billing: BillingSection {
                 timezone: "+08:00".into(),
@@ -170,10 +173,12 @@ pub struct TopicsSection {
     /// Refused records out.
     pub dead_letters: String,
     /// Compacted changelog of the metering state: events partition p's in partition p.
+    /// Empty: `{kafka.group_id}.meter-changelog`.
     pub changelog: String,
     /// Compacted changelog of the billing stage: closed months' usage shares, closed-through
     /// marks and billing's own marks, partitioned by app. Its partition count is fixed at
-    /// creation, so that an app's billing partition never moves.
+    /// creation, so that an app's billing partition never moves. Empty:
+    /// `{kafka.group_id}.billing-changelog`.
     pub billing_changelog: String,
     /// Charges out.
     pub charges: String,
@@ -182,11 +187,31 @@ pub struct TopicsSection {
     /// Each billed app-month's usage out (key `{app_id}/{YYYY-MM}`).
     pub usage: String,
     /// Compacted copy of the subscriptions topic kept by billing, so that the plan book
-    /// outlives the subscriptions topic's retention.
+    /// outlives the subscriptions topic's retention. Empty: `{kafka.group_id}.plan-book`.
     pub plan_book: String,
+    /// How long the dead letters are kept at least (the topic's `retention.ms` when the
+    /// worker creates it; an existing topic keeping them less is refused at start).
+    pub dead_letters_retention: String,
+    /// How long quota alerts are kept at least (as `dead_letters_retention`).
+    pub alerts_retention: String,
 }
 
 impl TopicsSection {
+    /// Gives the internal topics left empty their names from the group id: one
+    /// deployment's state never lands in another's by default (as Kafka Streams names
+    /// internal topics from its `application.id`).
+    fn internal_defaults(&mut self, group_id: &str) {
+        for (name, suffix) in [
+            (&mut self.changelog, "meter-changelog"),
+            (&mut self.billing_changelog, "billing-changelog"),
+            (&mut self.plan_book, "plan-book"),
+        ] {
+            if name.trim().is_empty() {
+                *name = format!("{group_id}.{suffix}");
+            }
+        }
+    }
+
     /// Every topic setting: its field name and value.
     pub fn fields(&self) -> [(&'static str, &String); 9] {
         [
@@ -326,6 +351,10 @@ pub struct KafkaSettings {
     pub max_value_bytes: usize,
     /// Metering consumers (threads) of this worker.
     pub meter_threads: usize,
+    /// The least time dead letters and alerts are kept (`topics.*_retention`).
+    pub dead_letters_retention: Duration,
+    /// See `dead_letters_retention`.
+    pub alerts_retention: Duration,
 }
 
 /// Every problem found in a configuration, each naming its field.
@@ -524,7 +553,9 @@ impl FileConfig {
 
     /// Checks every field and converts to the program's types, reporting all problems.
     /// Every default lives in [`FileConfig::default`]; this only reads and checks.
-    pub fn validate(self) -> Result<Config, ConfigErrors> {
+    pub fn validate(mut self) -> Result<Config, ConfigErrors> {
+        let group_id = self.kafka.group_id.clone();
+        self.topics.internal_defaults(&group_id);
         let mut p = Problems::default();
         let (k, b, m, h) = (&self.kafka, &self.billing, &self.metering, &self.http);
 
@@ -610,6 +641,11 @@ impl FileConfig {
         for (field, name) in self.topics.fields() {
             p.take(&format!("topics.{field}"), topic_name(name));
         }
+        let t = &self.topics;
+        let dead_letters_retention =
+            p.take("topics.dead_letters_retention", duration(&t.dead_letters_retention).and_then(positive));
+        let alerts_retention =
+            p.take("topics.alerts_retention", duration(&t.alerts_retention).and_then(positive));
 
         let listen = p.take(
             "http.listen",
@@ -664,6 +700,8 @@ impl FileConfig {
                         crate::kafka::admin::PRODUCER_MAX_BYTES,
                     ),
                     meter_threads: meter_threads?,
+                    dead_letters_retention: dead_letters_retention?,
+                    alerts_retention: alerts_retention?,
                 },
                 http: HttpSettings {
                     listen: listen?,
@@ -695,7 +733,18 @@ mod tests {
     fn defaults_are_the_documented_ones() {
         let c = Config::load(None, env(&[])).unwrap();
         assert_eq!(c.file.kafka.brokers, "127.0.0.1:9092");
-        assert_eq!(c.file.topics.changelog, "im.meter.changelog");
+        assert_eq!(c.file.topics.changelog, "im-meter.meter-changelog");
+        assert_eq!(c.file.topics.billing_changelog, "im-meter.billing-changelog");
+        assert_eq!(c.file.topics.plan_book, "im-meter.plan-book");
+        assert_eq!(c.kafka.dead_letters_retention, Duration::from_secs(90 * 86_400));
+        // Another deployment's internal topics are its own.
+        let other = Config::load(None, env(&[("IM_METER__KAFKA__GROUP_ID", "billing-eu")])).unwrap();
+        assert_eq!(other.file.topics.changelog, "billing-eu.meter-changelog");
+        assert_eq!(other.file.topics.plan_book, "billing-eu.plan-book");
+        // Set by name, a topic keeps it.
+        let named =
+            Config::load(None, env(&[("IM_METER__TOPICS__CHANGELOG", "im.meter.changelog")])).unwrap();
+        assert_eq!(named.file.topics.changelog, "im.meter.changelog");
         assert_eq!(c.meter.tz.to_string(), "+08:00");
         assert_eq!(c.meter.allowed_lateness, Some(Duration::from_secs(3600)));
         assert_eq!(c.billing.max_clock_skew, Duration::from_secs(300));

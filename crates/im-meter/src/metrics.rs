@@ -26,6 +26,9 @@ pub struct Metrics {
     pub events: IntCounterVec,
     /// Refused events by reason.
     pub events_rejected: IntCounterVec,
+    /// Events never read: skipped by an offset reset forward, or deleted by the events
+    /// topic's retention before they were read.
+    pub events_skipped: IntCounterVec,
     /// Dead letters written, by source (`events`, `subscriptions`).
     pub dead_letters: IntCounterVec,
     /// Records consumed, by stage.
@@ -38,6 +41,8 @@ pub struct Metrics {
     pub rebalances: IntCounterVec,
     /// Partitions assigned, by stage and consumer.
     pub assigned_partitions: IntGaugeVec,
+    /// Assigned partitions stopped because their state cannot be trusted, by stage.
+    pub stopped_partitions: IntGaugeVec,
     /// How long a transaction took, from begin to committed (or aborted).
     pub commit_duration: HistogramVec,
     /// Committed transactions, by stage.
@@ -93,6 +98,12 @@ impl Metrics {
                 "Refused records (dead-lettered), by reason.",
                 &["reason"],
             )?,
+            events_skipped: counter_vec(
+                r,
+                "im_meter_events_skipped_total",
+                "Events never read, so never metered: skipped by a reset of the group's offsets past them (offsets_reset), or deleted by the events topic's retention before they were read (retention).",
+                &["reason"],
+            )?,
             dead_letters: counter_vec(
                 r,
                 "im_meter_dead_letters_total",
@@ -127,6 +138,12 @@ impl Metrics {
                 r,
                 "im_meter_assigned_partitions",
                 "Partitions assigned, by stage and consumer.",
+                &["stage", "consumer"],
+            )?,
+            stopped_partitions: gauge_vec(
+                r,
+                "im_meter_stopped_partitions",
+                "Assigned partitions stopped because their state in the changelog cannot be trusted (records deleted, another group's state), by stage and consumer.",
                 &["stage", "consumer"],
             )?,
             commit_duration: histogram_vec(
@@ -360,6 +377,8 @@ mod tests {
         m.consumer_lag.with_label_values(&["meter", "0"]).set(0);
         m.rebalances.with_label_values(&["meter", "assign"]).inc();
         m.assigned_partitions.with_label_values(&["meter", "0"]).set(0);
+        m.stopped_partitions.with_label_values(&["meter", "0"]).set(0);
+        m.events_skipped.with_label_values(&["retention"]).inc();
         m.commit_duration.with_label_values(&["meter"]).observe(0.1);
         m.commits.with_label_values(&["meter"]).inc();
         m.transaction_aborts.with_label_values(&["meter"]).inc();

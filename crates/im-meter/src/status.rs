@@ -38,6 +38,8 @@ impl StageKind {
 pub struct PartitionState {
     /// Its state is restored and records are being applied.
     pub restored: bool,
+    /// Why it is stopped, if its state cannot be trusted (it is not restored then).
+    pub stopped: Option<String>,
     /// The offset of the next record to apply (`None`: none applied yet, none committed).
     pub next_offset: Option<i64>,
     /// The partition's end when last asked (the lag sampler asks).
@@ -164,11 +166,20 @@ impl Board {
                 problems.push(format!("{name}: has not polled yet"));
                 continue;
             }
-            let restoring: Vec<i32> =
-                c.state().partitions.iter().filter(|(_, p)| !p.restored).map(|(p, _)| *p).collect();
+            let state = c.state();
+            let restoring: Vec<i32> = state
+                .partitions
+                .iter()
+                .filter(|(_, p)| !p.restored && p.stopped.is_none())
+                .map(|(p, _)| *p)
+                .collect();
             if !restoring.is_empty() {
                 problems.push(format!("{name}: restoring partitions {restoring:?}"));
             }
+            for (p, why) in state.partitions.iter().filter_map(|(p, s)| Some((p, s.stopped.as_ref()?))) {
+                problems.push(format!("{name}: partition {p} stopped: {why}"));
+            }
+            drop(state);
             let silent = Duration::from_millis(u64::try_from(now - last).unwrap_or(0));
             let lag = c.lag();
             if silent >= stall_timeout && lag > 0 {
@@ -206,7 +217,12 @@ mod tests {
         assert!(board.not_ready(Duration::from_secs(1))[0].contains("restoring partitions [3]"));
         c.state().partitions.insert(
             3,
-            PartitionState { restored: true, next_offset: Some(10), end_offset: Some(10), watermark: None },
+            PartitionState {
+                restored: true,
+                next_offset: Some(10),
+                end_offset: Some(10),
+                ..Default::default()
+            },
         );
         assert!(board.not_ready(Duration::from_secs(60)).is_empty());
         // Silent, but nothing waits: still ready (an idle topic is not a stall).
@@ -218,5 +234,14 @@ mod tests {
         assert!(problems[0].contains("with 15 records waiting"), "{problems:?}");
         c.polled();
         assert!(board.not_ready(Duration::from_secs(1)).is_empty());
+        // A stopped partition says why.
+        c.state().partitions.insert(
+            4,
+            PartitionState { stopped: Some("its changelog lost records".into()), ..Default::default() },
+        );
+        assert_eq!(
+            board.not_ready(Duration::from_secs(1)),
+            vec!["meter-0: partition 4 stopped: its changelog lost records"]
+        );
     }
 }

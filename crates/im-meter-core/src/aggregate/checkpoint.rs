@@ -178,6 +178,9 @@ pub enum ChangelogKey {
         /// The month billed.
         month: Month,
     },
+    /// `g`: the deployment (consumer group id, the value) whose state the partition holds;
+    /// a worker of another group refuses it.
+    Owner,
     /// `a/{app}/{YYYY-MM}`: the quota alert of the app-month was published.
     Alerted {
         /// The app.
@@ -197,6 +200,7 @@ impl ChangelogKey {
             }
             ChangelogKey::ClosedThrough { source } => format!("w/{source}").into_bytes(),
             ChangelogKey::Billed => b"b".to_vec(),
+            ChangelogKey::Owner => b"g".to_vec(),
             ChangelogKey::QuotaCrossed { app_id, month, source } => {
                 format!("x/{app_id}/{month}/{source}").into_bytes()
             }
@@ -212,6 +216,7 @@ impl ChangelogKey {
             || CodecError::Corrupt(format!("not a changelog key: {:?}", String::from_utf8_lossy(bytes)));
         match bytes.first() {
             Some(b'b') if bytes.len() == 1 => Ok(ChangelogKey::Billed),
+            Some(b'g') if bytes.len() == 1 => Ok(ChangelogKey::Owner),
             Some(b'u' | b'w' | b'x' | b'a' | b'o' | b's') => {
                 let text = std::str::from_utf8(bytes).map_err(|_| bad())?;
                 let parts: Vec<&str> = text.split('/').collect();
@@ -454,6 +459,7 @@ mod tests {
             ChangelogKey::QuotaCrossed { app_id: 9, month, source: 2 },
             ChangelogKey::Alerted { app_id: 9, month },
             ChangelogKey::PlanCopied { partition: 4 },
+            ChangelogKey::Owner,
         ];
         for key in keys {
             assert_eq!(ChangelogKey::from_bytes(&key.to_bytes()).unwrap(), key);

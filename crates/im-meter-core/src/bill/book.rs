@@ -200,7 +200,7 @@ impl BillingBook {
                 | ChangelogKey::SubscriptionsRead { .. },
                 None,
             ) => {}
-            (ChangelogKey::State(_) | ChangelogKey::PlanCopied { .. }, _) => {}
+            (ChangelogKey::State(_) | ChangelogKey::PlanCopied { .. } | ChangelogKey::Owner, _) => {}
         }
         Ok(())
     }

@@ -1,5 +1,7 @@
-//! Topic administration: create the topics a stage needs, if they are missing.
+//! Topic administration: create the topics a stage needs, if they are missing, and check
+//! that existing ones keep what the worker needs them to keep.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -87,25 +89,107 @@ pub fn value_limit(record_limit: usize) -> usize {
     record_limit - record_limit / 16
 }
 
-/// A topic's `max.message.bytes` (its own setting or the broker's default).
-pub async fn max_message_bytes(client: &ClientConfig, topic: &str) -> anyhow::Result<usize> {
+/// A topic's configuration as the broker reports it: its own settings and the broker's
+/// defaults for the rest.
+#[derive(Debug, Clone, Default)]
+pub struct TopicConfig {
+    /// The topic's name.
+    pub topic: String,
+    entries: BTreeMap<String, String>,
+}
+
+impl TopicConfig {
+    /// A configuration of `entries` (for tests).
+    pub fn of(topic: &str, entries: &[(&str, &str)]) -> Self {
+        let entries = entries.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        TopicConfig { topic: topic.to_string(), entries }
+    }
+
+    /// A numeric setting.
+    fn number(&self, key: &str) -> anyhow::Result<i64> {
+        let value = self.entries.get(key).with_context(|| format!("topic {} has no {key}", self.topic))?;
+        value.parse().with_context(|| format!("topic {}: {key} {value:?} is not a number", self.topic))
+    }
+
+    /// `max.message.bytes`: the largest record batch the topic takes.
+    pub fn max_message_bytes(&self) -> anyhow::Result<usize> {
+        let bytes = self.number("max.message.bytes")?;
+        usize::try_from(bytes).with_context(|| format!("topic {}: max.message.bytes is {bytes}", self.topic))
+    }
+
+    /// Refuses a topic that would drop records sooner than `keep` says, naming the setting
+    /// and the command that fixes it.
+    pub fn check_keeps(&self, keep: Keep) -> anyhow::Result<()> {
+        let policy = self.entries.get("cleanup.policy").map_or("delete", String::as_str);
+        let compacts = policy.split(',').any(|p| p.trim() == "compact");
+        let deletes = policy.split(',').any(|p| p.trim() == "delete");
+        let (ms, bytes) = (self.number("retention.ms")?, self.number("retention.bytes")?);
+        let topic = &self.topic;
+        let alter =
+            format!("kafka-configs.sh --alter --entity-type topics --entity-name {topic} --add-config");
+        let expires = deletes && (ms >= 0 || bytes >= 0);
+        match keep {
+            Keep::Compacted => anyhow::ensure!(
+                compacts && !expires,
+                "topic {topic} keeps the worker's state, but its cleanup.policy is {policy:?} (retention.ms {ms}, \
+                 retention.bytes {bytes}): records dropped by retention would silently shrink the state. It must be \
+                 compacted and never expire: {alter} cleanup.policy=compact"
+            ),
+            Keep::Forever => anyhow::ensure!(
+                !expires,
+                "topic {topic} holds the published bill, but it drops records (cleanup.policy {policy:?}, \
+                 retention.ms {ms}, retention.bytes {bytes}): bills must stay readable. Keep them without a limit: \
+                 {alter} retention.ms=-1,retention.bytes=-1"
+            ),
+            Keep::AtLeast(least) => anyhow::ensure!(
+                !deletes || ms < 0 || ms as u128 >= least.as_millis(),
+                "topic {topic} keeps records {ms} ms (retention.ms), less than the {} ms the configuration asks \
+                 for: {alter} retention.ms={}, or lower the setting",
+                least.as_millis(),
+                least.as_millis()
+            ),
+        }
+        Ok(())
+    }
+}
+
+/// How long a topic must keep its records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Keep {
+    /// The worker's state: compacted, never expired by time or size.
+    Compacted,
+    /// The published bill: never expired (compacted, or no time and size limit).
+    Forever,
+    /// At least this long (alerts, dead letters).
+    AtLeast(Duration),
+}
+
+/// The configuration of each of `topics`, in their order.
+pub async fn topic_configs(client: &ClientConfig, topics: &[&str]) -> anyhow::Result<Vec<TopicConfig>> {
     let admin: AdminClient<DefaultClientContext> =
         client.create().context("cannot create Kafka admin client")?;
     let options = AdminOptions::new().request_timeout(Some(Duration::from_secs(30)));
+    let resources: Vec<ResourceSpecifier<'_>> = topics.iter().map(|t| ResourceSpecifier::Topic(t)).collect();
     let results = admin
-        .describe_configs(&[ResourceSpecifier::Topic(topic)], &options)
+        .describe_configs(&resources, &options)
         .await
-        .with_context(|| format!("cannot read the configuration of topic {topic}"))?;
-    let resource = results
-        .into_iter()
-        .next()
-        .context("no configuration returned")?
-        .map_err(|code| anyhow::anyhow!("cannot read the configuration of topic {topic}: {code}"))?;
-    let value = resource
-        .get("max.message.bytes")
-        .and_then(|entry| entry.value.as_deref())
-        .with_context(|| format!("topic {topic} has no max.message.bytes"))?;
-    value.parse().with_context(|| format!("topic {topic}: max.message.bytes {value:?} is not a number"))
+        .with_context(|| format!("cannot read the configuration of topics {topics:?}"))?;
+    anyhow::ensure!(
+        results.len() == topics.len(),
+        "configurations of {} topics returned for {topics:?}",
+        results.len()
+    );
+    topics
+        .iter()
+        .zip(results)
+        .map(|(topic, result)| {
+            let resource = result
+                .map_err(|code| anyhow::anyhow!("cannot read the configuration of topic {topic}: {code}"))?;
+            let entries =
+                resource.entries.into_iter().filter_map(|entry| Some((entry.name, entry.value?))).collect();
+            Ok(TopicConfig { topic: topic.to_string(), entries })
+        })
+        .collect()
 }
 
 /// Gives `topic` at least `partitions` partitions (it never shrinks). Several workers may
@@ -128,4 +212,44 @@ pub async fn grow_topic(client: &ClientConfig, topic: &str, partitions: usize) -
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(policy: &str, ms: &str, bytes: &str) -> TopicConfig {
+        TopicConfig::of(
+            "t",
+            &[
+                ("cleanup.policy", policy),
+                ("retention.ms", ms),
+                ("retention.bytes", bytes),
+                ("max.message.bytes", "1048588"),
+            ],
+        )
+    }
+
+    #[test]
+    fn state_topics_must_be_compacted_and_never_expire() {
+        assert!(config("compact", "604800000", "-1").check_keeps(Keep::Compacted).is_ok());
+        assert!(config("compact,delete", "-1", "-1").check_keeps(Keep::Compacted).is_ok());
+        let refused = config("delete", "-1", "-1").check_keeps(Keep::Compacted).unwrap_err().to_string();
+        assert!(refused.contains("topic t") && refused.contains("cleanup.policy=compact"), "{refused}");
+        assert!(config("compact,delete", "604800000", "-1").check_keeps(Keep::Compacted).is_err());
+        assert!(config("compact,delete", "-1", "1000000").check_keeps(Keep::Compacted).is_err());
+    }
+
+    #[test]
+    fn the_bill_is_kept_without_a_limit_and_the_rest_as_long_as_configured() {
+        assert!(config("delete", "-1", "-1").check_keeps(Keep::Forever).is_ok());
+        assert!(config("compact", "604800000", "-1").check_keeps(Keep::Forever).is_ok());
+        let refused = config("delete", "604800000", "-1").check_keeps(Keep::Forever).unwrap_err().to_string();
+        assert!(refused.contains("retention.ms=-1"), "{refused}");
+        let ninety_days = Keep::AtLeast(Duration::from_secs(90 * 86_400));
+        assert!(config("delete", "7776000000", "-1").check_keeps(ninety_days).is_ok());
+        assert!(config("delete", "-1", "-1").check_keeps(ninety_days).is_ok());
+        assert!(config("delete", "604800000", "-1").check_keeps(ninety_days).is_err());
+        assert_eq!(config("delete", "1", "1").max_message_bytes().unwrap(), 1_048_588);
+    }
 }

@@ -62,6 +62,8 @@ struct Absorbed {
     /// Subscriptions partitions this partition's task copies into the plan book → the offset
     /// to copy from next.
     copied: BTreeMap<i32, i64>,
+    /// The group id of the deployment whose state this is (`None`: not written yet).
+    owner: Option<Vec<u8>>,
 }
 
 impl Absorbed {
@@ -74,6 +76,9 @@ impl Absorbed {
     }
 
     fn absorb(&mut self, key: ChangelogKey, value: Option<&[u8]>, parts: usize) -> anyhow::Result<()> {
+        if key == ChangelogKey::Owner {
+            self.owner = value.map(<[u8]>::to_vec);
+        }
         if let (ChangelogKey::PlanCopied { partition }, Some(bytes)) = (&key, value) {
             let next = std::str::from_utf8(bytes).ok().and_then(|t| t.parse().ok());
             let next: i64 = next.context("unreadable plan book copy mark")?;
@@ -718,7 +723,8 @@ fn finish_restore(
             changelog::Until::HighWatermark,
             &mut assembler,
             |key, value, parts| {
-                billing_records += usize::from(!matches!(key, ChangelogKey::State(_)));
+                // (The metering state and its owner are the meters'.)
+                billing_records += usize::from(!matches!(key, ChangelogKey::State(_) | ChangelogKey::Owner));
                 old.absorb(key, value, parts)
             },
         )?;
@@ -733,7 +739,18 @@ fn finish_restore(
             return Ok(Restored::ReadAgain(r));
         }
     }
-    let Some((outbox, _)) = r.fenced else { anyhow::bail!("partition {partition} restored unfenced") };
+    let Some((mut outbox, _)) = r.fenced else { anyhow::bail!("partition {partition} restored unfenced") };
+    super::check_owner(config, &topics.billing_changelog, partition, r.state.owner.as_deref())?;
+    if r.state.owner.is_none() {
+        // Which deployment the partition's state belongs to. A crash before it commits
+        // loses nothing: the next owner writes it.
+        let group = config.file.kafka.group_id.as_bytes();
+        outbox
+            .transaction(|tx| tx.send(&topics.billing_changelog, Some(partition), b"g", Some(group), None))
+            .map_err(anyhow::Error::from)
+            .context("cannot write the billing partition's owner")?;
+        r.state.owner = Some(group.to_vec());
+    }
     r.state.book.finish_restore();
     metrics().restore_duration.with_label_values(&["bill"]).observe(r.started.elapsed().as_secs_f64());
     let billed_through = r.state.book.billed_through();

@@ -69,6 +69,7 @@ pub fn partition_count(client: &ClientConfig, topic: &str) -> anyhow::Result<u32
 /// high watermark. (A `read_committed` client's `fetch_watermarks` answers with the last
 /// stable offset instead, which an open transaction holds back.)
 pub struct HighWatermarks {
+    config: ClientConfig,
     client: BaseConsumer,
 }
 
@@ -77,14 +78,23 @@ impl HighWatermarks {
     pub fn new(client: &ClientConfig) -> anyhow::Result<Self> {
         let mut config = client.clone();
         config.set("isolation.level", "read_uncommitted");
-        Ok(HighWatermarks { client: config.create().context("cannot create a watermark client")? })
+        let client = config.create().context("cannot create a watermark client")?;
+        Ok(HighWatermarks { config, client })
     }
 
     /// `(low, high)`: the first offset the partition still holds and its high watermark.
+    /// Retried while the broker is unreachable or moving leaders (a broker restart), each
+    /// retry with a new client: after a broker restart the old one can keep answering
+    /// "unknown partition" from its metadata until that is next refreshed (minutes).
     pub fn of(&self, topic: &str, partition: i32, timeout: Duration) -> anyhow::Result<(i64, i64)> {
-        self.client
-            .fetch_watermarks(topic, partition, timeout)
-            .with_context(|| format!("cannot read where {topic} [{partition}] ends"))
+        let mut fresh: Option<BaseConsumer> = None;
+        super::with_retries(&format!("reading where {topic} [{partition}] ends"), || {
+            let answer = fresh.as_ref().unwrap_or(&self.client).fetch_watermarks(topic, partition, timeout);
+            if answer.is_err() {
+                fresh = self.config.create().ok();
+            }
+            answer
+        })
     }
 }
 
@@ -103,7 +113,8 @@ pub enum Until {
 pub struct ReadBack {
     /// Records read.
     pub records: u64,
-    /// The offset after the last record read.
+    /// Where the read ended: after the last record read, and past any transaction markers
+    /// after it.
     pub next_offset: i64,
 }
 
@@ -122,11 +133,13 @@ pub fn read_partition(
     mut each: impl FnMut(ChangelogKey, Option<&[u8]>, usize) -> anyhow::Result<()>,
 ) -> anyhow::Result<ReadBack> {
     let mut read = ReadBack::default();
-    read_from(client, topic, &[(partition, Offset::Beginning)], until, |record| {
+    let ended = read_from(client, topic, &[(partition, Offset::Beginning)], until, |record| {
         read.records += 1;
         read.next_offset = record.offset + 1;
         assemble(assembler, record.key, record.value, &mut each)
     })?;
+    // Past the transaction markers after the last record, too.
+    read.next_offset = ended.iter().map(|(_, at)| *at).fold(read.next_offset, i64::max);
     Ok(read)
 }
 

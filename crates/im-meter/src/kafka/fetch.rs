@@ -70,6 +70,27 @@ pub fn split<C: ConsumerContext>(consumer: &BaseConsumer<C>, topic: &str, partit
     })
 }
 
+/// The end (high watermark) of `topic`/`partition` as the consumer's last fetch response
+/// for it said — no broker round trip. The consumer keeps fetching an assigned partition
+/// that has no records (long polls of `fetch.wait.max.ms`), so for a caught-up partition
+/// this is at most that old. `None` before the first response.
+pub fn known_end<C: ConsumerContext>(consumer: &BaseConsumer<C>, topic: &str, partition: i32) -> Option<i64> {
+    let name = CString::new(topic).ok()?;
+    let (mut low, mut high) = (-1_i64, -1_i64);
+    // SAFETY: the client pointer is valid while `consumer` is borrowed; librdkafka only
+    // reads the name and writes the two integers.
+    let err = unsafe {
+        rd::rd_kafka_get_watermark_offsets(
+            consumer.client().native_ptr(),
+            name.as_ptr(),
+            partition,
+            &mut low,
+            &mut high,
+        )
+    };
+    (err == rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0).then_some(high)
+}
+
 /// The fetch queue of one partition, borrowed from its consumer (it cannot outlive it).
 pub struct PartitionQueue<'c> {
     ptr: *mut rd::rd_kafka_queue_t,
@@ -104,10 +125,10 @@ impl<'c> PartitionQueue<'c> {
         self.partition
     }
 
-    /// Moves the records already fetched (up to the batch's capacity) into `batch`,
-    /// waiting up to `wait` for the first. Returns how many were taken. Records of a
-    /// previous fill still in `batch` are released first.
-    pub fn fill(&self, batch: &mut Batch<'c>, wait: Duration) -> usize {
+    /// Moves the records already fetched (up to `max` and the batch's capacity) into
+    /// `batch`, waiting up to `wait` for the first. Returns how many were taken. Records of
+    /// a previous fill still in `batch` are released first.
+    pub fn fill(&self, batch: &mut Batch<'c>, max: usize, wait: Duration) -> usize {
         batch.clear();
         let wait_ms = wait.as_millis().min(i32::MAX as u128) as i32;
         // SAFETY: the queue handle is live; `batch.messages` has room for `capacity`
@@ -117,7 +138,7 @@ impl<'c> PartitionQueue<'c> {
                 self.ptr,
                 wait_ms,
                 batch.messages.as_mut_ptr(),
-                batch.messages.capacity(),
+                batch.messages.capacity().min(max),
             )
         };
         let n = usize::try_from(n).unwrap_or(0);

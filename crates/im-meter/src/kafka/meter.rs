@@ -73,6 +73,30 @@ const STALL_CLOSE_FILE: &str = "IM_METER_TEST_STALL_CLOSE_FILE";
 /// would — a poison record ([`super::poison`]).
 const POISON_MARKER: &str = "IM_METER_TEST_POISON_MARKER";
 
+/// A failpoint for tests (`tests/kafka.rs`): each partition's restore takes this many
+/// milliseconds longer, as one of a large state does.
+const SLOW_RESTORE_MS: &str = "IM_METER_TEST_SLOW_RESTORE_MS";
+
+/// A partition's changelog read back.
+struct ReadBack {
+    /// Its task, or why its state cannot be used.
+    task: Result<Task, String>,
+    /// Whether it held a progress record.
+    has_progress: bool,
+    /// Whether the read reached the partition's high watermark.
+    complete: bool,
+}
+
+/// What a restore of one partition came to.
+enum Restored {
+    /// Its task, as of the committed offset.
+    Ready(Box<Task>),
+    /// The changelog does not reflect the committed offset yet: read it again later.
+    Behind,
+    /// Its state cannot be trusted (why): the partition stops.
+    Stopped(String),
+}
+
 /// One assigned events partition.
 struct Task {
     meter: Meter,
@@ -80,6 +104,12 @@ struct Task {
     next_offset: Option<i64>,
     /// Whether records were applied since the last commit.
     dirty: bool,
+    /// The changelog partition does not say which deployment owns it yet: the next commit
+    /// writes it.
+    owner_missing: bool,
+    /// Whether the transaction in flight writes anything of this partition (state, usage,
+    /// marks, a new offset): if it fails, this task's memory is ahead of the changelog.
+    in_flight: bool,
     last_record: Instant,
     /// Bytes of the latest value of each state key in the changelog, and their sum.
     state_sizes: HashMap<StateKey, usize>,
@@ -165,6 +195,16 @@ struct Stage {
     view: Arc<MeterView>,
     /// The app-month records of the transaction in flight: published once it committed.
     in_flight_view: Vec<ViewUpdate>,
+    /// Assigned partitions whose changelog was read before it reflected their committed
+    /// offset (the previous owner's commit markers not written yet): read again in a later
+    /// round, until the deadline.
+    behind: BTreeMap<i32, Instant>,
+    /// Assigned partitions whose state in the changelog cannot be trusted, and why: never
+    /// restored nor read (paused), so nothing is metered from a state that lost records;
+    /// the other partitions go on. Readiness, a metric and an alert say so.
+    stopped: BTreeMap<i32, String>,
+    /// Asks where changelog partitions end (their high watermark).
+    ends: changelog::HighWatermarks,
     /// The hunt for a record that makes every transaction fail, and what the transaction
     /// in flight covers for it.
     hunt: Hunt,
@@ -208,6 +248,7 @@ impl ConsumerContext for StageContext {
             // state it knows was.
             stage.in_flight_view.clear();
             stage.in_flight = None;
+            warn!("meter: assignment lost (this member left the group); dropping what was applied since the last commit");
             metrics().rebalances.with_label_values(&["meter", "lost"]).inc();
         } else if let Err(e) = stage.commit(consumer).and_then(|()| stage.settle(consumer)) {
             // Commit while the partitions are still ours: after the callback another worker
@@ -217,6 +258,8 @@ impl ConsumerContext for StageContext {
         let partitions: Vec<i32> = revoked.elements().iter().map(|e| e.partition()).collect();
         for p in &partitions {
             stage.tasks.remove(p);
+            stage.behind.remove(p);
+            stage.stopped.remove(p);
             stage.assigned.remove(p);
             stage.view.revoked(stage.member, *p);
         }
@@ -274,6 +317,9 @@ pub fn run(config: &Config, member: usize, shutdown: &AtomicBool, board: &Board)
         member,
         view: board.view(),
         in_flight_view: Vec::new(),
+        behind: BTreeMap::new(),
+        stopped: BTreeMap::new(),
+        ends: changelog::HighWatermarks::new(&client)?,
         hunt: Hunt::default(),
         in_flight: None,
         handled: (0, None, None),
@@ -301,12 +347,8 @@ pub fn run(config: &Config, member: usize, shutdown: &AtomicBool, board: &Board)
     // Declared after the consumer, so dropped before it (the borrow checker insists).
     let mut queues: BTreeMap<i32, PartitionQueue<'_>> = BTreeMap::new();
     let mut batch = Batch::with_capacity(BATCH);
-    // While the stage is careful (a poison hunt): one record per transaction.
-    let mut one = Batch::with_capacity(1);
     let mut wait = Duration::ZERO;
     let status = lock(&stage)?.status.clone();
-    // The stage's lock, for the moments the loop lets go of it (the name is shadowed below).
-    let stage_handle = Arc::clone(&stage);
     let pause = std::env::var_os(PAUSE_FILE).map(std::path::PathBuf::from);
     let hold = std::env::var_os(HOLD_LOCK_FILE).map(std::path::PathBuf::from);
     loop {
@@ -327,7 +369,8 @@ pub fn run(config: &Config, member: usize, shutdown: &AtomicBool, board: &Board)
                 return Err(e);
             }
             stage.now = Timestamp(now_ms());
-            let careful = stage.hunt.careful();
+            // While careful (a poison hunt), the round is one transaction of at most this many.
+            let limit = stage.hunt.batch_limit();
             let mut taken = 0;
             match message {
                 // Only records fetched before their partition's queue was split come here.
@@ -349,12 +392,16 @@ pub fn run(config: &Config, member: usize, shutdown: &AtomicBool, board: &Board)
                     }
                 }
             }
-            for queue in queues.values() {
-                if careful && taken > 0 {
+            for (p, queue) in &queues {
+                let room = limit.map_or(usize::MAX, |limit| limit.saturating_sub(taken));
+                if room == 0 {
                     break;
                 }
-                let batch = if careful { &mut one } else { &mut batch };
-                taken += queue.fill(batch, Duration::ZERO);
+                if !stage.tasks.contains_key(p) {
+                    // Not restored yet: its records wait in its queue.
+                    continue;
+                }
+                taken += queue.fill(&mut batch, room, Duration::ZERO);
                 for record in batch.records() {
                     match record {
                         Ok(record) => stage.handle(&consumer, &record)?,
@@ -364,7 +411,7 @@ pub fn run(config: &Config, member: usize, shutdown: &AtomicBool, board: &Board)
             }
             // Nothing fetched: the next poll waits a little for records or a rebalance.
             wait = if taken == 0 { IDLE_WAIT } else { Duration::ZERO };
-            if taken == 0 || Instant::now() >= round_ends || careful {
+            if taken == 0 || Instant::now() >= round_ends || limit.is_some() {
                 break;
             }
         }
@@ -375,7 +422,10 @@ pub fn run(config: &Config, member: usize, shutdown: &AtomicBool, board: &Board)
                 std::thread::sleep(Duration::from_millis(100));
             }
         }
-        stage.restore_assigned(&consumer)?;
+        // One partition per round, between polls: each restore can take seconds, and
+        // several back to back would outlast max.poll.interval.ms — the member would be
+        // evicted, get the same partitions back, and restore them again, forever.
+        stage.restore_next(&consumer)?;
         stage.report_progress(&consumer);
         if shutdown.load(Ordering::Relaxed) {
             stage.commit(&consumer)?;
@@ -385,19 +435,13 @@ pub fn run(config: &Config, member: usize, shutdown: &AtomicBool, board: &Board)
         }
         if last_idle_check.elapsed() >= idle_check_every {
             last_idle_check = Instant::now();
-            // Which silent partitions have read everything is a broker round trip each: asked
-            // without the stage locked, so the usage API and the metrics never wait for it.
-            // Nothing else changes the stage meanwhile: records and rebalances are handled on
-            // this thread only.
-            let silent = stage.silent_partitions(&consumer);
-            drop(stage);
             let topic = &config.file.topics.events;
-            let idle: BTreeSet<i32> = silent
+            let idle: BTreeSet<i32> = stage
+                .silent_partitions(&consumer)
                 .into_iter()
                 .filter(|&(p, next)| caught_up(&consumer, topic, p, next))
                 .map(|(p, _)| p)
                 .collect();
-            stage = lock(&stage_handle)?;
             stage.follow_idle_partitions(&idle);
         }
         if stage.last_commit.elapsed() >= commit_interval || stage.hunt.careful() {
@@ -407,10 +451,16 @@ pub fn run(config: &Config, member: usize, shutdown: &AtomicBool, board: &Board)
 }
 
 impl Stage {
-    /// Rebuilds the meter of a partition from its changelog partition.
-    fn restore(&self, partition: i32) -> anyhow::Result<Task> {
+    /// Rebuilds the meter of a partition from its changelog partition: the task, or why its
+    /// state cannot be used (`Err` inside: the partition stops), and whether the changelog
+    /// held a progress record.
+    fn restore(&self, partition: i32) -> anyhow::Result<ReadBack> {
         let started = Instant::now();
+        if let Some(ms) = std::env::var(SLOW_RESTORE_MS).ok().and_then(|ms| ms.parse().ok()) {
+            std::thread::sleep(Duration::from_millis(ms));
+        }
         let mut latest = BTreeMap::new();
+        let mut owner: Option<Vec<u8>> = None;
         let client = super::client_config(&self.config);
         let read = changelog::read_partition(
             &client,
@@ -423,14 +473,25 @@ impl Stage {
             |key, value, parts| {
                 // Only state: a changelog written before billing had one of its own also
                 // holds usage and markers, which belong to billing.
-                if let ChangelogKey::State(key) = key {
-                    latest.insert(key, value.map(|v| (v.to_vec(), parts)));
+                match key {
+                    ChangelogKey::State(key) => {
+                        latest.insert(key, value.map(|v| (v.to_vec(), parts)));
+                    }
+                    ChangelogKey::Owner => owner = value.map(<[u8]>::to_vec),
+                    _ => {}
                 }
                 Ok(())
             },
         )?;
         let state: Vec<(StateKey, (Vec<u8>, usize))> =
             latest.into_iter().filter_map(|(k, v)| v.map(|v| (k, v))).collect();
+        let has_progress = state.iter().any(|(k, _)| *k == StateKey::Progress);
+        // Whether the read reached the high watermark: then no open transaction can still
+        // hold a newer progress record.
+        let timeout = self.config.kafka.transaction_timeout;
+        let complete =
+            read.next_offset >= self.ends.of(&self.config.file.topics.changelog, partition, timeout)?.1;
+        super::check_owner(&self.config, &self.config.file.topics.changelog, partition, owner.as_deref())?;
         let published: Vec<(StateKey, StateBytes)> = state
             .iter()
             .filter(|(k, _)| is_app_month(k))
@@ -441,8 +502,13 @@ impl Stage {
             state.iter().filter(|(_, (_, n))| *n > 0).map(|(k, (_, n))| (*k, *n)).collect();
         let state_bytes = sizes.values().map(|&n| n as u64).sum();
         let state = state.into_iter().map(|(k, (v, _))| (k, v));
-        let meter = Meter::restore(self.config.meter.clone(), state)
-            .with_context(|| format!("cannot restore the meter of partition {partition}"))?;
+        let meter = match Meter::restore(self.config.meter.clone(), state) {
+            Ok(meter) => meter,
+            Err(e) => {
+                let task = Err(format!("its state in the changelog cannot be read: {e}"));
+                return Ok(ReadBack { task, has_progress, complete });
+            }
+        };
         metrics().restore_duration.with_label_values(&["meter"]).observe(started.elapsed().as_secs_f64());
         info!(
             partition,
@@ -453,54 +519,68 @@ impl Stage {
             "meter: partition restored"
         );
         self.view.restored(self.member, partition, published);
-        Ok(Task {
+        let task = Ok(Task {
             meter,
             next_offset: None,
             dirty: false,
+            owner_missing: owner.is_none(),
+            in_flight: false,
             last_record: Instant::now(),
             state_sizes: sizes,
             state_bytes,
             state_parts,
-        })
+        });
+        Ok(ReadBack { task, has_progress, complete })
     }
 
-    /// Restores the tasks of assigned partitions that have none yet, and learns where
-    /// their input resumes (the committed offset), to tell when they have caught up.
-    fn restore_assigned(&mut self, consumer: &BaseConsumer<StageContext>) -> anyhow::Result<()> {
-        let missing: Vec<i32> =
-            self.assigned.iter().filter(|p| !self.tasks.contains_key(p)).copied().collect();
-        if missing.is_empty() {
+    /// Restores the task of one assigned partition that has none yet (those never tried
+    /// first), and learns where its input resumes (the committed offset), to tell when it
+    /// has caught up.
+    fn restore_next(&mut self, consumer: &BaseConsumer<StageContext>) -> anyhow::Result<()> {
+        let Some(p) = self
+            .assigned
+            .iter()
+            .filter(|p| !self.tasks.contains_key(p) && !self.stopped.contains_key(p))
+            .min_by_key(|p| (self.behind.contains_key(p), **p))
+            .copied()
+        else {
             return Ok(());
-        }
-        if missing.iter().any(|p| *p as u32 >= self.changelog_partitions) {
+        };
+        if p as u32 >= self.changelog_partitions {
             // The events topic grew: the new partitions' state needs changelog partitions
             // (docs/operations.md, "Adding partitions"). A commit before they exist aborts.
             self.grow_changelog()?;
         }
         // Restore after our own transaction in flight, if any, has settled.
-        self.settle(consumer)?;
-        let topic = &self.config.file.topics.events;
-        let mut wanted = TopicPartitionList::new();
-        for p in &missing {
-            wanted.add_partition(topic, *p);
+        if !self.settle(consumer)? {
+            // It failed and the stage rewound: the next round restores.
+            return Ok(());
         }
+        let topic = self.config.file.topics.events.clone();
+        let mut wanted = TopicPartitionList::new();
+        wanted.add_partition(&topic, p);
         let timeout = self.config.kafka.transaction_timeout;
         let committed = with_retries("reading committed offsets", || {
             consumer.committed_offsets(wanted.clone(), timeout)
         })?;
-        for p in missing {
-            let committed = match committed.find_partition(topic, p).map(|e| e.offset()) {
-                Some(Offset::Offset(o)) => o,
-                // Never committed: the group starts at the beginning (auto.offset.reset).
-                _ => {
-                    with_retries("reading the partition's start", || {
-                        consumer.fetch_watermarks(topic, p, timeout)
-                    })?
-                    .0
-                }
-            };
-            let task = self.restore_at(p, committed)?;
-            self.tasks.insert(p, task);
+        let committed = match committed.find_partition(&topic, p).map(|e| e.offset()) {
+            Some(Offset::Offset(o)) => Some(o),
+            _ => None,
+        };
+        match self.restore_at(p, committed, consumer)? {
+            Restored::Ready(task) => {
+                self.behind.remove(&p);
+                self.tasks.insert(p, *task);
+            }
+            Restored::Behind => {}
+            Restored::Stopped(why) => {
+                tracing::error!(partition = p, reason = %why, "meter: partition stopped; the others go on");
+                let mut paused = TopicPartitionList::new();
+                paused.add_partition(&topic, p);
+                consumer.pause(&paused).context("cannot pause a stopped partition")?;
+                self.behind.remove(&p);
+                self.stopped.insert(p, why);
+            }
         }
         Ok(())
     }
@@ -530,33 +610,108 @@ impl Stage {
         }
     }
 
-    /// Restores partition `p` as of its committed offset. The changelog is read to its last
-    /// stable offset, which can lag the committed offsets for a moment (the commit markers
-    /// of the previous owner's last transaction are written after it returns); resuming
-    /// from state older than the offsets would lose the events in between, so the read is
-    /// repeated until the state says it reflects exactly the committed offset.
-    fn restore_at(&self, p: i32, committed: i64) -> anyhow::Result<Task> {
-        let deadline = Instant::now() + self.config.kafka.transaction_timeout + Duration::from_secs(30);
-        loop {
-            let mut task = self.restore(p)?;
-            match task.meter.input_offset() {
-                // State written before offsets were kept with it (format 1): nothing to check.
-                None => {}
-                Some(state) if state == committed => {}
-                Some(state) if state < committed && Instant::now() < deadline => {
-                    warn!(partition = p, state, committed, "meter: changelog behind the committed offset; reading it again");
-                    std::thread::sleep(Duration::from_millis(200));
-                    continue;
-                }
-                Some(state) => anyhow::bail!(
-                    "the state of partition {p} in the changelog reflects offset {state}, but the committed offset is {committed}"
-                ),
+    /// Restores partition `p` and decides where its input resumes. The changelog's progress
+    /// record (the input offset its state reflects) is the truth; the group's committed
+    /// offset (`None`: none, e.g. expired 7 days after the group emptied, or deleted) agrees
+    /// with it after every commit, and otherwise:
+    /// - none committed, or committed behind the progress (offsets deleted, reset back): it
+    ///   resumes from the progress — re-reading would count those events twice;
+    /// - committed ahead of the progress: while the changelog may still hold a newer
+    ///   progress (its last stable offset lags the previous owner's commit markers for a
+    ///   moment) the partition is read again in a later round (`Behind`); once it is read to
+    ///   its end, the offsets were reset forward on purpose (to skip a poison record): it
+    ///   resumes there, and the events skipped are counted and alerted;
+    /// - a progress beyond the events partition's end (the topic recreated), or state that
+    ///   cannot be trusted: the partition stops.
+    ///
+    /// Events the events topic deleted (retention) before they were read are counted too.
+    fn restore_at(
+        &mut self,
+        p: i32,
+        committed: Option<i64>,
+        consumer: &BaseConsumer<StageContext>,
+    ) -> anyhow::Result<Restored> {
+        let ReadBack { task, has_progress, complete } = self.restore(p)?;
+        let mut task = match task {
+            Ok(task) => task,
+            Err(why) => return Ok(Restored::Stopped(why)),
+        };
+        let (topic, timeout) =
+            (self.config.file.topics.events.clone(), self.config.kafka.transaction_timeout);
+        let (start, end) = with_retries("reading where the events partition starts and ends", || {
+            consumer.fetch_watermarks(&topic, p, timeout)
+        })?;
+        let resume = match (task.meter.input_offset(), committed) {
+            // The group has committed offsets for it, so a commit wrote its progress there:
+            // without it, the changelog lost records (deleted, or the topic recreated), and
+            // resuming would restart its open months from nothing.
+            (None, Some(committed)) if !has_progress => {
+                return Ok(Restored::Stopped(format!(
+                    "the group's committed offset is {committed} but changelog partition {p} holds no progress record: \
+                     its records were deleted or the topic recreated (docs/operations.md, ImMeterPartitionStopped)"
+                )))
             }
-            task.next_offset = Some(committed);
-            // The state now says where it resumes (a partition never committed included).
-            task.meter.set_input_offset(committed);
-            return Ok(task);
+            // State written before offsets were kept with it (format 1), or a partition
+            // never committed: where the group is (its start when never committed).
+            (None, committed) => committed.unwrap_or(start),
+            (Some(state), _) if state > end => {
+                return Ok(Restored::Stopped(format!(
+                    "changelog partition {p} reflects events up to offset {state}, beyond the events partition's end \
+                     {end}: the events topic was deleted and recreated (docs/operations.md, ImMeterPartitionStopped)"
+                )))
+            }
+            (Some(state), None) => {
+                info!(partition = p, state, "meter: no committed offset (expired or deleted); resuming from the changelog's progress");
+                state
+            }
+            (Some(state), Some(committed)) if state >= committed => {
+                if state > committed {
+                    warn!(partition = p, state, committed, "meter: committed offset behind the changelog's progress (offsets reset back); resuming from the progress");
+                }
+                state
+            }
+            (Some(state), Some(committed)) if complete => {
+                let skipped = committed - state;
+                warn!(partition = p, state, committed, skipped, "meter: the group's offsets were reset forward past the changelog's progress; those events are skipped");
+                metrics().events_skipped.with_label_values(&["offsets_reset"]).inc_by(skipped as u64);
+                committed
+            }
+            (Some(state), Some(committed)) => {
+                let wait = self.config.kafka.transaction_timeout + Duration::from_secs(30);
+                let deadline = *self.behind.entry(p).or_insert_with(|| Instant::now() + wait);
+                anyhow::ensure!(
+                    Instant::now() < deadline,
+                    "the state of partition {p} in the changelog reflects offset {state}, but the committed offset is {committed}, still after {} s",
+                    wait.as_secs()
+                );
+                warn!(partition = p, state, committed, "meter: changelog behind the committed offset; reading it again later");
+                return Ok(Restored::Behind);
+            }
+        };
+        let resume = if resume < start {
+            let deleted = start - resume;
+            warn!(
+                partition = p,
+                resume,
+                start,
+                deleted,
+                "meter: events deleted by the events topic's retention before they were read; skipped"
+            );
+            metrics().events_skipped.with_label_values(&["retention"]).inc_by(deleted as u64);
+            start
+        } else {
+            resume
+        };
+        if Some(resume) != committed {
+            // The consumer starts at the committed offset (or, without one, at the start).
+            with_retries("seeking to where the partition resumes", || {
+                consumer.seek(&topic, p, Offset::Offset(resume), timeout)
+            })?;
         }
+        task.next_offset = Some(resume);
+        // The state now says where it resumes (a partition never committed included).
+        task.meter.set_input_offset(resume);
+        Ok(Restored::Ready(Box::new(task)))
     }
 
     /// Applies one record (or sends it to the dead letters) and notes its offset.
@@ -566,10 +721,15 @@ impl Stage {
             // Fetched before the partition was revoked: its new owner applies it.
             return Ok(());
         }
-        if !self.tasks.contains_key(&p) {
-            self.restore_assigned(consumer)?;
-        }
-        let task = self.tasks.get_mut(&p).context("task restored above")?;
+        let Some(task) = self.tasks.get_mut(&p) else {
+            // Fetched before its partition's queue was split, and not restored yet (that
+            // happens between polls): read again once it is.
+            let timeout = self.config.kafka.transaction_timeout;
+            let topic = &self.config.file.topics.events;
+            return with_retries("seeking back", || {
+                consumer.seek(topic, p, Offset::Offset(record.offset), timeout)
+            });
+        };
         self.tally.consumed(record.payload.len() + record.key.map_or(0, <[u8]>::len));
         let at = (p, record.offset);
         if self.hunt.suspected(at) {
@@ -668,10 +828,13 @@ impl Stage {
         let mut state = self.status.state();
         state.partitions.retain(|p, _| self.assigned.contains(p));
         for &p in &self.assigned {
-            state.partitions.entry(p).or_default().restored = self.tasks.contains_key(&p);
+            let entry = state.partitions.entry(p).or_default();
+            entry.restored = self.tasks.contains_key(&p);
+            entry.stopped = self.stopped.get(&p).cloned();
         }
         let consumer = self.status.consumer.as_str();
         metrics().assigned_partitions.with_label_values(&["meter", consumer]).set(self.assigned.len() as i64);
+        metrics().stopped_partitions.with_label_values(&["meter", consumer]).set(self.stopped.len() as i64);
     }
 
     /// Tells the board and the metrics how far each partition is and how big the state is.
@@ -719,6 +882,7 @@ impl Stage {
         let mut closes_month = false;
         let mut anything = false;
         for (&p, task) in self.tasks.iter_mut() {
+            let written = (records.len(), for_billing.len(), task.next_offset);
             if let Some(closing) = task.meter.take_closed() {
                 closes_month |= !closing.months.is_empty();
                 for (month, closed) in closing.months {
@@ -748,6 +912,11 @@ impl Stage {
                 // that offset: a restore checks the two against each other.
                 task.meter.set_input_offset(next);
             }
+            if std::mem::take(&mut task.owner_missing) {
+                // Which deployment the state belongs to (a rewind restores and so retries it).
+                let group = self.config.file.kafka.group_id.clone().into_bytes();
+                records.push((p, ChangelogKey::Owner.to_bytes(), Some(group)));
+            }
             for record in task.meter.checkpoint() {
                 if is_app_month(&record.key) {
                     let value = record.value.as_deref().map(StateBytes::from);
@@ -755,6 +924,7 @@ impl Stage {
                 }
                 task.write_state(p, record.key, record.value, max_value, &mut records);
             }
+            task.in_flight = task.dirty || (records.len(), for_billing.len(), task.next_offset) != written;
             if task.dirty {
                 // Records arrived since the last commit: not idle (one clock read per commit).
                 task.last_record = self.last_commit;
@@ -784,6 +954,7 @@ impl Stage {
         let (count, last, poisoned) = std::mem::take(&mut self.handled);
         self.in_flight = Some(Covered {
             offsets: self.tasks.iter().filter_map(|(p, t)| Some((*p, t.next_offset?))).collect(),
+            records: count,
             single: last.filter(|_| count == 1 && poisoned.is_none()),
             poisoned,
         });
@@ -852,7 +1023,7 @@ impl Stage {
                 let pause = match self.hunt.failed(&covered.unwrap_or_default(), failure.transient()) {
                     AfterFailure::Retry(pause) => pause,
                     AfterFailure::GoCareful(pause) => {
-                        warn!(failures = POISON_AFTER, "meter: transactions keep failing; committing one record at a time to find the one that fails them");
+                        warn!(failures = POISON_AFTER, "meter: transactions keep failing; halving them to find the record that fails them");
                         pause
                     }
                     AfterFailure::Suspect((partition, offset)) => {
@@ -872,17 +1043,31 @@ impl Stage {
         }
     }
 
-    /// Drops all in-memory state and moves every assigned partition back to its committed
-    /// offset; the meters are restored from the changelog before their next record.
+    /// Drops the in-memory state the failed transaction invalidated — the tasks it wrote
+    /// for, or that applied records since — and moves those partitions back to their
+    /// committed offsets; they are restored from the changelog one per round. A task the
+    /// transaction did not touch is exactly what the changelog holds, and stays.
     fn rewind(&mut self, consumer: &BaseConsumer<StageContext>) -> anyhow::Result<()> {
-        self.tasks.clear();
+        let invalid: Vec<i32> =
+            self.tasks.iter().filter(|(_, t)| t.in_flight || t.dirty).map(|(p, _)| *p).collect();
+        info!(partitions = ?invalid, kept = self.tasks.len() - invalid.len(), "meter: rewinding");
+        self.tasks.retain(|p, _| !invalid.contains(p));
+        // Only the invalid partitions had records since the last commit, so all of these
+        // are theirs; reading those partitions again writes them again.
         self.dead_letters.clear();
         self.handled = (0, None, None);
         self.holds_marker = false;
+        if invalid.is_empty() {
+            return Ok(());
+        }
         let timeout = self.config.kafka.transaction_timeout;
-        let assignment = consumer.assignment().context("cannot read the assignment")?;
+        let topic = &self.config.file.topics.events;
+        let mut wanted = TopicPartitionList::new();
+        for p in &invalid {
+            wanted.add_partition(topic, *p);
+        }
         let committed = with_retries("reading committed offsets", || {
-            consumer.committed_offsets(assignment.clone(), timeout)
+            consumer.committed_offsets(wanted.clone(), timeout)
         })?;
         for e in committed.elements() {
             let offset = match e.offset() {
@@ -906,11 +1091,12 @@ fn position(positions: &TopicPartitionList, topic: &str, partition: i32) -> Opti
 
 /// Whether everything a partition holds has been read: `next` — the consumer's position,
 /// which steps over a transactional producer's commit markers, or the committed offset
-/// before any record — has reached the partition's end. Asked of the broker only for
-/// partitions already silent a while. Unknown is "no".
+/// before any record — has reached the partition's end, its high watermark (so a producer's
+/// transaction still open in it keeps it from being idle) as the last fetch response said.
+/// Asked only for partitions already silent a while. Unknown is "no".
 fn caught_up(consumer: &BaseConsumer<StageContext>, topic: &str, partition: i32, next: Option<i64>) -> bool {
-    match consumer.fetch_watermarks(topic, partition, Duration::from_secs(2)) {
-        Ok((low, high)) => next.unwrap_or(low) >= high,
-        Err(_) => false,
+    match (next, fetch::known_end(consumer, topic, partition)) {
+        (Some(next), Some(end)) => next >= end,
+        _ => false,
     }
 }

@@ -64,6 +64,22 @@ pub fn group_member(config: &Config, group: &str) -> ClientConfig {
 /// How long a broker call is retried while the broker is unreachable (restarting).
 pub const RETRY_FOR: std::time::Duration = std::time::Duration::from_secs(120);
 
+/// Refuses the state of `topic` partition `partition` if another deployment wrote it:
+/// `owner` is the group id its owner record names (`None`: none written yet).
+pub fn check_owner(config: &Config, topic: &str, partition: i32, owner: Option<&[u8]>) -> anyhow::Result<()> {
+    let ours = &config.file.kafka.group_id;
+    match owner {
+        Some(owner) if owner != ours.as_bytes() => anyhow::bail!(
+            "topic {topic} partition {partition} holds the state of consumer group {:?}, but this worker's \
+             kafka.group_id is {ours:?}: two deployments must not share internal topics. Give this deployment its own \
+             (leave topics.changelog, topics.billing_changelog and topics.plan_book empty: they are named from the \
+             group id), or, to rename a group on purpose, follow the README's \"Renaming a group\"",
+            String::from_utf8_lossy(owner)
+        ),
+        _ => Ok(()),
+    }
+}
+
 /// Calls `f` until it succeeds or [`RETRY_FOR`] has passed, a second apart: for broker
 /// calls that fail while a broker restarts. The last error is returned with `what`.
 pub fn with_retries<T>(

@@ -7,8 +7,11 @@
 //! blames a record it has not isolated:
 //!
 //! 1. After [`POISON_AFTER`] metering transactions in a row failed for a reason other than
-//!    the broker being unreachable, the stage goes *careful*: one input record per
-//!    transaction, until it has committed past every offset those transactions covered.
+//!    the broker being unreachable, the stage goes *careful* until it has committed past
+//!    every offset those transactions covered: transactions hold at most half the records
+//!    of the last failed one, halving again after each failure and doubling after each
+//!    commit — a binary search that narrows 40,000 records down to one in about 16 failed
+//!    transactions, where one record per transaction would take 40,000 commits.
 //! 2. A careful transaction holding record R alone that fails [`POISON_AFTER`] times in a row
 //!    (each retry after a longer pause, so that a short outage is not taken for R) makes R a
 //!    *suspect*: the next transaction writes R's dead letter as `poison` (its coordinates,
@@ -30,11 +33,13 @@ pub const POISON_AFTER: u32 = 3;
 pub type RecordAt = (i32, i64);
 
 /// What one metering transaction covered: per partition, the offset after the last record
-/// it applied, and the one record it held if it held exactly one.
+/// it applied, how many records it held, and the one record if it held exactly one.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Covered {
     /// Partition → the offset its commit stores.
     pub offsets: BTreeMap<i32, i64>,
+    /// Input records it held (applied or written as poison).
+    pub records: usize,
     /// The only record applied in it, if it held exactly one.
     pub single: Option<RecordAt>,
     /// The record it wrote as `poison` instead of applying it, if any.
@@ -46,9 +51,11 @@ pub struct Covered {
 pub struct Hunt {
     /// Transactions failed in a row (the broker being unreachable does not count).
     failures_in_a_row: u32,
-    /// While not empty: one record per transaction, until every partition here has committed
+    /// While not empty: careful (batches of at most `limit`), until every partition here has committed
     /// its offset.
     careful_until: BTreeMap<i32, i64>,
+    /// While careful: the most records a transaction holds.
+    limit: usize,
     /// Careful transactions of one record that failed in a row, by record.
     strikes: BTreeMap<RecordAt, u32>,
     /// Records to write as `poison` instead of applying them.
@@ -71,9 +78,14 @@ pub enum AfterFailure {
 }
 
 impl Hunt {
-    /// Whether transactions hold one record each.
+    /// Whether the stage is careful.
     pub fn careful(&self) -> bool {
         !self.careful_until.is_empty()
+    }
+
+    /// While careful, the most input records the next transaction may hold.
+    pub fn batch_limit(&self) -> Option<usize> {
+        self.careful().then_some(self.limit.max(1))
     }
 
     /// Whether `record` is to be written as `poison` instead of being applied.
@@ -97,6 +109,7 @@ impl Hunt {
                 self.careful_until.remove(p);
             }
         }
+        self.limit = self.limit.saturating_mul(2);
     }
 
     /// A transaction that covered `covered` failed; `transient`: for a reason that says
@@ -113,6 +126,11 @@ impl Hunt {
             return AfterFailure::Cleared(poison);
         }
         self.failures_in_a_row += 1;
+        if self.careful() && covered.records > 1 {
+            // Narrowing down: no pause, a failure here says only which half to look in.
+            self.limit = covered.records / 2;
+            return AfterFailure::Retry(Duration::ZERO);
+        }
         if let (true, Some(record)) = (self.careful(), covered.single) {
             if self.cleared.contains(&record) {
                 return AfterFailure::Retry(pause(self.failures_in_a_row));
@@ -128,6 +146,7 @@ impl Hunt {
         if self.failures_in_a_row >= POISON_AFTER && !self.careful() {
             // Careful past everything the failing transactions may have held.
             self.careful_until = covered.offsets.clone();
+            self.limit = covered.records / 2;
             return AfterFailure::GoCareful(pause(1));
         }
         AfterFailure::Retry(pause(self.failures_in_a_row))
@@ -144,7 +163,8 @@ mod tests {
     use super::*;
 
     fn covered(offsets: &[(i32, i64)], single: Option<RecordAt>) -> Covered {
-        Covered { offsets: offsets.iter().copied().collect(), single, poisoned: None }
+        let records = if single.is_some() { 1 } else { 100 };
+        Covered { offsets: offsets.iter().copied().collect(), records, single, poisoned: None }
     }
 
     #[test]
@@ -155,8 +175,20 @@ mod tests {
         assert!(matches!(hunt.failed(&batch, false), AfterFailure::Retry(_)));
         assert!(matches!(hunt.failed(&batch, false), AfterFailure::GoCareful(_)));
         assert!(hunt.careful());
-        // Records before the poison commit one by one.
+        // Halves, then quarters, ...: records before the poison commit in ever smaller
+        // batches, the batch after a commit twice as large.
+        assert_eq!(hunt.batch_limit(), Some(50));
+        let half = Covered { records: 50, ..covered(&[(0, 50), (1, 50)], None) };
+        assert_eq!(hunt.failed(&half, false), AfterFailure::Retry(Duration::ZERO));
+        assert_eq!(hunt.batch_limit(), Some(25));
+        hunt.committed(&Covered { records: 25, ..covered(&[(0, 25)], None) });
+        assert_eq!(hunt.batch_limit(), Some(50));
+        for records in [50, 25, 12, 6, 3] {
+            hunt.failed(&Covered { records, ..covered(&[(0, 41)], None) }, false);
+        }
+        assert_eq!(hunt.batch_limit(), Some(1));
         hunt.committed(&covered(&[(0, 41)], Some((0, 40))));
+        assert_eq!(hunt.batch_limit(), Some(2));
         let alone = covered(&[(0, 42)], Some((0, 41)));
         assert!(matches!(hunt.failed(&alone, false), AfterFailure::Retry(_)));
         // An outage meanwhile says nothing about the record.
@@ -166,7 +198,12 @@ mod tests {
         assert_eq!(hunt.failed(&alone, false), AfterFailure::Suspect((0, 41)));
         assert!(hunt.suspected((0, 41)));
         // Written as poison, and that commits: skipped for good.
-        hunt.committed(&Covered { offsets: [(0, 42)].into(), single: None, poisoned: Some((0, 41)) });
+        hunt.committed(&Covered {
+            offsets: [(0, 42)].into(),
+            records: 1,
+            single: None,
+            poisoned: Some((0, 41)),
+        });
         assert!(!hunt.suspected((0, 41)));
         assert!(hunt.careful(), "partition 1 has not passed 50 yet");
         hunt.committed(&covered(&[(0, 100), (1, 50)], Some((1, 49))));
@@ -185,7 +222,7 @@ mod tests {
             hunt.failed(&alone, false);
         }
         assert!(hunt.suspected((0, 5)));
-        let skipped = Covered { offsets: [(0, 6)].into(), single: None, poisoned: Some((0, 5)) };
+        let skipped = Covered { offsets: [(0, 6)].into(), records: 1, single: None, poisoned: Some((0, 5)) };
         assert_eq!(hunt.failed(&skipped, false), AfterFailure::Cleared((0, 5)));
         assert!(!hunt.suspected((0, 5)));
         for _ in 0..2 * POISON_AFTER {

@@ -8,7 +8,7 @@ use anyhow::Context;
 use tracing::{error, info};
 
 use super::admin::{
-    ensure_topics, grow_topic, max_message_bytes, value_limit, TopicSpec, PRODUCER_MAX_BYTES,
+    ensure_topics, grow_topic, topic_configs, value_limit, Keep, TopicSpec, PRODUCER_MAX_BYTES,
 };
 use super::output::DEAD_LETTER_RECORD_MAX;
 use super::{bill, changelog, client_config, meter};
@@ -30,8 +30,11 @@ pub enum Role {
 /// changelog to the events topic's partition count (the state of events partition p lives
 /// in changelog partition p). Both changelogs are compacted; the billing changelog gets as
 /// many partitions as the events topic when it is created and keeps them (an app's billing
-/// partition must never move). Returns the largest value to write as one changelog record,
-/// from the limits it finds (said in the log): larger ones are written in parts.
+/// partition must never move). Charges and usage are created without a time or size limit,
+/// alerts and dead letters with the configured retention; every topic that exists already
+/// is checked to keep as much, or the worker refuses to start naming the topic and the
+/// setting. Returns the largest value to write as one changelog record, from the limits it
+/// finds (said in the log): larger ones are written in parts.
 pub async fn prepare_topics(config: &Config) -> anyhow::Result<usize> {
     let client = client_config(config);
     let t = &config.file.topics;
@@ -46,16 +49,38 @@ pub async fn prepare_topics(config: &Config) -> anyhow::Result<usize> {
     };
     // One partition for each of the subscriptions topic's: a copied record keeps its place.
     let subscriptions = changelog::partition_count(&client, &t.subscriptions)? as i32;
+    let forever = |name| TopicSpec {
+        name,
+        partitions: n,
+        config: vec![("cleanup.policy", "delete"), ("retention.ms", "-1"), ("retention.bytes", "-1")],
+    };
+    let dead_letters_ms = config.kafka.dead_letters_retention.as_millis().to_string();
+    let alerts_ms = config.kafka.alerts_retention.as_millis().to_string();
+    let kept = |name, ms| TopicSpec { name, partitions: n, config: vec![("retention.ms", ms)] };
     let outputs = [
         compacted(&t.changelog, events),
         compacted(&t.billing_changelog, events),
         compacted(&t.plan_book, subscriptions),
-        plain(&t.dead_letters),
-        plain(&t.charges),
-        plain(&t.alerts),
-        plain(&t.usage),
+        kept(&t.dead_letters, &dead_letters_ms),
+        forever(&t.charges),
+        kept(&t.alerts, &alerts_ms),
+        forever(&t.usage),
     ];
     ensure_topics(&client, &outputs).await?;
+    let keeps = [
+        (&t.changelog, Keep::Compacted),
+        (&t.billing_changelog, Keep::Compacted),
+        (&t.plan_book, Keep::Compacted),
+        (&t.charges, Keep::Forever),
+        (&t.usage, Keep::Forever),
+        (&t.dead_letters, Keep::AtLeast(config.kafka.dead_letters_retention)),
+        (&t.alerts, Keep::AtLeast(config.kafka.alerts_retention)),
+    ];
+    let names: Vec<&str> = keeps.iter().map(|(name, _)| name.as_str()).collect();
+    let configs = topic_configs(&client, &names).await?;
+    for (topic, (_, keep)) in configs.iter().zip(keeps) {
+        topic.check_keeps(keep)?;
+    }
     let copies = changelog::partition_count(&client, &t.plan_book)? as i32;
     anyhow::ensure!(
         copies >= subscriptions,
@@ -70,11 +95,11 @@ pub async fn prepare_topics(config: &Config) -> anyhow::Result<usize> {
     // Values of the compacted topics (state, usage shares, plan book copies) over the limit
     // go in parts; dead letters are cut to a bounded size, which their topic must take.
     let mut topic_limit = usize::MAX;
-    for topic in [&t.changelog, &t.billing_changelog, &t.plan_book] {
-        topic_limit = topic_limit.min(max_message_bytes(&client, topic).await?);
+    for topic in &configs[..3] {
+        topic_limit = topic_limit.min(topic.max_message_bytes()?);
     }
     let limit = value_limit(topic_limit.min(PRODUCER_MAX_BYTES));
-    let dead_letters = max_message_bytes(&client, &t.dead_letters).await?;
+    let dead_letters = configs[5].max_message_bytes()?;
     anyhow::ensure!(
         dead_letters >= DEAD_LETTER_RECORD_MAX,
         "topic {}: max.message.bytes is {dead_letters}, but a dead letter can take up to {DEAD_LETTER_RECORD_MAX} bytes \
