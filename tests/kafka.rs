@@ -168,7 +168,11 @@ fn a_broker_restart_changes_no_charge() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let d = Deployment::new("broker");
     d.produce();
-    let mut workers = vec![d.worker("a")];
+    // A consumer can lose its group coordinator in a broker restart and find it again
+    // only through a session timeout and a rejoin (seen here: 45 s, the default session,
+    // then up to as long again for the restarted broker to expire the old member): a
+    // session of 20 s keeps that recovery within the test's bound.
+    let mut workers = vec![d.worker_with("a", &[("IM_METER__KAFKA__MAX_POLL_INTERVAL", "20s")], &[])];
     std::thread::sleep(Duration::from_secs(3));
     let restart = Command::new(repo().join("scripts/kafka.sh")).arg("restart").output().unwrap();
     assert!(restart.status.success(), "{}", String::from_utf8_lossy(&restart.stderr));

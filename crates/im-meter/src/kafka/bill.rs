@@ -586,6 +586,9 @@ pub fn run(config: &Config, shutdown: &AtomicBool, board: &Board) -> anyhow::Res
         subscriptions.follow();
         let mut copied = false;
         for (&p, task) in tasks.iter_mut() {
+            if !task.reload && task.state.owner.is_none() {
+                write_owner(config, p, task)?;
+            }
             if !copied {
                 let shape = Shape { partition: p, partitions };
                 copied = copy_subscriptions(config, &client, shape, task, &subscriptions)?;
@@ -739,18 +742,8 @@ fn finish_restore(
             return Ok(Restored::ReadAgain(r));
         }
     }
-    let Some((mut outbox, _)) = r.fenced else { anyhow::bail!("partition {partition} restored unfenced") };
+    let Some((outbox, _)) = r.fenced else { anyhow::bail!("partition {partition} restored unfenced") };
     super::check_owner(config, &topics.billing_changelog, partition, r.state.owner.as_deref())?;
-    if r.state.owner.is_none() {
-        // Which deployment the partition's state belongs to. A crash before it commits
-        // loses nothing: the next owner writes it.
-        let group = config.file.kafka.group_id.as_bytes();
-        outbox
-            .transaction(|tx| tx.send(&topics.billing_changelog, Some(partition), b"g", Some(group), None))
-            .map_err(anyhow::Error::from)
-            .context("cannot write the billing partition's owner")?;
-        r.state.owner = Some(group.to_vec());
-    }
     r.state.book.finish_restore();
     metrics().restore_duration.with_label_values(&["bill"]).observe(r.started.elapsed().as_secs_f64());
     let billed_through = r.state.book.billed_through();
@@ -999,6 +992,22 @@ fn alert_as_it_happens(
             Ok(())
         }
         Err(failure) => failed(task, "quota alert", failure),
+    }
+}
+
+/// Writes which deployment the partition's state belongs to (key `g`, the group id), in a
+/// transaction of its own; until it commits, the next round tries again. A crash before
+/// that loses nothing: the next owner writes it.
+fn write_owner(config: &Config, partition: i32, task: &mut Task) -> anyhow::Result<()> {
+    let group = config.file.kafka.group_id.as_bytes();
+    let topic = &config.file.topics.billing_changelog;
+    let owner = ChangelogKey::Owner.to_bytes();
+    match task.outbox.transaction(|tx| tx.send(topic, Some(partition), &owner, Some(group), None)) {
+        Ok(()) => {
+            task.state.owner = Some(group.to_vec());
+            Ok(())
+        }
+        Err(failure) => failed(task, "owner", failure),
     }
 }
 
