@@ -1158,3 +1158,45 @@ fn offsets_reset_forward_skip_events_counted() {
     assert_same_as_replay(&d, &mut workers);
     workers.pop().unwrap().stop();
 }
+
+#[test]
+fn a_month_whose_usage_records_were_deleted_is_never_answered_open() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let d = Deployment::new("usage-deleted");
+    d.produce();
+    let mut workers = vec![d.worker("a")];
+    assert_same_as_replay(&d, &mut workers);
+    workers.pop().unwrap().stop();
+    // The published usage is gone (by hand, or a 7-day retention set on the topic): the
+    // usage API must not call last month open with nothing used.
+    delete_all_records(&d.topic("usage"));
+    let mut b = d.worker_with("b", &[], &["--log-format", "json"]);
+    let address = b.http_address();
+    let tz = BillingTz::default();
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as i64;
+    let last_month = tz.month_of(im_meter_core::time::Timestamp(now)).prev();
+    for month in [input_month(), last_month] {
+        let path = format!("/v1/apps/1400000003/usage?month={month}");
+        let (status, body) = eventually(Duration::from_secs(60), "the usage API to answer", || {
+            let (status, body) = http_json(address, &path);
+            (status != 503).then_some((status, body))
+        });
+        // (Last month may close and be billed only now, in the minutes after a month's end
+        // plus the allowed lateness: then it is billed, never open.)
+        if month == last_month && status == 200 {
+            assert_eq!(body["status"], "billed", "{month}: {body}");
+            continue;
+        }
+        assert_eq!(status, 410, "{month}: {body}");
+        assert!(body.to_string().contains(&format!("im-meter report --month {month}")), "{body}");
+    }
+    b.stop();
+    // The report says why instead of printing a bill without usage.
+    let out = Command::new(env!("CARGO_BIN_EXE_im-meter"))
+        .args(["report", "--month", &input_month().to_string(), "--wait", "30s"])
+        .envs(d.env())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("no longer holds its usage"), "{stderr}");
+}

@@ -171,6 +171,18 @@ fn billed_or_open(api: &Api, app_id: AppId, month: Month, now: Timestamp) -> Res
     if month > current {
         return Err(not_found(format!("{month} has not begun (it is {current} in the billing time zone)")));
     }
+    if let (Some((partition, start)), true) = (ledger.usage_deleted, month < current) {
+        // Never "open" with zeros for a month that may have been billed.
+        return Err(ApiError::new(
+            StatusCode::GONE,
+            format!(
+                "{month} is not in topic {} any more: its partition {partition} lost the records before offset {start} \
+                 (deleted, or a retention the worker does not set), and {month} may have been billed; billing's own \
+                 record of it: `im-meter report --month {month}`",
+                api.config.file.topics.usage
+            ),
+        ));
+    }
     match ledger.newest_billed() {
         Some(billed) if month <= billed => {
             let kept = match ledger.forgotten_before {

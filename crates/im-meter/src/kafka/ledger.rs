@@ -39,6 +39,10 @@ pub struct LedgerState {
     pub caught_up: bool,
     /// Months before this one were billed but are no longer kept.
     pub forgotten_before: Option<Month>,
+    /// A usage partition that lost records (deleted, or expired by a retention that
+    /// should not be there) and the first offset it still holds: a month not found may
+    /// have been billed all the same.
+    pub usage_deleted: Option<(i32, i64)>,
     keep_months: usize,
 }
 
@@ -94,6 +98,7 @@ impl Ledger {
                 book: Subscriptions::new(config.meter.tz),
                 caught_up: false,
                 forgotten_before: None,
+                usage_deleted: None,
                 keep_months: config.http.history_months,
             }),
         }
@@ -128,10 +133,21 @@ pub fn follow(config: &Config, ledger: &Ledger, shutdown: &AtomicBool) -> anyhow
     let mut pending = BTreeMap::new();
     for topic in followed {
         for p in 0..changelog::partition_count(&client, topic)? as i32 {
-            let start = if topic == &topics.subscriptions { copy.start_of(p) } else { Offset::Beginning };
-            assignment.add_partition_offset(topic, p, start)?;
-            let (_, end) = consumer.fetch_watermarks(topic, p, Duration::from_secs(30))?;
-            if end > 0 {
+            let start_at = if topic == &topics.subscriptions { copy.start_of(p) } else { Offset::Beginning };
+            assignment.add_partition_offset(topic, p, start_at)?;
+            let (start, end) = consumer.fetch_watermarks(topic, p, Duration::from_secs(30))?;
+            if topic == &topics.usage && start > 0 {
+                warn!(topic = %topic, partition = p, start, "ledger: the usage topic lost records; months not found in it are answered as gone");
+                ledger.state().usage_deleted.get_or_insert((p, start));
+            }
+            // Nothing to wait for where the read starts at the end: a partition whose
+            // records were all deleted, or a subscriptions partition the plan book has
+            // copied whole (its position would stay unknown, no record ever read).
+            let from = match start_at {
+                Offset::Offset(o) => o.max(start),
+                _ => start,
+            };
+            if end > from {
                 pending.insert((topic.to_string(), p), end);
             }
         }

@@ -9,7 +9,7 @@ use im_meter_core::bill::{Charge, QuotaAlert};
 use im_meter_core::time::Month;
 use serde::de::DeserializeOwned;
 
-use super::changelog::{partition_count, read_partition, read_to_end, Until};
+use super::changelog::{partition_count, read_partition, read_to_end, HighWatermarks, Until};
 use super::client_config;
 use crate::config::Config;
 use crate::report::{Report, UsageItem};
@@ -54,6 +54,21 @@ pub fn read_billed_month(config: &Config, month: Month, wait: Duration) -> anyho
         let u = item.into_usage()?;
         if u.month == month {
             usage.push(u);
+        }
+    }
+    if usage.is_empty() {
+        // Billed, yet nothing of it in the usage topic: say why rather than print an empty
+        // bill, if the topic lost records.
+        let ends = HighWatermarks::new(&client)?;
+        for p in 0..partition_count(&client, &topics.usage)? as i32 {
+            let (start, _) = ends.of(&topics.usage, p, Duration::from_secs(30))?;
+            anyhow::ensure!(
+                start == 0,
+                "{month} is billed, but topic {} no longer holds its usage: partition {p} lost the records before \
+                 offset {start} (deleted, or a retention the worker does not set); replay the month's events to \
+                 derive the bill again",
+                topics.usage
+            );
         }
     }
     let mut charges: Vec<Charge> = read_json::<Charge>(config, &topics.charges)?;

@@ -94,12 +94,16 @@ pub async fn prepare_topics(config: &Config) -> anyhow::Result<usize> {
     }
     // Values of the compacted topics (state, usage shares, plan book copies) over the limit
     // go in parts; dead letters are cut to a bounded size, which their topic must take.
+    let limit_of = |name: &str| match configs.iter().find(|c| c.topic == name) {
+        Some(config) => config.max_message_bytes(),
+        None => anyhow::bail!("no configuration read for topic {name}"),
+    };
     let mut topic_limit = usize::MAX;
-    for topic in &configs[..3] {
-        topic_limit = topic_limit.min(topic.max_message_bytes()?);
+    for topic in [&t.changelog, &t.billing_changelog, &t.plan_book] {
+        topic_limit = topic_limit.min(limit_of(topic)?);
     }
     let limit = value_limit(topic_limit.min(PRODUCER_MAX_BYTES));
-    let dead_letters = configs[5].max_message_bytes()?;
+    let dead_letters = limit_of(&t.dead_letters)?;
     anyhow::ensure!(
         dead_letters >= DEAD_LETTER_RECORD_MAX,
         "topic {}: max.message.bytes is {dead_letters}, but a dead letter can take up to {DEAD_LETTER_RECORD_MAX} bytes \
