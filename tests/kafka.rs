@@ -1005,12 +1005,7 @@ fn output_topics_keep_the_bill_and_refuse_a_shorter_retention() {
 #[test]
 fn a_changelog_partition_that_lost_its_records_stops_and_the_others_go_on() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let d = Deployment::new("lost-state");
-    d.produce();
-    let one_thread = [("IM_METER__KAFKA__METER_THREADS", "1")];
-    let mut workers = vec![d.worker_with("a", &one_thread, &[])];
-    assert_same_as_replay(&d, &mut workers);
-    workers.pop().unwrap().stop();
+    let d = billed_by_one_worker("lost-state");
     // Partition 1's state is deleted (an operator's mistake, a recreated topic) while the
     // group's committed offsets stay: resuming it would restart its months from nothing.
     let changelog = d.topic("changelog");
@@ -1020,7 +1015,7 @@ fn a_changelog_partition_that_lost_its_records_stops_and_the_others_go_on() {
     set_topic_config(&changelog, &[("cleanup.policy", "compact,delete")]);
     delete_records(&changelog, Some(&[1]));
     set_topic_config(&changelog, &[("cleanup.policy", "compact")]);
-    let mut b = d.worker_with("b", &one_thread, &["--log-format", "json"]);
+    let mut b = d.worker_with("b", &ONE_METER_THREAD, &["--log-format", "json"]);
     let address = b.http_address();
     let problems = eventually(Duration::from_secs(60), "/readyz to say partition 1 stopped", || {
         let (status, body) = http_json(address, "/readyz");
@@ -1085,6 +1080,20 @@ fn a_second_deployment_on_the_same_broker_bills_its_own_month() {
     );
 }
 
+/// One metering consumer per worker: the tests that look at one partition's restore.
+const ONE_METER_THREAD: [(&str, &str); 1] = [("IM_METER__KAFKA__METER_THREADS", "1")];
+
+/// A deployment with the sample produced and billed by a worker (one metering consumer)
+/// that is then stopped.
+fn billed_by_one_worker(name: &str) -> Deployment {
+    let d = Deployment::new(name);
+    d.produce();
+    let mut workers = vec![d.worker_with("a", &ONE_METER_THREAD, &[])];
+    assert_same_as_replay(&d, &mut workers);
+    workers.pop().unwrap().stop();
+    d
+}
+
 /// Dead letters of `d` with reason `reason`.
 fn letters_of(d: &Deployment, reason: &str) -> usize {
     read_all(&d.topic("dead_letters")).iter().filter(|r| r.headers["reason"] == reason).count()
@@ -1102,18 +1111,13 @@ fn late_logins(tag: &str, n: usize) -> Vec<String> {
 #[test]
 fn a_restart_without_the_groups_offsets_resumes_from_the_changelog() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let d = Deployment::new("offsets-gone");
-    d.produce();
-    let one_thread = [("IM_METER__KAFKA__METER_THREADS", "1")];
-    let mut workers = vec![d.worker_with("a", &one_thread, &[])];
-    assert_same_as_replay(&d, &mut workers);
-    workers.pop().unwrap().stop();
+    let d = billed_by_one_worker("offsets-gone");
     let late_before = letters_of(&d, "late");
     // The group's offsets are gone (7 days after it emptied, or deleted by hand); one more
     // October event arrives meanwhile.
     delete_group(&d.prefix);
     produce_keyed(&d.topic("events"), &late_logins("after-restart", 1));
-    let mut workers = vec![d.worker_with("b", &one_thread, &[])];
+    let mut workers = vec![d.worker_with("b", &ONE_METER_THREAD, &[])];
     // Resumed where the changelog says, it reads only the new event: one more `late`
     // letter, not one for every event of October read again.
     eventually(Duration::from_secs(60), "the new event's dead letter", || {
@@ -1131,18 +1135,13 @@ fn a_restart_without_the_groups_offsets_resumes_from_the_changelog() {
 #[test]
 fn offsets_reset_forward_skip_events_counted() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let d = Deployment::new("reset-forward");
-    d.produce();
-    let one_thread = [("IM_METER__KAFKA__METER_THREADS", "1")];
-    let mut workers = vec![d.worker_with("a", &one_thread, &[])];
-    assert_same_as_replay(&d, &mut workers);
-    workers.pop().unwrap().stop();
+    let d = billed_by_one_worker("reset-forward");
     let late_before = letters_of(&d, "late");
     // Five events arrive while the workers are stopped, and an operator moves the group
     // past them (as one would past a poison record).
     produce_keyed(&d.topic("events"), &late_logins("skipped", 5));
     reset_group_to_latest(&d.prefix, &d.topic("events"));
-    let mut b = d.worker_with("b", &one_thread, &["--log-format", "json"]);
+    let mut b = d.worker_with("b", &ONE_METER_THREAD, &["--log-format", "json"]);
     let address = b.http_address();
     eventually(Duration::from_secs(60), "the skipped events to be counted", || {
         b.assert_alive();
