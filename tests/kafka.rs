@@ -1058,14 +1058,10 @@ fn a_second_deployment_on_the_same_broker_bills_its_own_month() {
     // to their defaults: the second must not restore what the first billed.
     let first = Deployment::new("first-deployment");
     first.produce();
-    let mut workers = vec![first.worker_with("a", &INTERNAL_TOPICS_BY_GROUP, &[])];
-    assert_same_as_replay(&first, &mut workers);
-    workers.pop().unwrap().stop();
+    one_worker_bills_as(expected(), &first, &INTERNAL_TOPICS_BY_GROUP);
     let second = Deployment::new("second-deployment");
     second.produce();
-    let mut workers = vec![second.worker_with("a", &INTERNAL_TOPICS_BY_GROUP, &[])];
-    assert_same_as_replay(&second, &mut workers);
-    workers.pop().unwrap().stop();
+    one_worker_bills_as(expected(), &second, &INTERNAL_TOPICS_BY_GROUP);
     assert!(!read_all(&format!("{}.billing-changelog", second.prefix)).is_empty());
 
     // A deployment pointed at another's state by name is refused, both groups named.
@@ -1088,9 +1084,7 @@ const ONE_METER_THREAD: [(&str, &str); 1] = [("IM_METER__KAFKA__METER_THREADS", 
 fn billed_by_one_worker(name: &str) -> Deployment {
     let d = Deployment::new(name);
     d.produce();
-    let mut workers = vec![d.worker_with("a", &ONE_METER_THREAD, &[])];
-    assert_same_as_replay(&d, &mut workers);
-    workers.pop().unwrap().stop();
+    one_worker_bills_as(expected(), &d, &ONE_METER_THREAD);
     d
 }
 
@@ -1163,9 +1157,7 @@ fn a_month_whose_usage_records_were_deleted_is_never_answered_open() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let d = Deployment::new("usage-deleted");
     d.produce();
-    let mut workers = vec![d.worker("a")];
-    assert_same_as_replay(&d, &mut workers);
-    workers.pop().unwrap().stop();
+    one_worker_bills_as(expected(), &d, &[]);
     // The published usage is gone (by hand, or a 7-day retention set on the topic): the
     // usage API must not call last month open with nothing used.
     delete_all_records(&d.topic("usage"));

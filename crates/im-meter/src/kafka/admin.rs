@@ -100,6 +100,7 @@ pub struct TopicConfig {
 
 impl TopicConfig {
     /// A configuration of `entries` (for tests).
+    #[cfg(test)]
     pub fn of(topic: &str, entries: &[(&str, &str)]) -> Self {
         let entries = entries.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         TopicConfig { topic: topic.to_string(), entries }

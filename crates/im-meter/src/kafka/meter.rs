@@ -39,7 +39,7 @@ use tracing::{info, warn};
 use super::admin::grow_topic;
 use super::fetch::{self, Batch, Fetched, PartitionQueue};
 use super::output::{BackgroundOutbox, DeadLetter, Outbox, TransactionFailed};
-use super::poison::{AfterFailure, Covered, Hunt, RecordAt, POISON_AFTER};
+use super::poison::{AfterFailure, Covered, Handled, Hunt, POISON_AFTER};
 use super::{changelog, with_retries};
 use crate::config::Config;
 use crate::metrics::{metrics, EventTally};
@@ -209,9 +209,9 @@ struct Stage {
     /// in flight covers for it.
     hunt: Hunt,
     in_flight: Option<Covered>,
-    /// Records handled since the last transaction began: how many, the last one, and the
+    /// Records handled since the last transaction began (for the hunt).
     /// one written as `poison` instead of applied.
-    handled: (usize, Option<RecordAt>, Option<RecordAt>),
+    handled: Handled,
     /// The failpoint's text ([`POISON_MARKER`]), and whether a record holding it was applied
     /// since the last transaction began.
     poison_marker: Option<Vec<u8>>,
@@ -322,7 +322,7 @@ pub fn run(config: &Config, member: usize, shutdown: &AtomicBool, board: &Board)
         ends: changelog::HighWatermarks::new(&client)?,
         hunt: Hunt::default(),
         in_flight: None,
-        handled: (0, None, None),
+        handled: Handled::default(),
         poison_marker: std::env::var_os(POISON_MARKER).map(|m| m.into_encoded_bytes()),
         holds_marker: false,
     }));
@@ -746,10 +746,10 @@ impl Stage {
             self.tally.invalid(RejectReason::Poison);
             task.next_offset = Some(record.offset + 1);
             task.dirty = true;
-            self.handled = (self.handled.0 + 1, Some(at), Some(at));
+            self.handled.poisoned(at);
             return Ok(());
         }
-        self.handled = (self.handled.0 + 1, Some(at), self.handled.2);
+        self.handled.applied(at);
         if let Some(marker) = &self.poison_marker {
             self.holds_marker |= memchr::memmem::find(record.payload, marker).is_some();
         }
@@ -794,7 +794,7 @@ impl Stage {
         self.tasks
             .iter()
             .filter(|(_, t)| t.last_record.elapsed() >= idle_after)
-            .map(|(&p, t)| (p, t.next_offset.max(position(&positions, topic, p))))
+            .map(|(&p, t)| (p, t.next_offset.max(changelog::position_of(&positions, topic, p))))
             .collect()
     }
 
@@ -849,7 +849,7 @@ impl Stage {
         for (p, task) in &self.tasks {
             let entry = state.partitions.entry(*p).or_default();
             entry.next_offset =
-                task.next_offset.max(position(&positions, &self.config.file.topics.events, *p));
+                task.next_offset.max(changelog::position_of(&positions, &self.config.file.topics.events, *p));
             entry.watermark = task.meter.watermark();
         }
         state.app_months = self.tasks.values().map(|t| t.meter.app_months() as u64).sum();
@@ -951,13 +951,8 @@ impl Stage {
             return Ok(());
         }
         let group = consumer.group_metadata().context("the consumer has no group metadata")?;
-        let (count, last, poisoned) = std::mem::take(&mut self.handled);
-        self.in_flight = Some(Covered {
-            offsets: self.tasks.iter().filter_map(|(p, t)| Some((*p, t.next_offset?))).collect(),
-            records: count,
-            single: last.filter(|_| count == 1 && poisoned.is_none()),
-            poisoned,
-        });
+        let covers = self.tasks.iter().filter_map(|(p, t)| Some((*p, t.next_offset?))).collect();
+        self.in_flight = Some(std::mem::take(&mut self.handled).covered(covers));
         let refused_by_failpoint = std::mem::take(&mut self.holds_marker);
         let dead_letters = std::mem::take(&mut self.dead_letters);
         let started = self.last_commit;
@@ -1055,7 +1050,7 @@ impl Stage {
         // Only the invalid partitions had records since the last commit, so all of these
         // are theirs; reading those partitions again writes them again.
         self.dead_letters.clear();
-        self.handled = (0, None, None);
+        self.handled = Handled::default();
         self.holds_marker = false;
         if invalid.is_empty() {
             return Ok(());
@@ -1077,15 +1072,6 @@ impl Stage {
             with_retries("seeking back", || consumer.seek(e.topic(), e.partition(), offset, timeout))?;
         }
         Ok(())
-    }
-}
-
-/// A partition's position in `positions` (the consumer's: the offset after the last record
-/// it handed out, stepping over transaction markers, which are never handed out).
-fn position(positions: &TopicPartitionList, topic: &str, partition: i32) -> Option<i64> {
-    match positions.find_partition(topic, partition).map(|e| e.offset()) {
-        Some(Offset::Offset(o)) => Some(o),
-        _ => None,
     }
 }
 

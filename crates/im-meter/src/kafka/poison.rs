@@ -46,6 +46,34 @@ pub struct Covered {
     pub poisoned: Option<RecordAt>,
 }
 
+/// The records handled since the last transaction began, as the hunt needs them.
+#[derive(Debug, Clone, Default)]
+pub struct Handled {
+    records: usize,
+    last: Option<RecordAt>,
+    poisoned: Option<RecordAt>,
+}
+
+impl Handled {
+    /// A record was applied.
+    pub fn applied(&mut self, at: RecordAt) {
+        self.records += 1;
+        self.last = Some(at);
+    }
+
+    /// A record was written as `poison` instead of being applied.
+    pub fn poisoned(&mut self, at: RecordAt) {
+        self.applied(at);
+        self.poisoned = Some(at);
+    }
+
+    /// What the transaction that holds them covers, with the offsets it commits.
+    pub fn covered(self, offsets: BTreeMap<i32, i64>) -> Covered {
+        let single = self.last.filter(|_| self.records == 1 && self.poisoned.is_none());
+        Covered { offsets, records: self.records, single, poisoned: self.poisoned }
+    }
+}
+
 /// The hunt's books. See the module documentation.
 #[derive(Debug, Default)]
 pub struct Hunt {
@@ -229,6 +257,20 @@ mod tests {
             assert!(matches!(hunt.failed(&alone, false), AfterFailure::Retry(_)));
         }
         assert!(!hunt.suspected((0, 5)), "never suspected again");
+    }
+
+    #[test]
+    fn a_transaction_of_one_applied_record_names_it() {
+        let mut one = Handled::default();
+        one.applied((0, 7));
+        assert_eq!(one.clone().covered([(0, 8)].into()).single, Some((0, 7)));
+        let mut poisoned = Handled::default();
+        poisoned.poisoned((0, 7));
+        let covered = poisoned.covered([(0, 8)].into());
+        assert_eq!((covered.single, covered.poisoned, covered.records), (None, Some((0, 7)), 1));
+        let mut two = one;
+        two.applied((1, 3));
+        assert_eq!(two.covered(BTreeMap::new()).single, None);
     }
 
     #[test]
