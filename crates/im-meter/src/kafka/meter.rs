@@ -85,6 +85,11 @@ struct ReadBack {
     has_progress: bool,
     /// Whether the read reached the partition's high watermark.
     complete: bool,
+    /// Records read, and when the read began.
+    records: u64,
+    started: Instant,
+    /// The app-months read, for the usage API once the task is in place.
+    published: Vec<(StateKey, StateBytes)>,
 }
 
 /// What a restore of one partition came to.
@@ -506,19 +511,16 @@ impl Stage {
             Ok(meter) => meter,
             Err(e) => {
                 let task = Err(format!("its state in the changelog cannot be read: {e}"));
-                return Ok(ReadBack { task, has_progress, complete });
+                return Ok(ReadBack {
+                    task,
+                    has_progress,
+                    complete,
+                    records: read.records,
+                    started,
+                    published,
+                });
             }
         };
-        metrics().restore_duration.with_label_values(&["meter"]).observe(started.elapsed().as_secs_f64());
-        info!(
-            partition,
-            records = read.records,
-            app_months = meter.app_months(),
-            connections = meter.connections(),
-            ms = started.elapsed().as_millis() as u64,
-            "meter: partition restored"
-        );
-        self.view.restored(self.member, partition, published);
         let task = Ok(Task {
             meter,
             next_offset: None,
@@ -530,7 +532,7 @@ impl Stage {
             state_bytes,
             state_parts,
         });
-        Ok(ReadBack { task, has_progress, complete })
+        Ok(ReadBack { task, has_progress, complete, records: read.records, started, published })
     }
 
     /// Restores the task of one assigned partition that has none yet (those never tried
@@ -631,7 +633,7 @@ impl Stage {
         committed: Option<i64>,
         consumer: &BaseConsumer<StageContext>,
     ) -> anyhow::Result<Restored> {
-        let ReadBack { task, has_progress, complete } = self.restore(p)?;
+        let ReadBack { task, has_progress, complete, records, started, published } = self.restore(p)?;
         let mut task = match task {
             Ok(task) => task,
             Err(why) => return Ok(Restored::Stopped(why)),
@@ -711,6 +713,17 @@ impl Stage {
         task.next_offset = Some(resume);
         // The state now says where it resumes (a partition never committed included).
         task.meter.set_input_offset(resume);
+        // Restored only now, its task in place: a read found behind or untrusted is not.
+        metrics().restore_duration.with_label_values(&["meter"]).observe(started.elapsed().as_secs_f64());
+        info!(
+            partition = p,
+            records,
+            app_months = task.meter.app_months(),
+            connections = task.meter.connections(),
+            ms = started.elapsed().as_millis() as u64,
+            "meter: partition restored"
+        );
+        self.view.restored(self.member, p, published);
         Ok(Restored::Ready(Box::new(task)))
     }
 
