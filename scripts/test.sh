@@ -7,7 +7,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 cargo fmt --all --check
+# Twice: as released (failpoints compiled out) and as tested (src/failpoints.rs).
 cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo clippy --workspace --all-targets --locked --features im-meter/failpoints -- -D warnings
 
 # The deployment kit (Prometheus config and rules, dashboard, manifests, unit, docs):
 # validated offline; it installs promtool and the validators it needs.
@@ -21,7 +23,11 @@ if ! scripts/kafka.sh status >/dev/null 2>&1; then
 fi
 export IM_METER_TEST_BROKERS="${IM_METER_TEST_BROKERS:-127.0.0.1:${KAFKA_PORT:-9092}}"
 
-cargo test --workspace --locked
+# The broker-backed tests switch faults on inside the worker: its failpoints are compiled
+# in for them (and only for them). One unit test checks that a build without them ignores
+# the variables.
+cargo test --workspace --locked --features im-meter/failpoints
+cargo test -p im-meter --lib --locked failpoints
 
 # The usage API against its OpenAPI document, on a live worker (Schemathesis).
 scripts/contract-test.sh

@@ -758,6 +758,47 @@ fn a_billing_restart_behind_an_open_transaction_bills_nothing_twice() {
     workers.pop().unwrap().stop();
 }
 
+/// A broker call of billing's that fails (a metadata request timing out while a broker is
+/// slow or restarting) is tried again later, counted, and the month is billed once the
+/// broker answers: one such error used to stop the whole worker.
+#[test]
+fn billing_tries_failed_broker_calls_again_instead_of_stopping() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let d = Deployment::new("transient");
+    d.produce();
+    let hold = std::env::temp_dir().join(format!("{}.hold-bills", d.prefix));
+    let fails = std::env::temp_dir().join(format!("{}.metadata-fails", d.prefix));
+    std::fs::write(&hold, b"").unwrap();
+    let failpoints = [
+        ("IM_METER_TEST_HOLD_BILLS_FILE", hold.to_str().unwrap()),
+        ("IM_METER_TEST_METADATA_FAILS_FILE", fails.to_str().unwrap()),
+    ];
+    let mut worker = d.worker_with("a", &failpoints, &["--log-format", "json"]);
+    let address = worker.http_address();
+    eventually(Duration::from_secs(90), "October to be ready to bill", || {
+        worker.assert_alive();
+        worker.log_text().contains("failpoint: billing holds its months").then_some(())
+    });
+    // From now on every partition count the worker asks the broker for times out.
+    std::fs::write(&fails, b"").unwrap();
+    std::fs::remove_file(&hold).unwrap();
+    let retried = "billing: a broker call failed; trying again later";
+    eventually(Duration::from_secs(30), "billing to try again, twice", || {
+        worker.assert_alive();
+        (worker.log_text().matches(retried).count() >= 2).then_some(())
+    });
+    let counted = http_get(address, "/metrics").1.lines().find_map(|line| {
+        line.strip_prefix("im_meter_broker_errors_total{stage=\"bill\"} ")?.parse::<u64>().ok()
+    });
+    assert!(counted >= Some(2), "failed broker calls counted: {counted:?}");
+    assert!(read_all(&d.topic("charges")).is_empty(), "billed without knowing the events' partitions");
+    // The broker answers again: October is billed, once.
+    std::fs::remove_file(&fails).unwrap();
+    let mut workers = vec![worker];
+    assert_same_as_replay(&d, &mut workers);
+    workers.pop().unwrap().stop();
+}
+
 /// A plan change dated in October, produced in a transaction that is still open when October
 /// closes, is in October's bill: billing reads the subscriptions to their high watermark
 /// before it bills, so it waits for the transaction instead of billing without the change
@@ -1190,4 +1231,85 @@ fn a_month_whose_usage_records_were_deleted_is_never_answered_open() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && stderr.contains("no longer holds its usage"), "{stderr}");
+}
+
+/// Logins of app 1400000003 by new users, `n` of them, dated now by this machine's clock.
+fn fresh_logins(tag: &str, n: usize) -> Vec<String> {
+    let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    (0..n)
+        .map(|i| format!(r#"{{"type":"login","app_id":1400000003,"user_id":"{tag}-{i}","ts":"{now}"}}"#))
+        .collect()
+}
+
+/// Records the worker's metering stage has consumed, whatever became of them, from its
+/// metrics.
+fn records_metered(address: std::net::SocketAddr) -> u64 {
+    http_get(address, "/metrics")
+        .1
+        .lines()
+        .find_map(|l| l.strip_prefix("im_meter_consumed_records_total{stage=\"meter\"} ")?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Five fresh logins, metered by a worker whose clock is off by `offset_ms`: the worker and
+/// its HTTP address.
+fn clock_off_by(d: &Deployment, offset_ms: &str) -> (Worker, std::net::SocketAddr) {
+    let off = [ONE_METER_THREAD[0], ("IM_METER_TEST_CLOCK_OFFSET_MS", offset_ms)];
+    let mut worker = d.worker_with("a", &off, &["--log-format", "json"]);
+    // Its address is logged once the worker has created the topics.
+    let address = worker.http_address();
+    produce_keyed(&d.topic("events"), &fresh_logins("fresh", 5));
+    eventually(Duration::from_secs(60), "the five logins to be metered", || {
+        worker.assert_alive();
+        (records_metered(address) == 5).then_some(())
+    });
+    (worker, address)
+}
+
+/// A worker whose clock is 10 minutes slow (a VM resumed, NTP broken) judges fresh events by
+/// the broker's clock: none is dead-lettered as `future`; `/readyz` and the skew metric say
+/// why. Its own clock would have refused every one of them.
+#[test]
+fn a_slow_worker_clock_refuses_no_fresh_event_as_future() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let d = Deployment::new("slow-clock");
+    let (worker, address) = clock_off_by(&d, "-600000");
+    assert_eq!(letters_of(&d, "future"), 0, "fresh events refused as future by a slow clock");
+    let (status, why) = http_get(address, "/readyz");
+    assert!(status == 503 && why.contains("s behind the broker's"), "{status} {why}");
+    let skew = http_get(address, "/metrics")
+        .1
+        .lines()
+        .find_map(|l| l.strip_prefix("im_meter_clock_skew_seconds ")?.parse::<f64>().ok());
+    assert!(skew.is_some_and(|s| (s - 600.0).abs() < 5.0), "skew measured: {skew:?}");
+    worker.stop();
+}
+
+/// A worker whose clock is 40 days fast (well past the current month's end and its
+/// lateness) closes no month early: idle partitions close months by the broker's clock.
+/// Its own clock would have closed this month (and the next) at the first idle check.
+#[test]
+fn a_fast_worker_clock_closes_no_month_early() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let d = Deployment::new("fast-clock");
+    let (mut worker, address) = clock_off_by(&d, "3456000000");
+    // Idle partitions are looked at every second (timeout 1 s): a wrong clock would have
+    // closed months many times over by now.
+    std::thread::sleep(Duration::from_secs(15));
+    worker.assert_alive();
+    // Whatever the billing time zone (UTC-12 to UTC+14), the month under way there is no
+    // later than UTC's month 14 h from now; the fast clock closes months past that.
+    let utc_later = chrono::Utc::now() + chrono::Duration::hours(14);
+    let not_over: Month = utc_later.format("%Y-%m").to_string().parse().unwrap();
+    let marks = live_records(&d.topic("billing_changelog"), "w/");
+    for (key, mark) in &marks {
+        let text = String::from_utf8_lossy(mark);
+        let through: Option<Month> =
+            text.strip_prefix("through=").and_then(|t| t.get(..7)).and_then(|m| m.parse().ok());
+        assert!(through.is_none_or(|t| t < not_over), "{key} closed {text} before it ended");
+    }
+    assert!(read_all(&d.topic("charges")).is_empty(), "a month billed before it ended");
+    let (_, why) = http_get(address, "/readyz");
+    assert!(why.contains("ahead of the broker's"), "{why}");
+    worker.stop();
 }

@@ -11,10 +11,15 @@
 //!   alerts — and their printing as JSON or tables; `replay` and the worker both use it.
 //! - [`kafka`]: Kafka clients, topics, `produce`, and the worker's stages.
 //! - [`metrics`]: every Prometheus metric, in one place.
+//! - [`clock`]: whether the worker's clock agrees with the broker's, and the time events are
+//!   judged by.
 //! - [`status`]: what the stages report about themselves, for the operator endpoints.
 //! - [`http`]: the operator endpoints: metrics, health, the usage API.
+//! - [`failpoints`]: faults the tests switch on (only with the `failpoints` feature).
 
+pub mod clock;
 pub mod config;
+pub mod failpoints;
 pub mod http;
 pub mod input;
 pub mod kafka;

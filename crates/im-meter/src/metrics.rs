@@ -15,7 +15,7 @@ use std::sync::OnceLock;
 use im_meter_core::aggregate::Outcome;
 use im_meter_core::ingest::{Action, RejectReason};
 use prometheus::{
-    CounterVec, Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    CounterVec, Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
@@ -49,6 +49,8 @@ pub struct Metrics {
     pub commits: IntCounterVec,
     /// Aborted transactions, by stage.
     pub transaction_aborts: IntCounterVec,
+    /// Broker calls that failed transiently and are tried again at a later round, by stage.
+    pub broker_errors: IntCounterVec,
     /// How long restoring a partition's state from the changelog took.
     pub restore_duration: HistogramVec,
     /// The event time each metering partition has reached.
@@ -63,6 +65,8 @@ pub struct Metrics {
     pub state_bytes: IntGauge,
     /// When a stage's consumer last polled (Unix seconds).
     pub last_poll: GaugeVec,
+    /// The broker's clock minus this worker's, as last measured (seconds).
+    pub clock_skew: Gauge,
     /// 1 while `/readyz` says ready.
     pub ready: IntGauge,
     /// Charge lines published, by item.
@@ -159,6 +163,12 @@ impl Metrics {
                 "Aborted transactions, by stage.",
                 &["stage"],
             )?,
+            broker_errors: counter_vec(
+                r,
+                "im_meter_broker_errors_total",
+                "Broker calls that failed transiently (a timeout, a broker restarting) and are tried again at a later round, by stage.",
+                &["stage"],
+            )?,
             restore_duration: histogram_vec(
                 r,
                 "im_meter_state_restore_duration_seconds",
@@ -188,6 +198,14 @@ impl Metrics {
                 "im_meter_state_bytes",
                 "Bytes of the metering state in the changelog (the latest value of each key).",
             )?,
+            clock_skew: {
+                let g = Gauge::new(
+                    "im_meter_clock_skew_seconds",
+                    "The broker's clock minus this worker's, as the clock probe last measured it (seconds): beyond billing.max_clock_skew, events are judged by the broker's clock.",
+                )?;
+                r.register(Box::new(g.clone()))?;
+                g
+            },
             last_poll: float_gauge_vec(
                 r,
                 "im_meter_last_poll_timestamp_seconds",
@@ -382,6 +400,7 @@ mod tests {
         m.commit_duration.with_label_values(&["meter"]).observe(0.1);
         m.commits.with_label_values(&["meter"]).inc();
         m.transaction_aborts.with_label_values(&["meter"]).inc();
+        m.broker_errors.with_label_values(&["bill"]).inc();
         m.restore_duration.with_label_values(&["meter"]).observe(0.1);
         m.event_watermark.with_label_values(&["0"]).set(0.0);
         m.oldest_open_month_end.with_label_values(&["meter"]).set(0.0);

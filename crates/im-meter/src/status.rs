@@ -12,6 +12,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use im_meter_core::time::Timestamp;
 
+use crate::clock::ClockCheck;
+use crate::failpoints::Failpoint;
 use crate::view::MeterView;
 
 /// Which stage a consumer belongs to.
@@ -112,6 +114,8 @@ pub struct Board {
     view: Arc<MeterView>,
     /// How many consumers the worker starts: not ready until all have registered.
     expected: AtomicUsize,
+    /// Whether the worker's clock agrees with the broker's.
+    clock: Arc<ClockCheck>,
 }
 
 impl Board {
@@ -138,6 +142,11 @@ impl Board {
         status
     }
 
+    /// What the clock probe found, and the time to judge events by.
+    pub fn clock(&self) -> Arc<ClockCheck> {
+        Arc::clone(&self.clock)
+    }
+
     /// The metering view the stages publish into.
     pub fn view(&self) -> Arc<MeterView> {
         Arc::clone(&self.view)
@@ -158,7 +167,7 @@ impl Board {
             return vec![format!("{} of {expected} consumers have started", consumers.len())];
         }
         let now = now_ms();
-        let mut problems = Vec::new();
+        let mut problems: Vec<String> = self.clock.problem().into_iter().collect();
         for c in consumers {
             let name = format!("{}-{}", c.stage.label(), c.consumer);
             let last = c.last_poll_ms();
@@ -193,9 +202,17 @@ impl Board {
     }
 }
 
-/// The clock in Unix milliseconds.
+/// The worker's clock in Unix milliseconds (with the failpoints, off by the test's offset).
 pub fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+    now + clock_offset_ms()
+}
+
+/// How far off a test sets the worker's clock ([`Failpoint::ClockOffsetMs`]): read once.
+fn clock_offset_ms() -> i64 {
+    static OFFSET: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
+    *OFFSET
+        .get_or_init(|| Failpoint::ClockOffsetMs.value().and_then(|v| v.to_str()?.parse().ok()).unwrap_or(0))
 }
 
 #[cfg(test)]

@@ -37,21 +37,12 @@ use super::output::{DeadLetter, Outbox, TransactionFailed};
 use super::plan_book::{self, SourceRecord};
 use super::with_retries;
 use crate::config::Config;
+use crate::failpoints::Failpoint;
 use crate::metrics::metrics;
 use crate::report::UsageItem;
 use crate::status::{Board, ConsumerStatus, StageKind};
 
 const POLL: Duration = Duration::from_millis(100);
-
-/// A failpoint for tests (`tests/kafka.rs`): when the file this variable names exists, the
-/// next billing transaction that commits a month is reported as failed after its commit
-/// succeeded (the file is removed) — a commit whose answer was lost.
-const FAIL_AFTER_BILL_FILE: &str = "IM_METER_TEST_FAIL_AFTER_BILL_FILE";
-
-/// A failpoint for tests (`tests/kafka.rs`): while the file this variable names exists,
-/// billing bills no month (it reads, alerts and copies as usual) — a bill delayed while
-/// something else happens on the broker.
-const HOLD_BILLS_FILE: &str = "IM_METER_TEST_HOLD_BILLS_FILE";
 
 /// What one billing changelog partition's records say, as far as they were read: its billing
 /// book, the plan book copy marks, and the parts of values whose header has not come yet.
@@ -496,8 +487,9 @@ pub fn run(config: &Config, shutdown: &AtomicBool, board: &Board) -> anyhow::Res
     let mut to_fence: VecDeque<i32> = VecDeque::new();
     let mut last_report = Instant::now();
     let mut last_round = Instant::now();
-    let hold_bills = std::env::var_os(HOLD_BILLS_FILE).map(std::path::PathBuf::from);
-    let mut said_holding = false;
+    let mut backoff = Backoff::default();
+    // Exported at 0 from the start, so that a rate over it has a series to start from.
+    metrics().broker_errors.with_label_values(&["bill"]);
     while !shutdown.load(Ordering::Relaxed) {
         let message = consumer.poll(POLL);
         status.polled();
@@ -524,9 +516,12 @@ pub fn run(config: &Config, shutdown: &AtomicBool, board: &Board) -> anyhow::Res
                 to_fence.push_back(p);
             }
         }
-        if let Some(p) = to_fence.pop_front() {
+        if let Some(p) = to_fence.pop_front().filter(|_| !backoff.waiting()) {
             if let Some(r) = restoring.get_mut(&p) {
-                r.fenced = Some(fence(config, &client, &ends, p)?);
+                match backoff.retry_later(fence(config, &client, &ends, p))? {
+                    Some(fenced) => r.fenced = Some(fenced),
+                    None => to_fence.push_front(p),
+                }
             }
         }
         let busy = matches!(message, Some(Ok(_)));
@@ -548,9 +543,18 @@ pub fn run(config: &Config, shutdown: &AtomicBool, board: &Board) -> anyhow::Res
             let ready: Vec<i32> =
                 restoring.iter().filter(|(p, r)| r.caught_up(at(**p))).map(|(p, _)| *p).collect();
             for p in ready {
+                if backoff.waiting() {
+                    break;
+                }
                 let Some(r) = restoring.remove(&p) else { continue };
-                match finish_restore(config, &client, &consumer, p, r)? {
-                    Restored::Ready(task) => {
+                match backoff.retry_later(finish_restore(config, &client, &consumer, p, r))? {
+                    // The read failed halfway: the partition is read back again, fenced again.
+                    None => {
+                        read_again_from_the_beginning(&consumer, &topics.billing_changelog, p)?;
+                        restoring.insert(p, Restoring::new(false));
+                        to_fence.push_back(p);
+                    }
+                    Some(Restored::Ready(task)) => {
                         subscriptions.billed_at(p, task.state.book.billed_positions());
                         let mut state = status.state();
                         let entry = state.partitions.entry(p).or_default();
@@ -558,7 +562,7 @@ pub fn run(config: &Config, shutdown: &AtomicBool, board: &Board) -> anyhow::Res
                         drop(state);
                         tasks.insert(p, task);
                     }
-                    Restored::ReadAgain(r) => {
+                    Some(Restored::ReadAgain(r)) => {
                         restoring.insert(p, r);
                     }
                 }
@@ -583,44 +587,10 @@ pub fn run(config: &Config, shutdown: &AtomicBool, board: &Board) -> anyhow::Res
         for (&p, r) in restoring.iter_mut() {
             say_if_waiting(config, &consumer, p, r)?;
         }
-        subscriptions.follow();
-        let mut copied = false;
-        for (&p, task) in tasks.iter_mut() {
-            if !task.reload && task.state.owner.is_none() {
-                write_owner(config, p, task)?;
-            }
-            if !copied {
-                let shape = Shape { partition: p, partitions };
-                copied = copy_subscriptions(config, &client, shape, task, &subscriptions)?;
-            }
-            // After a transaction whose outcome is unknown, nothing more until the task is
-            // read back (below).
-            if !task.reload {
-                alert_as_it_happens(config, p, task, &mut subscriptions)?;
-            }
-            if !task.reload {
-                refuse_late_usage(config, p, task)?;
-            }
-            while let Some(month) = task.state.book.next_billable(sources).filter(|_| !task.reload) {
-                if hold_bills.as_ref().is_some_and(|f| f.exists()) {
-                    if !std::mem::replace(&mut said_holding, true) {
-                        warn!(partition = p, %month, "failpoint: billing holds its months");
-                    }
-                    break;
-                }
-                // The events topic may have grown since it was last looked at: a month
-                // waits for every partition there is when it is billed.
-                let now = changelog::partition_count(&client, &topics.events)?;
-                if now != sources {
-                    info!(from = sources, to = now, "billing: the events topic has a new partition count");
-                    sources = now;
-                    continue;
-                }
-                let shape = Shape { partition: p, partitions };
-                if !subscriptions.catch_up()? || !bill(config, shape, month, task, &mut subscriptions)? {
-                    break;
-                }
-            }
+        if !backoff.waiting() {
+            let round =
+                serve_tasks(config, &client, &mut tasks, &mut subscriptions, &mut sources, partitions);
+            backoff.retry_later(round)?;
         }
         let reload: Vec<i32> = tasks.iter().filter(|(_, t)| t.reload).map(|(p, _)| *p).collect();
         for p in reload {
@@ -637,6 +607,99 @@ pub fn run(config: &Config, shutdown: &AtomicBool, board: &Board) -> anyhow::Res
     }
     info!("billing: stopped");
     Ok(())
+}
+
+/// One round of billing's work on its tasks, each step in a transaction of its own: the
+/// owner record, the plan book copy (one source partition a round), quota alerts, late
+/// usage refused, and every month ready to bill. A transient broker error ends the round
+/// early (the caller tries again later); the steps done stay done.
+fn serve_tasks(
+    config: &Config,
+    client: &ClientConfig,
+    tasks: &mut BTreeMap<i32, Task>,
+    subscriptions: &mut SubscriptionFeed,
+    sources: &mut u32,
+    partitions: u32,
+) -> anyhow::Result<()> {
+    let topics = &config.file.topics;
+    subscriptions.follow();
+    let mut copied = false;
+    for (&p, task) in tasks.iter_mut() {
+        if !task.reload && task.state.owner.is_none() {
+            write_owner(config, p, task)?;
+        }
+        if !copied {
+            let shape = Shape { partition: p, partitions };
+            copied = copy_subscriptions(config, client, shape, task, subscriptions)?;
+        }
+        // After a transaction whose outcome is unknown, nothing more until the task is
+        // read back (the stage loop does that after this round).
+        if !task.reload {
+            alert_as_it_happens(config, p, task, subscriptions)?;
+        }
+        if !task.reload {
+            refuse_late_usage(config, p, task)?;
+        }
+        while let Some(month) = task.state.book.next_billable(*sources).filter(|_| !task.reload) {
+            if Failpoint::HoldBills.active() {
+                static SAID: std::sync::Once = std::sync::Once::new();
+                SAID.call_once(|| warn!(partition = p, %month, "failpoint: billing holds its months"));
+                break;
+            }
+            // The events topic may have grown since it was last looked at: a month
+            // waits for every partition there is when it is billed.
+            let now = changelog::partition_count(client, &topics.events)?;
+            if now != *sources {
+                info!(from = *sources, to = now, "billing: the events topic has a new partition count");
+                *sources = now;
+                continue;
+            }
+            let shape = Shape { partition: p, partitions };
+            if !subscriptions.catch_up()? || !bill(config, shape, month, task, subscriptions)? {
+                break;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// When billing tries broker calls again after a transient error: 1, 2, 4, … s later, at
+/// most 30 (the consumer keeps polling meanwhile), back to at once after a call succeeds.
+#[derive(Default)]
+struct Backoff {
+    failures: u32,
+    until: Option<Instant>,
+}
+
+impl Backoff {
+    /// Whether broker calls are put off now.
+    fn waiting(&self) -> bool {
+        self.until.is_some_and(|t| Instant::now() < t)
+    }
+
+    /// `Some(value)`; for a transient error, `None` after counting it and putting broker
+    /// calls off; any other error is returned (it stops the stage).
+    fn retry_later<T>(&mut self, result: anyhow::Result<T>) -> anyhow::Result<Option<T>> {
+        match result {
+            Ok(value) => {
+                (self.failures, self.until) = (0, None);
+                Ok(Some(value))
+            }
+            Err(e) if super::is_transient(&e) => {
+                self.failures += 1;
+                let pause = super::poison::pause(self.failures);
+                self.until = Some(Instant::now() + pause);
+                metrics().broker_errors.with_label_values(&["bill"]).inc();
+                warn!(
+                    error = format!("{e:#}"),
+                    retry_in_s = pause.as_secs(),
+                    "billing: a broker call failed; trying again later"
+                );
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
 }
 
 /// How long billing waits, at most, for the subscriptions to be read to their end before it
@@ -844,7 +907,7 @@ fn bill(
     // Each record the month no longer needs, and its parts if it was written in parts.
     let deletions: Vec<Vec<u8>> =
         billed.dropped.iter().flat_map(|(key, parts)| share_keys(&key.to_bytes(), *parts)).collect();
-    if let Some(file) = std::env::var_os(FAIL_AFTER_BILL_FILE).filter(|f| std::fs::remove_file(f).is_ok()) {
+    if let Some(file) = Failpoint::FailAfterBill.file().filter(|f| std::fs::remove_file(f).is_ok()) {
         warn!(partition, %month, file = ?file, "failpoint: this bill's commit will be reported failed");
         task.outbox.fail_next_commit();
     }

@@ -17,6 +17,8 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
 use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 
+use crate::failpoints::Failpoint;
+
 /// A client context that does not log reaching a partition's end as an error (readers
 /// here ask for end-of-partition events on purpose).
 pub struct QuietEof;
@@ -56,6 +58,11 @@ const RESTORE_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// The number of partitions of a topic.
 pub fn partition_count(client: &ClientConfig, topic: &str) -> anyhow::Result<u32> {
+    if Failpoint::MetadataFails.active() {
+        let timed_out = KafkaError::MetadataFetch(RDKafkaErrorCode::OperationTimedOut);
+        return Err(anyhow::Error::from(timed_out)
+            .context(format!("cannot read the metadata of {topic} (failpoint)")));
+    }
     let consumer: BaseConsumer = client.create().context("cannot create a metadata client")?;
     let metadata = consumer
         .fetch_metadata(Some(topic), Duration::from_secs(30))

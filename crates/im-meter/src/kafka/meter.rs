@@ -41,9 +41,11 @@ use super::fetch::{self, Batch, Fetched, PartitionQueue};
 use super::output::{BackgroundOutbox, DeadLetter, Outbox, TransactionFailed};
 use super::poison::{AfterFailure, Covered, Handled, Hunt, POISON_AFTER};
 use super::{changelog, with_retries};
+use crate::clock::ClockCheck;
 use crate::config::Config;
+use crate::failpoints::Failpoint;
 use crate::metrics::{metrics, EventTally};
-use crate::status::{now_ms, Board, ConsumerStatus, StageKind};
+use crate::status::{Board, ConsumerStatus, StageKind};
 use crate::view::{is_app_month, MeterView, StateBytes, ViewUpdate};
 
 /// How long a poll waits when nothing was fetched: bounds how late a commit, a shutdown or
@@ -52,30 +54,6 @@ const IDLE_WAIT: Duration = Duration::from_millis(20);
 
 /// Most records taken from a partition's queue at once.
 const BATCH: usize = 4096;
-
-/// A failpoint for tests (`tests/http.rs`): while the file this variable names exists, the
-/// metering loop stops polling, as a consumer stuck in a blocking call would.
-const PAUSE_FILE: &str = "IM_METER_TEST_PAUSE_FILE";
-
-/// A failpoint for tests (`tests/http.rs`): while the file this variable names exists, the
-/// metering loop holds its stage locked, as a long restore or a commit waiting for the
-/// broker does — the usage API and the metrics must not wait for it.
-const HOLD_LOCK_FILE: &str = "IM_METER_TEST_HOLD_LOCK_FILE";
-
-/// A failpoint for tests (`tests/kafka.rs`): while the file this variable names exists, a
-/// metering transaction that closes a month stalls after writing its records, before it
-/// adds the consumed offsets — a member blocked past `max.poll.interval.ms` while a month
-/// is due, which must not be able to commit anything once it wakes up.
-const STALL_CLOSE_FILE: &str = "IM_METER_TEST_STALL_CLOSE_FILE";
-
-/// A failpoint for tests (`tests/kafka.rs`): a transaction holding a record whose payload
-/// contains the text this variable names fails, as one a broker refuses for that record
-/// would — a poison record ([`super::poison`]).
-const POISON_MARKER: &str = "IM_METER_TEST_POISON_MARKER";
-
-/// A failpoint for tests (`tests/kafka.rs`): each partition's restore takes this many
-/// milliseconds longer, as one of a large state does.
-const SLOW_RESTORE_MS: &str = "IM_METER_TEST_SLOW_RESTORE_MS";
 
 /// A partition's changelog read back.
 struct ReadBack {
@@ -192,8 +170,11 @@ struct Stage {
     /// Events counted since the metrics were last updated.
     tally: EventTally,
     /// The clock, read once per batch: events dated beyond it plus the allowed skew are
-    /// refused (a batch takes milliseconds; the skew is minutes).
+    /// refused (a batch takes milliseconds; the skew is minutes). The worker's own, or the
+    /// broker's when the two disagree ([`ClockCheck`]).
     now: Timestamp,
+    /// Whether the worker's clock agrees with the broker's, and the time to go by.
+    clock: Arc<ClockCheck>,
     /// This consumer's number within the worker.
     member: usize,
     /// Where the committed state is published for the usage API and the metrics.
@@ -217,7 +198,7 @@ struct Stage {
     /// Records handled since the last transaction began (for the hunt).
     /// one written as `poison` instead of applied.
     handled: Handled,
-    /// The failpoint's text ([`POISON_MARKER`]), and whether a record holding it was applied
+    /// The failpoint's text ([`Failpoint::PoisonMarker`]), and whether a record holding it was applied
     /// since the last transaction began.
     poison_marker: Option<Vec<u8>>,
     holds_marker: bool,
@@ -318,7 +299,8 @@ pub fn run(config: &Config, member: usize, shutdown: &AtomicBool, board: &Board)
         failure: None,
         status: board.consumer(StageKind::Meter, &member.to_string(), &topics.events),
         tally: EventTally::default(),
-        now: Timestamp(now_ms()),
+        now: Timestamp(board.clock().now_ms()),
+        clock: board.clock(),
         member,
         view: board.view(),
         in_flight_view: Vec::new(),
@@ -328,7 +310,7 @@ pub fn run(config: &Config, member: usize, shutdown: &AtomicBool, board: &Board)
         hunt: Hunt::default(),
         in_flight: None,
         handled: Handled::default(),
-        poison_marker: std::env::var_os(POISON_MARKER).map(|m| m.into_encoded_bytes()),
+        poison_marker: Failpoint::PoisonMarker.value().map(|m| m.into_encoded_bytes()),
         holds_marker: false,
     }));
     let mut member_config = super::group_member(config, &config.file.kafka.group_id);
@@ -354,11 +336,9 @@ pub fn run(config: &Config, member: usize, shutdown: &AtomicBool, board: &Board)
     let mut batch = Batch::with_capacity(BATCH);
     let mut wait = Duration::ZERO;
     let status = lock(&stage)?.status.clone();
-    let pause = std::env::var_os(PAUSE_FILE).map(std::path::PathBuf::from);
-    let hold = std::env::var_os(HOLD_LOCK_FILE).map(std::path::PathBuf::from);
     loop {
         // A failpoint for the stall test: the loop stops polling while the file exists.
-        while pause.as_ref().is_some_and(|f| f.exists()) {
+        while Failpoint::Pause.active() {
             std::thread::sleep(Duration::from_millis(100));
         }
         // A round: serve rebalances and errors on the consumer queue, then take what each
@@ -373,7 +353,7 @@ pub fn run(config: &Config, member: usize, shutdown: &AtomicBool, board: &Board)
             if let Some(e) = stage.failure.take() {
                 return Err(e);
             }
-            stage.now = Timestamp(now_ms());
+            stage.now = Timestamp(stage.clock.now_ms());
             // While careful (a poison hunt), the round is one transaction of at most this many.
             let limit = stage.hunt.batch_limit();
             let mut taken = 0;
@@ -421,9 +401,9 @@ pub fn run(config: &Config, member: usize, shutdown: &AtomicBool, board: &Board)
             }
         }
         let mut stage = lock(&stage)?;
-        if hold.as_ref().is_some_and(|f| f.exists()) {
+        if Failpoint::HoldLock.active() {
             warn!("failpoint: holding the metering stage's lock");
-            while hold.as_ref().is_some_and(|f| f.exists()) {
+            while Failpoint::HoldLock.active() {
                 std::thread::sleep(Duration::from_millis(100));
             }
         }
@@ -461,7 +441,7 @@ impl Stage {
     /// held a progress record.
     fn restore(&self, partition: i32) -> anyhow::Result<ReadBack> {
         let started = Instant::now();
-        if let Some(ms) = std::env::var(SLOW_RESTORE_MS).ok().and_then(|ms| ms.parse().ok()) {
+        if let Some(ms) = Failpoint::SlowRestoreMs.value().and_then(|ms| ms.to_str()?.parse().ok()) {
             std::thread::sleep(Duration::from_millis(ms));
         }
         let mut latest = BTreeMap::new();
@@ -825,8 +805,12 @@ impl Stage {
         let target = match busy_watermark {
             Some(w) => w,
             // Whole minutes: the clock moves the watermark (and so causes a commit) at most
-            // once a minute.
-            None if idle.len() == self.tasks.len() => Timestamp(now_ms() / 60_000 * 60_000),
+            // once a minute. Only a clock checked against the broker's closes months: a
+            // month closed early cannot be reopened.
+            None if idle.len() == self.tasks.len() => match self.clock.checked_now_ms() {
+                Some(now) => Timestamp(now / 60_000 * 60_000),
+                None => return,
+            },
             None => return,
         };
         for p in idle {
@@ -969,7 +953,7 @@ impl Stage {
         let refused_by_failpoint = std::mem::take(&mut self.holds_marker);
         let dead_letters = std::mem::take(&mut self.dead_letters);
         let started = self.last_commit;
-        let stall = std::env::var_os(STALL_CLOSE_FILE).filter(|_| closes_month).map(std::path::PathBuf::from);
+        let stall = Failpoint::StallClose.file().filter(|_| closes_month);
         // A crash anywhere from here until commit_transaction returns (on the transaction
         // thread) loses nothing: the transaction is aborted (by the coordinator on timeout,
         // or at once when this worker restarts with the same transactional id), none of its

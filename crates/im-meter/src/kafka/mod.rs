@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod bill;
 pub mod changelog;
+pub mod clock;
 pub mod fetch;
 pub mod lag;
 pub mod ledger;
@@ -78,6 +79,18 @@ pub fn check_owner(config: &Config, topic: &str, partition: i32, owner: Option<&
         ),
         _ => Ok(()),
     }
+}
+
+/// Whether `e`, from a broker call, is worth trying again later: it comes from the Kafka
+/// client (a timeout, a broker unreachable or moving leaders, metadata not known yet), and
+/// is not a fatal transactional error (fenced by a newer owner, a broken protocol). Errors
+/// of our own — a topic missing, another group's state — are not.
+pub fn is_transient(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        cause
+            .downcast_ref::<rdkafka::error::KafkaError>()
+            .is_some_and(|k| !matches!(k, rdkafka::error::KafkaError::Transaction(t) if t.is_fatal()))
+    })
 }
 
 /// Calls `f` until it succeeds or [`RETRY_FOR`] has passed, a second apart: for broker

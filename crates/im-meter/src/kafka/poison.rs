@@ -182,7 +182,7 @@ impl Hunt {
 }
 
 /// The pause before the `n`-th retry: 1, 2, 4, … seconds, at most 30.
-fn pause(n: u32) -> Duration {
+pub(super) fn pause(n: u32) -> Duration {
     Duration::from_secs(1u64 << n.saturating_sub(1).min(5)).min(Duration::from_secs(30))
 }
 

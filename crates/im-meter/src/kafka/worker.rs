@@ -11,7 +11,7 @@ use super::admin::{
     ensure_topics, grow_topic, topic_configs, value_limit, Keep, TopicSpec, PRODUCER_MAX_BYTES,
 };
 use super::output::DEAD_LETTER_RECORD_MAX;
-use super::{bill, changelog, client_config, meter};
+use super::{bill, changelog, client_config, clock, meter};
 use crate::config::Config;
 use crate::status::Board;
 
@@ -57,7 +57,15 @@ pub async fn prepare_topics(config: &Config) -> anyhow::Result<usize> {
     let dead_letters_ms = config.kafka.dead_letters_retention.as_millis().to_string();
     let alerts_ms = config.kafka.alerts_retention.as_millis().to_string();
     let kept = |name, ms| TopicSpec { name, partitions: n, config: vec![("retention.ms", ms)] };
+    let clock_topic = clock::topic(&config.file.kafka.group_id);
+    // Stamped by the broker, for the clock probe; an hour of empty records is all it keeps.
+    let clock = TopicSpec {
+        name: &clock_topic,
+        partitions: 1,
+        config: vec![("message.timestamp.type", "LogAppendTime"), ("retention.ms", "3600000")],
+    };
     let outputs = [
+        clock,
         compacted(&t.changelog, events),
         compacted(&t.billing_changelog, events),
         compacted(&t.plan_book, subscriptions),
@@ -139,6 +147,15 @@ pub fn run(config: &Config, role: Role, shutdown: Arc<AtomicBool>, board: &Board
         stages.push(("billing".into(), Box::new(|stop| bill::run(config, stop, board))));
     }
     board.expect_consumers(stages.len());
+    // The clock is checked before any event is judged by it (docs/operations.md, "Clock").
+    let clock = board.clock();
+    let mut probe = clock::Probe::new(
+        &client_config(config),
+        &config.file.kafka.group_id,
+        config.billing.max_clock_skew,
+    )?;
+    probe.measure(&clock)?;
+    stages.push(("clock".into(), Box::new(move |stop| probe.run(&clock, stop))));
     std::thread::scope(|scope| {
         let handles: Vec<_> = stages
             .into_iter()
