@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use im_meter_core::aggregate::{
-    AppMonthAggregate, ChangelogKey, ClosedMark, Counting, MonthlyUsage, Precision, SampleGrid,
+    AppMonthAggregate, ChangelogKey, ClosedMark, Counting, MonthlyUsage, SampleGrid,
 };
 use im_meter_core::bill::{BillingBook, Charge, PriceBook, Pricing, Share, Subscriptions};
 use im_meter_core::ingest::{decode_subscription_event, UserKey};
@@ -83,7 +83,7 @@ type Bill = (Vec<MonthlyUsage>, Vec<Charge>);
 fn bill(book: &BillingBook, month: Month, subs: &Subscriptions) -> (Bill, Vec<Record>) {
     let prices = PriceBook::default();
     let grid = SampleGrid::new(Duration::from_secs(60)).unwrap();
-    let pricing = Pricing { subscriptions: subs, prices: &prices, precision: Precision::default(), grid };
+    let pricing = Pricing { subscriptions: subs, prices: &prices, grid };
     let billed = book.bill(month, pricing, subs.apps()).unwrap();
     // What the worker commits with the bill: the mark, then the deletions.
     let mut records = vec![(ChangelogKey::Billed, Some(month.to_string().into_bytes()))];

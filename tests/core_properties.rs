@@ -526,7 +526,7 @@ proptest! {
             })
             .collect();
         let grid = SampleGrid::new(Duration::from_secs(60)).unwrap();
-        let mut merged = merge_shares(Precision::default(), &shares).unwrap();
+        let mut merged = merge_shares(&shares).unwrap();
         let mut whole = meter_november(&settings, &events).1.unwrap();
         prop_assert_eq!(merged.usage(APP, nov(), grid), whole.usage(APP, nov(), grid));
     }

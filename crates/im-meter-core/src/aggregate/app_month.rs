@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use super::checkpoint::{StateKey, StateRecord};
 use super::pcc::PccTimeline;
 use super::segments::SegmentWrites;
-use super::unique::{Counted, Counting, Precision, PrecisionMismatch, UniqueUsers, UniqueUsersV2};
+use super::unique::{Counted, Counting, MergeError, Precision, UniqueUsers, UniqueUsersV2};
 use super::usage::MonthlyUsage;
 use super::user_days::UserDays;
 use super::user_set::UserSet;
@@ -158,7 +158,7 @@ struct Wire {
 
 impl Wire {
     /// Adds `other`'s usage, count by count (reading an app-month's parts).
-    fn merge(&mut self, other: Wire) -> Result<(), PrecisionMismatch> {
+    fn merge(&mut self, other: Wire) -> Result<(), MergeError> {
         merge_counts((&mut self.mau, &mut self.dau), (&other.mau, &other.dau))?;
         self.pcc.merge(&other.pcc);
         self.unpaired.merge(&other.unpaired);
@@ -180,13 +180,14 @@ impl Wire {
 }
 
 /// Merges separate counts into `mau` and `dau`. Every day then counts exactly up to the
-/// month's limit (the smallest any share had): a day's limit is its month's, as in the table,
-/// so that shares counted at different limits (the setting changed mid-month) merge into the
-/// same state in any order, whether their days were a table or counts of their own.
+/// month's limit (the smallest any share had) and at the month's precision (the lowest): a
+/// day's limit and precision are its month's, as in the table, so that shares counted at
+/// different settings (changed mid-month) merge into the same state in any order, whether
+/// their days were a table or counts of their own.
 fn merge_counts(
     (mau, dau): (&mut UniqueUsers, &mut BTreeMap<u8, UniqueUsers>),
     (their_mau, their_dau): (&UniqueUsers, &BTreeMap<u8, UniqueUsers>),
-) -> Result<(), PrecisionMismatch> {
+) -> Result<(), MergeError> {
     mau.merge(their_mau)?;
     for (&d, count) in their_dau {
         match dau.get_mut(&d) {
@@ -196,8 +197,11 @@ fn merge_counts(
             }
         }
     }
-    let limit = mau.counting().exact_limit;
-    dau.values_mut().for_each(|day| day.limit_to(limit));
+    let Counting { precision, exact_limit } = mau.counting();
+    for day in dau.values_mut() {
+        day.precision_to(precision)?;
+        day.limit_to(exact_limit);
+    }
     Ok(())
 }
 
@@ -316,7 +320,9 @@ impl AppMonthAggregate {
         self.unsaved.any = true;
     }
 
-    /// The HLL++ precision its sketches were made at.
+    /// The HLL++ precision its counts are sketches at, or become sketches at past the limit:
+    /// the one configured when the app-month was begun (kept, as the limit is), or the lowest
+    /// of the shares merged into it.
     pub fn precision(&self) -> Precision {
         self.users.counting().precision
     }
@@ -355,19 +361,19 @@ impl AppMonthAggregate {
     }
 
     /// Adds the usage of `other`, an aggregate of other events of the same app-month.
-    pub fn merge(&mut self, other: &AppMonthAggregate) -> Result<(), PrecisionMismatch> {
-        let (mine, theirs) = (self.precision(), other.precision());
-        if mine != theirs {
-            return Err(PrecisionMismatch(mine.get(), theirs.get()));
-        }
+    /// Counts at different precisions merge at the lower ([`UniqueUsers::merge`]); it fails
+    /// only on a sketch that does not read as the pinned HLL++ crate writes it.
+    pub fn merge(&mut self, other: &AppMonthAggregate) -> Result<(), MergeError> {
         match (&mut self.users, &other.users) {
             (
                 Users::Table { counting, users, month_sketch: None },
                 Users::Table { counting: their_counting, users: theirs, month_sketch: None },
             ) => {
-                // The smaller limit, as separate counts merge theirs; past it, the form a
-                // login would have left (the MAU a sketch; a day past it, counts of their own).
+                // The smaller limit and the lower precision, as separate counts merge theirs;
+                // past the limit, the form a login would have left (the MAU a sketch; a day
+                // past it, counts of their own).
                 counting.exact_limit = counting.exact_limit.min(their_counting.exact_limit);
+                counting.precision = counting.precision.min(their_counting.precision);
                 users.union(theirs);
                 let limit = counting.exact_limit.get();
                 let (month_past, day_past) = (users.len() as u64 > limit, users.peak_day() > limit);
@@ -759,18 +765,18 @@ impl AggregateV1 {
 /// moved partition when the events topic grew, or its producers do not key by app) ends,
 /// at its time, the connection the other share counted open through the month's end. With
 /// one share there is nothing to pair (a disconnect without its connect counts nothing).
+///
+/// Shares counted at different HLL++ precisions (`metering.hll_precision` changed while the
+/// month was open, and one partition began the app-month after the change) merge at the
+/// lowest of them, exactly ([`UniqueUsers::merge`]).
 pub fn merge_shares<'a>(
-    precision: Precision,
     shares: impl IntoIterator<Item = &'a AppMonthAggregate>,
-) -> Result<AppMonthAggregate, PrecisionMismatch> {
+) -> Result<AppMonthAggregate, MergeError> {
     let mut shares = shares.into_iter();
     // The first share as it is (a copy, not a merge into an empty aggregate).
     let mut merged = match shares.next() {
-        Some(first) if first.precision() == precision => {
-            AppMonthAggregate { exact: None, unsaved: Unsaved::default(), ..first.clone() }
-        }
-        Some(first) => return Err(PrecisionMismatch(precision.get(), first.precision().get())),
-        None => return Ok(AppMonthAggregate::new(Counting::merging(precision), false)),
+        Some(first) => AppMonthAggregate { exact: None, unsaved: Unsaved::default(), ..first.clone() },
+        None => return Ok(AppMonthAggregate::new(Counting::merging(), false)),
     };
     let mut count = 1;
     for share in shares {
@@ -803,18 +809,6 @@ pub enum CodecError {
     /// The payload is damaged.
     #[error("corrupt aggregate: {0}")]
     Corrupt(String),
-    /// State counted at another HLL++ precision than the one configured: sketches of two
-    /// precisions do not merge.
-    #[error(
-        "state counted at HLL precision {stored}, but metering.hll_precision is {configured}: the precision \
-         may only change when no month is open (set it back to {stored} until the open months are billed)"
-    )]
-    PrecisionChanged {
-        /// The precision the state was counted at.
-        stored: u8,
-        /// The precision configured now.
-        configured: u8,
-    },
 }
 
 #[cfg(test)]
@@ -911,7 +905,7 @@ mod tests {
         opened.pcc_mut().add_connection(samples, 1_200, Some(1_300));
         closed.unpaired_mut().add_connection(samples, 1_250, None);
         closed.pcc_mut().add_connection(samples, 1_500, Some(1_600));
-        let mut merged = merge_shares(Precision::default(), [&opened, &closed]).unwrap();
+        let mut merged = merge_shares([&opened, &closed]).unwrap();
         let mut expected = AppMonthAggregate::new(Counting::default(), false);
         for (from, until) in [(1_100, 1_250), (1_200, 1_300), (1_500, 1_600)] {
             expected.pcc_mut().add_connection(samples, from, Some(until));
@@ -919,8 +913,42 @@ mod tests {
         assert_eq!(merged.pcc(), expected.pcc());
         assert_eq!(merged.usage(1, month, grid).pcc, 2);
         // Alone, the disconnect's share counts only its own connection.
-        let mut alone = merge_shares(Precision::default(), [&closed]).unwrap();
+        let mut alone = merge_shares([&closed]).unwrap();
         assert_eq!(alone.usage(1, month, grid).pcc, 1);
+    }
+
+    /// Shares of one app-month counted at different precisions (the setting changed
+    /// mid-month, and one partition began the app-month after it) merge, in any order, into
+    /// the app-month counted at the lower precision: exact counts are sets, and a sketch at
+    /// the finer precision folds exactly to the coarser.
+    #[test]
+    fn shares_at_different_precisions_merge_at_the_lower() {
+        let month: Month = "2026-11".parse().unwrap();
+        let counting = |p: i64| Counting {
+            precision: Precision::new(p).unwrap(),
+            exact_limit: ExactLimit::new(1_000).unwrap(),
+        };
+        let share = |p: i64, users: std::ops::Range<u32>| {
+            let mut agg = AppMonthAggregate::new(counting(p), false);
+            for u in users {
+                // Day 1 past the limit (a sketch), days 2 and 3 exact.
+                let day = if u % 50 == 0 { 2 + u % 2 } else { 1 };
+                agg.record_login(month.day(day).unwrap(), UserKey::of(&format!("user-{u}")));
+            }
+            agg
+        };
+        let (at_14, at_16) = (share(14, 0..30_000), share(16, 20_000..60_000));
+        let mut want = share(14, 0..60_000).encode();
+        for (a, b) in [(&at_14, &at_16), (&at_16, &at_14)] {
+            let mut merged = merge_shares([a, b]).expect("shares merge at any precision");
+            assert_eq!(merged.precision(), Precision::new(14).unwrap());
+            assert_eq!(merged.encode(), want);
+        }
+        // Exact shares (no sketch yet) merge whatever their precision.
+        let (small_14, small_16) = (share(14, 0..300), share(16, 200..600));
+        want = share(14, 0..600).encode();
+        let mut merged = merge_shares([&small_16, &small_14]).expect("exact shares merge");
+        assert_eq!(merged.encode(), want);
     }
 
     /// A compacted changelog of one app-month's records: the latest value of each key.

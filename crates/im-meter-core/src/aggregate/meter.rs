@@ -42,7 +42,9 @@ use crate::time::{BillingTz, DayCache, Month, Timestamp};
 pub struct MeterSettings {
     /// The billing time zone: months and days are calendar periods in it.
     pub tz: BillingTz,
-    /// HLL++ precision of the MAU and DAU sketches.
+    /// HLL++ precision of the MAU and DAU sketches of app-months begun from now on: each
+    /// count keeps the precision it was begun at, as it keeps its exact limit, so a change
+    /// applies to the counts begun after it (a restored meter's open months keep theirs).
     pub precision: Precision,
     /// Distinct users a MAU or DAU count keeps exactly before it becomes a sketch.
     pub exact_limit: ExactLimit,
@@ -583,13 +585,6 @@ impl Meter {
                 days.iter().map(Vec::as_slice),
                 users.iter().map(|(count, segment, bytes)| (*count, *segment, bytes.as_slice())),
             )?;
-            let (stored, configured) = (aggregate.precision(), meter.settings.precision);
-            if stored != configured {
-                return Err(CodecError::PrecisionChanged {
-                    stored: stored.get(),
-                    configured: configured.get(),
-                });
-            }
             meter.months.insert((app_id, month), aggregate);
         }
         meter.connections.finish_restore(meter.closed_through);
@@ -600,6 +595,7 @@ impl Meter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::aggregate::Counted;
     use crate::ingest::UserKey;
 
     fn login(app_id: AppId, user: u64) -> UsageEvent {
@@ -619,17 +615,67 @@ mod tests {
         MeterSettings { allowed_lateness: Some(Duration::from_secs(3600)), ..MeterSettings::default() }
     }
 
+    /// `metering.hll_precision` changed between a checkpoint and the restore: the open
+    /// month's counts keep the precision they were made at (as they keep their exact limit),
+    /// exact ones stay exact and one passing the limit later becomes a sketch at its own
+    /// precision; counts begun after the restore (a new month, a new app) take the new one.
     #[test]
-    fn a_precision_change_on_open_months_is_refused_by_name() {
+    fn a_precision_change_applies_to_counts_begun_after_it() {
+        let (p14, p16) = (Precision::new(14).unwrap(), Precision::new(16).unwrap());
+        let limited = |precision| MeterSettings {
+            precision,
+            exact_limit: ExactLimit::new(1_000).unwrap(),
+            ..MeterSettings::default()
+        };
+        let mut meter = Meter::new(limited(p14));
+        (0..10).for_each(|u| {
+            meter.apply(&login(1, u));
+        });
+        let state: Vec<(StateKey, Vec<u8>)> =
+            meter.checkpoint().into_iter().filter_map(|r| r.value.map(|v| (r.key, v))).collect();
+        let mut meter = Meter::restore(limited(p16), state).expect("a precision change is no reason to stop");
+        let (nov, dec) = (month("2026-11"), month("2026-12"));
+        // Still exact, and still counting at 14 past the limit.
+        (10..1_100).for_each(|u| {
+            meter.apply(&login(1, u));
+        });
+        meter.apply(&login(2, 1));
+        (0..1_100).for_each(|u| {
+            meter.apply(&login_at(1, u, "2026-12-05T10:00:00+08:00"));
+        });
+        let grid = meter.settings().grid;
+        let counted = |meter: &mut Meter, m: Month| -> Vec<(AppId, Counted, Precision)> {
+            meter
+                .close_month(m)
+                .into_iter()
+                .map(|(app_id, mut a)| (app_id, a.usage(app_id, m, grid).mau_counted, a.precision()))
+                .collect()
+        };
+        assert_eq!(
+            counted(&mut meter, nov),
+            [(1, Counted::Estimated(p14), p14), (2, Counted::Exact, p16)],
+            "the open month's counts keep 14; an app first seen after the restore counts at 16"
+        );
+        assert_eq!(counted(&mut meter, dec), [(1, Counted::Estimated(p16), p16)], "December begins at 16");
+    }
+
+    /// An exact count has no sketch yet: a precision change can never be a reason to refuse it.
+    #[test]
+    fn exact_counts_restore_at_any_precision() {
         let mut meter = Meter::new(MeterSettings::default());
         meter.apply(&login(1, 1));
         let state: Vec<(StateKey, Vec<u8>)> =
             meter.checkpoint().into_iter().filter_map(|r| r.value.map(|v| (r.key, v))).collect();
-        let settings = MeterSettings { precision: Precision::new(16).unwrap(), ..MeterSettings::default() };
-        let why = Meter::restore(settings, state.clone()).unwrap_err();
-        assert_eq!(why, CodecError::PrecisionChanged { stored: 14, configured: 16 });
-        assert!(why.to_string().contains("metering.hll_precision"), "{why}");
-        assert!(Meter::restore(MeterSettings::default(), state).is_ok());
+        for p in [Precision::MIN, 16, Precision::MAX] {
+            let settings =
+                MeterSettings { precision: Precision::new(p.into()).unwrap(), ..MeterSettings::default() };
+            let mut restored = Meter::restore(settings, state.clone()).expect("restores");
+            let closed = restored.close_month(month("2026-11"));
+            let grid = restored.settings().grid;
+            let usage: Vec<_> =
+                closed.into_iter().map(|(app_id, mut a)| a.usage(app_id, month("2026-11"), grid)).collect();
+            assert_eq!((usage[0].mau, usage[0].mau_counted), (1, Counted::Exact));
+        }
     }
 
     #[test]

@@ -30,5 +30,7 @@ pub use app_month::{
 pub use checkpoint::{billing_partition, ChangelogKey, ClosedMark, StateKey, StateRecord, SubscriptionsRead};
 pub use meter::{ClosedMonth, Meter, MeterSettings, MonthsClosed, Outcome};
 pub use pcc::{SampleGrid, SampleIntervalError};
-pub use unique::{Counted, Counting, ExactLimit, ExactLimitError, Precision, PrecisionError, UniqueUsers};
+pub use unique::{
+    Counted, Counting, ExactLimit, ExactLimitError, MergeError, Precision, PrecisionError, UniqueUsers,
+};
 pub use usage::MonthlyUsage;

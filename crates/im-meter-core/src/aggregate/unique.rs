@@ -18,6 +18,12 @@
 //! sorted and de-duplicated; the sparse→dense switch depends only on the size of the sparse
 //! encoding, which never shrinks as keys are added). So any insertion order or merge order
 //! gives byte-identical serializations.
+//!
+//! Precision: each count keeps the precision it was made at, as it keeps its limit, so
+//! `metering.hll_precision` applies to counts begun after it changed. Counts at different
+//! precisions merge at the lower one (a minimum, so any merge order gives the same): an exact
+//! set needs nothing, a sketch at a finer precision is folded to the coarser one
+//! ([`fold`]), exactly — the coarse registers are a function of the fine ones.
 
 use std::hash::{BuildHasher, Hasher};
 
@@ -157,10 +163,11 @@ pub struct Counting {
 }
 
 impl Counting {
-    /// Counting at `precision` with no exact limit: merges of counts made elsewhere start
-    /// from it (the counts' own limits decide).
-    pub fn merging(precision: Precision) -> Self {
-        Counting { precision, exact_limit: ExactLimit::UNBOUNDED }
+    /// Counting with no exact limit at the finest precision: the identity of merges (which
+    /// take the smaller limit and the lower precision), so that merges of counts made
+    /// elsewhere can start from it (the counts' own limits and precisions decide).
+    pub fn merging() -> Self {
+        Counting { precision: Precision(Precision::MAX), exact_limit: ExactLimit::UNBOUNDED }
     }
 }
 
@@ -189,12 +196,17 @@ enum Users {
     Sketch(Box<HyperLogLogPlus<u64, PassThrough>>),
 }
 
-/// Two sketches of different precision cannot be merged.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("cannot merge sketches of precision {0} and {1}")]
-pub struct PrecisionMismatch(pub u8, pub u8);
+/// The sketch of a count: the pinned hyperloglogplus's, over keys passed through.
+type Sketch = HyperLogLogPlus<u64, PassThrough>;
 
-fn empty_sketch(precision: Precision) -> Box<HyperLogLogPlus<u64, PassThrough>> {
+/// Two counts could not be merged: a sketch did not read as the pinned hyperloglogplus lays
+/// it out, so it could not be folded to a lower precision (damaged state, or a dependency
+/// that changed under the pin).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("cannot merge HLL++ sketches: {0}")]
+pub struct MergeError(String);
+
+fn empty_sketch(precision: Precision) -> Box<Sketch> {
     Box::new(
         HyperLogLogPlus::new(precision.get(), PassThrough)
             .expect("Precision is checked to lie in the range hyperloglogplus accepts"),
@@ -349,18 +361,35 @@ impl UniqueUsers {
         }
     }
 
-    /// Adds every user of `other` (set union; HLL union once either is a sketch, or the
-    /// union passes the smaller of the two limits).
-    pub fn merge(&mut self, other: &UniqueUsers) -> Result<(), PrecisionMismatch> {
-        let mismatch = PrecisionMismatch(self.precision.get(), other.precision.get());
-        if self.precision != other.precision {
-            return Err(mismatch);
-        }
-        self.limit = self.limit.min(other.limit);
-        match (&mut self.users, &other.users) {
-            (Users::Sketch(mine), Users::Sketch(theirs)) => {
-                mine.merge(theirs.as_ref()).map_err(|_| mismatch)?
+    /// Lowers its precision to `precision` if that is lower: an exact count only notes it
+    /// (the precision it will become a sketch at), a sketch is folded to it.
+    pub(crate) fn precision_to(&mut self, precision: Precision) -> Result<(), MergeError> {
+        if precision < self.precision {
+            if let Users::Sketch(sketch) = &mut self.users {
+                *sketch = fold::fold(sketch, precision)?;
             }
+            self.precision = precision;
+        }
+        Ok(())
+    }
+
+    /// Adds every user of `other` (set union; HLL union once either is a sketch, or the
+    /// union passes the smaller of the two limits), at the lower of the two precisions.
+    /// Fails only on a sketch that does not read as the pinned crate writes it.
+    pub fn merge(&mut self, other: &UniqueUsers) -> Result<(), MergeError> {
+        self.limit = self.limit.min(other.limit);
+        self.precision_to(other.precision)?;
+        // Their sketch at ours, when theirs is finer (ours is never finer now).
+        let folded = match &other.users {
+            Users::Sketch(theirs) if other.precision > self.precision => {
+                Some(Users::Sketch(fold::fold(theirs, self.precision)?))
+            }
+            _ => None,
+        };
+        match (&mut self.users, folded.as_ref().unwrap_or(&other.users)) {
+            (Users::Sketch(mine), Users::Sketch(theirs)) => mine
+                .merge(theirs.as_ref())
+                .map_err(|e| MergeError(format!("sketches of precision {}: {e:?}", self.precision.get())))?,
             (Users::Sketch(mine), Users::Exact(theirs)) => {
                 theirs.iter_unordered().for_each(|k| mine.insert(&k))
             }
@@ -449,6 +478,175 @@ mod user_set_bytes {
             Ok((users, used)) if used == bytes.len() => Ok(users),
             Ok(_) => Err(D::Error::custom("user set: trailing bytes")),
             Err(e) => Err(D::Error::custom(e)),
+        }
+    }
+}
+
+/// Folding a sketch to a lower precision, which hyperloglogplus 0.4.1 has no call for: its
+/// state is read through its serde layout (pinned with the crate's version, as it is part of
+/// our checkpoint format already) and the keys it stands for are inserted again at the lower
+/// precision.
+///
+/// Why it is exact: a register at precision `p` holds, for the keys whose top `p` bits are
+/// its index, the largest rank (1 + leading zeros of the bits after them). At `q < p` a key's
+/// index is the top `q` of those bits, and its rank the leading zeros of the other `p - q`
+/// index bits, or, if they are all zero, `p - q` plus its rank at `p`. So one key per
+/// non-empty register — its index, then the rank's pattern — gives every register at `q` the
+/// value the keys themselves would have. A sparse sketch is a list of keys cut to 25 bits
+/// (with the rank of the rest when bits `p..25` are zero), which re-inserted give, at any
+/// `q < p`, the very list (or registers) the keys would have.
+pub(crate) mod fold {
+    use std::marker::PhantomData;
+
+    use hyperloglogplus::HyperLogLog;
+    use serde::{Deserialize, Serialize};
+
+    use super::{empty_sketch, MergeError, PassThrough, Precision, Sketch};
+
+    /// The precision of the keys in the sparse form.
+    const SPARSE_BITS: u32 = 25;
+
+    /// `HyperLogLogPlus<u64, PassThrough>`'s fields, in the order its serde derive writes them.
+    #[derive(Serialize, Deserialize)]
+    struct Fields {
+        builder: PassThrough,
+        precision: u8,
+        /// Registers, sparse-form registers, and the sparse form's size limit in bytes.
+        counts: (usize, usize, usize),
+        /// Sparse-form keys not merged into `sparse` yet (a `HashSet<u32>`).
+        tmpset: Vec<u32>,
+        sparse: SparseFields,
+        registers: Option<RegisterFields>,
+        phantom: PhantomData<u64>,
+    }
+
+    /// The sparse form: sorted keys, difference- then varint-encoded.
+    #[derive(Serialize, Deserialize)]
+    struct SparseFields {
+        count: usize,
+        last: u32,
+        buf: Vec<u8>,
+    }
+
+    /// The dense form: 6-bit registers, five to a `u32` from the least significant bits.
+    #[derive(Serialize, Deserialize)]
+    struct RegisterFields {
+        buf: Vec<u32>,
+        count: usize,
+        zeros: usize,
+    }
+
+    const PER_WORD: usize = 5;
+
+    fn broken(what: impl std::fmt::Display) -> MergeError {
+        MergeError(format!("a sketch does not read as hyperloglogplus 0.4.1 lays it out: {what}"))
+    }
+
+    fn fields_of(sketch: &Sketch) -> Result<Fields, MergeError> {
+        let bytes = postcard::to_allocvec(sketch).map_err(broken)?;
+        postcard::from_bytes(&bytes).map_err(broken)
+    }
+
+    fn sketch_of(fields: &Fields) -> Result<Box<Sketch>, MergeError> {
+        let bytes = postcard::to_allocvec(fields).map_err(broken)?;
+        postcard::from_bytes(&bytes).map(Box::new).map_err(broken)
+    }
+
+    /// An empty sketch at `precision` in the dense form: what a fold of a dense sketch goes
+    /// into, since keys standing for registers must not be counted as keys by the sparse
+    /// form's estimate (a dense sketch at a finer precision holds more keys than would keep
+    /// the coarser one sparse, so it is the form the keys themselves would have given).
+    fn empty_dense(precision: Precision) -> Result<Box<Sketch>, MergeError> {
+        let mut fields = fields_of(&empty_sketch(precision))?;
+        let count = fields.counts.0;
+        fields.registers =
+            Some(RegisterFields { buf: vec![0; count.div_ceil(PER_WORD)], count, zeros: count });
+        sketch_of(&fields)
+    }
+
+    /// The keys of a sparse form's varint-encoded differences.
+    fn sparse_keys(sparse: &SparseFields) -> Result<Vec<u32>, MergeError> {
+        let mut keys = Vec::with_capacity(sparse.count);
+        let (mut last, mut value, mut shift) = (0u32, 0u32, 0u32);
+        for &byte in &sparse.buf {
+            let bits = u32::from(byte & 0x7f);
+            value |= bits
+                .checked_shl(shift)
+                .filter(|v| v >> shift == bits)
+                .ok_or_else(|| broken("a varint overflows"))?;
+            shift += 7;
+            if byte & 0x80 == 0 {
+                last = last.checked_add(value).ok_or_else(|| broken("sparse keys overflow"))?;
+                keys.push(last);
+                (value, shift) = (0, 0);
+            }
+        }
+        if shift != 0 {
+            return Err(broken("a truncated varint"));
+        }
+        Ok(keys)
+    }
+
+    /// A 64-bit key whose sparse-form encoding is `code` (the index's 25 bits, then, when
+    /// the encoding carries it, the rank of the bits after them).
+    fn key_of_code(code: u32) -> u64 {
+        let rest = 64 - SPARSE_BITS;
+        if code & 1 == 1 {
+            let (index, rank) = (u64::from(code >> 7), (code >> 1) & 0x3f);
+            index << rest | rank_pattern(rest, rank)
+        } else {
+            // Bits p..25 are not all zero: the rank at any precision up to p is among them.
+            u64::from(code >> 1) << rest | 1 << (rest - 1)
+        }
+    }
+
+    /// Bits (the `width` lowest) whose rank — 1 + their leading zeros, or `width + 1` when
+    /// all zero — is `rank`.
+    fn rank_pattern(width: u32, rank: u32) -> u64 {
+        match rank {
+            1..=64 if rank <= width => 1 << (width - rank),
+            _ => 0,
+        }
+    }
+
+    /// Whether `sketch` is in the dense form (for tests to know which form they fold).
+    #[cfg(test)]
+    pub(crate) fn is_dense(sketch: &Sketch) -> bool {
+        fields_of(sketch).is_ok_and(|fields| fields.registers.is_some())
+    }
+
+    /// `sketch` at `to`, a lower precision than its own (see the module documentation).
+    pub(crate) fn fold(sketch: &Sketch, to: Precision) -> Result<Box<Sketch>, MergeError> {
+        let fields = fields_of(sketch)?;
+        let from = u32::from(fields.precision);
+        // Checked so that the shifts below cannot overflow on a damaged sketch.
+        if from <= u32::from(to.get()) || from > u32::from(Precision::MAX) {
+            return Err(broken(format!("a fold from precision {from} to {}", to.get())));
+        }
+        match &fields.registers {
+            None => {
+                let mut folded = empty_sketch(to);
+                for code in fields.tmpset.iter().copied().chain(sparse_keys(&fields.sparse)?) {
+                    folded.insert(&key_of_code(code));
+                }
+                Ok(folded)
+            }
+            Some(registers) => {
+                let mut folded = empty_dense(to)?;
+                let values = registers
+                    .buf
+                    .iter()
+                    .flat_map(|word| (0..PER_WORD).map(move |i| (word >> (6 * i)) & 0x3f))
+                    .take(registers.count);
+                let width = 64 - from;
+                if registers.count != 1 << from {
+                    return Err(broken(format!("{} registers at precision {from}", registers.count)));
+                }
+                for (index, rank) in values.enumerate().filter(|&(_, rank)| rank > 0) {
+                    folded.insert(&((index as u64) << width | rank_pattern(width, rank)));
+                }
+                Ok(folded)
+            }
         }
     }
 }
@@ -555,9 +753,9 @@ mod tests {
         });
         big_limit.merge(&old).unwrap();
         assert!(!big_limit.is_exact());
-        let mut unbounded = UniqueUsers::new(Counting::merging(Precision::default()));
+        let mut unbounded = UniqueUsers::new(Counting::merging());
         unbounded.merge(&count_of(1_000, 0..600)).unwrap();
-        assert_eq!((unbounded.counting().exact_limit, unbounded.estimate()), (ExactLimit(1_000), 600));
+        assert_eq!((unbounded.counting(), unbounded.estimate()), (limited(1_000), 600));
     }
 
     #[test]
@@ -586,8 +784,55 @@ mod tests {
         assert!(Precision::new(9).is_err());
         assert!(Precision::new(19).is_err());
         assert_eq!(Precision::new(16).unwrap().get(), 16);
-        let mut a =
-            UniqueUsers::new(Counting { precision: Precision::new(12).unwrap(), ..Counting::default() });
-        assert!(a.merge(&UniqueUsers::new(Counting::default())).is_err());
+    }
+
+    fn at(precision: u8, limit: u64, users: impl IntoIterator<Item = u64>) -> UniqueUsers {
+        let counting = Counting { precision: Precision(precision), exact_limit: ExactLimit(limit) };
+        let mut s = UniqueUsers::new(counting);
+        for u in users {
+            s.insert(UserKey::of(&format!("user-{u}")));
+        }
+        s
+    }
+
+    /// Exact counts are sets: their precision is only the one they would become a sketch at,
+    /// and a merge takes the lower (a minimum, as for the limit: any order gives the same).
+    #[test]
+    fn exact_counts_merge_whatever_their_precision() {
+        let mut a = at(12, 10_000, 0..600);
+        a.merge(&at(16, 10_000, 300..900)).expect("exact counts always merge");
+        assert_eq!((a.estimate(), a.counted(), a.precision().get()), (900, Counted::Exact, 12));
+        let mut b = at(16, 10_000, 300..900);
+        b.merge(&at(12, 10_000, 0..600)).expect("exact counts always merge");
+        assert_eq!(bytes(&mut a), bytes(&mut b));
+        // Past the limit, the union becomes a sketch at the lower precision.
+        let mut c = at(16, 1_000, 0..600);
+        c.merge(&at(12, 1_000, 600..1_200)).expect("exact counts always merge");
+        assert_eq!(bytes(&mut c), bytes(&mut at(12, 1_000, 0..1_200)));
+    }
+
+    /// A sketch at a finer precision is folded to the coarser one exactly: merged, two
+    /// counts at 14 and 16 give the bytes of the union counted at 14, sparse or dense, in
+    /// either order, with an exact side or a sketch.
+    #[test]
+    fn sketches_at_different_precisions_merge_at_the_lower() {
+        let mut forms = std::collections::BTreeSet::new();
+        for (n, lower) in [(3_000u64, 14u8), (120_000, 14), (120_000, 10)] {
+            let want = bytes(&mut at(lower, 1_000, 0..n));
+            let halves = [(0..n / 2 + 100, n / 2..n), (0..500, 200..n)];
+            for (first, second) in halves {
+                for (p, q) in [(lower, 16), (16, lower), (18, lower)] {
+                    let finer = at(p.max(q), 1_000, if p > q { first.clone() } else { second.clone() });
+                    if let Users::Sketch(sketch) = &finer.users {
+                        forms.insert(fold::is_dense(sketch));
+                    }
+                    let mut merged = at(p, 1_000, first.clone());
+                    merged.merge(&at(q, 1_000, second.clone())).expect("precisions merge at the lower");
+                    assert_eq!(merged.precision().get(), lower);
+                    assert_eq!(bytes(&mut merged), want, "{n} users, {p} ∪ {q}");
+                }
+            }
+        }
+        assert_eq!(forms.into_iter().collect::<Vec<_>>(), [false, true], "sparse and dense sketches folded");
     }
 }

@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use super::{bill_month, quota_alert, Charge, PriceBook, QuotaAlert, Subscriptions};
 use crate::aggregate::meter::QUOTA_WATCH;
 use crate::aggregate::{
-    merge_shares, AppMonthAggregate, ChangelogKey, ClosedMark, CodecError, MonthlyUsage, Precision,
+    merge_shares, AppMonthAggregate, ChangelogKey, ClosedMark, CodecError, MergeError, MonthlyUsage,
     SampleGrid, SubscriptionsRead,
 };
 use crate::plan::AppId;
@@ -31,14 +31,13 @@ pub struct Share {
 }
 
 /// What billing needs besides the book: the plans, the prices, and how usage was measured.
+/// (Not the HLL++ precision: each count carries its own, and shares merge at the lowest.)
 #[derive(Clone, Copy)]
 pub struct Pricing<'a> {
     /// The plan book.
     pub subscriptions: &'a Subscriptions,
     /// The prices.
     pub prices: &'a PriceBook,
-    /// HLL++ precision of the shares.
-    pub precision: Precision,
     /// PCC sample instants.
     pub grid: SampleGrid,
 }
@@ -81,18 +80,18 @@ pub enum BookError {
         /// Why.
         source: CodecError,
     },
-    /// Shares of one app-month counted at different HLL++ precisions.
-    #[error(
-        "cannot merge the usage of app {app_id} in {month} from partitions {sources:?}: metering.hll_precision \
-         must be the same in every worker and must not change while a month is open"
-    )]
-    PrecisionMismatch {
+    /// Shares of one app-month that do not merge: a sketch in them does not read as the
+    /// pinned HLL++ crate writes it (different precisions do merge, at the lowest).
+    #[error("cannot merge the usage of app {app_id} in {month} from partitions {sources:?}: {source}")]
+    Unmergeable {
         /// The app.
         app_id: AppId,
         /// The month.
         month: Month,
         /// The source partitions of its shares.
         sources: Vec<u32>,
+        /// Why.
+        source: MergeError,
     },
 }
 
@@ -270,11 +269,12 @@ impl BillingBook {
         };
         for app_id in apps {
             let usage = match self.usage.get(&(month, app_id)) {
-                Some(shares) => merge_shares(pricing.precision, shares.values().map(|s| &s.aggregate))
-                    .map_err(|_| BookError::PrecisionMismatch {
+                Some(shares) => merge_shares(shares.values().map(|s| &s.aggregate))
+                    .map_err(|source| BookError::Unmergeable {
                         app_id,
                         month,
                         sources: shares.keys().copied().collect(),
+                        source,
                     })?
                     .usage(app_id, month, pricing.grid),
                 None => MonthlyUsage::empty(app_id, month),
@@ -455,8 +455,7 @@ mod tests {
 
     fn bill(book: &BillingBook, m: &str, subs: &Subscriptions) -> BilledMonth {
         let prices = PriceBook::default();
-        let pricing =
-            Pricing { subscriptions: subs, prices: &prices, precision: Precision::default(), grid: grid() };
+        let pricing = Pricing { subscriptions: subs, prices: &prices, grid: grid() };
         book.bill(month(m), pricing, subs.apps()).unwrap()
     }
 
@@ -500,6 +499,41 @@ mod tests {
         assert_eq!(dropped, [(b"u/1/2026-11/0".to_vec(), 0), (b"u/1/2026-11/1".to_vec(), 2)]);
         let december = bill(&book, "2026-12", &subs);
         assert_eq!(december.usage.iter().map(|u| u.app_id).collect::<Vec<_>>(), [1, 2, 3]);
+    }
+
+    /// `metering.hll_precision` changed mid-month and one partition began the app-month
+    /// after it: its shares, at 14 and 16, are billed (at 14), never refused.
+    #[test]
+    fn shares_counted_at_different_precisions_are_billed() {
+        let subs = plans();
+        let nov = month("2026-11");
+        let mut book = BillingBook::new();
+        let at_16 = |users: std::ops::Range<u32>| {
+            let counting = crate::aggregate::Counting {
+                precision: crate::aggregate::Precision::new(16).unwrap(),
+                exact_limit: crate::aggregate::ExactLimit::new(1_000).unwrap(),
+            };
+            let mut aggregate = AppMonthAggregate::new(counting, false);
+            for u in users {
+                aggregate.record_login(nov.day(1).unwrap(), UserKey::of(&format!("u-{u}")));
+            }
+            Share { aggregate, parts: 0 }
+        };
+        book.add_share(nov, STANDARD, 0, share(nov, 0..10_300));
+        book.add_share(nov, STANDARD, 1, at_16(5_000..10_600));
+        book.add_share(nov, DEVELOPER, 0, share(nov, 0..40));
+        book.add_share(nov, DEVELOPER, 1, at_16(30..90));
+        let billed = bill(&book, "2026-11", &subs);
+        let mau = billed.usage[0].mau;
+        assert!(mau.abs_diff(10_600) <= 212, "MAU {mau}: the union (10,600)");
+        assert_eq!(
+            billed.usage[0].mau_counted,
+            crate::aggregate::Counted::Estimated(crate::aggregate::Precision::default())
+        );
+        assert_eq!(
+            (billed.usage[1].mau, billed.usage[1].mau_counted),
+            (90, crate::aggregate::Counted::Exact)
+        );
     }
 
     #[test]

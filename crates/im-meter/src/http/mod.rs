@@ -19,7 +19,7 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use im_meter_core::aggregate::{merge_shares, AppMonthAggregate, MonthlyUsage, Precision};
+use im_meter_core::aggregate::{merge_shares, AppMonthAggregate, MonthlyUsage};
 use im_meter_core::plan::AppId;
 use serde_json::json;
 use tracing::{info, warn};
@@ -275,10 +275,9 @@ fn refresh_top_apps(api: &Api) {
 }
 
 /// The shares of each app (from several partitions) merged into one aggregate per app, as
-/// billing merges them ([`merge_shares`]); an app whose shares cannot merge (another HLL
-/// precision: a misconfiguration) is left out.
+/// billing merges them ([`merge_shares`]); an app whose shares cannot merge (a sketch that
+/// does not read as the pinned HLL++ crate writes it) is left out.
 fn merge_by_app(
-    precision: Precision,
     parts: impl IntoIterator<Item = (AppId, AppMonthAggregate)>,
 ) -> BTreeMap<AppId, AppMonthAggregate> {
     let mut by_app: BTreeMap<AppId, Vec<AppMonthAggregate>> = BTreeMap::new();
@@ -287,7 +286,7 @@ fn merge_by_app(
     }
     by_app
         .into_iter()
-        .filter_map(|(app_id, shares)| match merge_shares(precision, &shares) {
+        .filter_map(|(app_id, shares)| match merge_shares(&shares) {
             Ok(merged) => Some((app_id, merged)),
             Err(e) => {
                 warn!(app_id, error = %e, "http: the shares of the app's usage cannot be merged");
@@ -313,7 +312,7 @@ fn top_apps(api: &Api) -> Vec<MonthlyUsage> {
         by_app.into_values().filter(|parts| parts.len() == 1).flatten().collect();
     if !split.is_empty() {
         let parts = view.aggregates(month, &|app| split.binary_search(&app).is_ok());
-        let merged = merge_by_app(api.config.meter.precision, parts);
+        let merged = merge_by_app(parts);
         usage.extend(merged.into_iter().map(|(app, mut agg)| agg.usage(app, month, grid)));
     }
     usage.sort_by(|a, b| b.mau.cmp(&a.mau).then(a.app_id.cmp(&b.app_id)));

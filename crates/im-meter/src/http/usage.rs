@@ -230,7 +230,7 @@ fn open_month(
     }
     let usage = match gathered.shares.is_empty() {
         true => MonthlyUsage::empty(app_id, month),
-        false => merge_shares(api.config.meter.precision, &gathered.shares)
+        false => merge_shares(&gathered.shares)
             .map_err(|e| {
                 ApiError::new(
                     StatusCode::INTERNAL_SERVER_ERROR,

@@ -891,12 +891,7 @@ fn bill(
 ) -> anyhow::Result<bool> {
     let subscriptions = &feed.book;
     let Shape { partition, partitions } = shape;
-    let pricing = Pricing {
-        subscriptions,
-        prices: &config.billing.prices,
-        precision: config.meter.precision,
-        grid: config.meter.grid,
-    };
+    let pricing = Pricing { subscriptions, prices: &config.billing.prices, grid: config.meter.grid };
     let ours = subscriptions.apps().filter(|a| billing_partition(*a, partitions) as i32 == partition);
     let billed = task.state.book.bill(month, pricing, ours)?;
     let topics = &config.file.topics;

@@ -271,8 +271,7 @@ fn close_and_bill(
     if let Some(watermark) = meters.iter().filter_map(Meter::watermark).max() {
         meters.iter_mut().for_each(|m| m.advance_watermark(watermark));
     }
-    let pricing =
-        Pricing { subscriptions, prices: &config.billing.prices, precision: config.meter.precision, grid };
+    let pricing = Pricing { subscriptions, prices: &config.billing.prices, grid };
     let mut book = BillingBook::new();
     for month in billed_months {
         // Shards hold disjoint apps: each app-month has one share.
