@@ -198,14 +198,11 @@ impl Metrics {
                 "im_meter_state_bytes",
                 "Bytes of the metering state in the changelog (the latest value of each key).",
             )?,
-            clock_skew: {
-                let g = Gauge::new(
-                    "im_meter_clock_skew_seconds",
-                    "The broker's clock minus this worker's, as the clock probe last measured it (seconds): beyond billing.max_clock_skew, events are judged by the broker's clock.",
-                )?;
-                r.register(Box::new(g.clone()))?;
-                g
-            },
+            clock_skew: float_gauge(
+                r,
+                "im_meter_clock_skew_seconds",
+                "The broker's clock minus this worker's, as the clock probe last measured it (seconds): beyond billing.max_clock_skew, events are judged by the broker's clock.",
+            )?,
             last_poll: float_gauge_vec(
                 r,
                 "im_meter_last_poll_timestamp_seconds",
@@ -290,6 +287,12 @@ fn float_gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> pro
 
 fn gauge(r: &Registry, name: &str, help: &str) -> prometheus::Result<IntGauge> {
     let g = IntGauge::new(name, help)?;
+    r.register(Box::new(g.clone()))?;
+    Ok(g)
+}
+
+fn float_gauge(r: &Registry, name: &str, help: &str) -> prometheus::Result<Gauge> {
+    let g = Gauge::new(name, help)?;
     r.register(Box::new(g.clone()))?;
     Ok(g)
 }
