@@ -170,7 +170,7 @@ proptest! {
                     book.absorb(*key, value.as_deref(), 0).unwrap();
                 }
                 book.finish_restore();
-                prop_assert!(!book.has_late_shares());
+                prop_assert!(!book.has_refused_shares());
             }
         }
         prop_assert_eq!(got, want);

@@ -282,6 +282,33 @@ fn an_event_from_the_future_closes_no_month() {
     assert_eq!(future[0].value, stray.as_bytes());
 }
 
+/// One stray event dated 2000-01 on a fresh deployment would bill every month since (the
+/// worker bills months one after the other from the first one metered): with
+/// `billing.start_month` it is dead-lettered as `before_start` and billing starts there.
+#[test]
+fn usage_before_the_start_month_bills_no_month_before_it() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let d = Deployment::new("start");
+    let stray = r#"{"type":"login","app_id":1400000003,"user_id":"stray","ts":"2000-01-15T00:00:00Z"}"#;
+    let mut lines = vec![stray.to_string()];
+    lines.extend(lines_of_apps(&sample_lines(input_month()), &[1_400_000_001, 1_400_000_003]));
+    let events = d.file("events.ndjson", &lines);
+    let start = input_month().to_string();
+    let settings = [("IM_METER__BILLING__START_MONTH", start.as_str())];
+    let want = Expected::with_settings(&events, &sample_subscriptions(), &settings);
+    assert_eq!(want.months().into_iter().collect::<Vec<_>>(), vec![start.clone()], "replay refuses it too");
+    d.produce_files(&events, &sample_subscriptions());
+    one_worker_bills_as(&want, &d, &settings);
+    for key in by_key(read_all(&d.topic("charges"))).keys() {
+        let month: Month = key.split('/').nth(1).unwrap().parse().unwrap();
+        assert!(month >= input_month(), "{key} billed before the start month");
+    }
+    let letters = read_all(&d.topic("dead_letters"));
+    let refused: Vec<&Record> = letters.iter().filter(|r| r.headers["reason"] == "before_start").collect();
+    assert_eq!(refused.len(), 1, "{letters:?}");
+    assert_eq!(refused[0].value, stray.as_bytes());
+}
+
 #[test]
 fn events_produced_in_transactions_close_their_month() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());

@@ -525,3 +525,53 @@ fn an_implausible_group_count_is_refused_and_bills_nothing() {
         (Some("implausible"), Some(stray.as_str()))
     );
 }
+
+/// One stray event dated 2000-01 on a fresh deployment would bill every month since:
+/// `billing.start_month` bills from the month it names, and the stray event goes to the dead
+/// letters as `before_start`. Without it, billing starts at the first month any event is
+/// dated in (documented).
+#[test]
+fn usage_before_the_start_month_is_refused_and_bills_nothing() {
+    let dir = temp_dir("before-start");
+    let stray = login(24, "old", "2000-01-15T10:00:00+08:00");
+    let events =
+        write(&dir, "events.ndjson", &[login(24, "alice", "2026-11-05T10:00:00+08:00"), stray.clone()]);
+    let subs = write(
+        &dir,
+        "subs.ndjson",
+        &[r#"{"type":"app_created","app_id":24,"ts":"2000-01-02T00:00:00+08:00"}"#.to_string()],
+    );
+    let months = |doc: &Value| -> Vec<String> {
+        doc["usage"].as_array().unwrap().iter().map(|u| u["month"].to_string()).collect()
+    };
+    // (replay bills the months events are dated in; the worker every month from the first.)
+    let unbounded = replay_json(&events, Some(&subs), &[]);
+    assert_eq!(months(&unbounded), ["\"2000-01\"", "\"2026-11\""], "without a start");
+
+    let dlq = dir.join("before-start.dlq");
+    let mut cmd = bin();
+    cmd.args(["replay", "--format", "json", "--events"])
+        .arg(&events)
+        .arg("--subscriptions")
+        .arg(&subs)
+        .args(["--dlq", dlq.to_str().unwrap()])
+        .env("IM_METER__BILLING__START_MONTH", "2026-11");
+    let doc: Value = serde_json::from_slice(&run_ok(&mut cmd).stdout).unwrap();
+    assert_eq!(months(&doc), ["\"2026-11\""], "{doc}");
+    assert_eq!((doc["usage"][0]["mau"].as_u64(), doc["rejected"].as_u64()), (Some(1), Some(1)));
+    let letter: Value = serde_json::from_str(std::fs::read_to_string(&dlq).unwrap().trim()).unwrap();
+    assert_eq!(
+        (letter["reason"].as_str(), letter["raw"].as_str()),
+        (Some("before_start"), Some(stray.as_str()))
+    );
+
+    let mut bad = bin();
+    bad.args(["replay", "--events"]).arg(&events).env("IM_METER__BILLING__START_MONTH", "Nov 2026");
+    let out = bad.output().unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("billing.start_month"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

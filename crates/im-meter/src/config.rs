@@ -13,7 +13,8 @@ use std::time::Duration;
 
 use im_meter_core::aggregate::{ExactLimit, MeterSettings, Precision, SampleGrid};
 use im_meter_core::bill::PriceBook;
-use im_meter_core::time::Timestamp;
+use im_meter_core::ingest::{Rejection, UsageEvent};
+use im_meter_core::time::{Month, Timestamp};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
@@ -76,6 +77,7 @@ impl Default for FileConfig {
                 pcc_promotion_end: String::new(),
                 av_call_price: String::new(),
                 max_group_count: 100_000_000,
+                start_month: String::new(),
             },
             metering: MeteringSection {
                 hll_precision: i64::from(Precision::default().get()),
@@ -245,6 +247,9 @@ pub struct BillingSection {
     /// The largest plausible `group_count`; larger ones are dead-lettered as `implausible`
     /// and never billed.
     pub max_group_count: i64,
+    /// The first month billed (`YYYY-MM`); usage dated before it is dead-lettered as
+    /// `before_start`. Empty: the first month any event is dated in.
+    pub start_month: String,
 }
 
 /// `[metering]`: how usage is measured.
@@ -310,6 +315,9 @@ pub struct BillingSettings {
     pub max_clock_skew: Duration,
     /// The largest plausible `group_count`: a larger one is refused as `implausible`.
     pub max_group_count: u64,
+    /// The first month billed (`None`: the first month any event is dated in); usage before
+    /// it is refused as `before_start`.
+    pub start_month: Option<Month>,
 }
 
 /// The operator endpoints' settings, validated.
@@ -374,6 +382,16 @@ impl fmt::Display for ConfigErrors {
 impl std::error::Error for ConfigErrors {}
 
 impl Config {
+    /// Whether a decoded usage event may be metered — the same rule in the worker and in
+    /// `replay`: not dated beyond the receiving clock (`now`) by more than the allowed skew
+    /// (`future`: it would move event time), not in a month before the first one billed
+    /// (`before_start`), its figures plausible (`implausible`).
+    pub fn admit(&self, event: &UsageEvent, now: Timestamp) -> Result<(), Rejection> {
+        Rejection::check_not_future(event.ts, now, self.billing.max_clock_skew)?;
+        Rejection::check_not_before_start(self.meter.tz.month_of(event.ts), self.billing.start_month)?;
+        Rejection::check_plausible(event, self.billing.max_group_count)
+    }
+
     /// Loads defaults, then `path` (if any), then `IM_METER__*` variables from `env`, and
     /// validates the result.
     pub fn load(
@@ -577,6 +595,12 @@ impl FileConfig {
         );
         let max_group_count = p
             .take("billing.max_group_count", within(b.max_group_count, |n: &u64| *n > 0, "must be positive"));
+        let start_month = p.take(
+            "billing.start_month",
+            unless_off(&b.start_month, |t| {
+                t.parse::<Month>().map_err(|_| format!("{t:?} is not a month (YYYY-MM), nor empty"))
+            }),
+        );
 
         let precision =
             p.take("metering.hll_precision", Precision::new(m.hll_precision).map_err(|e| e.to_string()));
@@ -683,6 +707,7 @@ impl FileConfig {
                     },
                     max_clock_skew: max_clock_skew?,
                     max_group_count: max_group_count?,
+                    start_month: start_month?,
                 },
                 kafka: KafkaSettings {
                     instance_id: match k.instance_id.trim() {

@@ -17,6 +17,7 @@ use crate::aggregate::{
     merge_shares, AppMonthAggregate, ChangelogKey, ClosedMark, CodecError, MergeError, MonthlyUsage,
     SampleGrid, SubscriptionsRead,
 };
+use crate::ingest::RejectReason;
 use crate::plan::AppId;
 use crate::time::Month;
 
@@ -58,9 +59,12 @@ pub struct BilledMonth {
     pub dropped: Vec<(ChangelogKey, usize)>,
 }
 
-/// A share of a month already billed: it is refused (`late`), never billed.
+/// A share of a month already billed (`late`) or before the first month billed
+/// (`before_start`): it is refused, never billed.
 #[derive(Debug)]
-pub struct LateShare {
+pub struct RefusedShare {
+    /// Why: [`RejectReason::Late`] or [`RejectReason::BeforeStart`].
+    pub reason: RejectReason,
     /// Its key.
     pub key: ChangelogKey,
     /// Parts of its record.
@@ -133,14 +137,16 @@ pub struct BillingBook {
     /// Source partition → how far it has closed months.
     closed: BTreeMap<u32, ClosedMark>,
     billed_through: Option<Month>,
+    /// The first month billed (`None`: the first month any source applied an event for).
+    start: Option<Month>,
     /// App-months whose MAU passed the Developer cap in some source partition, and where.
     crossed: BTreeMap<(Month, AppId), BTreeSet<u32>>,
     /// App-months whose quota alert is published.
     alerted: BTreeSet<(Month, AppId)>,
     /// Crossings found not to need an alert (the app is not on Developer): not re-checked.
     declined: BTreeSet<(Month, AppId)>,
-    /// Shares of months already billed, to refuse.
-    late: BTreeMap<(Month, AppId, u32), Share>,
+    /// Shares of months already billed or before the start, to refuse.
+    refused: BTreeMap<(Month, AppId, u32), Share>,
     /// Per billed month, how far the subscriptions had been read when it was billed.
     subscriptions_read: BilledPositions,
 }
@@ -149,6 +155,18 @@ impl BillingBook {
     /// An empty book.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty book that bills no month before `start` (`billing.start_month`): usage of
+    /// earlier months is refused as `before_start`, as a billed month's is as `late`.
+    pub fn starting(start: Option<Month>) -> Self {
+        BillingBook { start, ..Self::default() }
+    }
+
+    /// The last month no usage may be billed for any more: the last billed, or the one
+    /// before the start.
+    fn closed_to_billing(&self) -> Option<Month> {
+        self.billed_through.max(self.start.map(Month::prev))
     }
 
     /// Absorbs one record of the billing changelog (`value: None` deletes the key). Keys
@@ -164,7 +182,7 @@ impl BillingBook {
                 if let Some(shares) = self.usage.get_mut(&(month, app_id)) {
                     shares.remove(&source);
                 }
-                self.late.remove(&(month, app_id, source));
+                self.refused.remove(&(month, app_id, source));
             }
             (ChangelogKey::ClosedThrough { source }, Some(bytes)) => {
                 self.close_through(source, ClosedMark::decode(bytes).map_err(unreadable("closed mark"))?);
@@ -205,10 +223,10 @@ impl BillingBook {
     }
 
     /// Adds source partition `source`'s share of an app-month. A share of a month already
-    /// billed is kept apart, to be refused ([`BillingBook::late_shares`]).
+    /// billed, or before the start, is kept apart, to be refused ([`BillingBook::refused_shares`]).
     pub fn add_share(&mut self, month: Month, app_id: AppId, source: u32, share: Share) {
-        if self.billed_through.is_some_and(|b| month <= b) {
-            self.late.insert((month, app_id, source), share);
+        if self.closed_to_billing().is_some_and(|b| month <= b) {
+            self.refused.insert((month, app_id, source), share);
         } else {
             self.usage.entry((month, app_id)).or_default().insert(source, share);
         }
@@ -225,11 +243,15 @@ impl BillingBook {
     }
 
     /// The month to bill next, closed everywhere or not: the one after the last billed,
-    /// or, before the first bill, the first month any source applied an event for.
+    /// or, before the first bill, the first month any source applied an event for (never
+    /// before the start).
     pub fn next_to_bill(&self) -> Option<Month> {
         match self.billed_through {
             Some(billed) => Some(billed.next()),
-            None => self.closed.values().filter_map(|m| m.first_active).min(),
+            None => {
+                let first = self.closed.values().filter_map(|m| m.first_active).min()?;
+                Some(self.start.map_or(first, |start| first.max(start)))
+            }
         }
     }
 
@@ -322,16 +344,17 @@ impl BillingBook {
 
     /// Ends a restore from the billing changelog: shares still held for months already
     /// billed were written after the bill's snapshot was taken (the bill deleted only the
-    /// shares it had) — they are late, as they would have been had they been read live.
+    /// shares it had) — they are late, as they would have been had they been read live;
+    /// shares before the start are refused as they would have been.
     pub fn finish_restore(&mut self) {
-        let Some(billed) = self.billed_through else { return };
-        let keep = self.usage.split_off(&(billed.next(), 0));
+        let Some(closed) = self.closed_to_billing() else { return };
+        let keep = self.usage.split_off(&(closed.next(), 0));
         for ((month, app_id), shares) in std::mem::replace(&mut self.usage, keep) {
             for (source, share) in shares {
-                self.late.insert((month, app_id, source), share);
+                self.refused.insert((month, app_id, source), share);
             }
         }
-        self.forget_through(billed);
+        self.forget_through(closed);
     }
 
     fn forget_through(&mut self, month: Month) {
@@ -348,7 +371,7 @@ impl BillingBook {
         self.crossed.keys().any(|k| {
             !self.alerted.contains(k)
                 && !self.declined.contains(k)
-                && self.billed_through.is_none_or(|b| k.0 > b)
+                && self.closed_to_billing().is_none_or(|b| k.0 > b)
         })
     }
 
@@ -361,7 +384,7 @@ impl BillingBook {
             .crossed
             .keys()
             .filter(|k| !self.alerted.contains(k) && !self.declined.contains(k))
-            .filter(|(m, _)| self.billed_through.is_none_or(|b| *m > b))
+            .filter(|(m, _)| self.closed_to_billing().is_none_or(|b| *m > b))
             .copied()
             .collect();
         let mut alerts = Vec::new();
@@ -383,17 +406,23 @@ impl BillingBook {
         self.alerted.extend(alerts.iter().map(|a| (a.month, a.app_id)));
     }
 
-    /// Whether shares of billed months wait to be refused.
-    pub fn has_late_shares(&self) -> bool {
-        !self.late.is_empty()
+    /// Whether shares of billed months, or of months before the start, wait to be refused.
+    pub fn has_refused_shares(&self) -> bool {
+        !self.refused.is_empty()
     }
 
-    /// The shares of months already billed, with their figures: refuse them (dead letter
-    /// `late`, and delete their records), then call [`BillingBook::refused_late`].
-    pub fn late_shares(&self, grid: SampleGrid) -> Vec<LateShare> {
-        self.late
+    /// The shares of months already billed or before the start, with their figures: refuse
+    /// them (dead letter with their reason, and delete their records), then call
+    /// [`BillingBook::refused`].
+    pub fn refused_shares(&self, grid: SampleGrid) -> Vec<RefusedShare> {
+        self.refused
             .iter()
-            .map(|(&(month, app_id, source), share)| LateShare {
+            .map(|(&(month, app_id, source), share)| RefusedShare {
+                reason: if self.start.is_some_and(|s| month < s) {
+                    RejectReason::BeforeStart
+                } else {
+                    RejectReason::Late
+                },
                 key: ChangelogKey::Usage { app_id, month, source },
                 parts: share.parts,
                 usage: share.aggregate.clone().usage(app_id, month, grid),
@@ -401,9 +430,9 @@ impl BillingBook {
             .collect()
     }
 
-    /// Notes the late shares refused.
-    pub fn refused_late(&mut self) {
-        self.late.clear();
+    /// Notes the refused shares dead-lettered and deleted.
+    pub fn refused(&mut self) {
+        self.refused.clear();
     }
 }
 
@@ -544,15 +573,61 @@ mod tests {
         book.add_share(oct, STANDARD, 0, share(oct, 0..5));
         bill(&book, "2026-10", &subs);
         book.billed(oct);
-        assert!(!book.has_late_shares());
+        assert!(!book.has_refused_shares());
         book.add_share(oct, STANDARD, 3, share(oct, 0..7));
-        let late = book.late_shares(grid());
+        let late = book.refused_shares(grid());
         assert_eq!(late.len(), 1);
         assert_eq!((late[0].key.to_bytes(), late[0].usage.mau), (b"u/1/2026-10/3".to_vec(), 7));
         let november = bill(&book, "2026-11", &subs);
         assert!(november.usage.iter().all(|u| u.month == nov && u.mau == 0));
-        book.refused_late();
-        assert!(!book.has_late_shares());
+        book.refused();
+        assert!(!book.has_refused_shares());
+    }
+
+    /// Usage before `billing.start_month` is refused as `before_start` (one stray event
+    /// dated 2000-01 must not bill 320 months), live and after a restore, and alerts nothing.
+    #[test]
+    fn months_before_the_start_are_refused_never_billed() {
+        let subs = plans();
+        let (old, oct) = (month("2000-01"), month("2026-10"));
+        let records = [
+            (
+                ChangelogKey::Usage { app_id: STANDARD, month: old, source: 0 },
+                Some(share(old, 0..3).aggregate.encode()),
+            ),
+            (ChangelogKey::QuotaCrossed { app_id: DEVELOPER, month: old, source: 0 }, Some(Vec::new())),
+            (
+                ChangelogKey::Usage { app_id: STANDARD, month: oct, source: 0 },
+                Some(share(oct, 0..5).aggregate.encode()),
+            ),
+            (
+                ChangelogKey::ClosedThrough { source: 0 },
+                Some(ClosedMark { through: oct, first_active: Some(old) }.encode()),
+            ),
+        ];
+        let mut unbounded = BillingBook::new();
+        let mut live = BillingBook::starting(Some(oct));
+        let mut restored = BillingBook::starting(Some(oct));
+        for (key, value) in &records {
+            unbounded.absorb(*key, value.as_deref(), 0).unwrap();
+            live.absorb(*key, value.as_deref(), 0).unwrap();
+            restored.absorb(*key, value.as_deref(), 0).unwrap();
+        }
+        restored.finish_restore();
+        assert_eq!(unbounded.next_billable(1), Some(old), "without a start, the first month metered");
+        for book in [&mut live, &mut restored] {
+            assert_eq!(book.next_billable(1), Some(oct));
+            assert!(!book.has_crossings_to_check());
+            assert!(book.alerts_due(&subs).is_empty());
+            let refused = book.refused_shares(grid());
+            assert_eq!(refused.len(), 1);
+            assert_eq!(
+                (refused[0].reason, refused[0].key.to_bytes()),
+                (RejectReason::BeforeStart, b"u/1/2000-01/0".to_vec())
+            );
+            let october = bill(book, "2026-10", &subs);
+            assert_eq!(october.usage.iter().map(|u| u.mau).sum::<u64>(), 5);
+        }
     }
 
     /// Restored from the changelog, the book is the one that wrote it: a share written
@@ -583,7 +658,7 @@ mod tests {
         }
         restored.finish_restore();
         assert_eq!(restored.billed_through(), Some(oct));
-        let late: Vec<Vec<u8>> = restored.late_shares(grid()).iter().map(|l| l.key.to_bytes()).collect();
+        let late: Vec<Vec<u8>> = restored.refused_shares(grid()).iter().map(|l| l.key.to_bytes()).collect();
         assert_eq!(late, [b"u/1/2026-10/1".to_vec()]);
         assert!(bill(&restored, "2026-11", &subs).usage.iter().all(|u| u.mau == 0));
         assert!(restored.alerts_due(&subs).is_empty(), "October's crossing is billed and gone");

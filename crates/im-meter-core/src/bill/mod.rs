@@ -38,7 +38,7 @@ pub mod projection;
 pub mod subscription;
 
 pub use alert::{quota_alert, QuotaAlert};
-pub use book::{BilledMonth, BilledPositions, BillingBook, BookError, LateShare, Pricing, Share};
+pub use book::{BilledMonth, BilledPositions, BillingBook, BookError, Pricing, RefusedShare, Share};
 pub use charge::{bill_month, Charge, ChargeItem};
 pub use pricing::{round_cents, PriceBook};
 pub use projection::project_month_end;

@@ -26,6 +26,9 @@ pub enum RejectReason {
     TimestampOutOfRange,
     /// The event's month was already closed when it arrived.
     Late,
+    /// The event's month lies before `billing.start_month`, the first month the deployment
+    /// bills: one stray old event must not bill every month since.
+    BeforeStart,
     /// `ts` lies further ahead of the receiving clock than the allowed clock skew: a
     /// device or server with a broken clock, which must not move event time.
     Future,
@@ -41,7 +44,7 @@ pub enum RejectReason {
 
 impl RejectReason {
     /// Every reason, for pre-registering metric series.
-    pub const ALL: [RejectReason; 13] = [
+    pub const ALL: [RejectReason; 14] = [
         RejectReason::NotUtf8,
         RejectReason::NotJson,
         RejectReason::NotObject,
@@ -51,6 +54,7 @@ impl RejectReason {
         RejectReason::BadTimestamp,
         RejectReason::TimestampOutOfRange,
         RejectReason::Late,
+        RejectReason::BeforeStart,
         RejectReason::Future,
         RejectReason::InvalidChange,
         RejectReason::Implausible,
@@ -69,6 +73,7 @@ impl RejectReason {
             RejectReason::BadTimestamp => "bad_timestamp",
             RejectReason::TimestampOutOfRange => "timestamp_out_of_range",
             RejectReason::Late => "late",
+            RejectReason::BeforeStart => "before_start",
             RejectReason::Future => "future",
             RejectReason::InvalidChange => "invalid_change",
             RejectReason::Implausible => "implausible",
@@ -124,6 +129,23 @@ impl Rejection {
                 humanize_ms(skew_ms)
             ),
         ))
+    }
+
+    /// Refuses an event dated in `month` when billing starts later (`start`: the first month
+    /// billed; `None`: the first month any event is dated in), as [`RejectReason::BeforeStart`].
+    pub fn check_not_before_start(
+        month: crate::time::Month,
+        start: Option<crate::time::Month>,
+    ) -> Result<(), Rejection> {
+        match start {
+            Some(start) if month < start => Err(Rejection::new(
+                RejectReason::BeforeStart,
+                format!(
+                    "its month {month} is before {start}, the first month billed (`billing.start_month`)"
+                ),
+            )),
+            _ => Ok(()),
+        }
     }
 
     /// Refuses a usage event whose figure lies outside the plausible range, as
@@ -191,5 +213,19 @@ mod tests {
         assert_eq!(why.detail, "`ts` is 2h 5m 1s ahead of the receiving clock (at most 5m allowed)");
         let far = Rejection::check_not_future(at("2099-06-01T00:00:00Z"), now, skew).unwrap_err();
         assert!(far.detail.contains("d "), "{}", far.detail);
+    }
+
+    #[test]
+    fn only_months_before_the_start_are_refused() {
+        let month = |s: &str| s.parse::<crate::time::Month>().unwrap();
+        let start = Some(month("2026-10"));
+        assert!(Rejection::check_not_before_start(month("2026-10"), start).is_ok());
+        assert!(
+            Rejection::check_not_before_start(month("2000-01"), None).is_ok(),
+            "no start: nothing refused"
+        );
+        let why = Rejection::check_not_before_start(month("2000-01"), start).unwrap_err();
+        assert_eq!(why.reason.code(), "before_start");
+        assert!(why.detail.contains("billing.start_month"), "{}", why.detail);
     }
 }

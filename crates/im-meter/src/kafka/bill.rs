@@ -58,6 +58,11 @@ struct Absorbed {
 }
 
 impl Absorbed {
+    /// Nothing absorbed yet; the book bills no month before `start` (`billing.start_month`).
+    fn starting(start: Option<Month>) -> Self {
+        Absorbed { book: BillingBook::starting(start), ..Absorbed::default() }
+    }
+
     /// Absorbs one record of the partition, as read (a part is kept until its value is whole).
     fn record(&mut self, key: Option<&[u8]>, value: Option<&[u8]>) -> anyhow::Result<()> {
         let mut assembler = std::mem::take(&mut self.assembler);
@@ -112,9 +117,9 @@ struct Restoring {
 }
 
 impl Restoring {
-    fn new(after_unknown_outcome: bool) -> Self {
+    fn new(config: &Config, after_unknown_outcome: bool) -> Self {
         Restoring {
-            state: Absorbed::default(),
+            state: Absorbed::starting(config.billing.start_month),
             fenced: None,
             old_layout_read: false,
             after_unknown_outcome,
@@ -512,7 +517,7 @@ pub fn run(config: &Config, shutdown: &AtomicBool, board: &Board) -> anyhow::Res
             }
             for p in added {
                 status.state().partitions.entry(p).or_default().restored = false;
-                restoring.insert(p, Restoring::new(false));
+                restoring.insert(p, Restoring::new(config, false));
                 to_fence.push_back(p);
             }
         }
@@ -551,7 +556,7 @@ pub fn run(config: &Config, shutdown: &AtomicBool, board: &Board) -> anyhow::Res
                     // The read failed halfway: the partition is read back again, fenced again.
                     None => {
                         read_again_from_the_beginning(&consumer, &topics.billing_changelog, p)?;
-                        restoring.insert(p, Restoring::new(false));
+                        restoring.insert(p, Restoring::new(config, false));
                         to_fence.push_back(p);
                     }
                     Some(Restored::Ready(task)) => {
@@ -599,7 +604,7 @@ pub fn run(config: &Config, shutdown: &AtomicBool, board: &Board) -> anyhow::Res
             // the partition, read to its high watermark, says what was published.
             tasks.remove(&p);
             read_again_from_the_beginning(&consumer, &topics.billing_changelog, p)?;
-            restoring.insert(p, Restoring::new(true));
+            restoring.insert(p, Restoring::new(config, true));
             to_fence.push_front(p);
             status.state().partitions.entry(p).or_default().restored = false;
             info!(partition = p, "billing: reading the partition back after an unknown outcome");
@@ -638,7 +643,7 @@ fn serve_tasks(
             alert_as_it_happens(config, p, task, subscriptions)?;
         }
         if !task.reload {
-            refuse_late_usage(config, p, task)?;
+            refuse_shares(config, p, task)?;
         }
         while let Some(month) = task.state.book.next_billable(*sources).filter(|_| !task.reload) {
             if Failpoint::HoldBills.active() {
@@ -779,7 +784,7 @@ fn finish_restore(
         && (partition as u32) < changelog::partition_count(client, &topics.changelog)?
     {
         r.old_layout_read = true;
-        let mut old = Absorbed::default();
+        let mut old = Absorbed::starting(config.billing.start_month);
         let mut billing_records = 0;
         let mut assembler = Assembler::default();
         changelog::read_partition(
@@ -966,25 +971,35 @@ fn bill(
     }
 }
 
-/// Sends the usage shares of months already billed to the dead letters (reason `late`,
-/// the share's figures as JSON) and deletes them, in one transaction. A billed month's
-/// charges never change.
-fn refuse_late_usage(config: &Config, partition: i32, task: &mut Task) -> anyhow::Result<()> {
-    if !task.state.book.has_late_shares() {
+/// Sends the usage shares of months already billed (reason `late`) or before the first
+/// month billed (`before_start`) to the dead letters, the share's figures as JSON, and
+/// deletes them, in one transaction. A billed month's charges never change.
+fn refuse_shares(config: &Config, partition: i32, task: &mut Task) -> anyhow::Result<()> {
+    if !task.state.book.has_refused_shares() {
         return Ok(());
     }
     let topics = &config.file.topics;
     let mut letters = Vec::new();
     let mut deletions = Vec::new();
-    for late in task.state.book.late_shares(config.meter.grid) {
-        let (app_id, month) = (late.usage.app_id, late.usage.month);
-        warn!(partition, app_id, %month, key = ?late.key, "billing: usage of a month already billed; refused as late");
-        let why =
-            Rejection::new(RejectReason::Late, format!("usage share of {month}, which was already billed"));
-        let raw = serde_json::to_vec(&UsageItem::new(&late.usage, &config.meter.tz))?;
-        let key = late.key.to_bytes();
-        deletions.extend(share_keys(&key, late.parts));
-        letters.push(DeadLetter::written(&key, &raw, why, &topics.billing_changelog, partition));
+    for refused in task.state.book.refused_shares(config.meter.grid) {
+        let (app_id, month, reason) = (refused.usage.app_id, refused.usage.month, refused.reason);
+        warn!(partition, app_id, %month, key = ?refused.key, %reason, "billing: usage share refused");
+        let detail = match reason {
+            RejectReason::BeforeStart => {
+                format!("usage share of {month}, before the first month billed (`billing.start_month`)")
+            }
+            _ => format!("usage share of {month}, which was already billed"),
+        };
+        let raw = serde_json::to_vec(&UsageItem::new(&refused.usage, &config.meter.tz))?;
+        let key = refused.key.to_bytes();
+        deletions.extend(share_keys(&key, refused.parts));
+        letters.push(DeadLetter::written(
+            &key,
+            &raw,
+            Rejection::new(reason, detail),
+            &topics.billing_changelog,
+            partition,
+        ));
     }
     let result = task.outbox.transaction(|tx| {
         for letter in &letters {
@@ -998,10 +1013,10 @@ fn refuse_late_usage(config: &Config, partition: i32, task: &mut Task) -> anyhow
     match result {
         Ok(()) => {
             metrics().dead_letters.with_label_values(&["usage"]).inc_by(letters.len() as u64);
-            task.state.book.refused_late();
+            task.state.book.refused();
             Ok(())
         }
-        Err(failure) => failed(task, "late usage", failure),
+        Err(failure) => failed(task, "refused usage", failure),
     }
 }
 

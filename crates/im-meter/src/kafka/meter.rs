@@ -746,13 +746,10 @@ impl Stage {
         if let Some(marker) = &self.poison_marker {
             self.holds_marker |= memchr::memmem::find(record.payload, marker).is_some();
         }
-        let decoded = decode_usage_event(record.payload).and_then(|event| {
-            // Never applied, so it never moves event time: one broken clock must not close
-            // months for everyone.
-            Rejection::check_not_future(event.ts, self.now, self.config.billing.max_clock_skew)
-                .and_then(|()| Rejection::check_plausible(&event, self.config.billing.max_group_count))
-                .map(|()| event)
-        });
+        // A refused event is never applied, so it never moves event time: one broken clock
+        // must not close months for everyone.
+        let decoded = decode_usage_event(record.payload)
+            .and_then(|event| self.config.admit(&event, self.now).map(|()| event));
         let rejection = match decoded {
             Ok(event) => {
                 let outcome = task.meter.apply(&event);

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use anyhow::Context;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use super::admin::{
     ensure_topics, grow_topic, topic_configs, value_limit, Keep, TopicSpec, PRODUCER_MAX_BYTES,
@@ -137,6 +137,9 @@ type Stage<'a> = Box<dyn FnOnce(&AtomicBool) -> anyhow::Result<()> + Send + 'a>;
 /// and one billing stage, all reporting to `board`.
 pub fn run(config: &Config, role: Role, shutdown: Arc<AtomicBool>, board: &Board) -> anyhow::Result<()> {
     let mut stages: Vec<(String, Stage<'_>)> = Vec::new();
+    if config.billing.start_month.is_none() {
+        warn!("billing.start_month is not set: billing starts at the first month any event is dated in, so one stray old event bills every month since (README, Decisions)");
+    }
     if matches!(role, Role::All | Role::Meter) {
         for member in 0..config.kafka.meter_threads {
             let stage: Stage<'_> = Box::new(move |stop| meter::run(config, member, stop, board));

@@ -110,13 +110,8 @@ fn meter_events(
     // Replay's own clock, read once: an event dated further ahead is refused as the worker
     // would refuse it, so one broken clock cannot create a month to bill.
     let now = Timestamp(crate::status::now_ms());
-    let decode = |bytes: &[u8]| {
-        decode_usage_event(bytes).and_then(|event| {
-            Rejection::check_not_future(event.ts, now, config.billing.max_clock_skew)
-                .and_then(|()| Rejection::check_plausible(&event, config.billing.max_group_count))
-                .map(|()| event)
-        })
-    };
+    let decode =
+        |bytes: &[u8]| decode_usage_event(bytes).and_then(|event| config.admit(&event, now).map(|()| event));
     thread::scope(|scope| {
         let decoders: Vec<_> = (0..threads)
             .map(|_| {
@@ -272,7 +267,7 @@ fn close_and_bill(
         meters.iter_mut().for_each(|m| m.advance_watermark(watermark));
     }
     let pricing = Pricing { subscriptions, prices: &config.billing.prices, grid };
-    let mut book = BillingBook::new();
+    let mut book = BillingBook::starting(config.billing.start_month);
     for month in billed_months {
         // Shards hold disjoint apps: each app-month has one share.
         let closed = meters.iter_mut().flat_map(|m| m.close_month(month));
