@@ -309,6 +309,36 @@ fn usage_before_the_start_month_bills_no_month_before_it() {
     assert_eq!(refused[0].value, stray.as_bytes());
 }
 
+/// A producer bug that puts user ids into `app_id` makes every id an app-month: past
+/// `metering.max_app_months` a partition refuses new ones as `too_many_apps` (dead letter,
+/// counted) instead of growing without bound, and bills what it accepted.
+#[test]
+fn app_months_beyond_the_bound_are_refused_and_the_rest_bills_right() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    // One partition: the order the flood arrives in decides which app-months fit.
+    let d = Deployment::with_partitions("apps", 1);
+    let at = format!("{}-05T10:00:00+08:00", input_month());
+    let login =
+        |app: u64, user: &str| format!(r#"{{"type":"login","app_id":{app},"user_id":"{user}","ts":"{at}"}}"#);
+    let mut accepted: Vec<String> = (1..=5).map(|u| login(1_400_000_001, &format!("u{u}"))).collect();
+    let flood: Vec<String> = (0..1_010).map(|i| login(7_000_000_000 + i, "someone")).collect();
+    // The app of the five logins holds one app-month: 999 of the flood's fit in 1000.
+    accepted.extend_from_slice(&flood[..999]);
+    let want = Expected::of(&d.file("accepted.ndjson", &accepted), &sample_subscriptions());
+    let mut lines = accepted.clone();
+    lines.extend_from_slice(&flood[999..]);
+    d.produce_files(&d.file("events.ndjson", &lines), &sample_subscriptions());
+    one_worker_bills_as(&want, &d, &[("IM_METER__METERING__MAX_APP_MONTHS", "1000")]);
+    let letters = read_all(&d.topic("dead_letters"));
+    let refused: Vec<&[u8]> = letters
+        .iter()
+        .filter(|r| r.headers["reason"] == "too_many_apps")
+        .map(|r| r.value.as_slice())
+        .collect();
+    let expected: Vec<&[u8]> = flood[999..].iter().map(|l| l.as_bytes()).collect();
+    assert_eq!(refused, expected, "the 11 beyond the bound, each once");
+}
+
 #[test]
 fn events_produced_in_transactions_close_their_month() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
@@ -625,6 +655,35 @@ fn a_bill_whose_commit_is_reported_failed_is_published_once() {
     // Each key once (by_key fails on a second), and the same as replay.
     assert_same_as_replay(&d, &mut workers);
     by_key(read_all(&d.topic("alerts")));
+    workers.pop().unwrap().stop();
+}
+
+/// A month's bill in several transactions (`billing.apps_per_transaction`), the worker
+/// killed between two of them: the restarted worker resumes after the apps already billed,
+/// and every line is published once, as replay bills it.
+#[test]
+fn a_bill_in_several_transactions_cut_between_two_is_resumed_not_repeated() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let d = Deployment::new("parts");
+    d.produce();
+    let failpoint = std::env::temp_dir().join(format!("{}.exit-after-part", d.prefix));
+    std::fs::write(&failpoint, b"").unwrap();
+    let one_app = ("IM_METER__BILLING__APPS_PER_TRANSACTION", "1");
+    let mut a = d.worker_with(
+        "a",
+        &[one_app, ("IM_METER_TEST_EXIT_AFTER_BILL_PART_FILE", failpoint.to_str().unwrap())],
+        &[],
+    );
+    eventually(Duration::from_secs(120), "worker a to abort after a part of a bill", || {
+        a.child.try_wait().ok().flatten().map(|_| ())
+    });
+    assert!(!failpoint.exists(), "the failpoint did not fire: {}", a.log_text());
+    assert!(a.log_text().contains("billing: part of the month billed"), "{}", a.log_text());
+    let mut workers = vec![d.worker_with("a", &[one_app], &[])];
+    assert_same_as_replay(&d, &mut workers);
+    by_key(read_all(&d.topic("alerts")));
+    let resumed = workers[0].log_text();
+    assert!(resumed.contains("billing: part of the month billed"), "{resumed}");
     workers.pop().unwrap().stop();
 }
 

@@ -78,12 +78,14 @@ impl Default for FileConfig {
                 av_call_price: String::new(),
                 max_group_count: 100_000_000,
                 start_month: String::new(),
+                apps_per_transaction: 10_000,
             },
             metering: MeteringSection {
                 hll_precision: i64::from(Precision::default().get()),
                 exact_limit: ExactLimit::DEFAULT.get() as i64,
                 sample_interval: "60s".into(),
                 connection_idle_timeout: "off".into(),
+                max_app_months: 200_000,
             },
             http: HttpSection {
                 listen: "127.0.0.1:9464".into(),
@@ -250,6 +252,8 @@ pub struct BillingSection {
     /// The first month billed (`YYYY-MM`); usage dated before it is dead-lettered as
     /// `before_start`. Empty: the first month any event is dated in.
     pub start_month: String,
+    /// The most apps one billing transaction bills: a month with more is billed in several.
+    pub apps_per_transaction: i64,
 }
 
 /// `[metering]`: how usage is measured.
@@ -264,6 +268,9 @@ pub struct MeteringSection {
     pub sample_interval: String,
     /// Close connections silent this long (`30m`), or `off`.
     pub connection_idle_timeout: String,
+    /// The most app-months one events partition holds open at once; an event beyond it is
+    /// dead-lettered as `too_many_apps`.
+    pub max_app_months: i64,
 }
 
 /// `[http]`: the operator endpoints.
@@ -318,6 +325,8 @@ pub struct BillingSettings {
     /// The first month billed (`None`: the first month any event is dated in); usage before
     /// it is refused as `before_start`.
     pub start_month: Option<Month>,
+    /// The most apps one billing transaction bills.
+    pub apps_per_transaction: usize,
 }
 
 /// The operator endpoints' settings, validated.
@@ -595,6 +604,10 @@ impl FileConfig {
         );
         let max_group_count = p
             .take("billing.max_group_count", within(b.max_group_count, |n: &u64| *n > 0, "must be positive"));
+        let apps_per_transaction = p.take(
+            "billing.apps_per_transaction",
+            within(b.apps_per_transaction, |n: &usize| *n >= 1, "must be at least 1"),
+        );
         let start_month = p.take(
             "billing.start_month",
             unless_off(&b.start_month, |t| {
@@ -609,6 +622,10 @@ impl FileConfig {
         let grid = p.take(
             "metering.sample_interval",
             duration(&m.sample_interval).and_then(|d| SampleGrid::new(d).map_err(|e| e.to_string())),
+        );
+        let max_app_months = p.take(
+            "metering.max_app_months",
+            within(m.max_app_months, |n: &usize| *n >= 1000, "must be at least 1000 app-months"),
         );
         let idle_timeout = p.take(
             "metering.connection_idle_timeout",
@@ -698,6 +715,7 @@ impl FileConfig {
                     idle_timeout: idle_timeout?,
                     exact: false,
                     allowed_lateness: Some(allowed_lateness?),
+                    max_app_months: Some(max_app_months?),
                 },
                 billing: BillingSettings {
                     prices: PriceBook {
@@ -708,6 +726,7 @@ impl FileConfig {
                     max_clock_skew: max_clock_skew?,
                     max_group_count: max_group_count?,
                     start_month: start_month?,
+                    apps_per_transaction: apps_per_transaction?,
                 },
                 kafka: KafkaSettings {
                     instance_id: match k.instance_id.trim() {

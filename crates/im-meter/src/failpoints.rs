@@ -34,6 +34,10 @@ pub enum Failpoint {
     FailAfterBill,
     /// While the file exists, billing bills no month (it reads, alerts and copies as usual).
     HoldBills,
+    /// When the file exists, the worker aborts (as kill -9 would) right after a part of a
+    /// month's bill that is not its last commits (the file is removed): a bill in several
+    /// transactions cut between two.
+    ExitAfterBillPart,
     /// While the file exists, every metadata request for a topic's partition count fails as
     /// one that timed out would: a broker that is slow or restarting.
     MetadataFails,
@@ -54,6 +58,7 @@ impl Failpoint {
             Failpoint::SlowRestoreMs => "IM_METER_TEST_SLOW_RESTORE_MS",
             Failpoint::FailAfterBill => "IM_METER_TEST_FAIL_AFTER_BILL_FILE",
             Failpoint::HoldBills => "IM_METER_TEST_HOLD_BILLS_FILE",
+            Failpoint::ExitAfterBillPart => "IM_METER_TEST_EXIT_AFTER_BILL_PART_FILE",
             Failpoint::MetadataFails => "IM_METER_TEST_METADATA_FAILS_FILE",
             Failpoint::ClockOffsetMs => "IM_METER_TEST_CLOCK_OFFSET_MS",
         }

@@ -55,6 +55,10 @@ pub struct Metrics {
     pub restore_duration: HistogramVec,
     /// The event time each metering partition has reached.
     pub event_watermark: GaugeVec,
+    /// App-months a metering partition holds open, by partition.
+    pub partition_app_months: IntGaugeVec,
+    /// `metering.max_app_months`: the most a partition holds open.
+    pub partition_app_months_limit: IntGauge,
     /// End of the oldest month not closed (meter) or not billed (bill).
     pub oldest_open_month_end: GaugeVec,
     /// App-months held in metering state.
@@ -180,6 +184,17 @@ impl Metrics {
                 "im_meter_event_watermark_timestamp_seconds",
                 "Event time a metering partition has reached (Unix seconds).",
                 &["partition"],
+            )?,
+            partition_app_months: gauge_vec(
+                r,
+                "im_meter_partition_app_months",
+                "App-months a metering partition holds open (events beyond metering.max_app_months are refused).",
+                &["partition"],
+            )?,
+            partition_app_months_limit: gauge(
+                r,
+                "im_meter_partition_app_months_limit",
+                "metering.max_app_months: the most app-months one metering partition holds open.",
             )?,
             oldest_open_month_end: float_gauge_vec(
                 r,
@@ -338,10 +353,13 @@ impl EventTally {
             Outcome::Accepted => 0,
             Outcome::Duplicate => 1,
             Outcome::Late => 2,
+            Outcome::TooManyApps => 3,
         };
         self.events[t][o] += 1;
-        if outcome == Outcome::Late {
-            self.refused(RejectReason::Late);
+        match outcome {
+            Outcome::Late => self.refused(RejectReason::Late),
+            Outcome::TooManyApps => self.refused(RejectReason::TooManyApps),
+            Outcome::Accepted | Outcome::Duplicate => {}
         }
     }
 
@@ -406,6 +424,7 @@ mod tests {
         m.broker_errors.with_label_values(&["bill"]).inc();
         m.restore_duration.with_label_values(&["meter"]).observe(0.1);
         m.event_watermark.with_label_values(&["0"]).set(0.0);
+        m.partition_app_months.with_label_values(&["0"]).set(0);
         m.oldest_open_month_end.with_label_values(&["meter"]).set(0.0);
         m.last_poll.with_label_values(&["meter", "0"]).set(0.0);
         m.charges.with_label_values(&["pcc"]).inc();

@@ -48,6 +48,8 @@ pub struct PartitionState {
     pub end_offset: Option<i64>,
     /// The event time the partition has reached (metering only).
     pub watermark: Option<Timestamp>,
+    /// App-months it holds open (metering only).
+    pub app_months: u64,
 }
 
 impl PartitionState {

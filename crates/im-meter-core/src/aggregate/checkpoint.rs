@@ -172,6 +172,12 @@ pub enum ChangelogKey {
         /// The subscriptions partition.
         partition: u32,
     },
+    /// `h/{YYYY-MM}`: the month's bill is made in several transactions, and the apps up to
+    /// the value (an app id) are billed; gone with the month's last transaction.
+    BilledApps {
+        /// The month being billed.
+        month: Month,
+    },
     /// `s/{YYYY-MM}`: how far each subscriptions partition had been read when the month was
     /// billed in the partition the record sits in (a [`SubscriptionsRead`]).
     SubscriptionsRead {
@@ -191,6 +197,22 @@ pub enum ChangelogKey {
 }
 
 impl ChangelogKey {
+    /// The app the record is about, if it is about one app.
+    pub fn app_id(&self) -> Option<AppId> {
+        match self {
+            ChangelogKey::Usage { app_id, .. }
+            | ChangelogKey::QuotaCrossed { app_id, .. }
+            | ChangelogKey::Alerted { app_id, .. } => Some(*app_id),
+            ChangelogKey::State(_)
+            | ChangelogKey::ClosedThrough { .. }
+            | ChangelogKey::Billed
+            | ChangelogKey::PlanCopied { .. }
+            | ChangelogKey::SubscriptionsRead { .. }
+            | ChangelogKey::BilledApps { .. }
+            | ChangelogKey::Owner => None,
+        }
+    }
+
     /// The key's bytes.
     pub fn to_bytes(&self) -> Vec<u8> {
         match self {
@@ -207,6 +229,7 @@ impl ChangelogKey {
             ChangelogKey::Alerted { app_id, month } => format!("a/{app_id}/{month}").into_bytes(),
             ChangelogKey::PlanCopied { partition } => format!("o/{partition}").into_bytes(),
             ChangelogKey::SubscriptionsRead { month } => format!("s/{month}").into_bytes(),
+            ChangelogKey::BilledApps { month } => format!("h/{month}").into_bytes(),
         }
     }
 
@@ -217,7 +240,7 @@ impl ChangelogKey {
         match bytes.first() {
             Some(b'b') if bytes.len() == 1 => Ok(ChangelogKey::Billed),
             Some(b'g') if bytes.len() == 1 => Ok(ChangelogKey::Owner),
-            Some(b'u' | b'w' | b'x' | b'a' | b'o' | b's') => {
+            Some(b'u' | b'w' | b'x' | b'a' | b'o' | b's' | b'h') => {
                 let text = std::str::from_utf8(bytes).map_err(|_| bad())?;
                 let parts: Vec<&str> = text.split('/').collect();
                 match parts.as_slice() {
@@ -240,6 +263,7 @@ impl ChangelogKey {
                     ["s", month] => {
                         Ok(ChangelogKey::SubscriptionsRead { month: month.parse().map_err(|_| bad())? })
                     }
+                    ["h", month] => Ok(ChangelogKey::BilledApps { month: month.parse().map_err(|_| bad())? }),
                     ["a", app, month] => Ok(ChangelogKey::Alerted {
                         app_id: app.parse().map_err(|_| bad())?,
                         month: month.parse().map_err(|_| bad())?,
@@ -460,12 +484,15 @@ mod tests {
             ChangelogKey::Alerted { app_id: 9, month },
             ChangelogKey::PlanCopied { partition: 4 },
             ChangelogKey::Owner,
+            ChangelogKey::SubscriptionsRead { month },
+            ChangelogKey::BilledApps { month },
         ];
         for key in keys {
             assert_eq!(ChangelogKey::from_bytes(&key.to_bytes()).unwrap(), key);
         }
         assert_eq!(keys[1].to_bytes(), b"u/9/2026-11/3");
         assert_eq!(keys[2].to_bytes(), b"w/0");
+        assert_eq!(keys[9].to_bytes(), b"h/2026-11");
         assert!(ChangelogKey::from_bytes(b"u/9/2026-11").is_err());
         assert!(ChangelogKey::from_bytes(b"w/2026-11/0").is_err());
         let spread: std::collections::BTreeSet<u32> = (1..100).map(|a| billing_partition(a, 6)).collect();

@@ -57,6 +57,11 @@ pub struct MeterSettings {
     /// Months close once the watermark passes their end plus this (`None`: only when
     /// asked, as in replay, whose input has no order).
     pub allowed_lateness: Option<Duration>,
+    /// The most app-months one meter holds open at once (`None`: unbounded, as in replay):
+    /// an event that would begin one more is refused ([`Outcome::TooManyApps`]), so that a
+    /// producer bug putting user ids into `app_id` cannot exhaust memory nor make one bill
+    /// too big.
+    pub max_app_months: Option<usize>,
 }
 
 impl MeterSettings {
@@ -76,6 +81,7 @@ impl Default for MeterSettings {
             idle_timeout: None,
             exact: false,
             allowed_lateness: None,
+            max_app_months: None,
         }
     }
 }
@@ -89,6 +95,9 @@ pub enum Outcome {
     Duplicate,
     /// The event's month is closed: it was not applied.
     Late,
+    /// The event would begin an app-month beyond [`MeterSettings::max_app_months`]: it was
+    /// not applied.
+    TooManyApps,
 }
 
 /// The closed aggregates of one month, by app.
@@ -246,6 +255,12 @@ impl Meter {
         let month = day.month();
         if self.is_closed(month) {
             return Outcome::Late;
+        }
+        if self.settings.max_app_months.is_some_and(|max| self.months.len() >= max)
+            && !self.months.contains_key(&(event.app_id, month))
+        {
+            // Refused before anything changes: it does not move event time either.
+            return Outcome::TooManyApps;
         }
         if self.watermark < Some(event.ts) {
             self.watermark = Some(event.ts);
@@ -828,5 +843,18 @@ mod tests {
         let mut restored = Meter::restore(MeterSettings::default(), state).expect("restores");
         restored.apply(&login(1, QUOTA_WATCH + 2));
         assert!(restored.take_quota_crossings().is_empty());
+    }
+
+    #[test]
+    fn an_app_month_beyond_the_bound_is_refused_and_changes_nothing() {
+        let mut meter = Meter::new(MeterSettings { max_app_months: Some(2), ..streaming() });
+        assert_eq!(meter.apply(&login_at(1, 1, "2026-10-01T00:00:00Z")), Outcome::Accepted);
+        assert_eq!(meter.apply(&login_at(2, 1, "2026-10-01T00:00:00Z")), Outcome::Accepted);
+        let watermark = meter.watermark();
+        assert_eq!(meter.apply(&login_at(3, 1, "2026-10-02T00:00:00Z")), Outcome::TooManyApps);
+        assert_eq!((meter.app_months(), meter.watermark()), (2, watermark), "nothing changed");
+        // The apps it holds go on counting.
+        assert_eq!(meter.apply(&login_at(2, 2, "2026-10-02T00:00:00Z")), Outcome::Accepted);
+        assert_eq!(meter.aggregate(2, month("2026-10")).and_then(|a| a.exact_mau()), Some(2));
     }
 }

@@ -59,6 +59,50 @@ pub struct BilledMonth {
     pub dropped: Vec<(ChangelogKey, usize)>,
 }
 
+impl BilledMonth {
+    /// The bill in parts of at most `max_apps` apps each (at least one part, in app order):
+    /// each part is published in a transaction of its own, which also says how far the
+    /// month's apps are billed ([`ChangelogKey::BilledApps`]), so that no transaction grows
+    /// with the number of apps. A part holds its apps' usage, charges, alerts and records
+    /// to drop.
+    pub fn into_parts(self, max_apps: usize) -> Vec<BilledMonth> {
+        let max_apps = max_apps.max(1);
+        // The last app of each part: every billed app has a usage line.
+        let bounds: Vec<AppId> =
+            self.usage.chunks(max_apps).filter_map(|c| c.last()).map(|u| u.app_id).collect();
+        let mut parts: Vec<BilledMonth> = (0..bounds.len().max(1))
+            .map(|_| BilledMonth {
+                month: self.month,
+                usage: Vec::new(),
+                charges: Vec::new(),
+                alerts: Vec::new(),
+                dropped: Vec::new(),
+            })
+            .collect();
+        let last = parts.len() - 1;
+        let part_of = |app: AppId| bounds.partition_point(|&b| b < app).min(last);
+        for usage in self.usage {
+            parts[part_of(usage.app_id)].usage.push(usage);
+        }
+        for charge in self.charges {
+            parts[part_of(charge.app_id)].charges.push(charge);
+        }
+        for alert in self.alerts {
+            parts[part_of(alert.app_id)].alerts.push(alert);
+        }
+        for (key, n) in self.dropped {
+            let part = key.app_id().map_or(last, part_of);
+            parts[part].dropped.push((key, n));
+        }
+        parts
+    }
+
+    /// The last app this bill (or part) bills.
+    pub fn last_app(&self) -> Option<AppId> {
+        self.usage.last().map(|u| u.app_id)
+    }
+}
+
 /// A share of a month already billed (`late`) or before the first month billed
 /// (`before_start`): it is refused, never billed.
 #[derive(Debug)]
@@ -137,6 +181,8 @@ pub struct BillingBook {
     /// Source partition → how far it has closed months.
     closed: BTreeMap<u32, ClosedMark>,
     billed_through: Option<Month>,
+    /// The month being billed in several transactions, and the last app already billed.
+    billed_apps: Option<(Month, AppId)>,
     /// The first month billed (`None`: the first month any source applied an event for).
     start: Option<Month>,
     /// App-months whose MAU passed the Developer cap in some source partition, and where.
@@ -169,6 +215,13 @@ impl BillingBook {
         self.billed_through.max(self.start.map(Month::prev))
     }
 
+    /// Whether usage of the app-month can no longer be billed: its month is closed to
+    /// billing, or a committed part of the month's bill billed the app.
+    fn is_billed(&self, month: Month, app_id: AppId) -> bool {
+        self.closed_to_billing().is_some_and(|b| month <= b)
+            || self.billed_apps_through(month).is_some_and(|through| app_id <= through)
+    }
+
     /// Absorbs one record of the billing changelog (`value: None` deletes the key). Keys
     /// that are not billing's (metering state, the plan book copy marks) are ignored.
     pub fn absorb(&mut self, key: ChangelogKey, value: Option<&[u8]>, parts: usize) -> Result<(), BookError> {
@@ -199,6 +252,16 @@ impl BillingBook {
                 // What the month held is deleted after the mark, in the same transaction.
                 self.billed_through = self.billed_through.max(Some(month));
             }
+            (ChangelogKey::BilledApps { month }, Some(bytes)) => {
+                let app = std::str::from_utf8(bytes).ok().and_then(|t| t.parse().ok());
+                let app: AppId = app.ok_or_else(|| {
+                    unreadable("billed-apps mark")(CodecError::Corrupt(format!("{bytes:?}")))
+                })?;
+                self.billed_apps = Some((month, app));
+            }
+            (ChangelogKey::BilledApps { month }, None) => {
+                self.billed_apps = self.billed_apps.filter(|(m, _)| *m != month);
+            }
             (ChangelogKey::SubscriptionsRead { month }, Some(bytes)) => {
                 let read = SubscriptionsRead::decode(bytes).map_err(unreadable("subscription positions"))?;
                 self.subscriptions_read.insert(month, read);
@@ -225,7 +288,7 @@ impl BillingBook {
     /// Adds source partition `source`'s share of an app-month. A share of a month already
     /// billed, or before the start, is kept apart, to be refused ([`BillingBook::refused_shares`]).
     pub fn add_share(&mut self, month: Month, app_id: AppId, source: u32, share: Share) {
-        if self.closed_to_billing().is_some_and(|b| month <= b) {
+        if self.is_billed(month, app_id) {
             self.refused.insert((month, app_id, source), share);
         } else {
             self.usage.entry((month, app_id)).or_default().insert(source, share);
@@ -282,6 +345,11 @@ impl BillingBook {
                 .into_iter()
                 .filter(|a| subscriptions.created_at(*a).is_none_or(|created| created < month_end)),
         );
+        // A bill made in parts resumes after the apps its committed parts billed (whose
+        // records those parts dropped).
+        let through = self.billed_apps_through(month);
+        let unbilled = |app: &AppId| through.is_none_or(|t| *app > t);
+        apps.retain(unbilled);
         let mut billed = BilledMonth {
             month,
             usage: Vec::new(),
@@ -308,17 +376,20 @@ impl BillingBook {
             }
             billed.usage.push(usage);
         }
-        for ((_, app_id), shares) in with_usage {
+        for ((_, app_id), shares) in with_usage.filter(|((_, app), _)| unbilled(app)) {
             for (&source, share) in shares {
                 billed.dropped.push((ChangelogKey::Usage { app_id: *app_id, month, source }, share.parts));
             }
         }
-        for (&(_, app_id), sources) in self.crossed.range((month, 0)..=(month, AppId::MAX)) {
+        for (&(_, app_id), sources) in
+            self.crossed.range((month, 0)..=(month, AppId::MAX)).filter(|((_, a), _)| unbilled(a))
+        {
             for &source in sources {
                 billed.dropped.push((ChangelogKey::QuotaCrossed { app_id, month, source }, 0));
             }
         }
-        for &(_, app_id) in self.alerted.range((month, 0)..=(month, AppId::MAX)) {
+        for &(_, app_id) in self.alerted.range((month, 0)..=(month, AppId::MAX)).filter(|(_, a)| unbilled(a))
+        {
             billed.dropped.push((ChangelogKey::Alerted { app_id, month }, 0));
         }
         Ok(billed)
@@ -328,7 +399,24 @@ impl BillingBook {
     /// dropped): what the book kept for it is forgotten.
     pub fn billed(&mut self, month: Month) {
         self.billed_through = self.billed_through.max(Some(month));
+        self.billed_apps = None;
         self.forget_through(month);
+    }
+
+    /// Notes a part of `month`'s bill published ([`BilledMonth::into_parts`]), its apps
+    /// billed through `app`: the book forgets what it kept for them, and a bill of the
+    /// month made now (live, or after a restore) resumes after them.
+    pub fn billed_part(&mut self, month: Month, app: AppId) {
+        self.billed_apps = Some((month, app));
+        let done = |&(m, a): &(Month, AppId)| m == month && a <= app;
+        self.usage.retain(|k, _| !done(k));
+        self.crossed.retain(|k, _| !done(k));
+        self.alerted.retain(|k| !done(k));
+    }
+
+    /// The last app of `month` a committed part of its bill billed, if it is billed in parts.
+    pub fn billed_apps_through(&self, month: Month) -> Option<AppId> {
+        self.billed_apps.filter(|(m, _)| *m == month).map(|(_, a)| a)
     }
 
     /// Notes how far the subscriptions had been read when `month` was billed (written with
@@ -347,14 +435,22 @@ impl BillingBook {
     /// shares it had) — they are late, as they would have been had they been read live;
     /// shares before the start are refused as they would have been.
     pub fn finish_restore(&mut self) {
-        let Some(closed) = self.closed_to_billing() else { return };
-        let keep = self.usage.split_off(&(closed.next(), 0));
-        for ((month, app_id), shares) in std::mem::replace(&mut self.usage, keep) {
-            for (source, share) in shares {
-                self.refused.insert((month, app_id, source), share);
+        let usage = std::mem::take(&mut self.usage);
+        for ((month, app_id), shares) in usage {
+            if self.is_billed(month, app_id) {
+                for (source, share) in shares {
+                    self.refused.insert((month, app_id, source), share);
+                }
+            } else {
+                self.usage.insert((month, app_id), shares);
             }
         }
-        self.forget_through(closed);
+        if let Some(closed) = self.closed_to_billing() {
+            self.forget_through(closed);
+        }
+        if let Some((month, app)) = self.billed_apps {
+            self.billed_part(month, app);
+        }
     }
 
     fn forget_through(&mut self, month: Month) {
@@ -711,5 +807,81 @@ mod tests {
         // Partition 1 is not named in October's positions: nothing new of it was read then.
         assert_eq!(positions.first_open_when_read(1, 1), None);
         assert_eq!(positions.first_open_when_read(1, 2), Some(month("2026-11")));
+    }
+
+    /// A month billed in parts of any size, with a restore from the changelog after any
+    /// committed part, publishes exactly what one transaction would: every app once, every
+    /// record dropped once.
+    #[test]
+    fn a_bill_in_parts_resumed_after_any_part_equals_the_bill_in_one() {
+        let subs = plans();
+        let nov = month("2026-11");
+        let mut records: Vec<(ChangelogKey, Option<Vec<u8>>)> = Vec::new();
+        for app in [STANDARD, DEVELOPER, 5, 6, 7, 8, 9] {
+            records.push((
+                ChangelogKey::Usage { app_id: app, month: nov, source: 0 },
+                Some(share(nov, 0..app as u32).aggregate.encode()),
+            ));
+        }
+        records.push((ChangelogKey::QuotaCrossed { app_id: 7, month: nov, source: 0 }, Some(Vec::new())));
+        records.push((
+            ChangelogKey::ClosedThrough { source: 0 },
+            Some(ClosedMark { through: nov, first_active: Some(nov) }.encode()),
+        ));
+        let book_of = |records: &[(ChangelogKey, Option<Vec<u8>>)]| {
+            let mut book = BillingBook::new();
+            for (key, value) in records {
+                book.absorb(*key, value.as_deref(), 0).unwrap();
+            }
+            book.finish_restore();
+            book
+        };
+        let summary = |b: &BilledMonth| {
+            let usage: Vec<(AppId, u64)> = b.usage.iter().map(|u| (u.app_id, u.mau)).collect();
+            let charges: Vec<String> =
+                b.charges.iter().map(|c| format!("{} {}", c.charge_id, c.amount)).collect();
+            let dropped: Vec<Vec<u8>> = b.dropped.iter().map(|(k, _)| k.to_bytes()).collect();
+            (usage, charges, dropped)
+        };
+        let whole = summary(&bill(&book_of(&records), "2026-11", &subs));
+        assert_eq!(whole.0.len(), 7);
+        for max_apps in 1..=8 {
+            for crash_after in 0..7 {
+                let mut log = records.clone();
+                let mut book = book_of(&log);
+                let mut published = (Vec::new(), Vec::new(), Vec::new());
+                let mut committed = 0;
+                loop {
+                    let parts = bill(&book, "2026-11", &subs).into_parts(max_apps);
+                    let part = parts.into_iter().next().unwrap();
+                    let (usage, charges, dropped) = summary(&part);
+                    published.0.extend(usage);
+                    published.1.extend(charges);
+                    published.2.extend(dropped.clone());
+                    log.extend(dropped.into_iter().map(|k| (ChangelogKey::from_bytes(&k).unwrap(), None)));
+                    committed += 1;
+                    match part.last_app().filter(|_| published.0.len() < 7) {
+                        Some(through) => {
+                            let mark = (
+                                ChangelogKey::BilledApps { month: nov },
+                                Some(through.to_string().into_bytes()),
+                            );
+                            log.push(mark);
+                            // A crash after this part: the next owner restores from the log.
+                            book = if committed == crash_after { book_of(&log) } else { book };
+                            if committed != crash_after {
+                                book.billed_part(nov, through);
+                            }
+                        }
+                        None => break,
+                    }
+                }
+                // (The records dropped come by app, not by kind.)
+                published.2.sort();
+                let mut whole = whole.clone();
+                whole.2.sort();
+                assert_eq!(published, whole, "parts of {max_apps}, crash after part {crash_after}");
+            }
+        }
     }
 }

@@ -37,6 +37,9 @@ pub enum RejectReason {
     /// A figure outside the plausible range (e.g. a `group_count` of 2⁶⁴ − 1): never
     /// billed, since one broken sender could otherwise bill millions.
     Implausible,
+    /// A usage event that would begin an app-month beyond `metering.max_app_months` in its
+    /// partition: a producer putting user ids into `app_id` must not exhaust the worker.
+    TooManyApps,
     /// A record that made every transaction holding it fail, skipped so that its stage goes
     /// on (its dead letter carries its coordinates, length and SHA-256 only).
     Poison,
@@ -44,7 +47,7 @@ pub enum RejectReason {
 
 impl RejectReason {
     /// Every reason, for pre-registering metric series.
-    pub const ALL: [RejectReason; 14] = [
+    pub const ALL: [RejectReason; 15] = [
         RejectReason::NotUtf8,
         RejectReason::NotJson,
         RejectReason::NotObject,
@@ -58,6 +61,7 @@ impl RejectReason {
         RejectReason::Future,
         RejectReason::InvalidChange,
         RejectReason::Implausible,
+        RejectReason::TooManyApps,
         RejectReason::Poison,
     ];
 
@@ -77,6 +81,7 @@ impl RejectReason {
             RejectReason::Future => "future",
             RejectReason::InvalidChange => "invalid_change",
             RejectReason::Implausible => "implausible",
+            RejectReason::TooManyApps => "too_many_apps",
             RejectReason::Poison => "poison",
         }
     }

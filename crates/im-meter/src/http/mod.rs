@@ -230,6 +230,8 @@ fn refresh_gauges(api: &Api) {
     let consumers = api.board.consumers();
     m.ready.set(i64::from(api.board.not_ready(api.config.http.stall_timeout).is_empty()));
     m.event_watermark.reset();
+    m.partition_app_months.reset();
+    m.partition_app_months_limit.set(api.config.meter.max_app_months.map_or(0, |n| n as i64));
     let (mut app_months, mut connections, mut bytes) = (0, 0, 0);
     let mut oldest: BTreeMap<StageKind, f64> = BTreeMap::new();
     for c in &consumers {
@@ -241,6 +243,7 @@ fn refresh_gauges(api: &Api) {
                 if let Some(w) = s.watermark {
                     m.event_watermark.with_label_values(&[&p.to_string()]).set(w.millis() as f64 / 1000.0);
                 }
+                m.partition_app_months.with_label_values(&[&p.to_string()]).set(s.app_months as i64);
             }
             (app_months, connections, bytes) =
                 (app_months + state.app_months, connections + state.connections, bytes + state.state_bytes);

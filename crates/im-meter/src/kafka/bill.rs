@@ -885,8 +885,16 @@ struct Shape {
     partitions: u32,
 }
 
-/// Bills one month of one changelog partition in one transaction; `false` if the
-/// transaction was aborted (nothing published, state unchanged, to be retried).
+/// Bills one month of one changelog partition, in parts of at most
+/// `billing.apps_per_transaction` apps, each in a transaction of its own (one for most
+/// months); `false` if a transaction was aborted (what it held unpublished, state
+/// unchanged, to be retried: parts committed before it stay, and the month resumes after
+/// them).
+///
+/// The first part also writes how far the subscriptions had been read (so a plan change
+/// read later is late for this month, in every part, live or restored) and the refused
+/// subscription events; each part but the last writes how far the month's apps are billed
+/// (`h/{month}`); the last writes the `billed` mark and removes that.
 fn bill(
     config: &Config,
     shape: Shape,
@@ -898,77 +906,104 @@ fn bill(
     let Shape { partition, partitions } = shape;
     let pricing = Pricing { subscriptions, prices: &config.billing.prices, grid: config.meter.grid };
     let ours = subscriptions.apps().filter(|a| billing_partition(*a, partitions) as i32 == partition);
-    let billed = task.state.book.bill(month, pricing, ours)?;
+    let resumed = task.state.book.billed_apps_through(month).is_some();
+    let parts = task.state.book.bill(month, pricing, ours)?.into_parts(config.billing.apps_per_transaction);
     let topics = &config.file.topics;
-    let refused = feed.dead_letters(partition, month, task.state.book.billed_through());
+    // Only with the first part: a resumed bill published them already.
+    let refused = if resumed {
+        Vec::new()
+    } else {
+        feed.dead_letters(partition, month, task.state.book.billed_through())
+    };
     // Every subscription record below these positions was read before this bill; one at or
     // after them, dated in this month or before, is late (see `SubscriptionFeed`).
     let read = feed.read_positions();
-    // Each record the month no longer needs, and its parts if it was written in parts.
-    let deletions: Vec<Vec<u8>> =
-        billed.dropped.iter().flat_map(|(key, parts)| share_keys(&key.to_bytes(), *parts)).collect();
-    if let Some(file) = Failpoint::FailAfterBill.file().filter(|f| std::fs::remove_file(f).is_ok()) {
-        warn!(partition, %month, file = ?file, "failpoint: this bill's commit will be reported failed");
-        task.outbox.fail_next_commit();
-    }
-    // A crash anywhere before commit_transaction returns publishes nothing of this: the
-    // restarted (or new) owner fences this producer, restores the book from the changelog
-    // as it was, and bills the month again.
-    let result = task.outbox.transaction(|tx| {
-        for charge in &billed.charges {
-            tx.send_json(&topics.charges, &charge.charge_id, charge)?;
+    let last = parts.len() - 1;
+    let in_parts = last > 0 || resumed;
+    let parts_mark = ChangelogKey::BilledApps { month }.to_bytes();
+    for (i, part) in parts.into_iter().enumerate() {
+        let (first, is_last) = (i == 0 && !resumed, i == last);
+        let through = part.last_app();
+        // Each record the part no longer needs, and its parts if it was written in parts.
+        let deletions: Vec<Vec<u8>> =
+            part.dropped.iter().flat_map(|(key, parts)| share_keys(&key.to_bytes(), *parts)).collect();
+        if let Some(file) =
+            Failpoint::FailAfterBill.file().filter(|f| is_last && std::fs::remove_file(f).is_ok())
+        {
+            warn!(partition, %month, file = ?file, "failpoint: this bill's commit will be reported failed");
+            task.outbox.fail_next_commit();
         }
-        for usage in &billed.usage {
-            let key = format!("{}/{}", usage.app_id, usage.month);
-            tx.send_json(&topics.usage, &key, &UsageItem::new(usage, &config.meter.tz))?;
-        }
-        for letter in &refused {
-            tx.dead_letter(&topics.dead_letters, letter)?;
-        }
-        for alert in &billed.alerts {
-            tx.send_json(&topics.alerts, &alert.alert_id, alert)?;
-        }
-        let read_at = ChangelogKey::SubscriptionsRead { month };
-        tx.send(&topics.billing_changelog, Some(partition), &read_at.to_bytes(), Some(&read.encode()), None)?;
-        tx.send(
-            &topics.billing_changelog,
-            Some(partition),
-            &ChangelogKey::Billed.to_bytes(),
-            Some(month.to_string().as_bytes()),
-            None,
-        )?;
-        // After the mark: the month is done, its records can go (compaction removes them).
-        for key in &deletions {
-            tx.send(&topics.billing_changelog, Some(partition), key, None, None)?;
-        }
-        Ok(())
-    });
-    match result {
-        Ok(()) => {
-            let (charges, alerts) = (&billed.charges, &billed.alerts);
-            info!(partition, %month, apps = billed.usage.len(), charges = charges.len(), alerts = alerts.len(), "billing: month billed");
-            let m = metrics();
-            for charge in charges {
-                m.charges.with_label_values(&[charge.item.id()]).inc();
-                let usd = rust_decimal::prelude::ToPrimitive::to_f64(&charge.amount).unwrap_or(0.0);
-                m.billed_usd.with_label_values(&[charge.item.id()]).inc_by(usd);
+        // A crash anywhere before commit_transaction returns publishes nothing of this part:
+        // the restarted (or new) owner fences this producer, restores the book from the
+        // changelog as it was (with the parts committed before), and bills the rest again.
+        let result = task.outbox.transaction(|tx| {
+            for charge in &part.charges {
+                tx.send_json(&topics.charges, &charge.charge_id, charge)?;
             }
-            m.quota_alerts.inc_by(alerts.len() as u64);
+            for usage in &part.usage {
+                let key = format!("{}/{}", usage.app_id, usage.month);
+                tx.send_json(&topics.usage, &key, &UsageItem::new(usage, &config.meter.tz))?;
+            }
+            for alert in &part.alerts {
+                tx.send_json(&topics.alerts, &alert.alert_id, alert)?;
+            }
+            let to_billing = |key: &[u8], value: Option<&[u8]>| {
+                tx.send(&topics.billing_changelog, Some(partition), key, value, None)
+            };
+            if first {
+                for letter in &refused {
+                    tx.dead_letter(&topics.dead_letters, letter)?;
+                }
+                to_billing(&ChangelogKey::SubscriptionsRead { month }.to_bytes(), Some(&read.encode()))?;
+            }
+            if is_last {
+                to_billing(&ChangelogKey::Billed.to_bytes(), Some(month.to_string().as_bytes()))?;
+                if in_parts {
+                    to_billing(&parts_mark, None)?;
+                }
+            } else if let Some(app) = through {
+                to_billing(&parts_mark, Some(app.to_string().as_bytes()))?;
+            }
+            // After the marks: the apps are done, their records can go (compaction removes them).
+            for key in &deletions {
+                to_billing(key, None)?;
+            }
+            Ok(())
+        });
+        if let Err(failure) = result {
+            failed(task, "bill", failure)?;
+            return Ok(false);
+        }
+        let m = metrics();
+        for charge in &part.charges {
+            m.charges.with_label_values(&[charge.item.id()]).inc();
+            let usd = rust_decimal::prelude::ToPrimitive::to_f64(&charge.amount).unwrap_or(0.0);
+            m.billed_usd.with_label_values(&[charge.item.id()]).inc_by(usd);
+        }
+        m.quota_alerts.inc_by(part.alerts.len() as u64);
+        if first {
             m.dead_letters.with_label_values(&["subscriptions"]).inc_by(refused.len() as u64);
             for letter in &refused {
                 m.events_rejected.with_label_values(&[letter.reason()]).inc();
             }
+            task.state.book.subscriptions_read(month, read.clone());
+            feed.billed.entry(partition).or_default().insert(month, read.clone());
+        }
+        let (apps, charges, alerts) = (part.usage.len(), part.charges.len(), part.alerts.len());
+        if is_last {
+            info!(partition, %month, apps, charges, alerts, "billing: month billed");
             m.months_billed.inc();
             task.state.book.billed(month);
-            task.state.book.subscriptions_read(month, read.clone());
-            feed.billed.entry(partition).or_default().insert(month, read);
-            Ok(true)
-        }
-        Err(failure) => {
-            failed(task, "bill", failure)?;
-            Ok(false)
+        } else if let Some(app) = through {
+            info!(partition, %month, apps, charges, alerts, through_app = app, "billing: part of the month billed");
+            task.state.book.billed_part(month, app);
+            if Failpoint::ExitAfterBillPart.file().is_some_and(|f| std::fs::remove_file(f).is_ok()) {
+                warn!(partition, %month, "failpoint: exiting after a part of the month's bill");
+                std::process::abort();
+            }
         }
     }
+    Ok(true)
 }
 
 /// Sends the usage shares of months already billed (reason `late`) or before the first

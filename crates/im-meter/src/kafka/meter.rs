@@ -760,6 +760,15 @@ impl Stage {
                         RejectReason::Late,
                         format!("its month {} is already closed", task.meter.month_of(event.ts)),
                     )),
+                    Outcome::TooManyApps => Some(Rejection::new(
+                        RejectReason::TooManyApps,
+                        format!(
+                            "partition {p} holds {} app-months open, the most `metering.max_app_months` allows; app {} in {} would be one more",
+                            task.meter.app_months(),
+                            event.app_id,
+                            task.meter.month_of(event.ts)
+                        ),
+                    )),
                 }
             }
             Err(why) => {
@@ -845,6 +854,7 @@ impl Stage {
             entry.next_offset =
                 task.next_offset.max(changelog::position_of(&positions, &self.config.file.topics.events, *p));
             entry.watermark = task.meter.watermark();
+            entry.app_months = task.meter.app_months() as u64;
         }
         state.app_months = self.tasks.values().map(|t| t.meter.app_months() as u64).sum();
         state.connections = self.tasks.values().map(|t| t.meter.connections() as u64).sum();

@@ -211,9 +211,15 @@ fn apply(shards: &[Mutex<Meter>], by_shard: &mut [Vec<UsageEvent>]) {
     }
 }
 
-/// Replay's input has no order, so months close only at its end (no lateness).
+/// Replay's input has no order, so months close only at its end (no lateness); a run over
+/// a file holds what it reads, so app-months are not bounded (a worker's partition is).
 fn meter_settings(config: &Config, exact: bool) -> im_meter_core::aggregate::MeterSettings {
-    im_meter_core::aggregate::MeterSettings { exact, allowed_lateness: None, ..config.meter.clone() }
+    im_meter_core::aggregate::MeterSettings {
+        exact,
+        allowed_lateness: None,
+        max_app_months: None,
+        ..config.meter.clone()
+    }
 }
 
 /// Reads, sorts by time and applies the subscription events; refused ones go to `dead`.
