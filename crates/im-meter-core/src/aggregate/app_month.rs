@@ -16,10 +16,12 @@ use rustc_hash::FxHashSet;
 use serde::{Deserialize, Serialize};
 
 use super::checkpoint::{StateKey, StateRecord};
+use super::codec::CodecError;
 use super::pcc::PccTimeline;
 use super::segments::SegmentWrites;
 use super::unique::{Counted, Counting, MergeError, Precision, UniqueUsers, UniqueUsersV2};
 use super::usage::MonthlyUsage;
+use super::user_count::UserCount;
 use super::user_days::UserDays;
 use super::user_set::UserSet;
 use crate::ingest::UserKey;
@@ -231,15 +233,6 @@ struct Unsaved {
 struct ExactUsers {
     mau: FxHashSet<u64>,
     dau: BTreeMap<u8, FxHashSet<u64>>,
-}
-
-/// Which unique-user count of an app-month.
-#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum UserCount {
-    /// The month's (MAU).
-    Mau,
-    /// One day's (DAU), by day of the month.
-    Dau(u8),
 }
 
 /// Exactly counted unique users of an app-month, from an audit run.
@@ -796,20 +789,6 @@ const MAGIC: &[u8; 4] = b"IMAM";
 /// sorted list up to 512 users) and 1 (also without unpaired disconnects).
 const FORMAT_VERSION: u8 = 3;
 const HEADER_LEN: usize = 4 + 1 + 8;
-
-/// Why bytes could not be decoded into an aggregate.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum CodecError {
-    /// The bytes do not start like an encoded aggregate.
-    #[error("not an encoded app-month aggregate")]
-    NotAnAggregate,
-    /// Written by a newer (or unknown) format version.
-    #[error("unknown aggregate format version {0}")]
-    UnknownVersion(u8),
-    /// The payload is damaged.
-    #[error("corrupt aggregate: {0}")]
-    Corrupt(String),
-}
 
 #[cfg(test)]
 mod tests {

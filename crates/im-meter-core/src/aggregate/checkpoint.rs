@@ -19,8 +19,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::app_month::UserCount;
-use super::CodecError;
+use super::codec::CodecError;
+use super::user_count::UserCount;
 use crate::ingest::ConnKey;
 use crate::plan::AppId;
 use crate::time::Month;

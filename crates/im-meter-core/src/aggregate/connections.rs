@@ -37,6 +37,7 @@ use std::collections::BTreeMap;
 use rustc_hash::{FxHashMap, FxHashSet};
 use serde::{Deserialize, Serialize};
 
+use super::codec::CodecError;
 use super::segments::{SegmentWrites, Segments};
 use crate::ingest::ConnKey;
 use crate::plan::AppId;
@@ -100,8 +101,7 @@ impl ConnRecord {
     }
 
     /// Reads a record written by [`ConnRecord::encode`].
-    pub fn decode(bytes: &[u8]) -> Result<Self, super::CodecError> {
-        use super::CodecError;
+    pub fn decode(bytes: &[u8]) -> Result<Self, CodecError> {
         match bytes.split_first() {
             Some((&CONN_FORMAT_VERSION, payload)) => {
                 match postcard::from_bytes(payload).map_err(|e| CodecError::Corrupt(e.to_string()))? {
@@ -469,7 +469,7 @@ impl ConnectionTable {
     }
 
     /// Puts back a checkpointed segment of counted connections (restoring; not a change).
-    pub fn restore_segment(&mut self, segment: u64, bytes: &[u8]) -> Result<(), super::CodecError> {
+    pub fn restore_segment(&mut self, segment: u64, bytes: &[u8]) -> Result<(), CodecError> {
         match decode_segment(bytes)? {
             Segment::Month { month, keys } => {
                 let counted = self.counted.entry(month).or_default();
@@ -544,8 +544,7 @@ fn encode_segment(month: Month, keys: &[u64]) -> Vec<u8> {
 }
 
 /// Reads a segment written by [`encode_segment`] (or by version 1).
-fn decode_segment(bytes: &[u8]) -> Result<Segment, super::CodecError> {
-    use super::CodecError;
+fn decode_segment(bytes: &[u8]) -> Result<Segment, CodecError> {
     let corrupt = |why: &str| CodecError::Corrupt(format!("segment of {} bytes: {why}", bytes.len()));
     let word = |b: &[u8]| u64::from_le_bytes(b.try_into().unwrap_or_default());
     match bytes.split_first() {

@@ -27,12 +27,14 @@ use std::time::Duration;
 
 use rustc_hash::FxHashMap;
 
-use super::app_month::{AppMonthAggregate, CodecError, UserCount};
+use super::app_month::AppMonthAggregate;
 use super::checkpoint::{Progress, StateKey, StateRecord};
+use super::codec::CodecError;
 use super::connections::{ConnEffect, ConnRecord, ConnectionTable, Interval};
 use super::pcc::{MonthSamples, SampleGrid};
 use super::unique::{Counting, ExactLimit, Precision};
 use super::usage::MonthlyUsage;
+use super::user_count::UserCount;
 use crate::ingest::{Action, UsageEvent};
 use crate::plan::AppId;
 use crate::time::{BillingTz, DayCache, Month, Timestamp};

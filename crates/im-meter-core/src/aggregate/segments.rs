@@ -12,6 +12,8 @@
 //! about once per tier. The keys of the segments not full yet stay here (a merge needs them);
 //! the owner keeps the full ones' keys as it needs.
 
+use super::sorted::search;
+
 /// Segments in one size tier that are merged into one.
 pub const MERGE_FANOUT: usize = 4;
 
@@ -104,7 +106,7 @@ impl Segments {
 
     /// Whether a key is in a segment that is not full.
     pub fn runs_contain(&self, key: u64) -> bool {
-        self.runs.iter().any(|(_, keys)| super::user_set::search(keys, key).is_ok())
+        self.runs.iter().any(|(_, keys)| search(keys, key).is_ok())
     }
 
     /// The keys of the segments that are not full.

@@ -31,9 +31,10 @@ use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap};
 use std::hash::BuildHasherDefault;
 
-use super::app_month::UserCount;
+use super::pass_through::PassThroughHasher;
 use super::segments::{SegmentWrites, Segments};
-use super::unique::PassThroughHasher;
+use super::sorted::search;
+use super::user_count::UserCount;
 use super::user_set::{self, SetParts, UserSet, MIN_RECENT, SEGMENT_CAPACITY};
 
 /// Frozen segments a day may collect before its next change rewrites it whole.
@@ -125,7 +126,7 @@ impl UserDays {
     /// monthly user.
     #[inline]
     pub fn add_days(&mut self, key: u64, mask: u32) -> bool {
-        let (known, had) = match user_set::search(&self.keys, key) {
+        let (known, had) = match search(&self.keys, key) {
             Ok(i) => {
                 let had = self.days[i];
                 self.days[i] = had | mask;
