@@ -39,6 +39,7 @@ use serde::{Deserialize, Serialize};
 
 use super::codec::CodecError;
 use super::segments::{SegmentWrites, Segments};
+use super::totals::ConnectionTotals;
 use crate::ingest::ConnKey;
 use crate::plan::AppId;
 use crate::time::{BillingTz, DayCache, Month, Timestamp};
@@ -147,6 +148,9 @@ pub struct ConnChanges {
     pub records: Vec<((AppId, ConnKey), Option<ConnRecord>)>,
     /// New segments (encoded) and deleted ones, by sequence number.
     pub segments: SegmentWrites,
+    /// Each month's segments and connections in them, when any segment changed: to write
+    /// after the new segments and before the deletions ([`super::totals`]).
+    pub totals: Option<ConnectionTotals>,
 }
 
 /// The key a counted connection is remembered by: xxh3-64 of its app and connection key
@@ -459,7 +463,22 @@ impl ConnectionTable {
             counted.checkpoint(month, &mut self.next_segment, &mut changes.segments);
         }
         changes.segments.sort_unstable_by_key(|&(s, _)| s);
+        if !changes.segments.is_empty() {
+            changes.totals = Some(self.segment_totals());
+        }
         changes
+    }
+
+    /// Each month's segments of counted connections, and the connections they hold (the
+    /// months with any; version-1 segments, which hold several months, are not counted).
+    pub fn segment_totals(&self) -> ConnectionTotals {
+        ConnectionTotals(
+            self.counted
+                .iter()
+                .map(|(&month, counted)| (month, counted.segments.total()))
+                .filter(|(_, total)| total.segments > 0)
+                .collect(),
+        )
     }
 
     /// Puts back a checkpointed pending connection (restoring; not a change).

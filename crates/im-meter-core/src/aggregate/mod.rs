@@ -9,6 +9,7 @@
 //! - [`meter`]: applies events, closes months.
 //! - [`checkpoint`]: the meter's state as changelog records, and back.
 //! - [`segments`]: growing key sets checkpointed as size-tiered segments.
+//! - [`totals`]: how many segments each such set has, so that a restore can tell it read them all.
 //! - [`parts`]: values larger than one record, written as parts.
 //! - [`usage`]: the figures reported and priced.
 //!
@@ -26,6 +27,7 @@ mod pass_through;
 pub mod pcc;
 pub mod segments;
 mod sorted;
+pub mod totals;
 pub mod unique;
 mod usage;
 mod user_count;
@@ -35,7 +37,7 @@ pub mod user_set;
 pub use app_month::{merge_shares, AppMonthAggregate, ExactCounts, SegmentUsers, UserSegment};
 pub use checkpoint::{billing_partition, ChangelogKey, ClosedMark, StateKey, StateRecord, SubscriptionsRead};
 pub use codec::CodecError;
-pub use meter::{ClosedMonth, Meter, MeterSettings, MonthsClosed, Outcome};
+pub use meter::{ClosedMonth, Meter, MeterSettings, MonthsClosed, Outcome, RestoreError};
 pub use pcc::{SampleGrid, SampleIntervalError};
 pub use unique::{
     Counted, Counting, ExactLimit, ExactLimitError, MergeError, Precision, PrecisionError, UniqueUsers,

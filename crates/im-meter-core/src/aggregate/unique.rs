@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 
 use super::codec::CodecError;
 use super::pass_through::PassThrough;
-use super::segments::SegmentWrites;
+use super::segments::{SegmentTotal, SegmentWrites};
 use super::user_set::UserSet;
 use crate::ingest::UserKey;
 
@@ -300,6 +300,15 @@ impl UniqueUsers {
                 self.retired.extend(segments.into_iter().map(|(segment, _)| segment));
                 Ok(())
             }
+        }
+    }
+
+    /// The segments of its exact set and the users they hold (`None`: none, or a sketch,
+    /// which is whole in its record).
+    pub(crate) fn segment_total(&self) -> Option<SegmentTotal> {
+        match &self.users {
+            Users::Exact(users) => users.segment_total(),
+            Users::Sketch(_) => None,
         }
     }
 

@@ -9,3 +9,12 @@ pub enum UserCount {
     /// One day's (DAU), by day of the month.
     Dau(u8),
 }
+
+impl std::fmt::Display for UserCount {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            UserCount::Mau => write!(f, "MAU"),
+            UserCount::Dau(day) => write!(f, "DAU of day {day}"),
+        }
+    }
+}

@@ -32,7 +32,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::hash::BuildHasherDefault;
 
 use super::pass_through::PassThroughHasher;
-use super::segments::{SegmentWrites, Segments};
+use super::segments::{SegmentTotal, SegmentWrites, Segments};
 use super::sorted::search;
 use super::user_count::UserCount;
 use super::user_set::{self, SetParts, UserSet, MIN_RECENT, SEGMENT_CAPACITY};
@@ -379,10 +379,7 @@ impl UserDays {
                 && !by_count.contains_key(&number)
                 && !count.segments.runs.is_empty()
             {
-                count.frozen += count.segments.runs.len();
-                let runs = std::mem::take(&mut count.segments.runs);
-                count.segments.full.extend(runs.into_iter().map(|(segment, _)| segment));
-                count.segments.full.sort_unstable();
+                count.frozen += count.segments.freeze_runs();
             }
         }
         for (number, mut keys) in by_count {
@@ -411,6 +408,15 @@ impl UserDays {
     #[cfg(test)]
     pub fn segment_keys_held(&self) -> usize {
         self.log.iter().flat_map(|log| log.counts.values()).map(|c| c.segments.runs_len()).sum()
+    }
+
+    /// Each count's segments and the users they hold (the counts with any).
+    pub fn segment_totals(&self) -> impl Iterator<Item = (UserCount, SegmentTotal)> + '_ {
+        self.log
+            .iter()
+            .flat_map(|log| log.counts.iter())
+            .map(|(&number, count)| (count_of(number), count.segments.total()))
+            .filter(|(_, total)| total.segments > 0)
     }
 
     /// Each count's segment numbers (to delete them with the app-month).

@@ -31,7 +31,7 @@ use std::hash::BuildHasherDefault;
 
 use super::codec::CodecError;
 use super::pass_through::PassThroughHasher;
-use super::segments::{SegmentWrites, Segments};
+use super::segments::{SegmentTotal, SegmentWrites, Segments};
 use super::sorted::search;
 
 /// The recent users' hash set may grow to this size before it is merged, however small
@@ -214,6 +214,11 @@ impl UserSet {
         Ok(())
     }
 
+    /// Its segments and the users they hold (`None`: none).
+    pub(crate) fn segment_total(&self) -> Option<SegmentTotal> {
+        self.checkpointed.as_ref().map(|c| c.segments.total()).filter(|total| total.segments > 0)
+    }
+
     /// The numbers of its segments (to delete them when the set goes).
     pub fn segments(&self) -> Vec<u64> {
         self.checkpointed.as_ref().map(|c| c.segments.numbers().collect()).unwrap_or_default()
@@ -294,6 +299,17 @@ pub(crate) fn decode_segment(bytes: &[u8]) -> Result<Vec<u64>, CodecError> {
             (keys, used) if used == encoded.len() => Ok(keys),
             _ => Err(CodecError::Corrupt("user segment: trailing bytes".into())),
         },
+        Some((&version, _)) => Err(CodecError::UnknownVersion(version)),
+        None => Err(CodecError::Corrupt("empty user segment".into())),
+    }
+}
+
+/// How many users a segment written by [`encode_segment`] holds, read from its start.
+pub(crate) fn segment_len(bytes: &[u8]) -> Result<usize, CodecError> {
+    match bytes.split_first() {
+        Some((&SEGMENT_FORMAT_VERSION, encoded)) => get_varint(encoded)
+            .and_then(|(n, _)| usize::try_from(n).ok())
+            .ok_or_else(|| CodecError::Corrupt("user segment: no count".into())),
         Some((&version, _)) => Err(CodecError::UnknownVersion(version)),
         None => Err(CodecError::Corrupt("empty user segment".into())),
     }
