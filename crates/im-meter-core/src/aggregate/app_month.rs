@@ -16,10 +16,13 @@ use rustc_hash::FxHashSet;
 use serde::{Deserialize, Serialize};
 
 use super::checkpoint::{StateKey, StateRecord};
+use super::codec::CodecError;
 use super::pcc::PccTimeline;
 use super::segments::SegmentWrites;
+use super::totals::UserTotals;
 use super::unique::{Counted, Counting, MergeError, Precision, UniqueUsers, UniqueUsersV2};
 use super::usage::MonthlyUsage;
+use super::user_count::UserCount;
 use super::user_days::UserDays;
 use super::user_set::UserSet;
 use crate::ingest::UserKey;
@@ -231,15 +234,6 @@ struct Unsaved {
 struct ExactUsers {
     mau: FxHashSet<u64>,
     dau: BTreeMap<u8, FxHashSet<u64>>,
-}
-
-/// Which unique-user count of an app-month.
-#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum UserCount {
-    /// The month's (MAU).
-    Mau,
-    /// One day's (DAU), by day of the month.
-    Dau(u8),
 }
 
 /// Exactly counted unique users of an app-month, from an audit run.
@@ -484,6 +478,11 @@ impl AppMonthAggregate {
     /// the users that are new instead of every user. [`AppMonthAggregate::from_parts`]
     /// reads them back.
     ///
+    /// When any segment is written or deleted, the counts' segment totals are written too
+    /// (`e/…/totals`, [`UserTotals`]), after the segments written and before the deletions
+    /// of those merged away, so that a restore can tell whether it read every segment, and
+    /// one stopping inside the commit finds more than the totals it saw say, never fewer.
+    ///
     /// [`UserSet::checkpoint`]: super::user_set::UserSet::checkpoint
     pub fn checkpoint(&mut self, app_id: AppId, month: Month) -> Vec<StateRecord> {
         let days = self.take_unsaved_days();
@@ -554,19 +553,50 @@ impl AppMonthAggregate {
                 }
             }
         }
+        // Segments written, then the totals, then the deletions (see above).
+        let mut deletions = Vec::new();
         for (count, writes) in users {
-            records.extend(writes.into_iter().map(|(segment, value)| StateRecord {
-                key: StateKey::Users { app_id, month, count, segment },
-                value,
-            }));
+            for (segment, value) in writes {
+                let record = StateRecord { key: StateKey::Users { app_id, month, count, segment }, value };
+                match record.value {
+                    Some(_) => records.push(record),
+                    None => deletions.push(record),
+                }
+            }
         }
+        // A segment is never written and deleted in one checkpoint (new ones take new
+        // numbers), so the order changes no key's latest value.
+        debug_assert!(deletions.iter().all(|d| records.iter().all(|r| r.key != d.key)));
+        if !deletions.is_empty() || records.iter().any(|r| matches!(r.key, StateKey::Users { .. })) {
+            let totals = self.segment_totals();
+            let value = (!totals.0.is_empty()).then(|| totals.encode());
+            records.push(StateRecord { key: StateKey::UserTotals { app_id, month }, value });
+        }
+        records.append(&mut deletions);
         records
+    }
+
+    /// Each exact count's segments and the users they hold.
+    fn segment_totals(&self) -> UserTotals {
+        let totals = match &self.users {
+            // A sketch of the month has no segments.
+            Users::Table { users, .. } => users.segment_totals().collect(),
+            Users::Counts { mau, dau } => std::iter::once((UserCount::Mau, mau))
+                .chain(dau.iter().map(|(&day, count)| (UserCount::Dau(day), count)))
+                .filter_map(|(count, unique)| Some((count, unique.segment_total()?)))
+                .collect(),
+        };
+        UserTotals(totals)
     }
 
     /// The deletions of every record [`AppMonthAggregate::checkpoint`] wrote for it: what a
     /// checkpoint writes when the app-month leaves the state.
     pub fn deletions(&self, app_id: AppId, month: Month) -> Vec<StateRecord> {
-        let mut records = vec![StateRecord { key: StateKey::AppMonth { app_id, month }, value: None }];
+        // The totals first: a reader stopping inside the commit checks no segments gone.
+        let mut records = vec![
+            StateRecord { key: StateKey::UserTotals { app_id, month }, value: None },
+            StateRecord { key: StateKey::AppMonth { app_id, month }, value: None },
+        ];
         records.extend(
             self.days()
                 .into_iter()
@@ -796,20 +826,6 @@ const MAGIC: &[u8; 4] = b"IMAM";
 /// sorted list up to 512 users) and 1 (also without unpaired disconnects).
 const FORMAT_VERSION: u8 = 3;
 const HEADER_LEN: usize = 4 + 1 + 8;
-
-/// Why bytes could not be decoded into an aggregate.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum CodecError {
-    /// The bytes do not start like an encoded aggregate.
-    #[error("not an encoded app-month aggregate")]
-    NotAnAggregate,
-    /// Written by a newer (or unknown) format version.
-    #[error("unknown aggregate format version {0}")]
-    UnknownVersion(u8),
-    /// The payload is damaged.
-    #[error("corrupt aggregate: {0}")]
-    Corrupt(String),
-}
 
 #[cfg(test)]
 mod tests {

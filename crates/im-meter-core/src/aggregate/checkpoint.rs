@@ -9,18 +9,21 @@
 //! Keys are short text, readable with any Kafka tool: `p` (the partition's progress),
 //! `m/{app}/{YYYY-MM}` (an app-month aggregate without its DAU sketches),
 //! `d/{app}/{YYYY-MM}/{day}` (one day's DAU count of it), `e/{app}/{YYYY-MM}/{m or
-//! day}/{n}` (segment n of the exact users of its MAU or of a day's DAU), `c/{app}/{conn hash, 16 hex
-//! digits}` (a pending connection), `k/{n}` (segment n of counted connections: hashes of
-//! one month's, small segments merged as they accumulate). What
-//! metering hands to billing: `u/{app}/{YYYY-MM}/{source}` (a source's usage of a closed
-//! month), `w/{source}` (how far the source has closed months), `x/…` (quota crossings).
+//! day}/{n}` (segment n of the exact users of its MAU or of a day's DAU),
+//! `e/{app}/{YYYY-MM}/totals` (how many segments and users each of those counts has),
+//! `c/{app}/{conn hash, 16 hex digits}` (a pending connection), `k/{n}` (segment n of
+//! counted connections: hashes of one month's, small segments merged as they accumulate),
+//! `k/totals` (how many segments and connections each month's counted connections have; both
+//! totals: [`super::totals`]). What metering hands to billing: `u/{app}/{YYYY-MM}/{source}`
+//! (a source's usage of a closed month), `w/{source}` (how far the source has closed
+//! months), `x/…` (quota crossings).
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::app_month::UserCount;
-use super::CodecError;
+use super::codec::CodecError;
+use super::user_count::UserCount;
 use crate::ingest::ConnKey;
 use crate::plan::AppId;
 use crate::time::Month;
@@ -57,6 +60,14 @@ pub enum StateKey {
         /// The segment's number (within the count).
         segment: u64,
     },
+    /// How many user segments, and users in them, each exact count of an app-month has
+    /// ([`super::totals::UserTotals`]).
+    UserTotals {
+        /// The app.
+        app_id: AppId,
+        /// The month.
+        month: Month,
+    },
     /// One connection's state.
     Connection {
         /// The app.
@@ -69,6 +80,9 @@ pub enum StateKey {
         /// The segment's sequence number.
         segment: u64,
     },
+    /// How many segments of counted connections, and connections in them, each month has
+    /// ([`super::totals::ConnectionTotals`]).
+    ConnectionTotals,
 }
 
 impl StateKey {
@@ -85,8 +99,10 @@ impl StateKey {
                 };
                 format!("e/{app_id}/{month}/{count}/{segment}").into_bytes()
             }
+            StateKey::UserTotals { app_id, month } => format!("e/{app_id}/{month}/totals").into_bytes(),
             StateKey::Connection { app_id, conn } => format!("c/{app_id}/{:016x}", conn.0).into_bytes(),
             StateKey::CountedConnections { segment } => format!("k/{segment}").into_bytes(),
+            StateKey::ConnectionTotals => b"k/totals".to_vec(),
         }
     }
 
@@ -96,6 +112,9 @@ impl StateKey {
         let text = std::str::from_utf8(bytes).map_err(|_| bad())?;
         if text == "p" {
             return Ok(StateKey::Progress);
+        }
+        if text == "k/totals" {
+            return Ok(StateKey::ConnectionTotals);
         }
         if let Some(segment) = text.strip_prefix("k/") {
             return Ok(StateKey::CountedConnections { segment: segment.parse().map_err(|_| bad())? });
@@ -111,6 +130,10 @@ impl StateKey {
             "d" => {
                 let (month, d) = rest.split_once('/').ok_or_else(bad)?;
                 Ok(StateKey::AppMonthDay { app_id, month: month.parse().map_err(|_| bad())?, day: day(d)? })
+            }
+            "e" if rest.ends_with("/totals") => {
+                let month = rest.strip_suffix("/totals").unwrap_or(rest);
+                Ok(StateKey::UserTotals { app_id, month: month.parse().map_err(|_| bad())? })
             }
             "e" => {
                 let [month, count, segment] = rest.splitn(3, '/').collect::<Vec<_>>()[..] else {
@@ -429,6 +452,8 @@ mod tests {
                 count: UserCount::Dau(9),
                 segment: 0,
             },
+            StateKey::UserTotals { app_id: 7, month: "2026-11".parse().unwrap() },
+            StateKey::ConnectionTotals,
         ];
         for key in keys {
             assert_eq!(StateKey::from_bytes(&key.to_bytes()).unwrap(), key);
@@ -439,6 +464,8 @@ mod tests {
         assert_eq!(keys[4].to_bytes(), b"d/7/2026-11/30");
         assert_eq!(keys[5].to_bytes(), b"e/7/2026-11/m/3");
         assert_eq!(keys[6].to_bytes(), b"e/7/2026-11/9/0");
+        assert_eq!(keys[7].to_bytes(), b"e/7/2026-11/totals");
+        assert_eq!(keys[8].to_bytes(), b"k/totals");
         for bad in [
             &b"x/1/2"[..],
             b"m/x/2026-11",
@@ -451,6 +478,9 @@ mod tests {
             b"e/7/2026-11/0/1",
             b"e/7/2026-11/m",
             b"e/7/2026-11/m/x",
+            b"e/7/2026-11/m/totals",
+            b"e/7/x/totals",
+            b"k/total",
             b"\xff",
         ] {
             assert!(StateKey::from_bytes(bad).is_err());

@@ -37,7 +37,9 @@ use std::collections::BTreeMap;
 use rustc_hash::{FxHashMap, FxHashSet};
 use serde::{Deserialize, Serialize};
 
+use super::codec::CodecError;
 use super::segments::{SegmentWrites, Segments};
+use super::totals::ConnectionTotals;
 use crate::ingest::ConnKey;
 use crate::plan::AppId;
 use crate::time::{BillingTz, DayCache, Month, Timestamp};
@@ -100,8 +102,7 @@ impl ConnRecord {
     }
 
     /// Reads a record written by [`ConnRecord::encode`].
-    pub fn decode(bytes: &[u8]) -> Result<Self, super::CodecError> {
-        use super::CodecError;
+    pub fn decode(bytes: &[u8]) -> Result<Self, CodecError> {
         match bytes.split_first() {
             Some((&CONN_FORMAT_VERSION, payload)) => {
                 match postcard::from_bytes(payload).map_err(|e| CodecError::Corrupt(e.to_string()))? {
@@ -147,6 +148,9 @@ pub struct ConnChanges {
     pub records: Vec<((AppId, ConnKey), Option<ConnRecord>)>,
     /// New segments (encoded) and deleted ones, by sequence number.
     pub segments: SegmentWrites,
+    /// Each month's segments and connections in them, when any segment changed: to write
+    /// after the new segments and before the deletions ([`super::totals`]).
+    pub totals: Option<ConnectionTotals>,
 }
 
 /// The key a counted connection is remembered by: xxh3-64 of its app and connection key
@@ -459,7 +463,22 @@ impl ConnectionTable {
             counted.checkpoint(month, &mut self.next_segment, &mut changes.segments);
         }
         changes.segments.sort_unstable_by_key(|&(s, _)| s);
+        if !changes.segments.is_empty() {
+            changes.totals = Some(self.segment_totals());
+        }
         changes
+    }
+
+    /// Each month's segments of counted connections, and the connections they hold (the
+    /// months with any; version-1 segments, which hold several months, are not counted).
+    pub fn segment_totals(&self) -> ConnectionTotals {
+        ConnectionTotals(
+            self.counted
+                .iter()
+                .map(|(&month, counted)| (month, counted.segments.total()))
+                .filter(|(_, total)| total.segments > 0)
+                .collect(),
+        )
     }
 
     /// Puts back a checkpointed pending connection (restoring; not a change).
@@ -469,7 +488,7 @@ impl ConnectionTable {
     }
 
     /// Puts back a checkpointed segment of counted connections (restoring; not a change).
-    pub fn restore_segment(&mut self, segment: u64, bytes: &[u8]) -> Result<(), super::CodecError> {
+    pub fn restore_segment(&mut self, segment: u64, bytes: &[u8]) -> Result<(), CodecError> {
         match decode_segment(bytes)? {
             Segment::Month { month, keys } => {
                 let counted = self.counted.entry(month).or_default();
@@ -544,8 +563,7 @@ fn encode_segment(month: Month, keys: &[u64]) -> Vec<u8> {
 }
 
 /// Reads a segment written by [`encode_segment`] (or by version 1).
-fn decode_segment(bytes: &[u8]) -> Result<Segment, super::CodecError> {
-    use super::CodecError;
+fn decode_segment(bytes: &[u8]) -> Result<Segment, CodecError> {
     let corrupt = |why: &str| CodecError::Corrupt(format!("segment of {} bytes: {why}", bytes.len()));
     let word = |b: &[u8]| u64::from_le_bytes(b.try_into().unwrap_or_default());
     match bytes.split_first() {

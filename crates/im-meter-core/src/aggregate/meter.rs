@@ -27,12 +27,16 @@ use std::time::Duration;
 
 use rustc_hash::FxHashMap;
 
-use super::app_month::{AppMonthAggregate, CodecError, UserCount};
+use super::app_month::AppMonthAggregate;
 use super::checkpoint::{Progress, StateKey, StateRecord};
+use super::codec::CodecError;
 use super::connections::{ConnEffect, ConnRecord, ConnectionTable, Interval};
 use super::pcc::{MonthSamples, SampleGrid};
+use super::segments::SegmentTotal;
+use super::totals::{self, ConnectionTotals, UserTotals};
 use super::unique::{Counting, ExactLimit, Precision};
 use super::usage::MonthlyUsage;
+use super::user_count::UserCount;
 use crate::ingest::{Action, UsageEvent};
 use crate::plan::AppId;
 use crate::time::{BillingTz, DayCache, Month, Timestamp};
@@ -114,6 +118,51 @@ pub struct MonthsClosed {
     /// The aggregates of each month closed since, oldest first (months without data
     /// here are left out).
     pub months: Vec<(Month, ClosedMonth)>,
+}
+
+/// Why a meter could not be restored from the changelog's records: the partition's state
+/// cannot be trusted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RestoreError {
+    /// A record could not be read.
+    #[error(transparent)]
+    Codec(#[from] CodecError),
+    /// An exact count of an app-month has fewer user segments, or users in them, than its
+    /// last checkpoint wrote ([`super::totals`]).
+    #[error(
+        "app {app_id}, month {month}, {count}: its last checkpoint wrote {} user segments holding {} users, \
+         the changelog holds {} holding {}: segment records are missing (deleted, or expired by a topic \
+         that is not compacted-only), and restored, the month would count fewer users",
+        .written.segments, .written.keys, .found.segments, .found.keys
+    )]
+    MissingUserSegments {
+        /// The app.
+        app_id: AppId,
+        /// The month.
+        month: Month,
+        /// The count short of segments.
+        count: UserCount,
+        /// What its last checkpoint wrote.
+        written: SegmentTotal,
+        /// What the changelog holds.
+        found: SegmentTotal,
+    },
+    /// A month's counted connections have fewer segments, or connections in them, than the
+    /// last checkpoint wrote ([`super::totals`]).
+    #[error(
+        "month {month}, counted connections: the last checkpoint wrote {} segments holding {} connections, \
+         the changelog holds {} holding {}: segment records are missing (deleted, or expired by a topic \
+         that is not compacted-only), and restored, retried events of those connections would count again",
+        .written.segments, .written.keys, .found.segments, .found.keys
+    )]
+    MissingConnectionSegments {
+        /// The month.
+        month: Month,
+        /// What the last checkpoint wrote.
+        written: SegmentTotal,
+        /// What the changelog holds.
+        found: SegmentTotal,
+    },
 }
 
 /// Per app-month usage state of one slice of the input.
@@ -537,7 +586,17 @@ impl Meter {
             let value = record.map(|r| r.encode());
             records.push(StateRecord { key: StateKey::Connection { app_id, conn }, value });
         }
-        for (segment, value) in connections.segments {
+        // New segments, then the totals, then the deletions ([`super::totals`]).
+        let (written, deleted): (Vec<_>, Vec<_>) =
+            connections.segments.into_iter().partition(|(_, value)| value.is_some());
+        for (segment, value) in written {
+            records.push(StateRecord { key: StateKey::CountedConnections { segment }, value });
+        }
+        if let Some(totals) = connections.totals {
+            let value = (!totals.0.is_empty()).then(|| totals.encode());
+            records.push(StateRecord { key: StateKey::ConnectionTotals, value });
+        }
+        for (segment, value) in deleted {
             records.push(StateRecord { key: StateKey::CountedConnections { segment }, value });
         }
         // Any state written comes with the progress after it, as the mark of a whole commit.
@@ -555,14 +614,16 @@ impl Meter {
 
     /// Rebuilds a meter from the latest value of each key (a compacted changelog; keys whose
     /// latest record is a deletion are simply absent). The result has nothing to checkpoint.
+    /// Segments fewer than their totals say refuse the state ([`RestoreError`]).
     pub fn restore(
         settings: MeterSettings,
         records: impl IntoIterator<Item = (StateKey, Vec<u8>)>,
-    ) -> Result<Meter, CodecError> {
+    ) -> Result<Meter, RestoreError> {
         let mut meter = Meter::new(settings);
-        // App-month → its month record, its days' and its user segments.
-        type Parts = (Option<Vec<u8>>, Vec<Vec<u8>>, Vec<(UserCount, u64, Vec<u8>)>);
+        // App-month → its month record, its days', its user segments and their totals.
+        type Parts = (Option<Vec<u8>>, Vec<Vec<u8>>, Vec<(UserCount, u64, Vec<u8>)>, Option<Vec<u8>>);
         let mut app_months: FxHashMap<(AppId, Month), Parts> = FxHashMap::default();
+        let mut connection_totals = None;
         for (key, value) in records {
             match key {
                 StateKey::Progress => {
@@ -581,6 +642,10 @@ impl Meter {
                 StateKey::Users { app_id, month, count, segment } => {
                     app_months.entry((app_id, month)).or_default().2.push((count, segment, value));
                 }
+                StateKey::UserTotals { app_id, month } => {
+                    app_months.entry((app_id, month)).or_default().3 = Some(value);
+                }
+                StateKey::ConnectionTotals => connection_totals = Some(ConnectionTotals::decode(&value)?),
                 StateKey::Connection { app_id, conn } => {
                     meter.connections.restore(app_id, conn, ConnRecord::decode(&value)?);
                 }
@@ -591,16 +656,30 @@ impl Meter {
                 }
             }
         }
-        for ((app_id, month), (whole, days, users)) in app_months {
+        for ((app_id, month), (whole, days, users, written)) in app_months {
             let whole = whole.ok_or_else(|| {
                 CodecError::Corrupt(format!("a part of app-month {app_id}/{month} without it"))
             })?;
+            if let Some(written) = written {
+                let written = UserTotals::decode(&written)?;
+                let found =
+                    UserTotals::of_segments(users.iter().map(|(count, _, bytes)| (*count, &bytes[..])))?;
+                if let Some((count, written, found)) = totals::shortfall(&written.0, &found.0) {
+                    return Err(RestoreError::MissingUserSegments { app_id, month, count, written, found });
+                }
+            }
             let aggregate = AppMonthAggregate::from_parts(
                 &whole,
                 days.iter().map(Vec::as_slice),
                 users.iter().map(|(count, segment, bytes)| (*count, *segment, bytes.as_slice())),
             )?;
             meter.months.insert((app_id, month), aggregate);
+        }
+        if let Some(written) = connection_totals {
+            let found = meter.connections.segment_totals();
+            if let Some((month, written, found)) = totals::shortfall(&written.0, &found.0) {
+                return Err(RestoreError::MissingConnectionSegments { month, written, found });
+            }
         }
         meter.connections.finish_restore(meter.closed_through);
         Ok(meter)
@@ -609,8 +688,13 @@ impl Meter {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
+    use proptest::prelude::*;
+
     use super::*;
     use crate::aggregate::Counted;
+    use crate::aggregate::{connections, user_set};
     use crate::ingest::UserKey;
 
     fn login(app_id: AppId, user: u64) -> UsageEvent {
@@ -823,6 +907,215 @@ mod tests {
             meter.checkpoint().into_iter().filter_map(|r| r.value.map(|v| (r.key, v))).collect();
         let restored = Meter::restore(streaming(), state).expect("restores");
         assert_eq!((restored.connections(), restored.open_connections()), (1, 1));
+    }
+
+    /// A changelog that lost full user segments (deleted, or expired by a topic that is not
+    /// compacted-only) must not restore a smaller month without a word: the day's segment
+    /// alone (its DAU shrinks), the MAU's and the day's, written by the same commit and so
+    /// expired together (the MAU shrinks too), or the MAU's alone (the days still hold its
+    /// users, but the changelog is damaged all the same).
+    #[test]
+    fn a_restore_missing_a_full_user_segment_is_refused() {
+        let nov = month("2026-11");
+        let mut meter = Meter::new(MeterSettings::default());
+        let users = user_set::SEGMENT_CAPACITY as u64 + 1_000;
+        for u in 0..users {
+            meter.apply(&login(1, u));
+        }
+        let state: Vec<(StateKey, Vec<u8>)> =
+            meter.checkpoint().into_iter().filter_map(|r| r.value.map(|v| (r.key, v))).collect();
+        // Each count's first segment is full: 65,536 of its users.
+        let first = |mau: bool| {
+            state
+                .iter()
+                .map(|(key, _)| *key)
+                .find(|key| match key {
+                    StateKey::Users { count: UserCount::Mau, segment: 0, .. } => mau,
+                    StateKey::Users { count: UserCount::Dau(_), segment: 0, .. } => !mau,
+                    _ => false,
+                })
+                .expect("a first segment")
+        };
+        let (mau, day) = (first(true), first(false));
+        let mut silent = Vec::new();
+        for lost in [vec![day], vec![mau, day], vec![mau]] {
+            let damaged: Vec<(StateKey, Vec<u8>)> =
+                state.iter().filter(|(key, _)| !lost.contains(key)).cloned().collect();
+            assert_eq!(damaged.len(), state.len() - lost.len());
+            match Meter::restore(MeterSettings::default(), damaged) {
+                Ok(mut restored) => {
+                    let usage = &restored.usage_in(nov)[0];
+                    silent.push(format!("without {lost:?}: MAU {}, peak DAU {}", usage.mau, usage.dau_peak));
+                }
+                Err(e) => {
+                    // The first count short is named: the MAU's if it is.
+                    let StateKey::Users { count, .. } = (if lost.contains(&mau) { mau } else { day }) else {
+                        unreachable!("user segments")
+                    };
+                    let capacity = user_set::SEGMENT_CAPACITY as u64;
+                    assert!(
+                        matches!(e, RestoreError::MissingUserSegments { app_id: 1, month, count: c, written, found }
+                            if month == nov && c == count
+                                && (written.segments, written.keys) == (2, users)
+                                && (found.segments, found.keys) == (1, users - capacity)),
+                        "{e:?}"
+                    );
+                }
+            }
+        }
+        assert!(silent.is_empty(), "{users} users; restored silently {silent:#?}");
+    }
+
+    /// The same for counted connections: a lost full segment would take its connections
+    /// for new ones when their events are retried, and count them again.
+    #[test]
+    fn a_restore_missing_a_full_connection_segment_is_refused() {
+        let mut meter = Meter::new(MeterSettings::default());
+        let conns = connections::SEGMENT_CAPACITY + 100;
+        let event = |i: usize, time: &str, connect: bool| {
+            let conn = crate::ingest::ConnKey::of(&format!("c{i}"));
+            let ts = Timestamp::parse_rfc3339(&format!("2026-11-05T{time}+08:00")).expect("valid");
+            let action = match connect {
+                true => Action::Connect { conn, user: UserKey::of("u") },
+                false => Action::Disconnect { conn },
+            };
+            UsageEvent { app_id: 1, ts, action }
+        };
+        for i in 0..conns {
+            meter.apply(&event(i, "10:00:00", true));
+            meter.apply(&event(i, "10:30:00", false));
+        }
+        let mut state: Vec<(StateKey, Vec<u8>)> =
+            meter.checkpoint().into_iter().filter_map(|r| r.value.map(|v| (r.key, v))).collect();
+        let full = state
+            .iter()
+            .filter(|(key, _)| matches!(key, StateKey::CountedConnections { .. }))
+            .max_by_key(|(_, value)| value.len())
+            .map(|(key, _)| *key)
+            .expect("segments");
+        state.retain(|(key, _)| *key != full);
+        match Meter::restore(MeterSettings::default(), state) {
+            Ok(mut restored) => {
+                let again = (0..conns)
+                    .filter(|&i| restored.apply(&event(i, "10:00:00", true)) == Outcome::Accepted)
+                    .count();
+                panic!(
+                    "restored silently without {full:?}: a retried connect of {again} of {conns} counted \
+                     connections opens a new one"
+                )
+            }
+            Err(e) => {
+                let (capacity, nov) = (connections::SEGMENT_CAPACITY as u64, month("2026-11"));
+                assert!(
+                    matches!(e, RestoreError::MissingConnectionSegments { month, written, found }
+                        if month == nov && (written.segments, written.keys) == (2, conns as u64)
+                            && (found.segments, found.keys) == (1, conns as u64 - capacity)),
+                    "{e:?}"
+                );
+            }
+        }
+    }
+
+    /// A compacted changelog: the latest value of each key.
+    type Log = BTreeMap<StateKey, Vec<u8>>;
+
+    fn commit(log: &mut Log, records: &[StateRecord]) {
+        for record in records {
+            match &record.value {
+                Some(value) => log.insert(record.key, value.clone()),
+                None => log.remove(&record.key),
+            };
+        }
+    }
+
+    fn restore(log: &Log) -> Result<Meter, RestoreError> {
+        Meter::restore(limited(), log.iter().map(|(key, value)| (*key, value.clone())))
+    }
+
+    /// Exact up to the smallest limit, so that counts turn into sketches.
+    fn limited() -> MeterSettings {
+        MeterSettings { exact_limit: ExactLimit::new(1_000).unwrap(), ..MeterSettings::default() }
+    }
+
+    fn is_missing(result: &Result<Meter, RestoreError>) -> bool {
+        matches!(
+            result,
+            Err(RestoreError::MissingUserSegments { .. } | RestoreError::MissingConnectionSegments { .. })
+        )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+        /// Segment totals raise no false alarm and miss no lost segment. A meter checkpointed
+        /// after every step — logins of two apps in two months (segments merged and the
+        /// merged ones deleted, days frozen and rewritten, counts past the limit turned into
+        /// sketches and their segments deleted), connections counted, October closed and its
+        /// records deleted — restores the same from the compacted changelog after each commit,
+        /// and from every prefix of a commit's records (a reader stopping inside it) without a
+        /// missing segment; the final state without any one of its segments is refused.
+        #[test]
+        fn segment_totals_raise_no_false_alarm_and_catch_any_lost_segment(
+            steps in prop::collection::vec((0u8..4, 0u64..3_000, 1u64..300), 1..20),
+        ) {
+            let (oct, nov) = (month("2026-10"), month("2026-11"));
+            let mut meter = Meter::new(limited());
+            let mut log = Log::new();
+            for (kind, start, n) in steps {
+                let day = 1 + start % 5;
+                match kind {
+                    0 | 1 => {
+                        let (app_id, m) = if kind == 0 { (1, "11") } else { (2, "10") };
+                        let at = format!("2026-{m}-{day:02}T10:00:00+08:00");
+                        for user in start..start + n {
+                            meter.apply(&login_at(app_id, user, &at));
+                        }
+                    }
+                    2 => {
+                        let m = if start % 2 == 0 { "10" } else { "11" };
+                        let (from, until) =
+                            (format!("2026-{m}-{day:02}T10:00:00+08:00"), format!("2026-{m}-{day:02}T11:00:00+08:00"));
+                        let until = Timestamp::parse_rfc3339(&until).unwrap();
+                        for i in start..start + n {
+                            let name = format!("c{i}");
+                            meter.apply(&connect(1, &name, &from));
+                            let conn = crate::ingest::ConnKey::of(&name);
+                            meter.apply(&UsageEvent { app_id: 1, ts: until, action: Action::Disconnect { conn } });
+                        }
+                    }
+                    _ => {
+                        meter.close_month(oct);
+                    }
+                }
+                let records = meter.checkpoint();
+                // Only no missing segment: a prefix of a month's close can be refused for
+                // another reason (its `m/` is deleted before its days and segments).
+                for cut in 0..records.len() {
+                    let mut partial = log.clone();
+                    commit(&mut partial, &records[..cut]);
+                    let restored = restore(&partial);
+                    let why = restored.as_ref().err();
+                    prop_assert!(!is_missing(&restored), "{} of {} records: {:?}", cut, records.len(), why);
+                }
+                commit(&mut log, &records);
+                let mut restored = restore(&log).expect("the whole state restores");
+                for m in [oct, nov] {
+                    prop_assert_eq!(restored.usage_in(m), meter.usage_in(m));
+                }
+                prop_assert_eq!(restored.connections(), meter.connections());
+            }
+            let segments: Vec<StateKey> = log
+                .keys()
+                .filter(|key| matches!(key, StateKey::Users { .. } | StateKey::CountedConnections { .. }))
+                .copied()
+                .collect();
+            for lost in segments {
+                let mut damaged = log.clone();
+                damaged.remove(&lost);
+                let restored = restore(&damaged);
+                prop_assert!(is_missing(&restored), "without {:?}: {:?}", lost, restored.map(|_| "restored"));
+            }
+        }
     }
 
     #[test]

@@ -9,28 +9,38 @@
 //! - [`meter`]: applies events, closes months.
 //! - [`checkpoint`]: the meter's state as changelog records, and back.
 //! - [`segments`]: growing key sets checkpointed as size-tiered segments.
+//! - [`totals`]: how many segments each such set has, so that a restore can tell it read them all.
 //! - [`parts`]: values larger than one record, written as parts.
 //! - [`usage`]: the figures reported and priced.
+//!
+//! Shared by several of them, so that none imports another for it: [`codec`] (the decoders'
+//! error), [`user_count`] (which count of an app-month), [`pass_through`] (the hasher of
+//! already-hashed keys) and [`sorted`] (the search of sorted keys).
 
 pub mod app_month;
 pub mod checkpoint;
+mod codec;
 pub mod connections;
 pub mod meter;
 pub mod parts;
+mod pass_through;
 pub mod pcc;
 pub mod segments;
+mod sorted;
+pub mod totals;
 pub mod unique;
 mod usage;
+mod user_count;
 mod user_days;
 pub mod user_set;
 
-pub use app_month::{
-    merge_shares, AppMonthAggregate, CodecError, ExactCounts, SegmentUsers, UserCount, UserSegment,
-};
+pub use app_month::{merge_shares, AppMonthAggregate, ExactCounts, SegmentUsers, UserSegment};
 pub use checkpoint::{billing_partition, ChangelogKey, ClosedMark, StateKey, StateRecord, SubscriptionsRead};
-pub use meter::{ClosedMonth, Meter, MeterSettings, MonthsClosed, Outcome};
+pub use codec::CodecError;
+pub use meter::{ClosedMonth, Meter, MeterSettings, MonthsClosed, Outcome, RestoreError};
 pub use pcc::{SampleGrid, SampleIntervalError};
 pub use unique::{
     Counted, Counting, ExactLimit, ExactLimitError, MergeError, Precision, PrecisionError, UniqueUsers,
 };
 pub use usage::MonthlyUsage;
+pub use user_count::UserCount;

@@ -12,11 +12,30 @@
 //! about once per tier. The keys of the segments not full yet stay here (a merge needs them);
 //! the owner keeps the full ones' keys as it needs.
 
+use super::sorted::search;
+
 /// Segments in one size tier that are merged into one.
 pub const MERGE_FANOUT: usize = 4;
 
 /// Segment writes: a segment's number and its bytes (`None` deletes it).
 pub type SegmentWrites = Vec<(u64, Option<Vec<u8>>)>;
+
+/// How many segments a set has and how many keys they hold: what a checkpoint records beside
+/// them ([`super::totals`]), so that a restore can tell whether it read them all.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct SegmentTotal {
+    /// Segments.
+    pub segments: u64,
+    /// Keys in them (each key is in one segment of its set).
+    pub keys: u64,
+}
+
+impl SegmentTotal {
+    /// Whether it falls short of `written` in segments or in keys.
+    pub fn short_of(&self, written: &SegmentTotal) -> bool {
+        self.segments < written.segments || self.keys < written.keys
+    }
+}
 
 /// The size tier of a segment of `len` keys.
 pub(crate) fn tier(len: usize) -> u32 {
@@ -28,6 +47,8 @@ pub(crate) fn tier(len: usize) -> u32 {
 pub(crate) struct Segments {
     /// Full segments (never merged again), by number: only their numbers.
     pub full: Vec<u64>,
+    /// Keys in the full segments.
+    pub full_keys: u64,
     /// The other segments, by number, with their sorted keys, which a merge rewrites.
     pub runs: Vec<(u64, Box<[u64]>)>,
 }
@@ -48,7 +69,7 @@ impl Segments {
         made_full: &mut dyn FnMut(&[u64]),
     ) {
         let mut cut = Cut { capacity, next_segment, encode, out, made_full, made: Vec::new() };
-        cut.split(&mut self.full, fresh);
+        cut.split(&mut self.full, &mut self.full_keys, fresh);
         loop {
             let mut tiers = std::collections::BTreeMap::<u32, usize>::new();
             for len in self.runs.iter().map(|(_, keys)| keys.len()).chain(cut.made.iter().map(|k| k.len())) {
@@ -73,7 +94,7 @@ impl Segments {
             });
             merged.sort_unstable();
             merged.dedup();
-            cut.split(&mut self.full, merged);
+            cut.split(&mut self.full, &mut self.full_keys, merged);
         }
         for keys in std::mem::take(&mut cut.made) {
             let segment = take_number(cut.next_segment);
@@ -88,12 +109,31 @@ impl Segments {
         if keys.len() >= capacity {
             let at = self.full.partition_point(|&s| s < segment);
             self.full.insert(at, segment);
+            self.full_keys += keys.len() as u64;
             Some(keys)
         } else {
             // Merges look at segments oldest first, as the live set holds them.
             let at = self.runs.partition_point(|(s, _)| *s < segment);
             self.runs.insert(at, (segment, keys));
             None
+        }
+    }
+
+    /// Counts the segments that are not full as full from now on (never merged again),
+    /// dropping their keys (which the owner holds); returns how many they were.
+    pub fn freeze_runs(&mut self) -> usize {
+        let runs = std::mem::take(&mut self.runs);
+        self.full_keys += runs.iter().map(|(_, keys)| keys.len() as u64).sum::<u64>();
+        self.full.extend(runs.iter().map(|(segment, _)| *segment));
+        self.full.sort_unstable();
+        runs.len()
+    }
+
+    /// How many segments there are, and keys in them.
+    pub fn total(&self) -> SegmentTotal {
+        SegmentTotal {
+            segments: (self.full.len() + self.runs.len()) as u64,
+            keys: self.full_keys + self.runs_len() as u64,
         }
     }
 
@@ -104,7 +144,7 @@ impl Segments {
 
     /// Whether a key is in a segment that is not full.
     pub fn runs_contain(&self, key: u64) -> bool {
-        self.runs.iter().any(|(_, keys)| super::user_set::search(keys, key).is_ok())
+        self.runs.iter().any(|(_, keys)| search(keys, key).is_ok())
     }
 
     /// The keys of the segments that are not full.
@@ -132,13 +172,14 @@ struct Cut<'a> {
 impl Cut<'_> {
     /// Cuts sorted keys into segments: full ones are written at once; the rest, if any, is
     /// made (it may still be merged).
-    fn split(&mut self, full: &mut Vec<u64>, keys: Vec<u64>) {
+    fn split(&mut self, full: &mut Vec<u64>, full_keys: &mut u64, keys: Vec<u64>) {
         for chunk in keys.chunks(self.capacity) {
             if chunk.len() == self.capacity {
                 let segment = take_number(self.next_segment);
                 self.out.push((segment, Some((self.encode)(chunk))));
                 (self.made_full)(chunk);
                 full.push(segment);
+                *full_keys += chunk.len() as u64;
             } else {
                 self.made.push(chunk.into());
             }
@@ -187,6 +228,7 @@ mod tests {
         all.sort_unstable();
         assert_eq!(union, all, "the union, each key once");
         assert_eq!(segments.full.len(), 3, "full segments, never merged again");
+        assert_eq!(segments.total(), SegmentTotal { segments: 4, keys: all.len() as u64 });
         assert_eq!(full_keys.len(), 3 * capacity, "their keys handed out");
         assert_eq!(
             segments.runs.iter().map(|(_, k)| k.len()).collect::<Vec<_>>(),
@@ -203,5 +245,11 @@ mod tests {
         assert!(segments.restore(4, (0..10).collect::<Vec<u64>>().into(), 10).is_some());
         assert_eq!(segments.numbers().collect::<Vec<_>>(), vec![4, 2, 5, 9]);
         assert!(segments.runs_contain(9) && !segments.runs_contain(3));
+        assert_eq!(segments.total(), SegmentTotal { segments: 4, keys: 13 });
+        assert_eq!(segments.freeze_runs(), 3);
+        assert_eq!(
+            (segments.full.clone(), segments.total()),
+            (vec![2, 4, 5, 9], SegmentTotal { segments: 4, keys: 13 })
+        );
     }
 }

@@ -25,12 +25,12 @@
 //! set needs nothing, a sketch at a finer precision is folded to the coarser one
 //! ([`fold`]), exactly — the coarse registers are a function of the fine ones.
 
-use std::hash::{BuildHasher, Hasher};
-
 use hyperloglogplus::{HyperLogLog, HyperLogLogPlus};
 use serde::{Deserialize, Serialize};
 
-use super::segments::SegmentWrites;
+use super::codec::CodecError;
+use super::pass_through::PassThrough;
+use super::segments::{SegmentTotal, SegmentWrites};
 use super::user_set::UserSet;
 use crate::ingest::UserKey;
 
@@ -72,39 +72,6 @@ impl Precision {
 impl Default for Precision {
     fn default() -> Self {
         Precision(14)
-    }
-}
-
-/// Passes an already-hashed [`UserKey`] through as the sketch's hash.
-#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
-pub struct PassThrough;
-
-/// The hasher of [`PassThrough`]: returns the last `u64` written.
-#[derive(Default)]
-pub struct PassThroughHasher(u64);
-
-impl Hasher for PassThroughHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        // Only `u64` keys are inserted; fold anything else in rather than drop it.
-        for &b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(b);
-        }
-    }
-
-    fn write_u64(&mut self, key: u64) {
-        self.0 = key;
-    }
-}
-
-impl BuildHasher for PassThrough {
-    type Hasher = PassThroughHasher;
-
-    fn build_hasher(&self) -> PassThroughHasher {
-        PassThroughHasher(0)
     }
 }
 
@@ -326,13 +293,22 @@ impl UniqueUsers {
     pub fn restore_segments<'a>(
         &mut self,
         segments: impl IntoIterator<Item = (u64, &'a [u8])>,
-    ) -> Result<(), super::CodecError> {
+    ) -> Result<(), CodecError> {
         match &mut self.users {
             Users::Exact(users) => users.restore_segments(segments),
             Users::Sketch(_) => {
                 self.retired.extend(segments.into_iter().map(|(segment, _)| segment));
                 Ok(())
             }
+        }
+    }
+
+    /// The segments of its exact set and the users they hold (`None`: none, or a sketch,
+    /// which is whole in its record).
+    pub(crate) fn segment_total(&self) -> Option<SegmentTotal> {
+        match &self.users {
+            Users::Exact(users) => users.segment_total(),
+            Users::Sketch(_) => None,
         }
     }
 

@@ -31,9 +31,10 @@ use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap};
 use std::hash::BuildHasherDefault;
 
-use super::app_month::UserCount;
-use super::segments::{SegmentWrites, Segments};
-use super::unique::PassThroughHasher;
+use super::pass_through::PassThroughHasher;
+use super::segments::{SegmentTotal, SegmentWrites, Segments};
+use super::sorted::search;
+use super::user_count::UserCount;
 use super::user_set::{self, SetParts, UserSet, MIN_RECENT, SEGMENT_CAPACITY};
 
 /// Frozen segments a day may collect before its next change rewrites it whole.
@@ -125,7 +126,7 @@ impl UserDays {
     /// monthly user.
     #[inline]
     pub fn add_days(&mut self, key: u64, mask: u32) -> bool {
-        let (known, had) = match user_set::search(&self.keys, key) {
+        let (known, had) = match search(&self.keys, key) {
             Ok(i) => {
                 let had = self.days[i];
                 self.days[i] = had | mask;
@@ -378,10 +379,7 @@ impl UserDays {
                 && !by_count.contains_key(&number)
                 && !count.segments.runs.is_empty()
             {
-                count.frozen += count.segments.runs.len();
-                let runs = std::mem::take(&mut count.segments.runs);
-                count.segments.full.extend(runs.into_iter().map(|(segment, _)| segment));
-                count.segments.full.sort_unstable();
+                count.frozen += count.segments.freeze_runs();
             }
         }
         for (number, mut keys) in by_count {
@@ -410,6 +408,15 @@ impl UserDays {
     #[cfg(test)]
     pub fn segment_keys_held(&self) -> usize {
         self.log.iter().flat_map(|log| log.counts.values()).map(|c| c.segments.runs_len()).sum()
+    }
+
+    /// Each count's segments and the users they hold (the counts with any).
+    pub fn segment_totals(&self) -> impl Iterator<Item = (UserCount, SegmentTotal)> + '_ {
+        self.log
+            .iter()
+            .flat_map(|log| log.counts.iter())
+            .map(|(&number, count)| (count_of(number), count.segments.total()))
+            .filter(|(_, total)| total.segments > 0)
     }
 
     /// Each count's segment numbers (to delete them with the app-month).

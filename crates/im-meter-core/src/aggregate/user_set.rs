@@ -29,9 +29,10 @@
 use std::collections::HashSet;
 use std::hash::BuildHasherDefault;
 
-use super::segments::{SegmentWrites, Segments};
-use super::unique::PassThroughHasher;
-use super::CodecError;
+use super::codec::CodecError;
+use super::pass_through::PassThroughHasher;
+use super::segments::{SegmentTotal, SegmentWrites, Segments};
+use super::sorted::search;
 
 /// The recent users' hash set may grow to this size before it is merged, however small
 /// the sorted part is.
@@ -213,6 +214,11 @@ impl UserSet {
         Ok(())
     }
 
+    /// Its segments and the users they hold (`None`: none).
+    pub(crate) fn segment_total(&self) -> Option<SegmentTotal> {
+        self.checkpointed.as_ref().map(|c| c.segments.total()).filter(|total| total.segments > 0)
+    }
+
     /// The numbers of its segments (to delete them when the set goes).
     pub fn segments(&self) -> Vec<u64> {
         self.checkpointed.as_ref().map(|c| c.segments.numbers().collect()).unwrap_or_default()
@@ -298,6 +304,17 @@ pub(crate) fn decode_segment(bytes: &[u8]) -> Result<Vec<u64>, CodecError> {
     }
 }
 
+/// How many users a segment written by [`encode_segment`] holds, read from its start.
+pub(crate) fn segment_len(bytes: &[u8]) -> Result<usize, CodecError> {
+    match bytes.split_first() {
+        Some((&SEGMENT_FORMAT_VERSION, encoded)) => get_varint(encoded)
+            .and_then(|(n, _)| usize::try_from(n).ok())
+            .ok_or_else(|| CodecError::Corrupt("user segment: no count".into())),
+        Some((&version, _)) => Err(CodecError::UnknownVersion(version)),
+        None => Err(CodecError::Corrupt("empty user segment".into())),
+    }
+}
+
 /// The Elias–Fano encoding of sorted keys without repeats.
 fn encode_sorted(keys: &[u64]) -> Vec<u8> {
     let n = keys.len();
@@ -365,60 +382,6 @@ fn decode_sorted(bytes: &[u8]) -> Result<(Vec<u64>, usize), CodecError> {
     }
     at += bit.div_ceil(8);
     Ok((keys, at))
-}
-
-/// Where `key` is in `sorted` (as `slice::binary_search` says), found from where a uniform
-/// hash of its value would be: user keys are hashes, so a key's rank is about `key / 2⁶⁴ · n`,
-/// give or take `√n / 2`. From that guess the search gallops outwards and then bisects, so it
-/// touches a few neighbouring cache lines instead of the ~log₂ n scattered ones a bisection of
-/// the whole slice reads — which, interleaved over many apps' sets, miss the cache. Any sorted
-/// slice is searched correctly; uniform ones fast.
-#[inline]
-pub(crate) fn search(sorted: &[u64], key: u64) -> Result<usize, usize> {
-    let n = sorted.len();
-    if n < 64 {
-        return sorted.binary_search(&key);
-    }
-    let guess = (((u128::from(key) * n as u128) >> 64) as usize).min(n - 1);
-    let (mut lo, mut hi) = if sorted[guess] < key {
-        // The key lies in (guess, n): double the step until an element is not below it.
-        let (mut lo, mut step) = (guess, 1);
-        loop {
-            let probe = lo + step;
-            if probe >= n {
-                break (lo + 1, n);
-            }
-            if sorted[probe] >= key {
-                break (lo + 1, probe + 1);
-            }
-            lo = probe;
-            step *= 2;
-        }
-    } else {
-        // The key lies in [0, guess]: the same downwards.
-        let (mut hi, mut step) = (guess, 1);
-        loop {
-            if step > hi {
-                break (0, hi + 1);
-            }
-            let probe = hi - step;
-            if sorted[probe] < key {
-                break (probe + 1, hi + 1);
-            }
-            hi = probe;
-            step *= 2;
-        }
-    };
-    // Bisect [lo, hi), which holds the key's place.
-    while lo < hi {
-        let mid = lo + (hi - lo) / 2;
-        match sorted[mid].cmp(&key) {
-            std::cmp::Ordering::Less => lo = mid + 1,
-            std::cmp::Ordering::Greater => hi = mid,
-            std::cmp::Ordering::Equal => return Ok(mid),
-        }
-    }
-    Err(lo)
 }
 
 /// Low bits per user for `n` users: `64 − ⌈log₂ n⌉`, at most 63.
@@ -545,22 +508,6 @@ mod tests {
     }
 
     proptest! {
-        /// The search finds what a bisection finds, in uniform and in skewed slices.
-        #[test]
-        fn the_search_agrees_with_a_bisection(
-            mut keys in prop::collection::vec(any::<u64>(), 0..2000),
-            skew in 0u32..60,
-            probes in prop::collection::vec(any::<u64>(), 1..50),
-        ) {
-            keys.iter_mut().for_each(|k| *k >>= skew);
-            keys.sort_unstable();
-            keys.dedup();
-            let present: Vec<u64> = keys.iter().step_by(7).copied().collect();
-            for key in probes.into_iter().map(|p| p >> skew).chain(present).chain([0, u64::MAX]) {
-                prop_assert_eq!(search(&keys, key), keys.binary_search(&key), "key {}", key);
-            }
-        }
-
         /// The set holds exactly the distinct keys, however they came (inserted one by
         /// one, or split and merged), and its encoding is the same bytes and reads back.
         #[test]

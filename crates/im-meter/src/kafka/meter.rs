@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use im_meter_core::aggregate::{
-    billing_partition, parts, ChangelogKey, ClosedMark, Meter, Outcome, StateKey,
+    billing_partition, parts, ChangelogKey, ClosedMark, Meter, Outcome, RestoreError, StateKey,
 };
 use im_meter_core::ingest::{decode_usage_event, RejectReason, Rejection};
 use im_meter_core::time::Timestamp;
@@ -490,7 +490,13 @@ impl Stage {
         let meter = match Meter::restore(self.config.meter.clone(), state) {
             Ok(meter) => meter,
             Err(e) => {
-                let task = Err(format!("its state in the changelog cannot be read: {e}"));
+                let task = Err(match e {
+                    RestoreError::Codec(e) => format!("its state in the changelog cannot be read: {e}"),
+                    // Segments fewer than their totals: records lost, not damaged.
+                    missing => format!(
+                        "its state in the changelog lost records: {missing} (docs/operations.md, ImMeterPartitionStopped)"
+                    ),
+                });
                 return Ok(ReadBack {
                     task,
                     has_progress,
