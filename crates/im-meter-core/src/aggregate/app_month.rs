@@ -593,10 +593,9 @@ impl AppMonthAggregate {
     /// checkpoint writes when the app-month leaves the state.
     pub fn deletions(&self, app_id: AppId, month: Month) -> Vec<StateRecord> {
         // The totals first: a reader stopping inside the commit checks no segments gone.
-        let mut records = vec![
-            StateRecord { key: StateKey::UserTotals { app_id, month }, value: None },
-            StateRecord { key: StateKey::AppMonth { app_id, month }, value: None },
-        ];
+        // The app-month's own record last: a reader stopping inside the commit finds parts
+        // with their app-month (a restore that is behind, read again), never parts without.
+        let mut records = vec![StateRecord { key: StateKey::UserTotals { app_id, month }, value: None }];
         records.extend(
             self.days()
                 .into_iter()
@@ -618,6 +617,7 @@ impl AppMonthAggregate {
                 value: None,
             }));
         }
+        records.push(StateRecord { key: StateKey::AppMonth { app_id, month }, value: None });
         records
     }
 

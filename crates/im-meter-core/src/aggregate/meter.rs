@@ -1088,8 +1088,8 @@ mod tests {
                     }
                 }
                 let records = meter.checkpoint();
-                // Only no missing segment: a prefix of a month's close can be refused for
-                // another reason (its `m/` is deleted before its days and segments).
+                // Only no missing segment: a prefix of a commit can be refused for another
+                // reason (e.g. a day's segments written before its count record).
                 for cut in 0..records.len() {
                     let mut partial = log.clone();
                     commit(&mut partial, &records[..cut]);
