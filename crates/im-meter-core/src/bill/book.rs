@@ -177,7 +177,9 @@ impl BilledPositions {
 #[derive(Debug, Default)]
 pub struct BillingBook {
     /// (month, app) → source partition → its share.
-    usage: BTreeMap<(Month, AppId), BTreeMap<u32, Share>>,
+    /// (Boxed: a B-tree node holds room for 11 values, and a share is a few hundred bytes
+    /// inline — unboxed, a month of 100,000 small apps took 3.9 KB per app instead of 0.67.)
+    usage: BTreeMap<(Month, AppId), BTreeMap<u32, Box<Share>>>,
     /// Source partition → how far it has closed months.
     closed: BTreeMap<u32, ClosedMark>,
     billed_through: Option<Month>,
@@ -192,7 +194,7 @@ pub struct BillingBook {
     /// Crossings found not to need an alert (the app is not on Developer): not re-checked.
     declined: BTreeSet<(Month, AppId)>,
     /// Shares of months already billed or before the start, to refuse.
-    refused: BTreeMap<(Month, AppId, u32), Share>,
+    refused: BTreeMap<(Month, AppId, u32), Box<Share>>,
     /// Per billed month, how far the subscriptions had been read when it was billed.
     subscriptions_read: BilledPositions,
 }
@@ -289,9 +291,9 @@ impl BillingBook {
     /// billed, or before the start, is kept apart, to be refused ([`BillingBook::refused_shares`]).
     pub fn add_share(&mut self, month: Month, app_id: AppId, source: u32, share: Share) {
         if self.is_billed(month, app_id) {
-            self.refused.insert((month, app_id, source), share);
+            self.refused.insert((month, app_id, source), Box::new(share));
         } else {
-            self.usage.entry((month, app_id)).or_default().insert(source, share);
+            self.usage.entry((month, app_id)).or_default().insert(source, Box::new(share));
         }
     }
 
