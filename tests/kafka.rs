@@ -1068,6 +1068,17 @@ fn slow_restores_never_outlast_the_poll_limit() {
     assert!(rewound.len() >= 2 * 3, "{rewound:?}");
     assert!(rewound.iter().rev().take(3).all(|n| *n == 1), "{rewound:?}");
     assert_eq!(restores, 3 + rewound.iter().sum::<usize>(), "{rewound:?}");
+    // Rewinds while partitions are still being restored apply no record twice (issue 17 §8:
+    // a rewind inside the handling of a newly assigned partition's batch once applied the
+    // batch and then read it again): every refused event once, none `late`.
+    let letters = read_all(&d.topic("dead_letters"));
+    let events: Vec<&Record> =
+        letters.iter().filter(|r| r.headers["source_topic"] == d.topic("events")).collect();
+    let at: std::collections::BTreeSet<(&String, &String)> =
+        events.iter().map(|r| (&r.headers["source_partition"], &r.headers["source_offset"])).collect();
+    assert_eq!(at.len(), events.len(), "a dead letter published twice: {events:?}");
+    assert_eq!(events.len(), expected().refused_events + 1, "every malformed line and the poison, once");
+    assert!(events.iter().all(|r| r.headers["reason"] != "late"), "{events:?}");
 }
 
 /// The log lines about partitions taken away.
