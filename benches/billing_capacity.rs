@@ -19,8 +19,10 @@
 
 use std::time::Instant;
 
-use im_meter_core::aggregate::{AppMonthAggregate, ChangelogKey, ClosedMark, Counting, SampleGrid};
-use im_meter_core::bill::{BilledMonth, BillingBook, PriceBook, Pricing, Subscriptions};
+use im_meter_core::aggregate::{
+    AppMonthAggregate, ChangelogKey, ClosedMark, Counting, SampleGrid, SubscriptionsRead,
+};
+use im_meter_core::bill::{BillPart, BillingBook, PriceBook, Pricing, Subscriptions};
 use im_meter_core::ingest::{decode_subscription_event, UserKey};
 use im_meter_core::time::{BillingTz, Month};
 
@@ -78,13 +80,14 @@ fn main() {
     let prices = PriceBook::default();
     let pricing = Pricing { subscriptions: &subscriptions, prices: &prices, grid };
     let started = Instant::now();
-    let billed = book.bill(month, pricing, subscriptions.apps()).expect("bills");
+    let whole = book.bill_in_parts(month, pricing, subscriptions.apps(), usize::MAX).expect("bills");
     let bill_s = started.elapsed().as_secs_f64();
-    let whole = size(&billed);
-    let started = Instant::now();
-    let parts = billed.into_parts(APPS_PER_TRANSACTION);
-    let split_s = started.elapsed().as_secs_f64();
     let peak_bytes = peak() - before;
+    let whole = size(&whole[0]);
+    let started = Instant::now();
+    let parts =
+        book.bill_in_parts(month, pricing, subscriptions.apps(), APPS_PER_TRANSACTION).expect("bills");
+    let split_s = started.elapsed().as_secs_f64();
     let largest = parts.iter().map(size).max_by_key(|s| s.1).unwrap_or_default();
 
     println!("billing one partition: {apps} apps, {USERS_PER_APP} users each, every tenth on Standard");
@@ -101,7 +104,7 @@ fn main() {
         mb(book_bytes as usize),
         book_bytes as u64 / apps
     );
-    println!("| bill the month (merge, price) | {bill_s:.2} s, split {split_s:.3} s |");
+    println!("| bill the month (merge, price) | {bill_s:.2} s in one part, {split_s:.2} s in parts |");
     println!("| heap peak while billing (book + bill) | {:.1} MB |", mb(peak_bytes as usize));
     println!("| the month in one transaction | {} records, {:.1} MB |", whole.0, mb(whole.1));
     println!(
@@ -112,11 +115,14 @@ fn main() {
     );
 }
 
-/// Records and bytes (keys and values) of one transaction publishing `bill`.
-fn size(bill: &BilledMonth) -> (usize, usize) {
+/// Records and bytes (keys and values) of the transaction publishing `part`.
+fn size(part: &BillPart) -> (usize, usize) {
     let json = |v: &dyn erased::Json| v.len();
-    let mut records = 2; // the billed (or parts) mark and the subscription positions
-    let mut bytes = 64;
+    let bill = &part.bill;
+    let read = SubscriptionsRead(Default::default());
+    let changelog = part.changelog_records(&read);
+    let mut records = changelog.len();
+    let mut bytes: usize = changelog.iter().map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len)).sum();
     for c in &bill.charges {
         records += 1;
         bytes += c.charge_id.len() + json(c);
@@ -128,10 +134,6 @@ fn size(bill: &BilledMonth) -> (usize, usize) {
     for a in &bill.alerts {
         records += 1;
         bytes += a.alert_id.len() + json(a);
-    }
-    for (key, _) in &bill.dropped {
-        records += 1;
-        bytes += key.to_bytes().len();
     }
     (records, bytes)
 }

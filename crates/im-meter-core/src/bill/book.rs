@@ -11,7 +11,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::{bill_month, quota_alert, Charge, PriceBook, QuotaAlert, Subscriptions};
+use super::{bill_month, quota_alert, BillPart, Charge, PriceBook, QuotaAlert, Subscriptions};
 use crate::aggregate::meter::QUOTA_WATCH;
 use crate::aggregate::{
     merge_shares, AppMonthAggregate, ChangelogKey, ClosedMark, CodecError, MergeError, MonthlyUsage,
@@ -60,11 +60,9 @@ pub struct BilledMonth {
 }
 
 impl BilledMonth {
-    /// The bill in parts of at most `max_apps` apps each (at least one part, in app order):
-    /// each part is published in a transaction of its own, which also says how far the
-    /// month's apps are billed ([`ChangelogKey::BilledApps`]), so that no transaction grows
-    /// with the number of apps. A part holds its apps' usage, charges, alerts and records
-    /// to drop.
+    /// The bill in parts of at most `max_apps` apps each (at least one part, in app order),
+    /// each holding its apps' usage, charges, alerts and records to drop
+    /// ([`BillPart::split`]).
     pub fn into_parts(self, max_apps: usize) -> Vec<BilledMonth> {
         let max_apps = max_apps.max(1);
         // The last app of each part: every billed app has a usage line.
@@ -405,10 +403,38 @@ impl BillingBook {
         self.forget_through(month);
     }
 
-    /// Notes a part of `month`'s bill published ([`BilledMonth::into_parts`]), its apps
-    /// billed through `app`: the book forgets what it kept for them, and a bill of the
-    /// month made now (live, or after a restore) resumes after them.
-    pub fn billed_part(&mut self, month: Month, app: AppId) {
+    /// Bills `month` as [`BillingBook::bill`] does, in the parts of at most `max_apps` apps
+    /// it is published in ([`BillPart`]), resuming after the parts committed before.
+    pub fn bill_in_parts(
+        &self,
+        month: Month,
+        pricing: Pricing<'_>,
+        known: impl IntoIterator<Item = AppId>,
+        max_apps: usize,
+    ) -> Result<Vec<BillPart>, BookError> {
+        let resumed = self.billed_apps_through(month).is_some();
+        Ok(BillPart::split(self.bill(month, pricing, known)?, max_apps, resumed))
+    }
+
+    /// Notes `part` published (its transaction committed), the subscriptions read as far as
+    /// `read` when the month's bill began: what [`BillPart::changelog_records`] wrote, as
+    /// [`BillingBook::absorb`] would read it back.
+    pub fn published(&mut self, part: &BillPart, read: &SubscriptionsRead) {
+        let month = part.bill.month;
+        if part.first {
+            self.subscriptions_read(month, read.clone());
+        }
+        if part.last {
+            self.billed(month);
+        } else if let Some(app) = part.through() {
+            self.billed_part(month, app);
+        }
+    }
+
+    /// Notes a part of `month`'s bill published, its apps billed through `app`: the book
+    /// forgets what it kept for them, and a bill of the month made now (live, or after a
+    /// restore) resumes after them.
+    fn billed_part(&mut self, month: Month, app: AppId) {
         self.billed_apps = Some((month, app));
         let done = |&(m, a): &(Month, AppId)| m == month && a <= app;
         self.usage.retain(|k, _| !done(k));
@@ -813,76 +839,76 @@ mod tests {
 
     /// A month billed in parts of any size, with a restore from the changelog after any
     /// committed part, publishes exactly what one transaction would: every app once, every
-    /// record dropped once.
+    /// record dropped once; and the changelog ends as after one transaction.
     #[test]
     fn a_bill_in_parts_resumed_after_any_part_equals_the_bill_in_one() {
         let subs = plans();
         let nov = month("2026-11");
-        let mut records: Vec<(ChangelogKey, Option<Vec<u8>>)> = Vec::new();
+        let mut records: Vec<(Vec<u8>, Option<Vec<u8>>)> = Vec::new();
         for app in [STANDARD, DEVELOPER, 5, 6, 7, 8, 9] {
-            records.push((
-                ChangelogKey::Usage { app_id: app, month: nov, source: 0 },
-                Some(share(nov, 0..app as u32).aggregate.encode()),
-            ));
+            let key = ChangelogKey::Usage { app_id: app, month: nov, source: 0 };
+            records.push((key.to_bytes(), Some(share(nov, 0..app as u32).aggregate.encode())));
         }
-        records.push((ChangelogKey::QuotaCrossed { app_id: 7, month: nov, source: 0 }, Some(Vec::new())));
         records.push((
-            ChangelogKey::ClosedThrough { source: 0 },
-            Some(ClosedMark { through: nov, first_active: Some(nov) }.encode()),
+            ChangelogKey::QuotaCrossed { app_id: 7, month: nov, source: 0 }.to_bytes(),
+            Some(Vec::new()),
         ));
-        let book_of = |records: &[(ChangelogKey, Option<Vec<u8>>)]| {
+        let mark = ClosedMark { through: nov, first_active: Some(nov) };
+        records.push((ChangelogKey::ClosedThrough { source: 0 }.to_bytes(), Some(mark.encode())));
+        // The latest value of each key, as compaction leaves the log.
+        let compacted = |log: &[(Vec<u8>, Option<Vec<u8>>)]| {
+            let mut latest = BTreeMap::new();
+            for (key, value) in log {
+                latest.insert(key.clone(), value.clone());
+            }
+            latest.into_iter().filter_map(|(k, v)| Some((k, v?))).collect::<BTreeMap<_, _>>()
+        };
+        let book_of = |log: &[(Vec<u8>, Option<Vec<u8>>)]| {
             let mut book = BillingBook::new();
-            for (key, value) in records {
-                book.absorb(*key, value.as_deref(), 0).unwrap();
+            for (key, value) in compacted(log) {
+                book.absorb(ChangelogKey::from_bytes(&key).unwrap(), Some(&value), 0).unwrap();
             }
             book.finish_restore();
             book
         };
-        let summary = |b: &BilledMonth| {
-            let usage: Vec<(AppId, u64)> = b.usage.iter().map(|u| (u.app_id, u.mau)).collect();
-            let charges: Vec<String> =
-                b.charges.iter().map(|c| format!("{} {}", c.charge_id, c.amount)).collect();
-            let dropped: Vec<Vec<u8>> = b.dropped.iter().map(|(k, _)| k.to_bytes()).collect();
-            (usage, charges, dropped)
-        };
-        let whole = summary(&bill(&book_of(&records), "2026-11", &subs));
-        assert_eq!(whole.0.len(), 7);
-        for max_apps in 1..=8 {
-            for crash_after in 0..7 {
-                let mut log = records.clone();
-                let mut book = book_of(&log);
-                let mut published = (Vec::new(), Vec::new(), Vec::new());
-                let mut committed = 0;
-                loop {
-                    let parts = bill(&book, "2026-11", &subs).into_parts(max_apps);
-                    let part = parts.into_iter().next().unwrap();
-                    let (usage, charges, dropped) = summary(&part);
-                    published.0.extend(usage);
-                    published.1.extend(charges);
-                    published.2.extend(dropped.clone());
-                    log.extend(dropped.into_iter().map(|k| (ChangelogKey::from_bytes(&k).unwrap(), None)));
-                    committed += 1;
-                    match part.last_app().filter(|_| published.0.len() < 7) {
-                        Some(through) => {
-                            let mark = (
-                                ChangelogKey::BilledApps { month: nov },
-                                Some(through.to_string().into_bytes()),
-                            );
-                            log.push(mark);
-                            // A crash after this part: the next owner restores from the log.
-                            book = if committed == crash_after { book_of(&log) } else { book };
-                            if committed != crash_after {
-                                book.billed_part(nov, through);
-                            }
-                        }
-                        None => break,
-                    }
+        let read = SubscriptionsRead(BTreeMap::from([(0, 4)]));
+        let pricing = Pricing { subscriptions: &subs, prices: &PriceBook::default(), grid: grid() };
+        // Publishes every part (the book told, or restored from the log after part
+        // `crash_after`): the lines published, and the log.
+        let publish = |max_apps: usize, crash_after: usize| {
+            let mut log = records.clone();
+            let mut book = book_of(&log);
+            let mut lines: Vec<String> = Vec::new();
+            for committed in 1.. {
+                let parts = book.bill_in_parts(nov, pricing, [], max_apps).unwrap();
+                let part = parts.into_iter().next().unwrap();
+                lines.extend(part.bill.usage.iter().map(|u| format!("{} {}", u.app_id, u.mau)));
+                lines.extend(part.bill.charges.iter().map(|c| format!("{} {}", c.charge_id, c.amount)));
+                log.extend(part.changelog_records(&read));
+                if committed == crash_after {
+                    book = book_of(&log);
+                } else {
+                    book.published(&part, &read);
                 }
-                // (The records dropped come by app, not by kind.)
-                published.2.sort();
-                let mut whole = whole.clone();
-                whole.2.sort();
-                assert_eq!(published, whole, "parts of {max_apps}, crash after part {crash_after}");
+                if part.last {
+                    // (In parts, the lines come app by app.)
+                    lines.sort();
+                    return (lines, compacted(&log));
+                }
+            }
+            unreachable!()
+        };
+        let whole = publish(usize::MAX, 0);
+        assert_eq!(whole.0.len(), 7 + 2, "seven apps, Standard's two lines");
+        let left: Vec<&[u8]> = whole.1.keys().map(Vec::as_slice).collect();
+        assert_eq!(left, [b"b".as_slice(), b"s/2026-11", b"w/0"], "only marks left");
+        for max_apps in 1..=8 {
+            for crash_after in 0..8 {
+                assert_eq!(
+                    publish(max_apps, crash_after),
+                    whole,
+                    "parts of {max_apps}, crash after part {crash_after}"
+                );
             }
         }
     }

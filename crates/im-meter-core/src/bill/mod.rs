@@ -10,6 +10,7 @@
 //! - [`projection`]: an open month's usage projected to its end.
 //! - [`book`]: the [`BillingBook`] of one billing partition: usage shares and marks in,
 //!   the next billable month, and each month's bill out.
+//! - [`publish`]: what each transaction of a month's bill writes ([`BillPart`]).
 //!
 //! ```
 //! use im_meter_core::aggregate::MonthlyUsage;
@@ -35,6 +36,7 @@ pub mod book;
 pub mod charge;
 pub mod pricing;
 pub mod projection;
+pub mod publish;
 pub mod subscription;
 
 pub use alert::{quota_alert, QuotaAlert};
@@ -42,6 +44,7 @@ pub use book::{BilledMonth, BilledPositions, BillingBook, BookError, Pricing, Re
 pub use charge::{bill_month, Charge, ChargeItem};
 pub use pricing::{round_cents, PriceBook};
 pub use projection::project_month_end;
+pub use publish::BillPart;
 pub use subscription::{
     Subscriptions, Trial, MAX_TRIALS_PER_APP, MAX_TRIAL_APPS_PER_ACCOUNT, TRIAL_LENGTH_MS,
 };

@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use im_meter_core::aggregate::parts::Assembler;
 use im_meter_core::aggregate::{billing_partition, ChangelogKey, SubscriptionsRead};
+use im_meter_core::bill::publish::record_keys;
 use im_meter_core::bill::{BilledPositions, BillingBook, Pricing, Subscriptions};
 use im_meter_core::ingest::{decode_subscription_event, RejectReason, Rejection};
 use im_meter_core::time::{Month, Timestamp};
@@ -887,14 +888,9 @@ struct Shape {
 
 /// Bills one month of one changelog partition, in parts of at most
 /// `billing.apps_per_transaction` apps, each in a transaction of its own (one for most
-/// months); `false` if a transaction was aborted (what it held unpublished, state
-/// unchanged, to be retried: parts committed before it stay, and the month resumes after
-/// them).
-///
-/// The first part also writes how far the subscriptions had been read (so a plan change
-/// read later is late for this month, in every part, live or restored) and the refused
-/// subscription events; each part but the last writes how far the month's apps are billed
-/// (`h/{month}`); the last writes the `billed` mark and removes that.
+/// months; what each writes: [`BillPart`]); `false` if a transaction was aborted (what it
+/// held unpublished, state unchanged, to be retried: parts committed before it stay, and
+/// the month resumes after them).
 fn bill(
     config: &Config,
     shape: Shape,
@@ -906,67 +902,45 @@ fn bill(
     let Shape { partition, partitions } = shape;
     let pricing = Pricing { subscriptions, prices: &config.billing.prices, grid: config.meter.grid };
     let ours = subscriptions.apps().filter(|a| billing_partition(*a, partitions) as i32 == partition);
-    let resumed = task.state.book.billed_apps_through(month).is_some();
-    let parts = task.state.book.bill(month, pricing, ours)?.into_parts(config.billing.apps_per_transaction);
+    let parts = task.state.book.bill_in_parts(month, pricing, ours, config.billing.apps_per_transaction)?;
     let topics = &config.file.topics;
-    // Only with the first part: a resumed bill published them already.
-    let refused = if resumed {
-        Vec::new()
-    } else {
-        feed.dead_letters(partition, month, task.state.book.billed_through())
+    // Published with the first part (a resumed bill published them already).
+    let refused = match parts.first() {
+        Some(part) if part.first => feed.dead_letters(partition, month, task.state.book.billed_through()),
+        _ => Vec::new(),
     };
     // Every subscription record below these positions was read before this bill; one at or
     // after them, dated in this month or before, is late (see `SubscriptionFeed`).
     let read = feed.read_positions();
-    let last = parts.len() - 1;
-    let in_parts = last > 0 || resumed;
-    let parts_mark = ChangelogKey::BilledApps { month }.to_bytes();
-    for (i, part) in parts.into_iter().enumerate() {
-        let (first, is_last) = (i == 0 && !resumed, i == last);
-        let through = part.last_app();
-        // Each record the part no longer needs, and its parts if it was written in parts.
-        let deletions: Vec<Vec<u8>> =
-            part.dropped.iter().flat_map(|(key, parts)| share_keys(&key.to_bytes(), *parts)).collect();
+    for part in parts {
         if let Some(file) =
-            Failpoint::FailAfterBill.file().filter(|f| is_last && std::fs::remove_file(f).is_ok())
+            Failpoint::FailAfterBill.file().filter(|f| part.last && std::fs::remove_file(f).is_ok())
         {
             warn!(partition, %month, file = ?file, "failpoint: this bill's commit will be reported failed");
             task.outbox.fail_next_commit();
         }
+        let changelog = part.changelog_records(&read);
         // A crash anywhere before commit_transaction returns publishes nothing of this part:
         // the restarted (or new) owner fences this producer, restores the book from the
         // changelog as it was (with the parts committed before), and bills the rest again.
         let result = task.outbox.transaction(|tx| {
-            for charge in &part.charges {
+            for charge in &part.bill.charges {
                 tx.send_json(&topics.charges, &charge.charge_id, charge)?;
             }
-            for usage in &part.usage {
+            for usage in &part.bill.usage {
                 let key = format!("{}/{}", usage.app_id, usage.month);
                 tx.send_json(&topics.usage, &key, &UsageItem::new(usage, &config.meter.tz))?;
             }
-            for alert in &part.alerts {
+            for alert in &part.bill.alerts {
                 tx.send_json(&topics.alerts, &alert.alert_id, alert)?;
             }
-            let to_billing = |key: &[u8], value: Option<&[u8]>| {
-                tx.send(&topics.billing_changelog, Some(partition), key, value, None)
-            };
-            if first {
+            if part.first {
                 for letter in &refused {
                     tx.dead_letter(&topics.dead_letters, letter)?;
                 }
-                to_billing(&ChangelogKey::SubscriptionsRead { month }.to_bytes(), Some(&read.encode()))?;
             }
-            if is_last {
-                to_billing(&ChangelogKey::Billed.to_bytes(), Some(month.to_string().as_bytes()))?;
-                if in_parts {
-                    to_billing(&parts_mark, None)?;
-                }
-            } else if let Some(app) = through {
-                to_billing(&parts_mark, Some(app.to_string().as_bytes()))?;
-            }
-            // After the marks: the apps are done, their records can go (compaction removes them).
-            for key in &deletions {
-                to_billing(key, None)?;
+            for (key, value) in &changelog {
+                tx.send(&topics.billing_changelog, Some(partition), key, value.as_deref(), None)?;
             }
             Ok(())
         });
@@ -975,28 +949,27 @@ fn bill(
             return Ok(false);
         }
         let m = metrics();
-        for charge in &part.charges {
+        for charge in &part.bill.charges {
             m.charges.with_label_values(&[charge.item.id()]).inc();
             let usd = rust_decimal::prelude::ToPrimitive::to_f64(&charge.amount).unwrap_or(0.0);
             m.billed_usd.with_label_values(&[charge.item.id()]).inc_by(usd);
         }
-        m.quota_alerts.inc_by(part.alerts.len() as u64);
-        if first {
+        m.quota_alerts.inc_by(part.bill.alerts.len() as u64);
+        if part.first {
             m.dead_letters.with_label_values(&["subscriptions"]).inc_by(refused.len() as u64);
             for letter in &refused {
                 m.events_rejected.with_label_values(&[letter.reason()]).inc();
             }
-            task.state.book.subscriptions_read(month, read.clone());
             feed.billed.entry(partition).or_default().insert(month, read.clone());
         }
-        let (apps, charges, alerts) = (part.usage.len(), part.charges.len(), part.alerts.len());
-        if is_last {
+        task.state.book.published(&part, &read);
+        let (apps, charges, alerts) =
+            (part.bill.usage.len(), part.bill.charges.len(), part.bill.alerts.len());
+        if part.last {
             info!(partition, %month, apps, charges, alerts, "billing: month billed");
             m.months_billed.inc();
-            task.state.book.billed(month);
-        } else if let Some(app) = through {
-            info!(partition, %month, apps, charges, alerts, through_app = app, "billing: part of the month billed");
-            task.state.book.billed_part(month, app);
+        } else {
+            info!(partition, %month, apps, charges, alerts, through_app = part.through(), "billing: part of the month billed");
             if Failpoint::ExitAfterBillPart.file().is_some_and(|f| std::fs::remove_file(f).is_ok()) {
                 warn!(partition, %month, "failpoint: exiting after a part of the month's bill");
                 std::process::abort();
@@ -1027,7 +1000,7 @@ fn refuse_shares(config: &Config, partition: i32, task: &mut Task) -> anyhow::Re
         };
         let raw = serde_json::to_vec(&UsageItem::new(&refused.usage, &config.meter.tz))?;
         let key = refused.key.to_bytes();
-        deletions.extend(share_keys(&key, refused.parts));
+        deletions.extend(record_keys(&key, refused.parts));
         letters.push(DeadLetter::written(
             &key,
             &raw,
@@ -1053,13 +1026,6 @@ fn refuse_shares(config: &Config, partition: i32, task: &mut Task) -> anyhow::Re
         }
         Err(failure) => failed(task, "refused usage", failure),
     }
-}
-
-/// The record keys of a usage share: its key, and its parts' if it was written in parts.
-fn share_keys(key: &[u8], parts: usize) -> Vec<Vec<u8>> {
-    let mut keys = im_meter_core::aggregate::parts::part_keys(key, 0..parts);
-    keys.push(key.to_vec());
-    keys
 }
 
 /// Publishes the quota alert of every app-month whose MAU just passed the Developer cap in
