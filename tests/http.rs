@@ -403,6 +403,124 @@ fn every_worker_answers_for_every_app_with_the_same_body() {
     b.stop();
 }
 
+/// A plan change dated in a month that was billed before it was read is late for the usage
+/// API as it is for billing (one rule, `SubscriptionLog` in the core): the API prices the open
+/// month as billing then bills it. App on Standard; October billed; then a Standard→Premium
+/// change dated October 20 (late: Premium from November 1) and a Premium→Standard change on
+/// November 5 (a second change between paid plans in November, refused by billing). A ledger
+/// applying the events at their dates took the first as October's change and the second as
+/// November's only one, and priced November by day as Premium then Standard.
+#[test]
+fn the_open_month_is_priced_as_billing_bills_it_after_a_late_plan_change() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    // One partition, months closed by event time only (never by the clock): which months are
+    // billed and open does not depend on today's date.
+    let d = Deployment::with_partitions("late-api", 1);
+    let (app, marker) = (1_400_000_001u64, 1_400_000_077u64);
+    let login =
+        |user: &str, ts: &str| format!(r#"{{"type":"login","app_id":{app},"user_id":"{user}","ts":"{ts}"}}"#);
+    let change = |ts: &str, plan: &str| {
+        format!(r#"{{"type":"plan_changed","app_id":{app},"ts":"{ts}","plan":"{plan}"}}"#)
+    };
+    let created = format!(r#"{{"type":"app_created","app_id":{app},"ts":"2026-01-01T00:00:00+08:00"}}"#);
+    let standard = change("2026-02-01T00:00:00+08:00", "standard");
+    // October's usage, then the event that closes October (November stays open).
+    let october = [login("u1", "2026-10-05T10:00:00+08:00"), login("u2", "2026-11-02T10:00:00+08:00")];
+    d.produce_files(&d.file("october.ndjson", &october), &d.file("subs-1.ndjson", &[created, standard]));
+    let settings = [("IM_METER__KAFKA__IDLE_PARTITION_TIMEOUT", "1h")];
+    let mut worker = json_worker(&d, &settings);
+    let address = worker.http_address();
+    eventually(Duration::from_secs(120), "October billed, as the API reads it", || {
+        (http_get(address, "/v1/months/2026-10/charges").0 == 200).then_some(())
+    });
+
+    // Read after October's bill: the late change, November's change, and a new app's creation
+    // after them (once the API knows that app, it has read the two changes).
+    let late = [
+        change("2026-10-20T10:00:00+08:00", "premium"),
+        change("2026-11-05T10:00:00+08:00", "standard"),
+        format!(r#"{{"type":"app_created","app_id":{marker},"ts":"2026-11-03T00:00:00+08:00"}}"#),
+    ];
+    produce_keyed(&d.topic("subscriptions"), &late);
+    let path = format!("/v1/apps/{app}/usage?month=2026-11");
+    eventually(Duration::from_secs(60), "the API to know the new app", || {
+        (http_get(address, &format!("/v1/apps/{marker}/usage?month=2026-11")).0 == 200).then_some(())
+    });
+    // November as the API prices it, once its answer stays the same for two seconds.
+    let figures = |body: &Value| (body["usage"].clone(), body["charges"].clone(), body["total"].clone());
+    let mut same = 0;
+    let mut last = None;
+    let open = eventually(Duration::from_secs(60), "a settled answer for the open month", || {
+        let (status, body) = http_json(address, &path);
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["status"], "open", "{body}");
+        same = if last.as_ref() == Some(&figures(&body)) { same + 1 } else { 0 };
+        last = Some(figures(&body));
+        (same >= 10).then_some(body)
+    });
+
+    // November closes: billing bills it.
+    d.produce_lines(&[login("u3", "2026-12-01T02:00:00+08:00")]);
+    let usage_key = format!("{app}/2026-11");
+    let billed_usage = eventually(Duration::from_secs(90), "November's usage", || {
+        read_all(&d.topic("usage")).into_iter().find(|r| r.key.as_deref() == Some(usage_key.as_bytes()))
+    });
+    let billed_usage: Value = serde_json::from_slice(&billed_usage.value).unwrap();
+    let billed_charges: Vec<Value> = read_all(&d.topic("charges"))
+        .into_iter()
+        .map(|r| serde_json::from_slice::<Value>(&r.value).unwrap())
+        .filter(|c| c["app_id"] == app && c["month"] == "2026-11")
+        .collect();
+    let fee = billed_charges.iter().find(|c| c["item"] == "plan_fee").expect("a plan fee");
+    // The premise: billing took the late change from November 1 and refused November's.
+    assert_eq!((&fee["plan"], &fee["amount"]), (&Value::from("premium"), &Value::from("699.00")), "{fee}");
+    let reasons: Vec<String> =
+        read_all(&d.topic("dead_letters")).into_iter().map(|r| r.headers["reason"].clone()).collect();
+    assert!(
+        reasons.iter().any(|r| r == "late") && reasons.iter().any(|r| r == "invalid_change"),
+        "{reasons:?}"
+    );
+
+    let total: rust_decimal::Decimal = billed_charges
+        .iter()
+        .map(|c| c["amount"].as_str().unwrap().parse::<rust_decimal::Decimal>().unwrap())
+        .sum();
+    assert_eq!(
+        (&open["charges"], &open["total"]),
+        (&Value::from(billed_charges.clone()), &Value::from(format!("{total:.2}"))),
+        "the API priced the open month November unlike billing's bill of it"
+    );
+    assert_eq!(open["usage"], billed_usage, "November's usage");
+    // October stays as billed, Standard.
+    let (status, october) = http_json(address, &format!("/v1/apps/{app}/usage?month=2026-10"));
+    assert_eq!((status, &october["status"]), (200, &Value::from("billed")), "{october}");
+    assert_eq!(october["charges"][0]["plan"], "standard", "{october}");
+
+    // A worker started now reads the bills' marks before the subscriptions: December, open,
+    // is Premium for it as for the worker that read them live.
+    let december = format!("/v1/apps/{app}/usage?month=2026-12");
+    let charges_of = |address| {
+        move || {
+            let (status, body) = http_json(address, &format!("/v1/apps/{app}/usage?month=2026-12"));
+            (status == 200).then_some(body["charges"].clone())
+        }
+    };
+    let live = eventually(Duration::from_secs(60), "December open", charges_of(address));
+    assert_eq!(live[0]["plan"], "premium", "{december}: {live}");
+    let mut second = d.worker_with("b", &settings, &["--role", "bill", "--log-format", "json"]);
+    let started = eventually(
+        Duration::from_secs(60),
+        "December open, on a new worker",
+        charges_of(second.http_address()),
+    );
+    assert_eq!(started, live, "{december}");
+    for w in [&mut worker, &mut second] {
+        w.assert_alive();
+    }
+    second.stop();
+    worker.stop();
+}
+
 #[test]
 fn sasl_passwords_never_reach_the_logs_or_the_printed_config() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());

@@ -2,6 +2,8 @@
 //!
 //! - [`subscription`]: the subscription book — plans, billing modes, migrations and
 //!   audio/video call trials over time, with every rule of SPEC §1.1/§1.2 checked on apply.
+//! - [`subscription_log`]: every subscriptions record read and the book derived from them,
+//!   late where read after its month was billed: what billing and the usage API both keep.
 //! - [`pricing`]: the [`PriceBook`] (out-of-plan rates, the PCC promotion) and the rounding
 //!   rule (cents, half away from zero).
 //! - [`charge`]: [`Charge`] lines (SPEC §3.1) and [`bill_month`], which prices one
@@ -38,6 +40,7 @@ pub mod pricing;
 pub mod projection;
 pub mod publish;
 pub mod subscription;
+pub mod subscription_log;
 
 pub use alert::{quota_alert, QuotaAlert};
 pub use book::{BilledMonth, BilledPositions, BillingBook, BookError, Pricing, RefusedShare, Share};
@@ -48,3 +51,4 @@ pub use publish::BillPart;
 pub use subscription::{
     Subscriptions, Trial, MAX_TRIALS_PER_APP, MAX_TRIAL_APPS_PER_ACCOUNT, TRIAL_LENGTH_MS,
 };
+pub use subscription_log::{SubscriptionLog, SubscriptionRecord};

@@ -149,7 +149,7 @@ fn billed_or_open(api: &Api, app_id: AppId, month: Month, now: Timestamp) -> Res
         let usage =
             ledger.usage.get(&(month, app_id)).cloned().unwrap_or_else(|| MonthlyUsage::empty(app_id, month));
         let charges = ledger.charges.get(&(month, app_id)).cloned().unwrap_or_default();
-        if !ledger.usage.contains_key(&(month, app_id)) && ledger.book.created_at(app_id).is_none() {
+        if !ledger.usage.contains_key(&(month, app_id)) && ledger.book().created_at(app_id).is_none() {
             return Err(unknown(app_id));
         }
         return Ok(Some(json!({
@@ -205,7 +205,7 @@ fn billed_or_open(api: &Api, app_id: AppId, month: Month, now: Timestamp) -> Res
         }
         _ => {}
     }
-    if let Some(created) = ledger.book.created_at(app_id).filter(|c| *c >= tz.end_of_month(month)) {
+    if let Some(created) = ledger.book().created_at(app_id).filter(|c| *c >= tz.end_of_month(month)) {
         return Err(not_found(format!(
             "app {app_id} was created at {}, after {month}",
             created.to_rfc3339(&tz)
@@ -224,7 +224,8 @@ fn open_month(
 ) -> Result<Value, ApiError> {
     let tz = api.config.meter.tz;
     let ledger = api.ledger.state();
-    let known = gathered.seen || ledger.book.knows(app_id) || ledger.usage.keys().any(|(_, a)| *a == app_id);
+    let known =
+        gathered.seen || ledger.book().knows(app_id) || ledger.usage.keys().any(|(_, a)| *a == app_id);
     if !known {
         return Err(unknown(app_id));
     }
@@ -240,9 +241,9 @@ fn open_month(
             .usage(app_id, month, api.config.meter.grid),
     };
     let (start, end) = (tz.start_of_month(month), tz.end_of_month(month));
-    let charges = bill_month(&ledger.book, &usage, &api.config.billing.prices);
+    let charges = bill_month(ledger.book(), &usage, &api.config.billing.prices);
     let projected = project_month_end(&usage, now.millis() - start.millis(), end.millis() - start.millis());
-    let projected_charges = bill_month(&ledger.book, &projected, &api.config.billing.prices);
+    let projected_charges = bill_month(ledger.book(), &projected, &api.config.billing.prices);
     let elapsed_days =
         ((now.millis().clamp(start.millis(), end.millis()) - start.millis()) as f64) / 86_400_000.0;
     Ok(json!({

@@ -23,9 +23,9 @@ use anyhow::Context;
 use im_meter_core::aggregate::parts::Assembler;
 use im_meter_core::aggregate::{billing_partition, ChangelogKey, SubscriptionsRead};
 use im_meter_core::bill::publish::record_keys;
-use im_meter_core::bill::{BilledPositions, BillingBook, Pricing, Subscriptions};
-use im_meter_core::ingest::{decode_subscription_event, RejectReason, Rejection};
-use im_meter_core::time::{Month, Timestamp};
+use im_meter_core::bill::{BilledPositions, BillingBook, Pricing, SubscriptionLog, SubscriptionRecord};
+use im_meter_core::ingest::{RejectReason, Rejection};
+use im_meter_core::time::Month;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::message::Message;
@@ -35,7 +35,7 @@ use tracing::{error, info, warn};
 use super::changelog::{self, HighWatermarks, QuietEof};
 use super::fetch::Fetched;
 use super::output::{DeadLetter, Outbox, TransactionFailed};
-use super::plan_book::{self, SourceRecord};
+use super::plan_book;
 use super::with_retries;
 use crate::config::Config;
 use crate::failpoints::Failpoint;
@@ -143,9 +143,10 @@ impl Restoring {
 /// topic (small: every billing task needs the plans of its apps, and reads them all).
 ///
 /// Whether an event is late depends on which months its app's billing partition had billed
-/// when the event was read: the feed keeps every record and, for each task of this process,
-/// the subscription positions its months were billed at ([`BilledPositions`]); when a task
-/// is restored the book is derived again from the records, so it says what it said live.
+/// when the event was read: the feed's [`SubscriptionLog`] keeps every record and, for each
+/// task of this process, the subscription positions its months were billed at
+/// ([`BilledPositions`]); when a task is restored the book is derived again from the
+/// records, so it says what it said live. (The usage API's ledger keeps the same log.)
 struct SubscriptionFeed {
     consumer: BaseConsumer<QuietEof>,
     /// Where the subscriptions partitions end, every record counted.
@@ -153,16 +154,8 @@ struct SubscriptionFeed {
     topic: String,
     /// Per partition: the offset after the last record applied (from the copy or the topic).
     seen: Vec<Option<i64>>,
-    /// Every record read, with its key; an event's origin in the book is its index here.
-    records: Vec<(SourceRecord, Option<Vec<u8>>)>,
-    book: Subscriptions,
-    /// Billing partitions this process holds → when their months were billed.
-    billed: BTreeMap<i32, BilledPositions>,
-    /// Billing changelog partitions (an app's billing partition says whose it is).
-    partitions: u32,
-    /// Records that are not subscription events at all, each dead-lettered by the billing
-    /// task of the source partition's number, in the bill of the month of its Kafka time.
-    unreadable: Vec<(usize, Month, Rejection)>,
+    /// Every record read, with its key, and the book billing's rule derives from them.
+    log: SubscriptionLog,
     /// Since when (and when it last said so) billing waits for a transaction open in the
     /// subscriptions topic.
     waiting: Option<(Instant, Instant)>,
@@ -182,15 +175,11 @@ impl SubscriptionFeed {
             ends: HighWatermarks::new(client)?,
             topic: topics.subscriptions.clone(),
             seen: vec![None; partitions],
-            records: Vec::new(),
-            book: Subscriptions::new(config.meter.tz),
-            billed: BTreeMap::new(),
-            partitions: billing_partitions,
-            unreadable: Vec::new(),
+            log: SubscriptionLog::new(config.meter.tz, billing_partitions),
             waiting: None,
         };
         for record in std::mem::take(&mut copy.records) {
-            feed.absorb(record, None);
+            feed.absorb(record.into());
         }
         let mut assignment = TopicPartitionList::new();
         for p in 0..partitions as i32 {
@@ -201,59 +190,28 @@ impl SubscriptionFeed {
         }
         feed.consumer.assign(&assignment)?;
         info!(
-            copied = feed.records.len(),
-            apps = feed.book.apps().count(),
+            copied = feed.log.records().len(),
+            apps = feed.log.book().apps().count(),
             "billing: plan book restored from its copy"
         );
         Ok(feed)
     }
 
     /// Keeps one subscription record and records its event in the book, as read now.
-    fn absorb(&mut self, record: SourceRecord, key: Option<Vec<u8>>) {
+    fn absorb(&mut self, record: SubscriptionRecord) {
         if let Some(seen) = self.seen.get_mut(record.partition as usize) {
             *seen = (*seen).max(Some(record.offset + 1));
         }
-        self.records.push((record, key));
-        self.record(self.records.len() - 1, true);
-    }
-
-    /// Records the event of `self.records[index]` in the book, late if its app's billing
-    /// partition had billed its month before the record was read; `first_time`: it was just
-    /// read (an unreadable one is logged once, not at every re-derivation).
-    fn record(&mut self, index: usize, first_time: bool) {
-        let (record, _) = &self.records[index];
-        match decode_subscription_event(&record.payload) {
-            Ok(event) => {
-                let partition = billing_partition(event.app_id, self.partitions) as i32;
-                let first_open = self
-                    .billed
-                    .get(&partition)
-                    .and_then(|b| b.first_open_when_read(record.partition as u32, record.offset));
-                self.book.record(&event, index as u64, first_open);
-            }
-            Err(why) => {
-                if first_time {
-                    warn!(reason = why.reason.code(), detail = %why.detail, "subscription record unreadable");
-                }
-                let record_time = record.timestamp.map(Timestamp).unwrap_or(Timestamp::MIN);
-                self.unreadable.push((index, self.book.tz().month_of(record_time), why));
-            }
+        if let Some(why) = self.log.push(record) {
+            warn!(reason = why.reason.code(), detail = %why.detail, "subscription record unreadable");
         }
     }
 
     /// Notes that billing partition `partition` of this process billed its months at
-    /// `billed`; derives the book again from every record, as this process would have read
-    /// them live.
+    /// `billed`; the book is derived again from every record if that changes what it says,
+    /// as this process would have read them live.
     fn billed_at(&mut self, partition: i32, billed: &BilledPositions) {
-        if self.billed.get(&partition) == Some(billed) {
-            return;
-        }
-        self.billed.insert(partition, billed.clone());
-        self.book = Subscriptions::new(*self.book.tz());
-        self.unreadable.clear();
-        for index in 0..self.records.len() {
-            self.record(index, false);
-        }
+        self.log.billed_at(partition as u32, billed);
     }
 
     /// How far every partition has been read: what a bill made now has seen.
@@ -263,36 +221,20 @@ impl SubscriptionFeed {
     }
 
     /// The dead letters billing partition `partition` publishes with its bill of `month`,
-    /// whose previous bill was of `billed_before`: the refused (and late) events of its apps
-    /// dated in the months in between, and the unreadable records of source partitions of
-    /// its number, by their Kafka time.
+    /// whose previous bill was of `billed_before` ([`SubscriptionLog::refused`]).
     fn dead_letters(&self, partition: i32, month: Month, billed_before: Option<Month>) -> Vec<DeadLetter> {
-        let due = |m: Month| m <= month && billed_before.is_none_or(|b| m > b);
-        let letter = |index: usize, why: Rejection| {
-            let (record, key) = &self.records[index];
+        let refused = self.log.refused(partition as u32, month, billed_before);
+        let letter = |(record, why): (&SubscriptionRecord, Rejection)| {
             let source = Fetched {
                 topic: &self.topic,
-                partition: record.partition,
+                partition: record.partition as i32,
                 offset: record.offset,
-                key: key.as_deref(),
+                key: record.key.as_deref(),
                 payload: &record.payload,
             };
             DeadLetter::of(&source, why)
         };
-        let ours = |app| billing_partition(app, self.partitions) as i32 == partition;
-        let refused = self.book.apps_logged().filter(|a| ours(*a)).flat_map(|a| self.book.refusals(a));
-        let mut letters: Vec<(usize, Rejection)> =
-            refused.filter(|r| due(r.month)).map(|r| (r.origin as usize, r.rejection)).collect();
-        letters.extend(
-            self.unreadable
-                .iter()
-                .filter(|(index, month, _)| {
-                    due(*month) && self.records[*index].0.partition % self.partitions as i32 == partition
-                })
-                .map(|(index, _, why)| (*index, why.clone())),
-        );
-        letters.sort_by_key(|(index, _)| *index);
-        letters.into_iter().map(|(index, why)| letter(index, why)).collect()
+        refused.into_iter().map(letter).collect()
     }
 
     /// Applies the subscription events fetched so far, without waiting for more.
@@ -359,24 +301,22 @@ impl SubscriptionFeed {
 
     /// The next message of the subscriptions reader, owned (so that the feed can change
     /// while it is handled), waiting up to `wait`.
-    fn next(&mut self, wait: Duration) -> Option<KafkaResult<(SourceRecord, Option<Vec<u8>>)>> {
+    fn next(&mut self, wait: Duration) -> Option<KafkaResult<SubscriptionRecord>> {
         self.consumer.poll(wait).map(|r| {
-            r.map(|m| {
-                let record = SourceRecord {
-                    partition: m.partition(),
-                    offset: m.offset(),
-                    timestamp: m.timestamp().to_millis(),
-                    payload: m.payload().unwrap_or_default().to_vec(),
-                };
-                (record, m.key().map(<[u8]>::to_vec))
+            r.map(|m| SubscriptionRecord {
+                partition: m.partition() as u32,
+                offset: m.offset(),
+                timestamp: m.timestamp().to_millis(),
+                key: m.key().map(<[u8]>::to_vec),
+                payload: m.payload().unwrap_or_default().to_vec(),
             })
         })
     }
 
     /// Applies a record. (A partition's end is found by position, in `catch_up`.)
-    fn handle(&mut self, message: KafkaResult<(SourceRecord, Option<Vec<u8>>)>) {
+    fn handle(&mut self, message: KafkaResult<SubscriptionRecord>) {
         match message {
-            Ok((record, key)) => self.absorb(record, key),
+            Ok(record) => self.absorb(record),
             Err(KafkaError::PartitionEOF(_)) => {}
             Err(e) => warn!(error = %e, "subscriptions reader error"),
         }
@@ -898,7 +838,7 @@ fn bill(
     task: &mut Task,
     feed: &mut SubscriptionFeed,
 ) -> anyhow::Result<bool> {
-    let subscriptions = &feed.book;
+    let subscriptions = feed.log.book();
     let Shape { partition, partitions } = shape;
     let pricing = Pricing { subscriptions, prices: &config.billing.prices, grid: config.meter.grid };
     let ours = subscriptions.apps().filter(|a| billing_partition(*a, partitions) as i32 == partition);
@@ -960,7 +900,7 @@ fn bill(
             for letter in &refused {
                 m.events_rejected.with_label_values(&[letter.reason()]).inc();
             }
-            feed.billed.entry(partition).or_default().insert(month, read.clone());
+            feed.log.billed(partition as u32, month, read.clone());
         }
         task.state.book.published(&part, &read);
         let (apps, charges, alerts) =
@@ -1043,7 +983,7 @@ fn alert_as_it_happens(
     if !feed.catch_up()? {
         return Ok(());
     }
-    let alerts = task.state.book.alerts_due(&feed.book);
+    let alerts = task.state.book.alerts_due(feed.log.book());
     if alerts.is_empty() {
         return Ok(());
     }

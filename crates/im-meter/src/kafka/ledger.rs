@@ -2,6 +2,13 @@
 //! stage published (whichever worker billed them) and the subscription book, kept by
 //! following the usage, charges and subscriptions topics (read_committed) from their start.
 //!
+//! The subscription book is billing's: a [`SubscriptionLog`], in which an event read after its
+//! month was billed is late as billing decided it. When each month was billed, in
+//! subscription positions, the ledger learns from the `s/{month}` marks each bill writes to
+//! its billing changelog partition (read first to their end, then followed): the usage and
+//! charges topics say that a month was billed, not what the bill had read. So the usage
+//! API prices an open month as billing will bill it.
+//!
 //! Only the latest `http.history_months` billed months are kept in memory; older ones are
 //! read with `im-meter report`.
 
@@ -11,9 +18,8 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use anyhow::Context;
-use im_meter_core::aggregate::MonthlyUsage;
-use im_meter_core::bill::{Charge, Subscriptions};
-use im_meter_core::ingest::decode_subscription_event;
+use im_meter_core::aggregate::{ChangelogKey, MonthlyUsage, SubscriptionsRead};
+use im_meter_core::bill::{Charge, SubscriptionLog, SubscriptionRecord, Subscriptions};
 use im_meter_core::plan::AppId;
 use im_meter_core::time::Month;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -33,8 +39,9 @@ pub struct LedgerState {
     pub usage: BTreeMap<(Month, AppId), MonthlyUsage>,
     /// Charge lines by month and app, in the order billing emits them (by item).
     pub charges: BTreeMap<(Month, AppId), Vec<Charge>>,
-    /// Every subscription event applied (refused ones left out, as billing does).
-    pub book: Subscriptions,
+    /// Every subscription record read, and the book billing's rule derives from them
+    /// (refused events left out, late ones from the first open month, as billing does).
+    subscriptions: SubscriptionLog,
     /// Whether everything published before the ledger started has been read.
     pub caught_up: bool,
     /// Months before this one were billed but are no longer kept.
@@ -47,6 +54,11 @@ pub struct LedgerState {
 }
 
 impl LedgerState {
+    /// The subscription book, as billing has it.
+    pub fn book(&self) -> &Subscriptions {
+        self.subscriptions.book()
+    }
+
     /// Whether `month` has been billed (some app's usage of it was published).
     pub fn is_billed(&self, month: Month) -> bool {
         self.usage.range((month, 0)..=(month, AppId::MAX)).next().is_some()
@@ -95,7 +107,8 @@ impl Ledger {
             state: Mutex::new(LedgerState {
                 usage: BTreeMap::new(),
                 charges: BTreeMap::new(),
-                book: Subscriptions::new(config.meter.tz),
+                // (The billing partitions are counted when the ledger starts following.)
+                subscriptions: SubscriptionLog::new(config.meter.tz, 1),
                 caught_up: false,
                 forgotten_before: None,
                 usage_deleted: None,
@@ -119,21 +132,43 @@ pub fn follow(config: &Config, ledger: &Ledger, shutdown: &AtomicBool) -> anyhow
     let consumer: BaseConsumer<QuietEof> = changelog::reader(&client)
         .create_with_context(QuietEof)
         .context("cannot create the ledger reader")?;
-    let followed = [&topics.usage, &topics.charges, &topics.subscriptions];
+    let followed = [&topics.usage, &topics.charges, &topics.subscriptions, &topics.billing_changelog];
+    // When each month was billed, first: then every subscription record is judged as it is
+    // read, instead of the book being derived again at each mark read after it.
+    let billing_partitions = changelog::partition_count(&client, &topics.billing_changelog)?;
+    let mut subscriptions = SubscriptionLog::new(config.meter.tz, billing_partitions);
+    let from: Vec<(i32, Offset)> = (0..billing_partitions as i32).map(|p| (p, Offset::Beginning)).collect();
+    let marks_end: BTreeMap<i32, i64> = changelog::read_from(
+        &client,
+        &topics.billing_changelog,
+        &from,
+        changelog::Until::LastStable,
+        |record| {
+            billed_mark(&mut subscriptions, record.partition, record.key, record.value);
+            Ok(())
+        },
+    )?
+    .into_iter()
+    .collect();
     // The subscription history starts in the plan book's copy; the topic is read on from
     // where the copy ends (older records may be gone with the topic's retention).
-    let copy = plan_book::read(&client, &topics.plan_book)?;
-    for record in &copy.records {
-        if let Ok(event) = decode_subscription_event(&record.payload) {
-            let _ = ledger.state().book.apply(&event);
-        }
+    let mut copy = plan_book::read(&client, &topics.plan_book)?;
+    for record in std::mem::take(&mut copy.records) {
+        subscriptions.push(record.into());
     }
+    ledger.state().subscriptions = subscriptions;
     let mut assignment = TopicPartitionList::new();
     // Where each partition ended when the ledger started: caught up once read that far.
     let mut pending = BTreeMap::new();
     for topic in followed {
         for p in 0..changelog::partition_count(&client, topic)? as i32 {
-            let start_at = if topic == &topics.subscriptions { copy.start_of(p) } else { Offset::Beginning };
+            let start_at = if topic == &topics.subscriptions {
+                copy.start_of(p)
+            } else if topic == &topics.billing_changelog {
+                marks_end.get(&p).map_or(Offset::Beginning, |&o| Offset::Offset(o))
+            } else {
+                Offset::Beginning
+            };
             assignment.add_partition_offset(topic, p, start_at)?;
             let (start, end) = consumer.fetch_watermarks(topic, p, Duration::from_secs(30))?;
             if topic == &topics.usage && start > 0 {
@@ -196,11 +231,18 @@ pub fn follow(config: &Config, ledger: &Ledger, shutdown: &AtomicBool) -> anyhow
                     lines.sort_by_key(|c| c.item);
                 }
             })
+        } else if m.topic() == topics.subscriptions.as_str() {
+            // Refused events were dead-lettered by billing; the log leaves them out too.
+            let _ = state.subscriptions.push(SubscriptionRecord {
+                partition: m.partition() as u32,
+                offset: m.offset(),
+                timestamp: m.timestamp().to_millis(),
+                key: None,
+                payload: value.to_vec(),
+            });
+            Ok(())
         } else {
-            // Refused subscription events were dead-lettered by billing; skip them here too.
-            if let Ok(event) = decode_subscription_event(value) {
-                let _ = state.book.apply(&event);
-            }
+            billed_mark(&mut state.subscriptions, m.partition(), m.key(), Some(value));
             Ok(())
         };
         if let Err(e) = read {
@@ -208,6 +250,27 @@ pub fn follow(config: &Config, ledger: &Ledger, shutdown: &AtomicBool) -> anyhow
         }
     }
     Ok(())
+}
+
+/// Notes a bill's `s/{month}` mark in `subscriptions`, if this record of billing changelog
+/// partition `partition` is one; every other record of the changelog is billing's own
+/// business. An unreadable mark is skipped with a warning.
+fn billed_mark(
+    subscriptions: &mut SubscriptionLog,
+    partition: i32,
+    key: Option<&[u8]>,
+    value: Option<&[u8]>,
+) {
+    let Some(Ok(ChangelogKey::SubscriptionsRead { month })) = key.map(ChangelogKey::from_bytes) else {
+        return;
+    };
+    match value.map(SubscriptionsRead::decode) {
+        Some(Ok(read)) => subscriptions.billed(partition as u32, month, read),
+        Some(Err(e)) => {
+            warn!(partition, %month, error = %e, "ledger: unreadable subscription positions skipped")
+        }
+        None => {}
+    }
 }
 
 #[cfg(test)]

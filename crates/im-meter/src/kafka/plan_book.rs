@@ -19,6 +19,7 @@ use std::collections::BTreeMap;
 
 use anyhow::Context;
 use im_meter_core::aggregate::parts::{self, Assembler};
+use im_meter_core::bill::SubscriptionRecord;
 use rdkafka::{ClientConfig, Offset};
 
 use super::changelog;
@@ -44,6 +45,19 @@ impl From<changelog::Record<'_>> for SourceRecord {
             offset: record.offset,
             timestamp: record.timestamp,
             payload: record.value.unwrap_or_default().to_vec(),
+        }
+    }
+}
+
+/// A record as the subscription logs keep it (no key: the copy keeps none).
+impl From<SourceRecord> for SubscriptionRecord {
+    fn from(record: SourceRecord) -> Self {
+        SubscriptionRecord {
+            partition: record.partition as u32,
+            offset: record.offset,
+            timestamp: record.timestamp,
+            key: None,
+            payload: record.payload,
         }
     }
 }
