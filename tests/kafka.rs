@@ -432,6 +432,58 @@ fn the_plan_book_survives_the_subscriptions_topics_retention() {
     one_worker_bills_as(expected(), &d, &[]);
 }
 
+/// The subscriptions topic deleted and created again, a plan change produced into it and
+/// then the history again: the plan book keeps the old history (its copies are keyed by
+/// content, not by offsets that start over), holds the history produced again once, copies
+/// the plan change as read after everything before it (a log offset in the topic's second
+/// incarnation: the record where the reader resumed is not the one it read there), and the
+/// month is billed with it. (Produced again in the same order, a partition's history would
+/// be the same records at the same offsets: the same topic to the reader, rightly.)
+#[test]
+fn a_recreated_subscriptions_topic_loses_no_history_and_copies_what_is_new() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let d = Deployment::new("recreated");
+    let (events, subscriptions) = input();
+    let nothing = d.file("empty.ndjson", &[]);
+    d.produce_files(&nothing, subscriptions);
+    let history: Vec<String> =
+        std::fs::read_to_string(subscriptions).unwrap().lines().map(String::from).collect();
+    let copies = || {
+        let mut by_key = BTreeMap::new();
+        for r in read_all(&d.topic("plan_book")) {
+            by_key.insert((r.partition, r.key.clone().unwrap()), r);
+        }
+        by_key
+    };
+    let billing = d.worker_with("a", &[], &["--role", "bill"]);
+    eventually(Duration::from_secs(120), "the plan book to hold the whole history", || {
+        (copies().len() >= history.len()).then_some(())
+    });
+    billing.stop();
+    let partitions = read_all(&d.topic("subscriptions")).iter().map(|r| r.partition).max().unwrap() + 1;
+    recreate_topic(&d.topic("subscriptions"), partitions.max(3));
+    let change = format!(
+        r#"{{"type":"plan_changed","app_id":1400000001,"ts":"{}-15T00:00:00+08:00","plan":"standard"}}"#,
+        input_month()
+    );
+    let mut again = vec![change.clone()];
+    again.extend(history.iter().cloned());
+    let again_file = d.file("subscriptions-again.ndjson", &again);
+    let want = Expected::of(events, &again_file);
+    d.produce_files(events, &again_file);
+    let mut workers = vec![d.worker("a")];
+    let copied = eventually(Duration::from_secs(120), "the plan change in the plan book", || {
+        copies().into_values().find(|r| r.value == change.as_bytes())
+    });
+    let offset: i64 = copied.headers["source_offset"].parse().unwrap();
+    assert!(offset >= 1 << 40, "copied as read in the topic's second incarnation: {offset}");
+    assert_eq!(copies().len(), history.len() + 1, "the old history kept, the history produced again once");
+    assert_same_as(&want, &d, &mut workers);
+    let log = workers[0].log_text();
+    assert!(!log.contains("expired before the plan book copied them"), "{log}");
+    workers.pop().unwrap().stop();
+}
+
 #[test]
 fn state_larger_than_a_record_is_written_in_parts() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());

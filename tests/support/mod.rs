@@ -478,6 +478,23 @@ pub fn create_topic(topic: &str, partitions: i32, settings: &[(&str, &str)]) {
     }
 }
 
+/// Deletes `topic` and creates it again with `partitions`, as an operator would: its
+/// offsets start over.
+pub fn recreate_topic(topic: &str, partitions: i32) {
+    use rdkafka::admin::{AdminOptions, NewTopic, TopicReplication};
+    let (admin, runtime) = admin();
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    for result in runtime.block_on(admin.delete_topics(&[topic], &options)).unwrap() {
+        result.unwrap();
+    }
+    // The deletion completes in the background: creating fails until it has.
+    eventually(Duration::from_secs(60), "the topic to be created again", || {
+        let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
+        let created = runtime.block_on(admin.create_topics(&[new], &options)).ok()?;
+        created.into_iter().all(|r| r.is_ok()).then_some(())
+    });
+}
+
 /// The value of one setting of `topic`, as the broker reports it.
 pub fn topic_setting(topic: &str, key: &str) -> String {
     use rdkafka::admin::{AdminOptions, ResourceSpecifier};

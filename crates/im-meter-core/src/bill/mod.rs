@@ -51,4 +51,4 @@ pub use publish::BillPart;
 pub use subscription::{
     Subscriptions, Trial, MAX_TRIALS_PER_APP, MAX_TRIAL_APPS_PER_ACCOUNT, TRIAL_LENGTH_MS,
 };
-pub use subscription_log::{SubscriptionLog, SubscriptionRecord};
+pub use subscription_log::{SubscriptionLog, SubscriptionRecord, TopicRead};

@@ -14,6 +14,17 @@
 //! subscriptions at their own paces) judges those records again and derives the book anew,
 //! so every reader ends with the book billing had when it billed.
 //!
+//! **A recreated topic.** Offsets in the log are *log offsets*: the topic's offset, with
+//! above [`INCARNATION_SHIFT`] bits how many times the topic was found deleted and created
+//! again — so they only grow, over every incarnation of the topic, and positions of bills
+//! made before a recreation still say which records were read after them. A reader resumes
+//! one record before where it stopped ([`SubscriptionLog::resume_at`]) and hands each record
+//! with its topic offset to [`SubscriptionLog::read_from_topic`]: a record that goes back
+//! (the reader found its offset gone and started over) or that is not the record the log
+//! holds at that offset means the topic is another one — a new incarnation, read from its
+//! beginning. A record whose bytes the log holds already for its partition (the history
+//! produced again into the new topic, or a producer's retry) is kept once.
+//!
 //! ```
 //! use im_meter_core::aggregate::SubscriptionsRead;
 //! use im_meter_core::bill::{SubscriptionLog, SubscriptionRecord};
@@ -39,6 +50,9 @@
 
 use std::collections::BTreeMap;
 
+use rustc_hash::FxHashMap;
+use xxhash_rust::xxh3::xxh3_64;
+
 use super::{BilledPositions, Subscriptions};
 use crate::aggregate::{billing_partition, SubscriptionsRead};
 use crate::ingest::{decode_subscription_event, Rejection};
@@ -58,6 +72,48 @@ pub struct SubscriptionRecord {
     pub key: Option<Vec<u8>>,
     /// Its value (empty when it had none).
     pub payload: Vec<u8>,
+}
+
+/// Bits of a log offset that hold the topic's offset (a trillion records per partition);
+/// the bits above count the topic's incarnations.
+pub const INCARNATION_SHIFT: u32 = 40;
+
+/// The log offset of `offset` in the topic's `incarnation` (0: as first created).
+pub fn log_offset(incarnation: u32, offset: i64) -> i64 {
+    (i64::from(incarnation) << INCARNATION_SHIFT) | offset
+}
+
+/// The topic offset of a log offset.
+pub fn topic_offset(log_offset: i64) -> i64 {
+    log_offset & ((1 << INCARNATION_SHIFT) - 1)
+}
+
+/// The incarnation of the topic a log offset is in.
+pub fn incarnation(log_offset: i64) -> u32 {
+    (log_offset >> INCARNATION_SHIFT) as u32
+}
+
+/// What [`SubscriptionLog::read_from_topic`] did with a record.
+#[derive(Debug, PartialEq, Eq)]
+pub enum TopicRead {
+    /// Kept (and applied, unless it is not a subscription event: why, then).
+    Kept(Option<Rejection>),
+    /// The log holds the same bytes for its partition already: not kept again.
+    Duplicate,
+    /// The record is not the one the log holds at its offset: the topic was recreated and
+    /// refilled past it. Read the partition again from its beginning.
+    ReadAgain,
+}
+
+/// Where reading one subscriptions partition stands.
+#[derive(Clone, Copy, Debug, Default)]
+struct Cursor {
+    /// The topic's incarnation being read.
+    incarnation: u32,
+    /// The topic offset after the last record kept (`None`: none yet in this incarnation).
+    next: Option<i64>,
+    /// The record before `next` is known (it was pushed), so a reader resuming on it can check it.
+    checked: bool,
 }
 
 /// What a record is to the book.
@@ -83,6 +139,12 @@ pub struct SubscriptionLog {
     billed: BTreeMap<u32, BilledPositions>,
     /// Billing changelog partitions (an app's billing partition says whose bills count).
     billing_partitions: u32,
+    /// Per subscriptions partition: where reading it stands.
+    cursors: BTreeMap<u32, Cursor>,
+    /// (Partition, hash of the bytes) → the records holding them: a record is kept once.
+    contents: FxHashMap<(u32, u64), Vec<usize>>,
+    /// Records not kept again, their bytes already held.
+    duplicates: u64,
 }
 
 impl SubscriptionLog {
@@ -94,6 +156,81 @@ impl SubscriptionLog {
             book: Subscriptions::new(tz),
             billed: BTreeMap::new(),
             billing_partitions: billing_partitions.max(1),
+            cursors: BTreeMap::new(),
+            contents: FxHashMap::default(),
+            duplicates: 0,
+        }
+    }
+
+    /// Records not kept because the log held their bytes for their partition already.
+    pub fn duplicates(&self) -> u64 {
+        self.duplicates
+    }
+
+    /// The index of the record holding `payload` in `partition`, if any.
+    fn holding(&self, partition: u32, payload: &[u8]) -> Option<usize> {
+        let same = self.contents.get(&(partition, xxh3_64(payload)))?;
+        same.iter().copied().find(|&i| self.records[i].payload == payload)
+    }
+
+    /// The topic offset to resume reading `partition` at: one before the next record, so
+    /// that the reader finds out whether the topic is still the one the log read
+    /// (`None`: from its beginning).
+    pub fn resume_at(&self, partition: u32) -> Option<i64> {
+        let cursor = self.cursors.get(&partition)?;
+        let next = cursor.next?;
+        Some(if cursor.checked { (next - 1).max(0) } else { next })
+    }
+
+    /// The topic offset after the last record kept of `partition` in the incarnation being
+    /// read (`None`: none yet).
+    pub fn next_topic_offset(&self, partition: u32) -> Option<i64> {
+        self.cursors.get(&partition)?.next
+    }
+
+    /// The log offset after the last record read of `partition` (`None`: none read).
+    pub fn position(&self, partition: u32) -> Option<i64> {
+        let cursor = self.cursors.get(&partition)?;
+        Some(log_offset(cursor.incarnation, cursor.next.unwrap_or(0)))
+    }
+
+    /// How far each of `partitions` subscriptions partitions has been read, in log offsets:
+    /// what a bill made now has seen.
+    pub fn read_positions(&self, partitions: u32) -> SubscriptionsRead {
+        SubscriptionsRead((0..partitions).map(|p| (p, self.position(p).unwrap_or(0))).collect())
+    }
+
+    /// Hands over a record read from the subscriptions topic, `record.offset` its topic
+    /// offset: kept with its log offset, a duplicate, or the sign that the topic was
+    /// recreated (module documentation).
+    pub fn read_from_topic(&mut self, mut record: SubscriptionRecord) -> TopicRead {
+        let partition = record.partition;
+        let cursor = self.cursors.get(&partition).copied().unwrap_or_default();
+        let mut incarnation = cursor.incarnation;
+        if let Some(next) = cursor.next {
+            let resumed_on = next - 1;
+            if record.offset < resumed_on {
+                // Gone back: the reader found its offset past the partition's end (a new,
+                // shorter topic) and started over from its beginning.
+                incarnation += 1;
+            } else if record.offset == resumed_on && cursor.checked {
+                // The record the reader resumed on: the one the log holds, or another topic.
+                let held = self.holding(partition, &record.payload);
+                if held.is_some_and(|i| self.records[i].offset == log_offset(incarnation, resumed_on)) {
+                    return TopicRead::Duplicate;
+                }
+                self.cursors
+                    .insert(partition, Cursor { incarnation: incarnation + 1, next: None, checked: false });
+                return TopicRead::ReadAgain;
+            }
+        }
+        record.offset = log_offset(incarnation, record.offset);
+        if incarnation != cursor.incarnation {
+            self.cursors.insert(partition, Cursor { incarnation, next: None, checked: false });
+        }
+        match self.push(record) {
+            Some(unreadable) => TopicRead::Kept(unreadable.cloned()),
+            None => TopicRead::Duplicate,
         }
     }
 
@@ -107,11 +244,27 @@ impl SubscriptionLog {
         &self.records
     }
 
-    /// Keeps a record just read and records its event in the book, late for the months its
-    /// app's billing partition had billed before it was read. Returns why the record is not
-    /// a subscription event, if it is not (it stays in the log, for the dead letters).
-    pub fn push(&mut self, record: SubscriptionRecord) -> Option<&Rejection> {
+    /// Keeps a record just read (`record.offset`: its log offset) and records its event in
+    /// the book, late for the months its app's billing partition had billed before it was
+    /// read. `None` if the log holds its bytes for its partition already (not kept again);
+    /// else `Some` with why the record is not a subscription event, if it is not (it stays
+    /// in the log, for the dead letters).
+    pub fn push(&mut self, record: SubscriptionRecord) -> Option<Option<&Rejection>> {
+        let duplicate = self.holding(record.partition, &record.payload).is_some();
+        let (read_in, next) = (incarnation(record.offset), topic_offset(record.offset) + 1);
+        let cursor = self.cursors.entry(record.partition).or_default();
+        if read_in > cursor.incarnation
+            || (read_in == cursor.incarnation && cursor.next.is_none_or(|n| next > n))
+        {
+            // `checked`: the log holds this record at this offset, to check a resumed read on.
+            *cursor = Cursor { incarnation: read_in, next: Some(next), checked: !duplicate };
+        }
+        if duplicate {
+            self.duplicates += 1;
+            return None;
+        }
         let origin = self.records.len() as u64;
+        self.contents.entry((record.partition, xxh3_64(&record.payload))).or_default().push(origin as usize);
         let judged = match decode_subscription_event(&record.payload) {
             Ok(event) => {
                 let first_open = first_open(&self.billed, self.billing_partitions, event.app_id, &record);
@@ -125,10 +278,10 @@ impl SubscriptionLog {
         };
         self.records.push(record);
         self.judged.push(judged);
-        match self.judged.last() {
+        Some(match self.judged.last() {
             Some(Judged::Unreadable { why, .. }) => Some(why),
             _ => None,
-        }
+        })
     }
 
     /// Notes that billing partition `partition` billed `month` when the subscriptions had
@@ -301,7 +454,7 @@ mod tests {
         let (billed_app, other, records) = records();
         let mut log = SubscriptionLog::new(BillingTz::default(), 2);
         for r in records.iter().take(4).cloned() {
-            assert!(log.push(r).is_none());
+            assert_eq!(log.push(r), Some(None));
         }
         log.billed(0, month("2026-10"), october_billed());
         for r in records.iter().skip(4).cloned() {
@@ -395,5 +548,54 @@ mod tests {
         log.billed(0, month("2026-11"), SubscriptionsRead([(0, records.len() as i64)].into()));
         assert_eq!(view(&log, &[billed_app, other]), before);
         assert_eq!(log.records().len(), records.len());
+    }
+
+    /// The subscriptions topic deleted and created again: its offsets start over, and a
+    /// change read from it after October was billed must still be late for October — under
+    /// bare topic offsets it sat below October's positions and counted as read before.
+    #[test]
+    fn a_recreated_topic_is_a_new_incarnation_read_after_every_earlier_bill() {
+        let app = (1..).find(|a| billing_partition(*a, 1) == 0).unwrap();
+        let first = [created(app), change(app, "2026-02-01T00:00:00+08:00", "standard")];
+        let premium = change(app, "2026-10-20T10:00:00+08:00", "premium");
+        let fresh = || {
+            let mut log = SubscriptionLog::new(BillingTz::default(), 1);
+            for (i, line) in first.iter().enumerate() {
+                assert_eq!(log.read_from_topic(record(0, i as i64, line)), TopicRead::Kept(None));
+            }
+            // October billed with both read (partition 0 read to offset 2).
+            log.billed(0, month("2026-10"), SubscriptionsRead([(0, 2)].into()));
+            assert_eq!(log.resume_at(0), Some(1), "resumes on the last record, to check it");
+            log
+        };
+        let premium_from = |log: &SubscriptionLog| log.book().plan_at(app, ts("2026-10-25T00:00:00+08:00"));
+
+        // The same topic: the record resumed on is the one held, the next is read after it.
+        let mut same = fresh();
+        assert_eq!(same.read_from_topic(record(0, 1, &first[1])), TopicRead::Duplicate);
+        assert_eq!(same.read_from_topic(record(0, 2, &premium)), TopicRead::Kept(None));
+        assert_eq!(same.records()[2].offset, 2);
+        assert_eq!(premium_from(&same), Some(Plan::Standard), "late: October was billed");
+
+        // Recreated, shorter: the reader starts over at 0, below where it resumed. The
+        // history produced again is kept once; the change is late as it would have been.
+        let mut shorter = fresh();
+        assert_eq!(shorter.read_from_topic(record(0, 0, &first[0])), TopicRead::Duplicate);
+        assert_eq!(shorter.read_from_topic(record(0, 1, &premium)), TopicRead::Kept(None));
+        assert_eq!(shorter.records()[2].offset, log_offset(1, 1));
+        assert_eq!(premium_from(&shorter), Some(Plan::Standard), "late: read after October's bill");
+        assert_eq!(shorter.book().plan_at(app, ts("2026-11-01T00:00:00+08:00")), Some(Plan::Premium));
+        assert_eq!(shorter.read_positions(1), SubscriptionsRead([(0, log_offset(1, 2))].into()));
+
+        // Recreated and refilled past where it resumed: the record there is another one, so
+        // the partition is read again from its beginning, as a new incarnation.
+        let mut refilled = fresh();
+        assert_eq!(refilled.read_from_topic(record(0, 1, &premium)), TopicRead::ReadAgain);
+        assert_eq!(refilled.resume_at(0), None, "from the beginning");
+        assert_eq!(refilled.read_from_topic(record(0, 0, &first[0])), TopicRead::Duplicate);
+        assert_eq!(refilled.read_from_topic(record(0, 1, &premium)), TopicRead::Kept(None));
+        assert_eq!(refilled.records()[2].offset, log_offset(1, 1));
+        assert_eq!(premium_from(&refilled), Some(Plan::Standard));
+        assert_eq!(refilled.duplicates(), 1);
     }
 }

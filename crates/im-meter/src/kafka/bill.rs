@@ -23,7 +23,10 @@ use anyhow::Context;
 use im_meter_core::aggregate::parts::Assembler;
 use im_meter_core::aggregate::{billing_partition, ChangelogKey, SubscriptionsRead};
 use im_meter_core::bill::publish::record_keys;
-use im_meter_core::bill::{BilledPositions, BillingBook, Pricing, SubscriptionLog, SubscriptionRecord};
+use im_meter_core::bill::subscription_log::{incarnation, topic_offset};
+use im_meter_core::bill::{
+    BilledPositions, BillingBook, Pricing, SubscriptionLog, SubscriptionRecord, TopicRead,
+};
 use im_meter_core::ingest::{RejectReason, Rejection};
 use im_meter_core::time::Month;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
@@ -152,9 +155,10 @@ struct SubscriptionFeed {
     /// Where the subscriptions partitions end, every record counted.
     ends: HighWatermarks,
     topic: String,
-    /// Per partition: the offset after the last record applied (from the copy or the topic).
-    seen: Vec<Option<i64>>,
-    /// Every record read, with its key, and the book billing's rule derives from them.
+    /// Subscriptions partitions.
+    partitions: u32,
+    /// Every record read, with its key, and the book billing's rule derives from them; where
+    /// each partition's reading stands.
     log: SubscriptionLog,
     /// Since when (and when it last said so) billing waits for a transaction open in the
     /// subscriptions topic.
@@ -168,42 +172,56 @@ impl SubscriptionFeed {
         let consumer: BaseConsumer<QuietEof> = changelog::reader(client)
             .create_with_context(QuietEof)
             .context("cannot create the subscriptions reader")?;
-        let partitions = changelog::partition_count(client, &topics.subscriptions)? as usize;
-        let mut copy = plan_book::read(client, &topics.plan_book)?;
-        let mut feed = SubscriptionFeed {
+        let partitions = changelog::partition_count(client, &topics.subscriptions)?;
+        let mut log = SubscriptionLog::new(config.meter.tz, billing_partitions);
+        for record in plan_book::read(client, &topics.plan_book)? {
+            if let Some(Some(why)) = log.push(record) {
+                warn!(reason = why.reason.code(), detail = %why.detail, "subscription record unreadable");
+            }
+        }
+        let mut assignment = TopicPartitionList::new();
+        for p in 0..partitions {
+            let start = log.resume_at(p).map_or(Offset::Beginning, Offset::Offset);
+            assignment.add_partition_offset(&topics.subscriptions, p as i32, start)?;
+        }
+        consumer.assign(&assignment)?;
+        info!(
+            copied = log.records().len(),
+            apps = log.book().apps().count(),
+            "billing: plan book restored from its copy"
+        );
+        Ok(SubscriptionFeed {
             consumer,
             ends: HighWatermarks::new(client)?,
             topic: topics.subscriptions.clone(),
-            seen: vec![None; partitions],
-            log: SubscriptionLog::new(config.meter.tz, billing_partitions),
+            partitions,
+            log,
             waiting: None,
-        };
-        for record in std::mem::take(&mut copy.records) {
-            feed.absorb(record.into());
-        }
-        let mut assignment = TopicPartitionList::new();
-        for p in 0..partitions as i32 {
-            assignment.add_partition_offset(&topics.subscriptions, p, copy.start_of(p))?;
-            if let Some(seen) = feed.seen.get_mut(p as usize) {
-                *seen = copy.ends.get(&p).copied();
-            }
-        }
-        feed.consumer.assign(&assignment)?;
-        info!(
-            copied = feed.log.records().len(),
-            apps = feed.log.book().apps().count(),
-            "billing: plan book restored from its copy"
-        );
-        Ok(feed)
+        })
     }
 
-    /// Keeps one subscription record and records its event in the book, as read now.
+    /// Keeps one record read from the topic and records its event in the book, as read now;
+    /// a record that says the topic was created again makes its partition be read again from
+    /// the beginning ([`SubscriptionLog::read_from_topic`]).
     fn absorb(&mut self, record: SubscriptionRecord) {
-        if let Some(seen) = self.seen.get_mut(record.partition as usize) {
-            *seen = (*seen).max(Some(record.offset + 1));
-        }
-        if let Some(why) = self.log.push(record) {
-            warn!(reason = why.reason.code(), detail = %why.detail, "subscription record unreadable");
+        let partition = record.partition;
+        match self.log.read_from_topic(record) {
+            TopicRead::Kept(None) | TopicRead::Duplicate => {}
+            TopicRead::Kept(Some(why)) => {
+                warn!(reason = why.reason.code(), detail = %why.detail, "subscription record unreadable")
+            }
+            TopicRead::ReadAgain => {
+                warn!(topic = %self.topic, partition, "the subscriptions topic was created again: reading the partition from its beginning as a new incarnation (docs/operations.md, \"Recreating the subscriptions topic\")");
+                let seek = self.consumer.seek(
+                    &self.topic,
+                    partition as i32,
+                    Offset::Beginning,
+                    Duration::from_secs(10),
+                );
+                if let Err(e) = seek {
+                    error!(error = %e, partition, "cannot read the subscriptions partition again; restarting the stage");
+                }
+            }
         }
     }
 
@@ -216,8 +234,7 @@ impl SubscriptionFeed {
 
     /// How far every partition has been read: what a bill made now has seen.
     fn read_positions(&self) -> SubscriptionsRead {
-        let seen = self.seen.iter().enumerate();
-        SubscriptionsRead(seen.map(|(p, seen)| (p as u32, seen.unwrap_or(0))).collect())
+        self.log.read_positions(self.partitions)
     }
 
     /// The dead letters billing partition `partition` publishes with its bill of `month`,
@@ -228,7 +245,7 @@ impl SubscriptionFeed {
             let source = Fetched {
                 topic: &self.topic,
                 partition: record.partition as i32,
-                offset: record.offset,
+                offset: topic_offset(record.offset),
                 key: record.key.as_deref(),
                 payload: &record.payload,
             };
@@ -250,8 +267,8 @@ impl SubscriptionFeed {
     /// `false` if that did not happen within [`CATCH_UP_WAIT`] (a transaction open, or much
     /// to read): the caller tries again at its next round, billing nothing meanwhile.
     fn catch_up(&mut self) -> anyhow::Result<bool> {
-        let mut ends = Vec::with_capacity(self.seen.len());
-        for p in 0..self.seen.len() as i32 {
+        let mut ends = Vec::with_capacity(self.partitions as usize);
+        for p in 0..self.partitions as i32 {
             let (low, high) = self.ends.of(&self.topic, p, Duration::from_secs(30))?;
             ends.push((high > low).then_some(high));
         }
@@ -265,7 +282,8 @@ impl SubscriptionFeed {
                 .filter_map(|(p, end)| Some((p, (*end)?)))
                 .filter(|&(p, end)| {
                     // Past a transaction's marker the position moves on without a record.
-                    let at = self.seen[p].max(changelog::position_of(&positions, &self.topic, p as i32));
+                    let read = self.log.next_topic_offset(p as u32);
+                    let at = read.max(changelog::position_of(&positions, &self.topic, p as i32));
                     at.is_none_or(|at| at < end)
                 })
                 .collect();
@@ -286,7 +304,7 @@ impl SubscriptionFeed {
                     warn!(
                         topic = %self.topic,
                         partitions_and_ends = ?short,
-                        seen = ?self.seen,
+                        read = ?self.log.read_positions(self.partitions),
                         waiting_s = since.elapsed().as_secs(),
                         "billing: the subscriptions are not read to their high watermark yet; billing is {WAITS_FOR_OPEN_TRANSACTIONS} to end (or for the rest to be read)"
                     );
@@ -330,23 +348,27 @@ impl SubscriptionFeed {
 /// whether it copied anything.
 fn copy_subscriptions(
     config: &Config,
-    client: &ClientConfig,
     shape: Shape,
     task: &mut Task,
     feed: &SubscriptionFeed,
 ) -> anyhow::Result<bool> {
     let topics = &config.file.topics;
-    for (j, seen) in feed.seen.iter().enumerate() {
-        let j = j as i32;
-        let copied = task.state.copied.get(&j).copied();
-        if j % shape.partitions as i32 != shape.partition || *seen <= copied {
+    for j in 0..feed.partitions {
+        let copied = task.state.copied.get(&(j as i32)).copied();
+        let read = feed.log.position(j);
+        if j % shape.partitions != shape.partition as u32 || read <= copied {
             continue;
         }
-        let from = copied.map_or(Offset::Beginning, Offset::Offset);
-        let (records, end) = plan_book::read_source(client, &topics.subscriptions, j, from)?;
-        let Some(end) = end else { continue };
+        let Some(read) = read else { continue };
+        // In log offsets: a record of a topic created again comes after every earlier one.
+        let records: Vec<&SubscriptionRecord> = feed
+            .log
+            .records()
+            .iter()
+            .filter(|r| r.partition == j && copied.is_none_or(|c| r.offset >= c))
+            .collect();
         if let (Some(first), Some(copied)) = (records.first(), copied) {
-            if first.offset > copied {
+            if first.offset > copied && incarnation(first.offset) == incarnation(copied) {
                 error!(
                     partition = j,
                     from = copied,
@@ -355,14 +377,14 @@ fn copy_subscriptions(
                 );
             }
         }
-        let mark = ChangelogKey::PlanCopied { partition: j as u32 };
+        let mark = ChangelogKey::PlanCopied { partition: j };
         let result = task.outbox.transaction(|tx| {
             plan_book::copy(tx, &topics.plan_book, &records, config.kafka.max_value_bytes)?;
             tx.send(
                 &topics.billing_changelog,
                 Some(shape.partition),
                 &mark.to_bytes(),
-                Some(end.to_string().as_bytes()),
+                Some(read.to_string().as_bytes()),
                 None,
             )
         });
@@ -371,10 +393,10 @@ fn copy_subscriptions(
                 info!(
                     partition = j,
                     records = records.len(),
-                    next = end,
+                    next = read,
                     "billing: subscriptions copied into the plan book"
                 );
-                task.state.copied.insert(j, end);
+                task.state.copied.insert(j as i32, read);
             }
             Err(failure) => failed(task, "plan book copy", failure)?,
         }
@@ -576,7 +598,7 @@ fn serve_tasks(
         }
         if !copied {
             let shape = Shape { partition: p, partitions };
-            copied = copy_subscriptions(config, client, shape, task, subscriptions)?;
+            copied = copy_subscriptions(config, shape, task, subscriptions)?;
         }
         // After a transaction whose outcome is unknown, nothing more until the task is
         // read back (the stage loop does that after this round).

@@ -179,6 +179,8 @@ pub struct Record<'a> {
     pub value: Option<&'a [u8]>,
     /// Its timestamp (epoch milliseconds), if it has one.
     pub timestamp: Option<i64>,
+    /// Its headers, if it has any.
+    pub headers: Option<&'a rdkafka::message::BorrowedHeaders>,
 }
 
 /// Calls `each` for every committed record of the given partitions of `topic` (all of them
@@ -260,6 +262,7 @@ pub fn read_from(
                 key: m.key(),
                 value: m.payload(),
                 timestamp: m.timestamp().to_millis(),
+                headers: m.headers(),
             })?,
             Some(Err(KafkaError::PartitionEOF(_))) => at_end += 1,
             // Transient (a broker restarting): librdkafka reconnects; the deadline bounds it.

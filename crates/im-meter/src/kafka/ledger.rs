@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use im_meter_core::aggregate::{ChangelogKey, MonthlyUsage, SubscriptionsRead};
-use im_meter_core::bill::{Charge, SubscriptionLog, SubscriptionRecord, Subscriptions};
+use im_meter_core::bill::{Charge, SubscriptionLog, SubscriptionRecord, Subscriptions, TopicRead};
 use im_meter_core::plan::AppId;
 use im_meter_core::time::Month;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -152,10 +152,12 @@ pub fn follow(config: &Config, ledger: &Ledger, shutdown: &AtomicBool) -> anyhow
     .collect();
     // The subscription history starts in the plan book's copy; the topic is read on from
     // where the copy ends (older records may be gone with the topic's retention).
-    let mut copy = plan_book::read(&client, &topics.plan_book)?;
-    for record in std::mem::take(&mut copy.records) {
-        subscriptions.push(record.into());
+    for record in plan_book::read(&client, &topics.plan_book)? {
+        subscriptions.push(record);
     }
+    let resume_at: Vec<Option<i64>> = (0..changelog::partition_count(&client, &topics.subscriptions)?)
+        .map(|p| subscriptions.resume_at(p))
+        .collect();
     ledger.state().subscriptions = subscriptions;
     let mut assignment = TopicPartitionList::new();
     // Where each partition ended when the ledger started: caught up once read that far.
@@ -163,7 +165,7 @@ pub fn follow(config: &Config, ledger: &Ledger, shutdown: &AtomicBool) -> anyhow
     for topic in followed {
         for p in 0..changelog::partition_count(&client, topic)? as i32 {
             let start_at = if topic == &topics.subscriptions {
-                copy.start_of(p)
+                resume_at.get(p as usize).copied().flatten().map_or(Offset::Beginning, Offset::Offset)
             } else if topic == &topics.billing_changelog {
                 marks_end.get(&p).map_or(Offset::Beginning, |&o| Offset::Offset(o))
             } else {
@@ -233,13 +235,21 @@ pub fn follow(config: &Config, ledger: &Ledger, shutdown: &AtomicBool) -> anyhow
             })
         } else if m.topic() == topics.subscriptions.as_str() {
             // Refused events were dead-lettered by billing; the log leaves them out too.
-            let _ = state.subscriptions.push(SubscriptionRecord {
+            let read = state.subscriptions.read_from_topic(SubscriptionRecord {
                 partition: m.partition() as u32,
                 offset: m.offset(),
                 timestamp: m.timestamp().to_millis(),
                 key: None,
                 payload: value.to_vec(),
             });
+            if read == TopicRead::ReadAgain {
+                // The topic was created again and refilled past where the ledger was.
+                warn!(
+                    partition = m.partition(),
+                    "ledger: the subscriptions topic was created again; reading it from its beginning"
+                );
+                consumer.seek(m.topic(), m.partition(), Offset::Beginning, Duration::from_secs(10))?;
+            }
             Ok(())
         } else {
             billed_mark(&mut state.subscriptions, m.partition(), m.key(), Some(value));

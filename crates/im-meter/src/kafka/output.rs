@@ -153,16 +153,20 @@ impl Transaction<'_> {
         self.queue(topic, record)
     }
 
-    /// Queues a copy of a record to partition `partition`, with the original's timestamp.
-    pub fn send_at(
+    /// Queues a copy of a record to partition `partition`, with the original's timestamp
+    /// and one header (`name`, `value`) saying where it came from.
+    pub fn send_copy(
         &self,
         topic: &str,
         partition: i32,
         key: &[u8],
         value: &[u8],
         timestamp: Option<i64>,
+        (name, header): (&str, &str),
     ) -> anyhow::Result<()> {
-        let mut record = BaseRecord::<[u8], [u8]>::to(topic).partition(partition).key(key).payload(value);
+        let headers = OwnedHeaders::new().insert(Header { key: name, value: Some(header) });
+        let mut record =
+            BaseRecord::<[u8], [u8]>::to(topic).partition(partition).key(key).payload(value).headers(headers);
         if let Some(ts) = timestamp {
             record = record.timestamp(ts);
         }

@@ -1,147 +1,103 @@
 //! The plan book's durable history: billing copies every record of the subscriptions topic,
 //! byte for byte, into a compacted topic (`topics.plan_book`), so that the subscription
-//! history every bill depends on outlives the subscriptions topic's retention.
+//! history every bill depends on outlives the subscriptions topic's retention — and its
+//! deletion: a topic created again under the same name starts its offsets over.
 //!
 //! Subscriptions partition *j* is copied into plan-book partition *j*, each record keyed by
-//! its source offset (decimal text, so compaction never removes one) with its original
-//! timestamp; a record larger than the topic takes is copied in parts
-//! ([`im_meter_core::aggregate::parts`]: `{offset}#0…` then a header under `{offset}`), and
-//! read back whole. The copy of *j* is made by the billing task of changelog partition
-//! `j % changelog partitions`, in a transaction of that task's producer that also moves the
-//! task's copy mark (`o/{j}` in its changelog partition): a task's new owner fences the old
+//! the SHA-256 of its bytes (hex), so that compaction never removes one and the same bytes
+//! copied again (the history produced again into a recreated topic) are one record, with
+//! its original timestamp and its *log offset* (the topic offset and the topic's
+//! incarnation, [`im_meter_core::bill::subscription_log`]) in header `source_offset`. A
+//! record larger than the topic takes is copied in parts ([`im_meter_core::aggregate::parts`]:
+//! `{key}#0…` then a header under `{key}`), and read back whole. Copies written before keys
+//! were contents are keyed by their source offset (decimal text) and read as such.
+//!
+//! The copy of *j* is made by the billing task of changelog partition `j % changelog
+//! partitions`, from what its [`SubscriptionLog`](im_meter_core::bill::SubscriptionLog) has
+//! read, in a transaction of that task's producer that also moves the task's copy mark
+//! (`o/{j}`, a log offset, in its changelog partition): a task's new owner fences the old
 //! one and goes on from the mark, so every record is copied once.
 //!
-//! Whoever needs the plan book (the billing feed, the usage API's ledger) reads the copy
-//! first, then the subscriptions topic from where the copy ends: the same records in the same
-//! order per partition as the whole topic, whatever retention removed since.
+//! Whoever needs the plan book (the billing feed, the usage API's ledger) pushes the copy
+//! into its log first, then reads the subscriptions topic from where the log says
+//! ([`SubscriptionLog::resume_at`](im_meter_core::bill::SubscriptionLog::resume_at)): the
+//! same records in the same order per partition as the whole topic's history, whatever
+//! retention removed and whatever topic was created again since.
 
 use std::collections::BTreeMap;
 
 use anyhow::Context;
 use im_meter_core::aggregate::parts::{self, Assembler};
 use im_meter_core::bill::SubscriptionRecord;
-use rdkafka::{ClientConfig, Offset};
+use rdkafka::message::Headers;
+use rdkafka::ClientConfig;
+use sha2::{Digest, Sha256};
 
 use super::changelog;
 use super::output::Transaction;
 
-/// A record of the subscriptions topic, read from it or from the copy.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SourceRecord {
-    /// Its partition in the subscriptions topic.
-    pub partition: i32,
-    /// Its offset there.
-    pub offset: i64,
-    /// Its timestamp (epoch milliseconds), if it had one.
-    pub timestamp: Option<i64>,
-    /// Its value (empty when it had none).
-    pub payload: Vec<u8>,
-}
+/// The header of a copy that holds its log offset.
+const SOURCE_OFFSET: &str = "source_offset";
 
-impl From<changelog::Record<'_>> for SourceRecord {
-    fn from(record: changelog::Record<'_>) -> Self {
-        SourceRecord {
-            partition: record.partition,
-            offset: record.offset,
-            timestamp: record.timestamp,
-            payload: record.value.unwrap_or_default().to_vec(),
-        }
-    }
-}
-
-/// A record as the subscription logs keep it (no key: the copy keeps none).
-impl From<SourceRecord> for SubscriptionRecord {
-    fn from(record: SourceRecord) -> Self {
-        SubscriptionRecord {
-            partition: record.partition as u32,
-            offset: record.offset,
-            timestamp: record.timestamp,
-            key: None,
-            payload: record.payload,
-        }
-    }
-}
-
-/// What the copy holds: the copied records, by partition then offset, and for each
-/// partition the subscriptions offset from which the topic is read on.
-#[derive(Debug, Default)]
-pub struct Copy {
-    /// Copied records, oldest first within each partition.
-    pub records: Vec<SourceRecord>,
-    /// Subscriptions partition → the offset after its last copied record.
-    pub ends: BTreeMap<i32, i64>,
-}
-
-impl Copy {
-    /// Where to start reading subscriptions partition `p`: after the copy, or its beginning.
-    pub fn start_of(&self, partition: i32) -> Offset {
-        self.ends.get(&partition).map_or(Offset::Beginning, |&o| Offset::Offset(o))
-    }
-}
-
-/// Reads the whole copy (committed records only), values copied in parts whole.
-pub fn read(client: &ClientConfig, topic: &str) -> anyhow::Result<Copy> {
-    let mut copy = Copy::default();
+/// Reads the whole copy (committed records only), values copied in parts whole: the
+/// records with their log offsets, by partition then offset.
+pub fn read(client: &ClientConfig, topic: &str) -> anyhow::Result<Vec<SubscriptionRecord>> {
+    let mut records = Vec::new();
     // Parts and their header are in one partition, in order: one assembler per partition.
     let mut assemblers: BTreeMap<i32, Assembler> = BTreeMap::new();
     changelog::read_to_end(client, topic, &[], |record| {
         let key = record.key.unwrap_or_default();
+        let offset = record.headers.and_then(|h| {
+            h.iter()
+                .find(|h| h.key == SOURCE_OFFSET)
+                .and_then(|h| std::str::from_utf8(h.value?).ok()?.parse().ok())
+        });
         let assembler = assemblers.entry(record.partition).or_default();
         let whole = assembler
             .feed(key, record.value)
             .with_context(|| format!("{topic}: a record copied in parts is damaged at {}", record.offset))?;
         let Some(whole) = whole else { return Ok(()) };
-        let offset: i64 = std::str::from_utf8(whole.key)
-            .ok()
-            .and_then(|k| k.parse().ok())
-            .with_context(|| format!("{topic}: a key that is not a source offset at {}", record.offset))?;
-        let end = copy.ends.entry(record.partition).or_default();
-        *end = (*end).max(offset + 1);
-        // The copy's own offset is not the source's: the key says where it came from.
-        copy.records.push(SourceRecord {
-            partition: record.partition,
+        // A copy keyed by its source offset (before keys were contents) says it in its key.
+        let offset =
+            offset.or_else(|| std::str::from_utf8(whole.key).ok()?.parse().ok()).with_context(|| {
+                format!(
+                    "{topic}: a copy with neither a source offset header nor a source offset key at {}",
+                    record.offset
+                )
+            })?;
+        // The copy's own offset is not the source's: the header (or key) says where it came from.
+        records.push(SubscriptionRecord {
+            partition: record.partition as u32,
             offset,
             timestamp: record.timestamp,
+            key: None,
             payload: whole.value.map(|v| v.into_owned()).unwrap_or_default(),
         });
         Ok(())
     })?;
     // Read per partition in offset order already; sorted to say so.
-    copy.records.sort_by_key(|r| (r.partition, r.offset));
-    Ok(copy)
+    records.sort_by_key(|r| (r.partition, r.offset));
+    Ok(records)
 }
 
-/// Reads subscriptions partition `partition` from `from` to its end: its records, and the
-/// offset to copy from next time (the position reached, past any transaction marker).
-pub fn read_source(
-    client: &ClientConfig,
-    topic: &str,
-    partition: i32,
-    from: Offset,
-) -> anyhow::Result<(Vec<SourceRecord>, Option<i64>)> {
-    let mut records = Vec::new();
-    let ends =
-        changelog::read_from(client, topic, &[(partition, from)], changelog::Until::LastStable, |record| {
-            records.push(SourceRecord::from(record));
-            Ok(())
-        })?;
-    let end = ends.iter().find(|(p, _)| *p == partition).map(|(_, o)| *o);
-    let last = records.last().map(|r| r.offset + 1);
-    Ok((records, end.max(last)))
+/// The key of a record's copy: the SHA-256 of its bytes, in hex.
+pub fn copy_key(payload: &[u8]) -> String {
+    Sha256::digest(payload).iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Queues the copies of `records` in transaction `tx`, each in parts if it is over
-/// `max_value` bytes.
+/// Queues the copies of `records` (log offsets) in transaction `tx`, each in parts if it
+/// is over `max_value` bytes.
 pub fn copy(
     tx: &Transaction<'_>,
     topic: &str,
-    records: &[SourceRecord],
+    records: &[&SubscriptionRecord],
     max_value: usize,
 ) -> anyhow::Result<()> {
     for r in records {
-        let (copies, _) = parts::split(r.offset.to_string().as_bytes(), r.payload.clone(), max_value);
+        let offset = r.offset.to_string();
+        let (copies, _) = parts::split(copy_key(&r.payload).as_bytes(), r.payload.clone(), max_value);
         for (key, value) in &copies {
-            tx.send_at(topic, r.partition, key, value, r.timestamp)?;
+            tx.send_copy(topic, r.partition as i32, key, value, r.timestamp, (SOURCE_OFFSET, &offset))?;
         }
     }
     Ok(())
