@@ -10,6 +10,8 @@
 //!   [`ingest::SubscriptionEvent`]s, or a [`ingest::Rejection`] with a bounded reason.
 //! - [`aggregate`]: events → per app and month usage (MAU, DAU, PCC, group count) held in
 //!   mergeable, serializable aggregates.
+//! - [`changelog`]: what each stage's transaction writes to the changelogs, and in which
+//!   order: the protocol between metering and billing, as plain records.
 //! - [`bill`]: subscriptions (plans, migrations, trials) and usage → [`bill::Charge`]s in
 //!   exact decimal money.
 //!
@@ -18,6 +20,7 @@
 
 pub mod aggregate;
 pub mod bill;
+pub mod changelog;
 pub mod ingest;
 pub mod plan;
 pub mod time;

@@ -271,11 +271,6 @@ fn put(months: &mut BTreeMap<(AppId, Month), Stored>, key: StateKey, record: Rec
     }
 }
 
-/// Whether a state key belongs in the view.
-pub fn is_app_month(key: &StateKey) -> bool {
-    matches!(key, StateKey::AppMonth { .. } | StateKey::AppMonthDay { .. } | StateKey::Users { .. })
-}
-
 #[cfg(test)]
 mod tests {
     use im_meter_core::aggregate::{AppMonthAggregate, Counting, StateKey};

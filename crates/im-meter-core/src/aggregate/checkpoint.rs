@@ -86,6 +86,12 @@ pub enum StateKey {
 }
 
 impl StateKey {
+    /// Whether the record is part of an app-month's usage (its aggregate, a day's DAU, a
+    /// user segment): what the usage API shows of an open month.
+    pub fn is_app_month(&self) -> bool {
+        matches!(self, StateKey::AppMonth { .. } | StateKey::AppMonthDay { .. } | StateKey::Users { .. })
+    }
+
     /// The key's bytes, as written to the changelog.
     pub fn to_bytes(&self) -> Vec<u8> {
         match self {

@@ -5,7 +5,10 @@
 //! partition = events partition), the final usage of every month closed since the last
 //! commit (to the billing changelog's partition of its app), month-closed markers (to every
 //! billing changelog partition) and the dead letters. Either all of it becomes visible or
-//! none of it does, so the committed state always matches the committed offsets.
+//! none of it does, so the committed state always matches the committed offsets. What a
+//! transaction writes for each partition, and in which order, is the core's
+//! ([`MeterCommit`]); this shell gathers the partitions' commits, adds the offsets and the
+//! dead letters, and runs the transaction.
 //! Preconditions: the changelogs are compacted, readers use `read_committed`, and a
 //! restarted worker keeps its `instance_id` (its transactional id), which fences its
 //! crashed predecessor at once.
@@ -21,15 +24,14 @@
 //! ([`fetch`]); the consumer queue is polled between batches for rebalances and errors.
 
 use std::collections::btree_map::Entry;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use im_meter_core::aggregate::{
-    billing_partition, parts, ChangelogKey, ClosedMark, Meter, Outcome, RestoreError, StateKey,
-};
+use im_meter_core::aggregate::{ChangelogKey, Meter, Outcome, RestoreError, StateKey};
+use im_meter_core::changelog::{Changelogs, MeterCommit, Source, WrittenState};
 use im_meter_core::ingest::{decode_usage_event, RejectReason, Rejection};
 use im_meter_core::time::Timestamp;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
@@ -46,7 +48,7 @@ use crate::config::Config;
 use crate::failpoints::Failpoint;
 use crate::metrics::{metrics, EventTally};
 use crate::status::{Board, ConsumerStatus, StageKind};
-use crate::view::{is_app_month, MeterView, StateBytes, ViewUpdate};
+use crate::view::{MeterView, StateBytes, ViewUpdate};
 
 /// How long a poll waits when nothing was fetched: bounds how late a commit, a shutdown or
 /// the first records after a quiet spell can be.
@@ -94,60 +96,8 @@ struct Task {
     /// marks, a new offset): if it fails, this task's memory is ahead of the changelog.
     in_flight: bool,
     last_record: Instant,
-    /// Bytes of the latest value of each state key in the changelog, and their sum.
-    state_sizes: HashMap<StateKey, usize>,
-    state_bytes: u64,
-    /// State keys whose latest value is written in parts, and how many.
-    state_parts: HashMap<StateKey, usize>,
-}
-
-/// A record to write to one of the changelogs: partition, key, value (`None` deletes the key).
-type Outgoing = (i32, Vec<u8>, Option<Vec<u8>>);
-
-impl Task {
-    /// Notes a state record written (or read back): `None` deletes the key.
-    fn sized(&mut self, key: StateKey, len: Option<usize>) {
-        let old = match len {
-            Some(len) => self.state_sizes.insert(key, len),
-            None => self.state_sizes.remove(&key),
-        };
-        self.state_bytes = self.state_bytes + len.unwrap_or(0) as u64 - old.unwrap_or(0) as u64;
-    }
-
-    /// Queues the records that write state `key` ← `value` to changelog partition `p`: in
-    /// parts when the value is over `max_value` bytes, with deletions of the parts of its
-    /// previous value that are no longer used.
-    fn write_state(
-        &mut self,
-        p: i32,
-        key: StateKey,
-        value: Option<Vec<u8>>,
-        max_value: usize,
-        out: &mut Vec<Outgoing>,
-    ) {
-        self.sized(key, value.as_ref().map(Vec::len));
-        let bytes = ChangelogKey::State(key).to_bytes();
-        let before = self.state_parts.remove(&key).unwrap_or(0);
-        let now = match value {
-            Some(value) => write_value(p, &bytes, value, max_value, out),
-            None => {
-                out.push((p, bytes.clone(), None));
-                0
-            }
-        };
-        out.extend(parts::part_keys(&bytes, now..before).into_iter().map(|k| (p, k, None)));
-        if now > 0 {
-            self.state_parts.insert(key, now);
-        }
-    }
-}
-
-/// Queues the records that write `key` ← `value` to partition `p`, in parts when over
-/// `max_value` bytes; returns the number of parts (0: written whole).
-fn write_value(p: i32, key: &[u8], value: Vec<u8>, max_value: usize, out: &mut Vec<Outgoing>) -> usize {
-    let (records, parts) = parts::split(key, value, max_value);
-    out.extend(records.into_iter().map(|(k, v)| (p, k, Some(v))));
-    parts
+    /// What the changelog partition holds of the meter's state (parts, sizes).
+    written: WrittenState,
 }
 
 /// Everything the poll loop and the rebalance callbacks share.
@@ -479,13 +429,10 @@ impl Stage {
         super::check_owner(&self.config, &self.config.file.topics.changelog, partition, owner.as_deref())?;
         let published: Vec<(StateKey, StateBytes)> = state
             .iter()
-            .filter(|(k, _)| is_app_month(k))
+            .filter(|(k, _)| k.is_app_month())
             .map(|(k, (v, _))| (*k, StateBytes::from(&v[..])))
             .collect();
-        let sizes: HashMap<StateKey, usize> = state.iter().map(|(k, (v, _))| (*k, v.len())).collect();
-        let state_parts: HashMap<StateKey, usize> =
-            state.iter().filter(|(_, (_, n))| *n > 0).map(|(k, (_, n))| (*k, *n)).collect();
-        let state_bytes = sizes.values().map(|&n| n as u64).sum();
+        let written = WrittenState::read_back(state.iter().map(|(k, (v, n))| (*k, v.len(), *n)));
         let state = state.into_iter().map(|(k, (v, _))| (k, v));
         let meter = match Meter::restore(self.config.meter.clone(), state) {
             Ok(meter) => meter,
@@ -514,9 +461,7 @@ impl Stage {
             owner_missing: owner.is_none(),
             in_flight: false,
             last_record: Instant::now(),
-            state_sizes: sizes,
-            state_bytes,
-            state_parts,
+            written,
         });
         Ok(ReadBack { task, has_progress, complete, records: read.records, started, published })
     }
@@ -864,7 +809,7 @@ impl Stage {
         }
         state.app_months = self.tasks.values().map(|t| t.meter.app_months() as u64).sum();
         state.connections = self.tasks.values().map(|t| t.meter.connections() as u64).sum();
-        state.state_bytes = self.tasks.values().map(|t| t.state_bytes).sum();
+        state.state_bytes = self.tasks.values().map(|t| t.written.bytes()).sum();
         // The oldest month with events that is not closed yet, over all partitions.
         state.oldest_open_month_end = self
             .tasks
@@ -886,55 +831,34 @@ impl Stage {
         self.last_commit = Instant::now();
         let topics = self.config.file.topics.clone();
         let mut offsets = TopicPartitionList::new();
-        let mut records: Vec<Outgoing> = Vec::new();
-        let mut for_billing: Vec<Outgoing> = Vec::new();
-        let max_value = self.config.kafka.max_value_bytes;
+        // What each partition's meter commits (`MeterCommit`: what, and in which order).
+        let mut commits: Vec<(i32, MeterCommit)> = Vec::new();
+        let changelogs = Changelogs {
+            billing_partitions: self.billing_partitions,
+            max_value: self.config.kafka.max_value_bytes,
+        };
+        // Which deployment owns the state: the consumer group id.
+        let owner = self.config.file.kafka.group_id.as_bytes();
         let mut closes_month = false;
         let mut anything = false;
         for (&p, task) in self.tasks.iter_mut() {
-            let written = (records.len(), for_billing.len(), task.next_offset);
-            if let Some(closing) = task.meter.take_closed() {
-                closes_month |= !closing.months.is_empty();
-                for (month, closed) in closing.months {
-                    info!(partition = p, %month, apps = closed.len(), "meter: month closed");
-                    for (app_id, mut aggregate) in closed {
-                        let key = ChangelogKey::Usage { app_id, month, source: p as u32 };
-                        let q = billing_partition(app_id, self.billing_partitions) as i32;
-                        // Written once; billing deletes it, parts included, once billed.
-                        write_value(q, &key.to_bytes(), aggregate.encode(), max_value, &mut for_billing);
-                    }
-                }
-                // After the usage it covers, in the same transaction: a billing task that
-                // reads the mark has read that usage.
-                let mark = ClosedMark { through: closing.through, first_active: closing.first_active };
-                let key = ChangelogKey::ClosedThrough { source: p as u32 }.to_bytes();
-                for q in 0..self.billing_partitions as i32 {
-                    for_billing.push((q, key.clone(), Some(mark.encode())));
-                }
+            let source = Source {
+                partition: p as u32,
+                input_offset: task.next_offset,
+                // Until a commit writing it is durable: a rewind restores and so retries it.
+                owner: std::mem::take(&mut task.owner_missing).then_some(owner),
+            };
+            let mut commit = MeterCommit::take(&mut task.meter, &mut task.written, source, &changelogs);
+            for (month, apps) in &commit.closed {
+                info!(partition = p, %month, apps, "meter: month closed");
             }
-            for (app_id, month) in task.meter.take_quota_crossings() {
-                let q = billing_partition(app_id, self.billing_partitions) as i32;
-                let key = ChangelogKey::QuotaCrossed { app_id, month, source: p as u32 };
-                for_billing.push((q, key.to_bytes(), Some(Vec::new())));
+            closes_month |= commit.closes_month();
+            let seen = std::mem::take(&mut commit.app_months);
+            self.in_flight_view.extend(seen.into_iter().map(|(key, value)| (p, key, value)));
+            task.in_flight = task.dirty || !commit.is_empty();
+            if !commit.is_empty() {
+                commits.push((p, commit));
             }
-            if let Some(next) = task.next_offset {
-                // The state says which input it reflects, in the transaction that commits
-                // that offset: a restore checks the two against each other.
-                task.meter.set_input_offset(next);
-            }
-            if std::mem::take(&mut task.owner_missing) {
-                // Which deployment the state belongs to (a rewind restores and so retries it).
-                let group = self.config.file.kafka.group_id.clone().into_bytes();
-                records.push((p, ChangelogKey::Owner.to_bytes(), Some(group)));
-            }
-            for record in task.meter.checkpoint() {
-                if is_app_month(&record.key) {
-                    let value = record.value.as_deref().map(StateBytes::from);
-                    self.in_flight_view.push((p, record.key, value));
-                }
-                task.write_state(p, record.key, record.value, max_value, &mut records);
-            }
-            task.in_flight = task.dirty || (records.len(), for_billing.len(), task.next_offset) != written;
             if task.dirty {
                 // Records arrived since the last commit: not idle (one clock read per commit).
                 task.last_record = self.last_commit;
@@ -948,7 +872,7 @@ impl Stage {
             }
             task.dirty = false;
         }
-        if records.is_empty() && for_billing.is_empty() && !anything && self.dead_letters.is_empty() {
+        if commits.is_empty() && !anything && self.dead_letters.is_empty() {
             return Ok(());
         }
         if consumer.assignment_lost() {
@@ -975,11 +899,15 @@ impl Stage {
         // events after the previously committed offsets — exactly the events whose effects
         // were lost (those applied meanwhile for the next commit included).
         let began = self.outbox.begin(move |tx| {
-            for (partition, key, value) in &records {
-                tx.send(&topics.changelog, Some(*partition), key, value.as_deref(), None)?;
+            // Every partition's state, then every partition's records for billing.
+            for (partition, commit) in &commits {
+                for record in &commit.state {
+                    tx.send(&topics.changelog, Some(*partition), &record.key, record.value.as_deref(), None)?;
+                }
             }
-            for (partition, key, value) in &for_billing {
-                tx.send(&topics.billing_changelog, Some(*partition), key, value.as_deref(), None)?;
+            for (partition, record) in commits.iter().flat_map(|(_, commit)| &commit.billing) {
+                let (key, value) = (&record.key, record.value.as_deref());
+                tx.send(&topics.billing_changelog, Some(*partition as i32), key, value, None)?;
             }
             for letter in &dead_letters {
                 tx.dead_letter(&topics.dead_letters, letter)?;
