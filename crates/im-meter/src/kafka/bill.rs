@@ -174,7 +174,7 @@ impl SubscriptionFeed {
             .context("cannot create the subscriptions reader")?;
         let partitions = changelog::partition_count(client, &topics.subscriptions)?;
         let mut log = SubscriptionLog::new(config.meter.tz, billing_partitions);
-        for record in plan_book::read(client, &topics.plan_book)? {
+        for record in plan_book::read(client, config)? {
             if let Some(Some(why)) = log.push(record) {
                 warn!(reason = why.reason.code(), detail = %why.detail, "subscription record unreadable");
             }
@@ -379,7 +379,7 @@ fn copy_subscriptions(
         }
         let mark = ChangelogKey::PlanCopied { partition: j };
         let result = task.outbox.transaction(|tx| {
-            plan_book::copy(tx, &topics.plan_book, &records, config.kafka.max_value_bytes)?;
+            plan_book::copy(tx, config, j, &records)?;
             tx.send(
                 &topics.billing_changelog,
                 Some(shape.partition),

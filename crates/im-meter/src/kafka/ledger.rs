@@ -152,7 +152,7 @@ pub fn follow(config: &Config, ledger: &Ledger, shutdown: &AtomicBool) -> anyhow
     .collect();
     // The subscription history starts in the plan book's copy; the topic is read on from
     // where the copy ends (older records may be gone with the topic's retention).
-    for record in plan_book::read(&client, &topics.plan_book)? {
+    for record in plan_book::read(&client, config)? {
         subscriptions.push(record);
     }
     let resume_at: Vec<Option<i64>> = (0..changelog::partition_count(&client, &topics.subscriptions)?)

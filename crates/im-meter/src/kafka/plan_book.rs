@@ -10,7 +10,9 @@
 //! incarnation, [`im_meter_core::bill::subscription_log`]) in header `source_offset`. A
 //! record larger than the topic takes is copied in parts ([`im_meter_core::aggregate::parts`]:
 //! `{key}#0…` then a header under `{key}`), and read back whole. Copies written before keys
-//! were contents are keyed by their source offset (decimal text) and read as such.
+//! were contents are keyed by their source offset (decimal text) and read as such. Each
+//! copy transaction also writes `g` = the consumer group whose workers copy: a worker of
+//! another group refuses the plan book at start, naming both.
 //!
 //! The copy of *j* is made by the billing task of changelog partition `j % changelog
 //! partitions`, from what its [`SubscriptionLog`](im_meter_core::bill::SubscriptionLog) has
@@ -28,6 +30,7 @@ use std::collections::BTreeMap;
 
 use anyhow::Context;
 use im_meter_core::aggregate::parts::{self, Assembler};
+use im_meter_core::aggregate::ChangelogKey;
 use im_meter_core::bill::SubscriptionRecord;
 use rdkafka::message::Headers;
 use rdkafka::ClientConfig;
@@ -35,18 +38,25 @@ use sha2::{Digest, Sha256};
 
 use super::changelog;
 use super::output::Transaction;
+use crate::config::Config;
 
 /// The header of a copy that holds its log offset.
 const SOURCE_OFFSET: &str = "source_offset";
 
 /// Reads the whole copy (committed records only), values copied in parts whole: the
-/// records with their log offsets, by partition then offset.
-pub fn read(client: &ClientConfig, topic: &str) -> anyhow::Result<Vec<SubscriptionRecord>> {
+/// records with their log offsets, by partition then offset. A copy that another
+/// deployment's workers made (its owner record `g` names another group) is refused.
+pub fn read(client: &ClientConfig, config: &Config) -> anyhow::Result<Vec<SubscriptionRecord>> {
+    let topic = &config.file.topics.plan_book;
     let mut records = Vec::new();
     // Parts and their header are in one partition, in order: one assembler per partition.
     let mut assemblers: BTreeMap<i32, Assembler> = BTreeMap::new();
+    let owner_key = ChangelogKey::Owner.to_bytes();
     changelog::read_to_end(client, topic, &[], |record| {
         let key = record.key.unwrap_or_default();
+        if key == owner_key.as_slice() {
+            return super::check_owner(config, topic, record.partition, record.value);
+        }
         let offset = record.headers.and_then(|h| {
             h.iter()
                 .find(|h| h.key == SOURCE_OFFSET)
@@ -85,14 +95,18 @@ pub fn copy_key(payload: &[u8]) -> String {
     Sha256::digest(payload).iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Queues the copies of `records` (log offsets) in transaction `tx`, each in parts if it
-/// is over `max_value` bytes.
+/// Queues the copies of `records` (log offsets) of subscriptions partition `partition` in
+/// transaction `tx`, each in parts if it is over `max_value` bytes, and the record saying
+/// which deployment (consumer group) the copy is of.
 pub fn copy(
     tx: &Transaction<'_>,
-    topic: &str,
+    config: &Config,
+    partition: u32,
     records: &[&SubscriptionRecord],
-    max_value: usize,
 ) -> anyhow::Result<()> {
+    let (topic, max_value) = (&config.file.topics.plan_book, config.kafka.max_value_bytes);
+    let owner = config.file.kafka.group_id.as_bytes();
+    tx.send(topic, Some(partition as i32), &ChangelogKey::Owner.to_bytes(), Some(owner), None)?;
     for r in records {
         let offset = r.offset.to_string();
         let (copies, _) = parts::split(copy_key(&r.payload).as_bytes(), r.payload.clone(), max_value);
