@@ -19,10 +19,9 @@
 
 use std::time::Instant;
 
-use im_meter_core::aggregate::{
-    AppMonthAggregate, ChangelogKey, ClosedMark, Counting, SampleGrid, SubscriptionsRead,
-};
+use im_meter_core::aggregate::{AppMonthAggregate, Counting, SampleGrid};
 use im_meter_core::bill::{BillPart, BillingBook, PriceBook, Pricing, Subscriptions};
+use im_meter_core::changelog::{ChangelogKey, ClosedMark, SubscriptionsRead};
 use im_meter_core::ingest::{decode_subscription_event, UserKey};
 use im_meter_core::time::{BillingTz, Month};
 

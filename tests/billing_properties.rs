@@ -6,10 +6,9 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use im_meter_core::aggregate::{
-    AppMonthAggregate, ChangelogKey, ClosedMark, Counting, MonthlyUsage, SampleGrid,
-};
+use im_meter_core::aggregate::{AppMonthAggregate, Counting, MonthlyUsage, SampleGrid};
 use im_meter_core::bill::{BillingBook, Charge, PriceBook, Pricing, Share, Subscriptions};
+use im_meter_core::changelog::{ChangelogKey, ClosedMark};
 use im_meter_core::ingest::{decode_subscription_event, UserKey};
 use im_meter_core::plan::AppId;
 use im_meter_core::time::{BillingTz, Month};

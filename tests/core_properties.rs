@@ -5,13 +5,13 @@
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
-use im_meter_core::aggregate::parts::Assembler;
 use im_meter_core::aggregate::{
-    merge_shares, AppMonthAggregate, ChangelogKey, Counted, Counting, ExactLimit, Meter, MeterSettings,
-    MonthlyUsage, Outcome, Precision, SampleGrid, StateKey, UniqueUsers,
+    merge_shares, AppMonthAggregate, Counted, Counting, ExactLimit, Meter, MeterSettings, MonthlyUsage,
+    Outcome, Precision, SampleGrid, StateKey, UniqueUsers,
 };
 use im_meter_core::bill::{BillingBook, Charge, PriceBook, Pricing, Subscriptions};
-use im_meter_core::changelog::{Changelogs, MeterCommit, Source, WrittenState};
+use im_meter_core::changelog::parts::Assembler;
+use im_meter_core::changelog::{ChangelogKey, Changelogs, MeterCommit, Source, WrittenState};
 use im_meter_core::ingest::{decode_subscription_event, Action, ConnKey, UsageEvent, UserKey};
 use im_meter_core::time::{BillingTz, Month, Timestamp};
 use proptest::prelude::*;

@@ -5,7 +5,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
-use im_meter_core::aggregate::billing_partition;
+use im_meter_core::changelog::billing_partition;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde_json::Value;

@@ -1,6 +1,6 @@
 //! The error of every decoder of the meter's state (aggregates, segments, changelog keys and
 //! records): owned here, apart from any one format, so that each module that reads bytes can
-//! use it without importing the others.
+//! use it without importing the others (the `changelog` module's decoders use it from here).
 
 /// Why bytes could not be decoded into an aggregate.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

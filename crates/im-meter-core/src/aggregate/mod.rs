@@ -7,10 +7,9 @@
 //! - [`connections`]: each connection's lifecycle (duplicates, reordering, idle close).
 //! - [`app_month`]: the mergeable, serializable aggregate of one app-month.
 //! - [`meter`]: applies events, closes months.
-//! - [`checkpoint`]: the meter's state as changelog records, and back.
+//! - [`checkpoint`]: the meter's state as changelog records keyed by [`StateKey`], and back.
 //! - [`segments`]: growing key sets checkpointed as size-tiered segments.
 //! - [`totals`]: how many segments each such set has, so that a restore can tell it read them all.
-//! - [`parts`]: values larger than one record, written as parts.
 //! - [`usage`]: the figures reported and priced.
 //!
 //! Shared by several of them, so that none imports another for it: [`codec`] (the decoders'
@@ -22,7 +21,6 @@ pub mod checkpoint;
 mod codec;
 pub mod connections;
 pub mod meter;
-pub mod parts;
 mod pass_through;
 pub mod pcc;
 pub mod segments;
@@ -35,7 +33,7 @@ mod user_days;
 pub mod user_set;
 
 pub use app_month::{merge_shares, AppMonthAggregate, ExactCounts, SegmentUsers, UserSegment};
-pub use checkpoint::{billing_partition, ChangelogKey, ClosedMark, StateKey, StateRecord, SubscriptionsRead};
+pub use checkpoint::{StateKey, StateRecord};
 pub use codec::CodecError;
 pub use meter::{ClosedMonth, Meter, MeterSettings, MonthsClosed, Outcome, RestoreError};
 pub use pcc::{SampleGrid, SampleIntervalError};

@@ -13,10 +13,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use super::{bill_month, quota_alert, BillPart, Charge, PriceBook, QuotaAlert, Subscriptions};
 use crate::aggregate::meter::QUOTA_WATCH;
-use crate::aggregate::{
-    merge_shares, AppMonthAggregate, ChangelogKey, ClosedMark, CodecError, MergeError, MonthlyUsage,
-    SampleGrid, SubscriptionsRead,
-};
+use crate::aggregate::{merge_shares, AppMonthAggregate, CodecError, MergeError, MonthlyUsage, SampleGrid};
+use crate::changelog::{ChangelogKey, ClosedMark, SubscriptionsRead};
 use crate::ingest::RejectReason;
 use crate::plan::AppId;
 use crate::time::Month;

@@ -17,8 +17,8 @@
 //! A month of up to the part size is one transaction, as it always was.
 
 use super::book::BilledMonth;
-use crate::aggregate::parts::part_keys;
-use crate::aggregate::{ChangelogKey, SubscriptionsRead};
+use crate::changelog::parts::part_keys;
+use crate::changelog::{ChangelogKey, SubscriptionsRead};
 use crate::plan::AppId;
 
 /// One transaction of a month's bill. See the module documentation.

@@ -26,7 +26,7 @@
 //! produced again into the new topic, or a producer's retry) is kept once.
 //!
 //! ```
-//! use im_meter_core::aggregate::SubscriptionsRead;
+//! use im_meter_core::changelog::SubscriptionsRead;
 //! use im_meter_core::bill::{SubscriptionLog, SubscriptionRecord};
 //! use im_meter_core::plan::Plan;
 //! use im_meter_core::time::{BillingTz, Timestamp};
@@ -54,7 +54,7 @@ use rustc_hash::FxHashMap;
 use xxhash_rust::xxh3::xxh3_64;
 
 use super::{BilledPositions, Subscriptions};
-use crate::aggregate::{billing_partition, SubscriptionsRead};
+use crate::changelog::{billing_partition, SubscriptionsRead};
 use crate::ingest::{decode_subscription_event, Rejection};
 use crate::plan::AppId;
 use crate::time::{BillingTz, Month, Timestamp};

@@ -14,7 +14,10 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::aggregate::{billing_partition, parts, ChangelogKey, ClosedMark, Meter, StateKey};
+use super::keys::{billing_partition, ChangelogKey};
+use super::marks::ClosedMark;
+use super::parts;
+use crate::aggregate::{Meter, StateKey};
 use crate::time::Month;
 
 /// One record as written to a changelog partition: key and value bytes (`None` deletes

@@ -4,8 +4,9 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use super::*;
-use crate::aggregate::parts::Assembler;
-use crate::aggregate::{AppMonthAggregate, ChangelogKey, ClosedMark, Meter, MeterSettings, StateKey};
+use crate::aggregate::{AppMonthAggregate, Meter, MeterSettings, StateKey};
+use crate::changelog::parts::Assembler;
+use crate::changelog::{ChangelogKey, ClosedMark};
 use crate::ingest::{Action, UsageEvent, UserKey};
 use crate::plan::AppId;
 use crate::time::{Month, Timestamp};
@@ -117,7 +118,7 @@ fn a_month_close_writes_the_shares_before_the_marks_to_every_billing_partition()
     for (i, (q, record)) in commit.billing.iter().enumerate() {
         match i.checked_sub(shares.len()) {
             // Each share in its app's partition.
-            None => assert_eq!(*q, crate::aggregate::billing_partition(apps[i], 3)),
+            None => assert_eq!(*q, crate::changelog::billing_partition(apps[i], 3)),
             Some(n) => {
                 assert_eq!(*q, n as u32);
                 assert_eq!(record.value.as_deref(), Some(&mark_value[..]));
@@ -162,7 +163,7 @@ fn a_large_share_is_split_into_parts_that_read_back_whole() {
     let commit = MeterCommit::take(&mut meter, &mut written, source(0, Some(301)), &changelogs(2, max_value));
     let oct = month("2026-10");
     let share = ChangelogKey::Usage { app_id: 7, month: oct, source: 0 };
-    let q = crate::aggregate::billing_partition(7, 2);
+    let q = crate::changelog::billing_partition(7, 2);
     let read = read_billing(&commit, q);
     let (_, bytes, parts) = read.iter().find(|(k, _, _)| *k == share).expect("the share, whole");
     assert!(*parts > 1, "{} bytes in {parts} parts", bytes.len());
@@ -172,7 +173,7 @@ fn a_large_share_is_split_into_parts_that_read_back_whole() {
         .filter(|(p, r)| *p == q && r.key.starts_with(&share.to_bytes()))
         .map(|(_, r)| r.key.clone())
         .collect();
-    let mut want = crate::aggregate::parts::part_keys(&share.to_bytes(), 0..*parts);
+    let mut want = crate::changelog::parts::part_keys(&share.to_bytes(), 0..*parts);
     want.push(share.to_bytes());
     assert_eq!(part_keys, want, "parts #0.. then the header under the share's own key");
     let grid = expected.settings().grid;
@@ -186,7 +187,7 @@ fn a_large_share_is_split_into_parts_that_read_back_whole() {
     for (key, (_, parts)) in state.iter().filter(|(_, (_, parts))| *parts > 0) {
         let key = key.to_bytes();
         let mut want = vec![key.clone()];
-        want.extend(crate::aggregate::parts::part_keys(&key, 0..*parts));
+        want.extend(crate::changelog::parts::part_keys(&key, 0..*parts));
         let deleted: Vec<Vec<u8>> = commit
             .state
             .iter()
@@ -264,7 +265,7 @@ fn a_quota_crossing_goes_to_its_apps_billing_partition() {
     let mut written = WrittenState::default();
     let commit = MeterCommit::take(&mut meter, &mut written, source(4, Some(101)), &changelogs(5, 1 << 20));
     let crossed = ChangelogKey::QuotaCrossed { app_id: 9, month: month("2026-10"), source: 4 };
-    let q = crate::aggregate::billing_partition(9, 5);
+    let q = crate::changelog::billing_partition(9, 5);
     // The first event closed September (no data) everywhere: five marks, then the crossing.
     let billing = keys(&commit.billing.iter().map(|(_, r)| r.clone()).collect::<Vec<_>>());
     assert_eq!(billing, [[ChangelogKey::ClosedThrough { source: 4 }; 5].as_slice(), &[crossed]].concat());

@@ -20,13 +20,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use im_meter_core::aggregate::parts::Assembler;
-use im_meter_core::aggregate::{billing_partition, ChangelogKey, SubscriptionsRead};
 use im_meter_core::bill::publish::record_keys;
 use im_meter_core::bill::subscription_log::{incarnation, topic_offset};
 use im_meter_core::bill::{
     BilledPositions, BillingBook, Pricing, SubscriptionLog, SubscriptionRecord, TopicRead,
 };
+use im_meter_core::changelog::parts::Assembler;
+use im_meter_core::changelog::{billing_partition, ChangelogKey, SubscriptionsRead};
 use im_meter_core::ingest::{RejectReason, Rejection};
 use im_meter_core::time::Month;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};

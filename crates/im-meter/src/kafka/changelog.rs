@@ -10,8 +10,8 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use im_meter_core::aggregate::parts::Assembler;
-use im_meter_core::aggregate::ChangelogKey;
+use im_meter_core::changelog::parts::Assembler;
+use im_meter_core::changelog::ChangelogKey;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;

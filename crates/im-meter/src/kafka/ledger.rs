@@ -18,8 +18,9 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use anyhow::Context;
-use im_meter_core::aggregate::{ChangelogKey, MonthlyUsage, SubscriptionsRead};
+use im_meter_core::aggregate::MonthlyUsage;
 use im_meter_core::bill::{Charge, SubscriptionLog, SubscriptionRecord, Subscriptions, TopicRead};
+use im_meter_core::changelog::{ChangelogKey, SubscriptionsRead};
 use im_meter_core::plan::AppId;
 use im_meter_core::time::Month;
 use rdkafka::consumer::{BaseConsumer, Consumer};

@@ -30,8 +30,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use im_meter_core::aggregate::{ChangelogKey, Meter, Outcome, RestoreError, StateKey};
-use im_meter_core::changelog::{Changelogs, MeterCommit, Source, WrittenState};
+use im_meter_core::aggregate::{Meter, Outcome, RestoreError, StateKey};
+use im_meter_core::changelog::{ChangelogKey, Changelogs, MeterCommit, Source, WrittenState};
 use im_meter_core::ingest::{decode_usage_event, RejectReason, Rejection};
 use im_meter_core::time::Timestamp;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};

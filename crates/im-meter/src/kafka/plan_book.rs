@@ -8,7 +8,7 @@
 //! copied again (the history produced again into a recreated topic) are one record, with
 //! its original timestamp and its *log offset* (the topic offset and the topic's
 //! incarnation, [`im_meter_core::bill::subscription_log`]) in header `source_offset`. A
-//! record larger than the topic takes is copied in parts ([`im_meter_core::aggregate::parts`]:
+//! record larger than the topic takes is copied in parts ([`im_meter_core::changelog::parts`]:
 //! `{key}#0…` then a header under `{key}`), and read back whole. Copies written before keys
 //! were contents are keyed by their source offset (decimal text) and read as such. Each
 //! copy transaction also writes `g` = the consumer group whose workers copy: a worker of
@@ -29,9 +29,9 @@
 use std::collections::BTreeMap;
 
 use anyhow::Context;
-use im_meter_core::aggregate::parts::{self, Assembler};
-use im_meter_core::aggregate::ChangelogKey;
 use im_meter_core::bill::SubscriptionRecord;
+use im_meter_core::changelog::parts::{self, Assembler};
+use im_meter_core::changelog::ChangelogKey;
 use rdkafka::message::Headers;
 use rdkafka::ClientConfig;
 use sha2::{Digest, Sha256};

@@ -4,8 +4,8 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use im_meter_core::aggregate::ChangelogKey;
 use im_meter_core::bill::{Charge, QuotaAlert};
+use im_meter_core::changelog::ChangelogKey;
 use im_meter_core::time::Month;
 use serde::de::DeserializeOwned;
 

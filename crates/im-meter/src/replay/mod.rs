@@ -19,8 +19,9 @@ use std::path::PathBuf;
 use std::sync::{mpsc, Mutex};
 use std::thread;
 
-use im_meter_core::aggregate::{billing_partition, Meter};
+use im_meter_core::aggregate::Meter;
 use im_meter_core::bill::{BillingBook, Pricing, Share, Subscriptions};
+use im_meter_core::changelog::billing_partition;
 use im_meter_core::ingest::{
     decode_subscription_event, decode_usage_event, Rejection, SubscriptionEvent, UsageEvent,
 };

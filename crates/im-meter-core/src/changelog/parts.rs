@@ -18,7 +18,7 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::ops::Range;
 
-use super::codec::CodecError;
+use crate::aggregate::CodecError;
 
 /// Marks a header value.
 const HEADER_MAGIC: &[u8; 4] = b"IMPT";
