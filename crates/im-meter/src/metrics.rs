@@ -55,6 +55,8 @@ pub struct Metrics {
     pub restore_duration: HistogramVec,
     /// The event time each metering partition has reached.
     pub event_watermark: GaugeVec,
+    /// Subscription records read with bytes their partition holds already, kept once.
+    pub subscription_duplicates: IntCounter,
     /// App-months a metering partition holds open, by partition.
     pub partition_app_months: IntGaugeVec,
     /// `metering.max_app_months`: the most a partition holds open.
@@ -185,6 +187,11 @@ impl Metrics {
                 "Event time a metering partition has reached (Unix seconds).",
                 &["partition"],
             )?,
+            subscription_duplicates: counter(
+                r,
+                "im_meter_subscription_duplicates_total",
+                "Subscription records read with bytes their partition holds already (history produced again, a retry), kept once.",
+            )?,
             partition_app_months: gauge_vec(
                 r,
                 "im_meter_partition_app_months",
@@ -237,11 +244,7 @@ impl Metrics {
                 r.register(Box::new(c.clone()))?;
                 c
             },
-            quota_alerts: {
-                let c = IntCounter::new("im_meter_quota_alerts_total", "Quota alerts published.")?;
-                r.register(Box::new(c.clone()))?;
-                c
-            },
+            quota_alerts: counter(r, "im_meter_quota_alerts_total", "Quota alerts published.")?,
             months_billed: {
                 let c = IntCounter::new(
                     "im_meter_months_billed_total",
@@ -298,6 +301,12 @@ fn float_gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> pro
     let g = GaugeVec::new(Opts::new(name, help), labels)?;
     r.register(Box::new(g.clone()))?;
     Ok(g)
+}
+
+fn counter(r: &Registry, name: &str, help: &str) -> prometheus::Result<IntCounter> {
+    let c = IntCounter::new(name, help)?;
+    r.register(Box::new(c.clone()))?;
+    Ok(c)
 }
 
 fn gauge(r: &Registry, name: &str, help: &str) -> prometheus::Result<IntGauge> {
@@ -425,6 +434,7 @@ mod tests {
         m.restore_duration.with_label_values(&["meter"]).observe(0.1);
         m.event_watermark.with_label_values(&["0"]).set(0.0);
         m.partition_app_months.with_label_values(&["0"]).set(0);
+        m.subscription_duplicates.inc();
         m.oldest_open_month_end.with_label_values(&["meter"]).set(0.0);
         m.last_poll.with_label_values(&["meter", "0"]).set(0.0);
         m.charges.with_label_values(&["pcc"]).inc();

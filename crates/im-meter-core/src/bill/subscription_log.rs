@@ -98,6 +98,8 @@ pub fn incarnation(log_offset: i64) -> u32 {
 pub enum TopicRead {
     /// Kept (and applied, unless it is not a subscription event: why, then).
     Kept(Option<Rejection>),
+    /// The record a reader resumed on, the one the log holds there: the topic is the same.
+    Resumed,
     /// The log holds the same bytes for its partition already: not kept again.
     Duplicate,
     /// The record is not the one the log holds at its offset: the topic was recreated and
@@ -217,7 +219,7 @@ impl SubscriptionLog {
                 // The record the reader resumed on: the one the log holds, or another topic.
                 let held = self.holding(partition, &record.payload);
                 if held.is_some_and(|i| self.records[i].offset == log_offset(incarnation, resumed_on)) {
-                    return TopicRead::Duplicate;
+                    return TopicRead::Resumed;
                 }
                 self.cursors
                     .insert(partition, Cursor { incarnation: incarnation + 1, next: None, checked: false });
@@ -572,7 +574,7 @@ mod tests {
 
         // The same topic: the record resumed on is the one held, the next is read after it.
         let mut same = fresh();
-        assert_eq!(same.read_from_topic(record(0, 1, &first[1])), TopicRead::Duplicate);
+        assert_eq!(same.read_from_topic(record(0, 1, &first[1])), TopicRead::Resumed);
         assert_eq!(same.read_from_topic(record(0, 2, &premium)), TopicRead::Kept(None));
         assert_eq!(same.records()[2].offset, 2);
         assert_eq!(premium_from(&same), Some(Plan::Standard), "late: October was billed");

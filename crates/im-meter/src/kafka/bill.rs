@@ -206,7 +206,10 @@ impl SubscriptionFeed {
     fn absorb(&mut self, record: SubscriptionRecord) {
         let partition = record.partition;
         match self.log.read_from_topic(record) {
-            TopicRead::Kept(None) | TopicRead::Duplicate => {}
+            TopicRead::Kept(None) | TopicRead::Resumed => {}
+            // Bytes its partition holds already (the history produced again into a recreated
+            // topic, a producer's retry): the same subscription event, kept once.
+            TopicRead::Duplicate => metrics().subscription_duplicates.inc(),
             TopicRead::Kept(Some(why)) => {
                 warn!(reason = why.reason.code(), detail = %why.detail, "subscription record unreadable")
             }
