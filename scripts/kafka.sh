@@ -6,6 +6,12 @@
 # Usage: scripts/kafka.sh start | stop | restart | status | reset
 #        scripts/kafka.sh topics ARGS...           # TopicCommand --bootstrap-server ADDR ARGS...
 #        scripts/kafka.sh run-class CLASS ARGS...  # any class on the Kafka classpath
+#        scripts/kafka.sh cluster start [N] | stop | kill I | restart I | status | reset
+#            N (default 3) KRaft nodes, each broker+controller, on loopback: node I (1..N) listens
+#            on KAFKA_CLUSTER_PORT+I-1 and its controller on KAFKA_CLUSTER_PORT+100+I-1; topics
+#            default to replication factor min(3, N) and min.insync.replicas min(2, N); `kill`
+#            is kill -9 of node I, `restart` starts it again and waits until it answers.
+#            `start` and `status` print the bootstrap list (127.0.0.1:19092,...).
 #
 # Environment (defaults in brackets):
 #   KAFKA_VERSION          Kafka version fetched from Maven Central [4.1.1]
@@ -17,6 +23,8 @@
 #   KAFKA_START_TIMEOUT    seconds to wait for the broker to answer [90]
 #   KAFKA_MVN_ARGS         extra Maven arguments (e.g. -Dmaven.repo.local=...) [none: ~/.m2]
 #   JAVA_HOME              Java 17+ to use [java on PATH]
+#   KAFKA_CLUSTER_PORT     first node's PLAINTEXT port of `cluster` [19092]
+#   KAFKA_CLUSTER_DIR      the cluster's data, one directory per node [<repo>/.cache/kafka/cluster-PORT]
 #
 # Facts this relies on (checked against Kafka 4.1.1's Maven artifacts):
 # - Broker main class kafka.Kafka and the storage formatter kafka.tools.StorageTool
@@ -42,6 +50,14 @@ KAFKA_HEAP_OPTS="${KAFKA_HEAP_OPTS:--Xms256m -Xmx768m}"
 KAFKA_START_TIMEOUT="${KAFKA_START_TIMEOUT:-90}"
 KAFKA_MVN_ARGS="${KAFKA_MVN_ARGS:-}"
 KAFKA_TOOL_HEAP_OPTS="${KAFKA_TOOL_HEAP_OPTS:--Xmx512m}"
+# A node of a cluster (set by `cluster`): its id, the quorum, and the replication its topics get.
+KAFKA_NODE_ID="${KAFKA_NODE_ID:-1}"
+KAFKA_QUORUM_VOTERS="${KAFKA_QUORUM_VOTERS:-1@127.0.0.1:$KAFKA_CONTROLLER_PORT}"
+KAFKA_REPLICATION="${KAFKA_REPLICATION:-1}"
+KAFKA_MIN_ISR="${KAFKA_MIN_ISR:-1}"
+KAFKA_CLUSTER_ID="${KAFKA_CLUSTER_ID:-}"
+KAFKA_CLUSTER_PORT="${KAFKA_CLUSTER_PORT:-19092}"
+KAFKA_CLUSTER_DIR="${KAFKA_CLUSTER_DIR:-$REPO_ROOT/.cache/kafka/cluster-$KAFKA_CLUSTER_PORT}"
 # exported so the nested `kafka.sh topics` of the readiness probe sees the same settings
 export KAFKA_VERSION KAFKA_PORT KAFKA_CONTROLLER_PORT KAFKA_DATA_DIR KAFKA_MVN_ARGS KAFKA_TOOL_HEAP_OPTS
 
@@ -110,8 +126,8 @@ write_config() {
   cat >"$SERVER_PROPS" <<EOF
 # Written by scripts/kafka.sh on every start; edits here are overwritten.
 process.roles=broker,controller
-node.id=1
-controller.quorum.voters=1@127.0.0.1:$KAFKA_CONTROLLER_PORT
+node.id=$KAFKA_NODE_ID
+controller.quorum.voters=$KAFKA_QUORUM_VOTERS
 listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,CONTROLLER://127.0.0.1:$KAFKA_CONTROLLER_PORT
 advertised.listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT
 listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
@@ -120,17 +136,18 @@ controller.listener.names=CONTROLLER
 log.dirs=$LOG_DIRS
 
 num.partitions=3
-default.replication.factor=1
+default.replication.factor=$KAFKA_REPLICATION
+min.insync.replicas=$KAFKA_MIN_ISR
 auto.create.topics.enable=false
 
-# single node: every internal topic with one replica
-offsets.topic.replication.factor=1
+# internal topics as replicated as the cluster allows (one replica on a single node)
+offsets.topic.replication.factor=$KAFKA_REPLICATION
 offsets.topic.num.partitions=4
-transaction.state.log.replication.factor=1
-transaction.state.log.min.isr=1
+transaction.state.log.replication.factor=$KAFKA_REPLICATION
+transaction.state.log.min.isr=$KAFKA_MIN_ISR
 transaction.state.log.num.partitions=4
-share.coordinator.state.topic.replication.factor=1
-share.coordinator.state.topic.min.isr=1
+share.coordinator.state.topic.replication.factor=$KAFKA_REPLICATION
+share.coordinator.state.topic.min.isr=$KAFKA_MIN_ISR
 share.coordinator.state.topic.num.partitions=1
 
 # tests: no 3 s delay before the first consumer-group rebalance
@@ -146,8 +163,8 @@ EOF
 is_formatted() { [[ -f "$LOG_DIRS/meta.properties" ]]; }
 
 format_storage() {
-  local cluster_id
-  cluster_id="$(run_class kafka.tools.StorageTool random-uuid)"
+  local cluster_id="$KAFKA_CLUSTER_ID"
+  [[ -n "$cluster_id" ]] || cluster_id="$(run_class kafka.tools.StorageTool random-uuid)"
   log "formatting $LOG_DIRS (cluster id $cluster_id)"
   run_class kafka.tools.StorageTool format -t "$cluster_id" -c "$SERVER_PROPS" --ignore-formatted >/dev/null
 }
@@ -189,7 +206,7 @@ cmd_start() {
   if pid="$(broker_pid)"; then
     if answering; then
       log "already running (pid $pid), bootstrap $BOOTSTRAP"
-      echo "$BOOTSTRAP"
+      [[ -n "${KAFKA_QUIET:-}" ]] || echo "$BOOTSTRAP"
       return 0
     fi
     die "broker pid $pid is running but does not answer on $BOOTSTRAP; try: $0 restart"
@@ -217,6 +234,12 @@ cmd_start() {
     -cp "$LIBS/*" kafka.Kafka "$SERVER_PROPS" \
     </dev/null >>"$OUT_FILE" 2>&1 &
 
+  [[ "${KAFKA_NO_WAIT:-}" == 1 ]] && return 0
+  wait_answering
+}
+
+# Waits until the broker answers (or exited, or KAFKA_START_TIMEOUT passed: stopped, exit 1).
+wait_answering() {
   local started=$SECONDS
   while (( SECONDS - started < KAFKA_START_TIMEOUT )); do
     sleep 1
@@ -226,7 +249,7 @@ cmd_start() {
     fi
     if answering; then
       log "ready after $((SECONDS - started)) s (pid $(cat "$PID_FILE")), bootstrap $BOOTSTRAP"
-      echo "$BOOTSTRAP"
+      [[ -n "${KAFKA_QUIET:-}" ]] || echo "$BOOTSTRAP"
       return 0
     fi
   done
@@ -285,6 +308,96 @@ cmd_reset() {
   fi
 }
 
+# --- a cluster of nodes ---------------------------------------------------------------------------
+
+CLUSTER_SIZE_FILE="$KAFKA_CLUSTER_DIR/size"
+
+cluster_size() {
+  [[ -f "$CLUSTER_SIZE_FILE" ]] || die "no cluster in $KAFKA_CLUSTER_DIR; start one: $0 cluster start 3"
+  cat "$CLUSTER_SIZE_FILE"
+}
+
+cluster_bootstrap() {
+  local n="$1" i list=()
+  for ((i = 1; i <= n; i++)); do list+=("127.0.0.1:$((KAFKA_CLUSTER_PORT + i - 1))"); done
+  local IFS=,
+  echo "${list[*]}"
+}
+
+# Runs `kafka.sh CMD` as node I of an N-node cluster.
+as_node() {
+  local n="$1" i="$2" voters=() j
+  shift 2
+  for ((j = 1; j <= n; j++)); do voters+=("$j@127.0.0.1:$((KAFKA_CLUSTER_PORT + 100 + j - 1))"); done
+  local IFS=,
+  KAFKA_NODE_ID="$i" KAFKA_QUORUM_VOTERS="${voters[*]}" \
+    KAFKA_REPLICATION="$((n < 3 ? n : 3))" KAFKA_MIN_ISR="$((n < 2 ? n : 2))" \
+    KAFKA_CLUSTER_ID="$(cat "$KAFKA_CLUSTER_DIR/cluster-id")" \
+    KAFKA_PORT="$((KAFKA_CLUSTER_PORT + i - 1))" KAFKA_CONTROLLER_PORT="$((KAFKA_CLUSTER_PORT + 100 + i - 1))" \
+    KAFKA_DATA_DIR="$KAFKA_CLUSTER_DIR/node-$i" KAFKA_QUIET=1 \
+    "$BASH_SOURCE_ABS" "$@"
+}
+
+cmd_cluster() {
+  local cmd="${1:-}" n i
+  [[ $# -gt 0 ]] && shift
+  case "$cmd" in
+    start)
+      n="${1:-3}"
+      [[ "$n" =~ ^[1-9]$ ]] || die "cluster start: N must be 1 to 9, not '$n'"
+      if [[ -f "$CLUSTER_SIZE_FILE" && "$(cat "$CLUSTER_SIZE_FILE")" != "$n" ]]; then
+        die "$KAFKA_CLUSTER_DIR holds a cluster of $(cat "$CLUSTER_SIZE_FILE") nodes; $0 cluster reset first"
+      fi
+      mkdir -p "$KAFKA_CLUSTER_DIR"
+      echo "$n" >"$CLUSTER_SIZE_FILE"
+      ensure_libs
+      [[ -s "$KAFKA_CLUSTER_DIR/cluster-id" ]] ||
+        run_class kafka.tools.StorageTool random-uuid >"$KAFKA_CLUSTER_DIR/cluster-id"
+      # Every node first: one alone has no quorum and cannot answer.
+      for ((i = 1; i <= n; i++)); do KAFKA_NO_WAIT=1 as_node "$n" "$i" start; done
+      for ((i = 1; i <= n; i++)); do as_node "$n" "$i" wait; done
+      cluster_bootstrap "$n"
+      ;;
+    stop)
+      [[ -f "$CLUSTER_SIZE_FILE" ]] || { log "no cluster in $KAFKA_CLUSTER_DIR"; return 0; }
+      n="$(cluster_size)"
+      # All at once: a node stopping alone waits for a quorum the stopped ones no longer give.
+      for ((i = 1; i <= n; i++)); do as_node "$n" "$i" stop & done
+      wait
+      ;;
+    kill | restart)
+      n="$(cluster_size)"
+      i="${1:-}"
+      [[ "$i" =~ ^[0-9]+$ && "$i" -ge 1 && "$i" -le "$n" ]] || die "cluster $cmd: a node from 1 to $n"
+      if [[ "$cmd" == kill ]]; then as_node "$n" "$i" kill; else as_node "$n" "$i" start; fi
+      ;;
+    status)
+      n="$(cluster_size)"
+      local down=0
+      for ((i = 1; i <= n; i++)); do
+        if as_node "$n" "$i" status >/dev/null 2>&1; then log "node $i: up"; else log "node $i: down"; down=1; fi
+      done
+      cluster_bootstrap "$n"
+      return "$down"
+      ;;
+    reset)
+      if [[ -f "$CLUSTER_SIZE_FILE" ]]; then cmd_cluster stop; fi
+      rm -rf -- "$KAFKA_CLUSTER_DIR"
+      log "deleted $KAFKA_CLUSTER_DIR"
+      ;;
+    *) die "usage: $0 cluster start [N] | stop | kill I | restart I | status | reset" ;;
+  esac
+}
+
+# kill -9 of this node's JVM, as a crash would.
+cmd_kill() {
+  local pid
+  pid="$(broker_pid)" || { log "not running ($KAFKA_DATA_DIR)"; return 0; }
+  log "kill -9 of pid $pid"
+  kill -KILL "$pid"
+  while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done
+}
+
 usage() {
   sed -n '2,/^set -euo/p' "$BASH_SOURCE_ABS" | sed -e '$d' -e 's/^# \{0,1\}//'
 }
@@ -298,6 +411,9 @@ main() {
     restart) cmd_stop; cmd_start ;;
     status) cmd_status ;;
     reset) cmd_reset ;;
+    wait) wait_answering ;;
+    kill) cmd_kill ;;
+    cluster) cmd_cluster "$@" ;;
     topics) KAFKA_EXEC=1 run_class org.apache.kafka.tools.TopicCommand --bootstrap-server "$BOOTSTRAP" "$@" ;;
     run-class)
       [[ $# -ge 1 ]] || die "usage: $0 run-class CLASS [ARGS...]"
