@@ -325,6 +325,8 @@ pub struct BillingSettings {
     /// The first month billed (`None`: the first month any event is dated in); usage before
     /// it is refused as `before_start`.
     pub start_month: Option<Month>,
+    /// The first instant of `start_month` in the billing zone (events before it are refused).
+    pub start_instant: Option<Timestamp>,
     /// The most apps one billing transaction bills.
     pub apps_per_transaction: usize,
 }
@@ -397,7 +399,10 @@ impl Config {
     /// (`before_start`), its figures plausible (`implausible`).
     pub fn admit(&self, event: &UsageEvent, now: Timestamp) -> Result<(), Rejection> {
         Rejection::check_not_future(event.ts, now, self.billing.max_clock_skew)?;
-        Rejection::check_not_before_start(self.meter.tz.month_of(event.ts), self.billing.start_month)?;
+        // An integer compare per event; the month (a time-zone lookup) only for one refused.
+        if self.billing.start_instant.is_some_and(|start| event.ts < start) {
+            Rejection::check_not_before_start(self.meter.tz.month_of(event.ts), self.billing.start_month)?;
+        }
         Rejection::check_plausible(event, self.billing.max_group_count)
     }
 
@@ -706,9 +711,10 @@ impl FileConfig {
 
         // Every value is `Some` exactly when no problem was found.
         let built = (|| {
+            let (tz, start_month) = (tz?, start_month?);
             Some(Config {
                 meter: MeterSettings {
-                    tz: tz?,
+                    tz,
                     precision: precision?,
                     exact_limit: exact_limit?,
                     grid: grid?,
@@ -725,7 +731,8 @@ impl FileConfig {
                     },
                     max_clock_skew: max_clock_skew?,
                     max_group_count: max_group_count?,
-                    start_month: start_month?,
+                    start_month,
+                    start_instant: start_month.map(|m| tz.start_of_month(m)),
                     apps_per_transaction: apps_per_transaction?,
                 },
                 kafka: KafkaSettings {
