@@ -8,9 +8,11 @@
 #        scripts/kafka.sh run-class CLASS ARGS...  # any class on the Kafka classpath
 #        scripts/kafka.sh cluster start [N] | stop | kill I | restart I | status | reset
 #            N (default 3) KRaft nodes, each broker+controller, on loopback: node I (1..N) listens
-#            on KAFKA_CLUSTER_PORT+I-1 and its controller on KAFKA_CLUSTER_PORT+100+I-1; topics
-#            default to replication factor min(3, N) and min.insync.replicas min(2, N); `kill`
-#            is kill -9 of node I, `restart` starts it again and waits until it answers.
+#            on KAFKA_CLUSTER_PORT+I-1 and its controller on KAFKA_CLUSTER_PORT+100+I-1; Kafka's
+#            internal topics get replication factor min(3, N) and min.insync.replicas min(2, N),
+#            other topics Kafka's own defaults (1 and 1, as on a fresh install: a client asks for
+#            more, as im-meter's kafka.replication_factor does); `kill` is kill -9 of node I,
+#            `restart` starts it again and waits until it answers.
 #            `start` and `status` print the bootstrap list (127.0.0.1:19092,...).
 #
 # Environment (defaults in brackets):
@@ -53,6 +55,7 @@ KAFKA_TOOL_HEAP_OPTS="${KAFKA_TOOL_HEAP_OPTS:--Xmx512m}"
 # A node of a cluster (set by `cluster`): its id, the quorum, and the replication its topics get.
 KAFKA_NODE_ID="${KAFKA_NODE_ID:-1}"
 KAFKA_QUORUM_VOTERS="${KAFKA_QUORUM_VOTERS:-1@127.0.0.1:$KAFKA_CONTROLLER_PORT}"
+# (internal topics only: others get Kafka's defaults, one replica and min.insync.replicas 1)
 KAFKA_REPLICATION="${KAFKA_REPLICATION:-1}"
 KAFKA_MIN_ISR="${KAFKA_MIN_ISR:-1}"
 KAFKA_CLUSTER_ID="${KAFKA_CLUSTER_ID:-}"
@@ -136,8 +139,9 @@ controller.listener.names=CONTROLLER
 log.dirs=$LOG_DIRS
 
 num.partitions=3
-default.replication.factor=$KAFKA_REPLICATION
-min.insync.replicas=$KAFKA_MIN_ISR
+# Kafka's defaults for other topics, spelled out: a topic is as replicated as its creator asks.
+default.replication.factor=1
+min.insync.replicas=1
 auto.create.topics.enable=false
 
 # internal topics as replicated as the cluster allows (one replica on a single node)

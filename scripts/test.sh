@@ -17,9 +17,16 @@ scripts/deploy-check.sh
 # The HTTP tests scrape the worker with a real Prometheus server.
 scripts/prometheus.sh >/dev/null
 
+# Brokers this script starts, it stops: the single node here, and the three-node cluster that
+# the cluster tests (tests/kafka_cluster.rs) start on 127.0.0.1:19092-19094 when it is down.
+cleanup=()
+trap 'for c in "${cleanup[@]}"; do $c >/dev/null 2>&1 || true; done' EXIT
 if ! scripts/kafka.sh status >/dev/null 2>&1; then
   scripts/kafka.sh start >/dev/null
-  trap 'scripts/kafka.sh stop >/dev/null 2>&1 || true' EXIT
+  cleanup+=("scripts/kafka.sh stop")
+fi
+if ! scripts/kafka.sh cluster status >/dev/null 2>&1; then
+  cleanup+=("scripts/kafka.sh cluster stop")
 fi
 export IM_METER_TEST_BROKERS="${IM_METER_TEST_BROKERS:-127.0.0.1:${KAFKA_PORT:-9092}}"
 

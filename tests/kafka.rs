@@ -12,7 +12,7 @@ mod support;
 use std::collections::BTreeMap;
 use std::process::Command;
 use std::sync::Mutex;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use im_meter_core::time::{BillingTz, Month};
 use rand::{Rng, SeedableRng};
@@ -21,65 +21,6 @@ use support::*;
 
 /// One test at a time: they share the broker (and one restarts it).
 static SERIAL: Mutex<()> = Mutex::new(());
-
-/// Waits until the charges and usage topics hold as many records of the months replay
-/// billed as replay printed (or the deadline passes), then checks them against replay:
-/// same records, each key once. Later months are left out: the worker closes them by
-/// the clock once they are over and bills their plan fees, as it should, while replay
-/// bills only months with usage in its input.
-fn assert_same_as_replay(d: &Deployment, workers: &mut [Worker]) {
-    assert_same_as(expected(), d, workers);
-}
-
-/// [`assert_same_as_replay`] for any input's replay.
-fn assert_same_as(want: &Expected, d: &Deployment, workers: &mut [Worker]) {
-    let months = want.months();
-    let in_months = |mut records: BTreeMap<String, Value>| {
-        records.retain(|key, _| key.split('/').nth(1).is_some_and(|m| months.contains(m)));
-        records
-    };
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let charges = in_months(by_key(read_all(&d.topic("charges"))));
-        let usage = in_months(by_key(read_all(&d.topic("usage"))));
-        let complete = charges.len() >= want.charges.len() && usage.len() >= want.usage.len();
-        if complete || Instant::now() > deadline {
-            assert_same(charges, &want.charges, "charges");
-            assert_same(usage, &want.usage, "usage");
-            return;
-        }
-        for w in workers.iter_mut() {
-            w.assert_alive();
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
-}
-
-/// Runs one worker (`instance` a, with extra `settings`) until it has billed what replay
-/// billed of `want`, checks it did so alike, and stops it.
-fn one_worker_bills_as(want: &Expected, d: &Deployment, settings: &[(&str, &str)]) {
-    let mut workers = vec![d.worker_with("a", settings, &[])];
-    assert_same_as(want, d, &mut workers);
-    workers.pop().unwrap().stop();
-}
-
-/// Records by key; a key published twice fails the test.
-fn by_key(records: Vec<Record>) -> BTreeMap<String, Value> {
-    let mut by_key = BTreeMap::new();
-    for record in records {
-        let key = String::from_utf8(record.key.expect("outputs are keyed")).unwrap();
-        let previous = by_key.insert(key.clone(), serde_json::from_slice(&record.value).unwrap());
-        assert!(previous.is_none(), "{key} published twice");
-    }
-    by_key
-}
-
-fn assert_same(got: BTreeMap<String, Value>, want: &BTreeMap<String, Value>, what: &str) {
-    assert_eq!(got.keys().collect::<Vec<_>>(), want.keys().collect::<Vec<_>>(), "{what}");
-    for (key, value) in &got {
-        assert_eq!(value, &want[key], "{what} {key}");
-    }
-}
 
 #[test]
 fn same_charges_as_replay_and_poison_records_go_to_dead_letters() {
@@ -1149,6 +1090,16 @@ fn run_until_exit(d: &Deployment, env: &[(&str, &str)]) -> (bool, String) {
     let status =
         eventually(Duration::from_secs(60), "the worker to exit", || worker.child.try_wait().unwrap());
     (status.success(), worker.log_text())
+}
+
+/// Three replicas asked of a single broker: the worker stops at start naming the setting.
+#[test]
+fn a_replication_factor_above_the_brokers_up_is_refused_at_start() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let d = Deployment::new("replicas");
+    let (ok, log) = run_until_exit(&d, &[("IM_METER__KAFKA__REPLICATION_FACTOR", "3")]);
+    assert!(!ok, "the worker started: {log}");
+    assert!(log.contains("kafka.replication_factor is 3, more than the brokers the cluster has up"), "{log}");
 }
 
 #[test]

@@ -21,7 +21,86 @@ use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use serde_json::Value;
 
 pub fn brokers() -> String {
+    if let Some(cluster) = CLUSTER.get() {
+        return cluster.clone();
+    }
     std::env::var("IM_METER_TEST_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
+}
+
+/// The bootstrap list of the three-node test cluster, once a test binary uses it.
+static CLUSTER: OnceLock<String> = OnceLock::new();
+
+/// Points this test binary at the three-node cluster of `scripts/kafka.sh cluster`
+/// (`KAFKA_CLUSTER_PORT`, default 19092 and up), starting it if it is not running, and
+/// returns its bootstrap list. Its deployments create their topics with three replicas.
+pub fn use_cluster() -> &'static str {
+    CLUSTER.get_or_init(|| {
+        let out =
+            Command::new(repo().join("scripts/kafka.sh")).args(["cluster", "start", "3"]).output().unwrap();
+        assert!(out.status.success(), "cluster start: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    })
+}
+
+/// `scripts/kafka.sh cluster kill|restart NODE`: kill -9 of a node, or its start (waiting
+/// until it answers).
+fn cluster_command(command: &str, node: i32) {
+    let out = Command::new(repo().join("scripts/kafka.sh"))
+        .args(["cluster", command, &node.to_string()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "cluster {command} {node}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A cluster node killed (kill -9); it starts again when this is dropped, also when the
+/// test fails, so that the next test finds the whole cluster.
+pub struct KilledNode(i32);
+
+impl KilledNode {
+    /// Kills node `node`.
+    pub fn kill(node: i32) -> Self {
+        cluster_command("kill", node);
+        KilledNode(node)
+    }
+
+    /// Starts it again and waits until it answers.
+    pub fn restart(self) {}
+}
+
+impl Drop for KilledNode {
+    fn drop(&mut self) {
+        cluster_command("restart", self.0);
+    }
+}
+
+/// The broker (node) id leading partition `partition` of `topic`.
+pub fn leader_of(topic: &str, partition: i32) -> i32 {
+    let reader: BaseConsumer = ClientConfig::new().set("bootstrap.servers", brokers()).create().unwrap();
+    let metadata = reader.fetch_metadata(Some(topic), Duration::from_secs(10)).unwrap();
+    metadata.topics()[0].partitions().iter().find(|p| p.id() == partition).unwrap().leader()
+}
+
+/// The replicas of each partition of `topic`.
+pub fn replica_counts(topic: &str) -> Vec<usize> {
+    let reader: BaseConsumer = ClientConfig::new().set("bootstrap.servers", brokers()).create().unwrap();
+    let metadata = reader.fetch_metadata(Some(topic), Duration::from_secs(10)).unwrap();
+    metadata.topics()[0].partitions().iter().map(|p| p.replicas().len()).collect()
+}
+
+/// The broker that is the transaction coordinator of `transactional_id`, as Kafka's
+/// `kafka-transactions.sh describe` reports it.
+pub fn transaction_coordinator(transactional_id: &str) -> i32 {
+    let out = Command::new(repo().join("scripts/kafka.sh"))
+        .args(["run-class", "org.apache.kafka.tools.TransactionsCommand", "--bootstrap-server"])
+        .arg(brokers())
+        .args(["describe", "--transactional-id", transactional_id])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    // A header line (CoordinatorId first), then one line for the transactional id.
+    let line =
+        text.lines().nth(1).unwrap_or_else(|| panic!("{text}{}", String::from_utf8_lossy(&out.stderr)));
+    line.split_whitespace().next().and_then(|id| id.parse().ok()).unwrap_or_else(|| panic!("{text}"))
 }
 
 pub fn repo() -> PathBuf {
@@ -191,6 +270,9 @@ impl Deployment {
             // clock: the usage API must keep October whatever the date (10 years).
             ("IM_METER__HTTP__HISTORY_MONTHS".into(), "120".into()),
         ];
+        if CLUSTER.get().is_some() {
+            env.push(("IM_METER__KAFKA__REPLICATION_FACTOR".into(), "3".into()));
+        }
         for (t, _) in FileConfig::default().topics.fields() {
             env.push((format!("IM_METER__TOPICS__{}", t.to_uppercase()), self.topic(t)));
         }
@@ -296,6 +378,65 @@ impl Worker {
         if let Ok(Some(status)) = self.child.try_wait() {
             panic!("worker died ({status}); log: {}", std::fs::read_to_string(&self.log).unwrap_or_default());
         }
+    }
+}
+
+/// Waits until the charges and usage topics hold as many records of the months replay
+/// billed as replay printed (or the deadline passes), then checks them against replay:
+/// same records, each key once. Later months are left out: the worker closes them by
+/// the clock once they are over and bills their plan fees, as it should, while replay
+/// bills only months with usage in its input.
+pub fn assert_same_as_replay(d: &Deployment, workers: &mut [Worker]) {
+    assert_same_as(expected(), d, workers);
+}
+
+/// [`assert_same_as_replay`] for any input's replay.
+pub fn assert_same_as(want: &Expected, d: &Deployment, workers: &mut [Worker]) {
+    let months = want.months();
+    let in_months = |mut records: BTreeMap<String, Value>| {
+        records.retain(|key, _| key.split('/').nth(1).is_some_and(|m| months.contains(m)));
+        records
+    };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let charges = in_months(by_key(read_all(&d.topic("charges"))));
+        let usage = in_months(by_key(read_all(&d.topic("usage"))));
+        let complete = charges.len() >= want.charges.len() && usage.len() >= want.usage.len();
+        if complete || Instant::now() > deadline {
+            assert_same(charges, &want.charges, "charges");
+            assert_same(usage, &want.usage, "usage");
+            return;
+        }
+        for w in workers.iter_mut() {
+            w.assert_alive();
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// Runs one worker (`instance` a, with extra `settings`) until it has billed what replay
+/// billed of `want`, checks it did so alike, and stops it.
+pub fn one_worker_bills_as(want: &Expected, d: &Deployment, settings: &[(&str, &str)]) {
+    let mut workers = vec![d.worker_with("a", settings, &[])];
+    assert_same_as(want, d, &mut workers);
+    workers.pop().unwrap().stop();
+}
+
+/// Records by key; a key published twice fails the test.
+pub fn by_key(records: Vec<Record>) -> BTreeMap<String, Value> {
+    let mut by_key = BTreeMap::new();
+    for record in records {
+        let key = String::from_utf8(record.key.expect("outputs are keyed")).unwrap();
+        let previous = by_key.insert(key.clone(), serde_json::from_slice(&record.value).unwrap());
+        assert!(previous.is_none(), "{key} published twice");
+    }
+    by_key
+}
+
+pub fn assert_same(got: BTreeMap<String, Value>, want: &BTreeMap<String, Value>, what: &str) {
+    assert_eq!(got.keys().collect::<Vec<_>>(), want.keys().collect::<Vec<_>>(), "{what}");
+    for (key, value) in &got {
+        assert_eq!(value, &want[key], "{what} {key}");
     }
 }
 
@@ -563,7 +704,8 @@ pub fn partition_count(topic: &str) -> usize {
     metadata.topics()[0].partitions().len()
 }
 
-/// Sends event lines to `topic` keyed by their app, with librdkafka's default partitioner —
+/// Sends event lines to `topic` keyed by their app (lines that are not JSON unkeyed), with
+/// librdkafka's default partitioner —
 /// as the IM backend would, with a producer of its own (not `im-meter produce`, which also
 /// prepares the worker's topics).
 pub fn produce_keyed(topic: &str, lines: &[String]) {
@@ -576,9 +718,13 @@ pub fn produce_keyed(topic: &str, lines: &[String]) {
         .create()
         .unwrap();
     for line in lines {
-        let event: Value = serde_json::from_str(line).unwrap();
-        let key = event["app_id"].to_string();
-        producer.send(BaseRecord::to(topic).key(&key).payload(line)).map_err(|(e, _)| e).unwrap();
+        // A line that is not an event goes unkeyed, as `im-meter produce` sends it.
+        let key = serde_json::from_str::<Value>(line).ok().map(|event| event["app_id"].to_string());
+        match &key {
+            Some(key) => producer.send(BaseRecord::to(topic).key(key).payload(line)).map_err(|(e, _)| e),
+            None => producer.send(BaseRecord::<(), _>::to(topic).payload(line)).map_err(|(e, _)| e),
+        }
+        .unwrap();
         producer.poll(Duration::ZERO);
     }
     producer.flush(Duration::from_secs(30)).unwrap();

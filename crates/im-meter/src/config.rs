@@ -45,6 +45,7 @@ impl Default for FileConfig {
                 group_id: "im-meter".into(),
                 instance_id: String::new(),
                 partitions: 6,
+                replication_factor: 0,
                 commit_interval: "1s".into(),
                 idle_partition_timeout: "30s".into(),
                 transaction_timeout: "30s".into(),
@@ -114,6 +115,9 @@ pub struct KafkaSection {
     pub instance_id: String,
     /// Partitions of topics the worker creates because they are missing.
     pub partitions: i64,
+    /// Replicas of each topic the worker creates (0: the broker's `default.replication.factor`);
+    /// 3 or more also sets the topic's `min.insync.replicas` to 2.
+    pub replication_factor: i64,
     /// How often consumed offsets, state and outputs are committed (one transaction).
     pub commit_interval: String,
     /// A caught-up partition with no record for this long follows the event time of the
@@ -355,6 +359,8 @@ pub struct KafkaSettings {
     pub instance_id: String,
     /// Partitions of topics the worker creates.
     pub partitions: i32,
+    /// Replicas of topics the worker creates (`None`: the broker's default).
+    pub replication_factor: Option<i32>,
     /// Time between commits.
     pub commit_interval: Duration,
     /// Silence after which a caught-up partition counts as idle.
@@ -652,6 +658,15 @@ impl FileConfig {
             "kafka.partitions",
             within(k.partitions, |n: &i32| *n > 0, "must be a positive number of partitions"),
         );
+        let replication_factor = p.take(
+            "kafka.replication_factor",
+            within(
+                k.replication_factor,
+                |n: &i32| (0..=32).contains(n),
+                "must be 0 (the broker's default) to 32",
+            )
+            .map(|n| (n > 0).then_some(n)),
+        );
         let commit_interval =
             p.take("kafka.commit_interval", duration(&k.commit_interval).and_then(positive));
         let idle_partition_timeout =
@@ -741,6 +756,7 @@ impl FileConfig {
                         id => id.to_string(),
                     },
                     partitions: partitions?,
+                    replication_factor: replication_factor?,
                     commit_interval: commit_interval?,
                     idle_partition_timeout: idle_partition_timeout?,
                     transaction_timeout: transaction_timeout?,
@@ -803,6 +819,9 @@ mod tests {
         assert_eq!(c.meter.precision.get(), 14);
         assert_eq!(c.meter.exact_limit.get(), 1_000_000);
         assert!(c.meter.idle_timeout.is_none());
+        assert_eq!(c.kafka.replication_factor, None, "the broker's default");
+        let three = Config::load(None, env(&[("IM_METER__KAFKA__REPLICATION_FACTOR", "3")])).unwrap();
+        assert_eq!(three.kafka.replication_factor, Some(3));
     }
 
     #[test]
@@ -841,6 +860,7 @@ mod tests {
                 ("IM_METER__METERING__EXACT_LIMIT", "999"),
                 ("IM_METER__TOPICS__CHARGES", "bad topic"),
                 ("IM_METER__HTTP__LISTEN", "nowhere"),
+                ("IM_METER__KAFKA__REPLICATION_FACTOR", "-1"),
             ]),
         )
         .unwrap_err();
@@ -854,6 +874,7 @@ mod tests {
             "metering.exact_limit",
             "topics.charges",
             "http.listen",
+            "kafka.replication_factor",
         ] {
             assert!(text.contains(field), "{field} missing from {text}");
         }

@@ -72,6 +72,20 @@ pub struct ConsumerState {
     pub state_bytes: u64,
     /// End of the oldest month not yet closed (metering) or billed (billing).
     pub oldest_open_month_end: Option<Timestamp>,
+    /// Its transactions or broker calls fail, and have since the last that succeeded.
+    pub failing: Option<FailingCalls>,
+}
+
+/// Transactions or broker calls failing one after another (brokers down, too few in-sync
+/// replicas, the coordinator moving): readiness says so until one succeeds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FailingCalls {
+    /// When the first of them failed (Unix milliseconds).
+    pub since_ms: i64,
+    /// How many failed.
+    pub failures: u64,
+    /// The last error.
+    pub error: String,
 }
 
 /// One consumer thread of a stage.
@@ -91,6 +105,23 @@ impl ConsumerStatus {
     /// Notes a poll of the consumer.
     pub fn polled(&self) {
         self.last_poll_ms.store(now_ms(), Ordering::Relaxed);
+    }
+
+    /// Notes a transaction, a producer's start or a broker call that failed with `error`.
+    pub fn broker_failed(&self, error: String) {
+        let mut state = self.state();
+        let failing = state.failing.get_or_insert_with(|| FailingCalls {
+            since_ms: now_ms(),
+            failures: 0,
+            error: String::new(),
+        });
+        failing.failures += 1;
+        failing.error = error;
+    }
+
+    /// Notes a transaction that committed, or a broker call that succeeded.
+    pub fn broker_answered(&self) {
+        self.state().failing = None;
     }
 
     /// When the consumer last polled (Unix milliseconds; 0: never).
@@ -190,6 +221,14 @@ impl Board {
             for (p, why) in state.partitions.iter().filter_map(|(p, s)| Some((p, s.stopped.as_ref()?))) {
                 problems.push(format!("{name}: partition {p} stopped: {why}"));
             }
+            if let Some(f) = &state.failing {
+                problems.push(format!(
+                    "{name}: transactions or broker calls failing for {} s ({} in a row), waiting for the brokers: {}",
+                    (now - f.since_ms).max(0) / 1000,
+                    f.failures,
+                    f.error
+                ));
+            }
             drop(state);
             let silent = Duration::from_millis(u64::try_from(now - last).unwrap_or(0));
             let lag = c.lag();
@@ -262,5 +301,24 @@ mod tests {
             board.not_ready(Duration::from_secs(1)),
             vec!["meter-0: partition 4 stopped: its changelog lost records"]
         );
+    }
+
+    #[test]
+    fn failing_broker_calls_make_the_worker_not_ready_until_one_succeeds() {
+        let board = Board::new();
+        let c = board.consumer(StageKind::Bill, "0", "changelog");
+        c.polled();
+        assert!(board.not_ready(Duration::from_secs(60)).is_empty());
+        c.broker_failed("NOT_ENOUGH_REPLICAS".into());
+        c.broker_failed("all brokers down".into());
+        let problems = board.not_ready(Duration::from_secs(60));
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(
+            problems[0].starts_with("bill-0: transactions or broker calls failing for 0 s (2 in a row)"),
+            "{problems:?}"
+        );
+        assert!(problems[0].ends_with(": all brokers down"), "the last error: {problems:?}");
+        c.broker_answered();
+        assert!(board.not_ready(Duration::from_secs(60)).is_empty());
     }
 }

@@ -12,6 +12,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::ClientConfig;
+use tracing::warn;
 
 /// A topic to have: its name, partitions and extra configuration.
 #[derive(Debug, Clone)]
@@ -24,19 +25,27 @@ pub struct TopicSpec<'a> {
     pub config: Vec<(&'a str, &'a str)>,
 }
 
+/// The topic settings that go with `replicas`: with three or more, a write counts once two
+/// replicas have it (`min.insync.replicas` 2; the worker's producers use `acks=all`), so one
+/// broker lost loses no committed record and stops no write.
+fn durability(replicas: Option<i32>) -> Option<(&'static str, &'static str)> {
+    replicas.filter(|&r| r >= 3).map(|_| ("min.insync.replicas", "2"))
+}
+
 /// Creates every topic of `specs` that does not exist yet (existing ones are left as
-/// they are). Replication factor is the broker's default.
-pub async fn ensure_topics(client: &ClientConfig, specs: &[TopicSpec<'_>]) -> anyhow::Result<()> {
+/// they are), with `replicas` replicas each (`None`: the broker's default).
+pub async fn ensure_topics(
+    client: &ClientConfig,
+    specs: &[TopicSpec<'_>],
+    replicas: Option<i32>,
+) -> anyhow::Result<()> {
     let admin: AdminClient<DefaultClientContext> =
         client.create().context("cannot create Kafka admin client")?;
     let topics: Vec<NewTopic> = specs
         .iter()
         .map(|s| {
-            s.config
-                .iter()
-                .fold(NewTopic::new(s.name, s.partitions, TopicReplication::Fixed(-1)), |t, (k, v)| {
-                    t.set(k, v)
-                })
+            let new = NewTopic::new(s.name, s.partitions, TopicReplication::Fixed(replicas.unwrap_or(-1)));
+            s.config.iter().chain(durability(replicas).iter()).fold(new, |t, (k, v)| t.set(k, v))
         })
         .collect();
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
@@ -44,6 +53,11 @@ pub async fn ensure_topics(client: &ClientConfig, specs: &[TopicSpec<'_>]) -> an
     for result in results {
         match result {
             Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, RDKafkaErrorCode::InvalidReplicationFactor)) => anyhow::bail!(
+                "cannot create topic {topic}: kafka.replication_factor is {}, more than the brokers the cluster \
+                 has up; lower it, or 0 for the broker's default",
+                replicas.unwrap_or(-1)
+            ),
             Err((topic, code)) => anyhow::bail!("cannot create topic {topic}: {code}"),
         }
     }
@@ -51,21 +65,34 @@ pub async fn ensure_topics(client: &ClientConfig, specs: &[TopicSpec<'_>]) -> an
     // after a broker start, long enough for a reader to find "no partitions").
     let names: Vec<String> = specs.iter().map(|s| s.name.to_string()).collect();
     let client = client.clone();
-    tokio::task::spawn_blocking(move || wait_for_metadata(&client, &names))
+    tokio::task::spawn_blocking(move || wait_for_metadata(&client, &names, replicas))
         .await
         .context("waiting for the topics' metadata")?
 }
 
-/// Waits (up to 30 s) until the metadata shows every topic of `names` with partitions.
-fn wait_for_metadata(client: &ClientConfig, names: &[String]) -> anyhow::Result<()> {
+/// Waits (up to 30 s) until the metadata shows every topic of `names` with partitions, and
+/// warns of each one with fewer than `replicas` replicas (one that existed before: it is left
+/// as it is, and a broker lost can lose or stop what it holds).
+fn wait_for_metadata(client: &ClientConfig, names: &[String], replicas: Option<i32>) -> anyhow::Result<()> {
     let reader: BaseConsumer = client.create().context("cannot create a metadata client")?;
     let deadline = Instant::now() + Duration::from_secs(30);
     for name in names {
         loop {
-            let known = reader
-                .fetch_metadata(Some(name), Duration::from_secs(5))
-                .map(|m| m.topics().first().is_some_and(|t| !t.partitions().is_empty()));
-            if known.unwrap_or(false) {
+            let found = reader.fetch_metadata(Some(name), Duration::from_secs(5)).ok().and_then(|m| {
+                let topic = m.topics().first()?;
+                let fewest = topic.partitions().iter().map(|p| p.replicas().len()).min()?;
+                Some(fewest)
+            });
+            if let Some(fewest) = found {
+                if let Some(wanted) = replicas.filter(|&r| (fewest as i32) < r) {
+                    warn!(
+                        topic = %name,
+                        replicas = fewest,
+                        wanted,
+                        "topic has fewer replicas than kafka.replication_factor asks (it existed before); \
+                         add replicas with kafka-reassign-partitions.sh"
+                    );
+                }
                 break;
             }
             anyhow::ensure!(

@@ -458,7 +458,7 @@ pub fn run(config: &Config, shutdown: &AtomicBool, board: &Board) -> anyhow::Res
     let mut to_fence: VecDeque<i32> = VecDeque::new();
     let mut last_report = Instant::now();
     let mut last_round = Instant::now();
-    let mut backoff = Backoff::default();
+    let mut backoff = Backoff { failures: 0, until: None, status: Arc::clone(&status) };
     // Exported at 0 from the start, so that a rate over it has a series to start from.
     metrics().broker_errors.with_label_values(&["bill"]);
     while !shutdown.load(Ordering::Relaxed) {
@@ -489,7 +489,7 @@ pub fn run(config: &Config, shutdown: &AtomicBool, board: &Board) -> anyhow::Res
         }
         if let Some(p) = to_fence.pop_front().filter(|_| !backoff.waiting()) {
             if let Some(r) = restoring.get_mut(&p) {
-                match backoff.retry_later(fence(config, &client, &ends, p))? {
+                match backoff.retry_later(fence(config, &client, &ends, p, &status))? {
                     Some(fenced) => r.fenced = Some(fenced),
                     None => to_fence.push_front(p),
                 }
@@ -636,10 +636,11 @@ fn serve_tasks(
 
 /// When billing tries broker calls again after a transient error: 1, 2, 4, … s later, at
 /// most 30 (the consumer keeps polling meanwhile), back to at once after a call succeeds.
-#[derive(Default)]
+/// Failures are told to the stage's status (readiness says why billing waits).
 struct Backoff {
     failures: u32,
     until: Option<Instant>,
+    status: Arc<ConsumerStatus>,
 }
 
 impl Backoff {
@@ -653,11 +654,15 @@ impl Backoff {
     fn retry_later<T>(&mut self, result: anyhow::Result<T>) -> anyhow::Result<Option<T>> {
         match result {
             Ok(value) => {
+                if self.failures > 0 {
+                    self.status.broker_answered();
+                }
                 (self.failures, self.until) = (0, None);
                 Ok(Some(value))
             }
             Err(e) if super::is_transient(&e) => {
                 self.failures += 1;
+                self.status.broker_failed(format!("{e:#}"));
                 let pause = super::poison::pause(self.failures);
                 self.until = Some(Instant::now() + pause);
                 metrics().broker_errors.with_label_values(&["bill"]).inc();
@@ -715,9 +720,10 @@ fn fence(
     client: &ClientConfig,
     ends: &HighWatermarks,
     partition: i32,
+    status: &Arc<ConsumerStatus>,
 ) -> anyhow::Result<(Outbox, Option<i64>)> {
     let id = format!("{}-billing-{partition}", config.file.kafka.group_id);
-    let outbox = Outbox::transactional(client, &id, config.kafka.transaction_timeout, "bill")?;
+    let outbox = Outbox::transactional(client, &id, config.kafka.transaction_timeout, Arc::clone(status))?;
     let (low, high) = ends.of(&config.file.topics.billing_changelog, partition, Duration::from_secs(30))?;
     Ok((outbox, (high > low).then_some(high)))
 }

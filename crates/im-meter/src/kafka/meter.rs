@@ -234,8 +234,9 @@ pub fn run(config: &Config, member: usize, shutdown: &AtomicBool, board: &Board)
     if member > 0 {
         transactional_id.push_str(&format!("-{member}"));
     }
-    let outbox =
-        Outbox::transactional(&client, &transactional_id, config.kafka.transaction_timeout, "meter")?;
+    let status = board.consumer(StageKind::Meter, &member.to_string(), &topics.events);
+    let timeout = config.kafka.transaction_timeout;
+    let outbox = Outbox::transactional(&client, &transactional_id, timeout, Arc::clone(&status))?;
     let outbox = BackgroundOutbox::start(outbox, &format!("im-meter-commit-{member}"))?;
     let stage = Arc::new(Mutex::new(Stage {
         config: config.clone(),
@@ -247,7 +248,7 @@ pub fn run(config: &Config, member: usize, shutdown: &AtomicBool, board: &Board)
         dead_letters: Vec::new(),
         last_commit: Instant::now(),
         failure: None,
-        status: board.consumer(StageKind::Meter, &member.to_string(), &topics.events),
+        status,
         tally: EventTally::default(),
         now: Timestamp(board.clock().now_ms()),
         clock: board.clock(),

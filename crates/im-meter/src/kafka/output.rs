@@ -1,7 +1,7 @@
 //! What the stages write: a transactional producer ([`Outbox`]), the same on a thread of
 //! its own ([`BackgroundOutbox`]), and dead-letter records.
 
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -14,6 +14,7 @@ use rdkafka::{ClientConfig, TopicPartitionList};
 use tracing::warn;
 
 use super::fetch::Fetched;
+use crate::status::ConsumerStatus;
 
 /// The most of a refused record's payload a dead letter carries: a larger payload is cut to
 /// its first this many bytes (the whole record stays in its source topic, at the letter's
@@ -301,8 +302,9 @@ pub struct Outbox {
     client: ClientConfig,
     producer: BaseProducer,
     timeout: Duration,
-    /// The stage it writes for (the `stage` label of its metrics).
-    stage: &'static str,
+    /// The consumer it writes for: its stage labels the metrics, and failures are reported
+    /// to it (readiness says why the worker waits).
+    status: Arc<ConsumerStatus>,
     /// A failpoint for tests: the next commit that succeeds is reported as failed.
     fail_next_commit: bool,
 }
@@ -328,21 +330,29 @@ impl Outbox {
         client: &ClientConfig,
         transactional_id: &str,
         timeout: Duration,
-        stage: &'static str,
+        status: Arc<ConsumerStatus>,
     ) -> anyhow::Result<Self> {
         let mut client = client.clone();
         client
             .set("transactional.id", transactional_id)
+            // Implied by transactions (they need idempotence, which needs all in-sync
+            // replicas), said here so that no setting can weaken it: a record counts once
+            // the topic's min.insync.replicas brokers have it.
+            .set("acks", "all")
             .set("transaction.timeout.ms", timeout.as_millis().to_string())
             .set("linger.ms", "5")
             .set("compression.type", "lz4");
-        let producer = Self::connect(&client, timeout)?;
-        Ok(Outbox { client, producer, timeout, stage, fail_next_commit: false })
+        let producer = Self::connect(&client, timeout, &status)?;
+        Ok(Outbox { client, producer, timeout, status, fail_next_commit: false })
     }
 
     /// Creates and initialises the producer, retrying what is not fatal (a broker down,
-    /// its coordinator loading) until [`INIT_DEADLINE`].
-    fn connect(client: &ClientConfig, timeout: Duration) -> anyhow::Result<BaseProducer> {
+    /// its coordinator loading) until [`INIT_DEADLINE`]; each failure is told to `status`.
+    fn connect(
+        client: &ClientConfig,
+        timeout: Duration,
+        status: &ConsumerStatus,
+    ) -> anyhow::Result<BaseProducer> {
         let deadline = Instant::now() + INIT_DEADLINE;
         loop {
             let producer: BaseProducer =
@@ -351,6 +361,7 @@ impl Outbox {
                 Ok(()) => return Ok(producer),
                 Err(e) if !is_fatal(&e) && Instant::now() < deadline => {
                     warn!(error = %e, "cannot initialise transactions yet; retrying");
+                    status.broker_failed(format!("cannot initialise transactions: {e}"));
                     std::thread::sleep(Duration::from_secs(1));
                 }
                 Err(e) => return Err(e).context("cannot initialise transactions"),
@@ -369,15 +380,17 @@ impl Outbox {
         let mut records = 0;
         let result = self.run_transaction(fill, &mut records);
         let m = crate::metrics::metrics();
-        m.commit_duration.with_label_values(&[self.stage]).observe(started.elapsed().as_secs_f64());
+        let stage = self.status.stage.label();
+        m.commit_duration.with_label_values(&[stage]).observe(started.elapsed().as_secs_f64());
         match &result {
             Ok(()) => {
-                m.commits.with_label_values(&[self.stage]).inc();
+                self.status.broker_answered();
+                m.commits.with_label_values(&[stage]).inc();
                 // One line per checkpoint: what it wrote and how long it took.
                 let ms = started.elapsed().as_millis() as u64;
-                tracing::info!(stage = self.stage, records, ms, "checkpoint committed");
+                tracing::info!(stage, records, ms, "checkpoint committed");
             }
-            Err(_) => m.transaction_aborts.with_label_values(&[self.stage]).inc(),
+            Err(_) => m.transaction_aborts.with_label_values(&[stage]).inc(),
         }
         result
     }
@@ -414,6 +427,8 @@ impl Outbox {
             other => other,
         };
         let Err(e) = result else { return Ok(()) };
+        // Said at once: aborting, or replacing the producer, can take as long again.
+        self.status.broker_failed(format!("{e:#}"));
         // Fenced by a newer worker with our id, or a broken protocol: this worker must stop.
         if e.downcast_ref::<KafkaError>().is_some_and(is_fatal) {
             return Err(TransactionFailed::Fatal(e));
@@ -436,8 +451,8 @@ impl Outbox {
                     warn!(error = %abort, "cannot abort; replacing the producer");
                     // Its init_transactions fences the old producer: the broker completes
                     // a transaction prepared to commit, or aborts it.
-                    self.producer =
-                        Self::connect(&self.client, self.timeout).map_err(TransactionFailed::Fatal)?;
+                    self.producer = Self::connect(&self.client, self.timeout, &self.status)
+                        .map_err(TransactionFailed::Fatal)?;
                     return Err(if committing {
                         warn!("the transaction may have committed: its outcome must be read back");
                         TransactionFailed::Unknown(e)

@@ -40,7 +40,8 @@ pub async fn prepare_topics(config: &Config) -> anyhow::Result<usize> {
     let t = &config.file.topics;
     let n = config.kafka.partitions;
     let plain = |name| TopicSpec { name, partitions: n, config: vec![] };
-    ensure_topics(&client, &[plain(&t.events), plain(&t.subscriptions)]).await?;
+    ensure_topics(&client, &[plain(&t.events), plain(&t.subscriptions)], config.kafka.replication_factor)
+        .await?;
     let events = changelog::partition_count(&client, &t.events)? as i32;
     let compacted = |name, partitions| TopicSpec {
         name,
@@ -74,7 +75,7 @@ pub async fn prepare_topics(config: &Config) -> anyhow::Result<usize> {
         kept(&t.alerts, &alerts_ms),
         forever(&t.usage),
     ];
-    ensure_topics(&client, &outputs).await?;
+    ensure_topics(&client, &outputs, config.kafka.replication_factor).await?;
     let keeps = [
         (&t.changelog, Keep::Compacted),
         (&t.billing_changelog, Keep::Compacted),
