@@ -7,9 +7,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 cargo fmt --all --check
-# Twice: as released (failpoints compiled out) and as tested (src/failpoints.rs).
+# Twice: as released (failpoints compiled out) and as tested (src/failpoints.rs; the chaos
+# feature adds the chaos run, tests/chaos.rs).
 cargo clippy --workspace --all-targets --locked -- -D warnings
-cargo clippy --workspace --all-targets --locked --features im-meter/failpoints -- -D warnings
+cargo clippy --workspace --all-targets --locked --features im-meter/chaos -- -D warnings
 
 # The deployment kit (Prometheus config and rules, dashboard, manifests, unit, docs):
 # validated offline; it installs promtool and the validators it needs.
@@ -35,6 +36,14 @@ export IM_METER_TEST_BROKERS="${IM_METER_TEST_BROKERS:-127.0.0.1:${KAFKA_PORT:-9
 # the variables.
 cargo test --workspace --locked --features im-meter/failpoints
 cargo test -p im-meter --lib --locked failpoints
+
+# The chaos run (scripts/chaos.sh, tests/chaos.rs): a few fixed seeds, each a month produced
+# under a schedule of faults and billed as replay bills it. Their own results file, so that no
+# seed is skipped as run before.
+chaos_results="$(mktemp)"
+scripts/chaos.sh --seed 1 --runs 2 --results "$chaos_results"
+scripts/chaos.sh --cluster --seed 1 --results "$chaos_results"
+rm -f "$chaos_results"
 
 # The usage API against its OpenAPI document, on a live worker (Schemathesis).
 scripts/contract-test.sh

@@ -581,6 +581,7 @@ LABEL_VALUES = {
     "consumer": ["0", "1"],
     "partition": ["0", "1", "2"],
     "kind": ["assign", "revoke"],
+    "cause": ["broker", "fenced", "unknown_outcome", "fatal", "other"],
     "item": ["plan_fee", "mau_overage", "pcc", "av_call", "dau_overage", "group_overage"],
     "app_id": ["1400000001", "1400000002", "1400000003"],
     "version": ["0.1.0"],

@@ -143,6 +143,8 @@ pub struct Expected {
     pub usage: BTreeMap<String, Value>,
     /// Refused lines of the events file.
     pub refused_events: usize,
+    /// Refused lines of the events file by reason.
+    pub event_reasons: BTreeMap<String, usize>,
 }
 
 pub fn expected() -> &'static Expected {
@@ -182,8 +184,14 @@ impl Expected {
             .map(|u| (format!("{}/{}", u["app_id"], u["month"].as_str().unwrap()), u))
             .collect();
         let letters = std::fs::read_to_string(dlq).unwrap();
-        let refused_events = letters.lines().filter(|l| l.contains(r#""source":"events""#)).count();
-        Expected { charges, usage, refused_events }
+        let mut event_reasons = BTreeMap::new();
+        for letter in letters.lines().map(|l| serde_json::from_str::<Value>(l).unwrap()) {
+            if letter["source"] == "events" {
+                *event_reasons.entry(letter["reason"].as_str().unwrap().to_string()).or_default() += 1;
+            }
+        }
+        let refused_events = event_reasons.values().sum();
+        Expected { charges, usage, refused_events, event_reasons }
     }
 
     /// The months replay billed.
@@ -304,6 +312,24 @@ impl Deployment {
     /// A worker with extra settings (`IM_METER_...` variables) and arguments.
     pub fn worker_with(&self, instance: &str, env: &[(&str, &str)], args: &[&str]) -> Worker {
         let log = std::env::temp_dir().join(format!("{}.{instance}.log", self.prefix));
+        self.worker_logging_to(instance, env, args, std::fs::File::create(&log).unwrap(), log)
+    }
+
+    /// A worker like [`Deployment::worker_with`] whose log is appended to `log` (a restarted
+    /// worker's log follows its predecessor's).
+    pub fn worker_appending(&self, instance: &str, env: &[(&str, &str)], log: &Path) -> Worker {
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+        self.worker_logging_to(instance, env, &[], file, log.to_path_buf())
+    }
+
+    fn worker_logging_to(
+        &self,
+        instance: &str,
+        env: &[(&str, &str)],
+        args: &[&str],
+        file: std::fs::File,
+        log: PathBuf,
+    ) -> Worker {
         let child = Command::new(env!("CARGO_BIN_EXE_im-meter"))
             .arg("run")
             .args(args)
@@ -311,7 +337,7 @@ impl Deployment {
             .env("IM_METER__KAFKA__INSTANCE_ID", instance)
             .envs(env.iter().copied())
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
+            .stderr(file)
             .spawn()
             .unwrap();
         Worker { child, log }
@@ -392,12 +418,17 @@ pub fn assert_same_as_replay(d: &Deployment, workers: &mut [Worker]) {
 
 /// [`assert_same_as_replay`] for any input's replay.
 pub fn assert_same_as(want: &Expected, d: &Deployment, workers: &mut [Worker]) {
+    assert_same_as_within(want, d, workers, Duration::from_secs(120));
+}
+
+/// [`assert_same_as`], waiting up to `within` for the records.
+pub fn assert_same_as_within(want: &Expected, d: &Deployment, workers: &mut [Worker], within: Duration) {
     let months = want.months();
     let in_months = |mut records: BTreeMap<String, Value>| {
         records.retain(|key, _| key.split('/').nth(1).is_some_and(|m| months.contains(m)));
         records
     };
-    let deadline = Instant::now() + Duration::from_secs(120);
+    let deadline = Instant::now() + within;
     loop {
         let charges = in_months(by_key(read_all(&d.topic("charges"))));
         let usage = in_months(by_key(read_all(&d.topic("usage"))));

@@ -47,7 +47,7 @@ pub struct Metrics {
     pub commit_duration: HistogramVec,
     /// Committed transactions, by stage.
     pub commits: IntCounterVec,
-    /// Aborted transactions, by stage.
+    /// Transactions that did not commit, by stage and cause.
     pub transaction_aborts: IntCounterVec,
     /// Broker calls that failed transiently and are tried again at a later round, by stage.
     pub broker_errors: IntCounterVec,
@@ -71,6 +71,8 @@ pub struct Metrics {
     pub state_bytes: IntGauge,
     /// When a stage's consumer last polled (Unix seconds).
     pub last_poll: GaugeVec,
+    /// How long a consumer's transactions or broker calls have failed, none succeeding.
+    pub failing: GaugeVec,
     /// The broker's clock minus this worker's, as last measured (seconds).
     pub clock_skew: Gauge,
     /// 1 while `/readyz` says ready.
@@ -166,8 +168,8 @@ impl Metrics {
             transaction_aborts: counter_vec(
                 r,
                 "im_meter_transaction_aborts_total",
-                "Aborted transactions, by stage.",
-                &["stage"],
+                "Transactions that did not commit, by stage and cause (broker, fenced, unknown_outcome, fatal, other).",
+                &["stage", "cause"],
             )?,
             broker_errors: counter_vec(
                 r,
@@ -229,6 +231,12 @@ impl Metrics {
                 r,
                 "im_meter_last_poll_timestamp_seconds",
                 "When a stage's consumer last polled (Unix seconds).",
+                &["stage", "consumer"],
+            )?,
+            failing: float_gauge_vec(
+                r,
+                "im_meter_failing_seconds",
+                "How long a stage's consumer has waited for the brokers: its transactions or broker calls failing, none succeeding since (seconds; 0 once one succeeds).",
                 &["stage", "consumer"],
             )?,
             ready: gauge(r, "im_meter_ready", "1 while the worker is ready (GET /readyz), else 0.")?,
@@ -429,7 +437,7 @@ mod tests {
         m.events_skipped.with_label_values(&["retention"]).inc();
         m.commit_duration.with_label_values(&["meter"]).observe(0.1);
         m.commits.with_label_values(&["meter"]).inc();
-        m.transaction_aborts.with_label_values(&["meter"]).inc();
+        m.transaction_aborts.with_label_values(&["meter", "broker"]).inc();
         m.broker_errors.with_label_values(&["bill"]).inc();
         m.restore_duration.with_label_values(&["meter"]).observe(0.1);
         m.event_watermark.with_label_values(&["0"]).set(0.0);
@@ -437,6 +445,7 @@ mod tests {
         m.subscription_duplicates.inc();
         m.oldest_open_month_end.with_label_values(&["meter"]).set(0.0);
         m.last_poll.with_label_values(&["meter", "0"]).set(0.0);
+        m.failing.with_label_values(&["meter", "0"]).set(0.0);
         m.charges.with_label_values(&["pcc"]).inc();
         m.billed_usd.with_label_values(&["pcc"]).inc_by(0.0);
         m.app_mau.with_label_values(&["1"]).set(0);

@@ -27,7 +27,7 @@ use tracing::{info, warn};
 use crate::config::Config;
 use crate::kafka::ledger::Ledger;
 use crate::metrics::metrics;
-use crate::status::{Board, StageKind};
+use crate::status::{now_ms, Board, StageKind};
 use cluster::Cluster;
 
 /// What the handlers read.
@@ -238,6 +238,8 @@ fn refresh_gauges(api: &Api) {
         let stage = c.stage.label();
         m.last_poll.with_label_values(&[stage, &c.consumer]).set(c.last_poll_ms() as f64 / 1000.0);
         let state = c.state();
+        let failing = state.failing.as_ref().map_or(0.0, |f| (now_ms() - f.since_ms).max(0) as f64 / 1000.0);
+        m.failing.with_label_values(&[stage, &c.consumer]).set(failing);
         if c.stage == StageKind::Meter {
             for (p, s) in &state.partitions {
                 if let Some(w) = s.watermark {

@@ -263,6 +263,33 @@ pub enum TransactionFailed {
 }
 
 impl TransactionFailed {
+    /// Why, in a word (the `cause` label of `im_meter_transaction_aborts_total`): `broker`
+    /// (unreachable, slow, a leader or coordinator moving), `fenced` (the consumer group
+    /// moved on: a rebalance, a member past its poll limit), `unknown_outcome`, `fatal`
+    /// (the producer fenced by a newer one with its id), `other` (a record refused).
+    pub fn cause(&self) -> &'static str {
+        use RDKafkaErrorCode as C;
+        const FENCED: &[RDKafkaErrorCode] = &[
+            C::IllegalGeneration,
+            C::UnknownMemberId,
+            C::FencedInstanceId,
+            C::RebalanceInProgress,
+            C::InvalidProducerEpoch,
+        ];
+        let fenced = |e: &anyhow::Error| {
+            e.chain()
+                .filter_map(|cause| cause.downcast_ref::<KafkaError>())
+                .any(|k| k.rdkafka_error_code().is_some_and(|code| FENCED.contains(&code)))
+        };
+        match self {
+            Self::Fatal(_) => "fatal",
+            Self::Unknown(_) => "unknown_outcome",
+            _ if self.transient() => "broker",
+            Self::Aborted(e) if fenced(e) => "fenced",
+            Self::Aborted(_) => "other",
+        }
+    }
+
     /// Whether it failed for a reason that says nothing about what it held: the broker
     /// unreachable or slow, a leader or coordinator moving, a timeout.
     pub fn transient(&self) -> bool {
@@ -390,7 +417,7 @@ impl Outbox {
                 let ms = started.elapsed().as_millis() as u64;
                 tracing::info!(stage, records, ms, "checkpoint committed");
             }
-            Err(_) => m.transaction_aborts.with_label_values(&[stage]).inc(),
+            Err(failure) => m.transaction_aborts.with_label_values(&[stage, failure.cause()]).inc(),
         }
         result
     }
@@ -577,6 +604,21 @@ mod tests {
         assert!(failed(KafkaError::Flush(RDKafkaErrorCode::OperationTimedOut)).transient());
         assert!(!failed(KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge)).transient());
         assert!(!TransactionFailed::Aborted(anyhow::anyhow!("a record is refused")).transient());
+    }
+
+    #[test]
+    fn an_abort_is_counted_by_its_cause() {
+        let aborted = |code| {
+            TransactionFailed::Aborted(
+                anyhow::Error::from(KafkaError::MessageProduction(code)).context("commit"),
+            )
+        };
+        assert_eq!(aborted(RDKafkaErrorCode::NotEnoughReplicas).cause(), "broker");
+        assert_eq!(aborted(RDKafkaErrorCode::IllegalGeneration).cause(), "fenced");
+        assert_eq!(aborted(RDKafkaErrorCode::UnknownMemberId).cause(), "fenced");
+        assert_eq!(aborted(RDKafkaErrorCode::MessageSizeTooLarge).cause(), "other");
+        assert_eq!(TransactionFailed::Unknown(anyhow::anyhow!("lost")).cause(), "unknown_outcome");
+        assert_eq!(TransactionFailed::Fatal(anyhow::anyhow!("fenced by a newer producer")).cause(), "fatal");
     }
 
     #[test]
