@@ -82,22 +82,26 @@ fn topics_get_three_replicas_and_two_in_sync() {
     }
 }
 
-#[test]
-fn killing_the_leader_of_a_changelog_partition_while_metering_changes_no_charge() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let d = deployment("leader");
+/// Streams the input to a worker of deployment `name` in `chunks` parts, `pause` apart, and
+/// kills -9 the broker `pick` names before part `at`; prints the time from the kill to the
+/// next committed transaction, starts the broker again, and checks the bill against replay.
+fn bills_right_through_a_broker_kill(
+    name: &str,
+    (chunks, pause, at): (usize, Duration, usize),
+    what: &str,
+    pick: impl Fn(&Deployment) -> i32,
+) {
+    let d = deployment(name);
     let mut worker = d.worker_with("a", &STREAMING, &["--log-format", "json"]);
     let address = worker.http_address();
-    let mut killed = None;
-    let mut watch = None;
-    stream_events(&d, 20, Duration::from_millis(500), 6, || {
-        let leader = leader_of(&d.topic("changelog"), 0);
-        let at = Instant::now();
-        watch = Some(time_to_next_commit(address, at));
-        killed = Some(KilledNode::kill(leader));
+    let (mut killed, mut watch) = (None, None);
+    stream_events(&d, chunks, pause, at, || {
+        let node = pick(&d);
+        watch = Some(time_to_next_commit(address, Instant::now()));
+        killed = Some(KilledNode::kill(node));
     });
     let next_commit = watch.unwrap().join().unwrap();
-    eprintln!("leader kill → next committed transaction: {:.1} s", next_commit.as_secs_f64());
+    eprintln!("{what} kill → next committed transaction: {:.1} s", next_commit.as_secs_f64());
     killed.unwrap().restart();
     let mut workers = vec![worker];
     assert_same_as_replay(&d, &mut workers);
@@ -105,26 +109,24 @@ fn killing_the_leader_of_a_changelog_partition_while_metering_changes_no_charge(
 }
 
 #[test]
+fn killing_the_leader_of_a_changelog_partition_while_metering_changes_no_charge() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    bills_right_through_a_broker_kill("leader", (20, Duration::from_millis(500), 6), "leader", |d| {
+        leader_of(&d.topic("changelog"), 0)
+    });
+}
+
+#[test]
 fn killing_the_transaction_coordinator_while_the_month_closes_changes_no_charge() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let d = deployment("coordinator");
-    let mut worker = d.worker_with("a", &STREAMING, &["--log-format", "json"]);
-    let address = worker.http_address();
-    let mut killed = None;
-    let mut watch = None;
     // The last part goes out right after the kill: the month closes while the coordinator
     // of the metering transactions moves.
-    stream_events(&d, 10, Duration::from_millis(300), 9, || {
-        let coordinator = transaction_coordinator(&format!("{}-meter-a", d.prefix));
-        watch = Some(time_to_next_commit(address, Instant::now()));
-        killed = Some(KilledNode::kill(coordinator));
-    });
-    let next_commit = watch.unwrap().join().unwrap();
-    eprintln!("coordinator kill → next committed transaction: {:.1} s", next_commit.as_secs_f64());
-    killed.unwrap().restart();
-    let mut workers = vec![worker];
-    assert_same_as_replay(&d, &mut workers);
-    workers.pop().unwrap().stop();
+    bills_right_through_a_broker_kill(
+        "coordinator",
+        (10, Duration::from_millis(300), 9),
+        "coordinator",
+        |d| transaction_coordinator(&format!("{}-meter-a", d.prefix)),
+    );
 }
 
 #[test]

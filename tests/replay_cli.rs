@@ -575,3 +575,31 @@ fn usage_before_the_start_month_is_refused_and_bills_nothing() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A file saved by an editor that writes a UTF-8 byte-order mark: its first line is read
+/// without it. (It was refused as not JSON: an `app_created` there was lost, and an app
+/// created before 2022-12-26 was billed in the current mode.)
+#[test]
+fn a_byte_order_mark_at_the_start_of_a_file_is_not_part_of_its_first_line() {
+    let dir = temp_dir("bom");
+    let with_bom = |name: &str, lines: &[String]| {
+        let path = write(&dir, name, lines);
+        let mut bytes = b"\xEF\xBB\xBF".to_vec();
+        bytes.extend(std::fs::read(&path).unwrap());
+        std::fs::write(&path, bytes).unwrap();
+        path
+    };
+    let events = with_bom("events.ndjson", &[login(31, "alice", "2026-11-05T10:00:00+08:00")]);
+    let subs = with_bom(
+        "subs.ndjson",
+        &[
+            r#"{"type":"app_created","app_id":31,"ts":"2021-01-02T00:00:00+08:00"}"#.to_string(),
+            r#"{"type":"plan_changed","app_id":31,"ts":"2021-02-01T00:00:00+08:00","plan":"pro"}"#
+                .to_string(),
+        ],
+    );
+    let doc = replay_json(&events, Some(&subs), &[]);
+    assert_eq!(doc["rejected"].as_u64(), Some(0), "{doc}");
+    assert_eq!(doc["usage"][0]["mau"].as_u64(), Some(1), "{doc}");
+    assert_eq!(charge(&doc, "31/2026-11/plan_fee")["billing_mode"], "original", "{doc}");
+}

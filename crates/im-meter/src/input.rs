@@ -61,6 +61,8 @@ pub struct ReadStats {
 }
 
 const READ_BUFFER: usize = 1 << 20;
+/// U+FEFF in UTF-8, as some editors start a file with it.
+const BYTE_ORDER_MARK: &[u8] = b"\xEF\xBB\xBF";
 const PROGRESS_AFTER: Duration = Duration::from_millis(300);
 
 /// Whole lines of the input, about [`READ_BUFFER`] bytes of them, to hand to another thread.
@@ -100,7 +102,8 @@ impl Chunk {
         }
     }
 
-    /// Calls `each(line_number, bytes)` for every non-blank line (line end stripped);
+    /// Calls `each(line_number, bytes)` for every non-blank line (line end stripped; the
+    /// input's first line without a UTF-8 byte-order mark, which some editors write);
     /// returns how many there were.
     pub fn for_each_line(
         &self,
@@ -108,6 +111,9 @@ impl Chunk {
     ) -> anyhow::Result<u64> {
         let (mut lines, mut number, mut start) = (0, self.first_line, 0);
         let bytes = self.bytes();
+        if self.index == 0 && bytes.starts_with(BYTE_ORDER_MARK) {
+            start = BYTE_ORDER_MARK.len();
+        }
         while start < bytes.len() {
             let end = memchr::memchr(b'\n', &bytes[start..]).map_or(bytes.len(), |at| start + at + 1);
             let content = trim_line_end(&bytes[start..end]);
@@ -321,6 +327,12 @@ mod tests {
         read_stats.lines = lines;
         assert_eq!((&read, read_stats), (&seen, stats), "read and mapped differ");
         (seen, stats)
+    }
+
+    #[test]
+    fn a_byte_order_mark_starting_the_input_is_dropped_and_nowhere_else() {
+        let (seen, _) = lines_of(b"\xEF\xBB\xBF{\"a\":1}\n\xEF\xBB\xBF{}\n");
+        assert_eq!(seen, vec![(1, b"{\"a\":1}".to_vec()), (2, b"\xEF\xBB\xBF{}".to_vec())]);
     }
 
     #[test]
