@@ -405,21 +405,29 @@ impl AppMonthAggregate {
     /// The month's figures. `grid` turns the PCC peak's sample index into an instant.
     pub fn usage(&mut self, app_id: AppId, month: Month, grid: super::pcc::SampleGrid) -> MonthlyUsage {
         let (pcc, peak_index) = self.pcc.peak();
+        // A sketch counts a set known to have passed the exact limit: it bills at least
+        // limit + 1, whatever its estimate says (just past the limit it can read below it).
+        let billed = |count: &mut UniqueUsers| match count.counted() {
+            Counted::Exact => count.estimate(),
+            Counted::Estimated(_) => count.estimate().max(count.counting().exact_limit.get() + 1),
+        };
         let (mau, mau_counted, dau_peak, dau_peak_counted) = match &mut self.users {
             Users::Table { users, month_sketch: None, .. } => {
                 (users.len() as u64, Counted::Exact, users.peak_day(), Counted::Exact)
             }
             Users::Table { users, month_sketch: Some(sketch), .. } => {
-                (sketch.estimate(), sketch.counted(), users.peak_day(), Counted::Exact)
+                (billed(sketch), sketch.counted(), users.peak_day(), Counted::Exact)
             }
             Users::Counts { mau, dau } => (
-                mau.estimate(),
+                billed(mau),
                 mau.counted(),
-                dau.values_mut().map(UniqueUsers::estimate).max().unwrap_or(0),
+                dau.values_mut().map(billed).max().unwrap_or(0),
                 // The peak is exact only if every day is: an estimated day might be the busiest.
                 dau.values().map(UniqueUsers::counted).fold(Counted::Exact, Counted::and),
             ),
         };
+        // A day's users are some of the month's: no estimate may say otherwise.
+        let dau_peak = dau_peak.min(mau);
         MonthlyUsage {
             app_id,
             month,
@@ -874,6 +882,33 @@ mod tests {
         let usage = sketched.usage(1, month, grid);
         let estimated = Counted::Estimated(Precision::default());
         assert_eq!((usage.mau_counted, usage.dau_peak_counted), (estimated, estimated));
+    }
+
+    /// A count that passed the exact limit is known to be above it: its estimate never
+    /// bills less than limit + 1 (at precision 10 an estimate is off by about 3 %, so just
+    /// past the limit it can read below it), and no day's peak exceeds the month's MAU.
+    #[test]
+    fn an_estimate_never_bills_below_the_limit_it_passed_nor_a_day_above_the_month() {
+        let limit = super::super::unique::ExactLimit::new(5_000).unwrap();
+        let counting = Counting { precision: Precision::new(10).unwrap(), exact_limit: limit };
+        let month: Month = "2026-11".parse().unwrap();
+        let grid = crate::aggregate::SampleGrid::new(std::time::Duration::from_secs(60)).unwrap();
+        // Users named w-0, w-1, ... (or z-...) are estimated below 5,001 (4,773-4,985: seen).
+        for (users, prefix) in (5_001..5_400).step_by(37).flat_map(|n| ["u", "w", "z"].map(move |p| (n, p))) {
+            // Every user on day 1 (the day passes the limit with the month), and the month
+            // alone past it (one day short of it).
+            for days in [1, 2] {
+                let mut agg = AppMonthAggregate::new(counting, false);
+                for u in 0..users {
+                    let day = month.day(1 + u % days).unwrap();
+                    agg.record_login(day, UserKey::of(&format!("{prefix}-{u}")));
+                }
+                let usage = agg.usage(1, month, grid);
+                let what = format!("{users} users {prefix}-* over {days} day(s): {usage:?}");
+                assert!(usage.mau > 5_000, "{what}");
+                assert!(usage.dau_peak <= usage.mau, "{what}");
+            }
+        }
     }
 
     fn format_2_counting() -> Counting {
