@@ -268,7 +268,15 @@ impl AppMonthAggregate {
                 let new = users.insert(user.0, d);
                 let limit = counting.exact_limit.get();
                 match month_sketch {
-                    None if new && users.len() as u64 > limit => self.users.pass_month_limit(),
+                    None if new && users.len() as u64 > limit => {
+                        // The same login may take its day past the limit too: then each
+                        // day a count of its own, as when the month had passed it before.
+                        let day_past = users.day_len(d) > limit;
+                        self.users.pass_month_limit();
+                        if day_past {
+                            self.users.counts_mut();
+                        }
+                    }
                     Some(sketch) => {
                         if new {
                             sketch.insert(user);
@@ -882,6 +890,36 @@ mod tests {
         let usage = sketched.usage(1, month, grid);
         let estimated = Counted::Estimated(Precision::default());
         assert_eq!((usage.mau_counted, usage.dau_peak_counted), (estimated, estimated));
+    }
+
+    /// One login that takes both its day and the month past the limit leaves the form the
+    /// same as when the month passed it earlier: a day past the limit is a count of its own
+    /// in either order (it stayed an exact set, labelled exact, when the crossings coincided).
+    #[test]
+    fn the_form_does_not_depend_on_which_login_passes_the_limit() {
+        let counting = Counting {
+            exact_limit: super::super::unique::ExactLimit::new(1_000).unwrap(),
+            ..Counting::default()
+        };
+        let month: Month = "2026-11".parse().unwrap();
+        let (d2, d3) = (month.day(2).unwrap(), month.day(3).unwrap());
+        let mut logins: Vec<(Day, UserKey)> =
+            (0..1_000).map(|u| (d2, UserKey::of(&format!("u-{u}")))).collect();
+        logins.push((d2, UserKey::of("x")));
+        let y = (d3, UserKey::of("y"));
+        // y last: x takes day 2 and the month to 1,001 at once. y first: the month passes
+        // the limit at day 2's 1,000th user, and x then takes day 2 past it.
+        let orders = [[logins.clone(), vec![y]].concat(), [vec![y], logins].concat()];
+        let [mut a, mut b] = orders.map(|order| {
+            let mut agg = AppMonthAggregate::new(counting, false);
+            for (day, user) in order {
+                agg.record_login(day, user);
+            }
+            agg
+        });
+        let grid = crate::aggregate::SampleGrid::new(std::time::Duration::from_secs(60)).unwrap();
+        assert_eq!(a.usage(1, month, grid), b.usage(1, month, grid));
+        assert!(a.encode() == b.encode(), "the same users give the same bytes");
     }
 
     /// A count that passed the exact limit is known to be above it: its estimate never
