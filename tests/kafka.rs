@@ -1427,3 +1427,20 @@ fn a_fast_worker_clock_closes_no_month_early() {
     assert!(why.contains("ahead of the broker's"), "{why}");
     worker.stop();
 }
+
+/// A stop asked for while the worker starts (here: waiting for a broker that does not
+/// answer) ends it at once and cleanly. The signal handler used to be installed only after
+/// the topics were prepared: a SIGINT before killed the process outright, or, where the
+/// signal was ignored (a worker started in the background by a shell), was lost — a chaos
+/// run found a worker still running a minute after its SIGINT.
+#[test]
+fn a_stop_during_start_up_ends_the_worker_cleanly() {
+    let d = Deployment::new("stop-at-start");
+    let mut worker = d.worker_with("a", &[("IM_METER__KAFKA__BROKERS", "127.0.0.1:1")], &[]);
+    std::thread::sleep(Duration::from_secs(2));
+    Command::new("kill").args(["-INT", &worker.child.id().to_string()]).status().unwrap();
+    let status =
+        eventually(Duration::from_secs(10), "the worker to exit", || worker.child.try_wait().unwrap());
+    assert!(status.success(), "exited with {status}: {}", worker.log_text());
+    assert!(worker.log_text().contains("shutdown requested during start-up"), "{}", worker.log_text());
+}

@@ -242,15 +242,29 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Run { config, role, log_format } => {
+            // Listening first, before anything that can wait on the brokers: a stop asked for
+            // during start-up is honoured at once (a signal before this point would kill the
+            // process, or be lost where a shell started it with the signal ignored).
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let mut signals = runtime.block_on(async { StopSignals::listen() })?;
             init_logs(log_format);
             let mut config = Config::load(config.as_deref(), std::env::vars())?;
             // The effective settings, for whoever reads the log later (secrets redacted).
             tracing::info!(config = ?config.file, "worker: starting");
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            config.kafka.max_value_bytes = runtime.block_on(worker::prepare_topics(&config))?;
+            let prepared = runtime.block_on(async {
+                tokio::select! {
+                    prepared = worker::prepare_topics(&config) => Some(prepared),
+                    () = signals.next() => None,
+                }
+            });
+            let Some(prepared) = prepared else {
+                tracing::info!("shutdown requested during start-up: nothing begun, stopping");
+                return Ok(());
+            };
+            config.kafka.max_value_bytes = prepared?;
             let shutdown = Arc::new(AtomicBool::new(false));
-            let signals = Arc::clone(&shutdown);
-            std::thread::spawn(move || runtime.block_on(wait_for_signals(signals)));
+            let stop = Arc::clone(&shutdown);
+            std::thread::spawn(move || runtime.block_on(signals.ask_to_stop(stop)));
             let board = Board::new();
             let ledger = Arc::new(Ledger::new(&config));
             // The metering consumers announce where this worker's usage API is.
@@ -379,22 +393,39 @@ fn init_logs(format: LogFormat) {
     }
 }
 
-/// The first SIGINT or SIGTERM asks the stages to commit and stop; a second one quits at once.
-async fn wait_for_signals(shutdown: Arc<AtomicBool>) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
-    else {
-        return;
-    };
-    for _ in 0..2 {
+/// SIGINT and SIGTERM, listened for from the start of `run`.
+struct StopSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    /// Installs the handlers (inside a Tokio runtime).
+    fn listen() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(StopSignals {
+            term: signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?,
+            int: signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?,
+        })
+    }
+
+    /// The next SIGINT or SIGTERM.
+    async fn next(&mut self) {
         tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
         }
-        if shutdown.swap(true, Ordering::Relaxed) {
-            eprintln!("im-meter: second signal, quitting now");
-            std::process::exit(130);
+    }
+
+    /// The first signal asks the stages to commit and stop; a second one quits at once.
+    async fn ask_to_stop(mut self, shutdown: Arc<AtomicBool>) {
+        for _ in 0..2 {
+            self.next().await;
+            if shutdown.swap(true, Ordering::Relaxed) {
+                eprintln!("im-meter: second signal, quitting now");
+                std::process::exit(130);
+            }
+            tracing::info!("shutdown requested: committing and leaving the group");
         }
-        tracing::info!("shutdown requested: committing and leaving the group");
     }
 }
