@@ -60,6 +60,8 @@ const PRODUCTION: Duration = Duration::from_secs(15);
 /// `kafka.max_poll_interval` of the workers, and so their session timeout: a frozen worker
 /// is out of the group this long after it stopped polling.
 const SESSION: Duration = Duration::from_secs(15);
+/// How long a worker asked to stop may take to leave (a broker away holds its last commit).
+const LEAVE_WITHIN: Duration = Duration::from_secs(120);
 /// How long the settled workers may take to bill what replay bills.
 const SETTLE: Duration = Duration::from_secs(300);
 
@@ -355,6 +357,8 @@ struct Workers<'a> {
     d: &'a Deployment,
     dir: &'a Path,
     running: BTreeMap<&'static str, Worker>,
+    /// Workers asked to stop, and since when.
+    leaving: Vec<(&'static str, Worker, Instant)>,
     wanted: BTreeSet<&'static str>,
     frozen: BTreeSet<&'static str>,
     skew_ms: i64,
@@ -395,29 +399,23 @@ impl Workers<'_> {
         }
     }
 
-    /// SIGINT, and up to a minute for the worker to leave; a worker that does not exit, or
-    /// exits with an error, is noted.
+    /// SIGINT: the worker commits, leaves the group and exits — in the background (with a
+    /// broker away that can take as long as the broker does), watched by
+    /// [`Workers::supervise`].
     fn stop(&mut self, name: &'static str, journal: &mut Journal) {
         self.wanted.remove(name);
-        let Some(mut w) = self.running.remove(name) else { return };
+        let Some(w) = self.running.remove(name) else { return };
         self.signal(&w, "CONT");
         journal.say(&format!("SIGINT to worker {name} (pid {})", w.child.id()));
         self.signal(&w, "INT");
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let status = loop {
-            match w.child.try_wait().unwrap() {
-                Some(status) => break Some(status),
-                None if Instant::now() > deadline => break None,
-                None => std::thread::sleep(Duration::from_millis(100)),
-            }
-        };
-        match status {
-            Some(s) if s.success() => journal.say(&format!("worker {name} left")),
-            other => {
-                let note = format!("worker {name} did not stop cleanly on SIGINT ({other:?})");
-                journal.say(&note);
-                self.notes.push(note);
-            }
+        self.leaving.push((name, w, Instant::now()));
+    }
+
+    /// Waits until every worker asked to stop has exited (or was killed for taking too long).
+    fn wait_for_leavers(&mut self, journal: &mut Journal) {
+        while !self.leaving.is_empty() {
+            self.supervise(journal);
+            std::thread::sleep(Duration::from_millis(100));
         }
     }
 
@@ -454,8 +452,23 @@ impl Workers<'_> {
         }
     }
 
-    /// Starts again every wanted worker that exited by itself.
+    /// Notes the workers asked to stop that have exited (one that exits with an error, or
+    /// is still there [`LEAVE_WITHIN`] after its SIGINT, is killed and noted), and starts
+    /// again every wanted worker that exited by itself.
     fn supervise(&mut self, journal: &mut Journal) {
+        for (name, mut w, since) in std::mem::take(&mut self.leaving) {
+            match w.child.try_wait().unwrap() {
+                Some(status) if status.success() => journal.say(&format!("worker {name} left")),
+                None if since.elapsed() < LEAVE_WITHIN => self.leaving.push((name, w, since)),
+                status => {
+                    let note = format!("worker {name} did not leave cleanly after its SIGINT ({status:?})");
+                    journal.say(&note);
+                    self.notes.push(note);
+                    let _ = w.child.kill();
+                    let _ = w.child.wait();
+                }
+            }
+        }
         let exited: Vec<(&'static str, String)> = self
             .running
             .iter_mut()
@@ -605,6 +618,7 @@ fn run(seed: u64, cluster: bool, dir: &Path) -> Vec<String> {
         d: &d,
         dir,
         running: BTreeMap::new(),
+        leaving: Vec::new(),
         wanted: BTreeSet::new(),
         frozen: BTreeSet::new(),
         skew_ms,
@@ -667,6 +681,7 @@ fn run(seed: u64, cluster: bool, dir: &Path) -> Vec<String> {
     for name in ["b", "c", "skewed"] {
         workers.stop(name, &mut journal);
     }
+    workers.wait_for_leavers(&mut journal);
     if workers.frozen.contains("a") {
         workers.freeze("a", true, &mut journal);
     }
@@ -713,6 +728,7 @@ fn run(seed: u64, cluster: bool, dir: &Path) -> Vec<String> {
     }
     journal.say("dead letters and months check out");
     workers.stop("a", &mut journal);
+    workers.wait_for_leavers(&mut journal);
     workers.notes
 }
 
