@@ -201,6 +201,14 @@ impl Board {
         }
         let now = now_ms();
         let mut problems: Vec<String> = self.clock.problem().into_iter().collect();
+        for (what, f) in RETRYING.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            problems.push(format!(
+                "{what}: failing for {} s ({} tries), waiting for the brokers: {}",
+                (now - f.since_ms).max(0) / 1000,
+                f.failures,
+                f.error
+            ));
+        }
         for c in consumers {
             let name = format!("{}-{}", c.stage.label(), c.consumer);
             let last = c.last_poll_ms();
@@ -243,6 +251,28 @@ impl Board {
     }
 }
 
+/// Broker calls being retried in place right now ([`crate::kafka::with_retries`]: a stage
+/// waits inside the call), by what they do. Process-wide, as the retrying call sites are
+/// deep in either stage; readiness lists them.
+static RETRYING: Mutex<BTreeMap<String, FailingCalls>> = Mutex::new(BTreeMap::new());
+
+/// Notes that the broker call `what` failed with `error` and is tried again.
+pub fn call_retrying(what: &str, error: String) {
+    let mut retrying = RETRYING.lock().unwrap_or_else(|e| e.into_inner());
+    let failing = retrying.entry(what.to_string()).or_insert_with(|| FailingCalls {
+        since_ms: now_ms(),
+        failures: 0,
+        error: String::new(),
+    });
+    failing.failures += 1;
+    failing.error = error;
+}
+
+/// Notes that the broker call `what` is no longer retried (it succeeded, or gave up).
+pub fn call_done(what: &str) {
+    RETRYING.lock().unwrap_or_else(|e| e.into_inner()).remove(what);
+}
+
 /// The worker's clock in Unix milliseconds (with the failpoints, off by the test's offset).
 pub fn now_ms() -> i64 {
     let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
@@ -260,8 +290,12 @@ fn clock_offset_ms() -> i64 {
 mod tests {
     use super::*;
 
+    /// The tests that read readiness, one at a time: the retried calls are process-wide.
+    static READINESS: Mutex<()> = Mutex::new(());
+
     #[test]
     fn a_stalled_consumer_with_records_waiting_is_not_ready() {
+        let _one = READINESS.lock().unwrap_or_else(|e| e.into_inner());
         let board = Board::new();
         board.expect_consumers(2);
         assert!(!board.not_ready(Duration::from_secs(1)).is_empty(), "nothing started yet");
@@ -305,6 +339,7 @@ mod tests {
 
     #[test]
     fn failing_broker_calls_make_the_worker_not_ready_until_one_succeeds() {
+        let _one = READINESS.lock().unwrap_or_else(|e| e.into_inner());
         let board = Board::new();
         let c = board.consumer(StageKind::Bill, "0", "changelog");
         c.polled();
@@ -320,5 +355,24 @@ mod tests {
         assert!(problems[0].ends_with(": all brokers down"), "the last error: {problems:?}");
         c.broker_answered();
         assert!(board.not_ready(Duration::from_secs(60)).is_empty());
+    }
+
+    #[test]
+    fn a_broker_call_retried_in_place_makes_the_worker_not_ready_until_it_is_done() {
+        let _one = READINESS.lock().unwrap_or_else(|e| e.into_inner());
+        let board = Board::new();
+        board.consumer(StageKind::Meter, "0", "events").polled();
+        let what = "reading where test-topic [7] ends";
+        call_retrying(what, "Local: Timed out".into());
+        let problems = board.not_ready(Duration::from_secs(60));
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.starts_with(what) && p.ends_with("waiting for the brokers: Local: Timed out")),
+            "{problems:?}"
+        );
+        call_done(what);
+        let problems = board.not_ready(Duration::from_secs(60));
+        assert!(!problems.iter().any(|p| p.starts_with(what)), "{problems:?}");
     }
 }

@@ -94,7 +94,8 @@ pub fn is_transient(e: &anyhow::Error) -> bool {
 }
 
 /// Calls `f` until it succeeds or [`RETRY_FOR`] has passed, a second apart: for broker
-/// calls that fail while a broker restarts. The last error is returned with `what`.
+/// calls that fail while a broker restarts. The last error is returned with `what`. While
+/// it retries, readiness lists `what` and its last error.
 pub fn with_retries<T>(
     what: &str,
     mut f: impl FnMut() -> rdkafka::error::KafkaResult<T>,
@@ -102,12 +103,20 @@ pub fn with_retries<T>(
     let deadline = std::time::Instant::now() + RETRY_FOR;
     loop {
         match f() {
-            Ok(value) => return Ok(value),
+            Ok(value) => {
+                crate::status::call_done(what);
+                return Ok(value);
+            }
             Err(e) if std::time::Instant::now() < deadline => {
                 tracing::warn!(error = %e, "{what} failed; retrying");
+                // The stage waits here: readiness says so.
+                crate::status::call_retrying(what, e.to_string());
                 std::thread::sleep(std::time::Duration::from_secs(1));
             }
-            Err(e) => return Err(anyhow::Error::from(e).context(format!("{what} failed"))),
+            Err(e) => {
+                crate::status::call_done(what);
+                return Err(anyhow::Error::from(e).context(format!("{what} failed")));
+            }
         }
     }
 }
