@@ -33,7 +33,6 @@ use rand::{Rng, SeedableRng};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
 use rdkafka::{ClientConfig, ClientContext};
-use serde_json::Value;
 use support::*;
 
 /// `scripts/chaos.sh` passes its arguments here.
@@ -486,10 +485,6 @@ impl Workers<'_> {
     }
 }
 
-/// Brokers killed in this run, to start again.
-#[derive(Default)]
-struct DownBrokers(Vec<i32>);
-
 /// Kills the broker `target` names (resolved now) and returns its node id.
 fn kill_broker(target: BrokerTarget, d: &Deployment) -> i32 {
     let node = match target {
@@ -556,7 +551,7 @@ fn produce_steadily(topic: String, lines: Vec<String>) -> std::thread::JoinHandl
         let started = Instant::now();
         for (i, chunk) in lines.chunks(lines.len().div_ceil(chunks)).enumerate() {
             for line in chunk {
-                let key = serde_json::from_str::<Value>(line).ok().map(|e| e["app_id"].to_string());
+                let key = app_key(line);
                 loop {
                     let sent = match &key {
                         Some(key) => {
@@ -629,7 +624,8 @@ fn run(seed: u64, cluster: bool, dir: &Path) -> Vec<String> {
     journal.say("production starts");
     let producing = produce_steadily(d.topic("events"), input.lines.clone());
     let mut sent = input.lines.clone();
-    let mut down = DownBrokers::default();
+    // Brokers killed and not started again yet.
+    let mut down: Vec<i32> = Vec::new();
     let mut background = Vec::new();
     for step in &steps {
         while journal.start.elapsed() < step.at {
@@ -645,10 +641,10 @@ fn run(seed: u64, cluster: bool, dir: &Path) -> Vec<String> {
             Action::KillBroker(target) => {
                 let node = kill_broker(target, &d);
                 journal.say(&format!("kill -9 of broker {node} ({target:?})"));
-                down.0.push(node);
+                down.push(node);
             }
             Action::RestartBrokers => {
-                for node in std::mem::take(&mut down.0) {
+                for node in std::mem::take(&mut down) {
                     if cluster {
                         kafka_sh(&["cluster", "restart", &node.to_string()]);
                     } else {

@@ -749,8 +749,7 @@ pub fn produce_keyed(topic: &str, lines: &[String]) {
         .create()
         .unwrap();
     for line in lines {
-        // A line that is not an event goes unkeyed, as `im-meter produce` sends it.
-        let key = serde_json::from_str::<Value>(line).ok().map(|event| event["app_id"].to_string());
+        let key = app_key(line);
         match &key {
             Some(key) => producer.send(BaseRecord::to(topic).key(key).payload(line)).map_err(|(e, _)| e),
             None => producer.send(BaseRecord::<(), _>::to(topic).payload(line)).map_err(|(e, _)| e),
@@ -759,6 +758,12 @@ pub fn produce_keyed(topic: &str, lines: &[String]) {
         producer.poll(Duration::ZERO);
     }
     producer.flush(Duration::from_secs(30)).unwrap();
+}
+
+/// The key an event line goes out with: its app id (a line that is not JSON goes unkeyed,
+/// as `im-meter produce` sends it).
+pub fn app_key(line: &str) -> Option<String> {
+    serde_json::from_str::<Value>(line).ok().map(|event| event["app_id"].to_string())
 }
 
 /// Writes one record, `key` ← `value`, to partition `partition` of `topic`.

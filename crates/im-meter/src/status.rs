@@ -88,6 +88,28 @@ pub struct FailingCalls {
     pub error: String,
 }
 
+impl FailingCalls {
+    /// Notes one more failure, with its error, in `failing` (begun now if it is not yet).
+    fn note(failing: &mut Option<FailingCalls>, error: String) {
+        let f = failing.get_or_insert_with(|| FailingCalls {
+            since_ms: now_ms(),
+            failures: 0,
+            error: String::new(),
+        });
+        f.failures += 1;
+        f.error = error;
+    }
+
+    /// What readiness says of `who`'s failures at `now_ms`.
+    fn problem(&self, who: &str, what: &str, now_ms: i64) -> String {
+        let secs = (now_ms - self.since_ms).max(0) / 1000;
+        format!(
+            "{who}: {what} failing for {secs} s ({} in a row), waiting for the brokers: {}",
+            self.failures, self.error
+        )
+    }
+}
+
 /// One consumer thread of a stage.
 #[derive(Debug)]
 pub struct ConsumerStatus {
@@ -109,14 +131,7 @@ impl ConsumerStatus {
 
     /// Notes a transaction, a producer's start or a broker call that failed with `error`.
     pub fn broker_failed(&self, error: String) {
-        let mut state = self.state();
-        let failing = state.failing.get_or_insert_with(|| FailingCalls {
-            since_ms: now_ms(),
-            failures: 0,
-            error: String::new(),
-        });
-        failing.failures += 1;
-        failing.error = error;
+        FailingCalls::note(&mut self.state().failing, error);
     }
 
     /// Notes a transaction that committed, or a broker call that succeeded.
@@ -201,13 +216,8 @@ impl Board {
         }
         let now = now_ms();
         let mut problems: Vec<String> = self.clock.problem().into_iter().collect();
-        for (what, f) in RETRYING.lock().unwrap_or_else(|e| e.into_inner()).iter() {
-            problems.push(format!(
-                "{what}: failing for {} s ({} tries), waiting for the brokers: {}",
-                (now - f.since_ms).max(0) / 1000,
-                f.failures,
-                f.error
-            ));
+        for ((thread, what), f) in RETRYING.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            problems.extend(f.as_ref().map(|f| f.problem(thread, what, now)));
         }
         for c in consumers {
             let name = format!("{}-{}", c.stage.label(), c.consumer);
@@ -230,12 +240,7 @@ impl Board {
                 problems.push(format!("{name}: partition {p} stopped: {why}"));
             }
             if let Some(f) = &state.failing {
-                problems.push(format!(
-                    "{name}: transactions or broker calls failing for {} s ({} in a row), waiting for the brokers: {}",
-                    (now - f.since_ms).max(0) / 1000,
-                    f.failures,
-                    f.error
-                ));
+                problems.push(f.problem(&name, "transactions or broker calls", now));
             }
             drop(state);
             let silent = Duration::from_millis(u64::try_from(now - last).unwrap_or(0));
@@ -252,25 +257,25 @@ impl Board {
 }
 
 /// Broker calls being retried in place right now ([`crate::kafka::with_retries`]: a stage
-/// waits inside the call), by what they do. Process-wide, as the retrying call sites are
-/// deep in either stage; readiness lists them.
-static RETRYING: Mutex<BTreeMap<String, FailingCalls>> = Mutex::new(BTreeMap::new());
+/// waits inside the call), by the thread waiting and what the call does. Process-wide, as
+/// the retrying call sites are deep in either stage; readiness lists them.
+static RETRYING: Mutex<BTreeMap<(String, String), Option<FailingCalls>>> = Mutex::new(BTreeMap::new());
 
-/// Notes that the broker call `what` failed with `error` and is tried again.
-pub fn call_retrying(what: &str, error: String) {
-    let mut retrying = RETRYING.lock().unwrap_or_else(|e| e.into_inner());
-    let failing = retrying.entry(what.to_string()).or_insert_with(|| FailingCalls {
-        since_ms: now_ms(),
-        failures: 0,
-        error: String::new(),
-    });
-    failing.failures += 1;
-    failing.error = error;
+/// The calling thread's entry key for `what`.
+fn retry_key(what: &str) -> (String, String) {
+    let thread = std::thread::current();
+    (thread.name().unwrap_or("worker").to_string(), what.to_string())
 }
 
-/// Notes that the broker call `what` is no longer retried (it succeeded, or gave up).
+/// Notes that this thread's broker call `what` failed with `error` and is tried again.
+pub fn call_retrying(what: &str, error: String) {
+    let mut retrying = RETRYING.lock().unwrap_or_else(|e| e.into_inner());
+    FailingCalls::note(retrying.entry(retry_key(what)).or_default(), error);
+}
+
+/// Notes that this thread's broker call `what` is no longer retried (it succeeded, or gave up).
 pub fn call_done(what: &str) {
-    RETRYING.lock().unwrap_or_else(|e| e.into_inner()).remove(what);
+    RETRYING.lock().unwrap_or_else(|e| e.into_inner()).remove(&retry_key(what));
 }
 
 /// The worker's clock in Unix milliseconds (with the failpoints, off by the test's offset).
@@ -368,11 +373,11 @@ mod tests {
         assert!(
             problems
                 .iter()
-                .any(|p| p.starts_with(what) && p.ends_with("waiting for the brokers: Local: Timed out")),
+                .any(|p| p.contains(what) && p.ends_with("waiting for the brokers: Local: Timed out")),
             "{problems:?}"
         );
         call_done(what);
         let problems = board.not_ready(Duration::from_secs(60));
-        assert!(!problems.iter().any(|p| p.starts_with(what)), "{problems:?}");
+        assert!(!problems.iter().any(|p| p.contains(what)), "{problems:?}");
     }
 }

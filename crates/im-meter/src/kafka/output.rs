@@ -294,8 +294,13 @@ impl TransactionFailed {
     /// unreachable or slow, a leader or coordinator moving, a timeout.
     pub fn transient(&self) -> bool {
         let (Self::Aborted(e) | Self::Unknown(e) | Self::Fatal(e)) = self;
-        e.chain().filter_map(|cause| cause.downcast_ref::<KafkaError>()).any(is_transient)
+        has_transient_cause(e)
     }
+}
+
+/// Whether a Kafka error that comes and goes with the cluster is among `e`'s causes.
+fn has_transient_cause(e: &anyhow::Error) -> bool {
+    e.chain().filter_map(|cause| cause.downcast_ref::<KafkaError>()).any(is_transient)
 }
 
 /// Kafka errors that come and go with the cluster, whatever a transaction holds.
@@ -454,8 +459,11 @@ impl Outbox {
             other => other,
         };
         let Err(e) = result else { return Ok(()) };
-        // Said at once: aborting, or replacing the producer, can take as long again.
-        self.status.broker_failed(format!("{e:#}"));
+        // A broker away or moving is said at once (aborting, or replacing the producer, can
+        // take as long again); a refused record is not waiting for the brokers.
+        if has_transient_cause(&e) {
+            self.status.broker_failed(format!("{e:#}"));
+        }
         // Fenced by a newer worker with our id, or a broken protocol: this worker must stop.
         if e.downcast_ref::<KafkaError>().is_some_and(is_fatal) {
             return Err(TransactionFailed::Fatal(e));
