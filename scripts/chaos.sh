@@ -18,10 +18,19 @@
 # happened, with times) and worker-*.log. The brokers are started here if they are down, and
 # stopped again afterwards. Exit status: 0 when every run passed.
 set -euo pipefail
-cd "$(dirname "$0")/.."
 
 cluster=0
-for arg in "$@"; do [[ "$arg" == --cluster ]] && cluster=1; done
+args=()
+while (($#)); do
+  case "$1" in
+    --cluster) cluster=1; args+=("$1") ;;
+    # The test runs in its crate's directory: a relative path is taken from the caller's.
+    --results) args+=("$1" "$(realpath -m -- "${2:?--results needs a file}")"); shift ;;
+    *) args+=("$1") ;;
+  esac
+  shift
+done
+cd "$(dirname "$0")/.."
 
 stop=()
 trap 'for c in "${stop[@]}"; do $c >/dev/null 2>&1 || true; done' EXIT
@@ -38,4 +47,4 @@ else
   export IM_METER_TEST_BROKERS="127.0.0.1:${KAFKA_PORT:-9092}"
 fi
 
-cargo test --locked --features im-meter/chaos --test chaos -- "$@"
+cargo test --locked --features im-meter/chaos --test chaos -- "${args[@]}"

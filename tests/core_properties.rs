@@ -103,7 +103,9 @@ proptest! {
     /// days until the month's users pass the limit (then the MAU a sketch and the days still
     /// a table), or a day does (each count its own): the same logins give the same bytes
     /// however ordered and split into merged shares (tables, separate counts, and one of
-    /// each), and the figures of a `HashSet` per count while under the limit.
+    /// each), and the figures of a `HashSet` per count while under the limit. The day the
+    /// month passed a number of users below the limit (a quota crossing's) is a brute
+    /// force's, from every order and split.
     #[test]
     fn app_months_are_canonical_across_orders_and_splits(
         logins in proptest::collection::vec((0u64..3_000, 0u32..30), 0..5_000),
@@ -135,6 +137,16 @@ proptest! {
         let forward = parts.iter().skip(1).fold(parts[0].clone(), |mut acc, p| { acc.merge(p).unwrap(); acc });
         parts.reverse();
         let backward = parts.iter().skip(1).fold(parts[0].clone(), |acc, p| { let mut p = p.clone(); p.merge(&acc).unwrap(); p });
+        let mut first_days = [0u64; 32];
+        let mut first_day: BTreeMap<u64, u32> = BTreeMap::new();
+        logins.iter().for_each(|&(u, d)| { first_day.entry(u).and_modify(|f| *f = (*f).min(d)).or_insert(d); });
+        first_day.values().for_each(|&d| first_days[d as usize] += 1);
+        for n in [0, 100, limit as u64 / 2] {
+            let passing = (1..=31u32).find(|&d| first_days[..=d as usize].iter().sum::<u64>() > n);
+            for agg in [&whole, &forward, &backward] {
+                prop_assert_eq!(agg.day_passing(n).map(u32::from), passing, "passing {} users", n);
+            }
+        }
         let want = whole.encode();
         for mut merged in [forward, backward] {
             prop_assert_eq!(merged.encode(), want.clone());

@@ -603,3 +603,39 @@ fn a_byte_order_mark_at_the_start_of_a_file_is_not_part_of_its_first_line() {
     assert_eq!(doc["usage"][0]["mau"].as_u64(), Some(1), "{doc}");
     assert_eq!(charge(&doc, "31/2026-11/plan_fee")["billing_mode"], "original", "{doc}");
 }
+
+/// A Developer app that passes 100 users on November 5 and upgrades on November 20 is
+/// alerted: the plan of the day it passed the cap decides, not the plan at the month's end
+/// (the worker alerts as it happens, by the same rule). One that upgraded before is not.
+#[test]
+fn the_quota_alert_follows_the_plan_on_the_day_the_cap_was_passed() {
+    let dir = temp_dir("alert-day");
+    let mut events: Vec<String> = Vec::new();
+    for app in [7, 8] {
+        events.extend((0..101).map(|u| login(app, &format!("u{u}"), "2026-11-05T04:00:00Z")));
+    }
+    let subscriptions = write(
+        &dir,
+        "s.ndjson",
+        &[
+            r#"{"type":"app_created","app_id":7,"ts":"2025-01-01T00:00:00+08:00","account_id":"a"}"#.into(),
+            r#"{"type":"plan_changed","app_id":7,"ts":"2026-11-20T10:00:00+08:00","plan":"standard"}"#.into(),
+            r#"{"type":"app_created","app_id":8,"ts":"2025-01-01T00:00:00+08:00","account_id":"a"}"#.into(),
+            r#"{"type":"plan_changed","app_id":8,"ts":"2026-11-04T10:00:00+08:00","plan":"standard"}"#.into(),
+        ],
+    );
+    let out = run_ok(
+        bin()
+            .args(["replay", "--events"])
+            .arg(write(&dir, "e.ndjson", &events))
+            .arg("--subscriptions")
+            .arg(&subscriptions),
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let alerts: Vec<&str> = text.lines().filter(|l| l.contains("quota_exceeded")).map(str::trim).collect();
+    assert_eq!(
+        alerts,
+        ["quota_exceeded  app 7 · 2026-11 · developer plan: MAU 101 over its cap of 100"],
+        "{text}"
+    );
+}

@@ -316,6 +316,31 @@ impl AppMonthAggregate {
         }
     }
 
+    /// The first day of the month by whose end more than `n` users had logged in (each
+    /// user counted from its first login's day), for `n` below the exact limit; `None` if
+    /// the month has `n` users or fewer. A function of the set of logins, whatever their
+    /// order: it dates a quota crossing.
+    pub fn day_passing(&self, n: u64) -> Option<u8> {
+        match &self.users {
+            Users::Table { users, .. } => users.day_passing(n),
+            Users::Counts { dau, .. } => {
+                let mut so_far = UserSet::new();
+                for (&day, count) in dau {
+                    match count.exact_users() {
+                        Some(users) => so_far.union(users),
+                        // A day counted by a sketch holds more users than the limit, so more
+                        // than `n`.
+                        None => return Some(day),
+                    }
+                    if so_far.len() as u64 > n {
+                        return Some(day);
+                    }
+                }
+                None
+            }
+        }
+    }
+
     /// A `group_stats` sample.
     pub fn record_group_count(&mut self, group_count: u64) {
         self.group_count_peak = self.group_count_peak.max(group_count);

@@ -39,7 +39,7 @@ use super::usage::MonthlyUsage;
 use super::user_count::UserCount;
 use crate::ingest::{Action, UsageEvent};
 use crate::plan::AppId;
-use crate::time::{BillingTz, DayCache, Month, Timestamp};
+use crate::time::{BillingTz, Day, DayCache, Month, Timestamp};
 
 /// How usage is measured.
 #[derive(Clone, Debug)]
@@ -183,7 +183,7 @@ pub struct Meter {
     /// Whether the progress changed since the last checkpoint.
     progress_changed: bool,
     /// App-months whose MAU here just passed [`QUOTA_WATCH`], not yet taken.
-    quota_crossings: Vec<(AppId, Month)>,
+    quota_crossings: Vec<QuotaCrossing>,
     /// The watermark (ms) from which the next month is due to close: a cache, so that
     /// `apply` only compares two numbers.
     close_at: i64,
@@ -201,6 +201,19 @@ pub const QUOTA_WATCH: u64 = crate::plan::Plan::Developer.included_mau();
 
 // Crossings are detected on the exact count: the watch must lie below any exact limit.
 const _: () = assert!(QUOTA_WATCH < ExactLimit::MIN);
+
+/// An app-month whose MAU in one slice of the input passed [`QUOTA_WATCH`].
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct QuotaCrossing {
+    /// The app.
+    pub app_id: AppId,
+    /// The month.
+    pub month: Month,
+    /// The first day by whose end the slice had seen more than [`QUOTA_WATCH`] users: its
+    /// logins' days, not the order they came in, say which (an earlier-dated login that
+    /// arrives later can only move it earlier, and billing takes the earliest it hears of).
+    pub day: Day,
+}
 
 impl Meter {
     /// An empty meter.
@@ -342,7 +355,8 @@ impl Meter {
                 if before == Some(QUOTA_WATCH as usize)
                     && aggregate.exact_mau() == Some(QUOTA_WATCH as usize + 1)
                 {
-                    self.quota_crossings.push((app_id, month));
+                    let crossed = aggregate.day_passing(QUOTA_WATCH).and_then(|d| month.day(u32::from(d)));
+                    self.quota_crossings.push(QuotaCrossing { app_id, month, day: crossed.unwrap_or(day) });
                 }
             }
             Action::GroupStats { group_count } => aggregate.record_group_count(group_count),
@@ -480,7 +494,7 @@ impl Meter {
     /// App-months whose MAU in this slice passed [`QUOTA_WATCH`] since the last call: each
     /// app-month at most once per slice (the count only grows, and restored state does not
     /// cross again).
-    pub fn take_quota_crossings(&mut self) -> Vec<(AppId, Month)> {
+    pub fn take_quota_crossings(&mut self) -> Vec<QuotaCrossing> {
         std::mem::take(&mut self.quota_crossings)
     }
 
@@ -1119,16 +1133,21 @@ mod tests {
     }
 
     #[test]
-    fn passing_the_developer_cap_is_reported_once() {
+    fn passing_the_developer_cap_is_reported_once_with_its_day() {
         let mut meter = Meter::new(MeterSettings::default());
+        // The 100 users of November 5, the last of them first on the 9th (arriving first).
+        meter.apply(&login_at(1, QUOTA_WATCH - 1, "2026-11-09T10:00:00+08:00"));
         for u in 0..QUOTA_WATCH {
             meter.apply(&login(1, u));
             meter.apply(&login(1, u));
         }
         assert!(meter.take_quota_crossings().is_empty(), "100 users is not over the cap");
-        meter.apply(&login(1, QUOTA_WATCH));
+        // The 101st logs in on the 7th: the month passed 100 users that day, whatever the
+        // order the logins came in.
+        meter.apply(&login_at(1, QUOTA_WATCH, "2026-11-07T10:00:00+08:00"));
         let nov: Month = "2026-11".parse().expect("valid");
-        assert_eq!(meter.take_quota_crossings(), vec![(1, nov)]);
+        let crossing = QuotaCrossing { app_id: 1, month: nov, day: nov.day(7).expect("a day") };
+        assert_eq!(meter.take_quota_crossings(), vec![crossing]);
         meter.apply(&login(1, QUOTA_WATCH + 1));
         assert!(meter.take_quota_crossings().is_empty());
         // A restored meter is already past the cap: no second report.

@@ -321,6 +321,14 @@ impl UniqueUsers {
         segments
     }
 
+    /// Its exact set; `None` for a sketch.
+    pub(crate) fn exact_users(&self) -> Option<&UserSet> {
+        match &self.users {
+            Users::Exact(users) => Some(users),
+            Users::Sketch(_) => None,
+        }
+    }
+
     /// Takes its exact set out, leaving an empty one (to encode the count without its users,
     /// which checkpoints write as segments); `None` for a sketch.
     pub(crate) fn take_users(&mut self) -> Option<UserSet> {

@@ -111,6 +111,20 @@ impl UserDays {
         log.counts.remove(&MAU).map(|count| count.segments.numbers().collect()).unwrap_or_default()
     }
 
+    /// The first day by whose end more than `n` users had logged in this month (each user
+    /// counted from its first day); `None` if the month has `n` users or fewer.
+    pub fn day_passing(&self, n: u64) -> Option<u8> {
+        let mut first_days = [0u64; 32];
+        for &mask in self.days.iter().chain(self.recent.values()) {
+            first_days[mask.trailing_zeros().min(31) as usize] += 1;
+        }
+        let mut users = 0;
+        (1..=31u8).find(|&d| {
+            users += first_days[usize::from(d)];
+            users > n
+        })
+    }
+
     /// The busiest day's users.
     pub fn peak_day(&self) -> u64 {
         self.day_len.iter().copied().max().map_or(0, u64::from)

@@ -17,7 +17,7 @@ use crate::aggregate::{merge_shares, AppMonthAggregate, CodecError, MergeError, 
 use crate::changelog::{ChangelogKey, ClosedMark, SubscriptionsRead};
 use crate::ingest::RejectReason;
 use crate::plan::AppId;
-use crate::time::Month;
+use crate::time::{Day, Month};
 
 /// One source partition's usage of an app-month, and the number of parts its record was
 /// written in (0: whole), so that billing deletes every one of them.
@@ -169,6 +169,14 @@ impl BilledPositions {
     }
 }
 
+/// The source partitions where an app-month's MAU passed the Developer cap, and the
+/// earliest day one of them says it did.
+#[derive(Debug)]
+struct Crossed {
+    sources: BTreeSet<u32>,
+    day: Day,
+}
+
 /// What one billing partition knows. See the module documentation.
 #[derive(Debug, Default)]
 pub struct BillingBook {
@@ -184,7 +192,7 @@ pub struct BillingBook {
     /// The first month billed (`None`: the first month any source applied an event for).
     start: Option<Month>,
     /// App-months whose MAU passed the Developer cap in some source partition, and where.
-    crossed: BTreeMap<(Month, AppId), BTreeSet<u32>>,
+    crossed: BTreeMap<(Month, AppId), Crossed>,
     /// App-months whose quota alert is published.
     alerted: BTreeSet<(Month, AppId)>,
     /// Crossings found not to need an alert (the app is not on Developer): not re-checked.
@@ -264,8 +272,23 @@ impl BillingBook {
                 let read = SubscriptionsRead::decode(bytes).map_err(unreadable("subscription positions"))?;
                 self.subscriptions_read.insert(month, read);
             }
-            (ChangelogKey::QuotaCrossed { app_id, month, source }, Some(_)) => {
-                self.crossed.entry((month, app_id)).or_default().insert(source);
+            (ChangelogKey::QuotaCrossed { app_id, month, source }, Some(bytes)) => {
+                // A marker that does not say its day (written before markers did) is taken
+                // as of the month's last day, where the plan at the month's end decides.
+                let day = match bytes {
+                    [] => month.day(month.days()),
+                    _ => std::str::from_utf8(bytes)
+                        .ok()
+                        .and_then(|t| t.parse().ok())
+                        .and_then(|d| month.day(d)),
+                };
+                let day = day
+                    .ok_or_else(|| unreadable("quota crossing")(CodecError::Corrupt(format!("{bytes:?}"))))?;
+                let crossed =
+                    self.crossed.entry((month, app_id)).or_insert(Crossed { sources: BTreeSet::new(), day });
+                crossed.sources.insert(source);
+                // Each source's logins passed the cap by its day; all of them, by the earliest.
+                crossed.day = crossed.day.min(day);
             }
             (ChangelogKey::Alerted { app_id, month }, Some(_)) => {
                 self.alerted.insert((month, app_id));
@@ -356,21 +379,26 @@ impl BillingBook {
             dropped: Vec::new(),
         };
         for app_id in apps {
-            let usage = match self.usage.get(&(month, app_id)) {
-                Some(shares) => merge_shares(shares.values().map(|s| &s.aggregate))
-                    .map_err(|source| BookError::Unmergeable {
-                        app_id,
-                        month,
-                        sources: shares.keys().copied().collect(),
-                        source,
-                    })?
-                    .usage(app_id, month, pricing.grid),
-                None => MonthlyUsage::empty(app_id, month),
+            let (usage, crossed_on) = match self.usage.get(&(month, app_id)) {
+                Some(shares) => {
+                    let mut aggregate =
+                        merge_shares(shares.values().map(|s| &s.aggregate)).map_err(|source| {
+                            BookError::Unmergeable {
+                                app_id,
+                                month,
+                                sources: shares.keys().copied().collect(),
+                                source,
+                            }
+                        })?;
+                    let crossed_on = aggregate.day_passing(QUOTA_WATCH).and_then(|d| month.day(u32::from(d)));
+                    (aggregate.usage(app_id, month, pricing.grid), crossed_on)
+                }
+                None => (MonthlyUsage::empty(app_id, month), None),
             };
             billed.charges.extend(bill_month(subscriptions, &usage, pricing.prices));
             // Alerted during the month already: once per app and month.
-            if !self.alerted.contains(&(month, app_id)) {
-                billed.alerts.extend(quota_alert(subscriptions, &usage));
+            if let Some(day) = crossed_on.filter(|_| !self.alerted.contains(&(month, app_id))) {
+                billed.alerts.extend(quota_alert(subscriptions, &usage, day));
             }
             billed.usage.push(usage);
         }
@@ -379,10 +407,10 @@ impl BillingBook {
                 billed.dropped.push((ChangelogKey::Usage { app_id: *app_id, month, source }, share.parts));
             }
         }
-        for (&(_, app_id), sources) in
+        for (&(_, app_id), crossed) in
             self.crossed.range((month, 0)..=(month, AppId::MAX)).filter(|((_, a), _)| unbilled(a))
         {
-            for &source in sources {
+            for &source in &crossed.sources {
                 billed.dropped.push((ChangelogKey::QuotaCrossed { app_id, month, source }, 0));
             }
         }
@@ -498,22 +526,23 @@ impl BillingBook {
     }
 
     /// Quota alerts to publish now: app-months of months not billed yet whose MAU passed
-    /// the Developer cap in some source partition, for apps on Developer, not alerted yet.
-    /// A crossing of an app on another plan is declined for good. Publish them, then call
-    /// [`BillingBook::alerted`].
+    /// the Developer cap in some source partition, for apps on Developer the day it did
+    /// (the earliest day a source says), not alerted yet. A crossing of an app on another
+    /// plan that day is declined until the month's bill, which decides again from all the
+    /// month's logins. Publish them, then call [`BillingBook::alerted`].
     pub fn alerts_due(&mut self, subscriptions: &Subscriptions) -> Vec<QuotaAlert> {
-        let pending: Vec<(Month, AppId)> = self
+        let pending: Vec<(Month, AppId, Day)> = self
             .crossed
-            .keys()
-            .filter(|k| !self.alerted.contains(k) && !self.declined.contains(k))
-            .filter(|(m, _)| self.closed_to_billing().is_none_or(|b| *m > b))
-            .copied()
+            .iter()
+            .filter(|(k, _)| !self.alerted.contains(k) && !self.declined.contains(k))
+            .filter(|((m, _), _)| self.closed_to_billing().is_none_or(|b| *m > b))
+            .map(|(&(month, app_id), crossed)| (month, app_id, crossed.day))
             .collect();
         let mut alerts = Vec::new();
-        for (month, app_id) in pending {
+        for (month, app_id, day) in pending {
             // The crossing says the MAU is now past the cap: it is at least cap + 1.
             let usage = MonthlyUsage { mau: QUOTA_WATCH + 1, ..MonthlyUsage::empty(app_id, month) };
-            match quota_alert(subscriptions, &usage) {
+            match quota_alert(subscriptions, &usage, day) {
                 Some(alert) => alerts.push(alert),
                 None => {
                     self.declined.insert((month, app_id));
@@ -809,6 +838,56 @@ mod tests {
         let billed = bill(&book, "2026-11", &subs);
         assert!(billed.alerts.is_empty());
         assert!(billed.dropped.iter().any(|(k, _)| k.to_bytes() == b"a/2/2026-11"));
+    }
+
+    /// The quota alert follows the plan in force when the Developer app passed 100 users
+    /// (day by day, each day on the plan at its end, as the plan fee counts), not the plan at
+    /// the month's end: the same at the month's end as live, in any order of the events. (A
+    /// paid plan never goes back to Developer, so no app becomes one while over the cap.)
+    #[test]
+    fn the_quota_alert_follows_the_plan_on_the_day_the_cap_was_passed() {
+        const UPGRADED: AppId = 10;
+        const UPGRADED_FIRST: AppId = 11;
+        let mut subs = Subscriptions::new(BillingTz::default());
+        for line in [
+            // Developer until November 20, then Standard.
+            r#"{"type":"app_created","app_id":10,"ts":"2025-01-01T00:00:00+08:00","account_id":"a"}"#,
+            r#"{"type":"plan_changed","app_id":10,"ts":"2026-11-20T10:00:00+08:00","plan":"standard"}"#,
+            // Standard from November 5 (10:00, so that day is Standard's), before its 101st user.
+            r#"{"type":"app_created","app_id":11,"ts":"2025-01-01T00:00:00+08:00","account_id":"a"}"#,
+            r#"{"type":"plan_changed","app_id":11,"ts":"2026-11-05T10:00:00+08:00","plan":"standard"}"#,
+        ] {
+            subs.apply(&decode_subscription_event(line.as_bytes()).unwrap()).unwrap();
+        }
+        let nov = month("2026-11");
+        // 60 users on November 1, 41 more on November 7 (the 101st), 30 more on the 25th;
+        // logged in the other way round (the latest day first).
+        let share = || {
+            let mut aggregate = AppMonthAggregate::new(crate::aggregate::Counting::default(), false);
+            for (day, users) in [(25, 101..131), (7, 60..101), (1, 0..60)] {
+                for u in users {
+                    aggregate.record_login(nov.day(day).unwrap(), UserKey::of(&format!("u-{u}")));
+                }
+            }
+            Share { aggregate, parts: 0 }
+        };
+        let mut book = BillingBook::new();
+        for app_id in [UPGRADED, UPGRADED_FIRST] {
+            book.add_share(nov, app_id, 0, share());
+        }
+        let billed = bill(&book, "2026-11", &subs);
+        let alerted: Vec<(AppId, u64)> = billed.alerts.iter().map(|a| (a.app_id, a.mau)).collect();
+        assert_eq!(alerted, [(UPGRADED, 131)], "at the month's end");
+
+        // Live: each crossing marker says the day its partition passed 100 users.
+        let mut live = BillingBook::new();
+        for app_id in [UPGRADED, UPGRADED_FIRST] {
+            live.absorb(ChangelogKey::QuotaCrossed { app_id, month: nov, source: 0 }, Some(b"7"), 0).unwrap();
+        }
+        let due: Vec<AppId> = live.alerts_due(&subs).iter().map(|a| a.app_id).collect();
+        assert_eq!(due, [UPGRADED], "live");
+        let unreadable = ChangelogKey::QuotaCrossed { app_id: UPGRADED, month: nov, source: 1 };
+        assert!(live.absorb(unreadable, Some(b"32"), 0).is_err(), "November has no 32nd");
     }
 
     /// Which months were billed before a subscription record was read, from the positions

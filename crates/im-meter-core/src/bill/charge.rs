@@ -220,14 +220,11 @@ pub fn bill_month(subs: &Subscriptions, usage: &MonthlyUsage, prices: &PriceBook
 /// (free if the app did not exist then); `Σ fee × days_on_plan / days_in_month`, summed
 /// exactly and rounded once, billed as one unit at that price. `None` when nothing is owed.
 fn plan_fee(subs: &Subscriptions, head: &Head) -> Option<Charge> {
-    let tz = subs.tz();
     let days = head.month.days();
     // Runs of consecutive days on the same plan; `None` = the app did not exist.
     let mut runs: Vec<(Option<Plan>, u32)> = Vec::new();
     for day in (1..=days).filter_map(|d| head.month.day(d)) {
-        let date = day.date();
-        let next = tz.start_of_date(date.succ_opt().unwrap_or(date));
-        let plan = subs.plan_at(head.app_id, Timestamp(next.0 - 1));
+        let plan = subs.plan_on(head.app_id, day);
         match runs.last_mut() {
             Some((p, n)) if *p == plan => *n += 1,
             _ => runs.push((plan, 1)),

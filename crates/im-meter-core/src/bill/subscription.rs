@@ -22,7 +22,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use crate::ingest::{RejectReason, Rejection, SubscriptionChange, SubscriptionEvent};
 use crate::plan::{AppId, BillingMode, Plan, CURRENT_MODE_START};
-use crate::time::{BillingTz, Month, Timestamp};
+use crate::time::{BillingTz, Day, Month, Timestamp};
 
 /// Length of an audio/video call free trial: 60 days of 24 hours, `[start, start + 60 d)`.
 pub const TRIAL_LENGTH_MS: i64 = 60 * 24 * 3_600_000;
@@ -428,6 +428,14 @@ impl Subscriptions {
             None => Some(Plan::Developer),
             Some(book) => book.plan_at(ts),
         }
+    }
+
+    /// The plan of calendar day `day`: the one in force at its end, as the plan fee counts
+    /// days; `None` if the app did not exist then.
+    pub fn plan_on(&self, app: AppId, day: Day) -> Option<Plan> {
+        let date = day.date();
+        let next = self.tz.start_of_date(date.succ_opt().unwrap_or(date));
+        self.plan_at(app, Timestamp(next.0 - 1))
     }
 
     /// The billing mode in force at `ts` (that of the plan in force); `None` before creation.

@@ -40,7 +40,8 @@ pub enum ChangelogKey {
     /// `b`: the last month billed from the partition the record sits in.
     Billed,
     /// `x/{app}/{YYYY-MM}/{source}`: the app's MAU in the source partition just passed the
-    /// Developer cap (a quota alert may be due).
+    /// Developer cap (a quota alert may be due); the value is the day of the month by whose
+    /// end it had (decimal; empty in records written before it said).
     QuotaCrossed {
         /// The app.
         app_id: AppId,

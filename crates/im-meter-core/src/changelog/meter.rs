@@ -17,6 +17,7 @@ use std::sync::Arc;
 use super::keys::{billing_partition, ChangelogKey};
 use super::marks::ClosedMark;
 use super::parts;
+use crate::aggregate::meter::QuotaCrossing;
 use crate::aggregate::{Meter, StateKey};
 use crate::time::Month;
 
@@ -187,10 +188,13 @@ impl MeterCommit {
                 commit.billing.push((q, ChangelogRecord { key: key.clone(), value: Some(mark.encode()) }));
             }
         }
-        for (app_id, month) in meter.take_quota_crossings() {
+        for crossing in meter.take_quota_crossings() {
+            let QuotaCrossing { app_id, month, day } = crossing;
             let q = billing_partition(app_id, billing_partitions);
             let key = ChangelogKey::QuotaCrossed { app_id, month, source: p };
-            commit.billing.push((q, ChangelogRecord { key: key.to_bytes(), value: Some(Vec::new()) }));
+            // The value is the day of the month it passed the cap (empty before it said).
+            let value = Some(day.number().to_string().into_bytes());
+            commit.billing.push((q, ChangelogRecord { key: key.to_bytes(), value }));
         }
         if let Some(next) = source.input_offset {
             // The state says which input it reflects, in the transaction that commits that

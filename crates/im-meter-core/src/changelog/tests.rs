@@ -255,7 +255,7 @@ fn nothing_is_written_for_an_untouched_meter() {
 }
 
 /// A crossing of the Developer cap is written to the app's billing partition, after the
-/// month's shares and marks.
+/// month's shares and marks, with the day it happened.
 #[test]
 fn a_quota_crossing_goes_to_its_apps_billing_partition() {
     let mut meter = streaming();
@@ -270,5 +270,5 @@ fn a_quota_crossing_goes_to_its_apps_billing_partition() {
     let billing = keys(&commit.billing.iter().map(|(_, r)| r.clone()).collect::<Vec<_>>());
     assert_eq!(billing, [[ChangelogKey::ClosedThrough { source: 4 }; 5].as_slice(), &[crossed]].concat());
     let (partition, record) = commit.billing.last().expect("the crossing");
-    assert_eq!((*partition, record.value.as_deref()), (q, Some(&[][..])));
+    assert_eq!((*partition, record.value.as_deref()), (q, Some(&b"20"[..])));
 }
