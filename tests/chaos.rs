@@ -767,7 +767,8 @@ fn now_ms() -> i64 {
 }
 
 /// The coordinator of consumer group `group`, as Kafka's `kafka-consumer-groups.sh
-/// --describe --state` reports it (`host:port (id)`).
+/// --describe --state` reports it: a header line (whose `COORDINATOR (ID)` has brackets
+/// too), then the group's line, `group  host:port  (id)  …`.
 fn group_coordinator(group: &str) -> i32 {
     let out = Command::new(repo().join("scripts/kafka.sh"))
         .args([
@@ -780,7 +781,10 @@ fn group_coordinator(group: &str) -> i32 {
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    let id =
-        text.split('(').nth(1).and_then(|rest| rest.split(')').next()).and_then(|id| id.trim().parse().ok());
+    let line = text.lines().find(|line| line.split_whitespace().next() == Some(group));
+    let id = line
+        .and_then(|line| line.split('(').nth(1))
+        .and_then(|rest| rest.split(')').next())
+        .and_then(|id| id.trim().parse().ok());
     id.unwrap_or_else(|| panic!("no coordinator in: {text}{}", String::from_utf8_lossy(&out.stderr)))
 }
