@@ -5,23 +5,30 @@
 //! Everything here is idempotent and tolerant of order (SPEC §2.1): a retried `connect` or
 //! `disconnect` changes nothing, a `disconnect` may arrive before its `connect`, and a
 //! connection that already counted is remembered so late retries of its events stay
-//! harmless. When two `connect`s (or `disconnect`s) of one open connection disagree on the
-//! time, the earliest wins, which keeps the result independent of order.
+//! harmless. When two `connect`s (or `disconnect`s) of one connection disagree on the time,
+//! the earliest wins, whichever arrives first — also after the connection counted: a
+//! counted connection's span stays open to correction by an earlier-dated copy until the
+//! month of its end closes ([`ConnEffect::Corrected`]), so the result is independent of
+//! order.
 //!
 //! **Pending and counted connections.** A connection not counted yet is kept whole, by app
-//! and connection key. A counted one is kept only to absorb retries until the month of its
-//! end closes, and only as a 64-bit hash of its app and connection key
-//! ([`counted_key`]), in a hash set per month of its end: about 10–21 bytes each instead
-//! of a full entry, and forgetting a closed month drops its set whole. Two connections
-//! whose hashes collide look the same: with *n* counted connections the expected number of
-//! colliding pairs is about n²/2⁶⁵ (3·10⁻⁸ for a million), and a collision can only make a
-//! new connection look like a retry of a counted one (it is then not counted).
+//! and connection key. A counted one is kept only to absorb retries and corrections until
+//! the month of its end closes, as a 64-bit hash of its app and connection key
+//! ([`counted_key`]) with its span in whole seconds ([`Span`]), in a hash map per month of its
+//! end: about 18–37 bytes each instead of a full entry, and forgetting a closed month drops
+//! its map whole. Two connections whose hashes collide look the same: with *n* counted
+//! connections the expected number of colliding pairs is about n²/2⁶⁵ (3·10⁻⁸ for a
+//! million), and a collision can only make a new connection look like a retry of a counted
+//! one (it is then not counted, or corrects the other).
 //!
 //! **Checkpoints** ([`ConnectionTable::take_changes`]) write a pending connection as one
 //! record of its own, since it may change again, but counted connections only in bulk:
-//! those counted since the last checkpoint go into new, immutable *segments* — one
-//! month's sorted hashes, at most [`MAX_SEGMENT_BYTES`] encoded — and a connection that
-//! opened and closed between two checkpoints never gets a record of its own. Segments are
+//! those counted (or corrected) since the last checkpoint go into new, immutable *segments*
+//! — one month's hashes with their spans, sorted, at most [`MAX_SEGMENT_BYTES`] encoded —
+//! and a connection that opened and closed between two checkpoints never gets a record of
+//! its own. A corrected connection's new span is written again, in a later segment; a merge
+//! and a restore keep the least span of a key, which is the latest (a correction only ever
+//! moves an end earlier). Segments are
 //! merged size-tiered ([`super::segments`]): a month of N counted connections leaves about
 //! N / [`SEGMENT_CAPACITY`] full segments plus at most `MERGE_FANOUT − 1` per tier, and
 //! every hash is rewritten about once per tier (eight tiers). A month's segments are deleted
@@ -72,6 +79,63 @@ pub enum ConnEffect {
     Recorded,
     /// The connection is now complete and must be counted over this interval.
     Closed(Interval),
+    /// An earlier-dated copy of a counted connection's `connect` or `disconnect`: it counts
+    /// over `now` instead of `was` (in the months still open).
+    Corrected {
+        /// The span it was counted over.
+        was: Interval,
+        /// The span it counts over now.
+        now: Interval,
+    },
+}
+
+/// A counted connection's span `[from, until)` in whole seconds since 2000-01-01 UTC, rounded
+/// up: the same sample instants as the milliseconds (sample intervals are whole seconds, and
+/// rounding up twice is rounding up once), in half the bytes. Event times lie in [2000,
+/// 2100), under 2³² seconds from its start.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct Span {
+    from: u32,
+    until: u32,
+}
+
+/// 2000-01-01T00:00:00Z in Unix milliseconds.
+const SPAN_EPOCH_MS: i64 = 946_684_800_000;
+
+impl Span {
+    /// The span of a connection counted from a segment that did not say it (formats 1 and
+    /// 2): it absorbs retries but cannot be corrected.
+    const UNKNOWN: Span = Span { from: u32::MAX, until: u32::MAX };
+
+    fn of(from: Timestamp, until: Timestamp) -> Self {
+        Span { from: Self::second(from), until: Self::second(until) }
+    }
+
+    fn second(ts: Timestamp) -> u32 {
+        let ms = ts.millis().saturating_sub(SPAN_EPOCH_MS).max(0) as u64;
+        ms.div_ceil(1000).min(u64::from(u32::MAX - 1)) as u32
+    }
+
+    fn instant(second: u32) -> Timestamp {
+        Timestamp(SPAN_EPOCH_MS + i64::from(second) * 1000)
+    }
+
+    fn interval(self, app_id: AppId) -> Interval {
+        Interval { app_id, from: Self::instant(self.from), until: Self::instant(self.until) }
+    }
+}
+
+/// A counted connection as its month's segments hold it: its key and span.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct CountedEntry {
+    key: u64,
+    span: Span,
+}
+
+impl super::segments::Entry for CountedEntry {
+    fn key(&self) -> u64 {
+        self.key
+    }
 }
 
 /// A pending connection's state, as checkpointed.
@@ -124,15 +188,22 @@ impl ConnRecord {
 /// always fits with room to spare.
 pub const MAX_SEGMENT_BYTES: usize = 512 * 1024;
 
-/// Bytes before a segment's hashes: the version byte, the year (i32) and the month (u8).
+/// Bytes before a segment's entries: the version byte, the year (i32) and the month (u8).
 const SEGMENT_HEADER_BYTES: usize = 6;
 
-/// Most hashes in one segment (8 bytes each): 65,535.
-pub const SEGMENT_CAPACITY: usize = (MAX_SEGMENT_BYTES - SEGMENT_HEADER_BYTES) / 8;
+/// Bytes of one connection in a segment: its hash (u64) and span (two u32).
+const ENTRY_BYTES: usize = 16;
 
-/// Version byte of an encoded segment: 2 holds one month's sorted hashes; 1 held app,
-/// connection and end time per connection, of any months (still read).
-const SEGMENT_FORMAT_VERSION: u8 = 2;
+/// Most connections in one segment: 32,767.
+pub const SEGMENT_CAPACITY: usize = (MAX_SEGMENT_BYTES - SEGMENT_HEADER_BYTES) / ENTRY_BYTES;
+
+/// Version byte of an encoded segment: 3 holds one month's sorted hashes with their spans;
+/// 2 held the hashes only, 1 app, connection and end time per connection, of any months
+/// (both still read).
+const SEGMENT_FORMAT_VERSION: u8 = 3;
+
+/// Version 2 of the segment format.
+const SEGMENT_FORMAT_V2: u8 = 2;
 
 /// Version 1 of the segment format.
 const SEGMENT_FORMAT_V1: u8 = 1;
@@ -165,12 +236,13 @@ pub fn counted_key(app_id: AppId, conn: ConnKey) -> u64 {
 /// The counted connections whose end lies in one month, and the segments holding them.
 #[derive(Clone, Debug, Default)]
 struct CountedMonth {
-    /// Every one of them, by [`counted_key`]: what lookups ask.
-    keys: FxHashSet<u64>,
-    /// Those counted since the last checkpoint, not in a segment yet.
-    fresh: Vec<u64>,
+    /// Every one of them, by [`counted_key`], with its span: what lookups ask.
+    keys: FxHashMap<u64, Span>,
+    /// Those counted or corrected since the last checkpoint, not in a segment as they are
+    /// now.
+    fresh: Vec<CountedEntry>,
     /// The segments holding the others (their keys are in `keys` too).
-    segments: Segments,
+    segments: Segments<CountedEntry>,
 }
 
 /// Every connection of the apps one meter owns.
@@ -204,8 +276,8 @@ pub struct ConnectionTable {
 
 /// Whether a counted connection has this key.
 fn is_counted(counted: &BTreeMap<Month, CountedMonth>, key: u64) -> bool {
-    // One set per open month holding counted connections: one or two in the worker.
-    counted.values().any(|month| month.keys.contains(&key))
+    // One map per open month holding counted connections: one or two in the worker.
+    counted.values().any(|month| month.keys.contains_key(&key))
 }
 
 impl ConnectionTable {
@@ -258,8 +330,9 @@ impl ConnectionTable {
         Some(entry)
     }
 
-    /// Moves a pending connection to the counted ones, ending at `until`.
-    fn count(&mut self, app_id: AppId, conn: ConnKey, until: Timestamp) {
+    /// Moves a pending connection to the counted ones, counted over `interval`.
+    fn count(&mut self, conn: ConnKey, interval: Interval) {
+        let Interval { app_id, from, until } = interval;
         self.pending.remove(&(app_id, conn));
         if self.tracking {
             self.changed.insert((app_id, conn));
@@ -269,16 +342,51 @@ impl ConnectionTable {
             // Its month is closed, but a retry dated later must still find it.
             month = closed.next();
         }
-        let key = counted_key(app_id, conn);
+        let entry = CountedEntry { key: counted_key(app_id, conn), span: Span::of(from, until) };
         let counted = self.counted.entry(month).or_default();
-        if counted.keys.insert(key) && self.tracking {
-            counted.fresh.push(key);
+        if counted.keys.insert(entry.key, entry.span).is_none() && self.tracking {
+            counted.fresh.push(entry);
         }
+    }
+
+    /// A `connect` (at `connected`) or `disconnect` (at `disconnected`) of a counted
+    /// connection: an earlier-dated copy moves its end there (each end the earliest of its
+    /// copies); any other is a duplicate. `None` if it has not counted.
+    fn correct(
+        &mut self,
+        app_id: AppId,
+        conn: ConnKey,
+        connected: Option<Timestamp>,
+        disconnected: Option<Timestamp>,
+    ) -> Option<ConnEffect> {
+        let key = counted_key(app_id, conn);
+        let tracking = self.tracking;
+        let counted = self.counted.values_mut().find(|month| month.keys.contains_key(&key))?;
+        let span = counted.keys.get_mut(&key)?;
+        let was = *span;
+        if was == Span::UNKNOWN {
+            // Counted before spans were kept: as before, a retry changes nothing.
+            return Some(ConnEffect::Duplicate);
+        }
+        span.from = span.from.min(connected.map_or(u32::MAX, Span::second));
+        span.until = span.until.min(disconnected.map_or(u32::MAX, Span::second));
+        let now = *span;
+        if now == was {
+            return Some(ConnEffect::Duplicate);
+        }
+        // Kept under the month of its first end (a later month), so it is remembered at
+        // least as long as before.
+        if tracking {
+            counted.fresh.push(CountedEntry { key, span: now });
+        }
+        Some(ConnEffect::Corrected { was: was.interval(app_id), now: now.interval(app_id) })
     }
 
     /// A `connect` event.
     pub fn connect(&mut self, app_id: AppId, conn: ConnKey, ts: Timestamp) -> ConnEffect {
-        let Some(entry) = self.touch(app_id, conn, ts) else { return ConnEffect::Duplicate };
+        let Some(entry) = self.touch(app_id, conn, ts) else {
+            return self.correct(app_id, conn, Some(ts), None).unwrap_or(ConnEffect::Duplicate);
+        };
         match entry {
             Pending { connected: Some(t0), last_seen, .. } => {
                 *t0 = (*t0).min(ts);
@@ -286,9 +394,9 @@ impl ConnectionTable {
                 ConnEffect::Duplicate
             }
             Pending { connected: None, disconnected: Some(t1), .. } => {
-                let until = *t1;
-                self.count(app_id, conn, until);
-                ConnEffect::Closed(Interval { app_id, from: ts, until })
+                let interval = Interval { app_id, from: ts, until: *t1 };
+                self.count(conn, interval);
+                ConnEffect::Closed(interval)
             }
             Pending { connected: connected @ None, disconnected: None, last_seen } => {
                 *connected = Some(ts);
@@ -300,12 +408,14 @@ impl ConnectionTable {
 
     /// A `disconnect` event.
     pub fn disconnect(&mut self, app_id: AppId, conn: ConnKey, ts: Timestamp) -> ConnEffect {
-        let Some(entry) = self.touch(app_id, conn, ts) else { return ConnEffect::Duplicate };
+        let Some(entry) = self.touch(app_id, conn, ts) else {
+            return self.correct(app_id, conn, None, Some(ts)).unwrap_or(ConnEffect::Duplicate);
+        };
         match entry {
             Pending { connected: Some(t0), .. } => {
-                let from = *t0;
-                self.count(app_id, conn, ts);
-                ConnEffect::Closed(Interval { app_id, from, until: ts })
+                let interval = Interval { app_id, from: *t0, until: ts };
+                self.count(conn, interval);
+                ConnEffect::Closed(interval)
             }
             Pending { connected: None, disconnected: Some(t1), .. } => {
                 *t1 = (*t1).min(ts);
@@ -375,7 +485,7 @@ impl ConnectionTable {
         // Map order is arbitrary; callers get a stable order.
         closed.sort_by_key(|&(conn, i)| (i.app_id, i.from, i.until, conn));
         for &(conn, interval) in &closed {
-            self.count(interval.app_id, conn, interval.until);
+            self.count(conn, interval);
         }
         closed.into_iter().map(|(_, interval)| interval).collect()
     }
@@ -444,7 +554,7 @@ impl ConnectionTable {
             // The first checkpoint: everything held is new.
             self.changed.extend(self.pending.keys().copied());
             for counted in self.counted.values_mut() {
-                counted.fresh.extend(counted.keys.iter().copied());
+                counted.fresh.extend(counted.keys.iter().map(|(&key, &span)| CountedEntry { key, span }));
             }
         }
         let mut keys: Vec<(AppId, ConnKey)> = self.changed.drain().collect();
@@ -490,18 +600,30 @@ impl ConnectionTable {
     /// Puts back a checkpointed segment of counted connections (restoring; not a change).
     pub fn restore_segment(&mut self, segment: u64, bytes: &[u8]) -> Result<(), CodecError> {
         match decode_segment(bytes)? {
-            Segment::Month { month, keys } => {
+            Segment::Month { month, entries } => {
                 let counted = self.counted.entry(month).or_default();
-                counted.keys.extend(keys.iter().copied());
+                for entry in &entries {
+                    // A corrected connection is in a later segment again, with an earlier
+                    // end or start: the least of each is the latest.
+                    let span = counted.keys.entry(entry.key).or_insert(entry.span);
+                    *span = Span {
+                        from: span.from.min(entry.span.from),
+                        until: span.until.min(entry.span.until),
+                    };
+                }
                 // A full segment's keys are in `keys` already.
-                counted.segments.restore(segment, keys.into_boxed_slice(), SEGMENT_CAPACITY);
+                counted.segments.restore(segment, entries.into_boxed_slice(), SEGMENT_CAPACITY);
             }
             Segment::V1(tombstones) => {
                 let mut latest = None;
                 for ((app_id, conn), until) in tombstones {
                     let month = self.days.day_of(until).month();
                     latest = latest.max(Some(month));
-                    self.counted.entry(month).or_default().keys.insert(counted_key(app_id, conn));
+                    self.counted
+                        .entry(month)
+                        .or_default()
+                        .keys
+                        .insert(counted_key(app_id, conn), Span::UNKNOWN);
                 }
                 if let Some(latest) = latest {
                     self.legacy.insert(segment, latest);
@@ -532,9 +654,11 @@ impl CountedMonth {
     /// as [`Segments::checkpoint`] does. Writes go to `out`.
     fn checkpoint(&mut self, month: Month, next_segment: &mut u64, out: &mut SegmentWrites) {
         let mut fresh = std::mem::take(&mut self.fresh);
+        // A connection counted and corrected since the last checkpoint: its least span is
+        // the one it has now.
         fresh.sort_unstable();
-        fresh.dedup();
-        let encode = |keys: &[u64]| encode_segment(month, keys);
+        fresh.dedup_by_key(|entry| entry.key);
+        let encode = |entries: &[CountedEntry]| encode_segment(month, entries);
         // A full segment's keys stay in `keys`, for lookups.
         self.segments.checkpoint(fresh, SEGMENT_CAPACITY, next_segment, &encode, out, &mut |_| {});
     }
@@ -542,21 +666,25 @@ impl CountedMonth {
 
 /// A decoded segment.
 enum Segment {
-    /// Version 2: one month's counted connections, sorted keys.
-    Month { month: Month, keys: Vec<u64> },
+    /// Versions 2 and 3: one month's counted connections, sorted by key (version 2 without
+    /// their spans: [`Span::UNKNOWN`]).
+    Month { month: Month, entries: Vec<CountedEntry> },
     /// Version 1: app, connection and end of each.
     V1(Vec<((AppId, ConnKey), Timestamp)>),
 }
 
 /// A segment's bytes: the version byte, the month (year as i32, month number as u8), then
-/// the sorted keys (u64), all little-endian.
-fn encode_segment(month: Month, keys: &[u64]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(SEGMENT_HEADER_BYTES + keys.len() * 8);
+/// the entries sorted by key, each the key (u64) and the span's start and end (u32), all
+/// little-endian.
+fn encode_segment(month: Month, entries: &[CountedEntry]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(SEGMENT_HEADER_BYTES + entries.len() * ENTRY_BYTES);
     out.push(SEGMENT_FORMAT_VERSION);
     out.extend_from_slice(&month.year().to_le_bytes());
     out.push(month.number() as u8);
-    for key in keys {
-        out.extend_from_slice(&key.to_le_bytes());
+    for entry in entries {
+        out.extend_from_slice(&entry.key.to_le_bytes());
+        out.extend_from_slice(&entry.span.from.to_le_bytes());
+        out.extend_from_slice(&entry.span.until.to_le_bytes());
     }
     debug_assert!(out.len() <= MAX_SEGMENT_BYTES);
     out
@@ -566,23 +694,34 @@ fn encode_segment(month: Month, keys: &[u64]) -> Vec<u8> {
 fn decode_segment(bytes: &[u8]) -> Result<Segment, CodecError> {
     let corrupt = |why: &str| CodecError::Corrupt(format!("segment of {} bytes: {why}", bytes.len()));
     let word = |b: &[u8]| u64::from_le_bytes(b.try_into().unwrap_or_default());
+    let half = |b: &[u8]| u32::from_le_bytes(b.try_into().unwrap_or_default());
     match bytes.split_first() {
         None => Err(corrupt("empty")),
-        Some((&SEGMENT_FORMAT_VERSION, rest)) => {
+        Some((&version @ (SEGMENT_FORMAT_VERSION | SEGMENT_FORMAT_V2), rest)) => {
             if bytes.len() > MAX_SEGMENT_BYTES || rest.len() < SEGMENT_HEADER_BYTES - 1 {
                 return Err(corrupt("bad length"));
             }
             let (header, body) = rest.split_at(SEGMENT_HEADER_BYTES - 1);
             let year = i32::from_le_bytes([header[0], header[1], header[2], header[3]]);
             let month = Month::new(year, u32::from(header[4])).ok_or_else(|| corrupt("bad month"))?;
-            if body.len() % 8 != 0 {
+            let size = if version == SEGMENT_FORMAT_V2 { 8 } else { ENTRY_BYTES };
+            if body.len() % size != 0 {
                 return Err(corrupt("bad length"));
             }
-            let keys: Vec<u64> = body.chunks_exact(8).map(word).collect();
-            if keys.windows(2).any(|pair| pair[0] >= pair[1]) {
+            let entries: Vec<CountedEntry> = body
+                .chunks_exact(size)
+                .map(|e| CountedEntry {
+                    key: word(&e[0..8]),
+                    span: match size {
+                        ENTRY_BYTES => Span { from: half(&e[8..12]), until: half(&e[12..16]) },
+                        _ => Span::UNKNOWN,
+                    },
+                })
+                .collect();
+            if entries.windows(2).any(|pair| pair[0].key >= pair[1].key) {
                 return Err(corrupt("keys not sorted"));
             }
-            Ok(Segment::Month { month, keys })
+            Ok(Segment::Month { month, entries })
         }
         Some((&SEGMENT_FORMAT_V1, body)) => {
             if body.len() % V1_TOMBSTONE_BYTES != 0 {
@@ -683,7 +822,7 @@ mod tests {
     /// Everything a table holds, in a comparable form.
     type Snapshot = (
         Vec<((AppId, ConnKey), Pending)>,
-        Vec<(Month, Vec<u64>, Segments)>,
+        Vec<(Month, Vec<(u64, Span)>, Segments<CountedEntry>)>,
         Vec<(u64, Month)>,
         Option<Month>,
     );
@@ -695,7 +834,7 @@ mod tests {
             .counted
             .iter()
             .map(|(&month, c)| {
-                let mut keys: Vec<u64> = c.keys.iter().copied().collect();
+                let mut keys: Vec<(u64, Span)> = c.keys.iter().map(|(&k, &s)| (k, s)).collect();
                 keys.sort_unstable();
                 (month, keys, c.segments.clone())
             })
@@ -800,7 +939,13 @@ mod tests {
         let changes = t.take_changes();
         let sizes: Vec<usize> =
             changes.segments.iter().map(|(_, b)| b.as_ref().map_or(0, Vec::len)).collect();
-        assert_eq!(sizes, vec![SEGMENT_HEADER_BYTES + 8 * SEGMENT_CAPACITY, SEGMENT_HEADER_BYTES + 80]);
+        assert_eq!(
+            sizes,
+            vec![
+                SEGMENT_HEADER_BYTES + ENTRY_BYTES * SEGMENT_CAPACITY,
+                SEGMENT_HEADER_BYTES + ENTRY_BYTES * 10
+            ]
+        );
         assert!(sizes[0] <= MAX_SEGMENT_BYTES);
         let mut log = Changelog::default();
         log.commit(changes);
@@ -811,9 +956,14 @@ mod tests {
 
     #[test]
     fn damaged_segments_are_refused() {
-        let good = encode_segment(month("2026-11"), &[1, 2, 3]);
-        assert!(matches!(decode_segment(&good), Ok(Segment::Month { keys, .. }) if keys == [1, 2, 3]));
-        let unsorted = encode_segment(month("2026-11"), &[2, 1]);
+        let entries = |keys: &[u64]| -> Vec<CountedEntry> {
+            keys.iter().map(|&key| CountedEntry { key, span: Span { from: 1, until: 2 } }).collect()
+        };
+        let good = encode_segment(month("2026-11"), &entries(&[1, 2, 3]));
+        assert!(
+            matches!(decode_segment(&good), Ok(Segment::Month { entries: e, .. }) if e == entries(&[1, 2, 3]))
+        );
+        let unsorted = encode_segment(month("2026-11"), &entries(&[2, 1]));
         let mut bad_month = good.clone();
         bad_month[5] = 13;
         for bad in
@@ -857,6 +1007,64 @@ mod tests {
         t.connect(APP, key("d"), nov);
         t.disconnect(APP, key("d"), nov);
         assert_eq!(t.take_changes().segments.iter().map(|(s, _)| *s).collect::<Vec<_>>(), vec![6]);
+    }
+
+    /// A version-2 segment (hashes without spans) is still read: its connections absorb
+    /// retries, earlier-dated ones included (their spans are unknown), and a merge carries
+    /// them on.
+    #[test]
+    fn version_2_segments_are_still_read_and_absorb_retries() {
+        let nov = month("2026-11");
+        let mut v2 = vec![SEGMENT_FORMAT_V2];
+        v2.extend_from_slice(&nov.year().to_le_bytes());
+        v2.push(nov.number() as u8);
+        let mut keys = [counted_key(APP, key("a")), counted_key(APP, key("b"))];
+        keys.sort_unstable();
+        keys.iter().for_each(|k| v2.extend_from_slice(&k.to_le_bytes()));
+        let mut log = Changelog::default();
+        log.segments.insert(3, v2);
+        let mut t = log.restore(None);
+        assert_eq!(t.counted_len(), 2);
+        assert_eq!(t.connect(APP, key("a"), at("2026-11-02T10:00:00+08:00")), ConnEffect::Duplicate);
+        assert_eq!(t.disconnect(APP, key("b"), at("2026-11-01T00:00:00+08:00")), ConnEffect::Duplicate);
+        // Corrections and new connections are written in version 3.
+        t.connect(APP, key("c"), at("2026-11-02T10:00:00+08:00"));
+        t.disconnect(APP, key("c"), at("2026-11-02T11:00:00+08:00"));
+        let written = t.take_changes().segments;
+        assert!(written.iter().all(|(_, b)| b.as_ref().is_some_and(|b| b[0] == SEGMENT_FORMAT_VERSION)));
+    }
+
+    /// A counted connection's span is corrected by an earlier-dated copy of either end, once;
+    /// the correction is checkpointed in a later segment and a restore reads the corrected
+    /// span back, so a copy dated between the two is a duplicate there too.
+    #[test]
+    fn a_counted_connections_span_is_corrected_by_earlier_copies_and_restored_so() {
+        let (t0, t1) = (at("2026-11-02T10:00:00+08:00"), at("2026-11-02T11:00:00+08:00"));
+        let earlier = |ts: Timestamp, minutes: i64| Timestamp(ts.millis() - minutes * 60_000);
+        let interval = |from, until| Interval { app_id: APP, from, until };
+        let mut t = table();
+        let mut log = Changelog::default();
+        t.connect(APP, key("a"), t0);
+        assert_eq!(t.disconnect(APP, key("a"), t1), ConnEffect::Closed(interval(t0, t1)));
+        log.commit(t.take_changes());
+        assert_eq!(t.disconnect(APP, key("a"), Timestamp(t1.millis() + 60_000)), ConnEffect::Duplicate);
+        assert_eq!(
+            t.disconnect(APP, key("a"), earlier(t1, 20)),
+            ConnEffect::Corrected { was: interval(t0, t1), now: interval(t0, earlier(t1, 20)) }
+        );
+        assert_eq!(
+            t.connect(APP, key("a"), earlier(t0, 5)),
+            ConnEffect::Corrected {
+                was: interval(t0, earlier(t1, 20)),
+                now: interval(earlier(t0, 5), earlier(t1, 20))
+            }
+        );
+        log.commit(t.take_changes());
+        assert_eq!(log.segments.len(), 2, "the corrected span in a segment of its own");
+        let mut restored = log.restore(None);
+        assert_eq!(snapshot(&restored), snapshot(&t));
+        assert_eq!(restored.disconnect(APP, key("a"), earlier(t1, 10)), ConnEffect::Duplicate);
+        assert_eq!(restored.connect(APP, key("a"), earlier(t0, 5)), ConnEffect::Duplicate);
     }
 
     #[test]

@@ -366,7 +366,15 @@ impl Meter {
             ConnEffect::Duplicate => Outcome::Duplicate,
             ConnEffect::Recorded => Outcome::Accepted,
             ConnEffect::Closed(interval) => {
-                self.count_interval(interval);
+                self.count_interval(interval, true);
+                Outcome::Accepted
+            }
+            ConnEffect::Corrected { was, now } => {
+                // In the months still open: where either lies in a closed month, the two
+                // agree there (the correcting copy is dated in an open month, and each
+                // differs from the other only after it).
+                self.count_interval(was, false);
+                self.count_interval(now, true);
                 Outcome::Accepted
             }
         }
@@ -388,8 +396,9 @@ impl Meter {
         aggregate
     }
 
-    /// Counts a complete connection into every open month it overlaps.
-    fn count_interval(&mut self, interval: Interval) {
+    /// Counts a complete connection into every open month it overlaps (`add`), or takes it
+    /// back from them.
+    fn count_interval(&mut self, interval: Interval, add: bool) {
         if interval.until <= interval.from {
             return;
         }
@@ -401,11 +410,12 @@ impl Meter {
             if !self.is_closed(month) {
                 let samples = self.samples(month);
                 if from < samples.end && until > samples.first {
-                    self.aggregate_mut(interval.app_id, month).pcc_mut().add_connection(
-                        samples,
-                        from,
-                        Some(until),
-                    );
+                    let pcc = self.aggregate_mut(interval.app_id, month).pcc_mut();
+                    if add {
+                        pcc.add_connection(samples, from, Some(until));
+                    } else {
+                        pcc.remove_connection(samples, from, Some(until));
+                    }
                 }
             }
             month = month.next();
@@ -419,7 +429,7 @@ impl Meter {
         };
         let timeout_ms = i64::try_from(timeout.as_millis()).unwrap_or(i64::MAX);
         for interval in self.connections.expire_idle(now, timeout_ms) {
-            self.count_interval(interval);
+            self.count_interval(interval, true);
         }
     }
 
@@ -858,6 +868,67 @@ mod tests {
     fn pcc_of(meter: &Meter, closed: ClosedMonth, month: Month) -> Vec<(AppId, u64)> {
         let grid = meter.settings().grid;
         closed.into_iter().map(|(app_id, mut a)| (app_id, a.usage(app_id, month, grid).pcc)).collect()
+    }
+
+    fn disconnect(app_id: AppId, conn: &str, at: &str) -> UsageEvent {
+        let ts = Timestamp::parse_rfc3339(at).expect("valid");
+        UsageEvent { app_id, ts, action: Action::Disconnect { conn: crate::ingest::ConnKey::of(conn) } }
+    }
+
+    /// PCC of app 1 in each month of `events`, applied in the order given (replay's way: no
+    /// lateness, every month closed at the end).
+    fn pcc_by_month(events: &[UsageEvent]) -> Vec<(Month, u64)> {
+        let mut meter = Meter::new(MeterSettings::default());
+        for event in events {
+            meter.apply(event);
+        }
+        let months: Vec<Month> = meter.active_months().iter().copied().collect();
+        let mut pcc = Vec::new();
+        for month in months {
+            let closed = meter.close_month(month);
+            pcc.extend(pcc_of(&meter, closed, month).into_iter().map(|(_, p)| (month, p)));
+        }
+        pcc
+    }
+
+    /// Issue 19: when two copies of a `connect` (or `disconnect`) disagree on the time, the
+    /// earliest wins whichever arrives first — also after the connection counted.
+    #[test]
+    fn retried_connects_and_disconnects_count_by_their_earliest_copy_in_any_order() {
+        // A 10:00–10:05 (its disconnect retried as 10:30), B 10:20–10:40: never both open.
+        let stretched = [
+            connect(1, "a", "2026-11-05T10:00:00+08:00"),
+            disconnect(1, "a", "2026-11-05T10:30:00+08:00"),
+            disconnect(1, "a", "2026-11-05T10:05:00+08:00"),
+            connect(1, "b", "2026-11-05T10:20:00+08:00"),
+            disconnect(1, "b", "2026-11-05T10:40:00+08:00"),
+        ];
+        // A 10:00 (its connect retried as 10:25) to 10:30, B 10:10–10:20: both open at 10:10.
+        let shortened = [
+            connect(1, "a", "2026-11-05T10:25:00+08:00"),
+            disconnect(1, "a", "2026-11-05T10:30:00+08:00"),
+            connect(1, "a", "2026-11-05T10:00:00+08:00"),
+            connect(1, "b", "2026-11-05T10:10:00+08:00"),
+            disconnect(1, "b", "2026-11-05T10:20:00+08:00"),
+        ];
+        // Five seconds on September 30 whose disconnect was retried dated October 1: it
+        // counts in September only.
+        let across = [
+            connect(1, "a", "2026-09-30T23:57:00+08:00"),
+            disconnect(1, "a", "2026-10-01T00:00:53+08:00"),
+            disconnect(1, "a", "2026-09-30T23:57:05+08:00"),
+        ];
+        let (sep, oct, nov) = (month("2026-09"), month("2026-10"), month("2026-11"));
+        for (events, want) in [
+            (&stretched[..], vec![(nov, 1)]),
+            (&shortened[..], vec![(nov, 2)]),
+            (&across[..], vec![(sep, 1), (oct, 0)]),
+        ] {
+            let mut reversed = events.to_vec();
+            reversed.reverse();
+            assert_eq!(pcc_by_month(events), want, "{events:?}");
+            assert_eq!(pcc_by_month(&reversed), want, "{reversed:?}");
+        }
     }
 
     #[test]

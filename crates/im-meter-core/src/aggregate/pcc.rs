@@ -106,15 +106,25 @@ impl PccTimeline {
     /// Counts a connection over the sample indices `[from, until)`, clipped to the month.
     /// `until = None` means still open at the month's end.
     pub fn add_connection(&mut self, month: MonthSamples, from: u32, until: Option<u32>) {
+        self.count_connection(month, from, until, 1);
+    }
+
+    /// Takes back a connection counted by [`PccTimeline::add_connection`] with the same
+    /// arguments (its span was corrected).
+    pub fn remove_connection(&mut self, month: MonthSamples, from: u32, until: Option<u32>) {
+        self.count_connection(month, from, until, -1);
+    }
+
+    fn count_connection(&mut self, month: MonthSamples, from: u32, until: Option<u32>, sign: i32) {
         let lo = from.max(month.first);
         let hi = until.map_or(month.end, |u| u.min(month.end));
         if lo >= hi {
             return;
         }
-        self.add(lo, 1);
+        self.add(lo, sign);
         // A connection still open at the month's last instant needs no −1 inside it.
         if hi < month.end {
-            self.add(hi, -1);
+            self.add(hi, -sign);
         }
     }
 

@@ -11,6 +11,10 @@
 //! checkpoints wrote it — a restore reads that many records — and every key is rewritten
 //! about once per tier. The keys of the segments not full yet stay here (a merge needs them);
 //! the owner keeps the full ones' keys as it needs.
+//!
+//! An entry is a key or a key with a value ([`Entry`]): the counted connections keep each
+//! connection's span beside its key. A key whose value changed is written again, in a later
+//! segment; a merge keeps the least entry of a key, which the owner makes the current one.
 
 use super::sorted::search;
 
@@ -37,23 +41,42 @@ impl SegmentTotal {
     }
 }
 
+/// An entry of a segmented set: sorted (and so merged) by its key first. Of the entries of
+/// one key, merges keep the least.
+pub(crate) trait Entry: Copy + Ord {
+    /// Its key.
+    fn key(&self) -> u64;
+}
+
+impl Entry for u64 {
+    fn key(&self) -> u64 {
+        *self
+    }
+}
+
 /// The size tier of a segment of `len` keys.
 pub(crate) fn tier(len: usize) -> u32 {
     len.max(1).ilog(MERGE_FANOUT)
 }
 
 /// The segments of one set: see the module documentation.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub(crate) struct Segments {
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Segments<T = u64> {
     /// Full segments (never merged again), by number: only their numbers.
     pub full: Vec<u64>,
-    /// Keys in the full segments.
+    /// Entries in the full segments.
     pub full_keys: u64,
-    /// The other segments, by number, with their sorted keys, which a merge rewrites.
-    pub runs: Vec<(u64, Box<[u64]>)>,
+    /// The other segments, by number, with their sorted entries, which a merge rewrites.
+    pub runs: Vec<(u64, Box<[T]>)>,
 }
 
-impl Segments {
+impl<T> Default for Segments<T> {
+    fn default() -> Self {
+        Segments { full: Vec::new(), full_keys: 0, runs: Vec::new() }
+    }
+}
+
+impl<T: Entry> Segments<T> {
     /// Writes `fresh` (sorted, without repeats, in no segment yet) into new segments of at
     /// most `capacity` keys, then merges every size tier holding [`MERGE_FANOUT`] segments or
     /// more, until none does. Writes (made by `encode`) and deletions go to `out` (a segment
@@ -61,12 +84,12 @@ impl Segments {
     /// made full go to `made_full`.
     pub fn checkpoint(
         &mut self,
-        fresh: Vec<u64>,
+        fresh: Vec<T>,
         capacity: usize,
         next_segment: &mut u64,
-        encode: &dyn Fn(&[u64]) -> Vec<u8>,
+        encode: &dyn Fn(&[T]) -> Vec<u8>,
         out: &mut SegmentWrites,
-        made_full: &mut dyn FnMut(&[u64]),
+        made_full: &mut dyn FnMut(&[T]),
     ) {
         let mut cut = Cut { capacity, next_segment, encode, out, made_full, made: Vec::new() };
         cut.split(&mut self.full, &mut self.full_keys, fresh);
@@ -76,7 +99,7 @@ impl Segments {
                 *tiers.entry(tier(len)).or_default() += 1;
             }
             let Some((&due, _)) = tiers.iter().find(|&(_, &n)| n >= MERGE_FANOUT) else { break };
-            let mut merged: Vec<u64> = Vec::new();
+            let mut merged: Vec<T> = Vec::new();
             self.runs.retain(|(segment, keys)| {
                 let member = tier(keys.len()) == due;
                 if member {
@@ -93,7 +116,7 @@ impl Segments {
                 !member
             });
             merged.sort_unstable();
-            merged.dedup();
+            merged.dedup_by_key(|entry| entry.key());
             cut.split(&mut self.full, &mut self.full_keys, merged);
         }
         for keys in std::mem::take(&mut cut.made) {
@@ -105,7 +128,7 @@ impl Segments {
 
     /// Puts back a segment read from the changelog (restoring), in number order. Returns
     /// the keys of a full segment, which are the caller's to keep.
-    pub fn restore(&mut self, segment: u64, keys: Box<[u64]>, capacity: usize) -> Option<Box<[u64]>> {
+    pub fn restore(&mut self, segment: u64, keys: Box<[T]>, capacity: usize) -> Option<Box<[T]>> {
         if keys.len() >= capacity {
             let at = self.full.partition_point(|&s| s < segment);
             self.full.insert(at, segment);
@@ -142,6 +165,13 @@ impl Segments {
         self.full.iter().copied().chain(self.runs.iter().map(|(segment, _)| *segment))
     }
 
+    /// How many entries the segments that are not full hold.
+    pub fn runs_len(&self) -> usize {
+        self.runs.iter().map(|(_, keys)| keys.len()).sum()
+    }
+}
+
+impl Segments<u64> {
     /// Whether a key is in a segment that is not full.
     pub fn runs_contain(&self, key: u64) -> bool {
         self.runs.iter().any(|(_, keys)| search(keys, key).is_ok())
@@ -151,28 +181,23 @@ impl Segments {
     pub fn run_keys(&self) -> impl Iterator<Item = u64> + '_ {
         self.runs.iter().flat_map(|(_, keys)| keys.iter().copied())
     }
-
-    /// How many keys the segments that are not full hold.
-    pub fn runs_len(&self) -> usize {
-        self.runs.iter().map(|(_, keys)| keys.len()).sum()
-    }
 }
 
-/// One checkpoint's cutting of sorted keys into segments.
-struct Cut<'a> {
+/// One checkpoint's cutting of sorted entries into segments.
+struct Cut<'a, T> {
     capacity: usize,
     next_segment: &'a mut u64,
-    encode: &'a dyn Fn(&[u64]) -> Vec<u8>,
+    encode: &'a dyn Fn(&[T]) -> Vec<u8>,
     out: &'a mut SegmentWrites,
-    made_full: &'a mut dyn FnMut(&[u64]),
+    made_full: &'a mut dyn FnMut(&[T]),
     /// Segments made by this checkpoint and not full, not written yet (they may still merge).
-    made: Vec<Box<[u64]>>,
+    made: Vec<Box<[T]>>,
 }
 
-impl Cut<'_> {
-    /// Cuts sorted keys into segments: full ones are written at once; the rest, if any, is
-    /// made (it may still be merged).
-    fn split(&mut self, full: &mut Vec<u64>, full_keys: &mut u64, keys: Vec<u64>) {
+impl<T: Entry> Cut<'_, T> {
+    /// Cuts sorted entries into segments: full ones are written at once; the rest, if any,
+    /// is made (it may still be merged).
+    fn split(&mut self, full: &mut Vec<u64>, full_keys: &mut u64, keys: Vec<T>) {
         for chunk in keys.chunks(self.capacity) {
             if chunk.len() == self.capacity {
                 let segment = take_number(self.next_segment);
