@@ -606,18 +606,23 @@ mod tests {
         SampleGrid::new(Duration::from_secs(60)).unwrap()
     }
 
+    /// The plan book of these subscription events.
+    fn subscriptions(lines: &[&str]) -> Subscriptions {
+        let mut subs = Subscriptions::new(BillingTz::default());
+        for line in lines {
+            subs.apply(&decode_subscription_event(line.as_bytes()).unwrap()).unwrap();
+        }
+        subs
+    }
+
     /// App 1 on Standard since 2025, app 2 on Developer, app 3 created in December 2026.
     fn plans() -> Subscriptions {
-        let mut subs = Subscriptions::new(BillingTz::default());
-        for line in [
+        subscriptions(&[
             r#"{"type":"app_created","app_id":1,"ts":"2025-01-01T00:00:00+08:00","account_id":"a"}"#,
             r#"{"type":"plan_changed","app_id":1,"ts":"2025-02-01T00:00:00+08:00","plan":"standard"}"#,
             r#"{"type":"app_created","app_id":2,"ts":"2025-01-01T00:00:00+08:00","account_id":"a"}"#,
             r#"{"type":"app_created","app_id":3,"ts":"2026-12-05T00:00:00+08:00","account_id":"a"}"#,
-        ] {
-            subs.apply(&decode_subscription_event(line.as_bytes()).unwrap()).unwrap();
-        }
-        subs
+        ])
     }
 
     /// A share with the users `users` logged in on the month's first day.
@@ -848,17 +853,14 @@ mod tests {
     fn the_quota_alert_follows_the_plan_on_the_day_the_cap_was_passed() {
         const UPGRADED: AppId = 10;
         const UPGRADED_FIRST: AppId = 11;
-        let mut subs = Subscriptions::new(BillingTz::default());
-        for line in [
+        let subs = subscriptions(&[
             // Developer until November 20, then Standard.
             r#"{"type":"app_created","app_id":10,"ts":"2025-01-01T00:00:00+08:00","account_id":"a"}"#,
             r#"{"type":"plan_changed","app_id":10,"ts":"2026-11-20T10:00:00+08:00","plan":"standard"}"#,
             // Standard from November 5 (10:00, so that day is Standard's), before its 101st user.
             r#"{"type":"app_created","app_id":11,"ts":"2025-01-01T00:00:00+08:00","account_id":"a"}"#,
             r#"{"type":"plan_changed","app_id":11,"ts":"2026-11-05T10:00:00+08:00","plan":"standard"}"#,
-        ] {
-            subs.apply(&decode_subscription_event(line.as_bytes()).unwrap()).unwrap();
-        }
+        ]);
         let nov = month("2026-11");
         // 60 users on November 1, 41 more on November 7 (the 101st), 30 more on the 25th;
         // logged in the other way round (the latest day first).
