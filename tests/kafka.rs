@@ -883,6 +883,50 @@ fn billing_tries_failed_broker_calls_again_instead_of_stopping() {
     workers.pop().unwrap().stop();
 }
 
+/// A billing producer fenced by a newer one with its transactional id — what a partition's new
+/// owner does to a worker frozen past its session — costs that partition's task, not the
+/// worker: the task is dropped and /readyz says why; with no rebalance taking the partition
+/// away, it is read back with a new producer after two sessions, and October is billed once.
+#[test]
+fn a_fenced_billing_producer_drops_its_partition_not_the_worker() {
+    use rdkafka::producer::{BaseProducer, Producer};
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let d = Deployment::new("deposed");
+    d.produce();
+    let hold = std::env::temp_dir().join(format!("{}.hold-bills", d.prefix));
+    std::fs::write(&hold, b"").unwrap();
+    let settings = [
+        ("IM_METER_TEST_HOLD_BILLS_FILE", hold.to_str().unwrap()),
+        ("IM_METER__KAFKA__MAX_POLL_INTERVAL", "6s"),
+    ];
+    let mut worker = d.worker_with("a", &settings, &["--log-format", "json"]);
+    let address = worker.http_address();
+    eventually(Duration::from_secs(90), "October to be ready to bill", || {
+        worker.assert_alive();
+        worker.log_text().contains("failpoint: billing holds its months").then_some(())
+    });
+    // A newer producer with each billing task's transactional id fences the worker's.
+    for p in 0..replica_counts(&d.topic("billing_changelog")).len() {
+        let newer: BaseProducer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", brokers())
+            .set("transactional.id", format!("{}-billing-{p}", d.prefix))
+            .create()
+            .unwrap();
+        newer.init_transactions(Duration::from_secs(30)).unwrap();
+    }
+    std::fs::remove_file(&hold).unwrap();
+    eventually(Duration::from_secs(60), "/readyz to say a partition's producer was fenced", || {
+        worker.assert_alive();
+        let (status, body) = http_json(address, "/readyz");
+        (status == 503 && body["problems"].to_string().contains("fenced by a newer one")).then_some(())
+    });
+    let mut workers = vec![worker];
+    assert_same_as_replay(&d, &mut workers);
+    let worker = workers.pop().unwrap();
+    assert!(worker.log_text().contains("a fenced partition is still assigned here; reading it back"));
+    worker.stop();
+}
+
 /// A plan change dated in October, produced in a transaction that is still open when October
 /// closes, is in October's bill: billing reads the subscriptions to their high watermark
 /// before it bills, so it waits for the transaction instead of billing without the change

@@ -97,7 +97,22 @@ struct Task {
     state: Absorbed,
     /// A transaction's outcome is unknown: the partition is read back before it writes again.
     reload: bool,
+    /// Its producer was fenced by a newer one with its transactional id: another worker has
+    /// taken the partition (this one was frozen past its session, say) and the rebalance
+    /// that tells this one is on its way. The task is dropped until then ([`DEPOSED_WAIT`]).
+    deposed: bool,
 }
+
+/// How long a partition whose producer was fenced by a newer one waits for the rebalance
+/// that takes it away, in sessions (`session.timeout.ms`): one for the group to notice this
+/// member was gone, one more for the revocation to reach it. Still assigned after that, it
+/// is read back with a new producer (fencing the other, as a restarted worker would).
+const DEPOSED_WAIT_SESSIONS: u32 = 2;
+
+/// What a deposed partition's status says while it waits.
+const DEPOSED: &str =
+    "its producer was fenced by a newer one with the same transactional id (another worker \
+     took the partition): waiting for the rebalance that moves it, or to read it back if it stays here";
 
 /// A billing changelog partition being read back. Billing commits no offsets, so the group
 /// consumer hands out its records from the beginning; they are absorbed as they come. The
@@ -456,6 +471,9 @@ pub fn run(config: &Config, shutdown: &AtomicBool, board: &Board) -> anyhow::Res
     // a poll, so that fencing several never keeps the consumer from polling for longer than
     // one producer's start (past `kafka.max_poll_interval` the member would leave the group).
     let mut to_fence: VecDeque<i32> = VecDeque::new();
+    // Partitions whose producer a newer one fenced, since when.
+    let mut deposed: BTreeMap<i32, Instant> = BTreeMap::new();
+    let deposed_wait = super::session_timeout(config) * DEPOSED_WAIT_SESSIONS;
     let mut last_report = Instant::now();
     let mut last_round = Instant::now();
     let mut backoff = Backoff { failures: 0, until: None, status: Arc::clone(&status) };
@@ -477,6 +495,7 @@ pub fn run(config: &Config, shutdown: &AtomicBool, board: &Board) -> anyhow::Res
             for p in revoked {
                 tasks.remove(&p);
                 restoring.remove(&p);
+                deposed.remove(&p);
                 to_fence.retain(|&q| q != p);
                 status.state().partitions.remove(&p);
                 info!(partition = p, "billing: partition revoked");
@@ -562,6 +581,29 @@ pub fn run(config: &Config, shutdown: &AtomicBool, board: &Board) -> anyhow::Res
             let round =
                 serve_tasks(config, &client, &mut tasks, &mut subscriptions, &mut sources, partitions);
             backoff.retry_later(round)?;
+        }
+        let fenced: Vec<i32> = tasks.iter().filter(|(_, t)| t.deposed).map(|(p, _)| *p).collect();
+        for p in fenced {
+            // Nothing more is written for it; a crash here loses nothing (its transaction
+            // did not commit, and the next owner reads the partition back).
+            tasks.remove(&p);
+            deposed.insert(p, Instant::now());
+            let mut state = status.state();
+            let entry = state.partitions.entry(p).or_default();
+            (entry.restored, entry.stopped) = (false, Some(DEPOSED.into()));
+            warn!(partition = p, wait = ?deposed_wait, "billing: partition dropped, its producer fenced by a newer one");
+        }
+        let still_here: Vec<i32> =
+            deposed.iter().filter(|(_, since)| since.elapsed() >= deposed_wait).map(|(p, _)| *p).collect();
+        for p in still_here {
+            // No rebalance took it: this worker still owns it. Read back with a new producer,
+            // which fences the other (as a restart of this worker would).
+            deposed.remove(&p);
+            read_again_from_the_beginning(&consumer, &topics.billing_changelog, p)?;
+            restoring.insert(p, Restoring::new(config, true));
+            to_fence.push_back(p);
+            status.state().partitions.entry(p).or_default().stopped = None;
+            info!(partition = p, "billing: a fenced partition is still assigned here; reading it back");
         }
         let reload: Vec<i32> = tasks.iter().filter(|(_, t)| t.reload).map(|(p, _)| *p).collect();
         for p in reload {
@@ -793,7 +835,7 @@ fn finish_restore(
     } else {
         info!(partition, ?billed_through, ms, "billing: partition restored");
     }
-    Ok(Restored::Ready(Task { outbox, state: r.state, reload: false }))
+    Ok(Restored::Ready(Task { outbox, state: r.state, reload: false, deposed: false }))
 }
 
 /// Moves the group consumer back to the beginning of billing partition `partition`: its
@@ -1060,9 +1102,16 @@ fn write_owner(config: &Config, partition: i32, task: &mut Task) -> anyhow::Resu
 /// was published and the book is unchanged, so the next pass does it again. Outcome
 /// unknown: it may have been published — doing it again could publish every charge twice —
 /// so the task is restored from its changelog partition first, where the transaction's
-/// marks (billed through, alerted, copied) say whether it committed. Fatal: stop.
+/// marks (billed through, alerted, copied) say whether it committed. Fenced by a newer
+/// producer with its id: the partition is someone else's now, the task is dropped
+/// ([`Task::deposed`]). Any other fatal failure: stop.
 fn failed(task: &mut Task, what: &str, failure: TransactionFailed) -> anyhow::Result<()> {
     match failure {
+        fenced if fenced.fenced_by_newer_producer() => {
+            warn!(error = %format!("{fenced:#}"), "billing: {what} transaction fenced by a newer producer; dropping the partition");
+            task.deposed = true;
+            Ok(())
+        }
         TransactionFailed::Aborted(e) => {
             warn!(error = %format!("{e:#}"), "billing: {what} transaction aborted, will retry");
             Ok(())

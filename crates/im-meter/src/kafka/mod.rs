@@ -38,13 +38,18 @@ pub fn client_config(config: &Config) -> ClientConfig {
     client
 }
 
+/// The consumer groups' `session.timeout.ms`: librdkafka requires it not to exceed the poll
+/// interval; at most 45 s, Kafka's default.
+pub fn session_timeout(config: &Config) -> std::time::Duration {
+    config.kafka.max_poll_interval.min(std::time::Duration::from_secs(45))
+}
+
 /// Settings of a member of consumer group `group` as both stages use them: offsets only
 /// ever committed inside transactions, read_committed, cooperative rebalancing, and a new
 /// group starting at the beginning of its topics.
 pub fn group_member(config: &Config, group: &str) -> ClientConfig {
     let max_poll = config.kafka.max_poll_interval;
-    // librdkafka requires the session timeout not to exceed the poll interval.
-    let session = max_poll.min(std::time::Duration::from_secs(45));
+    let session = session_timeout(config);
     let mut member = client_config(config);
     member
         .set("group.id", group)

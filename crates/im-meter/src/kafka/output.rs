@@ -290,6 +290,16 @@ impl TransactionFailed {
         }
     }
 
+    /// Whether the producer was fenced by a newer one with its transactional id (another
+    /// worker took over what it wrote for): fatal for the producer, not for the worker.
+    pub fn fenced_by_newer_producer(&self) -> bool {
+        use RDKafkaErrorCode as C;
+        let Self::Fatal(e) = self else { return false };
+        e.chain()
+            .filter_map(|cause| cause.downcast_ref::<KafkaError>())
+            .any(|k| k.rdkafka_error_code().is_some_and(|code| matches!(code, C::Fenced | C::ProducerFenced)))
+    }
+
     /// Whether it failed for a reason that says nothing about what it held: the broker
     /// unreachable or slow, a leader or coordinator moving, a timeout.
     pub fn transient(&self) -> bool {
@@ -627,6 +637,19 @@ mod tests {
         assert_eq!(aborted(RDKafkaErrorCode::MessageSizeTooLarge).cause(), "other");
         assert_eq!(TransactionFailed::Unknown(anyhow::anyhow!("lost")).cause(), "unknown_outcome");
         assert_eq!(TransactionFailed::Fatal(anyhow::anyhow!("fenced by a newer producer")).cause(), "fatal");
+    }
+
+    #[test]
+    fn only_a_newer_producers_fence_drops_a_billing_partition() {
+        let fatal = |code| {
+            TransactionFailed::Fatal(anyhow::Error::from(KafkaError::Global(code)).context("add partitions"))
+        };
+        assert!(fatal(RDKafkaErrorCode::Fenced).fenced_by_newer_producer());
+        assert!(fatal(RDKafkaErrorCode::ProducerFenced).fenced_by_newer_producer());
+        assert!(!fatal(RDKafkaErrorCode::TransactionalIdAuthorizationFailed).fenced_by_newer_producer());
+        let aborted =
+            TransactionFailed::Aborted(anyhow::Error::from(KafkaError::Global(RDKafkaErrorCode::Fenced)));
+        assert!(!aborted.fenced_by_newer_producer(), "only a fatal failure");
     }
 
     #[test]
