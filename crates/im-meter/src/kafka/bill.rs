@@ -99,7 +99,8 @@ struct Task {
     reload: bool,
     /// Its producer was fenced by a newer one with its transactional id: another worker has
     /// taken the partition (this one was frozen past its session, say) and the rebalance
-    /// that tells this one is on its way. The task is dropped until then ([`DEPOSED_WAIT`]).
+    /// that tells this one is on its way. The task is dropped until then
+    /// ([`DEPOSED_WAIT_SESSIONS`]).
     deposed: bool,
 }
 
@@ -584,8 +585,9 @@ pub fn run(config: &Config, shutdown: &AtomicBool, board: &Board) -> anyhow::Res
         }
         let fenced: Vec<i32> = tasks.iter().filter(|(_, t)| t.deposed).map(|(p, _)| *p).collect();
         for p in fenced {
-            // Nothing more is written for it; a crash here loses nothing (its transaction
-            // did not commit, and the next owner reads the partition back).
+            // Nothing more is written for it. A crash here loses nothing: whether its last
+            // transaction committed (the fence completes or aborts it), whoever bills the
+            // partition next reads it back to its high watermark first.
             tasks.remove(&p);
             deposed.insert(p, Instant::now());
             let mut state = status.state();
