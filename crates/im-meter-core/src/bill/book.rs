@@ -390,14 +390,20 @@ impl BillingBook {
                                 source,
                             }
                         })?;
-                    let crossed_on = aggregate.day_passing(QUOTA_WATCH).and_then(|d| month.day(u32::from(d)));
-                    (aggregate.usage(app_id, month, pricing.grid), crossed_on)
+                    let usage = aggregate.usage(app_id, month, pricing.grid);
+                    // The day the cap was passed, for an alert not raised yet (a scan of the
+                    // users, so only then).
+                    let crossed_on = (usage.mau > QUOTA_WATCH && !self.alerted.contains(&(month, app_id)))
+                        .then(|| aggregate.day_passing(QUOTA_WATCH))
+                        .flatten()
+                        .and_then(|d| month.day(u32::from(d)));
+                    (usage, crossed_on)
                 }
                 None => (MonthlyUsage::empty(app_id, month), None),
             };
             billed.charges.extend(bill_month(subscriptions, &usage, pricing.prices));
-            // Alerted during the month already: once per app and month.
-            if let Some(day) = crossed_on.filter(|_| !self.alerted.contains(&(month, app_id))) {
+            // (Not when alerted during the month already: once per app and month.)
+            if let Some(day) = crossed_on {
                 billed.alerts.extend(quota_alert(subscriptions, &usage, day));
             }
             billed.usage.push(usage);

@@ -595,28 +595,31 @@ pub fn run(config: &Config, shutdown: &AtomicBool, board: &Board) -> anyhow::Res
             (entry.restored, entry.stopped) = (false, Some(DEPOSED.into()));
             warn!(partition = p, wait = ?deposed_wait, "billing: partition dropped, its producer fenced by a newer one");
         }
+        // Read back from the beginning: a new producer with the task's transactional id
+        // fences the old one (the broker then completes or aborts its transaction), and the
+        // partition, read to its high watermark, says what was published.
+        let mut read_back = |p: i32| -> anyhow::Result<()> {
+            read_again_from_the_beginning(&consumer, &topics.billing_changelog, p)?;
+            restoring.insert(p, Restoring::new(config, true));
+            to_fence.push_front(p);
+            let mut state = status.state();
+            let entry = state.partitions.entry(p).or_default();
+            (entry.restored, entry.stopped) = (false, None);
+            Ok(())
+        };
         let still_here: Vec<i32> =
             deposed.iter().filter(|(_, since)| since.elapsed() >= deposed_wait).map(|(p, _)| *p).collect();
         for p in still_here {
-            // No rebalance took it: this worker still owns it. Read back with a new producer,
-            // which fences the other (as a restart of this worker would).
+            // No rebalance took it: this worker still owns it, and fences the other as a
+            // restart of this worker would.
             deposed.remove(&p);
-            read_again_from_the_beginning(&consumer, &topics.billing_changelog, p)?;
-            restoring.insert(p, Restoring::new(config, true));
-            to_fence.push_back(p);
-            status.state().partitions.entry(p).or_default().stopped = None;
+            read_back(p)?;
             info!(partition = p, "billing: a fenced partition is still assigned here; reading it back");
         }
         let reload: Vec<i32> = tasks.iter().filter(|(_, t)| t.reload).map(|(p, _)| *p).collect();
         for p in reload {
-            // Read back from the beginning: a new producer with the task's transactional id
-            // fences the old one (the broker then completes or aborts its transaction), and
-            // the partition, read to its high watermark, says what was published.
             tasks.remove(&p);
-            read_again_from_the_beginning(&consumer, &topics.billing_changelog, p)?;
-            restoring.insert(p, Restoring::new(config, true));
-            to_fence.push_front(p);
-            status.state().partitions.entry(p).or_default().restored = false;
+            read_back(p)?;
             info!(partition = p, "billing: reading the partition back after an unknown outcome");
         }
     }
