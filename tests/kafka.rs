@@ -656,6 +656,33 @@ fn a_bill_whose_commit_is_reported_failed_is_published_once() {
     workers.pop().unwrap().stop();
 }
 
+/// Every month's bill commits but is reported failed, as when the commit's answer timed
+/// out: billing reads each partition back and finds it published. Once the last read back is
+/// done the worker is ready again, although no later transaction of billing's (nothing is
+/// left to publish) says that the brokers answer.
+#[test]
+fn after_bills_whose_commit_answers_were_lost_the_worker_is_ready_again() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let d = Deployment::new("lost-answers");
+    d.produce();
+    let failpoint = std::env::temp_dir().join(format!("{}.fail-after-every-bill", d.prefix));
+    std::fs::write(&failpoint, b"every").unwrap();
+    let path = failpoint.to_str().unwrap();
+    let mut worker =
+        d.worker_with("a", &[("IM_METER_TEST_FAIL_AFTER_BILL_FILE", path)], &["--log-format", "json"]);
+    let address = worker.http_address();
+    let mut workers = vec![worker];
+    assert_same_as_replay(&d, &mut workers);
+    let mut worker = workers.pop().unwrap();
+    eventually(Duration::from_secs(60), "a bill to be read back", || {
+        worker.assert_alive();
+        worker.log_text().contains("read back after an unknown outcome").then_some(())
+    });
+    worker.assert_ready_within(address, Duration::from_secs(60));
+    std::fs::remove_file(&failpoint).unwrap();
+    worker.stop();
+}
+
 /// A month's bill in several transactions (`billing.apps_per_transaction`), the worker
 /// killed between two of them: the restarted worker resumes after the apps already billed,
 /// and every line is published once, as replay bills it.

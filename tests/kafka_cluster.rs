@@ -163,8 +163,7 @@ fn with_two_brokers_of_three_down_the_worker_waits_says_why_and_bills_right_afte
     drop(down);
     let mut workers = vec![worker];
     assert_same_as_replay(&d, &mut workers);
-    eventually(Duration::from_secs(60), "the worker to be ready again", || {
-        (http_get(address, "/readyz").0 == 200).then_some(())
-    });
-    workers.pop().unwrap().stop();
+    let mut worker = workers.pop().unwrap();
+    worker.assert_ready_within(address, Duration::from_secs(60));
+    worker.stop();
 }

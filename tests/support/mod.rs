@@ -400,6 +400,26 @@ impl Worker {
         }
     }
 
+    /// Waits (up to `within`) until its `/readyz` at `address` answers 200; panics with the
+    /// last answer and the end of its log if it does not.
+    pub fn assert_ready_within(&mut self, address: std::net::SocketAddr, within: Duration) {
+        let deadline = Instant::now() + within;
+        let mut last = String::new();
+        while Instant::now() < deadline {
+            self.assert_alive();
+            let (status, body) = http_get(address, "/readyz");
+            if status == 200 {
+                return;
+            }
+            last = body;
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let log = self.log_text();
+        let tail: Vec<&str> = log.lines().rev().take(40).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        panic!("not ready after {within:?}: {last}\nthe worker's log ends:\n{}", tail.join("\n"));
+    }
+
     pub fn assert_alive(&mut self) {
         if let Ok(Some(status)) = self.child.try_wait() {
             panic!("worker died ({status}); log: {}", std::fs::read_to_string(&self.log).unwrap_or_default());

@@ -29,8 +29,9 @@ pub enum Failpoint {
     /// large state does.
     SlowRestoreMs,
     /// When the file exists, the next billing transaction that commits a month is reported
-    /// as failed after its commit succeeded (the file is removed): a commit whose answer was
-    /// lost.
+    /// as failed, as one whose answer timed out, after its commit succeeded: a commit whose
+    /// answer was lost. The file is removed, unless it holds `every`: then every such commit
+    /// is reported failed while it exists.
     FailAfterBill,
     /// While the file exists, billing bills no month (it reads, alerts and copies as usual).
     HoldBills,
@@ -79,6 +80,17 @@ impl Failpoint {
     /// The file whose existence switches the fault on, if the fault is set.
     pub fn file(self) -> Option<PathBuf> {
         self.value().map(PathBuf::from)
+    }
+
+    /// Whether the fault's file is set and exists now, and fires once: the file is removed,
+    /// unless it holds `every` (then it fires each time while it exists).
+    pub fn fire(self) -> bool {
+        let Some(file) = self.file() else { return false };
+        match std::fs::read(&file) {
+            Ok(content) if content.trim_ascii() == b"every" => true,
+            Ok(_) => std::fs::remove_file(&file).is_ok(),
+            Err(_) => false,
+        }
     }
 
     /// Whether the fault's file is set and exists now.

@@ -546,6 +546,10 @@ pub fn run(config: &Config, shutdown: &AtomicBool, board: &Board) -> anyhow::Res
                         to_fence.push_back(p);
                     }
                     Some(Restored::Ready(task)) => {
+                        // Fenced and read to its end: the brokers answer. Said here, as a
+                        // read back after a lost commit answer may leave nothing to publish,
+                        // and no later transaction would say it.
+                        status.broker_answered();
                         subscriptions.billed_at(p, task.state.book.billed_positions());
                         let mut state = status.state();
                         let entry = state.partitions.entry(p).or_default();
@@ -931,10 +935,8 @@ fn bill(
     // after them, dated in this month or before, is late (see `SubscriptionFeed`).
     let read = feed.read_positions();
     for part in parts {
-        if let Some(file) =
-            Failpoint::FailAfterBill.file().filter(|f| part.last && std::fs::remove_file(f).is_ok())
-        {
-            warn!(partition, %month, file = ?file, "failpoint: this bill's commit will be reported failed");
+        if part.last && Failpoint::FailAfterBill.fire() {
+            warn!(partition, %month, "failpoint: this bill's commit will be reported failed");
             task.outbox.fail_next_commit();
         }
         let changelog = part.changelog_records(&read);
@@ -988,7 +990,7 @@ fn bill(
             m.months_billed.inc();
         } else {
             info!(partition, %month, apps, charges, alerts, through_app = part.through(), "billing: part of the month billed");
-            if Failpoint::ExitAfterBillPart.file().is_some_and(|f| std::fs::remove_file(f).is_ok()) {
+            if Failpoint::ExitAfterBillPart.fire() {
                 warn!(partition, %month, "failpoint: exiting after a part of the month's bill");
                 std::process::abort();
             }

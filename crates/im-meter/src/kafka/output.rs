@@ -464,7 +464,9 @@ impl Outbox {
         let result = match result {
             Ok(()) if std::mem::take(&mut self.fail_next_commit) => {
                 warn!("failpoint: a commit that succeeded is reported as failed");
-                Err(anyhow::anyhow!("failpoint: commit reported failed"))
+                // As a commit whose answer did not come back in time.
+                let timed_out = KafkaError::MessageProduction(RDKafkaErrorCode::OperationTimedOut);
+                Err(anyhow::Error::from(timed_out).context("failpoint: commit reported failed"))
             }
             other => other,
         };
