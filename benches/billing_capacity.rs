@@ -31,6 +31,8 @@ use counting_alloc::{live, peak, reset_peak};
 
 const USERS_PER_APP: u32 = 10;
 const APPS_PER_TRANSACTION: usize = 10_000;
+/// The broker's default record limit less room for the key, as the worker sizes it.
+const MAX_VALUE: usize = 1 << 19;
 
 fn main() {
     let apps: u64 = std::env::args().skip(1).find_map(|a| a.parse().ok()).unwrap_or(100_000);
@@ -79,13 +81,15 @@ fn main() {
     let prices = PriceBook::default();
     let pricing = Pricing { subscriptions: &subscriptions, prices: &prices, grid };
     let started = Instant::now();
-    let whole = book.bill_in_parts(month, pricing, subscriptions.apps(), usize::MAX).expect("bills");
+    let whole =
+        book.bill_in_parts(month, pricing, subscriptions.apps(), usize::MAX, MAX_VALUE).expect("bills");
     let bill_s = started.elapsed().as_secs_f64();
     let peak_bytes = peak() - before;
     let whole = size(&whole[0]);
     let started = Instant::now();
-    let parts =
-        book.bill_in_parts(month, pricing, subscriptions.apps(), APPS_PER_TRANSACTION).expect("bills");
+    let parts = book
+        .bill_in_parts(month, pricing, subscriptions.apps(), APPS_PER_TRANSACTION, MAX_VALUE)
+        .expect("bills");
     let split_s = started.elapsed().as_secs_f64();
     let largest = parts.iter().map(size).max_by_key(|s| s.1).unwrap_or_default();
 

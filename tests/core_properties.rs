@@ -567,6 +567,82 @@ proptest! {
         prop_assert_eq!(merged.usage(APP, nov(), grid), whole.usage(APP, nov(), grid));
     }
 
+    /// The events topic grows and an app moves partition: connections opened before the
+    /// move, in the old partition, that never disconnect or disconnect in a later month (in
+    /// the new partition). The old partition, where the app is silent from the next month
+    /// on, hands them over; billing counts them, month after month, as long as the app has
+    /// usage anywhere — the bills of every month equal those of one pass over all events
+    /// (chaos cluster seed 21: PCC 6 instead of 9 the month after the growth).
+    #[test]
+    fn connections_left_in_an_old_partition_count_while_the_app_has_usage_elsewhere(
+        seed in any::<u64>(),
+        connections in 1usize..12,
+        move_at in 0i64..(40 * 86_400_000),
+        december in proptest::bool::ANY,
+    ) {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let tz = BillingTz::default();
+        let [oct, nov, dec]: [Month; 3] = ["2026-10", "2026-11", "2026-12"].map(|m| m.parse().unwrap());
+        let oct1 = tz.start_of_month(oct).millis();
+        let end = tz.end_of_month(dec).millis();
+        let at = |ms: i64| Timestamp(ms);
+        let mut events = Vec::new();
+        // A login every few days through November, and in December if it has usage there.
+        let last_login = if december { end } else { tz.start_of_month(dec).millis() };
+        let mut t = oct1;
+        while t < last_login {
+            events.push(UsageEvent { app_id: APP, ts: at(t), action: Action::Login { user: user(1), ok: true } });
+            t += rng.gen_range(1..4) * 86_400_000;
+        }
+        for c in 0..connections {
+            let conn = ConnKey::of(&format!("c{c}"));
+            let from = oct1 + rng.gen_range(0..20 * 86_400_000);
+            events.push(UsageEvent { app_id: APP, ts: at(from), action: Action::Connect { conn, user: user(c as u64) } });
+            // Some never disconnect; the others any time later, up to December's end.
+            if rng.gen_bool(0.6) {
+                let until = rng.gen_range(from + 60_000..end);
+                events.push(UsageEvent { app_id: APP, ts: at(until), action: Action::Disconnect { conn } });
+            }
+        }
+        let moved = oct1 + 86_400_000 + move_at;
+        let grid = SampleGrid::new(Duration::from_secs(60)).unwrap();
+        let settings = settings(60);
+        // Every month closed in turn by each meter, its shares billed by one book.
+        let billed = |slices: Vec<Vec<UsageEvent>>| {
+            let mut meters: Vec<Meter> = slices
+                .iter()
+                .map(|events| {
+                    let mut meter = Meter::new(settings.clone());
+                    events.iter().for_each(|e| {
+                        meter.apply(e);
+                    });
+                    meter
+                })
+                .collect();
+            let subscriptions = priced_plans();
+            let prices = PriceBook::default();
+            let pricing = Pricing { subscriptions: &subscriptions, prices: &prices, grid };
+            let mut book = BillingBook::new();
+            let mut usage = Vec::new();
+            for month in [oct, nov, dec] {
+                for (source, meter) in meters.iter_mut().enumerate() {
+                    for (app_id, aggregate) in meter.close_month(month) {
+                        book.add_share(month, app_id, source as u32, im_meter_core::bill::Share { aggregate, parts: 0 });
+                    }
+                }
+                let read = im_meter_core::changelog::SubscriptionsRead::default();
+                for part in book.bill_in_parts(month, pricing, [], usize::MAX, 1 << 20).unwrap() {
+                    usage.extend(part.bill.usage.iter().map(|u| (u.month, u.pcc, u.pcc_at)));
+                    book.published(&part, &read);
+                }
+            }
+            usage
+        };
+        let split: Vec<Vec<UsageEvent>> =
+            (0..2).map(|p| events.iter().filter(|e| usize::from(e.ts.millis() >= moved) == p).copied().collect()).collect();
+        prop_assert_eq!(billed(split), billed(vec![events.clone()]));
+    }
+
     #[test]
     fn encoding_round_trips(seed in any::<u64>(), connections in 0usize..20, logins in 0usize..20_000) {
         let s = scenario(seed, connections, logins);

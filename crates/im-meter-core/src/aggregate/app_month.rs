@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use super::checkpoint::{StateKey, StateRecord};
 use super::codec::CodecError;
+use super::handover::Handover;
 use super::pcc::PccTimeline;
 use super::segments::SegmentWrites;
 use super::totals::UserTotals;
@@ -35,11 +36,10 @@ pub struct AppMonthAggregate {
     users: Users,
     pcc: PccTimeline,
     group_count_peak: u64,
-    /// Disconnects whose connect this share never saw, each counted like a connection from
-    /// its time to the month's end. Where an app's shares come from several partitions the
-    /// connect was counted in another share, open through the month's end, and merging
-    /// takes these away from the sum ([`merge_shares`]); alone they count nothing.
-    unpaired: PccTimeline,
+    /// What pairs with the app-month's other shares: disconnects whose connect this share
+    /// never saw, and connections handed over by a partition where the app was silent
+    /// ([`Handover`]; [`merge_shares`] pairs them).
+    handover: Handover,
     /// Exact user sets, kept only when auditing the sketches (`replay --exact`).
     exact: Option<Box<ExactUsers>>,
     /// What changed since the meter last checkpointed it (never encoded).
@@ -139,24 +139,24 @@ fn counts_from(
     (month_sketch.unwrap_or_else(|| UniqueUsers::from_set(counting, mau)), dau)
 }
 
-/// The encoded layout (format 3), borrowed to write.
+/// The encoded layout (format 4), borrowed to write.
 #[derive(Serialize)]
 struct WireRef<'a> {
     mau: &'a UniqueUsers,
     dau: &'a BTreeMap<u8, UniqueUsers>,
     pcc: &'a PccTimeline,
     group_count_peak: u64,
-    unpaired: &'a PccTimeline,
+    handover: &'a Handover,
 }
 
-/// The encoded layout (format 3), read.
+/// The encoded layout (format 4), read.
 #[derive(Deserialize)]
 struct Wire {
     mau: UniqueUsers,
     dau: BTreeMap<u8, UniqueUsers>,
     pcc: PccTimeline,
     group_count_peak: u64,
-    unpaired: PccTimeline,
+    handover: Handover,
 }
 
 impl Wire {
@@ -164,18 +164,18 @@ impl Wire {
     fn merge(&mut self, other: Wire) -> Result<(), MergeError> {
         merge_counts((&mut self.mau, &mut self.dau), (&other.mau, &other.dau))?;
         self.pcc.merge(&other.pcc);
-        self.unpaired.merge(&other.unpaired);
+        self.handover.merge(&other.handover);
         self.group_count_peak = self.group_count_peak.max(other.group_count_peak);
         Ok(())
     }
 
     fn into_aggregate(self) -> AppMonthAggregate {
-        let Wire { mau, dau, pcc, group_count_peak, unpaired } = self;
+        let Wire { mau, dau, pcc, group_count_peak, handover } = self;
         AppMonthAggregate {
             users: Users::from_counts(mau, dau),
             pcc,
             group_count_peak,
-            unpaired,
+            handover,
             exact: None,
             unsaved: Unsaved::default(),
         }
@@ -253,7 +253,7 @@ impl AppMonthAggregate {
             users: Users::Table { counting, users: UserDays::default(), month_sketch: None },
             pcc: PccTimeline::new(),
             group_count_peak: 0,
-            unpaired: PccTimeline::new(),
+            handover: Handover::default(),
             exact: exact.then(Box::default),
             unsaved: Unsaved { any: true, days: 0 },
         }
@@ -382,9 +382,26 @@ impl AppMonthAggregate {
         &self.pcc
     }
 
-    /// The disconnects without a connect in this share (see [`merge_shares`]).
-    pub fn unpaired_mut(&mut self) -> &mut PccTimeline {
-        &mut self.unpaired
+    /// What this share hands over to pair with the app-month's others (see [`merge_shares`]).
+    pub fn handover_mut(&mut self) -> &mut Handover {
+        &mut self.handover
+    }
+
+    /// What this share hands over; after [`merge_shares`], what the next month needs
+    /// ([`Handover::carry`]).
+    pub fn handover(&self) -> &Handover {
+        &self.handover
+    }
+
+    /// Whether no events of the app-month are in it: it only hands connections over
+    /// ([`Handover::silent`]).
+    pub fn is_silent(&self) -> bool {
+        self.handover.is_silent()
+    }
+
+    /// An app-month share without usage that hands `handover` over (a carried one).
+    pub fn handing_over(handover: Handover) -> Self {
+        AppMonthAggregate { handover, ..AppMonthAggregate::new(Counting::merging(), false) }
     }
 
     /// Adds the usage of `other`, an aggregate of other events of the same app-month.
@@ -424,7 +441,7 @@ impl AppMonthAggregate {
             }
         }
         self.pcc.merge(&other.pcc);
-        self.unpaired.merge(&other.unpaired);
+        self.handover.merge(&other.handover);
         self.group_count_peak = self.group_count_peak.max(other.group_count_peak);
         if let (Some(mine), Some(theirs)) = (self.exact.as_deref_mut(), other.exact.as_deref()) {
             mine.mau.extend(&theirs.mau);
@@ -485,19 +502,19 @@ impl AppMonthAggregate {
     /// Encodes the aggregate as separate counts (flushing them first, so equal aggregates
     /// give equal bytes).
     pub fn encode(&mut self) -> Vec<u8> {
-        let (pcc, group_count_peak, unpaired) = (&self.pcc, self.group_count_peak, &self.unpaired);
+        let (pcc, group_count_peak, handover) = (&self.pcc, self.group_count_peak, &self.handover);
         match &mut self.users {
             Users::Table { counting, users, month_sketch } => {
                 if let Some(sketch) = month_sketch.as_deref_mut() {
                     sketch.flush();
                 }
                 let (mau, dau) = counts_of(*counting, users, month_sketch.as_deref());
-                encode_wire(WireRef { mau: &mau, dau: &dau, pcc, group_count_peak, unpaired })
+                encode_wire(WireRef { mau: &mau, dau: &dau, pcc, group_count_peak, handover })
             }
             Users::Counts { mau, dau } => {
                 mau.flush();
                 dau.values_mut().for_each(UniqueUsers::flush);
-                encode_wire(WireRef { mau, dau, pcc, group_count_peak, unpaired })
+                encode_wire(WireRef { mau, dau, pcc, group_count_peak, handover })
             }
         }
     }
@@ -528,15 +545,15 @@ impl AppMonthAggregate {
     pub fn checkpoint(&mut self, app_id: AppId, month: Month) -> Vec<StateRecord> {
         let days = self.take_unsaved_days();
         let counting = self.users.counting();
-        let (pcc, group_count_peak, unpaired) = (&self.pcc, self.group_count_peak, &self.unpaired);
+        let (pcc, group_count_peak, handover) = (&self.pcc, self.group_count_peak, &self.handover);
         let mut users: Vec<(UserCount, SegmentWrites)> = Vec::new();
         // A count without its users, as `m/` and `d/` carry exact ones.
         let empty = UniqueUsers::new(counting);
-        let (no_days, no_pcc) = (BTreeMap::new(), PccTimeline::new());
+        let (no_days, no_pcc, no_handover) = (BTreeMap::new(), PccTimeline::new(), Handover::default());
         let day_record = |day: u8, count: &UniqueUsers| {
             let dau = BTreeMap::from([(day, count.clone())]);
             let wire =
-                WireRef { mau: &empty, dau: &dau, pcc: &no_pcc, group_count_peak: 0, unpaired: &no_pcc };
+                WireRef { mau: &empty, dau: &dau, pcc: &no_pcc, group_count_peak: 0, handover: &no_handover };
             StateRecord { key: StateKey::AppMonthDay { app_id, month, day }, value: Some(encode_wire(wire)) }
         };
         let mut records = Vec::with_capacity(1 + days.len());
@@ -555,7 +572,7 @@ impl AppMonthAggregate {
                     }
                     None => &empty,
                 };
-                let wire = WireRef { mau, dau: &no_days, pcc, group_count_peak, unpaired };
+                let wire = WireRef { mau, dau: &no_days, pcc, group_count_peak, handover };
                 records.push(StateRecord {
                     key: StateKey::AppMonth { app_id, month },
                     value: Some(encode_wire(wire)),
@@ -579,7 +596,7 @@ impl AppMonthAggregate {
                 // The counts themselves, their exact users taken out meanwhile.
                 mau.flush();
                 let mau_users = mau.take_users();
-                let wire = WireRef { mau, dau: &no_days, pcc, group_count_peak, unpaired };
+                let wire = WireRef { mau, dau: &no_days, pcc, group_count_peak, handover };
                 records.push(StateRecord {
                     key: StateKey::AppMonth { app_id, month },
                     value: Some(encode_wire(wire)),
@@ -701,7 +718,7 @@ impl AppMonthAggregate {
         for day in days {
             wire.merge(decode_wire(day)?).map_err(|e| CodecError::Corrupt(e.to_string()))?;
         }
-        let Wire { mut mau, mut dau, pcc, group_count_peak, unpaired } = wire;
+        let Wire { mut mau, mut dau, pcc, group_count_peak, handover } = wire;
         let users = if mau.holds_exact_set() && dau.values().all(UniqueUsers::holds_exact_set) {
             Users::Table { counting: mau.counting(), users: users.0.clone(), month_sketch: None }
         } else {
@@ -718,7 +735,7 @@ impl AppMonthAggregate {
             users,
             pcc,
             group_count_peak,
-            unpaired,
+            handover,
             exact: None,
             unsaved: Unsaved::default(),
         })
@@ -787,8 +804,28 @@ fn decode_wire(bytes: &[u8]) -> Result<Wire, CodecError> {
     let corrupt = |e: postcard::Error| CodecError::Corrupt(e.to_string());
     match version {
         FORMAT_VERSION => postcard::from_bytes(payload).map_err(corrupt),
+        3 => postcard::from_bytes::<AggregateV3>(payload).map_err(corrupt).map(AggregateV3::upgrade),
         2 => postcard::from_bytes::<AggregateV2>(payload).map_err(corrupt).map(AggregateV2::upgrade),
         _ => postcard::from_bytes::<AggregateV1>(payload).map_err(corrupt).map(AggregateV1::upgrade),
+    }
+}
+
+/// The layout of format 3: disconnects without their connect as a timeline, without their
+/// connection keys, and no connections handed over.
+#[derive(Deserialize)]
+struct AggregateV3 {
+    mau: UniqueUsers,
+    dau: BTreeMap<u8, UniqueUsers>,
+    pcc: PccTimeline,
+    group_count_peak: u64,
+    unpaired: PccTimeline,
+}
+
+impl AggregateV3 {
+    fn upgrade(self) -> Wire {
+        let AggregateV3 { mau, dau, pcc, group_count_peak, unpaired } = self;
+        let handover = Handover::from_unpaired_timeline(&unpaired);
+        Wire { mau, dau, pcc, group_count_peak, handover }
     }
 }
 
@@ -805,13 +842,14 @@ struct AggregateV2 {
 impl AggregateV2 {
     fn upgrade(self) -> Wire {
         let AggregateV2 { mau, dau, pcc, group_count_peak, unpaired } = self;
-        Wire {
+        AggregateV3 {
             mau: mau.upgrade(),
             dau: dau.into_iter().map(|(d, users)| (d, users.upgrade())).collect(),
             pcc,
             group_count_peak,
             unpaired,
         }
+        .upgrade()
     }
 }
 
@@ -832,10 +870,13 @@ impl AggregateV1 {
 }
 
 /// Merges the shares of one app-month written by different source partitions, and pairs
-/// disconnects across them: a disconnect in one share whose connect is in another (the app
-/// moved partition when the events topic grew, or its producers do not key by app) ends,
-/// at its time, the connection the other share counted open through the month's end. With
-/// one share there is nothing to pair (a disconnect without its connect counts nothing).
+/// connections across them ([`Handover::pair`]): a disconnect in one share whose connect is
+/// in another (the app moved partition when the events topic grew, or its producers do not
+/// key by app) ends, at its time, the connection the other share counted open through the
+/// month's end, or the one handed over by a partition where the app was silent; with one
+/// share with usage there is nothing to pair it with (it counts nothing). Connections
+/// handed over count from the month's start. All shares silent: the app had no usage in
+/// the month (the result [`AppMonthAggregate::is_silent`]), and what they hand over ends.
 ///
 /// Shares counted at different HLL++ precisions (`metering.hll_precision` changed while the
 /// month was open, and one partition began the app-month after the change) merge at the
@@ -849,23 +890,21 @@ pub fn merge_shares<'a>(
         Some(first) => AppMonthAggregate { exact: None, unsaved: Unsaved::default(), ..first.clone() },
         None => return Ok(AppMonthAggregate::new(Counting::merging(), false)),
     };
-    let mut count = 1;
+    let mut active = usize::from(!merged.is_silent());
     for share in shares {
         merged.merge(share)?;
-        count += 1;
+        active += usize::from(!share.is_silent());
     }
-    if count > 1 {
-        let unpaired = std::mem::take(&mut merged.unpaired);
-        merged.pcc.subtract(&unpaired);
-    }
+    merged.handover.pair(&mut merged.pcc, active);
     Ok(merged)
 }
 
 const MAGIC: &[u8; 4] = b"IMAM";
-/// Version 3: postcard of `AppMonthAggregate`: exact counts as `UserSet` bytes up to their
-/// stored limit, hyperloglogplus 0.4.1 sketches beyond. Still read: version 2 (exact as a
+/// Version 4: postcard of `AppMonthAggregate`: exact counts as `UserSet` bytes up to their
+/// stored limit, hyperloglogplus 0.4.1 sketches beyond, and the [`Handover`]. Still read:
+/// version 3 (unpaired disconnects as a timeline, without their keys), 2 (also exact as a
 /// sorted list up to 512 users) and 1 (also without unpaired disconnects).
-const FORMAT_VERSION: u8 = 3;
+const FORMAT_VERSION: u8 = 4;
 const HEADER_LEN: usize = 4 + 1 + 8;
 
 #[cfg(test)]
@@ -902,8 +941,8 @@ mod tests {
             [exact.encode(), sketched.encode()].map(|b| (b[4], b.len(), xxhash_rust::xxh3::xxh3_64(&b)));
         assert_eq!(
             pins,
-            [(3, 41_491, 0xf1ad_c741_68f2_2b26), (3, 15_932, 0x75b3_1fd8_b962_e155)],
-            "format changed: bump FORMAT_VERSION and keep a decoder for version 3"
+            [(4, 41_494, 0x0744_f33d_3594_987a), (4, 15_935, 0x3421_7bbd_b764_9d42)],
+            "format changed: bump FORMAT_VERSION and keep a decoder for version 4"
         );
         let month = "2026-11".parse().unwrap();
         let grid = crate::aggregate::SampleGrid::new(std::time::Duration::from_secs(60)).unwrap();
@@ -998,6 +1037,39 @@ mod tests {
     }
 
     #[test]
+    fn version_3_aggregates_are_still_read_with_their_unpaired_disconnects() {
+        let v4 = golden_aggregate(Counting::default()).encode();
+        // Format 3's layout is format 4's with the unpaired timeline where the handover is
+        // (postcard writes it last: an empty handover is 4 bytes).
+        let as_version_3 = |unpaired: &PccTimeline| {
+            let mut payload = v4[HEADER_LEN..v4.len() - 4].to_vec();
+            payload.extend(postcard::to_allocvec(unpaired).unwrap());
+            let mut out = b"IMAM\x03".to_vec();
+            out.extend_from_slice(&xxhash_rust::xxh3::xxh3_64(&payload).to_le_bytes());
+            out.extend_from_slice(&payload);
+            out
+        };
+        let v3 = as_version_3(&PccTimeline::new());
+        assert_eq!(
+            (v3.len(), xxhash_rust::xxh3::xxh3_64(&v3)),
+            (41_491, 0xf1ad_c741_68f2_2b26),
+            "format 3 as the pin of its time"
+        );
+        let mut read = AppMonthAggregate::decode(&v3).unwrap();
+        assert_eq!(read.encode(), v4);
+        let samples = MonthSamples { first: 29_866_560, end: 29_909_760 };
+        let mut unpaired = PccTimeline::new();
+        unpaired.add_connection(samples, 29_866_650, None);
+        let read = AppMonthAggregate::decode(&as_version_3(&unpaired)).unwrap();
+        // Its disconnect ends the connection open from 29,866,650 in another share.
+        let mut other = AppMonthAggregate::new(Counting::default(), false);
+        other.pcc_mut().add_connection(samples, 29_866_600, None);
+        let merged = merge_shares([&read, &other]).unwrap();
+        assert_eq!(merged.pcc().peak().0, 2, "golden's two connections, one of them ended");
+        assert_eq!(merged.pcc().changes().last(), Some((29_866_700, -1)));
+    }
+
+    #[test]
     fn version_1_aggregates_are_still_read() {
         assert_eq!(*VERSION_2.last().unwrap(), 0, "an empty unpaired timeline is the last byte");
         let mut read = AppMonthAggregate::decode(&as_version_1(VERSION_2)).unwrap();
@@ -1017,7 +1089,7 @@ mod tests {
         );
         opened.pcc_mut().add_connection(samples, 1_100, None);
         opened.pcc_mut().add_connection(samples, 1_200, Some(1_300));
-        closed.unpaired_mut().add_connection(samples, 1_250, None);
+        closed.handover_mut().add_disconnect(77, 1_250);
         closed.pcc_mut().add_connection(samples, 1_500, Some(1_600));
         let mut merged = merge_shares([&opened, &closed]).unwrap();
         let mut expected = AppMonthAggregate::new(Counting::default(), false);
@@ -1029,6 +1101,38 @@ mod tests {
         // Alone, the disconnect's share counts only its own connection.
         let mut alone = merge_shares([&closed]).unwrap();
         assert_eq!(alone.usage(1, month, grid).pcc, 1);
+    }
+
+    /// A partition where the app was silent all month hands its open connections over: with
+    /// a share with usage they count from the month's start (one of them until its
+    /// disconnect there), and those still open are carried into the next month; without
+    /// one, the app was silent everywhere and they end.
+    #[test]
+    fn connections_handed_over_count_only_where_the_app_has_usage() {
+        let samples = MonthSamples { first: 1_000, end: 2_000 };
+        let month: Month = "2026-11".parse().unwrap();
+        let grid = crate::aggregate::SampleGrid::new(std::time::Duration::from_secs(60)).unwrap();
+        let mut silent = AppMonthAggregate::new(Counting::default(), false);
+        *silent.handover_mut() = Handover::silent([11, 12, 13], samples.first);
+        let mut busy = AppMonthAggregate::new(Counting::default(), false);
+        busy.pcc_mut().add_connection(samples, 1_100, Some(1_200));
+        busy.handover_mut().add_disconnect(12, 1_500);
+        let mut merged = merge_shares([&silent, &busy]).unwrap();
+        assert!(!merged.is_silent());
+        let usage = merged.usage(1, month, grid);
+        assert_eq!((usage.pcc, usage.pcc_at), (4, Some(grid.instant(1_100))));
+        let mut expected = AppMonthAggregate::new(Counting::default(), false);
+        for (from, until) in [(1_000, None), (1_000, None), (1_000, Some(1_500)), (1_100, Some(1_200))] {
+            expected.pcc_mut().add_connection(samples, from, until);
+        }
+        assert_eq!(merged.pcc(), expected.pcc());
+        let carried = merged.handover().carry(2_000).expect("two are still open");
+        let mut next = merge_shares([&AppMonthAggregate::handing_over(carried)]).unwrap();
+        assert!(next.is_silent(), "a carried share alone is no usage");
+        let _ = next.usage(1, month.next(), grid);
+        // Silent everywhere: nothing is counted.
+        let alone = merge_shares([&silent]).unwrap();
+        assert!(alone.is_silent());
     }
 
     /// Shares of one app-month counted at different precisions (the setting changed
@@ -1196,8 +1300,8 @@ mod tests {
         let bytes = golden_aggregate(Counting::default()).encode();
         assert_eq!(AppMonthAggregate::decode(b"nope").unwrap_err(), CodecError::NotAnAggregate);
         let mut newer = bytes.clone();
-        newer[4] = 4;
-        assert_eq!(AppMonthAggregate::decode(&newer).unwrap_err(), CodecError::UnknownVersion(4));
+        newer[4] = 5;
+        assert_eq!(AppMonthAggregate::decode(&newer).unwrap_err(), CodecError::UnknownVersion(5));
         let mut flipped = bytes.clone();
         flipped[20] ^= 1;
         assert!(matches!(AppMonthAggregate::decode(&flipped), Err(CodecError::Corrupt(_))));

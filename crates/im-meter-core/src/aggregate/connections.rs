@@ -450,14 +450,19 @@ impl ConnectionTable {
         })
     }
 
-    /// The disconnects dated in `[from, until)` whose connect never came: app and time.
-    pub fn unpaired_disconnects(&self, from: Timestamp, until: Timestamp) -> Vec<(AppId, Timestamp)> {
-        let mut unpaired: Vec<(AppId, Timestamp)> = self
+    /// The disconnects dated in `[from, until)` whose connect never came: app, time and
+    /// connection.
+    pub fn unpaired_disconnects(
+        &self,
+        from: Timestamp,
+        until: Timestamp,
+    ) -> Vec<(AppId, Timestamp, ConnKey)> {
+        let mut unpaired: Vec<(AppId, Timestamp, ConnKey)> = self
             .pending
             .iter()
-            .filter_map(|(&(app_id, _), p)| match *p {
+            .filter_map(|(&(app_id, conn), p)| match *p {
                 Pending { connected: None, disconnected: Some(t1), .. } if from <= t1 && t1 < until => {
-                    Some((app_id, t1))
+                    Some((app_id, t1, conn))
                 }
                 _ => None,
             })
@@ -491,21 +496,30 @@ impl ConnectionTable {
     }
 
     /// Ends the open connections connected before `before` whose app `ends` names: they
-    /// are dropped, neither counted nor remembered (their records are deleted at the next
-    /// checkpoint), so a later event of theirs is that of an unknown connection. Returns
-    /// how many ended.
-    pub fn end_open(&mut self, before: Timestamp, mut ends: impl FnMut(AppId) -> bool) -> usize {
-        let (changed, held, tracking) = (&mut self.changed, self.pending.len(), self.tracking);
+    /// are dropped, neither counted nor remembered here (their records are deleted at the
+    /// next checkpoint), so a later event of theirs is that of an unknown connection.
+    /// Returns them, by app and connection, sorted (the caller hands them over).
+    pub fn end_open(
+        &mut self,
+        before: Timestamp,
+        mut ends: impl FnMut(AppId) -> bool,
+    ) -> Vec<(AppId, ConnKey)> {
+        let (changed, tracking) = (&mut self.changed, self.tracking);
+        let mut ended = Vec::new();
         self.pending.retain(|&(app_id, conn), p| {
             let open_before =
                 matches!(*p, Pending { connected: Some(t0), disconnected: None, .. } if t0 < before);
             let end = open_before && ends(app_id);
-            if end && tracking {
-                changed.insert((app_id, conn));
+            if end {
+                ended.push((app_id, conn));
+                if tracking {
+                    changed.insert((app_id, conn));
+                }
             }
             !end
         });
-        held - self.pending.len()
+        ended.sort_unstable();
+        ended
     }
 
     /// Forgets what can no longer matter once `month` is closed (every event dated in it

@@ -31,13 +31,14 @@ use super::app_month::AppMonthAggregate;
 use super::checkpoint::{Progress, StateKey, StateRecord};
 use super::codec::CodecError;
 use super::connections::{ConnEffect, ConnRecord, ConnectionTable, Interval};
+use super::handover::Handover;
 use super::pcc::{MonthSamples, SampleGrid};
 use super::segments::SegmentTotal;
 use super::totals::{self, ConnectionTotals, UserTotals};
 use super::unique::{Counting, ExactLimit, Precision};
 use super::usage::MonthlyUsage;
 use super::user_count::UserCount;
-use crate::ingest::{Action, UsageEvent};
+use crate::ingest::{Action, ConnKey, UsageEvent};
 use crate::plan::AppId;
 use crate::time::{BillingTz, Day, DayCache, Month, Timestamp};
 
@@ -449,11 +450,21 @@ impl Meter {
             Some(closed) => closed.next(),
             None => self.months.keys().map(|&(_, m)| m).min().map_or(month, |m| m.min(month)),
         };
+        let samples = self.samples(month);
         while open <= month {
-            self.end_connections_without_usage(open);
+            let ended = self.end_connections_without_usage(open);
+            // Handed over to billing in the month's share, which counts them if the app
+            // has usage in another partition (`merge_shares`). A month closed in passing
+            // has no share (replay closes only months holding events, so the app was
+            // silent everywhere): they end.
+            if open == month {
+                for (app_id, connections) in ended.chunk_by(|a, b| a.0 == b.0).map(|c| (c[0].0, c)) {
+                    let keys = connections.iter().map(|(_, conn)| conn.0);
+                    *self.aggregate_mut(app_id, month).handover_mut() = Handover::silent(keys, samples.first);
+                }
+            }
             open = open.next();
         }
-        let samples = self.samples(month);
         let grid = self.settings.grid;
         let open: Vec<(AppId, Timestamp)> = self.connections.open().collect();
         for (app_id, from) in open {
@@ -465,17 +476,22 @@ impl Meter {
         // Disconnects whose connect this slice never saw: noted for billing, which pairs
         // them with a connect another slice counted open (`merge_shares`). Forgotten below.
         let (start, end) = (self.settings.tz.start_of_month(month), self.settings.tz.end_of_month(month));
-        for (app_id, at) in self.connections.unpaired_disconnects(start, end) {
+        for (app_id, at, conn) in self.connections.unpaired_disconnects(start, end) {
             let at = grid.first_at_or_after(at);
-            self.aggregate_mut(app_id, month).unpaired_mut().add_connection(samples, at, None);
+            if at < samples.end {
+                self.aggregate_mut(app_id, month).handover_mut().add_disconnect(conn.0, at);
+            }
         }
         let dropped = &mut self.dropped;
         let mut closed: ClosedMonth = self
             .months
             .extract_if(|&(_, m), _| m <= month)
             .inspect(|((app_id, m), aggregate)| {
-                // Gone from the state: the checkpoint deletes it.
-                dropped.extend(aggregate.deletions(*app_id, *m));
+                // Gone from the state: the checkpoint deletes it (a share that only hands
+                // connections over was made just now, never checkpointed).
+                if !aggregate.is_silent() {
+                    dropped.extend(aggregate.deletions(*app_id, *m));
+                }
             })
             .filter(|((_, m), _)| *m == month)
             .map(|((app_id, _), aggregate)| (app_id, aggregate))
@@ -488,17 +504,19 @@ impl Meter {
         closed
     }
 
-    /// Ends, at the start of `month`, the open connections of apps without usage in it in
-    /// this slice — no event dated in it, and no connection known to be open throughout it
-    /// (which [`Meter::count_interval`] counted there): their disconnects were lost, and an
-    /// app that shows no sign of life for a whole month is not billed for connections it
-    /// may no longer hold. They counted through the end of the previous month; they are
-    /// not counted in this one, nor remembered. Decided before the open connections are
-    /// counted into `month`, which creates the aggregates this looks at.
-    fn end_connections_without_usage(&mut self, month: Month) {
+    /// Ends here, at the start of `month`, the open connections of apps without usage in
+    /// it in this slice — no event dated in it, and no connection known to be open
+    /// throughout it (which [`Meter::count_interval`] counted there) — and returns them, by
+    /// app, sorted. They counted through the end of the previous month; whether they count
+    /// in this one depends on the app's usage in the other slices, which billing knows: the
+    /// caller hands them over. (An app that shows no sign of life anywhere for a whole month
+    /// is not billed for connections it may no longer hold: their disconnects were lost.)
+    /// Decided before the open connections are counted into `month`, which creates the
+    /// aggregates this looks at.
+    fn end_connections_without_usage(&mut self, month: Month) -> Vec<(AppId, ConnKey)> {
         let start = self.settings.tz.start_of_month(month);
         let months = &self.months;
-        self.connections.end_open(start, |app_id| !months.contains_key(&(app_id, month)));
+        self.connections.end_open(start, |app_id| !months.contains_key(&(app_id, month)))
     }
 
     /// App-months whose MAU in this slice passed [`QUOTA_WATCH`] since the last call: each
@@ -865,9 +883,27 @@ mod tests {
     }
 
     /// PCC of each app in a closed month.
+    /// Each app's PCC in `closed` as billing bills this slice alone ([`merge_shares`]): an
+    /// app whose share only hands connections over had no usage, and is left out.
     fn pcc_of(meter: &Meter, closed: ClosedMonth, month: Month) -> Vec<(AppId, u64)> {
         let grid = meter.settings().grid;
-        closed.into_iter().map(|(app_id, mut a)| (app_id, a.usage(app_id, month, grid).pcc)).collect()
+        closed
+            .into_iter()
+            .filter(|(_, a)| !a.is_silent())
+            .map(|(app_id, a)| {
+                let mut billed = crate::aggregate::merge_shares([&a]).expect("merges");
+                (app_id, billed.usage(app_id, month, grid).pcc)
+            })
+            .collect()
+    }
+
+    /// The connections each app's share in `closed` hands over.
+    fn handed_over(closed: &ClosedMonth) -> Vec<(AppId, Vec<u64>)> {
+        closed
+            .iter()
+            .filter(|(_, a)| a.is_silent())
+            .map(|(app_id, a)| (*app_id, a.handover().handed().collect()))
+            .collect()
     }
 
     fn disconnect(app_id: AppId, conn: &str, at: &str) -> UsageEvent {
@@ -945,6 +981,7 @@ mod tests {
         let recorded = StateKey::Connection { app_id: 1, conn };
         assert!(meter.checkpoint().iter().any(|r| r.key == recorded && r.value.is_some()));
         let closed = meter.close_month(month("2026-11"));
+        assert_eq!(handed_over(&closed), vec![(1, vec![conn.0])], "app 1's connection is handed to billing");
         assert_eq!(
             pcc_of(&meter, closed, month("2026-11")),
             vec![(2, 1)],

@@ -5,6 +5,7 @@
 //! - [`user_days`]: an app-month's exact MAU and DAU as one table of users and their days.
 //! - [`pcc`]: sample instants and the PCC timeline of an app-month.
 //! - [`connections`]: each connection's lifecycle (duplicates, reordering, idle close).
+//! - [`handover`]: connections that pair across the shares of an app-month.
 //! - [`app_month`]: the mergeable, serializable aggregate of one app-month.
 //! - [`meter`]: applies events, closes months.
 //! - [`checkpoint`]: the meter's state as changelog records keyed by [`StateKey`], and back.
@@ -20,6 +21,7 @@ pub mod app_month;
 pub mod checkpoint;
 mod codec;
 pub mod connections;
+pub mod handover;
 pub mod meter;
 mod pass_through;
 pub mod pcc;

@@ -95,7 +95,13 @@ impl PccTimeline {
         self.deltas.len()
     }
 
-    fn add(&mut self, index: u32, delta: i32) {
+    /// The changes of the count, by sample index, ascending.
+    pub(crate) fn changes(&self) -> impl Iterator<Item = (u32, i32)> + '_ {
+        self.deltas.iter().map(|(&index, &delta)| (index, delta))
+    }
+
+    /// Changes the count by `delta` from sample index `index` on.
+    pub(crate) fn change(&mut self, index: u32, delta: i32) {
         let entry = self.deltas.entry(index).or_insert(0);
         *entry += delta;
         if *entry == 0 {
@@ -121,24 +127,17 @@ impl PccTimeline {
         if lo >= hi {
             return;
         }
-        self.add(lo, sign);
+        self.change(lo, sign);
         // A connection still open at the month's last instant needs no −1 inside it.
         if hi < month.end {
-            self.add(hi, -sign);
+            self.change(hi, -sign);
         }
     }
 
     /// Adds `other`'s connections to these (instant-wise sum).
     pub fn merge(&mut self, other: &PccTimeline) {
         for (&index, &delta) in &other.deltas {
-            self.add(index, delta);
-        }
-    }
-
-    /// Takes `other`'s connections away from these (instant-wise difference).
-    pub fn subtract(&mut self, other: &PccTimeline) {
-        for (&index, &delta) in &other.deltas {
-            self.add(index, -delta);
+            self.change(index, delta);
         }
     }
 

@@ -55,7 +55,15 @@ pub struct BilledMonth {
     /// Records the month no longer needs, to delete with the bill: usage shares (with
     /// their number of parts), quota crossings and alert marks.
     pub dropped: Vec<(ChangelogKey, usize)>,
+    /// Connections handed over and still open at the month's end, and disconnects that
+    /// paired with none, by app: each app's share of the next month from [`CARRIED`]
+    /// ([`crate::aggregate::handover`]).
+    pub carried: Vec<(AppId, AppMonthAggregate)>,
 }
+
+/// The source partition number of the shares billing carries into the next month
+/// ([`BilledMonth::carried`]): no metering partition has it.
+pub const CARRIED: u32 = u32::MAX;
 
 impl BilledMonth {
     /// The bill in parts of at most `max_apps` apps each (at least one part, in app order),
@@ -73,6 +81,7 @@ impl BilledMonth {
                 charges: Vec::new(),
                 alerts: Vec::new(),
                 dropped: Vec::new(),
+                carried: Vec::new(),
             })
             .collect();
         let last = parts.len() - 1;
@@ -89,6 +98,9 @@ impl BilledMonth {
         for (key, n) in self.dropped {
             let part = key.app_id().map_or(last, part_of);
             parts[part].dropped.push((key, n));
+        }
+        for (app_id, share) in self.carried {
+            parts[part_of(app_id)].carried.push((app_id, share));
         }
         parts
     }
@@ -360,7 +372,10 @@ impl BillingBook {
         let subscriptions = pricing.subscriptions;
         let month_end = subscriptions.tz().end_of_month(month);
         let with_usage = self.usage.range((month, 0)..=(month, AppId::MAX));
-        let mut apps: BTreeSet<AppId> = with_usage.clone().map(|((_, app), _)| *app).collect();
+        // An app whose shares all only hand connections over had no usage.
+        let active = |shares: &&BTreeMap<u32, Box<Share>>| shares.values().any(|s| !s.aggregate.is_silent());
+        let mut apps: BTreeSet<AppId> =
+            with_usage.clone().filter(|(_, shares)| active(shares)).map(|((_, app), _)| *app).collect();
         apps.extend(
             known
                 .into_iter()
@@ -377,9 +392,11 @@ impl BillingBook {
             charges: Vec::new(),
             alerts: Vec::new(),
             dropped: Vec::new(),
+            carried: Vec::new(),
         };
+        let next_first = pricing.grid.first_at_or_after(subscriptions.tz().start_of_month(month.next()));
         for app_id in apps {
-            let (usage, crossed_on) = match self.usage.get(&(month, app_id)) {
+            let (usage, crossed_on) = match self.usage.get(&(month, app_id)).filter(active) {
                 Some(shares) => {
                     let mut aggregate =
                         merge_shares(shares.values().map(|s| &s.aggregate)).map_err(|source| {
@@ -391,6 +408,9 @@ impl BillingBook {
                             }
                         })?;
                     let usage = aggregate.usage(app_id, month, pricing.grid);
+                    if let Some(carried) = aggregate.handover().carry(next_first) {
+                        billed.carried.push((app_id, AppMonthAggregate::handing_over(carried)));
+                    }
                     // The day the cap was passed, for an alert not raised yet (a scan of the
                     // users, so only then).
                     let crossed_on = (usage.mau > QUOTA_WATCH && !self.alerted.contains(&(month, app_id)))
@@ -436,16 +456,18 @@ impl BillingBook {
     }
 
     /// Bills `month` as [`BillingBook::bill`] does, in the parts of at most `max_apps` apps
-    /// it is published in ([`BillPart`]), resuming after the parts committed before.
+    /// it is published in ([`BillPart`]), resuming after the parts committed before. A
+    /// record value over `max_value` bytes is written in parts.
     pub fn bill_in_parts(
         &self,
         month: Month,
         pricing: Pricing<'_>,
         known: impl IntoIterator<Item = AppId>,
         max_apps: usize,
+        max_value: usize,
     ) -> Result<Vec<BillPart>, BookError> {
         let resumed = self.billed_apps_through(month).is_some();
-        Ok(BillPart::split(self.bill(month, pricing, known)?, max_apps, resumed))
+        Ok(BillPart::split(self.bill(month, pricing, known)?, max_apps, resumed, max_value))
     }
 
     /// Notes `part` published (its transaction committed), the subscriptions read as far as
@@ -455,6 +477,9 @@ impl BillingBook {
         let month = part.bill.month;
         if part.first {
             self.subscriptions_read(month, read.clone());
+        }
+        for (app_id, share, parts) in part.carried() {
+            self.add_share(month.next(), app_id, CARRIED, Share { aggregate: share.clone(), parts });
         }
         if part.last {
             self.billed(month);
@@ -648,6 +673,66 @@ mod tests {
         let prices = PriceBook::default();
         let pricing = Pricing { subscriptions: subs, prices: &prices, grid: grid() };
         book.bill(month(m), pricing, subs.apps()).unwrap()
+    }
+
+    /// Connections handed over by a source where the app was silent count where another
+    /// source has usage, and those still open are carried into the next month by records the
+    /// bill writes (in parts when large): a book restored from them bills that month as the
+    /// live book does. An app whose shares all hand over only is not billed.
+    #[test]
+    fn connections_handed_over_are_carried_into_the_next_month_through_the_changelog() {
+        use crate::aggregate::handover::Handover;
+        let subs = plans();
+        let (oct, nov) = (month("2026-10"), month("2026-11"));
+        let samples = |m: Month| grid().first_at_or_after(subs.tz().start_of_month(m));
+        let silent = |m: Month, keys: std::ops::Range<u64>| Share {
+            aggregate: AppMonthAggregate::handing_over(Handover::silent(keys, samples(m))),
+            parts: 0,
+        };
+        let mut book = BillingBook::new();
+        book.add_share(oct, STANDARD, 0, silent(oct, 0..40));
+        book.add_share(oct, STANDARD, 1, share(oct, 0..3));
+        // App 2 is silent everywhere: its connections end.
+        book.add_share(oct, DEVELOPER, 0, silent(oct, 100..103));
+        let prices = PriceBook::default();
+        let pricing = Pricing { subscriptions: &subs, prices: &prices, grid: grid() };
+        let parts = book.bill_in_parts(oct, pricing, [], 1, 128).unwrap();
+        let usage: Vec<(AppId, u64)> =
+            parts.iter().flat_map(|p| &p.bill.usage).map(|u| (u.app_id, u.pcc)).collect();
+        assert_eq!(usage, vec![(STANDARD, 40)]);
+        let mut log = Vec::new();
+        for part in &parts {
+            log.extend(part.changelog_records(&SubscriptionsRead::default()));
+            book.published(part, &SubscriptionsRead::default());
+        }
+        assert!(
+            log.iter().any(|(key, _)| key.ends_with(b"#0")),
+            "40 connections are over 128 bytes: written in parts"
+        );
+        let mut restored = BillingBook::new();
+        let mut assembler = crate::changelog::parts::Assembler::default();
+        for (key, value) in &log {
+            if let Some(whole) = assembler.feed(key, value.as_deref()).unwrap() {
+                let key = ChangelogKey::from_bytes(whole.key).unwrap();
+                restored.absorb(key, whole.value.as_deref(), whole.parts).unwrap();
+            }
+        }
+        restored.finish_restore();
+        // November: usage in source 1 only, one of the carried connections disconnected there.
+        for book in [&mut book, &mut restored] {
+            let mut busy = share(nov, 0..1);
+            busy.aggregate.handover_mut().add_disconnect(5, samples(nov) + 10);
+            book.add_share(nov, STANDARD, 1, busy);
+        }
+        let billed = [&book, &restored].map(|b| {
+            let billed = b.bill(nov, pricing, []).unwrap();
+            (
+                billed.usage.iter().map(|u| (u.app_id, u.pcc, u.pcc_at)).collect::<Vec<_>>(),
+                billed.carried.len(),
+            )
+        });
+        assert_eq!(billed[0], (vec![(STANDARD, 40, Some(grid().instant(samples(nov))))], 1));
+        assert_eq!(billed[0], billed[1]);
     }
 
     #[test]
@@ -965,7 +1050,7 @@ mod tests {
             let mut book = book_of(&log);
             let mut lines: Vec<String> = Vec::new();
             for committed in 1.. {
-                let parts = book.bill_in_parts(nov, pricing, [], max_apps).unwrap();
+                let parts = book.bill_in_parts(nov, pricing, [], max_apps, 1 << 20).unwrap();
                 let part = parts.into_iter().next().unwrap();
                 lines.extend(part.bill.usage.iter().map(|u| format!("{} {}", u.app_id, u.mau)));
                 lines.extend(part.bill.charges.iter().map(|c| format!("{} {}", c.charge_id, c.amount)));

@@ -43,7 +43,7 @@ pub mod subscription;
 pub mod subscription_log;
 
 pub use alert::{quota_alert, QuotaAlert};
-pub use book::{BilledMonth, BilledPositions, BillingBook, BookError, Pricing, RefusedShare, Share};
+pub use book::{BilledMonth, BilledPositions, BillingBook, BookError, Pricing, RefusedShare, Share, CARRIED};
 pub use charge::{bill_month, Charge, ChargeItem};
 pub use pricing::{round_cents, PriceBook};
 pub use projection::project_month_end;

@@ -4,8 +4,10 @@
 //!
 //! A month's bill ([`BilledMonth`]) is published in parts of at most a number of apps, each
 //! in a transaction of its own, so that none grows with the number of apps:
-//! - every part: its apps' usage, charges and alerts, then the deletions of the records the
-//!   month no longer needs for them (after the marks: once the mark is read, they can go);
+//! - every part: its apps' usage, charges and alerts; the shares billing carries into the
+//!   next month for them ([`BilledMonth::carried`], in parts when large); then the deletions
+//!   of the records the month no longer needs for them (after the marks: once the mark is
+//!   read, they can go);
 //! - the first part (not a resumed bill): how far the subscriptions had been read
 //!   ([`ChangelogKey::SubscriptionsRead`]) — every part is priced with that plan book, live
 //!   or after a restore — and the refused subscription events (the shell's dead letters);
@@ -16,8 +18,8 @@
 //!
 //! A month of up to the part size is one transaction, as it always was.
 
-use super::book::BilledMonth;
-use crate::changelog::parts::part_keys;
+use super::book::{BilledMonth, CARRIED};
+use crate::changelog::parts::{self, part_keys};
 use crate::changelog::{ChangelogKey, SubscriptionsRead};
 use crate::plan::AppId;
 
@@ -33,24 +35,50 @@ pub struct BillPart {
     pub last: bool,
     /// The month is billed in several transactions (or resumed): the parts mark exists.
     pub in_parts: bool,
+    /// The records of the shares carried into the next month, and each share's number of
+    /// parts (in the order of `bill.carried`).
+    carried: Vec<(Vec<parts::Record>, usize)>,
 }
 
 impl BillPart {
     /// Splits `bill` into parts of at most `max_apps` apps (at least one part, in app
-    /// order); `resumed`: parts of the month's bill were committed before.
-    pub fn split(bill: BilledMonth, max_apps: usize, resumed: bool) -> Vec<BillPart> {
+    /// order); `resumed`: parts of the month's bill were committed before. A record value
+    /// over `max_value` bytes is written in parts.
+    pub fn split(bill: BilledMonth, max_apps: usize, resumed: bool, max_value: usize) -> Vec<BillPart> {
         let parts = bill.into_parts(max_apps);
         let last = parts.len() - 1;
         parts
             .into_iter()
             .enumerate()
-            .map(|(i, bill)| BillPart {
-                bill,
-                first: i == 0 && !resumed,
-                last: i == last,
-                in_parts: last > 0 || resumed,
+            .map(|(i, bill)| {
+                let next = bill.month.next();
+                let carried = bill
+                    .carried
+                    .iter()
+                    .map(|(app_id, share)| {
+                        let key = ChangelogKey::Usage { app_id: *app_id, month: next, source: CARRIED };
+                        parts::split(&key.to_bytes(), share.clone().encode(), max_value)
+                    })
+                    .collect();
+                BillPart {
+                    bill,
+                    first: i == 0 && !resumed,
+                    last: i == last,
+                    in_parts: last > 0 || resumed,
+                    carried,
+                }
             })
             .collect()
+    }
+
+    /// The shares the part carries into the next month: app, share, and its number of
+    /// parts, as [`BillPart::changelog_records`] writes them.
+    pub fn carried(&self) -> impl Iterator<Item = (AppId, &crate::aggregate::AppMonthAggregate, usize)> + '_ {
+        self.bill
+            .carried
+            .iter()
+            .zip(&self.carried)
+            .map(|((app_id, share), (_, parts))| (*app_id, share, *parts))
     }
 
     /// The last app the part bills (`None`: a month without any app).
@@ -59,11 +87,15 @@ impl BillPart {
     }
 
     /// The billing changelog records the part writes, in order, after its outputs: the
-    /// marks, then the deletions (`None` values). `read`: how far the subscriptions had been
+    /// shares carried into the next month, the marks, then the deletions (`None` values). `read`: how far the subscriptions had been
     /// read when the month's bill began.
     pub fn changelog_records(&self, read: &SubscriptionsRead) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
         let month = self.bill.month;
-        let mut records = Vec::new();
+        let mut records: Vec<(Vec<u8>, Option<Vec<u8>>)> = self
+            .carried
+            .iter()
+            .flat_map(|(share, _)| share.iter().map(|(key, value)| (key.clone(), Some(value.clone()))))
+            .collect();
         if self.first {
             records.push((ChangelogKey::SubscriptionsRead { month }.to_bytes(), Some(read.encode())));
         }

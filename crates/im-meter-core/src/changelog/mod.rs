@@ -19,7 +19,7 @@
 //! |---|---|---|---|
 //! | `p`, `m/…`, `d/…`, `e/…`, `c/…`, `k/…` ([`ChangelogKey::State`]: the meter's [`StateKey`](crate::aggregate::StateKey)) | metering changelog, the source's partition | metering ([`MeterCommit::state`]) | metering, on restore; the usage API's view (app-months) |
 //! | `g` ([`ChangelogKey::Owner`]) | both changelogs, every partition used | metering, billing | the same stage, on restore: another deployment's state is refused |
-//! | `u/{app}/{month}/{source}` ([`ChangelogKey::Usage`]) | billing changelog, [`billing_partition`] of the app | metering, when it closes a month | billing, which deletes it once billed |
+//! | `u/{app}/{month}/{source}` ([`ChangelogKey::Usage`]) | billing changelog, [`billing_partition`] of the app | metering, when it closes a month; billing, for the month after one it billed (source [`CARRIED`](crate::bill::CARRIED): connections handed over, still open) | billing, which deletes it once billed |
 //! | `w/{source}` ([`ChangelogKey::ClosedThrough`], a [`ClosedMark`]) | billing changelog, every partition | metering, after the usage it covers | billing: a month is billable once every source is closed through it |
 //! | `x/{app}/{month}/{source}` ([`ChangelogKey::QuotaCrossed`]) | billing changelog, the app's partition | metering | billing (quota alerts) |
 //! | `a/{app}/{month}` ([`ChangelogKey::Alerted`]) | billing changelog, the app's partition | billing | billing: the alert is not published twice |

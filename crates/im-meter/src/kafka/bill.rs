@@ -924,7 +924,8 @@ fn bill(
     let Shape { partition, partitions } = shape;
     let pricing = Pricing { subscriptions, prices: &config.billing.prices, grid: config.meter.grid };
     let ours = subscriptions.apps().filter(|a| billing_partition(*a, partitions) as i32 == partition);
-    let parts = task.state.book.bill_in_parts(month, pricing, ours, config.billing.apps_per_transaction)?;
+    let (max_apps, max_value) = (config.billing.apps_per_transaction, config.kafka.max_value_bytes);
+    let parts = task.state.book.bill_in_parts(month, pricing, ours, max_apps, max_value)?;
     let topics = &config.file.topics;
     // Published with the first part (a resumed bill published them already).
     let refused = match parts.first() {

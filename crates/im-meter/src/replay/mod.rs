@@ -20,7 +20,7 @@ use std::sync::{mpsc, Mutex};
 use std::thread;
 
 use im_meter_core::aggregate::Meter;
-use im_meter_core::bill::{BillingBook, Pricing, Share, Subscriptions};
+use im_meter_core::bill::{BillingBook, Pricing, Share, Subscriptions, CARRIED};
 use im_meter_core::changelog::billing_partition;
 use im_meter_core::ingest::{
     decode_subscription_event, decode_usage_event, Rejection, SubscriptionEvent, UsageEvent,
@@ -279,7 +279,8 @@ fn close_and_bill(
         // Shards hold disjoint apps: each app-month has one share.
         let closed = meters.iter_mut().flat_map(|m| m.close_month(month));
         for (app_id, mut aggregate) in closed {
-            if let (Some(rows), Some(counts)) = (report.audit.as_mut(), aggregate.exact_counts()) {
+            let audited = report.audit.as_mut().filter(|_| !aggregate.is_silent());
+            if let (Some(rows), Some(counts)) = (audited, aggregate.exact_counts()) {
                 let figures = aggregate.usage(app_id, month, grid);
                 rows.push(AuditRow {
                     app_id,
@@ -297,6 +298,11 @@ fn close_and_bill(
         report.alerts.extend(billed.alerts);
         report.usage.extend(billed.usage);
         book.billed(month);
+        // (One share per app-month: no connection is handed over to a share with usage,
+        // so nothing is carried; done all the same, as the worker's book does.)
+        for (app_id, aggregate) in billed.carried {
+            book.add_share(month.next(), app_id, CARRIED, Share { aggregate, parts: 0 });
+        }
     }
     // Months are billed in order and apps in order within each, so the lists are sorted
     // by month then app; the report is by app then month. Within an app-month, charges
