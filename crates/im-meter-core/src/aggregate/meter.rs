@@ -882,7 +882,6 @@ mod tests {
         UsageEvent { app_id, ts, action: Action::Connect { conn, user: UserKey::of("u") } }
     }
 
-    /// PCC of each app in a closed month.
     /// Each app's PCC in `closed` as billing bills this slice alone ([`merge_shares`]): an
     /// app whose share only hands connections over had no usage, and is left out.
     fn pcc_of(meter: &Meter, closed: ClosedMonth, month: Month) -> Vec<(AppId, u64)> {
