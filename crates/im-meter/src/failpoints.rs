@@ -45,6 +45,9 @@ pub enum Failpoint {
     /// A number of milliseconds added to the worker's clock (negative: slow), as a VM
     /// resumed or a broken NTP leaves it.
     ClockOffsetMs,
+    /// When the file exists, preparing the topics at start fails once (the file is removed)
+    /// as a request to a broker killed while it answers does: a broker transport failure.
+    PrepareFails,
 }
 
 impl Failpoint {
@@ -62,6 +65,7 @@ impl Failpoint {
             Failpoint::ExitAfterBillPart => "IM_METER_TEST_EXIT_AFTER_BILL_PART_FILE",
             Failpoint::MetadataFails => "IM_METER_TEST_METADATA_FAILS_FILE",
             Failpoint::ClockOffsetMs => "IM_METER_TEST_CLOCK_OFFSET_MS",
+            Failpoint::PrepareFails => "IM_METER_TEST_PREPARE_FAILS_FILE",
         }
     }
 

@@ -253,7 +253,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             tracing::info!(config = ?config.file, "worker: starting");
             let prepared = runtime.block_on(async {
                 tokio::select! {
-                    prepared = worker::prepare_topics(&config) => Some(prepared),
+                    prepared = worker::prepare_topics_when_reachable(&config) => Some(prepared),
                     () = signals.next() => None,
                 }
             });

@@ -13,6 +13,7 @@ use super::admin::{
 use super::output::DEAD_LETTER_RECORD_MAX;
 use super::{bill, changelog, client_config, clock, meter};
 use crate::config::Config;
+use crate::failpoints::Failpoint;
 use crate::status::Board;
 
 /// Which stages a worker runs.
@@ -36,6 +37,11 @@ pub enum Role {
 /// setting. Returns the largest value to write as one changelog record, from the limits it
 /// finds (said in the log): larger ones are written in parts.
 pub async fn prepare_topics(config: &Config) -> anyhow::Result<usize> {
+    if Failpoint::PrepareFails.fire() {
+        let gone =
+            rdkafka::error::KafkaError::AdminOp(rdkafka::types::RDKafkaErrorCode::BrokerTransportFailure);
+        return Err(anyhow::Error::from(gone).context("failpoint: cannot add partitions to a topic"));
+    }
     let client = client_config(config);
     let t = &config.file.topics;
     let n = config.kafka.partitions;
@@ -128,6 +134,26 @@ pub async fn prepare_topics(config: &Config) -> anyhow::Result<usize> {
         "worker: record limits found; larger values are written in parts, dead letters cut to 64 KiB of payload"
     );
     Ok(limit)
+}
+
+/// [`prepare_topics`], tried again a second later while a broker call fails for a cause that
+/// comes and goes with the brokers (one restarting as the worker starts), for up to
+/// [`super::RETRY_FOR`]; any other failure (a topic that does not keep what it must) at once.
+/// Preparing is idempotent: topics and partitions that exist are left as they are.
+pub async fn prepare_topics_when_reachable(config: &Config) -> anyhow::Result<usize> {
+    let deadline = std::time::Instant::now() + super::RETRY_FOR;
+    loop {
+        match prepare_topics(config).await {
+            Err(e) if super::is_transient(&e) && std::time::Instant::now() < deadline => {
+                warn!(
+                    error = format!("{e:#}"),
+                    "worker: the brokers do not answer yet; preparing the topics again"
+                );
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
+            prepared => return prepared,
+        }
+    }
 }
 
 /// A stage's entry point: runs until the flag is set or it fails.
