@@ -1089,7 +1089,7 @@ mod tests {
         );
         opened.pcc_mut().add_connection(samples, 1_100, None);
         opened.pcc_mut().add_connection(samples, 1_200, Some(1_300));
-        closed.handover_mut().add_disconnect(77, 1_250);
+        closed.handover_mut().add_disconnects([(77, 1_250)]);
         closed.pcc_mut().add_connection(samples, 1_500, Some(1_600));
         let mut merged = merge_shares([&opened, &closed]).unwrap();
         let mut expected = AppMonthAggregate::new(Counting::default(), false);
@@ -1116,7 +1116,7 @@ mod tests {
         *silent.handover_mut() = Handover::silent([11, 12, 13], samples.first);
         let mut busy = AppMonthAggregate::new(Counting::default(), false);
         busy.pcc_mut().add_connection(samples, 1_100, Some(1_200));
-        busy.handover_mut().add_disconnect(12, 1_500);
+        busy.handover_mut().add_disconnects([(12, 1_500)]);
         let mut merged = merge_shares([&silent, &busy]).unwrap();
         assert!(!merged.is_silent());
         let usage = merged.usage(1, month, grid);

@@ -6,7 +6,7 @@
 //! new partition) or its producers do not key by app. Each partition meters its own events,
 //! so neither knows the whole connection. Two rules need the whole app-month, and billing,
 //! which merges every partition's share, is where it is known:
-//! - A disconnect whose connect this share never saw ([`Handover::add_disconnect`]) ends the
+//! - A disconnect whose connect this share never saw ([`Handover::add_disconnects`]) ends the
 //!   connection another share counted open.
 //! - A connection that never disconnects ends at the start of the first month its app is
 //!   silent in — silent in every partition, not only in the one holding the connection
@@ -61,11 +61,12 @@ impl Handover {
         self.handed.iter().map(|(key, _)| *key)
     }
 
-    /// Notes a disconnect of connection `key` whose connect this share never saw: the
-    /// connection stops counting at sample index `at`.
-    pub fn add_disconnect(&mut self, key: u64, at: u32) {
-        let i = self.disconnects.partition_point(|d| *d < (key, at));
-        self.disconnects.insert(i, (key, at));
+    /// Notes disconnects whose connect this share never saw, each as its connection `key`
+    /// and the sample index `at` from which the connection stops counting (one sort for all
+    /// of them: a partition whose producers do not key by app has many).
+    pub fn add_disconnects(&mut self, disconnects: impl IntoIterator<Item = (u64, u32)>) {
+        self.disconnects.extend(disconnects);
+        self.disconnects.sort_unstable();
     }
 
     /// Whether there is nothing to hand over.
@@ -158,7 +159,7 @@ mod tests {
     fn handed_connections_count_from_the_month_start_until_their_disconnect() {
         let mut silent = Handover::silent([7, 8, 9], 100);
         let mut active = Handover::default();
-        active.add_disconnect(8, 150);
+        active.add_disconnects([(8, 150)]);
         silent.merge(&active);
         assert!(!silent.is_silent());
         let mut pcc = PccTimeline::new();
@@ -172,7 +173,7 @@ mod tests {
     #[test]
     fn a_disconnect_without_its_handed_connection_ends_one_counted_in_another_share_and_is_remembered() {
         let mut one = Handover::default();
-        one.add_disconnect(5, 120);
+        one.add_disconnects([(5, 120)]);
         let mut lone = one.clone();
         let mut pcc = PccTimeline::new();
         lone.pair(&mut pcc, 1);
@@ -194,8 +195,7 @@ mod tests {
     fn merging_in_any_order_gives_the_same_handover() {
         let a = Handover::silent([3, 1], 10);
         let mut b = Handover::default();
-        b.add_disconnect(3, 20);
-        b.add_disconnect(2, 15);
+        b.add_disconnects([(3, 20), (2, 15)]);
         let c = Handover { gone: vec![4], ..Handover::silent([1], 10) };
         let orders = [[&a, &b, &c], [&c, &b, &a], [&b, &a, &c]];
         let merged: Vec<Handover> = orders

@@ -476,10 +476,14 @@ impl Meter {
         // Disconnects whose connect this slice never saw: noted for billing, which pairs
         // them with a connect another slice counted open (`merge_shares`). Forgotten below.
         let (start, end) = (self.settings.tz.start_of_month(month), self.settings.tz.end_of_month(month));
-        for (app_id, at, conn) in self.connections.unpaired_disconnects(start, end) {
-            let at = grid.first_at_or_after(at);
-            if at < samples.end {
-                self.aggregate_mut(app_id, month).handover_mut().add_disconnect(conn.0, at);
+        let unpaired = self.connections.unpaired_disconnects(start, end);
+        for by_app in unpaired.chunk_by(|a, b| a.0 == b.0) {
+            let at = |ts: Timestamp| grid.first_at_or_after(ts);
+            let disconnects =
+                by_app.iter().map(|&(_, ts, conn)| (conn.0, at(ts))).filter(|&(_, at)| at < samples.end);
+            let disconnects: Vec<(u64, u32)> = disconnects.collect();
+            if !disconnects.is_empty() {
+                self.aggregate_mut(by_app[0].0, month).handover_mut().add_disconnects(disconnects);
             }
         }
         let dropped = &mut self.dropped;

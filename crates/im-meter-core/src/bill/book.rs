@@ -721,7 +721,7 @@ mod tests {
         // November: usage in source 1 only, one of the carried connections disconnected there.
         for book in [&mut book, &mut restored] {
             let mut busy = share(nov, 0..1);
-            busy.aggregate.handover_mut().add_disconnect(5, samples(nov) + 10);
+            busy.aggregate.handover_mut().add_disconnects([(5, samples(nov) + 10)]);
             book.add_share(nov, STANDARD, 1, busy);
         }
         let billed = [&book, &restored].map(|b| {
