@@ -130,8 +130,7 @@ fn a_broker_lost_while_a_worker_prepares_its_topics_does_not_stop_it() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let d = Deployment::new("prepare-fails");
     d.produce();
-    let failpoint = std::env::temp_dir().join(format!("{}.prepare-fails", d.prefix));
-    std::fs::write(&failpoint, b"").unwrap();
+    let failpoint = d.failpoint("prepare-fails", b"");
     let env = [("IM_METER_TEST_PREPARE_FAILS_FILE", failpoint.to_str().unwrap())];
     let mut workers = vec![d.worker_with("a", &env, &[])];
     assert_same_as_replay(&d, &mut workers);
@@ -654,8 +653,7 @@ fn a_bill_whose_commit_is_reported_failed_is_published_once() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let d = Deployment::new("lost-commit");
     d.produce();
-    let failpoint = std::env::temp_dir().join(format!("{}.fail-after-bill", d.prefix));
-    std::fs::write(&failpoint, b"").unwrap();
+    let failpoint = d.failpoint("fail-after-bill", b"");
     let path = failpoint.to_str().unwrap();
     let mut workers = vec![d.worker_with("a", &[("IM_METER_TEST_FAIL_AFTER_BILL_FILE", path)], &[])];
     assert_same_as_replay(&d, &mut workers);
@@ -688,8 +686,7 @@ fn after_bills_whose_commit_answers_were_lost_the_worker_is_ready_again() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let d = Deployment::new("lost-answers");
     d.produce();
-    let failpoint = std::env::temp_dir().join(format!("{}.fail-after-every-bill", d.prefix));
-    std::fs::write(&failpoint, b"every").unwrap();
+    let failpoint = d.failpoint("fail-after-every-bill", b"every");
     let path = failpoint.to_str().unwrap();
     let mut worker =
         d.worker_with("a", &[("IM_METER_TEST_FAIL_AFTER_BILL_FILE", path)], &["--log-format", "json"]);

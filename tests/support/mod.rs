@@ -240,6 +240,14 @@ impl Deployment {
         path
     }
 
+    /// A failpoint's file of this deployment's, named `name`, holding `content`: its path,
+    /// as the worker's `IM_METER_TEST_*_FILE` variable takes it.
+    pub fn failpoint(&self, name: &str, content: &[u8]) -> PathBuf {
+        let path = std::env::temp_dir().join(format!("{}.{name}", self.prefix));
+        std::fs::write(&path, content).unwrap();
+        path
+    }
+
     /// Produces an events file and a subscriptions file.
     pub fn produce_files(&self, events: &Path, subscriptions: &Path) {
         self.produce_files_with(events, subscriptions, &[]);
